@@ -1,0 +1,17 @@
+"""mxref: the bit-exact golden model of the OCP Microscaling (MX) formats v1.0.
+
+numpy + numba only (never torch). Start with :func:`quantize` / :func:`dequantize`;
+formats come from ``specs/formats.toml`` and every implementation-defined choice
+from a :class:`Profile`.
+"""
+from mxref.errors import MXError
+from mxref.formats import DEFAULT_BLOCK_SIZE, E8M0, FORMATS, FormatInfo, get_format
+from mxref.profiles import PRESETS, Profile, get_profile, with_choices
+from mxref.core import (MXArray, decode, dequantize, encode, quantize, quantize_dequantize,
+                        scale_values)
+
+__version__ = "0.1.0"
+
+__all__ = ["MXError", "DEFAULT_BLOCK_SIZE", "E8M0", "FORMATS", "FormatInfo", "get_format",
+           "PRESETS", "Profile", "get_profile", "with_choices", "MXArray", "decode",
+           "dequantize", "encode", "quantize", "quantize_dequantize", "scale_values"]

@@ -1,0 +1,189 @@
+"""The public golden-model operations: element encode/decode, block quantize/dequantize.
+
+Conventions (normative text in specs/semantics.md):
+* ``quantize(x, fmt, axis=-1)`` blocks ``x`` along ``axis`` in runs of ``block_size``
+  elements; the last block of a row may be shorter (ragged) and is scaled as if it
+  were padded with zeros. Nothing is padded in the output.
+* :class:`MXArray` holds ``codes`` with the blocked axis moved last (shape
+  ``[..., K]``) and ``scales`` with shape ``[..., ceil(K / block_size)]``; ``shape``
+  and ``axis`` record the original layout, so ``dequantize`` restores it exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+from mxref import kernels as K
+from mxref.errors import MXError
+from mxref.formats import DEFAULT_BLOCK_SIZE, E8M0, FormatInfo, get_format
+from mxref.profiles import Profile, get_profile
+
+_RAW_VIEW = {"float64": np.uint64, "float32": np.uint32, "float16": np.uint16,
+             "bfloat16": np.uint16}
+
+
+def input_bits(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The bit patterns of a float array (no copy when contiguous) and its layout."""
+    x = np.asarray(x)
+    name = x.dtype.name
+    if name not in _RAW_VIEW:
+        raise MXError(f"unsupported input dtype {x.dtype}; use float32, float64, float16 "
+                      f"or bfloat16 (ml_dtypes.bfloat16)")
+    x = np.ascontiguousarray(x)
+    return x.view(_RAW_VIEW[name]), np.array(K.INPUT_LAYOUTS[name], dtype=np.int64)
+
+
+def _profile_args(profile: Profile) -> np.ndarray:
+    return np.array(profile.kernel_args(), dtype=np.int64)
+
+
+def _element_args(fmt: FormatInfo) -> np.ndarray:
+    return K.element_params(fmt)
+
+
+# --------------------------------------------------------------------------- elements
+def encode(x, fmt, profile=None, scale_exp: int = 0) -> np.ndarray:
+    """Element codes (uint8) of ``x / 2^scale_exp`` in ``fmt``: element-only conversion.
+
+    Rounding, overflow and FP32-subnormal handling follow the profile. Inf saturates
+    (or overflows in FP8 OVF mode); NaN becomes the format's NaN code, or +0 for
+    formats without one (FP4, FP6, INT8). Inside MX blocks NaN/Inf never reach
+    here: the whole block gets the NaN scale instead.
+    """
+    fmt, profile = get_format(fmt), get_profile(profile)
+    raw, lay = input_bits(x)
+    out = np.empty(raw.shape, dtype=np.uint8)
+    K.encode_elements_kernel(raw.reshape(-1), out.reshape(-1), int(scale_exp), lay,
+                             _element_args(fmt), _profile_args(profile))
+    return out
+
+
+def decode(codes, fmt, dtype=np.float32) -> np.ndarray:
+    """Values of element codes (NaN codes -> NaN); exact in float32 for every format."""
+    fmt = get_format(fmt)
+    codes = check_codes(codes, fmt)
+    out = np.empty(codes.shape, dtype=dtype)
+    K.decode_kernel(codes.reshape(-1), fmt.decode_table.astype(dtype), out.reshape(-1))
+    return out
+
+
+def check_codes(codes, fmt: FormatInfo, what: str = "element code") -> np.ndarray:
+    codes = np.asarray(codes)
+    if codes.dtype != np.uint8:
+        if not np.issubdtype(codes.dtype, np.integer):
+            raise MXError(f"{what}s must be integers, got {codes.dtype}")
+        if codes.size and (codes.min() < 0 or codes.max() >= fmt.n_codes):
+            raise MXError(f"{what} out of range for {fmt.key}: valid codes are "
+                          f"0..{fmt.n_codes - 1:#x}")
+        codes = codes.astype(np.uint8)
+    elif fmt.bits < 8 and codes.size and codes.max() >= fmt.n_codes:
+        bad = int(codes.max())
+        raise MXError(f"{what} {bad:#x} out of range for {fmt.key}: valid codes are "
+                      f"0..{fmt.n_codes - 1:#x}")
+    return np.ascontiguousarray(codes)
+
+
+def scale_values(codes, dtype=np.float32) -> np.ndarray:
+    """Values of E8M0 scale codes: 2^(code-127), NaN for 0xFF (0x00 is the subnormal 2^-127)."""
+    return _scale_table(dtype)[np.asarray(codes, dtype=np.uint8)]
+
+
+def _scale_table(dtype=np.float64) -> np.ndarray:
+    t = np.ldexp(1.0, np.arange(256) - E8M0.bias).astype(np.float64)
+    t[E8M0.nan_code] = np.nan
+    return t.astype(dtype)
+
+
+# --------------------------------------------------------------------------- blocks
+@dataclass(frozen=True, eq=False)
+class MXArray:
+    """An MX-quantized tensor: element codes, E8M0 scale codes, and how they were made."""
+
+    codes: np.ndarray      # uint8 [..., K]   blocked axis last
+    scales: np.ndarray     # uint8 [..., ceil(K / block_size)]
+    fmt: FormatInfo
+    shape: tuple           # original shape
+    axis: int              # blocked axis in the original shape (non-negative)
+    block_size: int
+    profile: Profile
+
+    @property
+    def n_blocks(self) -> int:
+        return int(self.scales.size)
+
+    def __eq__(self, other):
+        return (isinstance(other, MXArray) and self.fmt == other.fmt
+                and self.shape == other.shape and self.axis == other.axis
+                and self.block_size == other.block_size and self.profile == other.profile
+                and np.array_equal(self.codes, other.codes)
+                and np.array_equal(self.scales, other.scales))
+
+    def dequantize(self, dtype=np.float32) -> np.ndarray:
+        return dequantize(self, dtype)
+
+
+def _normalise_axis(axis: int, ndim: int) -> int:
+    if ndim == 0:
+        raise MXError("cannot block-quantize a 0-d array; reshape it to at least 1-d")
+    if not -ndim <= int(axis) < ndim:
+        raise MXError(f"axis {axis} does not exist for an array with {ndim} dimensions")
+    return int(axis) % ndim
+
+
+def _check_block_size(block_size) -> int:
+    if int(block_size) != block_size or int(block_size) <= 0:
+        raise MXError(f"block size must be a positive integer, got {block_size}")
+    return int(block_size)
+
+
+def quantize(x, fmt, axis: int = -1, block_size: int = DEFAULT_BLOCK_SIZE,
+             profile=None) -> MXArray:
+    """MX-quantize ``x`` along ``axis`` (OCP MX v1.0 §6.3 with the profile's choices)."""
+    fmt, profile = get_format(fmt), get_profile(profile)
+    x = np.asarray(x)
+    block_size = _check_block_size(block_size)
+    axis = _normalise_axis(axis, x.ndim)
+    moved = np.moveaxis(x, axis, -1)
+    raw, lay = input_bits(moved)
+    kdim = raw.shape[-1]
+    raw2 = raw.reshape(-1, kdim) if kdim else raw.reshape(0, 0)
+    nbk = -(-kdim // block_size)
+    codes = np.empty(raw2.shape, dtype=np.uint8)
+    scales = np.empty((raw2.shape[0], nbk), dtype=np.uint8)
+    if raw2.size:
+        K.quantize_kernel(raw2, codes, scales, block_size, lay, _element_args(fmt),
+                          _profile_args(profile))
+    return MXArray(codes.reshape(moved.shape), scales.reshape(moved.shape[:-1] + (nbk,)),
+                   fmt, tuple(x.shape), axis, block_size, profile)
+
+
+def dequantize(mx: MXArray, dtype=np.float32) -> np.ndarray:
+    """Values of an :class:`MXArray` in the original shape: 2^(scale-127) * element.
+
+    float32 output is exact except where |X * P| exceeds the float32 range (-> Inf,
+    §5.1 leaves it implementation-defined); a NaN scale makes its whole block NaN.
+    """
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise MXError(f"dequantize to float32 or float64, not {dtype}")
+    codes = check_codes(mx.codes, mx.fmt)
+    kdim = codes.shape[-1] if codes.ndim else 0
+    nbk = -(-kdim // mx.block_size)
+    if mx.scales.shape != codes.shape[:-1] + (nbk,):
+        raise MXError(f"scales shape {mx.scales.shape} does not match codes {codes.shape} "
+                      f"with block size {mx.block_size}")
+    out = np.empty(codes.shape, dtype=dtype)
+    if codes.size:
+        K.dequantize_kernel(codes.reshape(-1, kdim),
+                            np.ascontiguousarray(mx.scales, dtype=np.uint8).reshape(-1, nbk),
+                            mx.block_size, mx.fmt.decode_table, _scale_table(),
+                            out.reshape(-1, kdim))
+    return np.moveaxis(out, -1, mx.axis)
+
+
+def quantize_dequantize(x, fmt, axis=-1, block_size=DEFAULT_BLOCK_SIZE, profile=None,
+                        dtype=np.float32) -> np.ndarray:
+    """``dequantize(quantize(x))``: MX fake quantization."""
+    return dequantize(quantize(x, fmt, axis, block_size, profile), dtype)
