@@ -1,0 +1,178 @@
+"""Bit packing of element codes into bytes (layouts in specs/layouts.md).
+
+The MX spec prescribes no packing (spec §5.1; reference mx_spec.md §4.9), so this
+module fixes the project's layouts, chosen to match what the ecosystem already reads:
+
+* 8-bit formats (FP8, INT8): one code per byte (packing ``"byte"``).
+* FP4: two codes per byte, element 2i in the LOW nibble (``"fp4-lo-first"``, as
+  PyTorch ``float4_e2m1fn_x2``, torchao, gpt-oss, triton_kernels); an odd row gets a
+  zero high nibble in its last byte.
+* FP6: four codes per three bytes, little-endian 24-bit word
+  ``a | b<<6 | c<<12 | d<<18`` (``"fp6-le24"``); rows are padded with zero codes to a
+  multiple of 4.
+* llama.cpp / GGUF MXFP4 blocks (GGML type 39): 17 bytes per 32 elements, the E8M0
+  scale byte first, then byte j = element j (low nibble) | element j+16 (high nibble).
+
+Packing works row-wise on the last axis (the blocked axis of an :class:`MXArray`), so
+every row starts on a byte boundary. All functions are vectorised numpy.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from mxref.errors import MXError
+from mxref.formats import FormatInfo, get_format
+
+LLAMACPP_BLOCK = 32                    # QK_MXFP4 in ggml-common.h
+LLAMACPP_BLOCK_BYTES = 1 + LLAMACPP_BLOCK // 2
+
+
+def packing_name(fmt) -> str:
+    """The layout's name as recorded in manifests: fp4-lo-first, fp6-le24 or byte."""
+    fmt = get_format(fmt)
+    return {4: "fp4-lo-first", 6: "fp6-le24", 8: "byte"}[_checked_bits(fmt)]
+
+
+def _checked_bits(fmt: FormatInfo) -> int:
+    if fmt.bits not in (4, 6, 8):
+        raise MXError(f"no packing layout for {fmt.bits}-bit format {fmt.key}")
+    return fmt.bits
+
+
+def _check_k(K) -> int:
+    if int(K) != K or int(K) < 0:
+        raise MXError(f"row length K must be a non-negative integer, got {K}")
+    return int(K)
+
+
+def packed_row_bytes(K: int, fmt) -> int:
+    """Bytes one packed row of ``K`` codes takes (rows are padded, never shared)."""
+    K, bits = _check_k(K), _checked_bits(get_format(fmt))
+    if bits == 4:
+        return (K + 1) // 2
+    if bits == 6:
+        return 3 * ((K + 3) // 4)
+    return K
+
+
+def _as_codes(codes, fmt: FormatInfo) -> np.ndarray:
+    # Imported here: core imports pack for quantize_packed.
+    from mxref.core import check_codes
+    codes = np.asarray(codes)
+    if codes.ndim == 0:
+        raise MXError("codes must have at least one dimension (rows are packed along the last)")
+    return check_codes(codes, fmt)
+
+
+def _pad_last(a: np.ndarray, multiple: int) -> np.ndarray:
+    pad = (-a.shape[-1]) % multiple
+    if pad == 0:
+        return a
+    return np.concatenate([a, np.zeros(a.shape[:-1] + (pad,), dtype=a.dtype)], axis=-1)
+
+
+def pack_codes(codes, fmt) -> np.ndarray:
+    """uint8 ``[..., K]`` element codes -> uint8 ``[..., packed_row_bytes(K, fmt)]``."""
+    fmt = get_format(fmt)
+    bits = _checked_bits(fmt)
+    codes = _as_codes(codes, fmt)
+    if bits == 8:
+        return codes.copy()
+    if bits == 4:
+        c = _pad_last(codes, 2)
+        return c[..., 0::2] | (c[..., 1::2] << 4)
+    c = _pad_last(codes, 4).astype(np.uint32)
+    w = c[..., 0::4] | (c[..., 1::4] << 6) | (c[..., 2::4] << 12) | (c[..., 3::4] << 18)
+    out = np.empty(w.shape[:-1] + (w.shape[-1], 3), dtype=np.uint8)
+    out[..., 0] = w & 0xFF
+    out[..., 1] = (w >> 8) & 0xFF
+    out[..., 2] = w >> 16
+    return out.reshape(codes.shape[:-1] + (3 * w.shape[-1],))
+
+
+def _as_bytes(packed, what: str) -> np.ndarray:
+    packed = np.asarray(packed)
+    if packed.dtype != np.uint8:
+        raise MXError(f"{what} must be uint8, got {packed.dtype}")
+    if packed.ndim == 0:
+        raise MXError(f"{what} must have at least one dimension")
+    return np.ascontiguousarray(packed)
+
+
+def unpack_codes(packed, fmt, K: int) -> np.ndarray:
+    """Inverse of :func:`pack_codes`: uint8 ``[..., packed_row_bytes(K)]`` -> codes ``[..., K]``.
+
+    Padding (the high nibble after an odd FP4 row, zero codes after an FP6 row) is
+    dropped without being checked.
+    """
+    fmt = get_format(fmt)
+    K = _check_k(K)
+    nbytes = packed_row_bytes(K, fmt)
+    packed = _as_bytes(packed, "packed codes")
+    if packed.shape[-1] != nbytes:
+        raise MXError(f"packed rows have {packed.shape[-1]} bytes but {K} {fmt.key} codes "
+                      f"pack into {nbytes}; pass the row length K the data was packed with")
+    bits = fmt.bits
+    if bits == 8:
+        return packed.copy()
+    lead = packed.shape[:-1]
+    if bits == 4:
+        out = np.empty(lead + (2 * nbytes,), dtype=np.uint8)
+        out[..., 0::2] = packed & 0x0F
+        out[..., 1::2] = packed >> 4
+        return np.ascontiguousarray(out[..., :K])
+    b = packed.reshape(lead + (nbytes // 3, 3)).astype(np.uint32)
+    w = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
+    out = np.empty(lead + (w.shape[-1], 4), dtype=np.uint8)
+    for j in range(4):
+        out[..., j] = (w >> (6 * j)) & 0x3F
+    return np.ascontiguousarray(out.reshape(lead + (4 * w.shape[-1],))[..., :K])
+
+
+# --------------------------------------------------------------------------- llama.cpp
+def _check_llamacpp_k(K: int) -> int:
+    K = _check_k(K)
+    if K % LLAMACPP_BLOCK:
+        raise MXError(f"llama.cpp MXFP4 needs rows that are a multiple of {LLAMACPP_BLOCK} "
+                      f"elements, got K={K}; pad the row or use pack_codes")
+    return K
+
+
+def pack_llamacpp_mxfp4(codes, scales) -> np.ndarray:
+    """FP4 codes ``[..., K]`` + E8M0 scales ``[..., K/32]`` -> ``[..., (K/32)*17]`` GGUF bytes.
+
+    Each 17-byte block is ``block_mxfp4`` of ggml-common.h: the scale byte, then 16
+    bytes where byte j holds element j (low nibble) and element j+16 (high nibble).
+    """
+    fmt = get_format("fp4_e2m1")
+    codes = _as_codes(codes, fmt)
+    K = _check_llamacpp_k(codes.shape[-1])
+    nb = K // LLAMACPP_BLOCK
+    scales = _as_bytes(scales, "scales")
+    if scales.shape != codes.shape[:-1] + (nb,):
+        raise MXError(f"scales shape {scales.shape} does not match codes {codes.shape}: "
+                      f"expected {codes.shape[:-1] + (nb,)} (one scale per 32 elements)")
+    lead = codes.shape[:-1]
+    c = codes.reshape(lead + (nb, LLAMACPP_BLOCK))
+    half = LLAMACPP_BLOCK // 2
+    out = np.empty(lead + (nb, LLAMACPP_BLOCK_BYTES), dtype=np.uint8)
+    out[..., 0] = scales
+    out[..., 1:] = c[..., :half] | (c[..., half:] << 4)
+    return out.reshape(lead + (nb * LLAMACPP_BLOCK_BYTES,))
+
+
+def unpack_llamacpp_mxfp4(blocks, K: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of :func:`pack_llamacpp_mxfp4`: -> (codes ``[..., K]``, scales ``[..., K/32]``)."""
+    K = _check_llamacpp_k(K)
+    nb = K // LLAMACPP_BLOCK
+    blocks = _as_bytes(blocks, "llama.cpp MXFP4 blocks")
+    if blocks.shape[-1] != nb * LLAMACPP_BLOCK_BYTES:
+        raise MXError(f"llama.cpp MXFP4 rows have {blocks.shape[-1]} bytes but K={K} needs "
+                      f"{nb * LLAMACPP_BLOCK_BYTES} ({nb} blocks of {LLAMACPP_BLOCK_BYTES})")
+    lead = blocks.shape[:-1]
+    b = blocks.reshape(lead + (nb, LLAMACPP_BLOCK_BYTES))
+    half = LLAMACPP_BLOCK // 2
+    codes = np.empty(lead + (nb, LLAMACPP_BLOCK), dtype=np.uint8)
+    codes[..., :half] = b[..., 1:] & 0x0F
+    codes[..., half:] = b[..., 1:] >> 4
+    return codes.reshape(lead + (K,)), np.ascontiguousarray(b[..., 0])
