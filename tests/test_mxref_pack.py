@@ -1,0 +1,157 @@
+"""mxref.pack: byte layouts (known answers), round trips, llama.cpp blocks, bad input."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import mxref
+from mxref.pack import (pack_codes, pack_llamacpp_mxfp4, packed_row_bytes, packing_name,
+                        unpack_codes, unpack_llamacpp_mxfp4)
+
+PACKED_FORMATS = ["fp4_e2m1", "fp6_e2m3", "fp6_e3m2", "fp8_e4m3", "fp8_e5m2", "int8"]
+
+
+def codes_for(fmt, shape):
+    n = mxref.get_format(fmt).n_codes
+    return hnp.arrays(np.uint8, shape, elements=st.integers(0, n - 1))
+
+
+# ---------------------------------------------------------------- known answers
+def test_fp4_low_nibble_first_and_odd_padding():
+    codes = np.array([[0x1, 0x2, 0x3], [0xF, 0x0, 0x8]], dtype=np.uint8)
+    packed = pack_codes(codes, "fp4_e2m1")
+    assert packed.dtype == np.uint8
+    assert packed.tolist() == [[0x21, 0x03], [0x0F, 0x08]]
+
+
+def test_fp6_little_endian_24bit_word():
+    # a=1, b=2, c=3, d=4: word = 1 | 2<<6 | 3<<12 | 4<<18 = 0x103081
+    codes = np.array([1, 2, 3, 4], dtype=np.uint8)
+    assert pack_codes(codes, "fp6_e2m3").tolist() == [0x81, 0x30, 0x10]
+    # all-ones codes fill every bit; a 5th code starts a new, zero-padded group
+    codes = np.array([0x3F] * 4 + [0x2A], dtype=np.uint8)
+    assert pack_codes(codes, "fp6_e3m2").tolist() == [0xFF, 0xFF, 0xFF, 0x2A, 0x00, 0x00]
+
+
+def test_fp6_matches_byte_formula_from_the_reference():
+    # mx_spec.md §4.9: byte0 = a + ((b&3)<<6), byte1 = (b>>2) + ((c&0xF)<<4), byte2 = (c>>4) + (d<<2)
+    rng = np.random.default_rng(0)
+    c = rng.integers(0, 64, size=(50, 4)).astype(np.int64)
+    a, b, cc, d = c.T
+    expect = np.stack([a + ((b & 3) << 6), (b >> 2) + ((cc & 0xF) << 4), (cc >> 4) + (d << 2)], 1)
+    assert np.array_equal(pack_codes(c.astype(np.uint8), "fp6_e2m3"), expect.astype(np.uint8))
+
+
+def test_byte_formats_are_identity():
+    codes = np.arange(256, dtype=np.uint8).reshape(4, 64)
+    for fmt in ("fp8_e4m3", "fp8_e5m2", "int8"):
+        assert np.array_equal(pack_codes(codes, fmt), codes)
+
+
+@pytest.mark.parametrize("fmt,K,expect", [("fp4_e2m1", 0, 0), ("fp4_e2m1", 1, 1),
+                                          ("fp4_e2m1", 32, 16), ("fp4_e2m1", 33, 17),
+                                          ("fp6_e2m3", 1, 3), ("fp6_e2m3", 4, 3),
+                                          ("fp6_e3m2", 5, 6), ("fp6_e3m2", 32, 24),
+                                          ("fp8_e4m3", 33, 33), ("int8", 7, 7)])
+def test_packed_row_bytes(fmt, K, expect):
+    assert packed_row_bytes(K, fmt) == expect
+
+
+def test_packing_names():
+    assert [packing_name(f) for f in ("mxfp4", "fp6_e3m2", "mxfp8", "int8")] == \
+        ["fp4-lo-first", "fp6-le24", "byte", "byte"]
+
+
+# ---------------------------------------------------------------- round trips
+@settings(max_examples=60, deadline=None)
+@given(fmt=st.sampled_from(PACKED_FORMATS), data=st.data(),
+       lead=st.lists(st.integers(0, 3), max_size=2), K=st.integers(0, 70))
+def test_pack_unpack_round_trip(fmt, data, lead, K):
+    codes = data.draw(codes_for(fmt, tuple(lead) + (K,)))
+    packed = pack_codes(codes, fmt)
+    assert packed.shape == tuple(lead) + (packed_row_bytes(K, fmt),)
+    back = unpack_codes(packed, fmt, K)
+    assert back.dtype == np.uint8 and np.array_equal(back, codes)
+
+
+@settings(max_examples=40, deadline=None)
+@given(fmt=st.sampled_from(["fp4_e2m1", "fp6_e2m3"]), data=st.data(), K=st.integers(1, 40))
+def test_every_packed_byte_pattern_unpacks_and_repacks(fmt, data, K):
+    # packed -> codes -> packed is the identity once the padding bits are zero
+    nbytes = packed_row_bytes(K, fmt)
+    raw = data.draw(hnp.arrays(np.uint8, (2, nbytes)))
+    codes = unpack_codes(raw, fmt, K)
+    assert codes.max(initial=0) < mxref.get_format(fmt).n_codes
+    assert np.array_equal(unpack_codes(pack_codes(codes, fmt), fmt, K), codes)
+
+
+def test_pack_of_real_quantized_weights_round_trips():
+    x = np.random.default_rng(1).standard_normal((8, 96)).astype(np.float32)
+    for fmt in PACKED_FORMATS:
+        mx = mxref.quantize(x, fmt)
+        assert np.array_equal(unpack_codes(pack_codes(mx.codes, fmt), fmt, 96), mx.codes)
+
+
+# ---------------------------------------------------------------- llama.cpp MXFP4
+def test_llamacpp_known_block():
+    codes = np.arange(32, dtype=np.uint8) % 16
+    scales = np.array([0x7F], dtype=np.uint8)
+    blk = pack_llamacpp_mxfp4(codes, scales)
+    assert blk.shape == (17,)
+    assert blk[0] == 0x7F
+    # byte j = element j | element j+16 << 4; elements j and j+16 are both j % 16
+    assert blk[1:].tolist() == [j | (j << 4) for j in range(16)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), lead=st.integers(0, 3), nb=st.integers(0, 4))
+def test_llamacpp_round_trip(data, lead, nb):
+    codes = data.draw(codes_for("fp4_e2m1", (lead, 32 * nb)))
+    scales = data.draw(hnp.arrays(np.uint8, (lead, nb)))
+    blocks = pack_llamacpp_mxfp4(codes, scales)
+    assert blocks.shape == (lead, 17 * nb)
+    c2, s2 = unpack_llamacpp_mxfp4(blocks, 32 * nb)
+    assert np.array_equal(c2, codes) and np.array_equal(s2, scales)
+
+
+def test_llamacpp_blocks_decode_like_gguf_py():
+    """gguf-py's MXFP4 dequantizer (a mirror of ggml's C code) reads our blocks to our values."""
+    quants = pytest.importorskip("gguf.quants", reason="gguf-py is the independent decoder")
+    from gguf import GGMLQuantizationType
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((16, 128)) * np.exp2(rng.integers(-20, 20, (16, 1)))).astype(np.float32)
+    mx = mxref.quantize(x, "mxfp4")
+    blocks = pack_llamacpp_mxfp4(mx.codes, mx.scales)
+    theirs = quants.dequantize(blocks, GGMLQuantizationType.MXFP4).reshape(16, 128)
+    # ggml's codebook has no negative zero (kvalues[8] = 0), so -0.0 is compared as +0.0
+    ours = mxref.dequantize(mx) + np.float32(0.0)
+    assert np.array_equal(theirs.view(np.uint32), ours.view(np.uint32))
+
+
+# ---------------------------------------------------------------- bad input
+def test_bad_inputs_raise_one_line_errors():
+    with pytest.raises(mxref.MXError, match="out of range"):
+        pack_codes(np.array([16], dtype=np.uint8), "fp4_e2m1")
+    with pytest.raises(mxref.MXError, match="out of range"):
+        pack_codes(np.array([64], dtype=np.int32), "fp6_e2m3")
+    with pytest.raises(mxref.MXError, match="integers"):
+        pack_codes(np.array([1.0]), "fp4_e2m1")
+    with pytest.raises(mxref.MXError, match="at least one dimension"):
+        pack_codes(np.uint8(3), "fp4_e2m1")
+    with pytest.raises(mxref.MXError, match="pack into 2"):
+        unpack_codes(np.zeros(3, np.uint8), "fp4_e2m1", 4)
+    with pytest.raises(mxref.MXError, match="uint8"):
+        unpack_codes(np.zeros(2, np.int16), "fp4_e2m1", 4)
+    with pytest.raises(mxref.MXError, match="non-negative"):
+        packed_row_bytes(-1, "fp4_e2m1")
+    with pytest.raises(mxref.MXError, match="unknown format"):
+        packed_row_bytes(4, "fp5")
+    with pytest.raises(mxref.MXError, match="multiple of 32"):
+        pack_llamacpp_mxfp4(np.zeros(40, np.uint8), np.zeros(1, np.uint8))
+    with pytest.raises(mxref.MXError, match="scales shape"):
+        pack_llamacpp_mxfp4(np.zeros(64, np.uint8), np.zeros(1, np.uint8))
+    with pytest.raises(mxref.MXError, match="needs 34"):
+        unpack_llamacpp_mxfp4(np.zeros(33, np.uint8), 64)
+    with pytest.raises(mxref.MXError, match="multiple of 32"):
+        unpack_llamacpp_mxfp4(np.zeros(17, np.uint8), 31)
