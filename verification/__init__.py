@@ -1,0 +1,1 @@
+"""verification: tools for checking MX implementations against the mxref golden model."""
