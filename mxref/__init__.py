@@ -11,6 +11,7 @@ from mxref.core import (MXArray, decode, dequantize, encode, quantize, quantize_
                         scale_values)
 from mxref.pack import (pack_codes, pack_llamacpp_mxfp4, packed_row_bytes, packing_name,
                         unpack_codes, unpack_llamacpp_mxfp4)
+from mxref.dot import mx_dot, mx_dot_exact, mx_matmul
 
 __version__ = "0.1.0"
 
@@ -18,4 +19,4 @@ __all__ = ["MXError", "DEFAULT_BLOCK_SIZE", "E8M0", "FORMATS", "FormatInfo", "ge
            "PRESETS", "Profile", "get_profile", "with_choices", "MXArray", "decode",
            "dequantize", "encode", "quantize", "quantize_dequantize", "scale_values",
            "pack_codes", "unpack_codes", "packed_row_bytes", "packing_name",
-           "pack_llamacpp_mxfp4", "unpack_llamacpp_mxfp4"]
+           "pack_llamacpp_mxfp4", "unpack_llamacpp_mxfp4", "mx_dot", "mx_dot_exact", "mx_matmul"]
