@@ -1,0 +1,322 @@
+"""MX fake quantization in pure torch, bit-identical to the golden model (mxref).
+
+Three public operations:
+
+* :func:`fake_quantize` -- quantize then dequantize, straight-through gradient.
+* :func:`quantize_codes` -- element codes and E8M0 scale codes (mxref's MXArray layout).
+* :func:`dequantize_codes` -- the values of codes and scales.
+
+Why it is exact: every step is either an exact float operation (multiplying by a
+power of two built from its bit pattern, rounding a value whose fraction is
+exactly representable) or integer arithmetic. The block scale exponent comes from
+``torch.frexp`` (exponent bits), never from a float ``log2``, which is wrong just
+below powers of two. Every format constant comes from :class:`mxref.FormatInfo`.
+
+Seam for accelerated kernels: :func:`register_backend` adds a function that is
+tried before the torch implementation (the Triton kernels register themselves
+for CUDA tensors); it returns ``None`` for inputs it does not handle.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import mxref
+from mxref.formats import E8M0, FormatInfo
+from mxref.profiles import Profile
+
+from dmx.errors import DMXError
+
+__all__ = ["fake_quantize", "quantize_codes", "dequantize_codes", "register_backend",
+           "resolve"]
+
+_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+# Bit layout of the dtypes we compute in: (integer view, mantissa bits, exponent bias).
+_LAYOUT = {torch.float32: (torch.int32, 23, 127), torch.float64: (torch.int64, 52, 1023)}
+
+
+# ----------------------------------------------------------------------------- helpers
+def pow2_int(n: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """2**n exactly, for an integer tensor ``n``, built from its bit pattern.
+
+    Covers the normal and subnormal range of ``dtype`` (float32 or float64); a
+    float ``exp2``/``pow`` is not guaranteed exact on every device.
+    """
+    itype, mbits, bias = _LAYOUT[dtype]
+    n = n.to(itype)
+    normal = (n + bias).clamp(min=1) << mbits
+    # subnormal 2^n = 2^(n + bias + mbits - 1) units of the smallest subnormal
+    sub = torch.ones_like(n) << (n + (bias + mbits - 1)).clamp(0, mbits - 1)
+    return torch.where(n >= 1 - bias, normal, sub).view(dtype)
+
+
+def floor_log2(a: torch.Tensor) -> torch.Tensor:
+    """floor(log2(a)) for finite a > 0 (int32), exact for subnormals too.
+
+    For a == 0 it returns -1 (frexp's exponent 0): callers mask zeros themselves.
+    """
+    return torch.frexp(a)[1] - 1
+
+
+def resolve(fmt, profile) -> tuple[FormatInfo, Profile]:
+    """mxref's FormatInfo and Profile for user-facing names (errors are MXError)."""
+    return mxref.get_format(fmt), mxref.get_profile(profile)
+
+
+def _check_block_size(block_size) -> int:
+    if isinstance(block_size, bool) or int(block_size) != block_size or int(block_size) <= 0:
+        raise DMXError(f"block size must be a positive integer, got {block_size!r}")
+    return int(block_size)
+
+
+def _check_input(x, what: str = "input") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise DMXError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _INPUT_DTYPES:
+        raise DMXError(f"unsupported {what} dtype {x.dtype}; use float32, bfloat16, float16 "
+                       f"or float64")
+    if x.dim() == 0:
+        raise DMXError(f"cannot block-quantize a 0-d {what}; reshape it to at least 1-d")
+
+
+def _normalise_axis(axis: int, ndim: int) -> int:
+    if not -ndim <= int(axis) < ndim:
+        raise DMXError(f"axis {axis} does not exist for a tensor with {ndim} dimensions")
+    return int(axis) % ndim
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # bf16/fp16 values are exact in float32, and every MX value is exact in float32.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def to_blocks(x: torch.Tensor, axis: int, block_size: int) -> tuple[torch.Tensor, int]:
+    """``x`` with ``axis`` moved last, zero-padded to whole blocks: [..., n_blocks, bs].
+
+    Zero padding is how mxref scales a ragged last block (as if padded with zeros).
+    """
+    xm = x.movedim(axis, -1)
+    k = xm.shape[-1]
+    nbk = -(-k // block_size)
+    pad = nbk * block_size - k
+    if pad:
+        xm = F.pad(xm, (0, pad))
+    return xm.reshape(*xm.shape[:-1], nbk, block_size), k
+
+
+def from_blocks(yb: torch.Tensor, k: int, axis: int) -> torch.Tensor:
+    """Inverse of :func:`to_blocks`."""
+    y = yb.reshape(*yb.shape[:-2], -1)[..., :k]
+    return y.movedim(-1, axis)
+
+
+def flush_input_subnormals(x: torch.Tensor) -> torch.Tensor:
+    # Subnormals of the *input* dtype read as signed zero (x * 0 keeps the sign).
+    return torch.where(x.abs() < torch.finfo(x.dtype).tiny, x * 0, x)
+
+
+def block_scale_exponent(amax: torch.Tensor, fmt: FormatInfo, profile: Profile) -> torch.Tensor:
+    """Unbiased E8M0 scale exponent per block (int32, clamped), from finite amax >= 0.
+
+    floor: floor(log2 amax) - emax_elem.  rceil: the smallest k with amax <= max_normal * 2^k,
+    found by comparing significands: amax = Ma * 2^e, max_normal = Mn * 2^emax, Ma, Mn in [1, 2).
+    An all-zero block gets the smallest exponent (scale code 0x00).
+    """
+    mant, e = torch.frexp(amax)  # amax = mant * 2^e, mant in [0.5, 1)
+    k = e - 1 - fmt.emax
+    if profile.scale_rule == "rceil":
+        mn = fmt.max_normal / 2.0 ** fmt.emax  # exact, in [1, 2)
+        k = k + (mant * 2 > mn).to(k.dtype)
+    k = torch.where(amax == 0, torch.full_like(k, E8M0.min_exp), k)
+    return k.clamp(E8M0.min_exp, E8M0.max_exp)
+
+
+def element_round(a: torch.Tensor, fmt: FormatInfo, rounding: str):
+    """Round magnitudes ``a`` (already divided by the block scale) onto the element grid.
+
+    Returns (r, E): the rounded significand r (an integer-valued float) and the
+    binade exponent E >= emin, so the value is r * 2^(E - m) and the magnitude code
+    is ((E - emin) << m) + r before saturation. INT8 is the same grid with emin = 0
+    and m = fraction bits (fixed point).
+    """
+    m = fmt.step_bits
+    # zeros (frexp exponent 0) must land in the lowest binade too, so their code is 0
+    e = torch.where(a == 0, fmt.emin, torch.clamp_min(floor_log2(a), fmt.emin))
+    v = a * pow2_int(m - e, a.dtype)  # exact: a power-of-two rescale
+    if rounding == "rne":
+        r = torch.round(v)  # round half to even
+    else:  # ties away from zero; v >= 0 and v - trunc(v) is exact
+        t = torch.trunc(v)
+        r = t + (v - t >= 0.5).to(v.dtype)
+    return r, e
+
+
+def _saturation(fmt: FormatInfo, profile: Profile, negative: torch.Tensor):
+    """(limit magnitude code, limit value) per element; -128 only for asymmetric INT8."""
+    maxmag = fmt.max_code & (fmt.sign_bit - 1)
+    if fmt.is_int and profile.int8_range == "asymmetric":
+        lim_mag = maxmag + negative.to(torch.int32)
+        lim_val = torch.where(negative, -fmt.min_value, fmt.max_normal)
+        return lim_mag, lim_val
+    return maxmag, fmt.max_normal
+
+
+def _overflow_is_special(fmt: FormatInfo, profile: Profile) -> bool:
+    # OFP8 OVF mode: FP8 overflow becomes Inf (E5M2) or NaN (E4M3) instead of saturating
+    return profile.fp8_overflow == "ovf" and not fmt.is_int and fmt.bits == 8
+
+
+def _prepare(x, fmt, axis, block_size, profile):
+    _check_input(x)
+    fmt, profile = resolve(fmt, profile)
+    block_size = _check_block_size(block_size)
+    axis = _normalise_axis(axis, x.dim())
+    if profile.flush_subnormals:
+        x = flush_input_subnormals(x)
+    xb, k = to_blocks(x.to(compute_dtype(x.dtype)), axis, block_size)
+    amax = xb.abs().amax(dim=-1, keepdim=True)  # NaN propagates
+    finite = torch.isfinite(amax)
+    kexp = block_scale_exponent(torch.where(finite, amax, torch.zeros_like(amax)), fmt, profile)
+    # u = x / 2^k exactly (underflow only hits values far below half the smallest element step)
+    u = xb * pow2_int(-kexp, xb.dtype)
+    r, e = element_round(u.abs(), fmt, profile.rounding)
+    negative = torch.signbit(u)
+    if fmt.is_int:
+        negative = negative & (r != 0)  # two's complement has no -0
+    return fmt, profile, axis, k, xb, finite, kexp, r, e, negative
+
+
+# ----------------------------------------------------------------------------- fake quant
+def _fake_quantize_torch(x: torch.Tensor, fmt, axis: int = -1, block_size: int = 32,
+                         profile="ocp") -> torch.Tensor:
+    """The reference torch implementation of :func:`fake_quantize` (no autograd logic)."""
+    fmt, profile, axis, k, xb, finite, kexp, r, e, negative = _prepare(
+        x, fmt, axis, block_size, profile)
+    val = r * pow2_int(e - fmt.step_bits, r.dtype)  # exact
+    _, lim_val = _saturation(fmt, profile, negative)
+    over = val > lim_val
+    val = torch.minimum(val, torch.as_tensor(lim_val, dtype=val.dtype, device=val.device))
+    val = torch.where(negative, -val, val)
+    if _overflow_is_special(fmt, profile):
+        # signed Inf for E5M2; E4M3's NaN decodes as mxref's canonical (positive) NaN
+        special = val * float("inf") if fmt.inf_codes else torch.full_like(val, float("nan"))
+        val = torch.where(over, special, val)
+    y = val * pow2_int(kexp, val.dtype)
+    y = torch.where(finite, y, torch.full_like(y, float("nan")))
+    return from_blocks(y, k, axis).to(x.dtype)
+
+
+# Accelerated implementations tried first: fn(x, fmt_info, axis, block_size, profile) -> Tensor|None
+_BACKENDS: list[Callable] = []
+
+
+def register_backend(fn: Callable) -> Callable:
+    """Register an accelerated fake-quantize (e.g. a Triton kernel for CUDA tensors).
+
+    ``fn(x, fmt: FormatInfo, axis: int, block_size: int, profile: Profile)`` must return
+    the same bits as :func:`_fake_quantize_torch`, or ``None`` to decline the input.
+    """
+    if fn not in _BACKENDS:
+        _BACKENDS.append(fn)
+    return fn
+
+
+def _dispatch(x, fmt, axis, block_size, profile):
+    if _BACKENDS:
+        fmt_info, prof = resolve(fmt, profile)
+        for fn in _BACKENDS:
+            y = fn(x, fmt_info, axis, block_size, prof)
+            if y is not None:
+                return y
+    return _fake_quantize_torch(x, fmt, axis, block_size, profile)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the exact MX value. Backward: the identity (straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, x, fmt, axis, block_size, profile):
+        return _dispatch(x, fmt, axis, block_size, profile)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None, None, None
+
+
+def fake_quantize(x: torch.Tensor, fmt: str, axis: int = -1, block_size: int = 32,
+                  profile="ocp") -> torch.Tensor:
+    """MX quantize-dequantize ``x`` along ``axis``; same dtype, shape and device as ``x``.
+
+    Bit-identical to ``mxref.dequantize(mxref.quantize(x.numpy(), fmt, axis, block_size,
+    profile))`` cast to ``x.dtype`` (float64 inputs: dequantized in float64), including
+    NaN/Inf blocks (all NaN), signed zeros, subnormals and a ragged last block. Every
+    mxref profile choice is supported. The gradient w.r.t. ``x`` is the identity.
+    """
+    return _StraightThrough.apply(x, fmt, axis, block_size, profile)
+
+
+# ----------------------------------------------------------------------------- codes
+def quantize_codes(x: torch.Tensor, fmt: str, axis: int = -1, block_size: int = 32,
+                   profile="ocp") -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes uint8 [..., K], scales uint8 [..., ceil(K/bs)]) with ``axis`` moved last.
+
+    Bit-identical to mxref's ``MXArray.codes`` / ``MXArray.scales``.
+    """
+    with torch.no_grad():
+        fmt, profile, axis, k, xb, finite, kexp, r, e, negative = _prepare(
+            x, fmt, axis, block_size, profile)
+        mag = ((e - fmt.emin) << fmt.step_bits) + r.to(torch.int32)
+        lim_mag, _ = _saturation(fmt, profile, negative)
+        over = mag > lim_mag
+        if _overflow_is_special(fmt, profile):
+            special = (fmt.inf_codes or fmt.nan_codes)[0]
+            mag = torch.where(over, torch.full_like(mag, special), mag)
+        else:
+            mag = torch.minimum(mag, torch.as_tensor(lim_mag, dtype=mag.dtype,
+                                                     device=mag.device))
+        neg = negative.to(torch.int32)
+        if fmt.is_int:
+            codes = torch.where(negative, (fmt.n_codes - mag) & (fmt.n_codes - 1), mag)
+        else:
+            codes = (neg << (fmt.bits - 1)) | mag
+        codes = torch.where(finite, codes, torch.zeros_like(codes))
+        scales = torch.where(finite, kexp + E8M0.bias, torch.full_like(kexp, E8M0.nan_code))
+        codes = codes.to(torch.uint8).reshape(*codes.shape[:-2], -1)[..., :k]
+        return codes, scales.squeeze(-1).to(torch.uint8)
+
+
+def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block_size: int = 32,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Values [..., K] of element codes and E8M0 scale codes (blocked axis last).
+
+    Exactly mxref's dequantize (float64 product, stored in float32) cast to ``dtype``;
+    a NaN scale (0xFF) or a NaN element code gives NaN.
+    """
+    fmt = mxref.get_format(fmt)
+    block_size = _check_block_size(block_size)
+    if not isinstance(codes, torch.Tensor) or not isinstance(scales, torch.Tensor):
+        raise DMXError("codes and scales must be torch tensors")
+    if codes.dtype != torch.uint8 or scales.dtype != torch.uint8:
+        raise DMXError(f"codes and scales must be uint8, got {codes.dtype} and {scales.dtype}")
+    if codes.dim() == 0:
+        raise DMXError("codes must be at least 1-d (blocked axis last)")
+    kdim = codes.shape[-1]
+    nbk = -(-kdim // block_size)
+    if tuple(scales.shape) != tuple(codes.shape[:-1]) + (nbk,):
+        raise DMXError(f"scales shape {tuple(scales.shape)} does not match codes "
+                       f"{tuple(codes.shape)} with block size {block_size}")
+    if fmt.bits < 8 and codes.numel() and int(codes.max()) >= fmt.n_codes:
+        raise DMXError(f"element code {int(codes.max()):#x} out of range for {fmt.key}: valid "
+                       f"codes are 0..{fmt.n_codes - 1:#x}")
+    dev = codes.device
+    table = torch.tensor(fmt.decode_table, dtype=torch.float64, device=dev)
+    elem = table[codes.long()]
+    sexp = scales.to(torch.int64) - E8M0.bias
+    sval = pow2_int(sexp, torch.float64)
+    sval = torch.where(scales == E8M0.nan_code, torch.full_like(sval, float("nan")), sval)
+    sval = sval.repeat_interleave(block_size, dim=-1)[..., :kdim]
+    # float64 product is exact; storing it in float32 first is what mxref does
+    return (elem * sval).to(torch.float32).to(dtype)
