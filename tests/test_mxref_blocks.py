@@ -327,9 +327,52 @@ def test_blocks_are_independent(fmt, data):
     assert both.codes.tolist() == one.codes.tolist() + two.codes.tolist()
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@settings(max_examples=25)
+@given(data=st.data())
+def test_non_contiguous_and_fortran_inputs(fmt, data):
+    # strided, reversed and Fortran-ordered views quantize like their contiguous copies
+    x, axis, bs = data.draw(mx_tensors(fmt, max_dims=3, max_side=4))
+    want = mxref.quantize(np.ascontiguousarray(x), fmt, axis, bs)
+    for view in (np.asfortranarray(x), x[..., ::-1][..., ::-1], np.flip(np.flip(x, 0), 0)):
+        got = mxref.quantize(view, fmt, axis, bs)
+        assert got == want
+    rev = x[::-1]
+    assert_matches_oracle(rev, fmt, axis, bs)
+
+
 @pytest.mark.parametrize("block_size", [1, 3, 31, 32, 33, 64])
 def test_ragged_last_block_is_scaled_on_its_own(block_size):
     # the ragged tail uses only its own values (as if padded with zeros)
     x = np.concatenate([np.full(block_size, 1000.0), [0.75, -0.5]]).astype(np.float32)
     mx = assert_matches_oracle(x, "fp4_e2m1", block_size=block_size)
     assert int(mx.scales[-1]) == 127 - 2 - 1  # floor(log2 0.75) - 2 = -3
+
+
+# =========================================================================== the strategies
+@given(data=st.data())
+def test_float_bits_respects_its_flags(data):
+    from verification.strategies import DTYPES, float_bits
+    dtype = data.draw(st.sampled_from(sorted(DTYPES)))
+    nan, inf, sub = (data.draw(st.booleans()) for _ in range(3))
+    b = data.draw(float_bits(dtype, allow_nan=nan, allow_inf=inf, allow_subnormal=sub))
+    d = oracle.decode_float_bits(b, dtype)
+    assert 0 <= b < 1 << (1 + sum(oracle.FLOAT_LAYOUTS[dtype]))
+    assert nan or d.kind != "nan"
+    assert inf or d.kind != "inf"
+    assert sub or not d.subnormal
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "float64"])
+@settings(max_examples=30)
+@given(data=st.data())
+def test_mx_blocks_and_tensors_have_the_promised_form(dtype, data):
+    fmt = data.draw(st.sampled_from(FORMATS))
+    n = data.draw(st.integers(1, 40))
+    block = data.draw(mx_blocks(fmt, block_size=n, dtype=dtype, allow_nan=False,
+                                allow_inf=False))
+    assert block.shape == (n,) and block.dtype.name == dtype
+    assert np.isfinite(block.astype(np.float64)).all()
+    x, axis, bs = data.draw(mx_tensors(fmt, dtype=dtype, max_dims=3, max_side=3))
+    assert 1 <= x.ndim <= 3 and -x.ndim <= axis < x.ndim and 1 <= bs <= 64
+    assert x.dtype.name == dtype
