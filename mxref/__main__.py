@@ -1,0 +1,5 @@
+import sys
+
+from mxref.cli import main
+
+sys.exit(main())

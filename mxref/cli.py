@@ -1,0 +1,253 @@
+"""``mxref`` command line: formats table, quantize/dequantize .npy <-> .npz, decode, sweep.
+
+Every bad input is a one-line ``mxref: error: ...`` on stderr with exit code 2 and no
+traceback; a failed sweep exits 1.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import numpy as np
+
+from mxref.errors import MXError
+
+EXIT_BAD_INPUT = 2
+EXIT_CHECK_FAILED = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors like MXError: one line, exit 2."""
+
+    def error(self, message):
+        raise MXError(message)
+
+
+# --------------------------------------------------------------------------- formats
+def _codes_text(codes) -> str:
+    return ", ".join(f"{c:#04x}" for c in codes) if codes else "-"
+
+
+def formats_table() -> str:
+    from mxref.formats import E8M0, FORMATS
+    head = ("format", "MX name", "bits", "E/M", "bias", "emax", "max normal",
+            "min normal", "min subnormal", "Inf codes", "NaN codes")
+    rows = []
+    for f in FORMATS.values():
+        layout = f"int{f.bits} (frac {f.frac_bits})" if f.is_int else f"E{f.exp_bits}M{f.man_bits}"
+        sign = f.sign_bit
+        infs = [c for i in f.inf_codes for c in (i, i | sign)]
+        nans = [c for i in f.nan_codes for c in (i, i | sign)]
+        rows.append((f.key, f.mx_name, str(f.bits), layout, "-" if f.is_int else str(f.bias),
+                     str(f.emax), repr(f.max_normal),
+                     "-" if f.is_int else repr(f.min_normal), repr(f.min_subnormal),
+                     _codes_text(infs), _codes_text(nans)))
+    rows.append(("e8m0 (scale)", "-", str(E8M0.bits), "E8M0", str(E8M0.bias),
+                 str(E8M0.max_exp), f"2^{E8M0.max_exp}", f"2^{E8M0.min_exp}", "-", "-",
+                 f"{E8M0.nan_code:#04x}"))
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+    return "\n".join([line(head), line(tuple("-" * w for w in widths))] + [line(r) for r in rows])
+
+
+def cmd_formats(args) -> int:
+    print(formats_table())
+    return 0
+
+
+# --------------------------------------------------------------------------- quantize
+def _load_npy(path: str) -> np.ndarray:
+    if not os.path.exists(path):
+        raise MXError(f"{path} does not exist")
+    try:
+        x = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise MXError(f"{path} is not a readable .npy file ({e})") from None
+    if not isinstance(x, np.ndarray):
+        raise MXError(f"{path} is an .npz archive; pass a single-array .npy file")
+    return x
+
+
+def _check_out(path: str, suffix: str, force: bool) -> None:
+    if not path.endswith(suffix):
+        raise MXError(f"output {path} must end in {suffix}")
+    if os.path.exists(path) and not force:
+        raise MXError(f"{path} exists; pass --force to overwrite it")
+
+
+def cmd_quantize(args) -> int:
+    import mxref
+    from mxref.npzfile import save_npz
+    _check_out(args.output, ".npz", args.force)
+    x = _load_npy(args.input)
+    mx = mxref.quantize(x, args.format, axis=args.axis, block_size=args.block_size,
+                        profile=args.profile)
+    save_npz(args.output, mx, force=args.force)
+    print(f"{args.input} {x.dtype}{list(x.shape)} -> {args.output}: {mx.fmt.key}, "
+          f"{mx.n_blocks} blocks of {mx.block_size} along axis {mx.axis}, "
+          f"profile {mx.profile.name} ({mx.profile.hash})")
+    return 0
+
+
+def cmd_dequantize(args) -> int:
+    import mxref
+    from mxref.npzfile import atomic_write, load_npz
+    _check_out(args.output, ".npy", args.force)
+    mx = load_npz(args.input)
+    y = mxref.dequantize(mx, dtype=args.dtype)
+    atomic_write(args.output, lambda f: np.save(f, y), force=args.force)
+    print(f"{args.input} -> {args.output}: {y.dtype}{list(y.shape)}")
+    return 0
+
+
+# --------------------------------------------------------------------------- decode
+def _parse_code(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise MXError(f"code {text!r} is not an integer; write it as 0x7e, 0b0111, or 126") \
+            from None
+
+
+def _bit_fields(code: int, widths) -> str:
+    bits = format(code, f"0{sum(widths)}b")
+    out, i = [], 0
+    for w in widths:
+        out.append(bits[i:i + w])
+        i += w
+    return ".".join(p for p in out if p)
+
+
+def _fmt_value(v: float) -> str:
+    if math.isnan(v) or math.isinf(v):
+        return str(v)
+    return f"{v!r}" if abs(v) >= 2 ** -20 or v == 0 else f"{v!r} (2^{math.log2(abs(v)):g})"
+
+
+def cmd_decode(args) -> int:
+    from mxref.formats import E8M0, get_format
+    codes = [_parse_code(c) for c in args.codes]
+    if args.format.lower() in ("e8m0", "scale"):
+        for c in codes:
+            v = E8M0.decode(c)
+            print(f"{c:#04x}  {format(c, '08b')}  {_fmt_value(v)}")
+        return 0
+    fmt = get_format(args.format)
+    widths = (1, fmt.bits - 1) if fmt.is_int else (1, fmt.exp_bits, fmt.man_bits)
+    for c in codes:
+        v = fmt.decode_code(c)   # range-checked, one-line error
+        print(f"{c:#04x}  {_bit_fields(c, widths)}  {_fmt_value(v)}")
+    return 0
+
+
+# --------------------------------------------------------------------------- sweep
+def _parse_count(text: str) -> int:
+    t = text.replace("**", "^")
+    try:
+        if "^" in t:
+            b, e = t.split("^")
+            return int(b) ** int(e)
+        return int(t, 0)
+    except ValueError:
+        raise MXError(f"{text!r} is not a count; write e.g. 16777216, 2^24 or 0x1000000") \
+            from None
+
+
+def cmd_sweep(args) -> int:
+    from mxref.sweep import sweep_format
+    res = sweep_format(args.format, args.profile, chunk=_parse_count(args.chunk),
+                       stride=_parse_count(args.stride), progress=not args.no_progress)
+    print(res.summary())
+    return 0 if res.ok else EXIT_CHECK_FAILED
+
+
+# --------------------------------------------------------------------------- pack
+def cmd_pack(args) -> int:
+    from mxref.npzfile import atomic_write, load_npz
+    from mxref.pack import pack_codes, pack_llamacpp_mxfp4, packing_name
+    _check_out(args.output, ".npz", args.force)
+    mx = load_npz(args.input)
+    if args.layout == "llamacpp":
+        if mx.fmt.key != "fp4_e2m1" or mx.block_size != 32:
+            raise MXError("the llama.cpp layout holds MXFP4 with block size 32 only")
+        arrays = dict(blocks=pack_llamacpp_mxfp4(mx.codes, mx.scales),
+                      layout=np.str_("llamacpp-mxfp4"))
+    else:
+        arrays = dict(packed=pack_codes(mx.codes, mx.fmt), scales=mx.scales,
+                      layout=np.str_(packing_name(mx.fmt)))
+    arrays.update(format=np.str_(mx.fmt.key), K=np.int64(mx.codes.shape[-1]))
+    atomic_write(args.output, lambda f: np.savez(f, **arrays), force=args.force)
+    print(f"{args.input} -> {args.output}: layout {str(arrays['layout'])}")
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    from mxref import __version__
+    from mxref.profiles import PRESETS
+    p = _Parser(prog="mxref", description="Bit-exact OCP MX v1.0 golden model.")
+    p.add_argument("--version", action="version", version=f"mxref {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("formats", help="table of element formats and the E8M0 scale")
+    s.set_defaults(func=cmd_formats)
+
+    s = sub.add_parser("quantize", help="MX-quantize a .npy array into an .npz")
+    s.add_argument("input", help="input .npy (float32, float64, float16 or bfloat16)")
+    s.add_argument("--format", "-f", required=True, help="element format, e.g. fp4_e2m1")
+    s.add_argument("--axis", type=int, default=-1, help="blocked axis (default -1)")
+    s.add_argument("--block-size", type=int, default=32, help="elements per block (default 32)")
+    s.add_argument("--profile", default="ocp", choices=sorted(PRESETS),
+                   help="implementation-defined choices (default ocp)")
+    s.add_argument("-o", "--output", required=True, help="output .npz")
+    s.add_argument("--force", action="store_true", help="overwrite an existing output")
+    s.set_defaults(func=cmd_quantize)
+
+    s = sub.add_parser("dequantize", help="decode an mxref .npz back to a .npy array")
+    s.add_argument("input", help="input .npz written by `mxref quantize`")
+    s.add_argument("-o", "--output", required=True, help="output .npy")
+    s.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    s.add_argument("--force", action="store_true", help="overwrite an existing output")
+    s.set_defaults(func=cmd_dequantize)
+
+    s = sub.add_parser("decode", help="print the value of element (or E8M0) codes")
+    s.add_argument("--format", "-f", required=True, help="element format, or e8m0")
+    s.add_argument("codes", nargs="+", help="codes: 0x7e, 0b0111 or decimal")
+    s.set_defaults(func=cmd_decode)
+
+    s = sub.add_parser("sweep", help="encode every float32 bit pattern and check the results")
+    s.add_argument("--format", "-f", required=True, help="element format")
+    s.add_argument("--profile", default="ocp", choices=sorted(PRESETS))
+    s.add_argument("--chunk", default="2^24", help="patterns per chunk (default 2^24)")
+    s.add_argument("--stride", default="1",
+                   help="check every n-th pattern only (default 1 = all 2^32)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_sweep)
+
+    s = sub.add_parser("pack", help="pack the codes of an mxref .npz into bytes")
+    s.add_argument("input", help="input .npz written by `mxref quantize`")
+    s.add_argument("--layout", default="native", choices=["native", "llamacpp"],
+                   help="native: fp4-lo-first / fp6-le24 / byte; llamacpp: GGUF MXFP4 blocks")
+    s.add_argument("-o", "--output", required=True, help="output .npz")
+    s.add_argument("--force", action="store_true", help="overwrite an existing output")
+    s.set_defaults(func=cmd_pack)
+    return p
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except MXError as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"mxref: error: {msg}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("mxref: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""The mxref CLI: commands, the .npz layout, one-line errors with exit 2, and the sweep checks."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import mxref
+from mxref import sweep as sweep_mod
+from mxref.cli import main
+from mxref.npzfile import load_npz, save_npz
+
+
+def run(argv, capsys):
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_bad_input(argv, capsys, match):
+    rc, out, err = run(argv, capsys)
+    assert rc == 2, (rc, out, err)
+    assert err.startswith("mxref: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err and match in err, err
+
+
+@pytest.fixture
+def npy(tmp_path):
+    x = np.random.default_rng(0).standard_normal((3, 70)).astype(np.float32)
+    path = tmp_path / "x.npy"
+    np.save(path, x)
+    return x, str(path)
+
+
+# ---------------------------------------------------------------- formats / decode
+def test_formats_table_lists_every_format_and_e8m0(capsys):
+    rc, out, _ = run(["formats"], capsys)
+    assert rc == 0
+    for key, f in mxref.FORMATS.items():
+        row = next(line for line in out.splitlines() if line.startswith(key + " "))
+        assert repr(f.max_normal) in row and repr(f.min_subnormal) in row
+    assert "e8m0" in out and "0xff" in out
+    assert "0x7c, 0xfc" in out            # E5M2 infinities, both signs
+
+
+def test_decode_prints_code_bits_value(capsys):
+    rc, out, _ = run(["decode", "--format", "fp8_e4m3", "0x7e", "0x3f", "0xff", "1"], capsys)
+    assert rc == 0
+    assert out.splitlines() == ["0x7e  0.1111.110  448.0", "0x3f  0.0111.111  1.875",
+                                "0xff  1.1111.111  nan", "0x01  0.0000.001  0.001953125"]
+    rc, out, _ = run(["decode", "-f", "e8m0", "0x7f", "0xff"], capsys)
+    assert out.splitlines() == ["0x7f  01111111  1.0", "0xff  11111111  nan"]
+
+
+def test_decode_bad_codes(capsys):
+    assert_bad_input(["decode", "-f", "fp4_e2m1", "0x10"], capsys, "out of range")
+    assert_bad_input(["decode", "-f", "fp4_e2m1", "seven"], capsys, "not an integer")
+    assert_bad_input(["decode", "-f", "fp5", "1"], capsys, "unknown format")
+
+
+# ---------------------------------------------------------------- quantize / dequantize
+def test_quantize_dequantize_round_trip(npy, tmp_path, capsys):
+    x, path = npy
+    out = str(tmp_path / "q.npz")
+    rc, _, _ = run(["quantize", path, "--format", "fp6_e3m2", "--axis", "0",
+                    "--block-size", "2", "--profile", "microxcaling", "-o", out], capsys)
+    assert rc == 0
+    z = np.load(out)
+    assert set(z.files) >= {"codes", "scales", "shape", "axis", "block_size", "format", "profile"}
+    assert str(z["format"]) == "fp6_e3m2" and int(z["axis"]) == 0 and int(z["block_size"]) == 2
+    prof = json.loads(str(z["profile"]))
+    assert prof["name"] == "microxcaling" and prof["hash"] == mxref.get_profile("microxcaling").hash
+    expect = mxref.quantize(x, "fp6_e3m2", axis=0, block_size=2, profile="microxcaling")
+    assert load_npz(out) == expect
+    y = str(tmp_path / "y.npy")
+    assert run(["dequantize", out, "-o", y, "--dtype", "float64"], capsys)[0] == 0
+    got = np.load(y)
+    assert got.dtype == np.float64
+    assert np.array_equal(got.view(np.uint64), mxref.dequantize(expect, np.float64).view(np.uint64))
+
+
+def test_refuses_to_overwrite_without_force(npy, tmp_path, capsys):
+    _, path = npy
+    out = tmp_path / "q.npz"
+    out.write_bytes(b"keep me")
+    assert_bad_input(["quantize", path, "-f", "fp4", "-o", str(out)], capsys, "--force")
+    assert out.read_bytes() == b"keep me"
+    assert run(["quantize", path, "-f", "fp4", "-o", str(out), "--force"], capsys)[0] == 0
+    assert load_npz(str(out)).fmt.key == "fp4_e2m1"
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")] == []
+
+
+def test_quantize_bad_inputs(npy, tmp_path, capsys):
+    _, path = npy
+    out = str(tmp_path / "q.npz")
+    assert_bad_input(["quantize", str(tmp_path / "missing.npy"), "-f", "fp4", "-o", out],
+                     capsys, "does not exist")
+    assert_bad_input(["quantize", path, "-f", "fp4", "-o", str(tmp_path / "q.bin")],
+                     capsys, "must end in .npz")
+    assert_bad_input(["quantize", path, "-f", "fp4", "--axis", "5", "-o", out], capsys,
+                     "axis 5")
+    assert_bad_input(["quantize", path, "-f", "fp4", "--block-size", "0", "-o", out], capsys,
+                     "block size")
+    ints = str(tmp_path / "i.npy")
+    np.save(ints, np.arange(4))
+    assert_bad_input(["quantize", ints, "-f", "fp4", "-o", out], capsys, "dtype")
+    assert_bad_input(["quantize", path, "-o", out], capsys, "--format")
+    assert not os.path.exists(out)
+
+
+def _write_npz(path, **arrays):
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+@pytest.mark.parametrize("corrupt,match", [
+    (lambda d: d.pop("scales"), "lacks key(s) scales"),
+    (lambda d: d.update(codes=d["codes"].astype(np.int16)), "must be uint8"),
+    (lambda d: d.update(shape=np.array([3, 71])), "does not match shape"),
+    (lambda d: d.update(scales=d["scales"][:, :2]), "scales shape"),
+    (lambda d: d.update(profile=d["profile"].replace('"rounding": "rne"',
+                                                     '"rounding": "away"')), "hash"),
+    (lambda d: d.update(profile=np.str_("{not json")), "not valid JSON"),
+    (lambda d: d.update(format=np.str_("fp5")), "unknown format"),
+    (lambda d: d.update(codes=d["codes"] | 0xF0), "out of range"),
+    (lambda d: d.update(axis=np.int64(4)), "axis 4"),
+])
+def test_dequantize_validates_the_npz(npy, tmp_path, capsys, corrupt, match):
+    x, _ = npy
+    good = str(tmp_path / "good.npz")
+    save_npz(good, mxref.quantize(x, "fp4_e2m1"))
+    d = {k: v for k, v in np.load(good).items()}
+    d["profile"] = np.str_(str(d["profile"]))
+    corrupt(d)
+    bad = str(tmp_path / "bad.npz")
+    _write_npz(bad, **d)
+    assert_bad_input(["dequantize", bad, "-o", str(tmp_path / "y.npy")], capsys, match)
+    assert not os.path.exists(tmp_path / "y.npy")
+
+
+def test_dequantize_rejects_non_npz(tmp_path, capsys):
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"not a zip")
+    assert_bad_input(["dequantize", str(junk), "-o", str(tmp_path / "y.npy")], capsys,
+                     "not a readable")
+
+
+def test_pack_command_layouts(npy, tmp_path, capsys):
+    x, path = npy
+    q = str(tmp_path / "q.npz")
+    run(["quantize", path, "-f", "fp4", "-o", q], capsys)
+    p = str(tmp_path / "p.npz")
+    assert run(["pack", q, "-o", p], capsys)[0] == 0
+    z = np.load(p)
+    mx = mxref.quantize(x, "fp4")
+    assert str(z["layout"]) == "fp4-lo-first"
+    assert np.array_equal(z["packed"], mxref.pack_codes(mx.codes, "fp4"))
+    assert_bad_input(["pack", q, "--layout", "llamacpp", "-o", str(tmp_path / "l.npz")],
+                     capsys, "multiple of 32")   # K = 70
+
+
+# ---------------------------------------------------------------- sweep
+def test_sweep_passes_for_every_format_and_profile_on_a_strided_subset(capsys):
+    for fmt in mxref.FORMATS:
+        for profile in mxref.PRESETS:
+            res = sweep_mod.sweep_format(fmt, profile, stride=65521, chunk=1 << 14,
+                                         progress=False)
+            assert res.ok, res.summary()
+            assert res.n_inputs == 2 * (0x7F800000 // 65521 + 1) + 2 * (0x7FFFFE // 65521 + 1)
+
+
+def test_sweep_counts_every_pattern_once_when_stride_is_1():
+    # the runs cover -Inf..-0, +0..+Inf and both NaN ranges: 2^32 patterns exactly
+    assert sum(r[2] for r in sweep_mod._ranges(1)) == 2 ** 32
+
+
+def test_sweep_cli_prints_throughput(capsys):
+    rc, out, _ = run(["sweep", "-f", "fp8_e4m3", "--stride", "2^16", "--no-progress"], capsys)
+    assert rc == 0 and "monotonic   ok" in out and "M elements/s" in out
+
+
+def test_sweep_detects_wrong_ties(monkeypatch, capsys):
+    # an encoder that rounds ties away from zero must fail the RNE profile's nearest check
+    real = sweep_mod.encode
+    monkeypatch.setattr(sweep_mod, "encode",
+                        lambda x, fmt, profile: real(x, fmt, "microxcaling"))
+    # stride 2^16 visits every bfloat16 pattern, so every FP4 tie (0.25, 0.75, ...) is hit
+    res = sweep_mod.sweep_format("fp4_e2m1", "ocp", stride=1 << 16, progress=False)
+    assert res.violations["nearest"] > 0 and not res.ok
+    rc, out, _ = run(["sweep", "-f", "fp4_e2m1", "--stride", "2^16", "--no-progress"], capsys)
+    assert rc == 1 and "FAIL" in out
+
+
+def test_sweep_detects_non_monotonic_and_bad_round_trip(monkeypatch):
+    real = sweep_mod.encode
+
+    def swapped(x, fmt, profile):   # swap codes 2 and 3 (1.0 and 1.5 in FP4)
+        c = real(x, fmt, profile)
+        return np.where(c == 2, 3, np.where(c == 3, 2, c)).astype(np.uint8)
+
+    monkeypatch.setattr(sweep_mod, "encode", swapped)
+    res = sweep_mod.sweep_format("fp4_e2m1", "ocp", stride=4099, progress=False)
+    assert res.violations["monotonic"] > 0 and res.violations["nearest"] > 0
+    assert res.violations["round_trip"] > 0
+
+
+def test_sweep_bad_arguments(capsys):
+    assert_bad_input(["sweep", "-f", "fp4", "--chunk", "lots"], capsys, "not a count")
+    assert_bad_input(["sweep", "-f", "fp4", "--stride", "0"], capsys, "stride")
+    assert_bad_input(["sweep", "-f", "fp4", "--profile", "nope"], capsys, "invalid choice")
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "mxref", "decode", "-f", "fp4", "0x10"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("mxref: error:") and not r.stdout
