@@ -1,0 +1,382 @@
+"""Triton kernels for MX fake quantization (one pass over the data each).
+
+* :func:`mx_fake_quantize` -- fixed OCP MX format (FP4/FP6/FP8/INT8 elements), bit-exact
+  with :func:`dmx.quant.fake_quantize` / mxref: floor (or rceil) scale from the exponent
+  bits, RNE (or ties-away), saturation, NaN/Inf block -> NaN, all-zero block, ragged tail.
+* :func:`real_format_forward` / :func:`real_format_backward` -- the real-valued single
+  format E(e)M(m) of :mod:`dmx.realfmt`: forward, and backward with the gradient to the
+  input and the two scalar bit counts (e, m) (per-program partial sums, then one tiny
+  finalize kernel: deterministic, no atomics).
+
+Triton is imported lazily (``import dmx.triton_kernels`` never needs it); callers check
+:func:`available` first. Every kernel works under ``TRITON_INTERPRET=1`` on CPU tensors,
+which is how the CPU tests check them.
+
+Why bit tricks instead of float log2/exp2: the block scale exponent is read from the
+exponent field of the block's largest magnitude (an integer max over the bit patterns,
+which also spots NaN/Inf), powers of two are built from bits, and RNE onto the element
+grid is the exact "add and subtract 2^(step+23)" trick, so no library function with
+its own rounding (or flush-to-zero, which Triton's libdevice uses) touches a value.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+__all__ = ["available", "mx_fake_quantize", "supports", "real_format_forward",
+           "real_format_backward"]
+
+_LN2 = math.log(2.0)
+
+
+@functools.lru_cache(maxsize=1)
+def available() -> bool:
+    """True when Triton imports (a GPU is still needed unless TRITON_INTERPRET=1)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # ImportError, or a broken install
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels():
+    """Define the @triton.jit kernels on first use (so importing this module is free)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def pow2_bits(n):
+        # 2^n as float32 for integer n in [-149, 127], from its bit pattern
+        normal = (n + 127) << 23
+        sub = 1 << tl.minimum(tl.maximum(n + 149, 0), 22)
+        return tl.where(n >= -126, normal, sub).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def floor_log2(a):
+        # floor(log2 a) for finite a >= 0, exact for subnormals; a == 0 gives -1 (frexp's
+        # exponent 0 minus 1, as dmx.quant.floor_log2)
+        b = a.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+        ef = b >> 23
+        mant = b & 0x7FFFFF
+        # a subnormal's mantissa as a float32 is exact and normal: its exponent is the log
+        sub = ((mant.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127) - 149
+        r = tl.where(ef > 0, ef - 127, sub)
+        return tl.where(b == 0, -1, r)
+
+    @triton.jit
+    def rne_int(v):
+        # round half to even for v >= 0 (exact: below 2^23 the sum has no fraction bits)
+        big = 8388608.0
+        return tl.where(v < big, (v + big) - big, v)
+
+    @triton.jit
+    def pow2_real(t):
+        # 2^t like dmx.realfmt.pow2: the integer part from bits, exp2 only on the fraction,
+        # so the value is exact wherever t is an integer
+        n = tl.where(t >= 0, rne_int(t), -rne_int(-t))
+        f = t - n
+        p = pow2_bits(tl.minimum(tl.maximum(n, -149.0), 127.0).to(tl.int32))
+        return tl.where(f == 0.0, p, p * tl.exp2(f))
+
+    @triton.jit
+    def tile_offsets(pid, n_blocks, K, nbk, BS: tl.constexpr, BPP: tl.constexpr,
+                     EVEN: tl.constexpr):
+        # element offsets [BPP, BS] of MX blocks pid*BPP ..; a ragged row end is masked
+        blk = pid.to(tl.int64) * BPP + tl.arange(0, BPP)
+        j = tl.arange(0, BS)
+        if EVEN:
+            offs = blk[:, None] * BS + j[None, :]
+            mask = (blk[:, None] < n_blocks) & (j[None, :] < BS)
+        else:
+            row = blk // nbk
+            col = (blk - row * nbk)[:, None] * BS + j[None, :]
+            offs = row[:, None] * K + col
+            mask = (blk[:, None] < n_blocks) & (col < K)
+        return offs, mask
+
+    @triton.jit
+    def store_out(y_ptr, offs, mask, y, nonfinite, OUT_KIND: tl.constexpr,
+                  NAN_BITS: tl.constexpr):
+        # NaN blocks get NAN_BITS: the bits of torch's CPU cast of float('nan') to the
+        # output dtype, which is what the reference (mxref's float32 NaN cast to x.dtype)
+        # holds; other values are cast with RNE (exact here: MX values fit the dtype
+        # except in its subnormal range, where RNE is the cast the reference does)
+        if OUT_KIND == 0:
+            yb = tl.where(nonfinite, NAN_BITS, y.to(tl.int32, bitcast=True))
+            tl.store(y_ptr + offs, yb, mask=mask)
+        elif OUT_KIND == 1:
+            # float32 -> bf16 RNE on the bits (carries into the exponent, subnormals
+            # included); the interpreter's own cast truncates, so it is not used
+            b = y.to(tl.int32, bitcast=True)
+            b = (b + (0x7FFF + ((b >> 16) & 1))) >> 16
+            yb = tl.where(nonfinite, NAN_BITS, b)
+            tl.store(y_ptr + offs, yb.to(tl.int16), mask=mask)
+        else:
+            yb = tl.where(nonfinite, NAN_BITS,
+                          y.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32))
+            tl.store(y_ptr + offs, yb.to(tl.int16), mask=mask)
+
+    @triton.jit
+    def mx_fq_kernel(x_ptr, y_ptr, n_blocks, K, nbk,
+                     BS: tl.constexpr, BPP: tl.constexpr, EVEN: tl.constexpr,
+                     EMAX: tl.constexpr, EMIN: tl.constexpr, MBITS: tl.constexpr,
+                     MAXNORM: tl.constexpr, IS_INT: tl.constexpr, RCEIL: tl.constexpr,
+                     MN_FIELD: tl.constexpr, AWAY: tl.constexpr, OUT_KIND: tl.constexpr,
+                     NAN_BITS: tl.constexpr):
+        offs, mask = tile_offsets(tl.program_id(0), n_blocks, K, nbk, BS, BPP, EVEN)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        bits = x.to(tl.int32, bitcast=True)
+        # integer max of |bits| orders finite magnitudes and puts NaN/Inf on top
+        amax = tl.max(bits & 0x7FFFFFFF, axis=1)
+        nonfinite = (amax >= 0x7F800000)[:, None]
+        # floor(log2 amax) - emax; a zero/subnormal amax lands below -127 and is clamped
+        k = (amax >> 23) - (127 + EMAX)
+        if RCEIL:
+            k += ((amax & 0x7FFFFF) > MN_FIELD).to(tl.int32)
+        k = tl.minimum(tl.maximum(k, -127), 127)
+        u = x * pow2_bits(-k)[:, None]  # exact power-of-two rescale
+        ub = u.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+        a = ub.to(tl.float32, bitcast=True)
+        # binade of a, floored at the subnormal exponent; grid step 2^(eb - 127 - m)
+        eb = tl.maximum(ub >> 23, EMIN + 127)
+        c = ((eb + (23 - MBITS)) << 23).to(tl.float32, bitcast=True)
+        r = (a + c) - c  # RNE onto the step grid (a < c, so the sum's ulp is the step)
+        if AWAY:
+            half = ((eb - (MBITS + 1)) << 23).to(tl.float32, bitcast=True)
+            r = tl.where(a - r == half, r + 2 * half, r)  # a tie RNE took downwards
+        r = tl.minimum(r, MAXNORM)  # saturate
+        neg = bits < 0
+        if IS_INT:
+            neg = neg & (r != 0.0)  # two's complement has no -0
+        rb = r.to(tl.int32, bitcast=True) | (neg.to(tl.int32) << 31)
+        y = rb.to(tl.float32, bitcast=True) * pow2_bits(k)[:, None]
+        store_out(y_ptr, offs, mask, y, nonfinite, OUT_KIND, NAN_BITS)
+
+    @triton.jit
+    def real_scalars(e_ptr, m_ptr, CAP: tl.constexpr):
+        # dmx.realfmt's format parameters from the real bit counts (e, m)
+        e = tl.load(e_ptr).to(tl.float32)
+        m = tl.load(m_ptr).to(tl.float32)
+        bias = pow2_real(e - 1.0) - 1.0
+        big_b = pow2_real(pow2_real(e) - 1.0 - bias)
+        nat_a = 2.0 - pow2_real(-m)
+        natural = nat_a * big_b
+        capped = natural > CAP
+        maxval = tl.where(capped, CAP, natural)
+        emax = floor_log2(maxval)
+        return e, m, bias, maxval, emax, capped, nat_a, big_b
+
+    @triton.jit
+    def real_core(x, m, bias, maxval, emax):
+        # the forward of dmx.realfmt.real_format_quantize on one tile (values in float32)
+        bits = x.to(tl.int32, bitcast=True)
+        amax_b = tl.max(bits & 0x7FFFFFFF, axis=1)
+        nonfinite = (amax_b >= 0x7F800000)[:, None]
+        amax = tl.where(amax_b >= 0x7F800000, 0, amax_b).to(tl.float32, bitcast=True)
+        k = tl.where(amax_b == 0, -127, floor_log2(amax) - emax)
+        k = tl.minimum(tl.maximum(k, -127), 127)[:, None]
+        u = x * pow2_bits(-k)  # == x / scale: both correctly rounded, scale a power of 2
+        a = tl.abs(u)
+        e_int = floor_log2(a).to(tl.float32)
+        sub_exp = 1.0 - bias
+        is_sub = e_int < sub_exp
+        binade = tl.where(is_sub, sub_exp, e_int)
+        step = pow2_real(binade - m)
+        v = tl.math.div_rn(a, step)
+        r = rne_int(v)
+        q = step * r
+        sat = q > maxval
+        q = tl.where(sat, maxval, q)
+        neg = bits < 0
+        y = tl.where(neg, -q, q) * pow2_bits(k)
+        return y, nonfinite, k, a, v, r, step, q, sat, is_sub, neg
+
+    @triton.jit
+    def real_fwd_kernel(x_ptr, y_ptr, e_ptr, m_ptr, n_blocks, K, nbk,
+                        BS: tl.constexpr, BPP: tl.constexpr, EVEN: tl.constexpr,
+                        CAP: tl.constexpr, OUT_KIND: tl.constexpr, NAN_BITS: tl.constexpr):
+        e, m, bias, maxval, emax, capped, nat_a, big_b = real_scalars(e_ptr, m_ptr, CAP)
+        offs, mask = tile_offsets(tl.program_id(0), n_blocks, K, nbk, BS, BPP, EVEN)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y, nonfinite, k, a, v, r, step, q, sat, is_sub, neg = real_core(x, m, bias, maxval,
+                                                                       emax)
+        store_out(y_ptr, offs, mask, y, nonfinite, OUT_KIND, NAN_BITS)
+
+    @triton.jit
+    def real_bwd_kernel(x_ptr, g_ptr, dx_ptr, part_ptr, e_ptr, m_ptr, n_blocks, K, nbk,
+                        BS: tl.constexpr, BPP: tl.constexpr, EVEN: tl.constexpr,
+                        CAP: tl.constexpr, OUT_KIND: tl.constexpr, NAN_BITS: tl.constexpr):
+        # Autograd of dmx.realfmt written out (see the derivation in dmx/fused.py):
+        #   dx = g inside the range (0 where saturated, or u == 0: abs' gradient there),
+        #   and four partial sums for the scalar gradients.
+        e, m, bias, maxval, emax, capped, nat_a, big_b = real_scalars(e_ptr, m_ptr, CAP)
+        pid = tl.program_id(0)
+        offs, mask = tile_offsets(pid, n_blocks, K, nbk, BS, BPP, EVEN)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y, nonfinite, k, a, v, r, step, q, sat, is_sub, neg = real_core(x, m, bias, maxval,
+                                                                       emax)
+        scale = pow2_bits(k)
+        live = (~nonfinite) & mask  # a NaN/Inf block's output is a constant: no gradient
+        gs = tl.where(neg, -g, g)
+        gsc = gs * scale  # dL/dq (before saturation)
+        inside = live & (~sat)
+        dxv = tl.where(inside & (a != 0.0), g, 0.0)
+        dt = tl.where(inside, gsc * (r - v) * step, 0.0)  # dL/d(binade - m) / ln2
+        s_t = tl.sum(tl.sum(dt, axis=1), axis=0)
+        s_sub = tl.sum(tl.sum(tl.where(is_sub, dt, 0.0), axis=1), axis=0)
+        s_sat = tl.sum(tl.sum(tl.where(live & sat, gsc, 0.0), axis=1), axis=0)
+        dscale = tl.where(live, gs * (q - tl.where(sat, 0.0, a)) * scale, 0.0)
+        s_sc = tl.sum(tl.sum(dscale, axis=1), axis=0)
+        store_out(dx_ptr, offs, mask, dxv, dxv != dxv, OUT_KIND, NAN_BITS)
+        tl.store(part_ptr + pid * 4 + 0, s_t)
+        tl.store(part_ptr + pid * 4 + 1, s_sub)
+        tl.store(part_ptr + pid * 4 + 2, s_sat)
+        tl.store(part_ptr + pid * 4 + 3, s_sc)
+
+    @triton.jit
+    def real_finalize_kernel(part_ptr, n_parts, de_ptr, dm_ptr, e_ptr, m_ptr,
+                             CAP: tl.constexpr, CH: tl.constexpr, LN2: tl.constexpr):
+        # sums the partials and applies the chain rule through maxval(e, m), sub_exp(e)
+        e, m, bias, maxval, emax, capped, nat_a, big_b = real_scalars(e_ptr, m_ptr, CAP)
+        acc = tl.zeros([CH, 4], dtype=tl.float32)
+        cols = tl.arange(0, 4)
+        for start in range(0, n_parts, CH):
+            rows = start + tl.arange(0, CH)
+            acc += tl.load(part_ptr + rows[:, None] * 4 + cols[None, :],
+                           mask=(rows[:, None] < n_parts), other=0.0)
+        tot = tl.sum(acc, axis=0)
+        s_t = tl.sum(tl.where(cols == 0, tot, 0.0), axis=0)
+        s_sub = tl.sum(tl.where(cols == 1, tot, 0.0), axis=0)
+        s_sat = tl.sum(tl.where(cols == 2, tot, 0.0), axis=0)
+        s_sc = tl.sum(tl.where(cols == 3, tot, 0.0), axis=0)
+        # z = -log2(maxval) drives the scale's straight-through gradient
+        d_maxval = s_sat - s_sc / maxval
+        d_sub = LN2 * s_sub
+        dmax_dm = tl.where(capped, 0.0, pow2_real(-m) * LN2 * big_b)
+        dmax_de = tl.where(capped, 0.0, nat_a * big_b * LN2 * LN2 * pow2_real(e - 1.0))
+        dm = -LN2 * s_t + d_maxval * dmax_dm
+        de = d_sub * (-pow2_real(e - 1.0) * LN2) + d_maxval * dmax_de
+        tl.store(dm_ptr, dm)
+        tl.store(de_ptr, de)
+
+    # Triton resolves names a kernel calls through the module's globals (not closures)
+    helpers = dict(triton=triton, tl=tl, pow2_bits=pow2_bits, floor_log2=floor_log2,
+                   rne_int=rne_int, pow2_real=pow2_real, tile_offsets=tile_offsets,
+                   store_out=store_out, real_scalars=real_scalars, real_core=real_core)
+    globals().update(helpers)
+    return dict(mx_fq=mx_fq_kernel, real_fwd=real_fwd_kernel, real_bwd=real_bwd_kernel,
+                real_fin=real_finalize_kernel)
+
+
+# ----------------------------------------------------------------------------- launchers
+def _out_kind(dtype) -> int | None:
+    import torch
+    return {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}.get(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _nan_bits(dtype) -> int:
+    """Bits of torch's CPU cast of float32 NaN to ``dtype`` (int32/int16 value).
+
+    The vectorised cast (any tensor of 16+ elements) is used: it is the one the
+    reference tensors go through; torch's scalar bf16 cast gives 0x7FC0 where the
+    vectorised one gives 0xFFFF, so a NaN payload is only comparable per path.
+    """
+    import torch
+    iv = torch.int32 if dtype == torch.float32 else torch.int16
+    nan = torch.full((64,), float("nan"), dtype=torch.float32).to(dtype).view(iv)
+    return int(nan[0])
+
+
+def _out_view(y):
+    import torch
+    # kernels store bit patterns (exact NaN payloads), so outputs are integer views
+    return y.view(torch.int32) if y.dtype == torch.float32 else y.view(torch.int16)
+
+
+def _geometry(x2, block_size: int):
+    """(n_blocks, K, blocks per row, EVEN, blocks per program, grid) for a [R, K] view."""
+    rows, K = x2.shape
+    nbk = -(-K // block_size)
+    n_blocks = rows * nbk
+    bpp = max(1, 4096 // block_size)  # ~4096 elements per program
+    grid = (max(1, -(-n_blocks // bpp)),)
+    return n_blocks, K, nbk, K % block_size == 0, bpp, grid
+
+
+def supports(x, fmt, axis: int, block_size: int, profile) -> bool:
+    """Whether :func:`mx_fake_quantize` handles this input/format/profile exactly."""
+    if _out_kind(x.dtype) is None or x.numel() == 0 or x.dim() == 0:
+        return False
+    if block_size < 1 or block_size & (block_size - 1) or block_size > 1024:
+        return False  # tl.arange needs a power of two
+    if profile.flush_subnormals or profile.fp8_overflow != "sat":
+        return False
+    if fmt.is_int and (profile.int8_range != "symmetric" or profile.scale_rule != "floor"):
+        return False
+    return True
+
+
+def _last_axis_2d(x, axis: int):
+    axis = axis % x.dim()
+    xm = x.movedim(axis, -1) if axis != x.dim() - 1 else x
+    return xm.contiguous().reshape(-1, xm.shape[-1]), xm.shape, axis
+
+
+def mx_fake_quantize(x, fmt, axis: int = -1, block_size: int = 32, profile=None):
+    """Fixed-format MX fake quantization (no autograd); ``fmt``: mxref FormatInfo,
+    ``profile``: mxref Profile. Call :func:`supports` first."""
+    import struct
+    import torch
+    import mxref
+    profile = profile or mxref.get_profile("ocp")
+    x2, mshape, axis = _last_axis_2d(x, axis)
+    y2 = torch.empty_like(x2)
+    n_blocks, K, nbk, even, bpp, grid = _geometry(x2, block_size)
+    mn_field = struct.unpack("<I", struct.pack("<f", fmt.max_normal / 2.0 ** fmt.emax))[0]
+    _kernels()["mx_fq"][grid](
+        x2, _out_view(y2), n_blocks, K, nbk, BS=block_size, BPP=bpp, EVEN=even,
+        EMAX=fmt.emax, EMIN=fmt.emin, MBITS=fmt.step_bits, MAXNORM=float(fmt.max_normal),
+        IS_INT=fmt.is_int, RCEIL=profile.scale_rule == "rceil", MN_FIELD=mn_field & 0x7FFFFF,
+        AWAY=profile.rounding == "away", OUT_KIND=_out_kind(x.dtype), NAN_BITS=_nan_bits(x.dtype), num_warps=4)
+    y = y2.reshape(mshape)
+    return y.movedim(-1, axis) if axis != x.dim() - 1 else y
+
+
+def real_format_forward(x, e, m, axis: int = -1, block_size: int = 32, cap: float = 448.0):
+    """Forward of dmx.realfmt.real_format_quantize; ``e``, ``m``: 0-d float32 tensors on
+    x's device (read by the kernel: no host synchronisation)."""
+    import torch
+    x2, mshape, axis = _last_axis_2d(x, axis)
+    y2 = torch.empty_like(x2)
+    n_blocks, K, nbk, even, bpp, grid = _geometry(x2, block_size)
+    _kernels()["real_fwd"][grid](
+        x2, _out_view(y2), e, m, n_blocks, K, nbk, BS=block_size, BPP=bpp, EVEN=even,
+        CAP=float(cap), OUT_KIND=_out_kind(x.dtype), NAN_BITS=_nan_bits(x.dtype), num_warps=4)
+    y = y2.reshape(mshape)
+    return y.movedim(-1, axis) if axis != x.dim() - 1 else y
+
+
+def real_format_backward(x, g, e, m, axis: int = -1, block_size: int = 32,
+                         cap: float = 448.0):
+    """(dx, de, dm) of real_format_forward for the output gradient ``g``."""
+    import torch
+    x2, mshape, axis = _last_axis_2d(x, axis)
+    g2, _, _ = _last_axis_2d(g.to(x.dtype), axis)
+    dx2 = torch.empty_like(x2)
+    n_blocks, K, nbk, even, bpp, grid = _geometry(x2, block_size)
+    parts = torch.empty((grid[0], 4), dtype=torch.float32, device=x.device)
+    ks = _kernels()
+    ks["real_bwd"][grid](
+        x2, g2, _out_view(dx2), parts, e, m, n_blocks, K, nbk, BS=block_size, BPP=bpp,
+        EVEN=even, CAP=float(cap), OUT_KIND=_out_kind(x.dtype), NAN_BITS=_nan_bits(x.dtype), num_warps=4)
+    de = torch.empty((), dtype=torch.float32, device=x.device)
+    dm = torch.empty((), dtype=torch.float32, device=x.device)
+    ks["real_fin"][(1,)](parts, grid[0], de, dm, e, m, CAP=float(cap), CH=256, LN2=_LN2,
+                         num_warps=4)
+    dx = dx2.reshape(mshape)
+    dx = dx.movedim(-1, axis) if axis != x.dim() - 1 else dx
+    return dx, de, dm
