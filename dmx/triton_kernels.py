@@ -97,6 +97,16 @@ def _kernels():
         return offs, mask
 
     @triton.jit
+    def load_in(ptr, offs, mask, OUT_KIND: tl.constexpr):
+        # bf16 arrives as int16 bits and is widened by a shift (what the hardware does;
+        # the interpreter's own bf16 cast mangles subnormals)
+        if OUT_KIND == 1:
+            b = tl.load(ptr + offs, mask=mask, other=0).to(tl.int32) << 16
+            return b.to(tl.float32, bitcast=True)
+        else:
+            return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
     def store_out(y_ptr, offs, mask, y, nonfinite, OUT_KIND: tl.constexpr,
                   NAN_BITS: tl.constexpr):
         # NaN blocks get NAN_BITS: the bits of torch's CPU cast of float('nan') to the
@@ -126,7 +136,7 @@ def _kernels():
                      MN_FIELD: tl.constexpr, AWAY: tl.constexpr, OUT_KIND: tl.constexpr,
                      NAN_BITS: tl.constexpr):
         offs, mask = tile_offsets(tl.program_id(0), n_blocks, K, nbk, BS, BPP, EVEN)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = load_in(x_ptr, offs, mask, OUT_KIND)
         bits = x.to(tl.int32, bitcast=True)
         # integer max of |bits| orders finite magnitudes and puts NaN/Inf on top
         amax = tl.max(bits & 0x7FFFFFFF, axis=1)
@@ -199,7 +209,7 @@ def _kernels():
                         CAP: tl.constexpr, OUT_KIND: tl.constexpr, NAN_BITS: tl.constexpr):
         e, m, bias, maxval, emax, capped, nat_a, big_b = real_scalars(e_ptr, m_ptr, CAP)
         offs, mask = tile_offsets(tl.program_id(0), n_blocks, K, nbk, BS, BPP, EVEN)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = load_in(x_ptr, offs, mask, OUT_KIND)
         y, nonfinite, k, a, v, r, step, q, sat, is_sub, neg = real_core(x, m, bias, maxval,
                                                                        emax)
         store_out(y_ptr, offs, mask, y, nonfinite, OUT_KIND, NAN_BITS)
@@ -214,8 +224,8 @@ def _kernels():
         e, m, bias, maxval, emax, capped, nat_a, big_b = real_scalars(e_ptr, m_ptr, CAP)
         pid = tl.program_id(0)
         offs, mask = tile_offsets(pid, n_blocks, K, nbk, BS, BPP, EVEN)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = load_in(x_ptr, offs, mask, OUT_KIND)
+        g = load_in(g_ptr, offs, mask, OUT_KIND)
         y, nonfinite, k, a, v, r, step, q, sat, is_sub, neg = real_core(x, m, bias, maxval,
                                                                        emax)
         scale = pow2_bits(k)
@@ -223,7 +233,12 @@ def _kernels():
         gs = tl.where(neg, -g, g)
         gsc = gs * scale  # dL/dq (before saturation)
         inside = live & (~sat)
-        dxv = tl.where(inside & (a != 0.0), g, 0.0)
+        # zeros carry the sign torch's chain gives them (g s scale sgn(u) / scale)
+        zero = tl.where(sat, tl.where(neg, -0.0, 0.0), gs * 0.0)
+        # g itself, computed in torch's order ((g s scale) step / step s / scale): with a
+        # subnormal scale (k = -127) the products round, and the reference keeps that
+        ga = tl.math.div_rn(gsc * step, step)  # through q = step * round(a / step)
+        dxv = tl.where(inside & (a != 0.0), tl.where(neg, -ga, ga) * pow2_bits(-k), zero)
         dt = tl.where(inside, gsc * (r - v) * step, 0.0)  # dL/d(binade - m) / ln2
         s_t = tl.sum(tl.sum(dt, axis=1), axis=0)
         s_sub = tl.sum(tl.sum(tl.where(is_sub, dt, 0.0), axis=1), axis=0)
@@ -265,7 +280,7 @@ def _kernels():
     # Triton resolves names a kernel calls through the module's globals (not closures)
     helpers = dict(triton=triton, tl=tl, pow2_bits=pow2_bits, floor_log2=floor_log2,
                    rne_int=rne_int, pow2_real=pow2_real, tile_offsets=tile_offsets,
-                   store_out=store_out, real_scalars=real_scalars, real_core=real_core)
+                   store_out=store_out, load_in=load_in, real_scalars=real_scalars, real_core=real_core)
     globals().update(helpers)
     return dict(mx_fq=mx_fq_kernel, real_fwd=real_fwd_kernel, real_bwd=real_bwd_kernel,
                 real_fin=real_finalize_kernel)
@@ -289,6 +304,11 @@ def _nan_bits(dtype) -> int:
     iv = torch.int32 if dtype == torch.float32 else torch.int16
     nan = torch.full((64,), float("nan"), dtype=torch.float32).to(dtype).view(iv)
     return int(nan[0])
+
+
+def _in_view(x):
+    import torch
+    return x.view(torch.int16) if x.dtype == torch.bfloat16 else x
 
 
 def _out_view(y):
@@ -338,7 +358,7 @@ def mx_fake_quantize(x, fmt, axis: int = -1, block_size: int = 32, profile=None)
     n_blocks, K, nbk, even, bpp, grid = _geometry(x2, block_size)
     mn_field = struct.unpack("<I", struct.pack("<f", fmt.max_normal / 2.0 ** fmt.emax))[0]
     _kernels()["mx_fq"][grid](
-        x2, _out_view(y2), n_blocks, K, nbk, BS=block_size, BPP=bpp, EVEN=even,
+        _in_view(x2), _out_view(y2), n_blocks, K, nbk, BS=block_size, BPP=bpp, EVEN=even,
         EMAX=fmt.emax, EMIN=fmt.emin, MBITS=fmt.step_bits, MAXNORM=float(fmt.max_normal),
         IS_INT=fmt.is_int, RCEIL=profile.scale_rule == "rceil", MN_FIELD=mn_field & 0x7FFFFF,
         AWAY=profile.rounding == "away", OUT_KIND=_out_kind(x.dtype), NAN_BITS=_nan_bits(x.dtype), num_warps=4)
@@ -354,7 +374,7 @@ def real_format_forward(x, e, m, axis: int = -1, block_size: int = 32, cap: floa
     y2 = torch.empty_like(x2)
     n_blocks, K, nbk, even, bpp, grid = _geometry(x2, block_size)
     _kernels()["real_fwd"][grid](
-        x2, _out_view(y2), e, m, n_blocks, K, nbk, BS=block_size, BPP=bpp, EVEN=even,
+        _in_view(x2), _out_view(y2), e, m, n_blocks, K, nbk, BS=block_size, BPP=bpp, EVEN=even,
         CAP=float(cap), OUT_KIND=_out_kind(x.dtype), NAN_BITS=_nan_bits(x.dtype), num_warps=4)
     y = y2.reshape(mshape)
     return y.movedim(-1, axis) if axis != x.dim() - 1 else y
@@ -371,7 +391,7 @@ def real_format_backward(x, g, e, m, axis: int = -1, block_size: int = 32,
     parts = torch.empty((grid[0], 4), dtype=torch.float32, device=x.device)
     ks = _kernels()
     ks["real_bwd"][grid](
-        x2, g2, _out_view(dx2), parts, e, m, n_blocks, K, nbk, BS=block_size, BPP=bpp,
+        _in_view(x2), _in_view(g2), _out_view(dx2), parts, e, m, n_blocks, K, nbk, BS=block_size, BPP=bpp,
         EVEN=even, CAP=float(cap), OUT_KIND=_out_kind(x.dtype), NAN_BITS=_nan_bits(x.dtype), num_warps=4)
     de = torch.empty((), dtype=torch.float32, device=x.device)
     dm = torch.empty((), dtype=torch.float32, device=x.device)
