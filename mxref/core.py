@@ -16,10 +16,12 @@ import ml_dtypes
 import numpy as np
 
 from mxref import kernels as K
+from mxref import kernels_f32 as F
 from mxref.errors import MXError
 from mxref.formats import DEFAULT_BLOCK_SIZE, E8M0, FormatInfo, get_format
 from mxref.profiles import Profile, get_profile
 
+FAST_MAX_SCALE = 1 << 20   # any larger element-only scale: the general kernel (no int64 overflow)
 _RAW_VIEW = {"float64": np.uint64, "float32": np.uint32, "float16": np.uint16,
              "bfloat16": np.uint16}
 
@@ -55,8 +57,12 @@ def encode(x, fmt, profile=None, scale_exp: int = 0) -> np.ndarray:
     fmt, profile = get_format(fmt), get_profile(profile)
     raw, lay = input_bits(x)
     out = np.empty(raw.shape, dtype=np.uint8)
-    K.encode_elements_kernel(raw.reshape(-1), out.reshape(-1), int(scale_exp), lay,
-                             _element_args(fmt), _profile_args(profile))
+    s = int(scale_exp)
+    ep, pp = _element_args(fmt), _profile_args(profile)
+    if raw.dtype == np.uint32 and F.MIN_FAST_SCALE <= s <= FAST_MAX_SCALE:
+        F.encode_f32_kernel(raw.reshape(-1), out.reshape(-1), s, *F.fast_params(ep, pp))
+    else:
+        K.encode_elements_kernel(raw.reshape(-1), out.reshape(-1), s, lay, ep, pp)
     return out
 
 
@@ -138,9 +144,8 @@ def _check_block_size(block_size) -> int:
     return int(block_size)
 
 
-def quantize(x, fmt, axis: int = -1, block_size: int = DEFAULT_BLOCK_SIZE,
-             profile=None) -> MXArray:
-    """MX-quantize ``x`` along ``axis`` (OCP MX v1.0 §6.3 with the profile's choices)."""
+def _blocked_rows(x, fmt, axis, block_size, profile):
+    """Checked arguments and the input as (N, K) raw bits, blocked axis last."""
     fmt, profile = get_format(fmt), get_profile(profile)
     x = np.asarray(x)
     block_size = _check_block_size(block_size)
@@ -149,14 +154,72 @@ def quantize(x, fmt, axis: int = -1, block_size: int = DEFAULT_BLOCK_SIZE,
     raw, lay = input_bits(moved)
     kdim = raw.shape[-1]
     raw2 = raw.reshape(-1, kdim) if kdim else raw.reshape(0, 0)
-    nbk = -(-kdim // block_size)
+    return fmt, profile, x, axis, block_size, moved.shape, raw2, lay
+
+
+def _split_rows(raw2, block_size, align=4):
+    """Few long rows -> more, shorter rows of whole blocks, so every core gets work.
+
+    Only when the row is a whole number of blocks and each block a whole number of
+    packing groups (4 codes), so codes, scales and packed bytes are unchanged.
+    """
+    N, kdim = raw2.shape
+    nbk = kdim // block_size if block_size else 0
+    if N >= 64 or kdim % block_size or block_size % align or nbk < 2:
+        return raw2, 1
+    g = 1
+    for cand in range(min(nbk, max(1, 64 // max(N, 1))), 1, -1):
+        if nbk % cand == 0:
+            g = cand
+            break
+    return raw2.reshape(N * g, kdim // g), g
+
+
+def quantize(x, fmt, axis: int = -1, block_size: int = DEFAULT_BLOCK_SIZE,
+             profile=None) -> MXArray:
+    """MX-quantize ``x`` along ``axis`` (OCP MX v1.0 §6.3 with the profile's choices)."""
+    fmt, profile, x, axis, block_size, mshape, raw2, lay = _blocked_rows(
+        x, fmt, axis, block_size, profile)
+    nbk = -(-raw2.shape[1] // block_size)
     codes = np.empty(raw2.shape, dtype=np.uint8)
     scales = np.empty((raw2.shape[0], nbk), dtype=np.uint8)
     if raw2.size:
-        K.quantize_kernel(raw2, codes, scales, block_size, lay, _element_args(fmt),
-                          _profile_args(profile))
-    return MXArray(codes.reshape(moved.shape), scales.reshape(moved.shape[:-1] + (nbk,)),
+        ep, pp = _element_args(fmt), _profile_args(profile)
+        if raw2.dtype == np.uint32:
+            r, g = _split_rows(raw2, block_size)
+            F.quantize_f32_kernel(r, codes.reshape(r.shape), scales.reshape(r.shape[0], -1),
+                                  block_size, ep, pp, *F.fast_params(ep, pp)[:-1])
+        else:
+            K.quantize_kernel(raw2, codes, scales, block_size, lay, ep, pp)
+    return MXArray(codes.reshape(mshape), scales.reshape(mshape[:-1] + (nbk,)),
                    fmt, tuple(x.shape), axis, block_size, profile)
+
+
+def quantize_packed(x, fmt, axis: int = -1, block_size: int = DEFAULT_BLOCK_SIZE,
+                    profile=None):
+    """``quantize`` fused with ``pack_codes``: a :class:`mxref.pack.PackedMXArray`.
+
+    ``packed`` is ``pack_codes(quantize(x).codes)`` and ``scales`` equals
+    ``quantize(x).scales`` bit for bit; float32 input never materialises the codes.
+    """
+    from mxref.pack import PackedMXArray, pack_codes, packed_row_bytes
+    fmt, profile, x, axis, block_size, mshape, raw2, lay = _blocked_rows(
+        x, fmt, axis, block_size, profile)
+    kdim = raw2.shape[1]
+    nbk = -(-kdim // block_size)
+    if raw2.dtype != np.uint32 or raw2.size == 0:
+        mx = quantize(x, fmt, axis, block_size, profile)
+        return PackedMXArray(pack_codes(mx.codes, fmt), mx.scales, fmt, mx.shape, axis,
+                             block_size, profile)
+    ep, pp = _element_args(fmt), _profile_args(profile)
+    r, g = _split_rows(raw2, block_size)
+    packed = np.empty((r.shape[0], packed_row_bytes(r.shape[1], fmt)), dtype=np.uint8)
+    scales = np.empty((r.shape[0], nbk // g), dtype=np.uint8)
+    F.quantize_packed_f32_kernel(r, packed, scales, block_size, ep, pp,
+                                 *F.fast_params(ep, pp)[:-1])
+    return PackedMXArray(packed.reshape(mshape[:-1] + (-1,)),
+                         scales.reshape(mshape[:-1] + (nbk,)), fmt, tuple(x.shape), axis,
+                         block_size, profile)
 
 
 def dequantize(mx: MXArray, dtype=np.float32) -> np.ndarray:

@@ -49,6 +49,9 @@ INPUT_LAYOUTS = {
     "float16": (10, 15, 0x1F, 5),
     "bfloat16": (7, 127, 0xFF, 8),
 }
+# Exponent of the smallest normal float32 (-126): ``flush_subnormals`` reads anything
+# smaller as zero, whatever the input dtype.
+FP32_EMIN = 1 - INPUT_LAYOUTS["float32"][1]
 
 
 @nb.njit(**_NB)
@@ -59,11 +62,12 @@ def _floor_log2_int(v):
 
 
 @nb.njit(**_NB)
-def _unpack(bits, in_mbits, in_bias, in_emask, in_ebits, flush):
+def unpack_bits(bits, in_mbits, in_bias, in_emask, in_ebits, flush):
     """Split an IEEE pattern into (sign, kind, sig, e): value = sig * 2^(e - in_mbits).
 
     kind: 0 zero, 1 finite nonzero (sig normalised to [2^in_mbits, 2^(in_mbits+1))),
-    2 infinity, 3 NaN.
+    2 infinity, 3 NaN. ``flush`` reads subnormals of the input dtype and every
+    magnitude below 2^-126 (FP32-subnormal, e.g. a small float64) as signed zero.
     """
     ub = np.uint64(bits)
     sign = np.int64(ub >> np.uint64(in_mbits + in_ebits)) & 1
@@ -77,6 +81,8 @@ def _unpack(bits, in_mbits, in_bias, in_emask, in_ebits, flush):
         L = _floor_log2_int(M)  # M in [2^L, 2^(L+1))
         sh = in_mbits - L
         return sign, 1, M << sh, np.int64(1 - in_bias - sh)
+    if flush and E - in_bias < FP32_EMIN:
+        return sign, 0, np.int64(0), np.int64(0)
     return sign, 1, M | (np.int64(1) << in_mbits), E - in_bias
 
 
@@ -157,7 +163,7 @@ def encode_nonfinite(sign, kind, ep, pp):
 def encode_elements_kernel(raw, out, s, lay, ep, pp):
     """Element-only conversion at scale 2^s (no block logic)."""
     for i in nb.prange(raw.size):
-        sign, kind, sig, e = _unpack(raw[i], lay[0], lay[1], lay[2], lay[3], pp[3])
+        sign, kind, sig, e = unpack_bits(raw[i], lay[0], lay[1], lay[2], lay[3], pp[3])
         if kind == 0:
             c = 0 if ep[0] == 1 else (sign << (ep[1] - 1))
         elif kind == 1:
@@ -168,24 +174,40 @@ def encode_elements_kernel(raw, out, s, lay, ep, pp):
 
 
 @nb.njit(**_NB)
+def flush_threshold(lay):
+    """Smallest |bits| kept by ``flush_subnormals``: 2^-126 (or the input's min normal)."""
+    subtop = np.uint64(1) << np.uint64(lay[0])
+    e = FP32_EMIN + lay[1]  # biased exponent of 2^-126 in the input layout
+    if e >= 1 and (np.uint64(e) << np.uint64(lay[0])) > subtop:
+        return np.uint64(e) << np.uint64(lay[0])
+    return subtop
+
+
+@nb.njit(**_NB)
 def block_scale_exp(raw, lo, hi, lay, ep, pp):
     """Scale code of raw[lo:hi] (E8M0, biased). NaN/Inf anywhere -> NaN code."""
-    in_mbits = lay[0]
     absmask = (np.uint64(1) << np.uint64(lay[0] + lay[3])) - np.uint64(1)
-    infbits = np.uint64(lay[2]) << np.uint64(lay[0])
-    subtop = np.uint64(1) << np.uint64(lay[0])
+    keep = flush_threshold(lay)
     amax = np.uint64(0)
     for i in range(lo, hi):
         a = np.uint64(raw[i]) & absmask
-        if pp[3] == 1 and a < subtop:
+        if pp[3] == 1 and a < keep:
             a = np.uint64(0)
         if a > amax:
             amax = a
+    return scale_from_amax(amax, lay, ep, pp)
+
+
+@nb.njit(**_NB)
+def scale_from_amax(amax, lay, ep, pp):
+    """Scale code from the block's largest |bits| (NaN/Inf -> NaN code, 0 -> 0x00)."""
+    in_mbits = lay[0]
+    infbits = np.uint64(lay[2]) << np.uint64(lay[0])
     if amax >= infbits:
         return SCALE_NAN
     if amax == 0:
         return SCALE_MIN + SCALE_BIAS  # all-zero block: 0x00
-    _, _, sig, e = _unpack(amax, lay[0], lay[1], lay[2], lay[3], 0)
+    _, _, sig, e = unpack_bits(amax, lay[0], lay[1], lay[2], lay[3], 0)
     if pp[0] == 0:
         k = e - ep[4]  # floor(log2 amax) - emax_elem, exact
     else:
@@ -228,7 +250,7 @@ def quantize_kernel(raw, codes, scales, block, lay, ep, pp):
             continue
         s = sc - SCALE_BIAS
         for i in range(lo, hi):
-            sign, kind, sig, e = _unpack(row[i], lay[0], lay[1], lay[2], lay[3], pp[3])
+            sign, kind, sig, e = unpack_bits(row[i], lay[0], lay[1], lay[2], lay[3], pp[3])
             if kind == 1:
                 c = encode_finite(sign, sig, e, lay[0], s, ep, pp)
             else:

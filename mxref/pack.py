@@ -18,10 +18,13 @@ every row starts on a byte boundary. All functions are vectorised numpy.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from mxref.errors import MXError
 from mxref.formats import FormatInfo, get_format
+from mxref.profiles import Profile
 
 LLAMACPP_BLOCK = 32                    # QK_MXFP4 in ggml-common.h
 LLAMACPP_BLOCK_BYTES = 1 + LLAMACPP_BLOCK // 2
@@ -127,6 +130,30 @@ def unpack_codes(packed, fmt, K: int) -> np.ndarray:
     for j in range(4):
         out[..., j] = (w >> (6 * j)) & 0x3F
     return np.ascontiguousarray(out.reshape(lead + (4 * w.shape[-1],))[..., :K])
+
+
+@dataclass(frozen=True, eq=False)
+class PackedMXArray:
+    """An MXArray whose codes are packed: what :func:`mxref.quantize_packed` returns."""
+
+    packed: np.ndarray     # uint8 [..., packed_row_bytes(K)]  blocked axis last
+    scales: np.ndarray     # uint8 [..., ceil(K / block_size)]
+    fmt: FormatInfo
+    shape: tuple           # original shape
+    axis: int              # blocked axis in the original shape (non-negative)
+    block_size: int
+    profile: Profile
+
+    @property
+    def packing(self) -> str:
+        return packing_name(self.fmt)
+
+    def unpack(self):
+        """The equivalent :class:`mxref.MXArray` (codes unpacked)."""
+        from mxref.core import MXArray
+        K = self.shape[self.axis]
+        return MXArray(unpack_codes(self.packed, self.fmt, K), self.scales, self.fmt,
+                       self.shape, self.axis, self.block_size, self.profile)
 
 
 # --------------------------------------------------------------------------- llama.cpp
