@@ -114,8 +114,11 @@ def from_blocks(yb: torch.Tensor, k: int, axis: int) -> torch.Tensor:
 
 
 def flush_input_subnormals(x: torch.Tensor) -> torch.Tensor:
-    # Subnormals of the *input* dtype read as signed zero (x * 0 keeps the sign).
-    return torch.where(x.abs() < torch.finfo(x.dtype).tiny, x * 0, x)
+    """Profile ``flush_subnormals``: subnormals of the input dtype and every magnitude
+    below FP32's smallest normal (2^-126, e.g. in float64 input) read as signed zero,
+    as in mxref (x * 0 keeps the sign)."""
+    tiny = max(torch.finfo(x.dtype).tiny, torch.finfo(torch.float32).tiny)
+    return torch.where(x.abs() < tiny, x * 0, x)
 
 
 def block_scale_exponent(amax: torch.Tensor, fmt: FormatInfo, profile: Profile) -> torch.Tensor:

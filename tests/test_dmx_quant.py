@@ -21,6 +21,20 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"
 EXAMPLES = max(30, settings.default.max_examples // 2)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_threaded():
+    """These tests use tiny tensors: intra-op threads (torch's and mxref's Numba pool) only
+    add overhead, and on a busy 2-core machine they oversubscribe it (20x slower runs).
+    Results are bit-identical for any thread count."""
+    import numba
+    before = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    yield
+    torch.set_num_threads(before[0])
+    numba.set_num_threads(before[1])
+
+
 def to_torch(a: np.ndarray) -> torch.Tensor:
     a = np.ascontiguousarray(a)
     if a.dtype == ml_dtypes.bfloat16:
