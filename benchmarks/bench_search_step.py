@@ -1,0 +1,189 @@
+"""The dMX search step next to the unquantized bf16 step, same run, same model shape.
+
+One step = forward + backward of the causal-LM loss (no optimizer) on a Llama with the
+SmolLM2-135M shape and random weights, bf16 parameters. Modes:
+
+* ``bf16``        -- plain model (the anchor).
+* ``dmx``         -- wrap_model(fp8-fp4 ladder): weights and activations quantized by
+                     DMXLinear as wired in dmx.layers (dmx.realfmt's torch code), float32
+                     offsets, soft (training) mode.
+* ``dmx-fused``   -- the same layers with DMXLinear.forward routed through
+                     dmx.fused.dmx_linear (Triton kernels, quantized copies recomputed in
+                     backward). CUDA + Triton only.
+
+Reports time per step (median of timed steps after warm-up) and peak memory, and each
+mode's ratio to bf16. CPU: batch 1 x 128 and 2 decoder layers so it finishes in well
+under a minute; CUDA: batch 8 x 2048, all 30 layers. Usage: ``python benchmarks/bench_search_step.py [--out DIR] [--json F]``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                    num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                    tie_word_embeddings=True)
+
+
+def build_model(device, layers=None, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = dict(SMOLLM2_135M)
+    if layers:
+        cfg["num_hidden_layers"] = layers
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    return model.to(device=device, dtype=torch.bfloat16).train()
+
+
+def prepare(base, mode):
+    """A fresh copy of the base model set up for ``mode``."""
+    model = copy.deepcopy(base)
+    from dmx import fused
+    if mode == "bf16":
+        return model
+    from dmx.layers import wrap_model
+    wrap_model(model, ladder="fp8-fp4", quantize_activations=True)
+    fused.patch_dmx_linear(mode == "dmx-fused")
+    return model
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(model, ids, steps, warmup, device):
+    """(median seconds per step, peak bytes above the model's own memory or None)."""
+    def step():
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        for p in model.parameters():
+            p.grad = None
+        return float(out.loss.detach()) if device.type == "cpu" else None
+
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    peak = None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    return statistics.median(times), peak
+
+
+def run(device="cpu", batch=None, seq=None, steps=None, warmup=None, layers=None,
+        modes=None, grad_ckpt=False, log=print):
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    batch = batch or (8 if cuda else 1)
+    seq = seq or (2048 if cuda else 128)
+    steps = steps or (5 if cuda else 1)
+    warmup = warmup if warmup is not None else (2 if cuda else 1)
+    # CPU: 2 decoder layers (the full 30 take minutes in CPU bf16); the numbers only
+    # show the script works, the real measurement is the CUDA run
+    layers = layers or (None if cuda else 2)
+    from dmx import fused
+    if modes is None:
+        modes = ["bf16", "dmx"] + (["dmx-fused"] if cuda and fused.use_triton(
+            torch.empty(1, device=device)) else [])
+    base = build_model(device, layers)
+    if grad_ckpt:
+        base.gradient_checkpointing_enable()
+    n_layers = base.config.num_hidden_layers
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, base.config.vocab_size, (batch, seq), generator=g).to(device)
+    results = {"device": torch.cuda.get_device_name(device) if cuda else "cpu",
+               "batch": batch, "seq": seq, "layers": n_layers, "steps": steps,
+               "warmup": warmup, "grad_checkpointing": grad_ckpt, "modes": {}}
+    for mode in modes:
+        try:
+            model = prepare(base, mode)
+            if grad_ckpt:
+                model.gradient_checkpointing_enable()
+            sec, peak = time_steps(model, ids, steps, warmup, device)
+            results["modes"][mode] = {"sec_per_step": sec, "peak_bytes": peak}
+            log(f"[search_step] {mode}: {sec * 1e3:.1f} ms/step"
+                + (f", peak {peak / 2**30:.2f} GiB" if peak is not None else ""))
+        except Exception as err:  # keep going: one failing mode must not hide the others
+            results["modes"][mode] = {"error": f"{type(err).__name__}: {err}"}
+            log(f"[search_step] {mode}: FAILED {type(err).__name__}: {err}")
+        finally:
+            fused.patch_dmx_linear(False)
+            model = None
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+    ref = results["modes"].get("bf16", {})
+    for mode, r in results["modes"].items():
+        if "sec_per_step" in r and "sec_per_step" in ref:
+            r["time_ratio"] = r["sec_per_step"] / ref["sec_per_step"]
+            if r.get("peak_bytes") and ref.get("peak_bytes"):
+                r["memory_ratio"] = r["peak_bytes"] / ref["peak_bytes"]
+    return results
+
+
+def markdown(res) -> str:
+    lines = [f"Search step (fwd+bwd, no optimizer), SmolLM2-135M shape ({res['layers']} layers), "
+             f"random weights, bf16, batch {res['batch']} x {res['seq']} tokens, "
+             f"device: {res['device']}, median of {res['steps']} steps after "
+             f"{res['warmup']} warm-up" + (", gradient checkpointing" if
+                                            res["grad_checkpointing"] else "") + ".",
+             "", "| mode | ms / step | x bf16 | peak memory (GiB) | x bf16 |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for mode, r in res["modes"].items():
+        if "error" in r:
+            lines.append(f"| {mode} | failed: {r['error'][:80]} | | | |")
+            continue
+        peak = r.get("peak_bytes")
+        peak_s = "" if peak is None else f"{peak / 2**30:.2f}"
+        mem_s = f"{r['memory_ratio']:.2f}" if "memory_ratio" in r else ""
+        lines.append(f"| {mode} | {r['sec_per_step'] * 1e3:.1f} | {r.get('time_ratio', 1):.2f} | "
+                     f"{peak_s} | {mem_s} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--seq", type=int)
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--warmup", type=int)
+    ap.add_argument("--layers", type=int, help="override the 30 decoder layers")
+    ap.add_argument("--modes", nargs="+", help="subset of: bf16 dmx dmx-fused")
+    ap.add_argument("--grad-checkpointing", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT"), help="directory for json + md")
+    args = ap.parse_args(argv)
+    res = run(args.device, args.batch, args.seq, args.steps, args.warmup, args.layers,
+              args.modes, args.grad_checkpointing)
+    md = markdown(res)
+    print(md)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "search_step.json").write_text(json.dumps(res, indent=2))
+        (out / "search_step.md").write_text(md)
+
+
+if __name__ == "__main__":
+    main()
