@@ -11,6 +11,7 @@ Conventions (normative text in specs/semantics.md):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import ml_dtypes
 import numpy as np
@@ -96,10 +97,21 @@ def scale_values(codes, dtype=np.float32) -> np.ndarray:
     return _scale_table(dtype)[np.asarray(codes, dtype=np.uint8)]
 
 
+@lru_cache(maxsize=None)
 def _scale_table(dtype=np.float64) -> np.ndarray:
     t = np.ldexp(1.0, np.arange(256) - E8M0.bias).astype(np.float64)
     t[E8M0.nan_code] = np.nan
-    return t.astype(dtype)
+    with np.errstate(over="ignore"):   # only the NaN entry would overflow float32
+        t = t.astype(dtype)
+    t.flags.writeable = False
+    return t
+
+
+@lru_cache(maxsize=None)
+def _decode_table(fmt: FormatInfo, dtype) -> np.ndarray:
+    t = fmt.decode_table.astype(dtype)  # exact: every element value fits float32
+    t.flags.writeable = False
+    return t
 
 
 # --------------------------------------------------------------------------- blocks
@@ -241,7 +253,7 @@ def dequantize(mx: MXArray, dtype=np.float32) -> np.ndarray:
     if codes.size:
         K.dequantize_kernel(codes.reshape(-1, kdim),
                             np.ascontiguousarray(mx.scales, dtype=np.uint8).reshape(-1, nbk),
-                            mx.block_size, mx.fmt.decode_table, _scale_table(),
+                            mx.block_size, _decode_table(mx.fmt, dtype), _scale_table(dtype),
                             out.reshape(-1, kdim))
     return np.moveaxis(out, -1, mx.axis)
 

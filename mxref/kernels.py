@@ -258,19 +258,36 @@ def quantize_kernel(raw, codes, scales, block, lay, ep, pp):
             codes[r, i] = c
 
 
+@nb.njit(inline="always")
+def _dequantize_row(codes_row, scales_row, block, lut, scale_tab, out_row):
+    K = codes_row.size
+    nfull = K // block
+    for b in range(nfull):
+        sv = scale_tab[scales_row[b]]
+        lo = b * block
+        for i in range(block):
+            out_row[lo + i] = lut[codes_row[lo + i]] * sv
+    if K % block:
+        sv = scale_tab[scales_row[nfull]]
+        for i in range(nfull * block, K):
+            out_row[i] = lut[codes_row[i]] * sv
+
+
 @nb.njit(parallel=True, **_NB)
 def dequantize_kernel(codes, scales, block, lut, scale_tab, out):
-    """out[r, i] = lut[codes[r, i]] * scale_tab[scales[r, i // block]] (exact in float64)."""
-    N, K = codes.shape
-    nbk = scales.shape[1]
-    for t in nb.prange(N * nbk):
-        r = t // nbk
-        b = t - r * nbk
-        lo = b * block
-        hi = min(lo + block, K)
-        sv = scale_tab[scales[r, b]]
-        for i in range(lo, hi):
-            out[r, i] = lut[codes[r, i]] * sv
+    """out[r, i] = lut[codes[r, i]] * scale_tab[scales[r, i // block]].
+
+    ``lut`` and ``scale_tab`` have out's dtype. The product is exact in float32 too:
+    element values have at most 8 significant bits and are multiples of 2^-16, scales
+    are powers of two >= 2^-127, so every product is a float32 (normal or subnormal)
+    unless it exceeds the float32 range, where both roundings give Inf. The default
+    block size 32 is passed as a constant so the inner loop unrolls and vectorises.
+    """
+    for r in nb.prange(codes.shape[0]):
+        if block == 32:
+            _dequantize_row(codes[r], scales[r], 32, lut, scale_tab, out[r])
+        else:
+            _dequantize_row(codes[r], scales[r], block, lut, scale_tab, out[r])
 
 
 @nb.njit(parallel=True, **_NB)
