@@ -24,6 +24,8 @@ A block holding NaN/Inf has a constant (NaN) output: it contributes no gradient 
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -36,8 +38,15 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def use_triton(x: torch.Tensor) -> bool:
-    """Triton path for this tensor: CUDA, a dtype the kernels take, Triton importable."""
-    return x.is_cuda and x.dtype in _FLOATS and tk.available()
+    """Triton path for this tensor: CUDA, a dtype the kernels take, Triton importable.
+
+    DMX_TRITON_ON_CPU=1 together with TRITON_INTERPRET=1 sends CPU tensors through the
+    interpreted kernels too (a debugging aid: slow, but it runs every code path here).
+    """
+    on_device = x.is_cuda or (x.device.type == "cpu"
+                              and os.environ.get("DMX_TRITON_ON_CPU") == "1"
+                              and os.environ.get("TRITON_INTERPRET") == "1")
+    return on_device and x.dtype in _FLOATS and tk.available()
 
 
 # ----------------------------------------------------------------------------- fixed format

@@ -28,6 +28,10 @@ __all__ = ["available", "mx_fake_quantize", "supports", "real_format_forward",
 
 _LN2 = math.log(2.0)
 
+# Launch shape: MX blocks per program = elems_per_prog / block_size. Tuned by
+# benchmarks/bench_gpu.py's sweep (it writes the best back here for the run).
+CONFIG = {"elems_per_prog": 4096, "num_warps": 4}
+
 
 @functools.lru_cache(maxsize=1)
 def available() -> bool:
@@ -322,7 +326,7 @@ def _geometry(x2, block_size: int):
     rows, K = x2.shape
     nbk = -(-K // block_size)
     n_blocks = rows * nbk
-    bpp = max(1, 4096 // block_size)  # ~4096 elements per program
+    bpp = max(1, CONFIG["elems_per_prog"] // block_size)
     grid = (max(1, -(-n_blocks // bpp)),)
     return n_blocks, K, nbk, K % block_size == 0, bpp, grid
 
@@ -361,7 +365,8 @@ def mx_fake_quantize(x, fmt, axis: int = -1, block_size: int = 32, profile=None)
         _in_view(x2), _out_view(y2), n_blocks, K, nbk, BS=block_size, BPP=bpp, EVEN=even,
         EMAX=fmt.emax, EMIN=fmt.emin, MBITS=fmt.step_bits, MAXNORM=float(fmt.max_normal),
         IS_INT=fmt.is_int, RCEIL=profile.scale_rule == "rceil", MN_FIELD=mn_field & 0x7FFFFF,
-        AWAY=profile.rounding == "away", OUT_KIND=_out_kind(x.dtype), NAN_BITS=_nan_bits(x.dtype), num_warps=4)
+        AWAY=profile.rounding == "away", OUT_KIND=_out_kind(x.dtype), NAN_BITS=_nan_bits(x.dtype),
+        num_warps=CONFIG["num_warps"])
     y = y2.reshape(mshape)
     return y.movedim(-1, axis) if axis != x.dim() - 1 else y
 
@@ -375,7 +380,8 @@ def real_format_forward(x, e, m, axis: int = -1, block_size: int = 32, cap: floa
     n_blocks, K, nbk, even, bpp, grid = _geometry(x2, block_size)
     _kernels()["real_fwd"][grid](
         _in_view(x2), _out_view(y2), e, m, n_blocks, K, nbk, BS=block_size, BPP=bpp, EVEN=even,
-        CAP=float(cap), OUT_KIND=_out_kind(x.dtype), NAN_BITS=_nan_bits(x.dtype), num_warps=4)
+        CAP=float(cap), OUT_KIND=_out_kind(x.dtype), NAN_BITS=_nan_bits(x.dtype),
+        num_warps=CONFIG["num_warps"])
     y = y2.reshape(mshape)
     return y.movedim(-1, axis) if axis != x.dim() - 1 else y
 
@@ -392,7 +398,8 @@ def real_format_backward(x, g, e, m, axis: int = -1, block_size: int = 32,
     ks = _kernels()
     ks["real_bwd"][grid](
         _in_view(x2), _in_view(g2), _out_view(dx2), parts, e, m, n_blocks, K, nbk, BS=block_size, BPP=bpp,
-        EVEN=even, CAP=float(cap), OUT_KIND=_out_kind(x.dtype), NAN_BITS=_nan_bits(x.dtype), num_warps=4)
+        EVEN=even, CAP=float(cap), OUT_KIND=_out_kind(x.dtype), NAN_BITS=_nan_bits(x.dtype),
+        num_warps=CONFIG["num_warps"])
     de = torch.empty((), dtype=torch.float32, device=x.device)
     dm = torch.empty((), dtype=torch.float32, device=x.device)
     ks["real_fin"][(1,)](parts, grid[0], de, dm, e, m, CAP=float(cap), CH=256, LN2=_LN2,

@@ -1,0 +1,489 @@
+"""GPU check and benchmark in one run: exactness against mxref, then throughput.
+
+Sections (each in its own try/except, results written to JSON as they come):
+  1. env       -- torch / triton / device.
+  2. exact     -- dmx.quant's torch path on the GPU and the Triton kernel against mxref
+                  (computed on the CPU from the same data): every element format, float32 /
+                  bfloat16 / float16, random wide-range and adversarial tensors, ragged rows.
+                  Non-NaN elements: equal bit patterns; NaN: same positions (payloads are
+                  counted separately: torch's own casts disagree on them).
+  3. realfmt   -- Triton real-format forward/backward against dmx.realfmt on the GPU.
+  4. speed     -- G elements/s, bf16 in/out: device copy, plain-PyTorch MX fake-quant
+                  (eager, torch.compile), dmx.quant torch path (eager, compiled), Triton
+                  kernel, dmx.quant.fake_quantize with the Triton backend, torchao to_mx.
+  5. step      -- benchmarks/bench_search_step.py's CUDA path (batch 8 x 2048).
+On a machine without CUDA only the CPU-safe parts run (env, and exact on CPU tensors
+for the torch path), so the script itself can be checked anywhere.
+
+Usage: python benchmarks/bench_gpu.py [--out DIR] [--budget SECONDS] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import mxref  # noqa: E402
+
+T0 = time.time()
+RESULTS: dict = {"sections": {}}
+OUT: Path | None = None
+INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def log(*a):
+    print(f"[{time.time() - T0:6.1f}s]", *a, flush=True)
+
+
+def save():
+    if OUT is not None:
+        (OUT / "gpu_raw.json").write_text(json.dumps(RESULTS, indent=2, default=str))
+
+
+def section(name, budget_needed, deadline):
+    """Decorator-free section runner: skips when the time budget is short."""
+    def runner(fn, *args):
+        left = deadline - time.time()
+        if left < budget_needed:
+            RESULTS["sections"][name] = {"skipped": f"{left:.0f}s left < {budget_needed}s"}
+            log(f"== {name}: skipped ({left:.0f}s left)")
+            save()
+            return
+        log(f"== {name}")
+        try:
+            RESULTS["sections"][name] = fn(*args)
+        except Exception as err:
+            traceback.print_exc()
+            RESULTS["sections"][name] = {"error": f"{type(err).__name__}: {err}"}
+        save()
+    return runner
+
+
+# ----------------------------------------------------------------------------- data
+def adversarial(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(6, 75, generator=g) * torch.exp(3 * torch.randn(6, 75, generator=g))
+    base[0, :7] = 0.0
+    base[1, 3] = float("nan")
+    base[2, 40] = -float("inf")
+    base[3] = -0.0
+    base[4, ::3] *= 1e-6
+    base[5, :32] = torch.finfo(dtype).tiny * torch.arange(32) / 8  # subnormal block
+    return base.to(dtype)
+
+
+def wide_random(dtype, rows=512, cols=4096 + 19, seed=1):
+    """Wide dynamic range per block, ties, NaN/Inf blocks, subnormals, ragged rows."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=g)
+    span = 10 if dtype == torch.float16 else 30  # float16 would overflow beyond that
+    x *= torch.exp2(torch.randint(-span, span, (rows, cols // 32 + 1), generator=g)
+                    .float()).repeat_interleave(32, 1)[:, :cols]
+    fi = torch.finfo(dtype)
+    x[::7, ::5] = torch.round(x[::7, ::5] * 4) / 4  # exact grid points and ties
+    x[3, 100] = float("nan")
+    x[5, 200] = float("inf")
+    x[9, :64] = fi.tiny * torch.randn(64, generator=g)  # subnormal inputs
+    x[11, :64] = fi.max * (1 - torch.rand(64, generator=g) / 100)  # near overflow
+    return x.to(dtype)
+
+
+def native_numpy(x: torch.Tensor) -> np.ndarray:
+    """x as a numpy array of its own dtype (bfloat16 through ml_dtypes)."""
+    t = x.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def mxref_ref(x, fmt, profile="ocp", axis=-1):
+    arr = native_numpy(x)  # the input dtype itself (ftz profiles read its subnormals)
+    ref = mxref.dequantize(mxref.quantize(arr, fmt, axis, 32, profile), np.float32)
+    return torch.from_numpy(np.ascontiguousarray(ref)).to(x.dtype)
+
+
+def compare(y, ref):
+    """{mismatch: non-NaN elements with other bits, nan_pos: NaN position mismatches,
+    nan_payload: NaN elements with other payload bits}."""
+    y, ref = y.detach().cpu(), ref.detach().cpu()
+    iv = INT_VIEW[y.dtype]
+    ny, nr = torch.isnan(y), torch.isnan(ref)
+    bits_differ = y.view(iv) != ref.view(iv)
+    return {"mismatch": int((bits_differ & ~nr & ~ny).sum()),
+            "nan_pos": int((ny != nr).sum()),
+            "nan_payload": int((bits_differ & nr & ny).sum())}
+
+
+# ----------------------------------------------------------------------------- sections
+def sec_env():
+    info = {"torch": torch.__version__, "python": sys.version.split()[0],
+            "cuda": torch.cuda.is_available()}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except Exception as err:
+        info["triton"] = f"unavailable: {err}"
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info.update(device=p.name, sms=p.multi_processor_count,
+                    mem_gib=round(p.total_memory / 2**30, 1))
+    log(info)
+    return info
+
+
+def sec_exact(device, quick, dry=False):
+    from dmx import triton_kernels as tk
+    from dmx.fused import install, use_triton
+    from dmx.quant import _fake_quantize_torch, fake_quantize
+    cases = []
+    total = {"torch": [0, 0], "triton": [0, 0], "public": [0, 0]}
+    combos = [(f, p) for f in sorted(mxref.FORMATS) for p in ("ocp",)]
+    combos += [("fp8_e4m3", "rceil"), ("fp4_e2m1", "rceil"), ("fp8_e4m3", "microxcaling"),
+               ("fp4_e2m1", "microxcaling"), ("fp6_e3m2", "ocp_ftz"), ("fp8_e5m2", "ocp_ovf")]
+    triton_ok = (device.type == "cuda" or dry) and use_triton(torch.empty(1, device=device))
+    if triton_ok:
+        install()
+    for fmt, prof in combos:
+        for dname, dtype in DTYPES.items():
+            tensors = [("adversarial", adversarial(dtype, 3)), ("adversarial_T",
+                                                               adversarial(dtype, 4).T)]
+            if not quick:
+                tensors.append(("wide_random", wide_random(dtype)))
+            for tname, x in tensors:
+                ref = mxref_ref(x, fmt, prof)
+                xd = x.to(device)
+                row = {"fmt": fmt, "profile": prof, "dtype": dname, "tensor": tname,
+                       "numel": x.numel()}
+                impls = {"torch": lambda: _fake_quantize_torch(xd, fmt, -1, 32, prof)}
+                if triton_ok:
+                    f, p = mxref.get_format(fmt), mxref.get_profile(prof)
+                    if tk.supports(xd, f, -1, 32, p):
+                        impls["triton"] = lambda: tk.mx_fake_quantize(xd, f, -1, 32, p)
+                    impls["public"] = lambda: fake_quantize(xd, fmt, -1, 32, prof)
+                for name, fn in impls.items():
+                    try:
+                        c = compare(fn(), ref)
+                        ok = c["mismatch"] == 0 and c["nan_pos"] == 0
+                    except Exception as err:
+                        c, ok = {"error": f"{type(err).__name__}: {err}"}, False
+                    row[name] = c
+                    total[name][0] += 1
+                    total[name][1] += ok
+                    if not ok:
+                        log(f"MISMATCH {name} {fmt}/{prof}/{dname}/{tname}: {c}")
+                cases.append(row)
+    summary = {k: {"cases": v[0], "exact": v[1]} for k, v in total.items() if v[0]}
+    nan_payload = {k: sum(r.get(k, {}).get("nan_payload", 0) for r in cases) for k in summary}
+    log("exact summary:", summary, "nan payload diffs:", nan_payload)
+    return {"summary": summary, "nan_payload_elements": nan_payload, "cases": cases}
+
+
+def sec_realfmt(device):
+    from dmx import fused
+    from dmx.realfmt import real_format_quantize
+    out = []
+    g = torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(256, 1024 + 7, generator=g)
+             * torch.exp2(torch.randint(-10, 10, (256, 1), generator=g).float()))
+        x = x.to(dtype).to(device)
+        gy = torch.randn(x.shape, generator=g).to(dtype).to(device)
+        for eb, mb in [(2.0, 1.0), (3.0, 2.0), (4.0, 3.0), (2.6, 1.6), (3.5, 2.5)]:
+            res = []
+            for fn in (real_format_quantize, fused._real_triton):
+                xi = x.clone().requires_grad_()
+                e = torch.tensor(eb, device=device, requires_grad=True)
+                m = torch.tensor(mb, device=device, requires_grad=True)
+                y = fn(xi, e, m, -1, 32, 448.0)
+                y.backward(gy)
+                res.append((y.detach(), xi.grad, float(e.grad), float(m.grad)))
+            (y0, dx0, de0, dm0), (y1, dx1, de1, dm1) = res
+            row = {"dtype": str(dtype), "e": eb, "m": mb, "fwd": compare(y1, y0),
+                   "dx": compare(dx1, dx0),
+                   "fwd_max_rel": float(((y1.float() - y0.float()).abs()
+                                         / y0.float().abs().clamp_min(1e-30)).max()),
+                   "de": [de0, de1], "dm": [dm0, dm1]}
+            out.append(row)
+            log("realfmt", row)
+    return {"cases": out}
+
+
+def cuda_time(fn, min_time=0.2, warmup=3):
+    """Median seconds per call (CUDA events), repeated until ~min_time is spent."""
+    if not torch.cuda.is_available():  # --cpu-dry-run: the code path, not a measurement
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    one = max(time.perf_counter() - t, 1e-6)
+    reps = int(min(200, max(5, min_time / one)))
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(times)
+
+
+def plain_mx_fake_quant(x, ebits_emax, mbits, emin, max_norm, block=32):
+    """MX fake quantization written the usual way in PyTorch (microxcaling-style):
+    log2/floor for the shared and private exponents, exp2 scales, round, clamp."""
+    shape = x.shape
+    xb = x.reshape(-1, block).float()
+    amax = xb.abs().amax(dim=-1, keepdim=True)
+    shared = torch.floor(torch.log2(amax + (amax == 0).float())) - ebits_emax
+    shared = shared.clamp(-127, 127)
+    xs = xb / torch.exp2(shared)
+    private = torch.floor(torch.log2(xs.abs() + (xs == 0).float())).clamp(min=emin)
+    step = torch.exp2(private - mbits)
+    q = (torch.round(xs / step) * step).clamp(-max_norm, max_norm)
+    return (q * torch.exp2(shared)).reshape(shape).to(x.dtype)
+
+
+def sec_speed(device, shapes, deadline):
+    from dmx import triton_kernels as tk
+    from dmx.fused import install
+    from dmx.quant import _fake_quantize_torch, fake_quantize
+    install()
+    rows = []
+    to_mx = None
+    try:
+        from torchao.prototype.mx_formats.mx_tensor import to_mx
+    except Exception as err:
+        log("torchao to_mx unavailable:", err)
+    ao_dtype = {"fp8_e4m3": torch.float8_e4m3fn,
+                "fp4_e2m1": getattr(torch, "float4_e2m1fn_x2", None)}
+    compile_ = torch.compile if device.type == "cuda" else (lambda f: f)  # dry run: eager
+    plain_c = compile_(plain_mx_fake_quant)
+    dmx_c = compile_(_fake_quantize_torch)
+    prof = mxref.get_profile("ocp")
+
+    # kernel configuration sweep on the first shape (elements per program, warps)
+    x0 = torch.randn(*shapes[0], device=device, dtype=torch.bfloat16)
+    f8 = mxref.get_format("fp8_e4m3")
+    sweep = {}
+    for epp in (2048, 4096, 8192, 16384):
+        for nw in (4, 8):
+            tk.CONFIG.update(elems_per_prog=epp, num_warps=nw)
+            try:
+                sweep[f"{epp}/{nw}"] = x0.numel() / cuda_time(
+                    lambda: tk.mx_fake_quantize(x0, f8, -1, 32, prof)) / 1e9
+            except Exception as err:
+                sweep[f"{epp}/{nw}"] = f"{type(err).__name__}: {err}"
+    good = {k: v for k, v in sweep.items() if isinstance(v, float)}
+    best = max(good, key=good.get) if good else "4096/4"
+    epp, nw = map(int, best.split("/"))
+    tk.CONFIG.update(elems_per_prog=epp, num_warps=nw)
+    log("triton config sweep (G elem/s):", {k: round(v, 1) if isinstance(v, float) else v
+                                            for k, v in sweep.items()}, "best", best)
+    del x0
+
+    for shape in shapes:
+        x = torch.randn(*shape, device=device, dtype=torch.bfloat16)
+        n = x.numel()
+        impls = [("device copy (x.clone())", None, lambda: x.clone())]
+        for fmt in ("fp8_e4m3", "fp4_e2m1"):
+            f = mxref.get_format(fmt)
+            args = (f.emax, f.man_bits, f.emin, f.max_normal)
+            impls += [
+                ("plain PyTorch eager", fmt, lambda a=args: plain_mx_fake_quant(x, *a)),
+                ("plain PyTorch torch.compile", fmt, lambda a=args: plain_c(x, *a)),
+                ("dmx.quant torch path eager", fmt,
+                 lambda fm=fmt: _fake_quantize_torch(x, fm, -1, 32, "ocp")),
+                ("dmx.quant torch path torch.compile", fmt,
+                 lambda fm=fmt: dmx_c(x, fm, -1, 32, "ocp")),
+                ("dmx Triton kernel", fmt, lambda fi=f: tk.mx_fake_quantize(x, fi, -1, 32, prof)),
+                ("dmx.quant.fake_quantize (Triton backend)", fmt,
+                 lambda fm=fmt: fake_quantize(x, fm)),
+            ]
+            if to_mx is not None and ao_dtype.get(fmt) is not None:
+                impls.append(("torchao to_mx eager", fmt,
+                              lambda d=ao_dtype[fmt]: to_mx(x, d, 32)))
+        for name, fmt, fn in impls:
+            if time.time() > deadline:
+                log("speed: out of time budget")
+                break
+            row = {"shape": list(shape), "impl": name, "fmt": fmt}
+            try:
+                sec = cuda_time(fn)
+                row.update(sec=sec, gelem_s=n / sec / 1e9)
+                if fmt is None:
+                    row["tb_s_rw"] = 2 * x.element_size() * n / sec / 1e12
+            except Exception as err:
+                row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+            rows.append(row)
+            log("speed", row)
+            save()
+        del x
+        torch.cuda.empty_cache()
+    # ratios against the compiled plain PyTorch, per shape and format
+    for r in rows:
+        base = [b for b in rows if b["shape"] == r["shape"] and b["fmt"] == r["fmt"]
+                and b["impl"] == "plain PyTorch torch.compile" and "sec" in b]
+        if base and "sec" in r:
+            r["x_compiled_plain"] = base[0]["sec"] / r["sec"]
+    return {"config_sweep_gelem_s": sweep, "config": best, "rows": rows}
+
+
+def sec_realfmt_speed(device):
+    from dmx import fused
+    from dmx.realfmt import real_format_quantize
+    rows = []
+    shape = (16384, 1536) if device.type == "cuda" else (64, 96)
+    x = torch.randn(*shape, device=device, dtype=torch.bfloat16)
+    gy = torch.randn_like(x)
+    e = torch.tensor(3.3, device=device, requires_grad=True)
+    m = torch.tensor(2.3, device=device, requires_grad=True)
+    for name, fn in (("dmx.realfmt torch", real_format_quantize),
+                     ("dmx Triton (dmx.fused)", fused._real_triton)):
+        def fwd():
+            with torch.no_grad():
+                return fn(x, e, m, -1, 32, 448.0)
+
+        def fwdbwd():
+            xi = x.detach().requires_grad_()
+            fn(xi, e, m, -1, 32, 448.0).backward(gy)
+        for what, f in (("forward", fwd), ("forward+backward", fwdbwd)):
+            try:
+                sec = cuda_time(f)
+                rows.append({"impl": name, "pass": what, "sec": sec,
+                             "gelem_s": x.numel() / sec / 1e9})
+            except Exception as err:
+                rows.append({"impl": name, "pass": what, "error": str(err)[:300]})
+            log("realfmt speed", rows[-1])
+    return {"shape": list(x.shape), "rows": rows}
+
+
+def sec_step(device, grad_ckpt=False):
+    import bench_search_step as bss
+    small = {} if device.type == "cuda" else dict(batch=1, seq=64, layers=1, steps=1)
+    res = bss.run(device.type, modes=["bf16", "dmx-fused", "dmx"], grad_ckpt=grad_ckpt,
+                  log=log, **small)
+    res["markdown"] = bss.markdown(res)
+    return res
+
+
+# ----------------------------------------------------------------------------- report
+def markdown() -> str:
+    s = RESULTS["sections"]
+    env = s.get("env", {})
+    lines = ["# GPU benchmark (benchmarks/bench_gpu.py)", "",
+             f"Device: {env.get('device', '?')}, torch {env.get('torch')}, "
+             f"triton {env.get('triton')}, python {env.get('python')}.", ""]
+    ex = s.get("exact", {})
+    if "summary" in ex:
+        lines += ["## Bit-exactness against mxref (on the GPU)", "",
+                  "| implementation | cases | exact (non-NaN bits equal, NaN positions equal) |",
+                  "| --- | ---: | ---: |"]
+        for k, v in ex["summary"].items():
+            lines.append(f"| {k} | {v['cases']} | {v['exact']} |")
+        lines += ["", f"NaN elements with another payload than mxref's CPU cast: "
+                  f"{ex.get('nan_payload_elements')}", ""]
+    elif ex:
+        lines += [f"exact: {ex}", ""]
+    sp = s.get("speed", {})
+    if "rows" in sp:
+        lines += ["## Throughput, bf16 in / bf16 out (G elements/s; median, CUDA events)", "",
+                  f"Triton config (elements per program / warps): {sp.get('config')}; sweep: "
+                  f"{ {k: round(v, 1) if isinstance(v, float) else v for k, v in sp.get('config_sweep_gelem_s', {}).items()} }",
+                  "", "| shape | format | implementation | G elem/s | x compiled plain PyTorch |",
+                  "| --- | --- | --- | ---: | ---: |"]
+        for r in sp["rows"]:
+            val = f"{r['gelem_s']:.1f}" if "gelem_s" in r else "error: " + r.get("error", "")[:60]
+            if "tb_s_rw" in r:
+                val += f" ({r['tb_s_rw']:.2f} TB/s r+w)"
+            ratio = f"{r['x_compiled_plain']:.2f}" if "x_compiled_plain" in r else ""
+            lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['fmt'] or '-'} | {r['impl']} "
+                         f"| {val} | {ratio} |")
+        lines.append("")
+    rs = s.get("realfmt_speed", {})
+    if "rows" in rs:
+        lines += [f"## Real-valued format quantizer, bf16 {rs['shape']}, e=3.3 m=2.3", "",
+                  "| implementation | pass | ms | G elem/s |", "| --- | --- | ---: | ---: |"]
+        for r in rs["rows"]:
+            if "sec" in r:
+                lines.append(f"| {r['impl']} | {r['pass']} | {r['sec'] * 1e3:.3f} | "
+                             f"{r['gelem_s']:.1f} |")
+            else:
+                lines.append(f"| {r['impl']} | {r['pass']} | error | {r['error'][:60]} |")
+        lines.append("")
+    rf = s.get("realfmt", {})
+    if "cases" in rf:
+        lines += ["## Triton real-format quantizer vs dmx.realfmt (GPU)", "",
+                  "| dtype | e | m | fwd mismatches | fwd max rel | dx mismatches | de torch/triton "
+                  "| dm torch/triton |", "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+        for r in rf["cases"]:
+            lines.append(f"| {r['dtype']} | {r['e']} | {r['m']} | {r['fwd']['mismatch']} | "
+                         f"{r['fwd_max_rel']:.2e} | {r['dx']['mismatch']} | "
+                         f"{r['de'][0]:.5g} / {r['de'][1]:.5g} | "
+                         f"{r['dm'][0]:.5g} / {r['dm'][1]:.5g} |")
+        lines.append("")
+    st = s.get("step", {})
+    if "markdown" in st:
+        lines += ["## Search step", "", st["markdown"]]
+    for name, v in s.items():
+        if isinstance(v, dict) and ("error" in v or "skipped" in v):
+            lines.append(f"- section {name}: {v.get('error') or v.get('skipped')}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    global OUT
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks/results"))
+    ap.add_argument("--budget", type=float, default=400.0, help="seconds for the whole run")
+    ap.add_argument("--quick", action="store_true", help="fewer exactness tensors")
+    ap.add_argument("--grad-checkpointing", action="store_true")
+    ap.add_argument("--cpu-dry-run", action="store_true",
+                    help="run every section on tiny CPU tensors through the Triton "
+                         "interpreter (checks the script, measures nothing)")
+    args = ap.parse_args(argv)
+    OUT = Path(args.out)
+    OUT.mkdir(parents=True, exist_ok=True)
+    deadline = T0 + args.budget
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dry = args.cpu_dry_run and not cuda
+    if dry:
+        os.environ["TRITON_INTERPRET"] = "1"
+        os.environ["DMX_TRITON_ON_CPU"] = "1"
+    section("env", 0, deadline)(sec_env)
+    section("exact", 30, deadline)(sec_exact, device, args.quick or not cuda, dry)
+    if cuda or dry:
+        section("realfmt", 20, deadline)(sec_realfmt, device)
+        shapes = [(4096, 8192), (16384, 16384)] if cuda else [(64, 256)]
+        section("speed", 60, deadline)(sec_speed, device, shapes, deadline - 150)
+        section("step", 60, deadline)(sec_step, device, args.grad_checkpointing)
+        section("realfmt_speed", 15, deadline)(sec_realfmt_speed, device)
+    else:
+        log("no CUDA device: only the CPU-safe sections ran")
+    md = markdown()
+    (OUT / "gpu.md").write_text(md)
+    save()
+    print(md, flush=True)
+
+
+if __name__ == "__main__":
+    main()
