@@ -87,18 +87,25 @@ def _kernels():
     @triton.jit
     def tile_offsets(pid, n_blocks, K, nbk, BS: tl.constexpr, BPP: tl.constexpr,
                      EVEN: tl.constexpr):
-        # element offsets [BPP, BS] of MX blocks pid*BPP ..; a ragged row end is masked
-        blk = pid.to(tl.int64) * BPP + tl.arange(0, BPP)
+        # (base, offsets [BPP, BS], mask) of MX blocks pid*BPP ..; element i of the tile
+        # is at base + offsets[i]; a ragged row end is masked
+        blk0 = pid.to(tl.int64) * BPP
+        b = tl.arange(0, BPP)
         j = tl.arange(0, BS)
         if EVEN:
-            offs = blk[:, None] * BS + j[None, :]
-            mask = (blk[:, None] < n_blocks) & (j[None, :] < BS)
+            # contiguous blocks: 64-bit base once, 32-bit offsets per element
+            base = blk0 * BS
+            offs = b[:, None] * BS + j[None, :]
+            # [BPP, 1]: constant along a block, so loads and stores stay vectorised
+            mask = (blk0 + b)[:, None] < n_blocks
         else:
+            blk = blk0 + b
             row = blk // nbk
             col = (blk - row * nbk)[:, None] * BS + j[None, :]
+            base = blk0 * 0
             offs = row[:, None] * K + col
             mask = (blk[:, None] < n_blocks) & (col < K)
-        return offs, mask
+        return base, offs, mask
 
     @triton.jit
     def load_in(ptr, offs, mask, OUT_KIND: tl.constexpr):
@@ -112,7 +119,7 @@ def _kernels():
 
     @triton.jit
     def store_out(y_ptr, offs, mask, y, nonfinite, OUT_KIND: tl.constexpr,
-                  NAN_BITS: tl.constexpr):
+                  NAN_BITS: tl.constexpr, BF16_EXACT: tl.constexpr):
         # NaN blocks get NAN_BITS: the bits of torch's CPU cast of float('nan') to the
         # output dtype, which is what the reference (mxref's float32 NaN cast to x.dtype)
         # holds; other values are cast with RNE (exact here: MX values fit the dtype
@@ -121,10 +128,15 @@ def _kernels():
             yb = tl.where(nonfinite, NAN_BITS, y.to(tl.int32, bitcast=True))
             tl.store(y_ptr + offs, yb, mask=mask)
         elif OUT_KIND == 1:
-            # float32 -> bf16 RNE on the bits (carries into the exponent, subnormals
-            # included); the interpreter's own cast truncates, so it is not used
             b = y.to(tl.int32, bitcast=True)
-            b = (b + (0x7FFF + ((b >> 16) & 1))) >> 16
+            if not BF16_EXACT:
+                # float32 -> bf16 RNE on the bits (carries into the exponent, subnormals
+                # included); the interpreter's own cast truncates, so it is not used
+                b = b + (0x7FFF + ((b >> 16) & 1))
+            # BF16_EXACT: an MX value of a bf16 input is a bf16 value (at most 8
+            # significant bits, and a multiple of 2^-133 below 2^-126), so the high
+            # half of its float32 bits is exact
+            b = b >> 16
             yb = tl.where(nonfinite, NAN_BITS, b)
             tl.store(y_ptr + offs, yb.to(tl.int16), mask=mask)
         else:
@@ -139,8 +151,8 @@ def _kernels():
                      MAXNORM: tl.constexpr, IS_INT: tl.constexpr, RCEIL: tl.constexpr,
                      MN_FIELD: tl.constexpr, AWAY: tl.constexpr, OUT_KIND: tl.constexpr,
                      NAN_BITS: tl.constexpr):
-        offs, mask = tile_offsets(tl.program_id(0), n_blocks, K, nbk, BS, BPP, EVEN)
-        x = load_in(x_ptr, offs, mask, OUT_KIND)
+        base, offs, mask = tile_offsets(tl.program_id(0), n_blocks, K, nbk, BS, BPP, EVEN)
+        x = load_in(x_ptr + base, offs, mask, OUT_KIND)
         bits = x.to(tl.int32, bitcast=True)
         # integer max of |bits| orders finite magnitudes and puts NaN/Inf on top
         amax = tl.max(bits & 0x7FFFFFFF, axis=1)
@@ -153,20 +165,21 @@ def _kernels():
         u = x * pow2_bits(-k)[:, None]  # exact power-of-two rescale
         ub = u.to(tl.int32, bitcast=True) & 0x7FFFFFFF
         a = ub.to(tl.float32, bitcast=True)
-        # binade of a, floored at the subnormal exponent; grid step 2^(eb - 127 - m)
-        eb = tl.maximum(ub >> 23, EMIN + 127)
-        c = ((eb + (23 - MBITS)) << 23).to(tl.float32, bitcast=True)
+        # exponent field of a's binade, floored at the element subnormal exponent; the
+        # grid step there is 2^(binade - m), and c = 2^(binade - m + 23)
+        eb = tl.maximum(ub & 0x7F800000, (EMIN + 127) << 23)
+        c = (eb + ((23 - MBITS) << 23)).to(tl.float32, bitcast=True)
         r = (a + c) - c  # RNE onto the step grid (a < c, so the sum's ulp is the step)
         if AWAY:
-            half = ((eb - (MBITS + 1)) << 23).to(tl.float32, bitcast=True)
+            half = (eb - ((MBITS + 1) << 23)).to(tl.float32, bitcast=True)
             r = tl.where(a - r == half, r + 2 * half, r)  # a tie RNE took downwards
         r = tl.minimum(r, MAXNORM)  # saturate
-        neg = bits < 0
+        sign = bits & -2147483648  # the sign bit (of x, hence of u)
         if IS_INT:
-            neg = neg & (r != 0.0)  # two's complement has no -0
-        rb = r.to(tl.int32, bitcast=True) | (neg.to(tl.int32) << 31)
+            sign = tl.where(r != 0.0, sign, 0)  # two's complement has no -0
+        rb = r.to(tl.int32, bitcast=True) | sign
         y = rb.to(tl.float32, bitcast=True) * pow2_bits(k)[:, None]
-        store_out(y_ptr, offs, mask, y, nonfinite, OUT_KIND, NAN_BITS)
+        store_out(y_ptr + base, offs, mask, y, nonfinite, OUT_KIND, NAN_BITS, True)
 
     @triton.jit
     def real_scalars(e_ptr, m_ptr, CAP: tl.constexpr):
@@ -212,11 +225,11 @@ def _kernels():
                         BS: tl.constexpr, BPP: tl.constexpr, EVEN: tl.constexpr,
                         CAP: tl.constexpr, OUT_KIND: tl.constexpr, NAN_BITS: tl.constexpr):
         e, m, bias, maxval, emax, capped, nat_a, big_b = real_scalars(e_ptr, m_ptr, CAP)
-        offs, mask = tile_offsets(tl.program_id(0), n_blocks, K, nbk, BS, BPP, EVEN)
-        x = load_in(x_ptr, offs, mask, OUT_KIND)
+        base, offs, mask = tile_offsets(tl.program_id(0), n_blocks, K, nbk, BS, BPP, EVEN)
+        x = load_in(x_ptr + base, offs, mask, OUT_KIND)
         y, nonfinite, k, a, v, r, step, q, sat, is_sub, neg = real_core(x, m, bias, maxval,
                                                                        emax)
-        store_out(y_ptr, offs, mask, y, nonfinite, OUT_KIND, NAN_BITS)
+        store_out(y_ptr + base, offs, mask, y, nonfinite, OUT_KIND, NAN_BITS, False)
 
     @triton.jit
     def real_bwd_kernel(x_ptr, g_ptr, dx_ptr, part_ptr, e_ptr, m_ptr, n_blocks, K, nbk,
@@ -227,9 +240,9 @@ def _kernels():
         #   and four partial sums for the scalar gradients.
         e, m, bias, maxval, emax, capped, nat_a, big_b = real_scalars(e_ptr, m_ptr, CAP)
         pid = tl.program_id(0)
-        offs, mask = tile_offsets(pid, n_blocks, K, nbk, BS, BPP, EVEN)
-        x = load_in(x_ptr, offs, mask, OUT_KIND)
-        g = load_in(g_ptr, offs, mask, OUT_KIND)
+        base, offs, mask = tile_offsets(pid, n_blocks, K, nbk, BS, BPP, EVEN)
+        x = load_in(x_ptr + base, offs, mask, OUT_KIND)
+        g = load_in(g_ptr + base, offs, mask, OUT_KIND)
         y, nonfinite, k, a, v, r, step, q, sat, is_sub, neg = real_core(x, m, bias, maxval,
                                                                        emax)
         scale = pow2_bits(k)
@@ -249,7 +262,7 @@ def _kernels():
         s_sat = tl.sum(tl.sum(tl.where(live & sat, gsc, 0.0), axis=1), axis=0)
         dscale = tl.where(live, gs * (q - tl.where(sat, 0.0, a)) * scale, 0.0)
         s_sc = tl.sum(tl.sum(dscale, axis=1), axis=0)
-        store_out(dx_ptr, offs, mask, dxv, dxv != dxv, OUT_KIND, NAN_BITS)
+        store_out(dx_ptr + base, offs, mask, dxv, dxv != dxv, OUT_KIND, NAN_BITS, False)
         tl.store(part_ptr + pid * 4 + 0, s_t)
         tl.store(part_ptr + pid * 4 + 1, s_sub)
         tl.store(part_ptr + pid * 4 + 2, s_sat)
