@@ -22,6 +22,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
+from mxref.pack import pack_row
 from mxref.kernels import (SCALE_BIAS, SCALE_NAN, encode_finite, scale_from_amax,
                            unpack_bits)
 
@@ -172,36 +173,6 @@ def quantize_f32_kernel(raw, codes, scales, block, ep, pp, m, emin, bits, maxmag
                     ovf_mag, is_int, asym, away, flush)
 
 
-@nb.njit(**_NB)
-def _pack_row(codes_row, out_row, bits):
-    K = codes_row.size
-    if bits == 4:
-        for j in range(K // 2):
-            out_row[j] = codes_row[2 * j] | (codes_row[2 * j + 1] << 4)
-        if K % 2 == 1:
-            out_row[K // 2] = codes_row[K - 1]
-    elif bits == 6:
-        for j in range(K // 4):
-            w = (np.uint32(codes_row[4 * j]) | (np.uint32(codes_row[4 * j + 1]) << 6)
-                 | (np.uint32(codes_row[4 * j + 2]) << 12)
-                 | (np.uint32(codes_row[4 * j + 3]) << 18))
-            out_row[3 * j] = w & 0xFF
-            out_row[3 * j + 1] = (w >> 8) & 0xFF
-            out_row[3 * j + 2] = w >> 16
-        rest = K % 4
-        if rest:
-            w = np.uint32(0)
-            for t in range(rest):
-                w |= np.uint32(codes_row[K - rest + t]) << (6 * t)
-            j = K // 4
-            out_row[3 * j] = w & 0xFF
-            out_row[3 * j + 1] = (w >> 8) & 0xFF
-            out_row[3 * j + 2] = w >> 16
-    else:
-        for j in range(K):
-            out_row[j] = codes_row[j]
-
-
 @nb.njit(parallel=True, **_NB)
 def quantize_packed_f32_kernel(raw, packed, scales, block, ep, pp, m, emin, bits, maxmag,
                                ovf_mag, is_int, asym, away, flush):
@@ -211,4 +182,4 @@ def quantize_packed_f32_kernel(raw, packed, scales, block, ep, pp, m, emin, bits
         buf = np.empty(K, dtype=np.uint8)
         _row_blocks(raw[r], buf, scales[r], block, ep, pp, m, emin, bits, maxmag, ovf_mag,
                     is_int, asym, away, flush)
-        _pack_row(buf, packed[r], bits)
+        pack_row(buf, packed[r], bits)

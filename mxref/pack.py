@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba as nb
 import numpy as np
 
 from mxref.errors import MXError
@@ -67,11 +68,41 @@ def _as_codes(codes, fmt: FormatInfo) -> np.ndarray:
     return check_codes(codes, fmt)
 
 
-def _pad_last(a: np.ndarray, multiple: int) -> np.ndarray:
-    pad = (-a.shape[-1]) % multiple
-    if pad == 0:
-        return a
-    return np.concatenate([a, np.zeros(a.shape[:-1] + (pad,), dtype=a.dtype)], axis=-1)
+@nb.njit(nogil=True, cache=True)
+def pack_row(codes_row, out_row, bits):
+    """Pack one row of codes into out_row (the layouts of the module docstring)."""
+    K = codes_row.size
+    if bits == 4:
+        for j in range(K // 2):
+            out_row[j] = codes_row[2 * j] | (codes_row[2 * j + 1] << 4)
+        if K % 2 == 1:
+            out_row[K // 2] = codes_row[K - 1]
+    elif bits == 6:
+        for j in range(K // 4):
+            w = (np.uint32(codes_row[4 * j]) | (np.uint32(codes_row[4 * j + 1]) << 6)
+                 | (np.uint32(codes_row[4 * j + 2]) << 12)
+                 | (np.uint32(codes_row[4 * j + 3]) << 18))
+            out_row[3 * j] = w & 0xFF
+            out_row[3 * j + 1] = (w >> 8) & 0xFF
+            out_row[3 * j + 2] = w >> 16
+        rest = K % 4
+        if rest:
+            w = np.uint32(0)
+            for t in range(rest):
+                w |= np.uint32(codes_row[K - rest + t]) << (6 * t)
+            j = K // 4
+            out_row[3 * j] = w & 0xFF
+            out_row[3 * j + 1] = (w >> 8) & 0xFF
+            out_row[3 * j + 2] = w >> 16
+    else:
+        for j in range(K):
+            out_row[j] = codes_row[j]
+
+
+@nb.njit(parallel=True, nogil=True, cache=True)
+def _pack_rows_kernel(codes, out, bits):
+    for r in nb.prange(codes.shape[0]):
+        pack_row(codes[r], out[r], bits)
 
 
 def pack_codes(codes, fmt) -> np.ndarray:
@@ -81,16 +112,11 @@ def pack_codes(codes, fmt) -> np.ndarray:
     codes = _as_codes(codes, fmt)
     if bits == 8:
         return codes.copy()
-    if bits == 4:
-        c = _pad_last(codes, 2)
-        return c[..., 0::2] | (c[..., 1::2] << 4)
-    c = _pad_last(codes, 4).astype(np.uint32)
-    w = c[..., 0::4] | (c[..., 1::4] << 6) | (c[..., 2::4] << 12) | (c[..., 3::4] << 18)
-    out = np.empty(w.shape[:-1] + (w.shape[-1], 3), dtype=np.uint8)
-    out[..., 0] = w & 0xFF
-    out[..., 1] = (w >> 8) & 0xFF
-    out[..., 2] = w >> 16
-    return out.reshape(codes.shape[:-1] + (3 * w.shape[-1],))
+    K = codes.shape[-1]
+    out = np.empty(codes.shape[:-1] + (packed_row_bytes(K, fmt),), dtype=np.uint8)
+    if codes.size:
+        _pack_rows_kernel(codes.reshape(-1, K), out.reshape(-1, out.shape[-1]), bits)
+    return out
 
 
 def _as_bytes(packed, what: str) -> np.ndarray:

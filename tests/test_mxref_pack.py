@@ -155,3 +155,70 @@ def test_bad_inputs_raise_one_line_errors():
         unpack_llamacpp_mxfp4(np.zeros(33, np.uint8), 64)
     with pytest.raises(mxref.MXError, match="multiple of 32"):
         unpack_llamacpp_mxfp4(np.zeros(17, np.uint8), 31)
+
+
+# ---------------------------------------------------------------- quantize_packed / fast path
+def _f32_blocks(data, n_blocks, bs):
+    """float32 blocks built to hit every branch of the fast path: random bits (NaN, Inf,
+    subnormals), tiny blocks (scale clamped to 2^-127, the general-kernel fallback),
+    exact ties and values around max normal."""
+    kind = st.sampled_from(["bits", "tiny", "ties", "wide"])
+    out = []
+    for _ in range(n_blocks):
+        k = data.draw(kind)
+        if k == "bits":
+            b = data.draw(hnp.arrays(np.uint32, bs))
+        elif k == "tiny":
+            b = data.draw(hnp.arrays(np.uint32, bs, elements=st.integers(0, 0x02000000)))
+            b |= data.draw(hnp.arrays(np.uint32, bs, elements=st.sampled_from([0, 1 << 31])))
+        elif k == "ties":
+            m = data.draw(hnp.arrays(np.int64, bs, elements=st.integers(-255, 255)))
+            e = data.draw(st.integers(-140, 120))
+            b = (np.ldexp(m / 16.0, e)).astype(np.float32).view(np.uint32)
+        else:
+            g = data.draw(hnp.arrays(np.float64, bs, elements=st.floats(-1e4, 1e4)))
+            b = (g * 2.0 ** data.draw(st.integers(-130, 100))).astype(np.float32).view(np.uint32)
+        out.append(np.asarray(b, np.uint32))
+    return np.concatenate(out).view(np.float32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), fmt=st.sampled_from(PACKED_FORMATS),
+       profile=st.sampled_from(sorted(mxref.PRESETS)), bs=st.sampled_from([32, 16, 3]),
+       rows=st.integers(1, 3), extra=st.integers(0, 5))
+def test_float32_fast_path_equals_the_general_kernel(data, fmt, profile, bs, rows, extra):
+    # float64 input runs the general integer kernel on the same (exactly widened) values
+    with np.errstate(all="ignore"):
+        x = _f32_blocks(data, rows * 3, bs)[: rows * (3 * bs - extra)].reshape(rows, -1)
+        fast = mxref.quantize(x, fmt, block_size=bs, profile=profile)
+        general = mxref.quantize(x.astype(np.float64), fmt, block_size=bs, profile=profile)
+    assert np.array_equal(fast.scales, general.scales)
+    assert np.array_equal(fast.codes, general.codes)
+    packed = mxref.quantize_packed(x, fmt, block_size=bs, profile=profile)
+    assert np.array_equal(packed.scales, general.scales)
+    assert np.array_equal(packed.packed, pack_codes(general.codes, fmt))
+    assert packed.unpack() == fast
+    with np.errstate(all="ignore"):
+        assert np.array_equal(mxref.encode(x, fmt, profile, 3),
+                              mxref.encode(x.astype(np.float64), fmt, profile, 3))
+
+
+def test_quantize_packed_layouts_and_axes():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 50, 5)).astype(np.float32)
+    for fmt in ("fp4_e2m1", "fp6_e3m2", "int8"):
+        for dtype in (np.float32, np.float16):
+            p = mxref.quantize_packed(x.astype(dtype), fmt, axis=1)
+            mx = mxref.quantize(x.astype(dtype), fmt, axis=1)
+            assert p.packed.shape == (3, 5, packed_row_bytes(50, fmt))
+            assert p.packing == packing_name(fmt) and p.shape == x.shape and p.axis == 1
+            assert p.unpack() == mx
+
+
+def test_quantize_packed_splits_long_single_rows_identically():
+    # one long row is split into several rows internally so both cores get work
+    x = np.random.default_rng(5).standard_normal(32 * 1000).astype(np.float32)
+    p = mxref.quantize_packed(x, "fp4_e2m1")
+    mx = mxref.quantize(x.astype(np.float64), "fp4_e2m1")
+    assert np.array_equal(p.packed, pack_codes(mx.codes, "fp4_e2m1"))
+    assert np.array_equal(p.scales, mx.scales)
