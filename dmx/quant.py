@@ -18,6 +18,7 @@ for CUDA tensors); it returns ``None`` for inputs it does not handle.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -34,8 +35,10 @@ __all__ = ["fake_quantize", "quantize_codes", "dequantize_codes", "register_back
 
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
-# Bit layout of the dtypes we compute in: (integer view, mantissa bits, exponent bias).
-_LAYOUT = {torch.float32: (torch.int32, 23, 127), torch.float64: (torch.int64, 52, 1023)}
+# Bit layout of the dtypes we compute in: (integer view, mantissa bits, exponent bias,
+# exponent field mask).
+_LAYOUT = {torch.float32: (torch.int32, 23, 127, 0xFF),
+           torch.float64: (torch.int64, 52, 1023, 0x7FF)}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -45,7 +48,7 @@ def pow2_int(n: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     Covers the normal and subnormal range of ``dtype`` (float32 or float64); a
     float ``exp2``/``pow`` is not guaranteed exact on every device.
     """
-    itype, mbits, bias = _LAYOUT[dtype]
+    itype, mbits, bias, _ = _LAYOUT[dtype]
     n = n.to(itype)
     normal = (n + bias).clamp(min=1) << mbits
     # subnormal 2^n = 2^(n + bias + mbits - 1) units of the smallest subnormal
@@ -121,50 +124,61 @@ def flush_input_subnormals(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x.abs() < tiny, x * 0, x)
 
 
+def exponent_field(a: torch.Tensor) -> torch.Tensor:
+    """Biased exponent field of each element of a float32/float64 tensor (sign ignored)."""
+    itype, mbits, _, emask = _LAYOUT[a.dtype]
+    return (a.view(itype) >> mbits) & emask
+
+
 def block_scale_exponent(amax: torch.Tensor, fmt: FormatInfo, profile: Profile) -> torch.Tensor:
-    """Unbiased E8M0 scale exponent per block (int32, clamped), from finite amax >= 0.
+    """Unbiased E8M0 scale exponent per block (integer tensor, clamped), from finite amax >= 0.
 
     floor: floor(log2 amax) - emax_elem.  rceil: the smallest k with amax <= max_normal * 2^k,
-    found by comparing significands: amax = Ma * 2^e, max_normal = Mn * 2^emax, Ma, Mn in [1, 2).
-    An all-zero block gets the smallest exponent (scale code 0x00).
+    found by comparing significand bits: amax = Ma * 2^e, max_normal = Mn * 2^emax, Ma, Mn in
+    [1, 2). Both read exponent and mantissa bits (no float log2). An all-zero block gets the
+    smallest exponent (scale code 0x00).
     """
-    mant, e = torch.frexp(amax)  # amax = mant * 2^e, mant in [0.5, 1)
-    k = e - 1 - fmt.emax
+    itype, mbits, bias, _ = _LAYOUT[amax.dtype]
+    # a subnormal amax is rescaled by 2^(mbits+1) (exact) so its exponent field is its own
+    shift = mbits + 1
+    small = amax < math.ldexp(1.0, 1 - bias)
+    a = torch.where(small, amax * math.ldexp(1.0, shift), amax)
+    k = exponent_field(a) - bias - fmt.emax - small.to(itype) * shift
     if profile.scale_rule == "rceil":
-        mn = fmt.max_normal / 2.0 ** fmt.emax  # exact, in [1, 2)
-        k = k + (mant * 2 > mn).to(k.dtype)
+        mn_field = int(math.ldexp(fmt.max_normal / 2.0 ** fmt.emax - 1.0, mbits))  # exact
+        k = k + ((a.view(itype) & ((1 << mbits) - 1)) > mn_field).to(itype)
     k = torch.where(amax == 0, torch.full_like(k, E8M0.min_exp), k)
     return k.clamp(E8M0.min_exp, E8M0.max_exp)
 
 
-def element_round(a: torch.Tensor, fmt: FormatInfo, rounding: str):
-    """Round magnitudes ``a`` (already divided by the block scale) onto the element grid.
+def element_grid(u: torch.Tensor, fmt: FormatInfo, rounding: str):
+    """Round scaled values ``u`` (signed) onto the element grid, before saturation.
 
-    Returns (r, E): the rounded significand r (an integer-valued float) and the
-    binade exponent E >= emin, so the value is r * 2^(E - m) and the magnitude code
-    is ((E - emin) << m) + r before saturation. INT8 is the same grid with emin = 0
-    and m = fraction bits (fixed point).
+    Returns (r, eb, inv): ``eb`` is the biased exponent field of u clamped to the
+    format's smallest normal binade (so subnormals and zeros share the lowest step),
+    ``inv`` = 2^(m - E) built from bits, and ``r`` = round(u * inv), an integer-valued
+    float with u's sign (round(-0.3) is -0.0). The value is r / inv (exact); the
+    magnitude code is ((E - emin) << m) + |r|. INT8 is the same grid with emin = 0 and
+    m = fraction bits (fixed point).
     """
+    itype, mbits, bias, _ = _LAYOUT[u.dtype]
     m = fmt.step_bits
-    # zeros (frexp exponent 0) must land in the lowest binade too, so their code is 0
-    e = torch.where(a == 0, fmt.emin, torch.clamp_min(floor_log2(a), fmt.emin))
-    v = a * pow2_int(m - e, a.dtype)  # exact: a power-of-two rescale
+    eb = exponent_field(u).clamp_min(fmt.emin + bias)
+    inv = (((2 * bias + m) - eb) << mbits).view(u.dtype)  # biased field of 2^(m - E)
+    v = u * inv  # exact: a power-of-two rescale
     if rounding == "rne":
-        r = torch.round(v)  # round half to even
-    else:  # ties away from zero; v >= 0 and v - trunc(v) is exact
+        r = torch.round(v)  # round half to even, sign-symmetric
+    else:  # ties away from zero; v - trunc(v) is exact, and where() keeps trunc's -0.0
         t = torch.trunc(v)
-        r = t + (v - t >= 0.5).to(v.dtype)
-    return r, e
+        r = torch.where((v - t).abs() >= 0.5, t + torch.sign(v), t)
+    return r, eb, inv
 
 
-def _saturation(fmt: FormatInfo, profile: Profile, negative: torch.Tensor):
-    """(limit magnitude code, limit value) per element; -128 only for asymmetric INT8."""
-    maxmag = fmt.max_code & (fmt.sign_bit - 1)
+def _value_limits(fmt: FormatInfo, profile: Profile) -> tuple[float, float]:
+    """(lowest, highest) value saturation allows; -2.0 only for asymmetric INT8."""
     if fmt.is_int and profile.int8_range == "asymmetric":
-        lim_mag = maxmag + negative.to(torch.int32)
-        lim_val = torch.where(negative, -fmt.min_value, fmt.max_normal)
-        return lim_mag, lim_val
-    return maxmag, fmt.max_normal
+        return fmt.min_value, fmt.max_normal
+    return -fmt.max_normal, fmt.max_normal
 
 
 def _overflow_is_special(fmt: FormatInfo, profile: Profile) -> bool:
@@ -173,6 +187,7 @@ def _overflow_is_special(fmt: FormatInfo, profile: Profile) -> bool:
 
 
 def _prepare(x, fmt, axis, block_size, profile):
+    """Checked arguments, u = x / 2^k per block ([..., n_blocks, bs]), k and finiteness."""
     _check_input(x)
     fmt, profile = resolve(fmt, profile)
     block_size = _check_block_size(block_size)
@@ -183,32 +198,30 @@ def _prepare(x, fmt, axis, block_size, profile):
     amax = xb.abs().amax(dim=-1, keepdim=True)  # NaN propagates
     finite = torch.isfinite(amax)
     kexp = block_scale_exponent(torch.where(finite, amax, torch.zeros_like(amax)), fmt, profile)
-    # u = x / 2^k exactly (underflow only hits values far below half the smallest element step)
+    # exact (an underflow only hits values far below half the smallest element step)
     u = xb * pow2_int(-kexp, xb.dtype)
-    r, e = element_round(u.abs(), fmt, profile.rounding)
-    negative = torch.signbit(u)
-    if fmt.is_int:
-        negative = negative & (r != 0)  # two's complement has no -0
-    return fmt, profile, axis, k, xb, finite, kexp, r, e, negative
+    return fmt, profile, axis, k, u, finite, kexp
 
 
-# ----------------------------------------------------------------------------- fake quant
 def _fake_quantize_torch(x: torch.Tensor, fmt, axis: int = -1, block_size: int = 32,
                          profile="ocp") -> torch.Tensor:
     """The reference torch implementation of :func:`fake_quantize` (no autograd logic)."""
-    fmt, profile, axis, k, xb, finite, kexp, r, e, negative = _prepare(
-        x, fmt, axis, block_size, profile)
-    val = r * pow2_int(e - fmt.step_bits, r.dtype)  # exact
-    _, lim_val = _saturation(fmt, profile, negative)
-    over = val > lim_val
-    val = torch.minimum(val, torch.as_tensor(lim_val, dtype=val.dtype, device=val.device))
-    val = torch.where(negative, -val, val)
+    fmt, profile, axis, k, u, finite, kexp = _prepare(x, fmt, axis, block_size, profile)
+    r, _, inv = element_grid(u, fmt, profile.rounding)
+    val = r / inv  # exact: a power-of-two divisor
+    lo, hi = _value_limits(fmt, profile)
     if _overflow_is_special(fmt, profile):
         # signed Inf for E5M2; E4M3's NaN decodes as mxref's canonical (positive) NaN
         special = val * float("inf") if fmt.inf_codes else torch.full_like(val, float("nan"))
-        val = torch.where(over, special, val)
-    y = val * pow2_int(kexp, val.dtype)
-    y = torch.where(finite, y, torch.full_like(y, float("nan")))
+        val = torch.where(val.abs() > hi, special, val)
+    else:
+        val = val.clamp(lo, hi)  # keeps -0.0
+    if fmt.is_int:
+        val = val + 0.0  # two's complement has no -0: -0.0 + 0.0 = +0.0
+    y = val * pow2_int(kexp, u.dtype)
+    # a block holding NaN/Inf is all NaN: mxref's canonical positive NaN (x86's default
+    # NaN from inf * 0 has the sign bit set, so the NaN is written, not propagated)
+    y = torch.where(finite, y, torch.full_like(y[..., :1], float("nan")))
     return from_blocks(y, k, axis).to(x.dtype)
 
 
@@ -269,22 +282,25 @@ def quantize_codes(x: torch.Tensor, fmt: str, axis: int = -1, block_size: int = 
     Bit-identical to mxref's ``MXArray.codes`` / ``MXArray.scales``.
     """
     with torch.no_grad():
-        fmt, profile, axis, k, xb, finite, kexp, r, e, negative = _prepare(
-            x, fmt, axis, block_size, profile)
-        mag = ((e - fmt.emin) << fmt.step_bits) + r.to(torch.int32)
-        lim_mag, _ = _saturation(fmt, profile, negative)
-        over = mag > lim_mag
+        fmt, profile, axis, k, u, finite, kexp = _prepare(x, fmt, axis, block_size, profile)
+        r, eb, _ = element_grid(u, fmt, profile.rounding)
+        itype = eb.dtype
+        mag = ((eb - (fmt.emin + _LAYOUT[u.dtype][2])) << fmt.step_bits) + r.abs().to(itype)
+        maxmag = fmt.max_code & (fmt.sign_bit - 1)
+        negative = torch.signbit(u)
+        if fmt.is_int:
+            negative = negative & (mag != 0)  # two's complement has no -0
+            if profile.int8_range == "asymmetric":
+                maxmag = maxmag + negative.to(itype)  # -128 allowed
         if _overflow_is_special(fmt, profile):
             special = (fmt.inf_codes or fmt.nan_codes)[0]
-            mag = torch.where(over, torch.full_like(mag, special), mag)
+            mag = torch.where(mag > maxmag, torch.full_like(mag, special), mag)
         else:
-            mag = torch.minimum(mag, torch.as_tensor(lim_mag, dtype=mag.dtype,
-                                                     device=mag.device))
-        neg = negative.to(torch.int32)
+            mag = torch.minimum(mag, torch.as_tensor(maxmag, dtype=itype, device=mag.device))
         if fmt.is_int:
             codes = torch.where(negative, (fmt.n_codes - mag) & (fmt.n_codes - 1), mag)
         else:
-            codes = (neg << (fmt.bits - 1)) | mag
+            codes = (negative.to(itype) << (fmt.bits - 1)) | mag
         codes = torch.where(finite, codes, torch.zeros_like(codes))
         scales = torch.where(finite, kexp + E8M0.bias, torch.full_like(kexp, E8M0.nan_code))
         codes = codes.to(torch.uint8).reshape(*codes.shape[:-2], -1)[..., :k]
