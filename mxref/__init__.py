@@ -9,14 +9,15 @@ from mxref.formats import DEFAULT_BLOCK_SIZE, E8M0, FORMATS, FormatInfo, get_for
 from mxref.profiles import PRESETS, Profile, get_profile, with_choices
 from mxref.core import (MXArray, decode, dequantize, encode, quantize, quantize_dequantize,
                         quantize_packed, scale_values)
-from mxref.pack import (PackedMXArray, pack_codes, pack_llamacpp_mxfp4, packed_row_bytes, packing_name,
-                        unpack_codes, unpack_llamacpp_mxfp4)
+from mxref.pack import (PackedMXArray, pack_codes, pack_llamacpp_mxfp4, packed_row_bytes,
+                        packing_name, unpack_codes, unpack_llamacpp_mxfp4)
 from mxref.dot import mx_dot, mx_dot_exact, mx_matmul
 
 __version__ = "0.1.0"
 
 __all__ = ["MXError", "DEFAULT_BLOCK_SIZE", "E8M0", "FORMATS", "FormatInfo", "get_format",
            "PRESETS", "Profile", "get_profile", "with_choices", "MXArray", "decode",
-           "dequantize", "encode", "quantize", "quantize_dequantize", "scale_values", "quantize_packed", "PackedMXArray",
-           "pack_codes", "unpack_codes", "packed_row_bytes", "packing_name",
-           "pack_llamacpp_mxfp4", "unpack_llamacpp_mxfp4", "mx_dot", "mx_dot_exact", "mx_matmul"]
+           "dequantize", "encode", "quantize", "quantize_dequantize", "quantize_packed",
+           "scale_values", "PackedMXArray", "pack_codes", "unpack_codes", "packed_row_bytes",
+           "packing_name", "pack_llamacpp_mxfp4", "unpack_llamacpp_mxfp4", "mx_dot",
+           "mx_dot_exact", "mx_matmul"]

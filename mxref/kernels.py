@@ -5,6 +5,8 @@ uint32 for float32, uint64 for float64) with the input layout passed as
 (in_mbits, in_bias, in_emask). All rounding is integer arithmetic on the
 significand; no floating-point log2 or division is used anywhere (float32
 ``floor(log2(x))`` is wrong just below powers of two, see specs/semantics.md).
+These general kernels serve every dtype; float32 input takes the vectorised copy of the
+same arithmetic in :mod:`mxref.kernels_f32`, which must stay bit-identical to them.
 
 Element parameters (``ep``, an int64 array built by :func:`element_params`):
   0 is_int   1 bits   2 m (mantissa/fraction bits)   3 emin   4 emax
