@@ -64,7 +64,8 @@ def _sync(device):
 
 
 def time_steps(model, ids, steps, warmup, device):
-    """(median seconds per step, peak bytes above the model's own memory or None)."""
+    """(median seconds per step, {peak_bytes: total peak, peak_extra_bytes: peak above
+    what was allocated before the step (weights, inputs)}, empty on CPU)."""
     def step():
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
@@ -75,7 +76,7 @@ def time_steps(model, ids, steps, warmup, device):
     for _ in range(warmup):
         step()
     _sync(device)
-    peak = None
+    peak = {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -87,7 +88,8 @@ def time_steps(model, ids, steps, warmup, device):
         _sync(device)
         times.append(time.perf_counter() - t0)
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
+        top = torch.cuda.max_memory_allocated()
+        peak = {"peak_bytes": top, "peak_extra_bytes": top - base}
     return statistics.median(times), peak
 
 
@@ -121,9 +123,9 @@ def run(device="cpu", batch=None, seq=None, steps=None, warmup=None, layers=None
             if grad_ckpt:
                 model.gradient_checkpointing_enable()
             sec, peak = time_steps(model, ids, steps, warmup, device)
-            results["modes"][mode] = {"sec_per_step": sec, "peak_bytes": peak}
+            results["modes"][mode] = {"sec_per_step": sec, **peak}
             log(f"[search_step] {mode}: {sec * 1e3:.1f} ms/step"
-                + (f", peak {peak / 2**30:.2f} GiB" if peak is not None else ""))
+                + (f", peak {peak['peak_bytes'] / 2**30:.2f} GiB" if peak else ""))
         except Exception as err:  # keep going: one failing mode must not hide the others
             results["modes"][mode] = {"error": f"{type(err).__name__}: {err}"}
             log(f"[search_step] {mode}: FAILED {type(err).__name__}: {err}")
@@ -139,6 +141,7 @@ def run(device="cpu", batch=None, seq=None, steps=None, warmup=None, layers=None
             r["time_ratio"] = r["sec_per_step"] / ref["sec_per_step"]
             if r.get("peak_bytes") and ref.get("peak_bytes"):
                 r["memory_ratio"] = r["peak_bytes"] / ref["peak_bytes"]
+                r["extra_memory_ratio"] = r["peak_extra_bytes"] / ref["peak_extra_bytes"]
     return results
 
 
@@ -148,17 +151,20 @@ def markdown(res) -> str:
              f"device: {res['device']}, median of {res['steps']} steps after "
              f"{res['warmup']} warm-up" + (", gradient checkpointing" if
                                             res["grad_checkpointing"] else "") + ".",
-             "", "| mode | ms / step | x bf16 | peak memory (GiB) | x bf16 |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+             "", "| mode | ms / step | x bf16 | peak memory (GiB) | x bf16 | peak above "
+             "weights+inputs (GiB) | x bf16 |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for mode, r in res["modes"].items():
         if "error" in r:
-            lines.append(f"| {mode} | failed: {r['error'][:80]} | | | |")
+            lines.append(f"| {mode} | failed: {r['error'][:80]} | | | | | |")
             continue
-        peak = r.get("peak_bytes")
-        peak_s = "" if peak is None else f"{peak / 2**30:.2f}"
-        mem_s = f"{r['memory_ratio']:.2f}" if "memory_ratio" in r else ""
+        def gib(key):
+            return f"{r[key] / 2**30:.2f}" if key in r else ""
+
+        def ratio(key):
+            return f"{r[key]:.2f}" if key in r else ""
         lines.append(f"| {mode} | {r['sec_per_step'] * 1e3:.1f} | {r.get('time_ratio', 1):.2f} | "
-                     f"{peak_s} | {mem_s} |")
+                     f"{gib('peak_bytes')} | {ratio('memory_ratio')} | "
+                     f"{gib('peak_extra_bytes')} | {ratio('extra_memory_ratio')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -31,6 +31,10 @@ _LN2 = math.log(2.0)
 # Launch shape: MX blocks per program = elems_per_prog / block_size. Tuned by
 # benchmarks/bench_gpu.py's sweep (it writes the best back here for the run).
 CONFIG = {"elems_per_prog": 4096, "num_warps": 4}
+# No multiply-add contraction: each float op rounds on its own, as torch's separate
+# eager kernels do (the fixed-format kernel is exact either way; the real-format
+# kernels then round like dmx.realfmt step by step).
+_OPTS = {"enable_fp_fusion": False}
 
 
 @functools.lru_cache(maxsize=1)
@@ -379,7 +383,7 @@ def mx_fake_quantize(x, fmt, axis: int = -1, block_size: int = 32, profile=None)
         EMAX=fmt.emax, EMIN=fmt.emin, MBITS=fmt.step_bits, MAXNORM=float(fmt.max_normal),
         IS_INT=fmt.is_int, RCEIL=profile.scale_rule == "rceil", MN_FIELD=mn_field & 0x7FFFFF,
         AWAY=profile.rounding == "away", OUT_KIND=_out_kind(x.dtype), NAN_BITS=_nan_bits(x.dtype),
-        num_warps=CONFIG["num_warps"])
+        num_warps=CONFIG["num_warps"], **_OPTS)
     y = y2.reshape(mshape)
     return y.movedim(-1, axis) if axis != x.dim() - 1 else y
 
@@ -394,7 +398,7 @@ def real_format_forward(x, e, m, axis: int = -1, block_size: int = 32, cap: floa
     _kernels()["real_fwd"][grid](
         _in_view(x2), _out_view(y2), e, m, n_blocks, K, nbk, BS=block_size, BPP=bpp, EVEN=even,
         CAP=float(cap), OUT_KIND=_out_kind(x.dtype), NAN_BITS=_nan_bits(x.dtype),
-        num_warps=CONFIG["num_warps"])
+        num_warps=CONFIG["num_warps"], **_OPTS)
     y = y2.reshape(mshape)
     return y.movedim(-1, axis) if axis != x.dim() - 1 else y
 
@@ -412,11 +416,11 @@ def real_format_backward(x, g, e, m, axis: int = -1, block_size: int = 32,
     ks["real_bwd"][grid](
         _in_view(x2), _in_view(g2), _out_view(dx2), parts, e, m, n_blocks, K, nbk, BS=block_size, BPP=bpp,
         EVEN=even, CAP=float(cap), OUT_KIND=_out_kind(x.dtype), NAN_BITS=_nan_bits(x.dtype),
-        num_warps=CONFIG["num_warps"])
+        num_warps=CONFIG["num_warps"], **_OPTS)
     de = torch.empty((), dtype=torch.float32, device=x.device)
     dm = torch.empty((), dtype=torch.float32, device=x.device)
     ks["real_fin"][(1,)](parts, grid[0], de, dm, e, m, CAP=float(cap), CH=256, LN2=_LN2,
-                         num_warps=4)
+                         num_warps=4, **_OPTS)
     dx = dx2.reshape(mshape)
     dx = dx.movedim(-1, axis) if axis != x.dim() - 1 else dx
     return dx, de, dm
