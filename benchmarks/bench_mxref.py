@@ -140,6 +140,22 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown(res: dict, text: str) -> str:
+    m = res["machine"]
+    return "\n".join([
+        "# mxref throughput", "",
+        f"Command: `{m['command']}` ({res['rows']} x {res['cols']} float32, block 32, best of "
+        f"{res['repeats']}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).", "",
+        f"Machine: {m['cpus']} CPUs, load average {m['load_avg_before'][0]:.2f} before / "
+        f"{m['load_avg'][0]:.2f} after (a shared box: wall-clock rates move with other "
+        f"users' load; the `(cpu)` columns divide by process CPU time instead), numpy "
+        f"{m['numpy']}, numba {m['numba']}, torchao: {res['torchao']}.", "",
+        "Rates are G elements/s. `quantize->packed` = `mxref.quantize_packed` (codes packed as "
+        "in specs/layouts.md, scales separate); `pack` = `mxref.pack_codes` alone; torchao = "
+        "`to_mx` (FLOOR) and `to_dtype`, same data, same thread count; `same bits as torchao` "
+        "compares scales and element bytes.", "", text, ""])
+
+
 def write_atomic(path: str, text: str) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -162,11 +178,13 @@ def main(argv=None) -> int:
         p.error("--cols must be a multiple of 32 (torchao's to_mx needs whole blocks)")
     threads = [int(t) for t in a.threads.split(",")]
     threads = [t for t in threads if t <= numba.config.NUMBA_NUM_THREADS]
+    load_before = os.getloadavg()
     res = bench(a.rows, a.cols, threads, 2 if a.quick else a.repeats)
     if a.sweep and not a.quick:
         numba.set_num_threads(max(threads))
         res["sweeps"] = [sweep("fp4_e2m1", "ocp")]
     res["machine"] = {"cpus": os.cpu_count(), "load_avg": os.getloadavg(),
+                      "load_avg_before": load_before,
                       "python": platform.python_version(), "numpy": np.__version__,
                       "numba": numba.__version__, "mxref": mxref.__version__,
                       "command": "python benchmarks/bench_mxref.py " + " ".join(argv or sys.argv[1:])}
@@ -175,7 +193,7 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(a.json), exist_ok=True)
     write_atomic(a.json, json.dumps(res, indent=1, default=str) + "\n")
     if a.markdown:
-        write_atomic(a.markdown, text + "\n")
+        write_atomic(a.markdown, markdown(res, text))
     return 0
 
 
