@@ -210,19 +210,33 @@ def _fake_quantize_torch(x: torch.Tensor, fmt, axis: int = -1, block_size: int =
     r, _, inv = element_grid(u, fmt, profile.rounding)
     val = r / inv  # exact: a power-of-two divisor
     lo, hi = _value_limits(fmt, profile)
+    is_nan = ~finite  # a block holding NaN/Inf is all NaN
     if _overflow_is_special(fmt, profile):
-        # signed Inf for E5M2; E4M3's NaN decodes as mxref's canonical (positive) NaN
-        special = val * float("inf") if fmt.inf_codes else torch.full_like(val, float("nan"))
-        val = torch.where(val.abs() > hi, special, val)
-    else:
-        val = val.clamp(lo, hi)  # keeps -0.0
+        over = val.abs() > hi
+        if fmt.inf_codes:  # E5M2: signed Inf
+            val = torch.where(over, val * float("inf"), val)
+        else:  # E4M3: NaN
+            is_nan = is_nan | over
+    if not (_overflow_is_special(fmt, profile) and fmt.inf_codes):
+        val = val.clamp(lo, hi)  # saturate; keeps -0.0
     if fmt.is_int:
         val = val + 0.0  # two's complement has no -0: -0.0 + 0.0 = +0.0
-    y = val * pow2_int(kexp, u.dtype)
-    # a block holding NaN/Inf is all NaN: mxref's canonical positive NaN (x86's default
-    # NaN from inf * 0 has the sign bit set, so the NaN is written, not propagated)
-    y = torch.where(finite, y, torch.full_like(y[..., :1], float("nan")))
-    return from_blocks(y, k, axis).to(x.dtype)
+    y = (val * pow2_int(kexp, u.dtype)).to(x.dtype)
+    return from_blocks(write_nan(y, is_nan), k, axis)
+
+
+def write_nan(y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """y with mxref's canonical quiet NaN (positive, zero payload) where ``mask``.
+
+    Written as a bit pattern in y's own dtype: propagated NaNs differ by device (x86's
+    inf * 0 has the sign bit set; CUDA's float -> bfloat16 cast gives 0x7FFF, the CPU 0x7FC0).
+    """
+    ibits = torch.finfo(y.dtype).bits
+    mbits = round(-math.log2(torch.finfo(y.dtype).eps))
+    pattern = ((1 << (ibits - 1)) - 1) ^ ((1 << (mbits - 1)) - 1)  # 0 11..1 10..0
+    itype = {16: torch.int16, 32: torch.int32, 64: torch.int64}[ibits]
+    nan = torch.tensor(pattern, dtype=itype, device=y.device).view(y.dtype)
+    return torch.where(mask, nan, y)
 
 
 # Accelerated implementations tried first: fn(x, fmt_info, axis, block_size, profile) -> Tensor|None
@@ -338,4 +352,5 @@ def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block_
     sval = torch.where(scales == E8M0.nan_code, torch.full_like(sval, float("nan")), sval)
     sval = sval.repeat_interleave(block_size, dim=-1)[..., :kdim]
     # float64 product is exact; storing it in float32 first is what mxref does
-    return (elem * sval).to(torch.float32).to(dtype)
+    out = (elem * sval).to(torch.float32).to(dtype)
+    return write_nan(out, torch.isnan(out))

@@ -29,7 +29,7 @@ from mxref.formats import E8M0
 
 from dmx.errors import DMXError
 from dmx.quant import (_check_block_size, _check_input, _normalise_axis, compute_dtype,
-                       floor_log2, from_blocks, pow2_int, to_blocks)
+                       floor_log2, from_blocks, pow2_int, to_blocks, write_nan)
 
 __all__ = ["real_format_quantize", "format_max", "pow2", "DEFAULT_MAX_CAP"]
 
@@ -116,5 +116,4 @@ def real_format_quantize(x: torch.Tensor, exp_bits, man_bits, axis: int = -1,
     q = step * round_ste(a / step)
     q = torch.where(q > maxval, maxval, q)  # saturate (a tie stays on the grid branch)
     y = torch.where(torch.signbit(u), -q, q) * scale  # -q keeps signed zeros
-    y = torch.where(finite, y, torch.full_like(y, float("nan")))
-    return from_blocks(y, k, axis).to(x.dtype)
+    return from_blocks(write_nan(y.to(x.dtype), ~finite), k, axis)
