@@ -12,6 +12,7 @@ Sections (each in its own try/except, results written to JSON as they come):
                   (eager, torch.compile), dmx.quant torch path (eager, compiled), Triton
                   kernel, dmx.quant.fake_quantize with the Triton backend, torchao to_mx.
   5. step      -- benchmarks/bench_search_step.py's CUDA path (batch 8 x 2048).
+  6. torchao   -- torchao to_mx (eager) on the speed shapes, last (see sec_torchao).
 On a machine without CUDA only the CPU-safe parts run (env, and exact on CPU tensors
 for the torch path), so the script itself can be checked anywhere.
 
@@ -85,7 +86,7 @@ def adversarial(dtype, seed=0):
     return base.to(dtype)
 
 
-def wide_random(dtype, rows=512, cols=4096 + 19, seed=1):
+def wide_random(dtype, rows=512, cols=4096, seed=1):
     """Wide dynamic range per block, ties, NaN/Inf blocks, subnormals, ragged rows."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, cols, generator=g)
@@ -159,10 +160,13 @@ def sec_exact(device, quick, dry=False):
         install()
     for fmt, prof in combos:
         for dname, dtype in DTYPES.items():
+            if prof != "ocp" and dtype != torch.bfloat16:
+                continue  # other profiles: bf16 only (each combination is a Triton compile)
             tensors = [("adversarial", adversarial(dtype, 3)), ("adversarial_T",
                                                                adversarial(dtype, 4).T)]
-            if not quick:
-                tensors.append(("wide_random", wide_random(dtype)))
+            if not quick:  # whole blocks per row (the fast path) and a ragged row end
+                tensors.append(("wide_random_even", wide_random(dtype, 512, 4096)))
+                tensors.append(("wide_random_ragged", wide_random(dtype, 64, 4096 + 19)))
             for tname, x in tensors:
                 ref = mxref_ref(x, fmt, prof)
                 xd = x.to(device)
@@ -197,12 +201,14 @@ def sec_realfmt(device):
     from dmx.realfmt import real_format_quantize
     out = []
     g = torch.Generator().manual_seed(5)
-    for dtype in (torch.float32, torch.bfloat16):
-        x = (torch.randn(256, 1024 + 7, generator=g)
+    points = {1024: [(2.0, 1.0), (3.0, 2.0), (4.0, 3.0), (2.6, 1.6), (3.5, 2.5)],
+              1031: [(3.0, 2.0), (2.6, 1.6)]}  # whole blocks / ragged row end
+    for dtype, cols in [(d, c) for d in (torch.float32, torch.bfloat16) for c in points]:
+        x = (torch.randn(256, cols, generator=g)
              * torch.exp2(torch.randint(-10, 10, (256, 1), generator=g).float()))
         x = x.to(dtype).to(device)
         gy = torch.randn(x.shape, generator=g).to(dtype).to(device)
-        for eb, mb in [(2.0, 1.0), (3.0, 2.0), (4.0, 3.0), (2.6, 1.6), (3.5, 2.5)]:
+        for eb, mb in points[cols]:
             res = []
             for fn in (real_format_quantize, fused._real_triton):
                 xi = x.clone().requires_grad_()
@@ -212,7 +218,7 @@ def sec_realfmt(device):
                 y.backward(gy)
                 res.append((y.detach(), xi.grad, float(e.grad), float(m.grad)))
             (y0, dx0, de0, dm0), (y1, dx1, de1, dm1) = res
-            row = {"dtype": str(dtype), "e": eb, "m": mb, "fwd": compare(y1, y0),
+            row = {"dtype": str(dtype), "cols": cols, "e": eb, "m": mb, "fwd": compare(y1, y0),
                    "dx": compare(dx1, dx0),
                    "fwd_max_rel": float(((y1.float() - y0.float()).abs()
                                          / y0.float().abs().clamp_min(1e-30)).max()),
@@ -268,13 +274,6 @@ def sec_speed(device, shapes, deadline):
     from dmx.quant import _fake_quantize_torch, fake_quantize
     install()
     rows = []
-    to_mx = None
-    try:
-        from torchao.prototype.mx_formats.mx_tensor import to_mx
-    except Exception as err:
-        log("torchao to_mx unavailable:", err)
-    ao_dtype = {"fp8_e4m3": torch.float8_e4m3fn,
-                "fp4_e2m1": getattr(torch, "float4_e2m1fn_x2", None)}
     compile_ = torch.compile if device.type == "cuda" else (lambda f: f)  # dry run: eager
     plain_c = compile_(plain_mx_fake_quant)
     dmx_c = compile_(_fake_quantize_torch)
@@ -307,20 +306,20 @@ def sec_speed(device, shapes, deadline):
         for fmt in ("fp8_e4m3", "fp4_e2m1"):
             f = mxref.get_format(fmt)
             args = (f.emax, f.man_bits, f.emin, f.max_normal)
+            # most important first: the time budget may cut the tail of the list
             impls += [
-                ("plain PyTorch eager", fmt, lambda a=args: plain_mx_fake_quant(x, *a)),
+                ("dmx Triton kernel", fmt, lambda fi=f: tk.mx_fake_quantize(x, fi, -1, 32, prof)),
                 ("plain PyTorch torch.compile", fmt, lambda a=args: plain_c(x, *a)),
+                ("plain PyTorch eager", fmt, lambda a=args: plain_mx_fake_quant(x, *a)),
+                ("dmx.quant.fake_quantize (Triton backend)", fmt,
+                 lambda fm=fmt: fake_quantize(x, fm)),
+            ]
+            impls += [
                 ("dmx.quant torch path eager", fmt,
                  lambda fm=fmt: _fake_quantize_torch(x, fm, -1, 32, "ocp")),
                 ("dmx.quant torch path torch.compile", fmt,
                  lambda fm=fmt: dmx_c(x, fm, -1, 32, "ocp")),
-                ("dmx Triton kernel", fmt, lambda fi=f: tk.mx_fake_quantize(x, fi, -1, 32, prof)),
-                ("dmx.quant.fake_quantize (Triton backend)", fmt,
-                 lambda fm=fmt: fake_quantize(x, fm)),
             ]
-            if to_mx is not None and ao_dtype.get(fmt) is not None:
-                impls.append(("torchao to_mx eager", fmt,
-                              lambda d=ao_dtype[fmt]: to_mx(x, d, 32)))
         for name, fmt, fn in impls:
             if time.time() > deadline:
                 log("speed: out of time budget")
@@ -338,13 +337,50 @@ def sec_speed(device, shapes, deadline):
             save()
         del x
         torch.cuda.empty_cache()
-    # ratios against the compiled plain PyTorch, per shape and format
+    add_ratios(rows)
+    return {"config_sweep_gelem_s": sweep, "config": best, "rows": rows}
+
+
+def add_ratios(rows):
+    """Speed-up over the compiled plain PyTorch of the same shape and format."""
     for r in rows:
         base = [b for b in rows if b["shape"] == r["shape"] and b["fmt"] == r["fmt"]
                 and b["impl"] == "plain PyTorch torch.compile" and "sec" in b]
         if base and "sec" in r:
             r["x_compiled_plain"] = base[0]["sec"] / r["sec"]
-    return {"config_sweep_gelem_s": sweep, "config": best, "rows": rows}
+
+
+def sec_torchao(device, shapes):
+    """torchao's to_mx (eager), run last: importing torchao can change what other
+    libraries (transformers) import, so nothing else runs after it. Its wheel may be
+    carried in and installed to DMX_EXTRA_SITE (appended to sys.path, lowest priority)."""
+    extra = os.environ.get("DMX_EXTRA_SITE")
+    if extra and extra not in sys.path:
+        sys.path.append(extra)
+    import torchao
+    from torchao.prototype.mx_formats.mx_tensor import to_mx
+    log("torchao", torchao.__version__)
+    speed = RESULTS["sections"].get("speed", {})
+    rows = speed.get("rows", [])
+    dts = {"fp8_e4m3": torch.float8_e4m3fn, "fp4_e2m1": getattr(torch, "float4_e2m1fn_x2", None)}
+    for shape in shapes:
+        x = torch.randn(*shape, device=device, dtype=torch.bfloat16)
+        for fmt, dt in dts.items():
+            row = {"shape": list(shape), "impl": f"torchao {torchao.__version__} to_mx eager",
+                   "fmt": fmt}
+            try:
+                if dt is None:
+                    raise RuntimeError("this torch has no float4_e2m1fn_x2")
+                sec = cuda_time(lambda: to_mx(x, dt, 32))
+                row.update(sec=sec, gelem_s=x.numel() / sec / 1e9)
+            except Exception as err:
+                row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+            rows.append(row)
+            log("speed", row)
+        del x
+        torch.cuda.empty_cache()
+    add_ratios(rows)
+    return {"torchao": torchao.__version__, "rows_added_to_speed": True}
 
 
 def sec_realfmt_speed(device):
@@ -432,10 +468,12 @@ def markdown() -> str:
     rf = s.get("realfmt", {})
     if "cases" in rf:
         lines += ["## Triton real-format quantizer vs dmx.realfmt (GPU)", "",
-                  "| dtype | e | m | fwd mismatches | fwd max rel | dx mismatches | de torch/triton "
-                  "| dm torch/triton |", "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+                  "| dtype | shape | e | m | fwd mismatches | fwd max rel | dx mismatches | "
+                  "de torch / triton | dm torch / triton |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
         for r in rf["cases"]:
-            lines.append(f"| {r['dtype']} | {r['e']} | {r['m']} | {r['fwd']['mismatch']} | "
+            lines.append(f"| {r['dtype']} | 256x{r['cols']} | {r['e']} | {r['m']} | "
+                         f"{r['fwd']['mismatch']} | "
                          f"{r['fwd_max_rel']:.2e} | {r['dx']['mismatch']} | "
                          f"{r['de'][0]:.5g} / {r['de'][1]:.5g} | "
                          f"{r['dm'][0]:.5g} / {r['dm'][1]:.5g} |")
@@ -477,6 +515,7 @@ def main(argv=None):
         section("speed", 60, deadline)(sec_speed, device, shapes, deadline - 150)
         section("step", 60, deadline)(sec_step, device, args.grad_checkpointing)
         section("realfmt_speed", 15, deadline)(sec_realfmt_speed, device)
+        section("torchao", 10, deadline + 20)(sec_torchao, device, shapes)
     else:
         log("no CUDA device: only the CPU-safe sections ran")
     md = markdown()
