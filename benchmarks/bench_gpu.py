@@ -146,7 +146,7 @@ def sec_env():
     return info
 
 
-def sec_exact(device, quick, dry=False):
+def sec_exact(device, quick, dry=False, lean=False):
     from dmx import triton_kernels as tk
     from dmx.fused import install, use_triton
     from dmx.quant import _fake_quantize_torch, fake_quantize
@@ -162,8 +162,12 @@ def sec_exact(device, quick, dry=False):
         for dname, dtype in DTYPES.items():
             if prof != "ocp" and dtype != torch.bfloat16:
                 continue  # other profiles: bf16 only (each combination is a Triton compile)
-            tensors = [("adversarial", adversarial(dtype, 3)), ("adversarial_T",
-                                                               adversarial(dtype, 4).T)]
+            if lean and (prof != "ocp" or (dtype != torch.bfloat16
+                                           and fmt not in ("fp8_e4m3", "fp4_e2m1"))):
+                continue
+            tensors = [("adversarial", adversarial(dtype, 3))]
+            if not lean:
+                tensors.append(("adversarial_T", adversarial(dtype, 4).T))
             if not quick:  # whole blocks per row (the fast path) and a ragged row end
                 tensors.append(("wide_random_even", wide_random(dtype, 512, 4096)))
                 tensors.append(("wide_random_ragged", wide_random(dtype, 64, 4096 + 19)))
@@ -196,14 +200,18 @@ def sec_exact(device, quick, dry=False):
     return {"summary": summary, "nan_payload_elements": nan_payload, "cases": cases}
 
 
-def sec_realfmt(device):
+def sec_realfmt(device, lean=False):
     from dmx import fused
     from dmx.realfmt import real_format_quantize
     out = []
     g = torch.Generator().manual_seed(5)
     points = {1024: [(2.0, 1.0), (3.0, 2.0), (4.0, 3.0), (2.6, 1.6), (3.5, 2.5)],
               1031: [(3.0, 2.0), (2.6, 1.6)]}  # whole blocks / ragged row end
-    for dtype, cols in [(d, c) for d in (torch.float32, torch.bfloat16) for c in points]:
+    dtypes = (torch.float32, torch.bfloat16)
+    if lean:
+        points = {1024: [(3.0, 2.0), (2.6, 1.6)], 1031: [(3.0, 2.0)]}
+        dtypes = (torch.bfloat16,)
+    for dtype, cols in [(d, c) for d in dtypes for c in points]:
         x = (torch.randn(256, cols, generator=g)
              * torch.exp2(torch.randint(-10, 10, (256, 1), generator=g).float()))
         x = x.to(dtype).to(device)
@@ -268,7 +276,7 @@ def plain_mx_fake_quant(x, ebits_emax, mbits, emin, max_norm, block=32):
     return (q * torch.exp2(shared)).reshape(shape).to(x.dtype)
 
 
-def sec_speed(device, shapes, deadline):
+def sec_speed(device, shapes, deadline, lean=False):
     from dmx import triton_kernels as tk
     from dmx.fused import install
     from dmx.quant import _fake_quantize_torch, fake_quantize
@@ -283,8 +291,8 @@ def sec_speed(device, shapes, deadline):
     x0 = torch.randn(*shapes[0], device=device, dtype=torch.bfloat16)
     f8 = mxref.get_format("fp8_e4m3")
     sweep = {}
-    for epp in (2048, 4096, 8192, 16384):
-        for nw in (4, 8):
+    for epp in ((4096, 8192) if lean else (2048, 4096, 8192, 16384)):
+        for nw in ((4, 8) if lean else (4, 8)):
             tk.CONFIG.update(elems_per_prog=epp, num_warps=nw)
             try:
                 sweep[f"{epp}/{nw}"] = x0.numel() / cuda_time(
@@ -314,7 +322,7 @@ def sec_speed(device, shapes, deadline):
                 ("dmx.quant.fake_quantize (Triton backend)", fmt,
                  lambda fm=fmt: fake_quantize(x, fm)),
             ]
-            impls += [
+            impls += [] if lean else [
                 ("dmx.quant torch path eager", fmt,
                  lambda fm=fmt: _fake_quantize_torch(x, fm, -1, 32, "ocp")),
                 ("dmx.quant torch path torch.compile", fmt,
@@ -412,11 +420,13 @@ def sec_realfmt_speed(device):
     return {"shape": list(x.shape), "rows": rows}
 
 
-def sec_step(device, grad_ckpt=False):
+def sec_step(device, grad_ckpt=False, lean=False):
     import bench_search_step as bss
     small = {} if device.type == "cuda" else dict(batch=1, seq=64, layers=1, steps=1)
-    res = bss.run(device.type, modes=["bf16", "dmx-fused", "dmx"], grad_ckpt=grad_ckpt,
-                  log=log, **small)
+    if lean:
+        small.update(steps=3, warmup=1)
+    modes = ["bf16", "dmx-fused"] + ([] if lean else ["dmx"])
+    res = bss.run(device.type, modes=modes, grad_ckpt=grad_ckpt, log=log, **small)
     res["markdown"] = bss.markdown(res)
     return res
 
@@ -494,6 +504,9 @@ def main(argv=None):
     ap.add_argument("--budget", type=float, default=400.0, help="seconds for the whole run")
     ap.add_argument("--quick", action="store_true", help="fewer exactness tensors")
     ap.add_argument("--grad-checkpointing", action="store_true")
+    ap.add_argument("--lean", action="store_true",
+                    help="a shorter run: fewer exactness cases, one speed shape, no torch "
+                         "dMX step, no torchao")
     ap.add_argument("--cpu-dry-run", action="store_true",
                     help="run every section on tiny CPU tensors through the Triton "
                          "interpreter (checks the script, measures nothing)")
@@ -508,14 +521,18 @@ def main(argv=None):
         os.environ["TRITON_INTERPRET"] = "1"
         os.environ["DMX_TRITON_ON_CPU"] = "1"
     section("env", 0, deadline)(sec_env)
-    section("exact", 30, deadline)(sec_exact, device, args.quick or not cuda, dry)
+    lean = args.lean
+    section("exact", 30, deadline)(sec_exact, device, args.quick or not cuda, dry, lean)
     if cuda or dry:
-        section("realfmt", 20, deadline)(sec_realfmt, device)
+        section("realfmt", 20, deadline)(sec_realfmt, device, lean)
         shapes = [(4096, 8192), (16384, 16384)] if cuda else [(64, 256)]
-        section("speed", 60, deadline)(sec_speed, device, shapes, deadline - 150)
-        section("step", 60, deadline)(sec_step, device, args.grad_checkpointing)
-        section("realfmt_speed", 15, deadline)(sec_realfmt_speed, device)
-        section("torchao", 10, deadline + 20)(sec_torchao, device, shapes)
+        shapes = shapes[:1] if lean else shapes
+        section("speed", 60, deadline)(sec_speed, device, shapes,
+                                       deadline - (80 if lean else 150), lean)
+        section("step", 40, deadline)(sec_step, device, args.grad_checkpointing, lean)
+        if not lean:
+            section("realfmt_speed", 15, deadline)(sec_realfmt_speed, device)
+            section("torchao", 10, deadline + 20)(sec_torchao, device, shapes)
     else:
         log("no CUDA device: only the CPU-safe sections ran")
     md = markdown()
