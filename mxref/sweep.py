@@ -120,14 +120,14 @@ def _fill(out, start, step):
 
 @nb.njit(**_NB)
 def _nearest_ok(x, c, c_negative, val, prev_mag, next_mag, top, even, allowed,
-                overflow_even, overflow_half, is_int, away, saturate):
+                overflow_even, overflow_half, overflow_to_inf, is_int, away, saturate):
     """Is code ``c`` a correct conversion of x? (see the module docstring)."""
     if not allowed[c]:
         return False
     v = val[c]
     a = abs(x)
     if not np.isfinite(v):  # OVF mode: only inputs beyond the rounding boundary overflow
-        if c_negative != (x < 0):
+        if c_negative != (x < 0) or (overflow_to_inf and not np.isinf(v)):
             return False
         return a > overflow_half or (a == overflow_half and (away or overflow_even))
     if is_int:
@@ -160,8 +160,8 @@ def _mono_value(v, x):
 
 @nb.njit(parallel=True, **_NB)
 def check_chunk(bits, codes, carry, val, prev_mag, next_mag, top, even, allowed,
-                overflow_even, overflow_half, sign_shift, is_int, away, saturate, flush,
-                flags):
+                overflow_even, overflow_half, overflow_to_inf, sign_shift, is_int, away,
+                saturate, flush, flags):
     """flags[i]: bit 0 = monotonic violation, bit 1 = nearest violation."""
     fb = bits.view(np.float32)
     for i in nb.prange(bits.size):
@@ -175,7 +175,8 @@ def check_chunk(bits, codes, carry, val, prev_mag, next_mag, top, even, allowed,
             f |= 1
         c_negative = ((c >> sign_shift) & 1) == 1
         if not _nearest_ok(x, c, c_negative, val, prev_mag, next_mag, top, even, allowed,
-                           overflow_even, overflow_half, is_int, away, saturate):
+                           overflow_even, overflow_half, overflow_to_inf, is_int, away,
+                           saturate):
             f |= 2
         flags[i] = f
 
@@ -227,7 +228,8 @@ def sweep_format(fmt, profile=None, chunk: int = 1 << 24, stride: int = 1,
                     f = flags[:n]
                     check_chunk(b, codes, carry, t["val"], t["prev_mag"], t["next_mag"],
                                 t["top"], t["even"], t["allowed"], t["overflow_even"],
-                                t["overflow_half"], fmt.bits - 1, fmt.is_int,
+                                t["overflow_half"], bool(fmt.inf_codes), fmt.bits - 1,
+                                fmt.is_int,
                                 profile.rounding == "away", saturate,
                                 profile.flush_subnormals, f)
                     _record(res, "monotonic", (f & 1) != 0, b, codes)
