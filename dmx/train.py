@@ -1,0 +1,198 @@
+"""The dMX optimization loop: learn one float32 offset per layer (group), weights frozen.
+
+Objective per step (paper.md 2.5-2.6): next-token cross-entropy on a calibration batch
++ the target-aware hinge R_t = max(0, lam (avg_bits - target)), optionally + the KL
+divergence from the unquantized model's next-token distribution (``distill``). The
+anneal temperature follows :class:`dmx.anneal.TemperatureSchedule`.
+
+Determinism: the batch of step s is a function of (seed, s) only (see
+:func:`batch_indices`), so a run resumed from a checkpoint takes exactly the steps an
+uninterrupted run would have taken and ends with the same offsets.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from dmx.anneal import TemperatureSchedule
+from dmx.errors import DMXError
+from dmx.layers import dmx_parameters, set_temperature
+from dmx.penalty import average_bits, hinge_penalty
+
+__all__ = ["TrainConfig", "SearchInterrupted", "batch_indices", "quantization_bypassed",
+           "hard_bits", "train_offsets"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    target_bits: float
+    steps: int = 400
+    batch_size: int = 8
+    lr: float = 1.0
+    momentum: float = 0.99  # the reference's SGD: momentum 0.99, Nesterov, no weight decay
+    lam: float = 5.0
+    weighting: str = "simple"
+    distill: bool = False
+    delay: float = 0.6
+    t_start: float = 0.4
+    t_end: float = 20.0
+    seed: int = 0
+    checkpoint_every: int = 50
+
+
+class SearchInterrupted(Exception):
+    """Ctrl-C during the search; the state after the last finished step is in ``checkpoint``."""
+
+    def __init__(self, step: int, checkpoint):
+        super().__init__(f"interrupted after step {step}; checkpoint saved to {checkpoint}")
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+def batch_indices(seed: int, step: int, n_windows: int, batch_size: int) -> torch.Tensor:
+    """Window indices of step ``step``: consecutive slices of a stream of epochs, each epoch
+    a permutation seeded by (seed, epoch). Every window is seen once per epoch (the
+    reference trains one epoch), and the result depends on (seed, step) only."""
+    if n_windows < 1:
+        raise DMXError("no calibration windows to train on")
+    first = step * batch_size
+    out = []
+    for pos in range(first, first + batch_size):
+        epoch, i = divmod(pos, n_windows)
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + epoch)
+        out.append(int(torch.randperm(n_windows, generator=g)[i]))
+    return torch.tensor(out, dtype=torch.long)
+
+
+@contextlib.contextmanager
+def quantization_bypassed(layers: dict):
+    """Inside, every DMXLinear runs its plain full-precision nn.Linear: the reference model
+    for distillation without keeping a second copy of the weights."""
+    try:
+        for layer in layers.values():
+            layer.forward = layer.linear.forward  # instance attribute shadows the method
+        yield
+    finally:
+        for layer in layers.values():
+            layer.__dict__.pop("forward", None)
+
+
+def hard_bits(layers: dict, weighting: str = "simple") -> float:
+    """Average bits the layers would deploy with now (every offset on its rung)."""
+    saved = {name: layer.hard for name, layer in layers.items()}
+    try:
+        for layer in layers.values():
+            layer.hard = True
+        with torch.no_grad():
+            return float(average_bits(layers, weighting))
+    finally:
+        for name, layer in layers.items():
+            layer.hard = saved[name]
+
+
+def _next_token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+def _distill_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """KL(reference || quantized) per token, in float32."""
+    log_q = F.log_softmax(logits.float(), dim=-1)
+    log_p = F.log_softmax(ref_logits.float(), dim=-1)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1).mean()
+
+
+def _forward_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, use_cache=False).logits
+
+
+def train_offsets(model, layers: dict, windows: torch.Tensor, cfg: TrainConfig,
+                  resume_state: dict | None = None,
+                  save: Callable[[dict], object] | None = None,
+                  callback: Callable[[int, dict], None] | None = None,
+                  progress: bool = True) -> list[dict]:
+    """Run steps [start, cfg.steps) and return the per-step log (from step 0 on resume).
+
+    ``windows``: LongTensor [n, seqlen] of token ids (on the model's device).
+    ``save(state)``: writes a checkpoint; called every ``cfg.checkpoint_every`` steps and on
+    Ctrl-C (then :class:`SearchInterrupted` is raised). ``callback(step, record)`` runs after
+    each finished step (tests use it to interrupt a run).
+    """
+    params = dmx_parameters(model)
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    schedule = TemperatureSchedule(cfg.steps, cfg.delay, cfg.t_start, cfg.t_end)
+    log: list[dict] = []
+    start = 0
+    if resume_state is not None:
+        with torch.no_grad():
+            for p, saved in zip(params, resume_state["offsets"], strict=True):
+                p.copy_(saved.to(p.device))
+        optimizer.load_state_dict(resume_state["optimizer"])
+        torch.set_rng_state(resume_state["rng"])
+        log = list(resume_state["log"])
+        start = int(resume_state["step"])
+
+    def state_now(step: int) -> dict:
+        return {"step": step, "offsets": [p.detach().cpu().clone() for p in params],
+                "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "log": log}
+
+    for layer in layers.values():
+        layer.hard = False
+        layer.train()  # the rest of the model stays as it is (eval: no dropout)
+    bar = tqdm(total=cfg.steps, initial=start, desc="dmx search", unit="step",
+               disable=not progress, dynamic_ncols=True)
+    step = start
+    try:
+        while step < cfg.steps:
+            record = _train_step(model, layers, windows, cfg, optimizer, schedule, step)
+            log.append(record)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['ce']:.3f}", pen=f"{record['penalty']:.3f}",
+                            bits=f"{record['avg_bits']:.2f}", hard=f"{record['hard_bits']:.2f}",
+                            T=f"{record['T']:.2f}", refresh=False)
+            if save is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 \
+                    and step < cfg.steps:
+                save(state_now(step))
+            if callback is not None:
+                callback(step, record)
+    except KeyboardInterrupt:
+        bar.close()
+        if save is None:
+            raise
+        # ``step`` counts finished steps: the checkpoint resumes exactly after the last one
+        raise SearchInterrupted(step, save(state_now(step))) from None
+    bar.close()
+    return log
+
+
+def _train_step(model, layers, windows, cfg: TrainConfig, optimizer, schedule, step) -> dict:
+    T = schedule.at(step)
+    set_temperature(model, T)
+    ids = windows[batch_indices(cfg.seed, step, windows.shape[0], cfg.batch_size)]
+    kl = None
+    if cfg.distill:
+        with torch.no_grad(), quantization_bypassed(layers):
+            ref_logits = _forward_logits(model, ids)
+    logits = _forward_logits(model, ids)
+    ce = _next_token_ce(logits, ids)
+    loss = ce
+    if cfg.distill:
+        kl = _distill_kl(logits, ref_logits)
+        loss = loss + kl
+    avg = average_bits(layers, cfg.weighting)  # float32 whatever the model dtype
+    penalty = hinge_penalty(avg, cfg.target_bits, cfg.lam)
+    loss = loss.float() + penalty
+    if not math.isfinite(float(loss)):
+        raise DMXError(f"the loss became {float(loss)} at step {step}; try a smaller --lr")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {"step": step, "T": T, "loss": float(loss), "ce": float(ce),
+            "kl": None if kl is None else float(kl), "penalty": float(penalty),
+            "avg_bits": float(avg), "hard_bits": hard_bits(layers, cfg.weighting)}
