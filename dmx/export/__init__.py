@@ -1,0 +1,124 @@
+"""``dmx export OUT --to compressed-tensors|quark|gguf -o DIR``: deployable checkpoints from OUT.
+
+Every export goes: read and check OUT (hashes) -> refuse what the target cannot hold or
+serve -> write into a temporary sibling of DIR -> read it back with the target's own
+reader and compare with mxref bit for bit -> rename into DIR. A failure at any step
+leaves nothing at DIR.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from dmx.errors import DMXError
+
+TARGETS = ("compressed-tensors", "quark", "gguf")
+__all__ = ["TARGETS", "export", "add_export_parser", "main"]
+
+
+def _backend(to: str):
+    if to == "compressed-tensors":
+        from dmx.export import compressed_tensors as mod
+    elif to == "quark":
+        from dmx.export import quark as mod
+    elif to == "gguf":
+        from dmx.export import gguf_export as mod
+    else:
+        raise DMXError(f"unknown export target {to!r}; use one of {', '.join(TARGETS)}")
+    return mod
+
+
+def _prepare_dest(dest: Path, force: bool) -> None:
+    if dest.exists() and not force:
+        raise DMXError(f"{dest} already exists; pass --force to replace it or choose another -o")
+    if dest.exists() and not dest.is_dir():
+        raise DMXError(f"{dest} exists and is not a directory; choose another -o")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+
+
+def export(out_dir, to: str, dest, allow_unfused: bool = False, verify: bool = True,
+           force: bool = False, log=print, **write_options) -> list:
+    """Export OUT to ``dest``; returns the read-back checks (empty when ``verify`` is False).
+
+    ``write_options`` go to the target's writer (e.g. ``max_shard_bytes``).
+    """
+    from dmx.export import verify as vfy
+    from dmx.export.source import load_out
+
+    mod = _backend(to)
+    dest = Path(dest)
+    src = load_out(out_dir)
+    mod.check(src, allow_unfused)
+    _prepare_dest(dest, force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    try:
+        mod.write(src, tmp, **write_options)
+        checks = []
+        if verify:
+            checks = mod.read_back(src, tmp)
+            log(vfy.summary_table(to, checks))
+            bad = vfy.failures(checks, lossy_kinds=("Q8_0",))
+            if bad:
+                raise DMXError(f"{to} read-back differs from OUT for {len(bad)} layer(s), first "
+                               f"{bad[0].name} ({bad[0].mismatches} elements); nothing written "
+                               f"to {dest}; please report this as a bug")
+            lossy = [c for c in checks if c.stored_as == "Q8_0"]
+            if lossy:
+                log(f"note: {len(lossy)} 8-bit MX layer(s) stored as Q8_0 (llama.cpp has no "
+                    f"MXFP8): max abs error vs the MX weights "
+                    f"{max(c.max_abs_err for c in lossy):.3g}")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote {dest} ({to})")
+    return checks
+
+
+# ------------------------------------------------------------------- CLI
+def add_export_parser(subparsers):
+    """Register ``dmx export`` on the dmx CLI's subparsers; returns the parser."""
+    p = subparsers.add_parser(
+        "export", help="write a deployable checkpoint (vLLM, llama.cpp) from a dmx OUT dir",
+        description="Export a dmx OUT directory to compressed-tensors or Quark (vLLM) or "
+                    "GGUF (llama.cpp), then read it back and check it bit for bit.")
+    p.add_argument("out", help="OUT directory written by `dmx search` / `dmx baseline`")
+    p.add_argument("--to", required=True, choices=TARGETS, help="target format")
+    p.add_argument("-o", "--output", required=True, help="directory to create")
+    p.add_argument("--allow-unfused", action="store_true",
+                   help="allow q/k/v or gate/up of one block in different formats "
+                        "(vLLM cannot load that; for engines that do not fuse)")
+    p.add_argument("--verify", dest="verify", action="store_true", default=True,
+                   help="read the result back and compare with mxref (default)")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the read-back check")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=run_export)
+    return p
+
+
+def run_export(args) -> int:
+    """The CLI action: bad input becomes one line on stderr and exit code 2."""
+    try:
+        export(args.out, args.to, args.output, allow_unfused=args.allow_unfused,
+               verify=args.verify, force=args.force)
+    except DMXError as err:
+        print(f"dmx export: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv=None) -> int:
+    """Stand-alone entry (``python -m dmx.export``) until/besides the dmx CLI."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="dmx")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_export_parser(sub)
+    args = parser.parse_args(["export", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)

@@ -1,0 +1,132 @@
+"""OUT -> compressed-tensors checkpoint (what vLLM serves with ``quant_method: compressed-tensors``).
+
+Layout (compressed-tensors 0.20, checked against its compressors, not assumed):
+
+* MXFP4 layers, format ``mxfp4-pack-quantized`` (``MXFP4PackedCompressor``):
+  ``<name>.weight_packed`` uint8 [N, K/2], element 2i in the low nibble
+  (``pack_fp4_to_uint8``) -- byte-identical to OUT's ``fp4-lo-first`` packing -- and
+  ``<name>.weight_scale`` uint8 [N, K/32], E8M0 with bias 127 (``mx_utils.compress_mx_scale``;
+  the pre-PR-#538 bias of 125 is gone).
+* MXFP8 (E4M3) layers, format ``mxfp8-quantized`` (``MXFP8QuantizationCompressor``):
+  ``<name>.weight`` float8_e4m3fn [N, K] (the OCP E4M3 codes, bit for bit) and the same
+  uint8 ``weight_scale``.
+* One config group per (weight format, activation format) pair whose ``targets`` are the
+  exact module names; the model-level ``format`` is ``mixed-precision`` when both kinds occur.
+
+compressed-tensors 0.20 also has an ``mxfp6-pack-quantized`` compressor (E2M3 only), but
+vLLM has no compressed-tensors MXFP6 scheme to serve it, so MXFP6 layers are refused here
+with ``--to quark`` named as the alternative.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import mxref
+from dmx.export import hfdir, rules
+from dmx.export.verify import compare
+
+TARGET = "compressed-tensors"
+FORMAT_OF = {"fp4_e2m1": "mxfp4-pack-quantized", "fp8_e4m3": "mxfp8-quantized"}
+ALTERNATIVE = ("use --to quark (MXFP4/MXFP6/MXFP8 E4M3) or rerun `dmx search` with the "
+               "fp8-fp4 ladder")
+
+
+def _args(fmt: str, dynamic: bool):
+    from compressed_tensors.quantization import QuantizationArgs
+    import torch
+
+    bits = mxref.get_format(fmt).bits
+    return QuantizationArgs(num_bits=bits, type="float", strategy="group", group_size=32,
+                            symmetric=True, dynamic=dynamic, scale_dtype=torch.uint8,
+                            zp_dtype=torch.uint8)
+
+
+def quantization_config(layers) -> dict:
+    """The ``quantization_config`` block of config.json, serialised as compressed-tensors does."""
+    import compressed_tensors
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+
+    pairs: dict[tuple, list[str]] = {}
+    for name, layer in sorted(layers.items()):
+        pairs.setdefault((layer.fmt, layer.act_format), []).append(name)
+    groups = {}
+    for i, ((fmt, act), names) in enumerate(sorted(pairs.items(), key=lambda kv: str(kv[0]))):
+        groups[f"group_{i}"] = QuantizationScheme(
+            targets=names, weights=_args(fmt, dynamic=False),
+            input_activations=None if act is None else _args(act, dynamic=True),
+            format=FORMAT_OF[fmt])
+    formats = {FORMAT_OF[f] for f, _ in pairs}
+    cfg = QuantizationConfig(config_groups=groups, quantization_status="compressed",
+                             format=formats.pop() if len(formats) == 1 else "mixed-precision",
+                             ignore=["lm_head"] if "lm_head" not in layers else [])
+    # the keys ModelCompressor.update_config writes, in the same order
+    return {"version": compressed_tensors.__version__, "quant_method": TARGET,
+            "sparsity_config": {}, "transform_config": {},
+            **cfg.model_dump(mode="json", exclude=["quant_method"])}
+
+
+def check(src, allow_unfused: bool) -> None:
+    rules.check_formats(src.layers, TARGET, FORMAT_OF, ALTERNATIVE)
+    rules.check_fused(src.layers, TARGET, allow_unfused)
+    rules.check_whole_blocks(src.layers, TARGET)
+
+
+def layer_tensors(layer) -> dict:
+    """The tensors one quantized linear becomes in the checkpoint (without the name prefix)."""
+    import torch
+
+    scale = torch.from_numpy(np.ascontiguousarray(layer.scales))
+    if layer.fmt == "fp4_e2m1":
+        packed = mxref.pack_codes(layer.codes, layer.fmt)
+        return {"weight_packed": torch.from_numpy(packed), "weight_scale": scale}
+    fp8 = torch.from_numpy(np.ascontiguousarray(layer.codes)).view(torch.float8_e4m3fn)
+    return {"weight": fp8, "weight_scale": scale}
+
+
+def write(src, dest, max_shard_bytes: int = hfdir.DEFAULT_SHARD_BYTES) -> None:
+    tensors = dict(src.tensors)
+    for name, layer in src.layers.items():
+        tensors.update({f"{name}.{k}": v for k, v in layer_tensors(layer).items()})
+    hfdir.write_shards(tensors, dest, max_shard_bytes)
+    hfdir.copy_side_files(src.path, dest)
+    hfdir.write_config(src.config, dest, quantization_config(src.layers))
+
+
+def read_back(src, dest) -> list:
+    """Decode every quantized layer with compressed-tensors' own config parser and compressors."""
+    import json
+
+    import torch
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    qc = json.loads((dest / "config.json").read_text())["quantization_config"]
+    config = QuantizationConfig.model_validate(qc)
+    tensors = hfdir.read_tensors(dest)
+    checks, seen = [], set()
+    for scheme in config.config_groups.values():
+        compressor = BaseCompressor.get_value_from_registry(scheme.format)
+        for name in scheme.targets:
+            seen.add(name)
+            layer = src.layers[name]
+            params = [p for p in compressor.compression_param_names(scheme)
+                      if f"{name}.{p}" in tensors]
+            state = {p: tensors[f"{name}.{p}"] for p in params}
+            weight = compressor.decompress(state, scheme)["weight"].to(torch.float32).numpy()
+            checks.append(compare(name, scheme.format, layer.values(), weight,
+                                  bytes_equal=_bytes_equal(layer, state)))
+    missing = set(src.layers) - seen
+    if missing:
+        raise ValueError(f"layers missing from the config groups: {sorted(missing)[:3]}")
+    return checks
+
+
+def _bytes_equal(layer, state) -> bool:
+    import torch
+
+    if "weight_packed" in state:
+        codes = mxref.unpack_codes(state["weight_packed"].numpy(), layer.fmt, layer.shape[1])
+    else:
+        codes = state["weight"].view(torch.uint8).numpy()
+    return (np.array_equal(codes, layer.codes)
+            and np.array_equal(state["weight_scale"].numpy(), layer.scales))

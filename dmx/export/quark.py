@@ -1,0 +1,146 @@
+"""OUT -> AMD Quark checkpoint (``quant_method: quark``; vLLM's Quark loader serves it).
+
+Layout, from amd-quark 0.10 ``quark/torch/utils/pack.py`` and vLLM's Quark schemes:
+
+* ``<name>.weight`` uint8 packed along K, ``<name>.weight_scale`` uint8 [N, K/32] E8M0
+  (bias 127) -- vLLM ``QuarkOCP_MX.create_weights``.
+* FP4 (``Pack_fp4``): byte i = e[2i] | e[2i+1] << 4 -- OUT's ``fp4-lo-first``.
+* FP6 E2M3/E3M2 (``Pack_fp6``): codes a,b,c,d -> 24-bit word a | b<<6 | c<<12 | d<<18,
+  written low byte first -- OUT's ``fp6-le24``. Quark's variable names call the bytes
+  ``byte2, byte1, byte0`` but it writes ``cat([word & 0xFF, word >> 8 & 0xFF, word >> 16])``;
+  the comment there says the layout is what ``mfma_scale_f32_16x16x128_f8f6f4`` expects.
+  ASSUMPTION (not run here: amd-quark is not installed): the Quark export path uses
+  ``Pack_fp6`` for per-group fp6 weights (``create_pack_method(dtype="fp6_e2m3")``), not
+  ``Pack_mxfp6`` (which interleaves scale bytes and is used for ``dtype="mx"`` only).
+* MXFP8 E4M3: ``<name>.weight`` float8_e4m3fn [N, K] + the uint8 scale, with the weight
+  spec ``dtype: fp8_e4m3, qscheme: per_group, group_size: 32, scale_format: e8m0`` (the
+  tensors are what vLLM ``QuarkW8A8Mxfp8`` allocates; recent Quark may spell the same
+  scale as ``per_block`` with ``block_size [1, 32]``, which is identical on disk).
+
+config.json: ``layer_quant_config`` has one entry per quantized module (exact names:
+vLLM matches a pattern without ``*`` by substring, so full names are unambiguous), the
+``exclude`` list names lm_head, and ``export`` carries ``kv_cache_group`` and
+``pack_method`` as vLLM's ``QuarkConfig.from_config`` requires.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+import mxref
+from dmx.export import hfdir, rules
+from dmx.export.verify import compare
+
+TARGET = "quark"
+DTYPE_OF = {"fp4_e2m1": "fp4", "fp6_e2m3": "fp6_e2m3", "fp6_e3m2": "fp6_e3m2",
+            "fp8_e4m3": "fp8_e4m3"}
+FMT_OF = {v: k for k, v in DTYPE_OF.items()}
+ALTERNATIVE = "rerun `dmx search` with a ladder of FP4/FP6/FP8 E4M3 formats"
+
+
+def tensor_spec(fmt: str, dynamic: bool) -> dict:
+    return {"dtype": DTYPE_OF[fmt], "qscheme": "per_group", "group_size": 32, "ch_axis": -1,
+            "scale_format": "e8m0", "scale_type": "float", "is_dynamic": dynamic,
+            "symmetric": None, "round_method": "half_even", "mx_element_dtype": None,
+            "observer_cls": "PerBlockMXObserver", "is_scale_quant": False}
+
+
+def layer_config(layer) -> dict:
+    return {"weight": tensor_spec(layer.fmt, False),
+            "input_tensors": (None if layer.act_format is None
+                              else tensor_spec(layer.act_format, True)),
+            "output_tensors": None, "bias": None}
+
+
+def quantization_config(layers) -> dict:
+    return {"quant_method": "quark", "producer": {"name": "dmx"},
+            "global_quant_config": {"weight": None, "input_tensors": None,
+                                    "output_tensors": None, "bias": None},
+            "layer_type_quant_config": {},
+            "layer_quant_config": {n: layer_config(l) for n, l in sorted(layers.items())},
+            "exclude": ["lm_head"] if "lm_head" not in layers else [],
+            "export": {"kv_cache_group": [], "min_kv_scale": 0.0, "pack_method": "reorder",
+                       "weight_format": "real_quantized", "weight_merge_groups": None}}
+
+
+def check(src, allow_unfused: bool) -> None:
+    rules.check_formats(src.layers, TARGET, DTYPE_OF, ALTERNATIVE)
+    rules.check_fused(src.layers, TARGET, allow_unfused)
+    rules.check_whole_blocks(src.layers, TARGET)
+
+
+def layer_tensors(layer) -> dict:
+    import torch
+
+    scale = torch.from_numpy(np.ascontiguousarray(layer.scales))
+    if layer.fmt == "fp8_e4m3":
+        w = torch.from_numpy(np.ascontiguousarray(layer.codes)).view(torch.float8_e4m3fn)
+    else:  # Quark's FP4/FP6 byte layouts are mxref's fp4-lo-first / fp6-le24 (docstring)
+        w = torch.from_numpy(mxref.pack_codes(layer.codes, layer.fmt))
+    return {"weight": w, "weight_scale": scale}
+
+
+def write(src, dest, max_shard_bytes: int = hfdir.DEFAULT_SHARD_BYTES) -> None:
+    tensors = dict(src.tensors)
+    for name, layer in src.layers.items():
+        tensors.update({f"{name}.{k}": v for k, v in layer_tensors(layer).items()})
+    hfdir.write_shards(tensors, dest, max_shard_bytes)
+    hfdir.copy_side_files(src.path, dest)
+    hfdir.write_config(src.config, dest, quantization_config(src.layers))
+
+
+# ---------------------------------------------------------------- read back
+def _unpack_quark_fp6(packed: np.ndarray, K: int) -> np.ndarray:
+    """Quark ``Pack_fp6.unpack`` written out independently of mxref (the check must not
+    reuse the writer's code): 3 bytes (b0, b1, b2) -> 4 codes."""
+    b = packed.reshape(packed.shape[0], -1, 3).astype(np.uint8)
+    v0 = b[..., 0] & 0x3F
+    v1 = (b[..., 0] >> 6) | ((b[..., 1] & 0x0F) << 2)
+    v2 = (b[..., 1] >> 4) | ((b[..., 2] & 0x03) << 4)
+    v3 = b[..., 2] >> 2
+    return np.stack([v0, v1, v2, v3], axis=-1).reshape(packed.shape[0], -1)[:, :K]
+
+
+def _unpack_quark_fp4(packed: np.ndarray, K: int) -> np.ndarray:
+    """Quark ``Pack_fp4.unpack``: low nibble first."""
+    out = np.empty((packed.shape[0], packed.shape[1] * 2), dtype=np.uint8)
+    out[:, 0::2] = packed & 0x0F
+    out[:, 1::2] = packed >> 4
+    return out[:, :K]
+
+
+def read_back(src, dest) -> list:
+    """Decode each layer by the documented Quark layout, driven by config.json alone."""
+    import torch
+
+    qc = json.loads((dest / "config.json").read_text())["quantization_config"]
+    if qc.get("quant_method") != "quark" or "export" not in qc:
+        raise ValueError("config.json has no Quark quantization_config with an export block")
+    tensors = hfdir.read_tensors(dest)
+    checks = []
+    for name, spec in qc["layer_quant_config"].items():
+        w = spec["weight"]
+        fmt = FMT_OF[w["dtype"]]
+        if (w["qscheme"], w["group_size"], w["scale_format"]) != ("per_group", 32, "e8m0"):
+            raise ValueError(f"{name}: not an OCP MX weight spec: {w}")
+        weight, scale = tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"].numpy()
+        K = scale.shape[1] * 32
+        if fmt == "fp8_e4m3":
+            codes = weight.view(torch.uint8).numpy()
+        elif fmt == "fp4_e2m1":
+            codes = _unpack_quark_fp4(weight.numpy(), K)
+        else:
+            codes = _unpack_quark_fp6(weight.numpy(), K)
+        # value = element * 2^(scale - 127): element values from the format's code table
+        elem = mxref.get_format(fmt).decode_table.astype(np.float64)[codes]
+        values = (elem * np.exp2(np.repeat(scale.astype(np.float64) - 127, 32, axis=1)))
+        layer = src.layers[name]
+        checks.append(compare(name, f"quark {w['dtype']}", layer.values(),
+                              values.astype(np.float32),
+                              bytes_equal=bool(np.array_equal(codes, layer.codes)
+                                               and np.array_equal(scale, layer.scales))))
+    missing = set(src.layers) - set(qc["layer_quant_config"])
+    if missing:
+        raise ValueError(f"layers missing from layer_quant_config: {sorted(missing)[:3]}")
+    return checks

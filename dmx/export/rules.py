@@ -1,0 +1,57 @@
+"""What each deployment target can hold and serve: checked before a single byte is written."""
+from __future__ import annotations
+
+import re
+
+from dmx.errors import DMXError
+
+# vLLM fuses these shards into one matmul (qkv_proj, gate_up_proj) and loads all shards
+# with the first shard's scheme: mixed formats inside a group crash at load
+# (vllm _match_fused_layer; Quark `_find_matched_config`; intel/auto-round#2174).
+FUSED_SHARDS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+_SHARD_RE = re.compile(r"^(?P<parent>.*)\.(?P<shard>[a-z_]+)$")
+
+
+def fused_groups(names) -> dict[str, list[str]]:
+    """``{"<parent>.q_proj+k_proj+v_proj": [names...]}`` for the fused shards present."""
+    groups: dict[str, list[str]] = {}
+    for name in sorted(names):
+        m = _SHARD_RE.match(name)
+        if not m:
+            continue
+        for shards in FUSED_SHARDS:
+            if m["shard"] in shards:
+                groups.setdefault(f"{m['parent']}.{'+'.join(shards)}", []).append(name)
+    return groups
+
+
+def check_fused(layers, target: str, allow_unfused: bool) -> None:
+    """Refuse q/k/v or gate/up of one block in different (weight, activation) formats."""
+    if allow_unfused:
+        return
+    for group, names in fused_groups(layers).items():
+        kinds = {(layers[n].fmt, layers[n].act_format) for n in names}
+        if len(kinds) > 1:
+            desc = ", ".join(f"{n.rsplit('.', 1)[1]}={layers[n].fmt}" for n in names)
+            raise DMXError(f"{group.rsplit('.', 1)[0]}: fused shards in different formats "
+                           f"({desc}); vLLM ({target}) loads a fused layer with one scheme. "
+                           f"Rerun `dmx search` with tied q/k/v and gate/up (the default), "
+                           f"or pass --allow-unfused for an engine that does not fuse")
+
+
+def check_formats(layers, target: str, supported, alternative: str) -> None:
+    """Refuse a layer whose weight or activation format the target cannot hold."""
+    for name, layer in layers.items():
+        for what, fmt in (("weight", layer.fmt), ("activation", layer.act_format)):
+            if fmt is not None and fmt not in supported:
+                raise DMXError(f"{name}: {what} format {fmt} cannot be stored in {target} "
+                               f"(it holds {', '.join(sorted(supported))}); {alternative}")
+
+
+def check_whole_blocks(layers, target: str) -> None:
+    """The MX kernels of vLLM and llama.cpp read whole 32-element blocks only."""
+    for name, layer in layers.items():
+        if layer.shape[1] % 32:
+            raise DMXError(f"{name}: in_features {layer.shape[1]} is not a multiple of 32, "
+                           f"which {target} needs for MX blocks; exclude this layer from "
+                           f"quantization (dmx search --exclude) and export again")
