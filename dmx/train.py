@@ -188,11 +188,12 @@ def _train_step(model, layers, windows, cfg: TrainConfig, optimizer, schedule, s
     avg = average_bits(layers, cfg.weighting)  # float32 whatever the model dtype
     penalty = hinge_penalty(avg, cfg.target_bits, cfg.lam)
     loss = loss.float() + penalty
-    if not math.isfinite(float(loss)):
-        raise DMXError(f"the loss became {float(loss)} at step {step}; try a smaller --lr")
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise DMXError(f"the loss became {value} at step {step}; try a smaller --lr")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return {"step": step, "T": T, "loss": float(loss), "ce": float(ce),
-            "kl": None if kl is None else float(kl), "penalty": float(penalty),
-            "avg_bits": float(avg), "hard_bits": hard_bits(layers, cfg.weighting)}
+    return {"step": step, "T": T, "loss": value, "ce": float(ce.detach()),
+            "kl": None if kl is None else float(kl.detach()), "penalty": float(penalty.detach()),
+            "avg_bits": float(avg.detach()), "hard_bits": hard_bits(layers, cfg.weighting)}
