@@ -74,6 +74,12 @@ def _kernels():
         return tl.where(b == 0, -1, r)
 
     @triton.jit
+    def fneg(v):
+        # -v by flipping the sign bit: Triton 3.6 lowers unary minus on floats to 0 - v,
+        # which turns +0 into +0 instead of -0 (torch's -q gives -0)
+        return (v.to(tl.int32, bitcast=True) ^ -2147483648).to(tl.float32, bitcast=True)
+
+    @triton.jit
     def rne_int(v):
         # round half to even for v >= 0 (exact: below 2^23 the sum has no fraction bits)
         big = 8388608.0
@@ -221,7 +227,7 @@ def _kernels():
         sat = q > maxval
         q = tl.where(sat, maxval, q)
         neg = bits < 0
-        y = tl.where(neg, -q, q) * pow2_bits(k)
+        y = tl.where(neg, fneg(q), q) * pow2_bits(k)
         return y, nonfinite, k, a, v, r, step, q, sat, is_sub, neg
 
     @triton.jit
@@ -251,15 +257,16 @@ def _kernels():
                                                                        emax)
         scale = pow2_bits(k)
         live = (~nonfinite) & mask  # a NaN/Inf block's output is a constant: no gradient
-        gs = tl.where(neg, -g, g)
+        gs = tl.where(neg, fneg(g), g)
         gsc = gs * scale  # dL/dq (before saturation)
         inside = live & (~sat)
         # zeros carry the sign torch's chain gives them (g s scale sgn(u) / scale)
-        zero = tl.where(sat, tl.where(neg, -0.0, 0.0), gs * 0.0)
+        signed0 = tl.where(neg, -2147483648, 0).to(tl.float32, bitcast=True)  # -0 / +0
+        zero = tl.where(sat, signed0, gs * 0.0)
         # g itself, computed in torch's order ((g s scale) step / step s / scale): with a
         # subnormal scale (k = -127) the products round, and the reference keeps that
         ga = tl.math.div_rn(gsc * step, step)  # through q = step * round(a / step)
-        dxv = tl.where(inside & (a != 0.0), tl.where(neg, -ga, ga) * pow2_bits(-k), zero)
+        dxv = tl.where(inside & (a != 0.0), tl.where(neg, fneg(ga), ga) * pow2_bits(-k), zero)
         dt = tl.where(inside, gsc * (r - v) * step, 0.0)  # dL/d(binade - m) / ln2
         s_t = tl.sum(tl.sum(dt, axis=1), axis=0)
         s_sub = tl.sum(tl.sum(tl.where(is_sub, dt, 0.0), axis=1), axis=0)
@@ -300,7 +307,7 @@ def _kernels():
 
     # Triton resolves names a kernel calls through the module's globals (not closures)
     helpers = dict(triton=triton, tl=tl, pow2_bits=pow2_bits, floor_log2=floor_log2,
-                   rne_int=rne_int, pow2_real=pow2_real, tile_offsets=tile_offsets,
+                   rne_int=rne_int, fneg=fneg, pow2_real=pow2_real, tile_offsets=tile_offsets,
                    store_out=store_out, load_in=load_in, real_scalars=real_scalars, real_core=real_core)
     globals().update(helpers)
     return dict(mx_fq=mx_fq_kernel, real_fwd=real_fwd_kernel, real_bwd=real_bwd_kernel,
