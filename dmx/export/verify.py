@@ -45,11 +45,12 @@ def summary_table(target: str, checks: list[LayerCheck]) -> str:
     """Per-target summary: one row per stored kind, then the worst error, as plain text."""
     rows = {}
     for c in checks:
-        r = rows.setdefault(c.stored_as, {"layers": 0, "exact": 0, "bytes": 0, "err": 0.0,
+        r = rows.setdefault(c.stored_as, {"layers": 0, "exact": 0, "bytes": None, "err": 0.0,
                                          "nz": 0})
         r["layers"] += 1
         r["exact"] += c.exact
-        r["bytes"] += bool(c.bytes_equal)
+        if c.bytes_equal is not None:   # None: re-quantized (Q8_0), no OUT bytes to compare
+            r["bytes"] = (r["bytes"] or 0) + c.bytes_equal
         r["err"] = max(r["err"], c.max_abs_err)
         r["nz"] += c.neg_zero_as_pos
     lines = [f"export check ({target}): {len(checks)} quantized layers read back with the "
@@ -57,7 +58,8 @@ def summary_table(target: str, checks: list[LayerCheck]) -> str:
              f"  {'stored as':<22} {'layers':>6} {'bit-exact':>9} {'bytes==OUT':>10} "
              f"{'max |err|':>11} {'-0 read as +0':>13}"]
     for kind, r in sorted(rows.items()):
-        lines.append(f"  {kind:<22} {r['layers']:>6} {r['exact']:>9} {r['bytes']:>10} "
+        nbytes = "-" if r["bytes"] is None else r["bytes"]
+        lines.append(f"  {kind:<22} {r['layers']:>6} {r['exact']:>9} {nbytes:>10} "
                      f"{r['err']:>11.3g} {r['nz']:>13}")
     return "\n".join(lines)
 
