@@ -1,0 +1,240 @@
+"""`dmx search` end to end on tiny models built here (widths 48 and 80: not multiples of 32).
+
+Covers: OUT written and reloaded with bit-identical logits, the budget penalty pulling
+the average bits to the target, resume-after-Ctrl-C equal to an uninterrupted run, and
+every bad input (exit 2, one line, no OUT).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from dmx.errors import DMXError  # noqa: E402
+from dmx.layers import dmx_parameters, wrap_model  # noqa: E402
+from dmx.search import SEARCH_LOG_NAME, add_search_parser, run_search, search  # noqa: E402
+from dmx.train import SearchInterrupted, TrainConfig, train_offsets  # noqa: E402
+
+DATA = Path("/work/shared/data")
+TOKENIZER_DIR = DATA / "tiny-qwen3"
+WIKI = DATA / "wikitext-2-raw" / "wiki.valid.raw"
+pytestmark = pytest.mark.skipif(not (TOKENIZER_DIR / "tokenizer.json").is_file()
+                                or not WIKI.is_file(),
+                                reason="needs the shared tiny-qwen3 tokenizer and wiki.valid.raw")
+
+SMALL = dict(seqlen=32, samples=12, batch_size=2, progress=False)
+
+
+def _tiny_model_dir(root: Path, kind: str) -> Path:
+    """A 2-layer causal LM with hidden 48 / intermediate 80, saved with the tiny-qwen3
+    tokenizer (vocab 4096)."""
+    common = dict(vocab_size=4096, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  tie_word_embeddings=True)
+    if kind == "llama":
+        config = transformers.LlamaConfig(**common)
+        cls = transformers.LlamaForCausalLM
+    else:
+        config = transformers.Qwen3Config(head_dim=12, **common)
+        cls = transformers.Qwen3ForCausalLM
+    torch.manual_seed(0)
+    model = cls(config)
+    out = root / kind
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOKENIZER_DIR / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {kind: _tiny_model_dir(root, kind) for kind in ("llama", "qwen3")}
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(WIKI.read_text(encoding="utf-8")[:20000], encoding="utf-8")
+    return path
+
+
+def _cli(argv) -> int:
+    parser = argparse.ArgumentParser(prog="dmx")
+    add_search_parser(parser.add_subparsers(dest="command"))
+    return run_search(parser.parse_args(argv))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_search_out_reloads_with_identical_logits(models, calib, tmp_path, kind):
+    from dmx import io
+
+    out = tmp_path / "out"
+    result = search(models[kind], 6.0, calib=[calib], steps=4, out=out, **SMALL)
+    assert out.is_dir() and not Path(str(out) + ".partial").exists()
+    manifest = json.loads((out / "dmx_manifest.json").read_text())
+    assert manifest["method"] == "dmx" and manifest["ladder"] == "fp8-fp4"
+    assert {n: v["format"] for n, v in manifest["layers"].items()} == result["formats"]
+    assert len(json.loads((out / SEARCH_LOG_NAME).read_text())["steps"]) == 4
+    ids = torch.randint(0, 4096, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = result["model"](input_ids=ids).logits
+        loaded = io.load(out)
+        got = (loaded[0] if isinstance(loaded, tuple) else loaded)(input_ids=ids).logits
+    assert torch.equal(got, expected)
+
+
+def test_penalty_pulls_average_bits_to_target(models, calib):
+    """From all-MXFP8 (8 bits), the hinge must bring the average down towards 5; without
+    it (lam 0) nothing pulls the offsets down and the average stays far higher."""
+    from dmx import data
+
+    def run(lam):
+        model, tok = data.load_model_and_tokenizer(models["llama"])
+        windows = data.calibration_windows(tok, [str(calib)], 32, 8, 0)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+        layers = wrap_model(model, "fp8-fp4", init="high")
+        # delay 1: stay at the starting temperature, where the map still has a slope
+        cfg = TrainConfig(target_bits=5.0, steps=12, batch_size=2, lr=0.2, lam=lam, delay=1.0,
+                          checkpoint_every=0)
+        log = train_offsets(model, layers, windows, cfg, progress=False)
+        return log[0]["avg_bits"], log[-1]["hard_bits"]
+
+    start, with_penalty = run(5.0)
+    _, without = run(0.0)
+    assert start > 7.5
+    assert with_penalty <= 5.5, with_penalty
+    assert without > with_penalty + 1.0
+
+
+def test_resume_after_interrupt_matches_uninterrupted(models, calib, tmp_path):
+    kwargs = dict(calib=[calib], steps=6, checkpoint_every=2, **SMALL)
+    ref = search(models["qwen3"], 6.0, out=tmp_path / "ref", **kwargs)
+    ref_offsets = [p.detach().clone() for p in dmx_parameters(ref["model"])]
+    assert any(float(p) != 0.0 for p in ref_offsets), "offsets never moved: test is vacuous"
+
+    def stop_at_3(step, record):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "resumed"
+    with pytest.raises(SearchInterrupted) as info:
+        search(models["qwen3"], 6.0, out=out, callback=stop_at_3, **kwargs)
+    assert info.value.step == 3 and Path(info.value.checkpoint).is_file()
+    assert not out.exists()
+    resumed = search(models["qwen3"], 6.0, out=out, resume=True, **kwargs)
+    got = dmx_parameters(resumed["model"])
+    assert all(torch.equal(a, b) for a, b in zip(got, ref_offsets, strict=True))
+    assert resumed["formats"] == ref["formats"]
+    assert [r["loss"] for r in resumed["log"]] == [r["loss"] for r in ref["log"]]
+
+
+def test_ctrl_c_prints_resume_command(models, calib, tmp_path, capsys, monkeypatch):
+    import dmx.train
+
+    real_step = dmx.train._train_step
+    calls = []
+
+    def interrupted_step(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(dmx.train, "_train_step", interrupted_step)
+    out = tmp_path / "out"
+    rc = _cli(["search", "--model", str(models["llama"]), "--target-bits", "5", "--calib",
+               str(calib), "--seqlen", "32", "--samples", "8", "--batch-size", "2", "--steps",
+               "4", "--no-progress", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 130 and not out.exists()
+    assert "interrupted after step 1" in err and "--resume" in err and "Traceback" not in err
+
+
+BAD = {
+    "steps 0": (["--steps", "0"], "--steps"),
+    "target below ladder": (["--target-bits", "3.5"], "impossible"),
+    "target above ladder": (["--target-bits", "7", "--ladder", "fp6-fp4"], "impossible"),
+    "no linear matched": (["--include", "no_such_layer"], "no nn.Linear"),
+    "missing model": (["--model", "/nonexistent/model"], "/nonexistent/model"),
+}
+
+
+def _base_argv(model, calib, out):
+    return ["search", "--model", str(model), "--target-bits", "6", "--calib", str(calib),
+            "--seqlen", "32", "--samples", "8", "--batch-size", "2", "--steps", "2",
+            "--no-progress", "-o", str(out)]
+
+
+def _assert_bad(capsys, argv, needle, out):
+    rc = _cli(argv)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and not Path(str(out) + ".partial").exists()
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_exits_2(models, calib, tmp_path, capsys, case):
+    extra, needle = BAD[case]
+    out = tmp_path / "out"
+    argv = _base_argv(models["llama"], calib, out)
+    if extra[0] == "--model":
+        argv[argv.index("--model") + 1] = extra[1]
+    elif extra[0] == "--target-bits":
+        argv[argv.index("--target-bits") + 1] = extra[1]
+        argv += extra[2:]
+    else:
+        argv += extra
+    _assert_bad(capsys, argv, needle, out)
+
+
+@pytest.mark.parametrize("text", ["", "too short to fill one window"])
+def test_empty_or_short_calibration_exits_2(models, tmp_path, capsys, text):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(text, encoding="utf-8")
+    out = tmp_path / "out"
+    rc = _cli(_base_argv(models["llama"], calib, out))
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert str(calib) in err or "calib" in err
+    assert not out.exists()
+
+
+def test_existing_out_needs_force(models, calib, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    rc = _cli(_base_argv(models["llama"], calib, out))
+    err = capsys.readouterr().err
+    assert rc == 2 and "--force" in err and "Traceback" not in err
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_leftover_checkpoint_needs_resume_or_force(models, calib, tmp_path):
+    out = tmp_path / "out"
+    partial = Path(str(out) + ".partial")
+    partial.mkdir()
+    (partial / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(DMXError, match="--resume"):
+        search(models["llama"], 6.0, calib=[calib], steps=2, out=out, **SMALL)
+
+
+def test_resume_with_other_settings_is_refused(models, calib, tmp_path):
+    out = tmp_path / "out"
+
+    def stop(step, record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SearchInterrupted):
+        search(models["llama"], 6.0, calib=[calib], steps=3, out=out, callback=stop, **SMALL)
+    with pytest.raises(DMXError, match="steps"):
+        search(models["llama"], 6.0, calib=[calib], steps=5, out=out, resume=True, **SMALL)
