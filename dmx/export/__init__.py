@@ -70,9 +70,13 @@ def export(out_dir, to: str, dest, allow_unfused: bool = False, verify: bool = T
                 log(f"note: {len(lossy)} 8-bit MX layer(s) stored as Q8_0 (llama.cpp has no "
                     f"MXFP8): max abs error vs the MX weights "
                     f"{max(c.max_abs_err for c in lossy):.3g}")
-        if dest.exists():
-            shutil.rmtree(dest)
+        old = None
+        if dest.exists():   # --force: move the old one aside first, so DIR is never half-written
+            old = dest.with_name(tmp.name + ".old")
+            os.replace(dest, old)
         os.replace(tmp, dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,0 +1,124 @@
+"""What each target refuses, and that a refusal or a failed check leaves nothing behind."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from dmx.errors import DMXError
+from test_export_outdir import MIXED, WITH_FP6, build_out
+
+UNFUSED = dict(MIXED, k_proj="fp4_e2m1")          # q/v MXFP8, k MXFP4 in every block
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("refuse")
+
+
+@pytest.fixture(scope="module")
+def unfused(root):
+    return build_out(root / "unfused", "qwen3", UNFUSED)
+
+
+@pytest.fixture(scope="module")
+def fp6(root):
+    return build_out(root / "fp6", "qwen3", WITH_FP6)
+
+
+def _export(*a, **kw):
+    from dmx.export import export
+    return export(*a, log=lambda *_: None, **kw)
+
+
+def _nothing_at(dest):
+    return not dest.exists() and not list(dest.parent.glob(f".{dest.name}.*"))
+
+
+@pytest.mark.parametrize("to", ["compressed-tensors", "quark"])
+def test_unfused_qkv_refused_for_vllm(unfused, tmp_path, to):
+    with pytest.raises(DMXError, match=r"self_attn: fused shards .*k_proj=fp4_e2m1.*--allow-unfused"):
+        _export(unfused, to, tmp_path / "x")
+    assert _nothing_at(tmp_path / "x")
+    checks = _export(unfused, to, tmp_path / "x", allow_unfused=True)
+    assert all(c.exact for c in checks)
+
+
+def test_unfused_is_fine_for_gguf(unfused, tmp_path):
+    """llama.cpp stores each tensor with its own type: no fused rule."""
+    checks = _export(unfused, "gguf", tmp_path / "g")
+    assert sum(c.stored_as == "MXFP4" for c in checks) == 8
+
+
+def test_mxfp6_refused_by_compressed_tensors_with_alternative(fp6, tmp_path):
+    with pytest.raises(DMXError, match=r"(o|down)_proj: weight format fp6_e(2m3|3m2) .*--to quark"):
+        _export(fp6, "compressed-tensors", tmp_path / "x")
+    assert _nothing_at(tmp_path / "x")
+
+
+def test_mxfp6_refused_by_gguf_with_alternative(fp6, tmp_path):
+    with pytest.raises(DMXError, match=r"fp6_e(2m3|3m2) cannot be stored in gguf.*--to quark"):
+        _export(fp6, "gguf", tmp_path / "x")
+
+
+def test_fp8_e5m2_refused_by_compressed_tensors(root, tmp_path):
+    src = build_out(root / "e5m2", "qwen3", dict(MIXED, down_proj="fp8_e5m2"))
+    with pytest.raises(DMXError, match=r"down_proj: weight format fp8_e5m2"):
+        _export(src, "compressed-tensors", tmp_path / "x")
+    with pytest.raises(DMXError, match=r"fp8_e5m2 cannot be stored in quark"):
+        _export(src, "quark", tmp_path / "x")
+    # GGUF keeps every 8-bit layer as Q8_0 (lossy, reported)
+    checks = _export(src, "gguf", tmp_path / "g")
+    assert sum(c.stored_as == "Q8_0" for c in checks) == 8
+
+
+def test_activation_format_the_target_cannot_hold(root, tmp_path):
+    src = build_out(root / "act6", "qwen3", MIXED, act_formats={"o_proj": "fp6_e2m3"})
+    with pytest.raises(DMXError, match=r"o_proj: activation format fp6_e2m3"):
+        _export(src, "compressed-tensors", tmp_path / "x")
+    assert all(c.exact for c in _export(src, "quark", tmp_path / "q"))
+
+
+def test_unknown_architecture_for_gguf(fp6, tmp_path):
+    src = tmp_path / "mistral"
+    shutil.copytree(fp6, src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["model_type"] = "mistral"
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(DMXError, match=r"GGUF export supports model_type llama and qwen3, "
+                                       r"not 'mistral'; use --to compressed-tensors"):
+        _export(src, "gguf", tmp_path / "x")
+
+
+def test_k_not_multiple_of_32(tmp_path, monkeypatch):
+    import test_export_outdir as t
+    from transformers import Qwen3Config
+
+    def odd(arch):   # MLP width 80: down_proj has in_features 80
+        return Qwen3Config(vocab_size=4096, hidden_size=64, intermediate_size=80,
+                           num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=16, max_position_embeddings=64, tie_word_embeddings=True)
+    monkeypatch.setattr(t, "tiny_config", odd)
+    src = t.build_out(tmp_path, "qwen3", dict(MIXED, down_proj="fp4_e2m1"))
+    for to in ("gguf", "compressed-tensors", "quark"):
+        with pytest.raises(DMXError, match=r"down_proj: in_features 80 is not a multiple of 32"):
+            _export(src, to, tmp_path / "x")
+
+
+def test_failed_read_back_leaves_nothing(fp6, tmp_path, monkeypatch):
+    """A writer bug (one flipped scale byte) must be caught by the read-back, not shipped."""
+    from dmx.export import quark
+
+    real = quark.layer_tensors
+
+    def corrupt(layer):
+        out = real(layer)
+        if layer.name.endswith("layers.0.mlp.up_proj"):
+            out["weight_scale"] = out["weight_scale"].clone()
+            out["weight_scale"][0, 0] += 1
+        return out
+    monkeypatch.setattr(quark, "layer_tensors", corrupt)
+    with pytest.raises(DMXError, match=r"read-back differs from OUT for 1 layer.*up_proj"):
+        _export(fp6, "quark", tmp_path / "x")
+    assert _nothing_at(tmp_path / "x")
