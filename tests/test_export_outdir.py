@@ -50,7 +50,8 @@ def linear_names(state_dict) -> list[str]:
 
 def build_out(root: Path, arch: str, formats=MIXED, act_formats=None, seed: int = 0) -> Path:
     """Write OUT for a random tiny ``arch`` model; ``formats`` maps a projection name
-    (q_proj, ...) or a full module name to an mxref format key."""
+    (q_proj, ...) or a full module name to an mxref format key, or to None to leave that
+    linear in full precision."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
@@ -65,7 +66,9 @@ def build_out(root: Path, arch: str, formats=MIXED, act_formats=None, seed: int 
     out.mkdir(parents=True)
     tensors, layers = {}, {}
     for name in linear_names(sd):
-        fmt = formats.get(name) or formats[name.rsplit(".", 1)[1]]
+        fmt = formats[name] if name in formats else formats[name.rsplit(".", 1)[1]]
+        if fmt is None:
+            continue
         act = (act_formats or {}).get(name.rsplit(".", 1)[1])
         w = sd.pop(name + ".weight").float().numpy()
         mx = mxref.quantize(w, fmt, axis=1, block_size=32)

@@ -197,3 +197,24 @@ def test_gguf_llama_mxfp4_attention_is_permuted(tmp_path):
     assert np.array_equal(codes, _permute(layer.codes, 2))
     assert np.array_equal(scales, _permute(layer.scales, 2))
     assert not np.array_equal(codes, layer.codes)     # the permutation really moved rows
+
+
+def test_full_precision_linears_are_skipped_by_vllm_configs(tmp_path):
+    """A linear left unquantized must be in compressed-tensors' ignore and Quark's exclude
+    (Quark would otherwise give it global_quant_config) and keep its original weight."""
+    import torch
+    from safetensors.torch import load_file
+
+    keep = "model.layers.1.mlp.down_proj"
+    src = build_out(tmp_path, "llama", dict(MIXED, **{keep: None}))
+    for to, key in (("compressed-tensors", "ignore"), ("quark", "exclude")):
+        _export(src, to, tmp_path / to)
+        qc = json.loads((tmp_path / to / "config.json").read_text())["quantization_config"]
+        assert keep in qc[key] and "lm_head" in qc[key]
+        assert "model.layers.0.mlp.down_proj" not in qc[key]
+        tensors = {}
+        for f in (tmp_path / to).glob("model-*.safetensors"):
+            tensors.update(load_file(str(f)))
+        original = load_file(str(src / "model.safetensors"))[keep + ".weight"]
+        assert tensors[keep + ".weight"].dtype == torch.float32
+        assert torch.equal(tensors[keep + ".weight"], original)

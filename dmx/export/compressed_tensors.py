@@ -41,7 +41,7 @@ def _args(fmt: str, dynamic: bool):
                             zp_dtype=torch.uint8)
 
 
-def quantization_config(layers) -> dict:
+def quantization_config(layers, ignore=("lm_head",)) -> dict:
     """The ``quantization_config`` block of config.json, serialised as compressed-tensors does."""
     import compressed_tensors
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
@@ -58,7 +58,7 @@ def quantization_config(layers) -> dict:
     formats = {FORMAT_OF[f] for f, _ in pairs}
     cfg = QuantizationConfig(config_groups=groups, quantization_status="compressed",
                              format=formats.pop() if len(formats) == 1 else "mixed-precision",
-                             ignore=["lm_head"] if "lm_head" not in layers else [])
+                             ignore=[n for n in ignore if n not in layers])
     # the keys ModelCompressor.update_config writes, in the same order
     return {"version": compressed_tensors.__version__, "quant_method": TARGET,
             "sparsity_config": {}, "transform_config": {},
@@ -89,7 +89,8 @@ def write(src, dest, max_shard_bytes: int = hfdir.DEFAULT_SHARD_BYTES) -> None:
         tensors.update({f"{name}.{k}": v for k, v in layer_tensors(layer).items()})
     hfdir.write_shards(tensors, dest, max_shard_bytes)
     hfdir.copy_side_files(src.path, dest)
-    hfdir.write_config(src.config, dest, quantization_config(src.layers))
+    hfdir.write_config(src.config, dest,
+                       quantization_config(src.layers, src.unquantized_modules()))
 
 
 def read_back(src, dest) -> list:

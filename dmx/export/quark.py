@@ -53,13 +53,14 @@ def layer_config(layer) -> dict:
             "output_tensors": None, "bias": None}
 
 
-def quantization_config(layers) -> dict:
+def quantization_config(layers, exclude=("lm_head",)) -> dict:
     return {"quant_method": "quark", "producer": {"name": "dmx"},
             "global_quant_config": {"weight": None, "input_tensors": None,
                                     "output_tensors": None, "bias": None},
             "layer_type_quant_config": {},
             "layer_quant_config": {n: layer_config(l) for n, l in sorted(layers.items())},
-            "exclude": ["lm_head"] if "lm_head" not in layers else [],
+            # every full-precision module: an unlisted one would get global_quant_config
+            "exclude": [n for n in exclude if n not in layers],
             "export": {"kv_cache_group": [], "min_kv_scale": 0.0, "pack_method": "reorder",
                        "weight_format": "real_quantized", "weight_merge_groups": None}}
 
@@ -87,7 +88,8 @@ def write(src, dest, max_shard_bytes: int = hfdir.DEFAULT_SHARD_BYTES) -> None:
         tensors.update({f"{name}.{k}": v for k, v in layer_tensors(layer).items()})
     hfdir.write_shards(tensors, dest, max_shard_bytes)
     hfdir.copy_side_files(src.path, dest)
-    hfdir.write_config(src.config, dest, quantization_config(src.layers))
+    hfdir.write_config(src.config, dest,
+                       quantization_config(src.layers, src.unquantized_modules()))
 
 
 # ---------------------------------------------------------------- read back

@@ -55,6 +55,14 @@ class OutModel:
     def model_type(self) -> str:
         return str(self.config.get("model_type", self.manifest.get("model_type", "")))
 
+    def unquantized_modules(self) -> list[str]:
+        """Modules with a 2-D weight left in full precision (lm_head, excluded linears,
+        embeddings): vLLM must be told to skip them, or it applies a default scheme."""
+        names = {k[:-len(".weight")] for k, t in self.tensors.items()
+                 if k.endswith(".weight") and t.dim() == 2}
+        names.add("lm_head")            # present as a module even when tied to the embedding
+        return sorted(names - set(self.layers))
+
 
 def _load_json(path: Path, what: str) -> dict:
     try:
