@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from dmx import triton_kernels as tk
 
 __all__ = ["install", "triton_fake_quantize_backend", "real_format_quantize", "dmx_linear",
-           "fused_forward", "patch_dmx_linear", "use_triton"]
+           "dmx_offset_linear", "fused_forward", "patch_dmx_linear", "use_triton"]
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -110,35 +110,66 @@ def real_format_quantize(x, exp_bits, man_bits, axis: int = -1, block_size: int 
 
 
 # ----------------------------------------------------------------------------- fused linear
+def _linear_backward(ctx, gy, e, m, lad, td):
+    """Shared backward of the fused linears: dW, dx, db and the scalar gradients, with the
+    quantized input recomputed and one finalize launch for both partial-sum blocks."""
+    x, w, wq = ctx.saved_tensors[:3]
+    block_size, cap, quantize_input, has_bias = ctx.cfg
+    gx_q = gy @ wq  # d/dQ(x)
+    xq = tk.real_format_forward(x, e, m, -1, block_size, cap, lad, td) if quantize_input else x
+    gy2 = gy.reshape(-1, gy.shape[-1])
+    gw_q = gy2.t() @ xq.reshape(-1, xq.shape[-1])
+    del xq
+    gb = gy2.sum(0).to(gy.dtype) if has_bias else None
+    n_w = tk.real_backward_programs(w, block_size)
+    n_x = tk.real_backward_programs(x, block_size) if quantize_input else 0
+    parts = torch.empty((n_w + n_x, 4), dtype=torch.float32, device=w.device)
+    dw = tk.real_backward_partial(w, gw_q, e, m, parts[:n_w], block_size, cap, lad, td)
+    dx = (tk.real_backward_partial(x, gx_q, e, m, parts[n_w:], block_size, cap, lad, td)
+          if quantize_input else gx_q)
+    de, dm = tk.real_finalize(parts, e, m, cap, lad, td)
+    return dx, dw, gb, de, dm
+
+
 class _DMXLinearFn(torch.autograd.Function):
-    """F.linear(Q(x), Q(w), bias) saving x and w only: Q(x), Q(w) are recomputed in backward."""
+    """F.linear(Q(x), Q(w), bias), (e, m) given as tensors. Saves x, w and Q(w) (weight
+    sized); Q(x) is recomputed in backward, so activation memory is that of nn.Linear."""
 
     @staticmethod
     def forward(ctx, x, w, bias, e, m, block_size, cap, quantize_input):
         xq = tk.real_format_forward(x, e, m, -1, block_size, cap) if quantize_input else x
         wq = tk.real_format_forward(w, e, m, -1, block_size, cap)
-        ctx.save_for_backward(x, w, e, m)
+        ctx.save_for_backward(x, w, wq, e, m)
         ctx.cfg = (block_size, cap, quantize_input, bias is not None)
         return F.linear(xq, wq, bias)
 
     @staticmethod
     def backward(ctx, gy):
-        x, w, e, m = ctx.saved_tensors
-        block_size, cap, quantize_input, has_bias = ctx.cfg
-        wq = tk.real_format_forward(w, e, m, -1, block_size, cap)
-        gx_q = gy @ wq  # d/dQ(x)
-        xq = tk.real_format_forward(x, e, m, -1, block_size, cap) if quantize_input else x
-        gy2 = gy.reshape(-1, gy.shape[-1])
-        gw_q = gy2.t() @ xq.reshape(-1, xq.shape[-1])
-        del xq
-        gb = gy2.sum(0).to(gy.dtype) if has_bias else None
-        dw, de, dm = tk.real_format_backward(w, gw_q, e, m, -1, block_size, cap)
-        if quantize_input:
-            dx, de_x, dm_x = tk.real_format_backward(x, gx_q, e, m, -1, block_size, cap)
-            de, dm = de + de_x, dm + dm_x
-        else:
-            dx = gx_q
+        e, m = ctx.saved_tensors[3:]
+        dx, dw, gb, de, dm = _linear_backward(ctx, gy, e, m, None, 0.0)
         return dx, dw, gb, de, dm, None, None, None
+
+
+class _DMXOffsetLinearFn(torch.autograd.Function):
+    """As _DMXLinearFn, but the format comes from the raw offset of a two-rung ladder: the
+    kernels compute (e, m) themselves (clamp, anneal map, interpolation), so a layer costs
+    a handful of launches instead of dozens of scalar torch ops (the step is launch-bound)."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, offset, td, lad, block_size, cap, quantize_input):
+        fw = tk.real_format_forward
+        xq = fw(x, offset, offset, -1, block_size, cap, lad, td) if quantize_input else x
+        wq = fw(w, offset, offset, -1, block_size, cap, lad, td)
+        ctx.save_for_backward(x, w, wq, offset)
+        ctx.cfg = (block_size, cap, quantize_input, bias is not None)
+        ctx.lad, ctx.td = lad, td
+        return F.linear(xq, wq, bias)
+
+    @staticmethod
+    def backward(ctx, gy):
+        offset = ctx.saved_tensors[3]
+        dx, dw, gb, doff, _ = _linear_backward(ctx, gy, offset, offset, ctx.lad, ctx.td)
+        return dx, dw, gb, doff, None, None, None, None, None
 
 
 def dmx_linear(x, weight, bias, exp_bits, man_bits, block_size: int = 32,
@@ -161,11 +192,37 @@ def _dmx_linear_triton(x, weight, bias, e, m, block_size=32, cap=448.0, quantize
     return _DMXLinearFn.apply(x, weight, bias, e, m, block_size, cap, quantize_input)
 
 
+def ladder_constants(ladder):
+    """(p0, width, e0, e_slope, m0, m_slope) of a two-rung ladder, else None."""
+    if len(ladder.rungs) != 2:
+        return None
+    lo, hi = ladder.rungs
+    w = hi.position - lo.position
+    return (lo.position, w, lo.exp_bits, (hi.exp_bits - lo.exp_bits) / w, lo.man_bits,
+            (hi.man_bits - lo.man_bits) / w)
+
+
+def dmx_offset_linear(x, weight, bias, offset, ladder, temperature, block_size=32,
+                      quantize_input=True):
+    """F.linear(Q(x), Q(w), bias) with the format of DMXLinear's soft mode computed from the
+    raw offset inside the kernels (two-rung ladders; Triton)."""
+    from dmx.anneal import T_DOC_PER_T_CODE
+    lad = ladder_constants(ladder)
+    if lad is None:
+        raise ValueError(f"ladder {ladder.name!r} has more than two rungs")
+    return _DMXOffsetLinearFn.apply(x, weight, bias, offset, T_DOC_PER_T_CODE * temperature,
+                                    lad, block_size, ladder.max_cap, quantize_input)
+
+
 # ----------------------------------------------------------------------------- DMXLinear
 def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
     """DMXLinear.forward with the soft (training) branch through :func:`dmx_linear`."""
     if layer.hard_mode or not use_triton(x):
         return _ORIGINAL_FORWARD[0](layer, x)
+    if ladder_constants(layer.ladder) is not None:
+        return dmx_offset_linear(x, layer.linear.weight, layer.linear.bias, layer.offset,
+                                 layer.ladder, layer.temperature, layer.block_size,
+                                 layer.quantize_input)
     b = layer.position()
     e, m = layer.ladder.exp_bits(b), layer.ladder.man_bits(b)
     return dmx_linear(x, layer.linear.weight, layer.linear.bias, e, m, layer.block_size,

@@ -192,10 +192,29 @@ def _kernels():
         store_out(y_ptr + base, offs, mask, y, nonfinite, OUT_KIND, NAN_BITS, True)
 
     @triton.jit
-    def real_scalars(e_ptr, m_ptr, CAP: tl.constexpr):
-        # dmx.realfmt's format parameters from the real bit counts (e, m)
-        e = tl.load(e_ptr).to(tl.float32)
-        m = tl.load(m_ptr).to(tl.float32)
+    def real_scalars(e_ptr, m_ptr, TD, CAP: tl.constexpr, FROM_OFF: tl.constexpr,
+                     P0: tl.constexpr, W: tl.constexpr, E0: tl.constexpr, SE: tl.constexpr,
+                     M0: tl.constexpr, SM: tl.constexpr):
+        # dmx.realfmt's format parameters from the real bit counts (e, m). FROM_OFF: e_ptr
+        # holds the raw offset b_hat of a two-rung ladder instead, and (e, m) are computed
+        # as dmx.layers does it (clamp_ste, anneal_map at TD = 20 T, linear interpolation
+        # between the rungs); fe, fm are d b_hat / d e-and-m chain factors for backward.
+        if FROM_OFF:
+            bh = tl.load(e_ptr).to(tl.float32)
+            bc = tl.minimum(tl.maximum(bh, P0), P0 + W)  # clamp_ste: gradient passes
+            sg = 1.0 / (1.0 + tl.exp(-(TD * ((bc - P0) / W - 0.5))))
+            t = (P0 + W * sg) - P0
+            tc = tl.minimum(tl.maximum(t, 0.0), W)
+            e = E0 + SE * tc
+            m = M0 + SM * tc
+            chain = tl.where((t >= 0.0) & (t <= W), TD * sg * (1.0 - sg), 0.0)
+            fe = SE * chain
+            fm = SM * chain
+        else:
+            e = tl.load(e_ptr).to(tl.float32)
+            m = tl.load(m_ptr).to(tl.float32)
+            fe = 0.0
+            fm = 0.0
         bias = pow2_real(e - 1.0) - 1.0
         big_b = pow2_real(pow2_real(e) - 1.0 - bias)
         nat_a = 2.0 - pow2_real(-m)
@@ -203,7 +222,7 @@ def _kernels():
         capped = natural > CAP
         maxval = tl.where(capped, CAP, natural)
         emax = floor_log2(maxval)
-        return e, m, bias, maxval, emax, capped, nat_a, big_b
+        return e, m, bias, maxval, emax, capped, nat_a, big_b, fe, fm
 
     @triton.jit
     def real_core(x, m, bias, maxval, emax):
@@ -231,10 +250,14 @@ def _kernels():
         return y, nonfinite, k, a, v, r, step, q, sat, is_sub, neg
 
     @triton.jit
-    def real_fwd_kernel(x_ptr, y_ptr, e_ptr, m_ptr, n_blocks, K, nbk,
+    def real_fwd_kernel(x_ptr, y_ptr, e_ptr, m_ptr, TD, n_blocks, K, nbk,
                         BS: tl.constexpr, BPP: tl.constexpr, EVEN: tl.constexpr,
-                        CAP: tl.constexpr, OUT_KIND: tl.constexpr, NAN_BITS: tl.constexpr):
-        e, m, bias, maxval, emax, capped, nat_a, big_b = real_scalars(e_ptr, m_ptr, CAP)
+                        OUT_KIND: tl.constexpr, NAN_BITS: tl.constexpr, CAP: tl.constexpr,
+                        FROM_OFF: tl.constexpr, P0: tl.constexpr, W: tl.constexpr,
+                        E0: tl.constexpr, SE: tl.constexpr, M0: tl.constexpr,
+                        SM: tl.constexpr):
+        e, m, bias, maxval, emax, capped, nat_a, big_b, fe, fm = real_scalars(
+            e_ptr, m_ptr, TD, CAP, FROM_OFF, P0, W, E0, SE, M0, SM)
         base, offs, mask = tile_offsets(tl.program_id(0), n_blocks, K, nbk, BS, BPP, EVEN)
         x = load_in(x_ptr + base, offs, mask, OUT_KIND)
         y, nonfinite, k, a, v, r, step, q, sat, is_sub, neg = real_core(x, m, bias, maxval,
@@ -242,13 +265,17 @@ def _kernels():
         store_out(y_ptr + base, offs, mask, y, nonfinite, OUT_KIND, NAN_BITS, False)
 
     @triton.jit
-    def real_bwd_kernel(x_ptr, g_ptr, dx_ptr, part_ptr, e_ptr, m_ptr, n_blocks, K, nbk,
+    def real_bwd_kernel(x_ptr, g_ptr, dx_ptr, part_ptr, e_ptr, m_ptr, TD, n_blocks, K, nbk,
                         BS: tl.constexpr, BPP: tl.constexpr, EVEN: tl.constexpr,
-                        CAP: tl.constexpr, OUT_KIND: tl.constexpr, NAN_BITS: tl.constexpr):
+                        OUT_KIND: tl.constexpr, NAN_BITS: tl.constexpr, CAP: tl.constexpr,
+                        FROM_OFF: tl.constexpr, P0: tl.constexpr, W: tl.constexpr,
+                        E0: tl.constexpr, SE: tl.constexpr, M0: tl.constexpr,
+                        SM: tl.constexpr):
         # Autograd of dmx.realfmt written out (see the derivation in dmx/fused.py):
         #   dx = g inside the range (0 where saturated, or u == 0: abs' gradient there),
         #   and four partial sums for the scalar gradients.
-        e, m, bias, maxval, emax, capped, nat_a, big_b = real_scalars(e_ptr, m_ptr, CAP)
+        e, m, bias, maxval, emax, capped, nat_a, big_b, fe, fm = real_scalars(
+            e_ptr, m_ptr, TD, CAP, FROM_OFF, P0, W, E0, SE, M0, SM)
         pid = tl.program_id(0)
         base, offs, mask = tile_offsets(pid, n_blocks, K, nbk, BS, BPP, EVEN)
         x = load_in(x_ptr + base, offs, mask, OUT_KIND)
@@ -280,10 +307,15 @@ def _kernels():
         tl.store(part_ptr + pid * 4 + 3, s_sc)
 
     @triton.jit
-    def real_finalize_kernel(part_ptr, n_parts, de_ptr, dm_ptr, e_ptr, m_ptr,
-                             CAP: tl.constexpr, CH: tl.constexpr, LN2: tl.constexpr):
+    def real_finalize_kernel(part_ptr, n_parts, de_ptr, dm_ptr, e_ptr, m_ptr, TD,
+                             CH: tl.constexpr, LN2: tl.constexpr, CAP: tl.constexpr,
+                             FROM_OFF: tl.constexpr, P0: tl.constexpr, W: tl.constexpr,
+                             E0: tl.constexpr, SE: tl.constexpr, M0: tl.constexpr,
+                             SM: tl.constexpr):
         # sums the partials and applies the chain rule through maxval(e, m), sub_exp(e)
-        e, m, bias, maxval, emax, capped, nat_a, big_b = real_scalars(e_ptr, m_ptr, CAP)
+        # (FROM_OFF: on to the offset, stored at de_ptr)
+        e, m, bias, maxval, emax, capped, nat_a, big_b, fe, fm = real_scalars(
+            e_ptr, m_ptr, TD, CAP, FROM_OFF, P0, W, E0, SE, M0, SM)
         acc = tl.zeros([CH, 4], dtype=tl.float32)
         cols = tl.arange(0, 4)
         for start in range(0, n_parts, CH):
@@ -302,8 +334,11 @@ def _kernels():
         dmax_de = tl.where(capped, 0.0, nat_a * big_b * LN2 * LN2 * pow2_real(e - 1.0))
         dm = -LN2 * s_t + d_maxval * dmax_dm
         de = d_sub * (-pow2_real(e - 1.0) * LN2) + d_maxval * dmax_de
-        tl.store(dm_ptr, dm)
-        tl.store(de_ptr, de)
+        if FROM_OFF:
+            tl.store(de_ptr, de * fe + dm * fm)
+        else:
+            tl.store(dm_ptr, dm)
+            tl.store(de_ptr, de)
 
     # Triton resolves names a kernel calls through the module's globals (not closures)
     helpers = dict(triton=triton, tl=tl, pow2_bits=pow2_bits, floor_log2=floor_log2,
@@ -395,39 +430,79 @@ def mx_fake_quantize(x, fmt, axis: int = -1, block_size: int = 32, profile=None)
     return y.movedim(-1, axis) if axis != x.dim() - 1 else y
 
 
-def real_format_forward(x, e, m, axis: int = -1, block_size: int = 32, cap: float = 448.0):
+def _real_consts(cap: float, lad) -> dict:
+    """Constexprs of the real-format kernels; ``lad`` = (p0, width, e0, e_slope, m0, m_slope)
+    of a two-rung ladder when the kernel starts from the raw offset, else None."""
+    p0, w, e0, se, m0, sm = lad if lad is not None else (0.0, 1.0, 0.0, 0.0, 0.0, 0.0)
+    return dict(CAP=float(cap), FROM_OFF=lad is not None, P0=float(p0), W=float(w),
+                E0=float(e0), SE=float(se), M0=float(m0), SM=float(sm))
+
+
+def real_format_forward(x, e, m, axis: int = -1, block_size: int = 32, cap: float = 448.0,
+                        lad=None, td: float = 0.0):
     """Forward of dmx.realfmt.real_format_quantize; ``e``, ``m``: 0-d float32 tensors on
-    x's device (read by the kernel: no host synchronisation)."""
+    x's device (read by the kernel: no host synchronisation). With ``lad`` (see
+    :func:`_real_consts`) ``e`` is the raw offset instead, ``m`` is ignored and ``td`` is the
+    anneal slope 20 T."""
     import torch
     x2, mshape, axis = _last_axis_2d(x, axis)
     y2 = torch.empty_like(x2)
     n_blocks, K, nbk, even, bpp, grid = _geometry(x2, block_size)
     _kernels()["real_fwd"][grid](
-        _in_view(x2), _out_view(y2), e, m, n_blocks, K, nbk, BS=block_size, BPP=bpp, EVEN=even,
-        CAP=float(cap), OUT_KIND=_out_kind(x.dtype), NAN_BITS=_nan_bits(x.dtype),
-        num_warps=CONFIG["num_warps"], **_OPTS)
+        _in_view(x2), _out_view(y2), e, m, float(td), n_blocks, K, nbk, BS=block_size,
+        BPP=bpp, EVEN=even, OUT_KIND=_out_kind(x.dtype), NAN_BITS=_nan_bits(x.dtype),
+        num_warps=CONFIG["num_warps"], **_real_consts(cap, lad), **_OPTS)
     y = y2.reshape(mshape)
     return y.movedim(-1, axis) if axis != x.dim() - 1 else y
 
 
-def real_format_backward(x, g, e, m, axis: int = -1, block_size: int = 32,
-                         cap: float = 448.0):
-    """(dx, de, dm) of real_format_forward for the output gradient ``g``."""
+def real_backward_programs(x, block_size: int = 32) -> int:
+    """Rows of partial sums :func:`real_backward_partial` writes for ``x``."""
+    n = x.numel() // x.shape[-1] if x.dim() else 1
+    nbk = -(-x.shape[-1] // block_size)
+    return max(1, -(-(n * nbk) // max(1, CONFIG["elems_per_prog"] // block_size)))
+
+
+def real_backward_partial(x, g, e, m, parts, block_size: int = 32, cap: float = 448.0,
+                          lad=None, td: float = 0.0):
+    """dx of the last-axis real format, and its partial sums written to ``parts``
+    ([real_backward_programs(x), 4] float32); :func:`real_finalize` turns any number of
+    such blocks of rows (one buffer) into the scalar gradients."""
     import torch
-    x2, mshape, axis = _last_axis_2d(x, axis)
-    g2, _, _ = _last_axis_2d(g.to(x.dtype), axis)
+    x2, mshape, _ = _last_axis_2d(x, -1)
+    g2, _, _ = _last_axis_2d(g.to(x.dtype), -1)
     dx2 = torch.empty_like(x2)
     n_blocks, K, nbk, even, bpp, grid = _geometry(x2, block_size)
-    parts = torch.empty((grid[0], 4), dtype=torch.float32, device=x.device)
-    ks = _kernels()
-    ks["real_bwd"][grid](
-        _in_view(x2), _in_view(g2), _out_view(dx2), parts, e, m, n_blocks, K, nbk, BS=block_size, BPP=bpp,
-        EVEN=even, CAP=float(cap), OUT_KIND=_out_kind(x.dtype), NAN_BITS=_nan_bits(x.dtype),
-        num_warps=CONFIG["num_warps"], **_OPTS)
-    de = torch.empty((), dtype=torch.float32, device=x.device)
-    dm = torch.empty((), dtype=torch.float32, device=x.device)
-    ks["real_fin"][(1,)](parts, grid[0], de, dm, e, m, CAP=float(cap), CH=256, LN2=_LN2,
-                         num_warps=4, **_OPTS)
-    dx = dx2.reshape(mshape)
-    dx = dx.movedim(-1, axis) if axis != x.dim() - 1 else dx
-    return dx, de, dm
+    assert parts.shape[0] == grid[0] and parts.is_contiguous()
+    _kernels()["real_bwd"][grid](
+        _in_view(x2), _in_view(g2), _out_view(dx2), parts, e, m, float(td), n_blocks, K, nbk,
+        BS=block_size, BPP=bpp, EVEN=even, OUT_KIND=_out_kind(x.dtype),
+        NAN_BITS=_nan_bits(x.dtype), num_warps=CONFIG["num_warps"], **_real_consts(cap, lad),
+        **_OPTS)
+    return dx2.reshape(mshape)
+
+
+def real_finalize(parts, e, m, cap: float = 448.0, lad=None, td: float = 0.0):
+    """(de, dm) from partial sums; with ``lad``: (d offset, None)."""
+    import torch
+    de = torch.empty((), dtype=torch.float32, device=parts.device)
+    dm = torch.empty((), dtype=torch.float32, device=parts.device) if lad is None else de
+    _kernels()["real_fin"][(1,)](parts, parts.shape[0], de, dm, e, m, float(td), CH=256,
+                                 LN2=_LN2, num_warps=4, **_real_consts(cap, lad), **_OPTS)
+    return (de, dm) if lad is None else (de, None)
+
+
+def real_format_backward(x, g, e, m, axis: int = -1, block_size: int = 32,
+                         cap: float = 448.0, lad=None, td: float = 0.0):
+    """(dx, de, dm) of real_format_forward for the output gradient ``g`` (with ``lad``:
+    (dx, d offset, None))."""
+    import torch
+    axis = axis % x.dim()
+    last = axis == x.dim() - 1
+    xm = x if last else x.movedim(axis, -1)
+    gm = g if last else g.movedim(axis, -1)
+    parts = torch.empty((real_backward_programs(xm, block_size), 4), dtype=torch.float32,
+                        device=x.device)
+    dx = real_backward_partial(xm, gm, e, m, parts, block_size, cap, lad, td)
+    de, dm = real_finalize(parts, e, m, cap, lad, td)
+    return (dx if last else dx.movedim(-1, axis)), de, dm

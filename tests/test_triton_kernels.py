@@ -215,3 +215,37 @@ def test_backend_registration_on_cuda():
     fused.install()
     x = adversarial(torch.bfloat16).cuda()
     assert_same_bits(fake_quantize(x, "fp4_e2m1"), mxref_reference(x, "fp4_e2m1"), "backend")
+
+
+@pytest.mark.parametrize("init,temperature", [(0.3, 0.4), (1.0, 0.4), (1.7, 5.0), (2.5, 0.4)])
+def test_offset_linear_matches_dmxlinear(monkeypatch, init, temperature):
+    """DMXLinear's soft forward through dmx.fused (format computed in-kernel from the raw
+    offset) against dmx.layers' own torch path: outputs, dx, dW and d offset."""
+    if DEV == "cpu":
+        monkeypatch.setenv("DMX_TRITON_ON_CPU", "1")
+    from dmx.layers import DMXLinear
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48, bias=False).to(DEV)
+    x = torch.randn(2, 5, 64, device=DEV)
+    outs = []
+    for patched in (False, True):
+        layer = DMXLinear(torch.nn.Linear(64, 48, bias=False).to(DEV), "fp8-fp4", init=init)
+        layer.linear.weight.data.copy_(lin.weight.data)
+        layer.temperature = temperature
+        layer.train()
+        fused.patch_dmx_linear(patched)
+        try:
+            xi = x.clone().requires_grad_()
+            y = layer(xi)
+            y.square().sum().backward()
+        finally:
+            fused.patch_dmx_linear(False)
+        outs.append((y.detach(), xi.grad, layer.linear.weight.grad, layer.offset.grad))
+    (y0, dx0, dw0, do0), (y1, dx1, dw1, do1) = outs
+    # (e, m) agree to float32 rounding (sigmoid/exp approximations), so an element on a
+    # rounding boundary can flip to the neighbouring grid point: compare the bulk
+    close = torch.isclose(y1, y0, rtol=1e-4, atol=1e-6).float().mean()
+    assert close > 0.99
+    torch.testing.assert_close(dx1, dx0, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(dw1, dw0, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(do1, do0, rtol=2e-2, atol=1e-3)
