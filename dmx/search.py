@@ -30,7 +30,7 @@ SEARCH_LOG_NAME = "search_log.json"
 DEFAULTS = dict(ladder="fp8-fp4", weights_only=False, calib=None, seqlen=2048, samples=None,
                 steps=400, batch_size=8, lr=1.0, device="cpu", seed=0, force=False,
                 distill=False, weighting="simple", checkpoint_every=50, resume=False,
-                delay=0.6, t_start=0.4, t_end=20.0, lam=5.0, checkpoint_dir=None)
+                delay=0.6, t_start=0.4, t_end=20.0, lam=5.0, checkpoint_dir=None, include=None)
 WEIGHTINGS = ("simple", "size")  # the averages the paper trains against (macs is report-only)
 
 
@@ -83,8 +83,6 @@ def _check_paths(model_dir, calib, out, force, resume, ckpt_dir):
     for f in calib or ():
         if not Path(f).is_file():
             raise DMXError(f"--calib {f}: no such file")
-    if out is None:
-        raise DMXError("-o/--out is required: the directory to write the searched model to")
     if Path(out).exists() and not force:
         raise DMXError(f"{out} already exists; pass --force to overwrite it or choose another "
                        f"-o/--out")
@@ -105,6 +103,8 @@ def _resume_command(config: dict, out, ckpt_dir, explicit_ckpt_dir: bool) -> str
                 "t_start", "t_end", "lam"):
         if config[key] != DEFAULTS[key]:
             flags += ["--" + key.replace("_", "-"), str(config[key])]
+    for pattern in config.get("include") or ():
+        flags += ["--include", pattern]
     for key in ("weights_only", "distill"):
         if config[key]:
             flags.append("--" + key.replace("_", "-"))
@@ -118,7 +118,7 @@ def search(model_dir, target_bits, ladder="fp8-fp4", weights_only=False, calib=N
            seqlen=2048, samples=None, steps=400, batch_size=8, lr=1.0, device="cpu", seed=0,
            out=None, force=False, distill=False, weighting="simple", checkpoint_every=50,
            resume=False, delay=0.6, t_start=0.4, t_end=20.0, lam=5.0, checkpoint_dir=None,
-           progress=True, callback=None) -> dict:
+           include=None, progress=True, callback=None) -> dict:
     """Run a dMX search and write OUT; returns a summary dict (formats, achieved bits, ...).
 
     ``calib``: text files (default: the embedded wiki.valid.raw). ``samples``: calibration
@@ -133,7 +133,9 @@ def search(model_dir, target_bits, ladder="fp8-fp4", weights_only=False, calib=N
     from dmx.checkpoint import (check_same_config, default_checkpoint_dir, load_checkpoint,
                                 save_checkpoint)
 
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(out or ".")
+    if out is None:
+        raise DMXError("-o/--out is required: the directory to write the searched model to")
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(out)
     _check_paths(model_dir, calib, out, force, resume, ckpt_dir)
     if force and not resume and (ckpt_dir / "checkpoint.pt").is_file():
         (ckpt_dir / "checkpoint.pt").unlink()  # --force without --resume: start over
@@ -145,6 +147,9 @@ def search(model_dir, target_bits, ladder="fp8-fp4", weights_only=False, calib=N
     from dmx.penalty import average_bits
     from dmx.train import TrainConfig, train_offsets
 
+    if not calib and not data.default_calibration_file().is_file():
+        raise DMXError(f"the embedded calibration text {data.default_calibration_file()} is "
+                       f"missing; pass --calib FILE")
     calib_files = [str(Path(f).resolve()) for f in calib] if calib else [
         str(data.default_calibration_file())]
     if samples is None:
@@ -154,7 +159,8 @@ def search(model_dir, target_bits, ladder="fp8-fp4", weights_only=False, calib=N
               "seqlen": int(seqlen), "samples": int(samples), "steps": int(steps),
               "batch_size": int(batch_size), "lr": float(lr), "seed": int(seed),
               "distill": bool(distill), "weighting": weighting, "delay": float(delay),
-              "t_start": float(t_start), "t_end": float(t_end), "lam": float(lam)}
+              "t_start": float(t_start), "t_end": float(t_end), "lam": float(lam),
+              "include": list(include) if include else None}
     resume_state = None
     if resume:
         resume_state = load_checkpoint(ckpt_dir)
@@ -166,7 +172,7 @@ def search(model_dir, target_bits, ladder="fp8-fp4", weights_only=False, calib=N
     for p in model.parameters():
         p.requires_grad_(False)  # only the offsets learn
     model.eval()  # no dropout; wrap_model's DMXLinears are switched to train mode by the loop
-    layers = wrap_model(model, lad, quantize_activations=not weights_only)
+    layers = wrap_model(model, lad, include=include, quantize_activations=not weights_only)
 
     cfg = TrainConfig(target_bits=float(target_bits), steps=int(steps),
                       batch_size=int(batch_size), lr=float(lr), lam=float(lam),
@@ -238,6 +244,9 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
                    help="formats a layer can take: fp8-fp4 (default), fp6-fp4, fp8-fp6-fp4")
     p.add_argument("--weights-only", action="store_true",
                    help="quantize weights only (inputs stay full precision)")
+    p.add_argument("--include", action="append", metavar="REGEX",
+                   help="quantize only linears whose name matches (repeatable; default: all "
+                        "but lm_head and embeddings)")
     p.add_argument("--calib", nargs="+", metavar="FILE",
                    help="calibration text file(s) (default: the embedded wiki.valid.raw)")
     p.add_argument("--seqlen", type=int, default=DEFAULTS["seqlen"],
@@ -294,6 +303,10 @@ def run_search(args) -> int:
               f"{stop.checkpoint}. Continue with:\n  "
               f"{_resume_command(cfg, args.out, ckpt_dir, bool(args.checkpoint_dir))}",
               file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before the first step or while OUT was being written
+        print("dmx search: interrupted; OUT was not written (a checkpoint, if any, is in "
+              f"{args.checkpoint_dir or str(args.out) + '.partial'})", file=sys.stderr)
         return 130
     except DMXError as err:
         print(f"dmx search: error: {err}", file=sys.stderr)

@@ -156,8 +156,10 @@ def train_offsets(model, layers: dict, windows: torch.Tensor, cfg: TrainConfig,
             bar.set_postfix(loss=f"{record['ce']:.3f}", pen=f"{record['penalty']:.3f}",
                             bits=f"{record['avg_bits']:.2f}", hard=f"{record['hard_bits']:.2f}",
                             T=f"{record['T']:.2f}", refresh=False)
-            if save is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 \
-                    and step < cfg.steps:
+            # the last step saves too: a crash while OUT is written then resumes straight
+            # to writing it
+            if save is not None and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+                                     or step == cfg.steps):
                 save(state_now(step))
             if callback is not None:
                 callback(step, record)
