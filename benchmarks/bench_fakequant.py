@@ -87,6 +87,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = ap.parse_args(argv)
     if args.threads:
+        # mxref's first Numba call starts the OpenMP pool, which resets torch's thread
+        # count: start it first, then set the threads
+        mxref.quantize(np.zeros(32, np.float32), "fp4_e2m1")
         torch.set_num_threads(args.threads)
 
     devices = args.device or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
@@ -151,7 +154,7 @@ def write_report(args, rows, compile_note, devices) -> None:
         "|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for dev, dt, fmt, name, ms, gel, rel, diff, adv in rows:
-        lines.append(f"| {dev} | {dt} | {fmt} | {name} | {ms:.1f} | {gel:.3f} | {rel:.2f} | "
+        lines.append(f"| {dev} | {dt} | {fmt} | {name} | {ms:.2f} | {gel:.3f} | {rel:.2f} | "
                      f"{diff} | {adv} |")
     if compile_note:
         lines += ["", compile_note]

@@ -15,6 +15,7 @@ _LAZY = {
     "fake_quantize": "dmx.quant",
     "quantize_codes": "dmx.quant",
     "dequantize_codes": "dmx.quant",
+    "register_backend": "dmx.quant",
     "real_format_quantize": "dmx.realfmt",
     "Rung": "dmx.ladders",
     "Ladder": "dmx.ladders",

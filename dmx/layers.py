@@ -225,8 +225,11 @@ def wrap_model(model: nn.Module, ladder="fp8-fp4", include=None, exclude=("lm_he
     """
     ladder = get_ladder(ladder)
     inc, exc = _compile(include, "include"), _compile(exclude, "exclude") or []
+    # the nn.Linear inside an existing MXLinear/DMXLinear is not wrapped again
+    wrapped = [n + "." for n, m in model.named_modules() if isinstance(m, _LinearView)]
     targets = [(n, m) for n, m in model.named_modules()
                if type(m) is nn.Linear and n
+               and not any(n.startswith(w) for w in wrapped)
                and (inc is None or any(p.search(n) for p in inc))
                and not any(p.search(n) for p in exc)]
     if not targets:

@@ -28,8 +28,9 @@ import mxref
 from mxref.formats import E8M0
 
 from dmx.errors import DMXError
-from dmx.quant import (_check_block_size, _check_input, _normalise_axis, compute_dtype,
-                       floor_log2, from_blocks, pow2_int, to_blocks, write_nan)
+from dmx.quant import (_LAYOUT, _check_block_size, _check_input, _normalise_axis, compute_dtype,
+                       exponent_field, floor_log2, from_blocks, pow2_int, to_blocks,
+                       write_nan)
 
 __all__ = ["real_format_quantize", "format_max", "pow2", "DEFAULT_MAX_CAP"]
 
@@ -110,7 +111,9 @@ def real_format_quantize(x: torch.Tensor, exp_bits, man_bits, axis: int = -1,
     u = xb / scale  # exact (power-of-two divisor)
     a = u.abs()
     sub_exp = 1 - bias  # exponent of the smallest normal: the subnormal floor
-    e_int = floor_log2(a.detach()).to(cdt)
+    # binade from the exponent bits; zeros and FP32 subnormals read as the lowest binade,
+    # below any format's subnormal floor, which the where() below then applies
+    e_int = (exponent_field(a.detach()) - _LAYOUT[cdt][2]).to(cdt)
     binade = torch.where(e_int >= sub_exp.detach(), e_int, sub_exp)
     step = pow2(binade - m)
     q = step * round_ste(a / step)

@@ -27,6 +27,8 @@ def single_threaded():
     add overhead, and on a busy 2-core machine they oversubscribe it (20x slower runs).
     Results are bit-identical for any thread count."""
     import numba
+    # mxref's first Numba call starts the OpenMP pool, which resets torch's thread count
+    mxref.quantize(np.zeros(32, np.float32), "fp4_e2m1")
     before = torch.get_num_threads(), numba.get_num_threads()
     torch.set_num_threads(1)
     numba.set_num_threads(1)
