@@ -8,9 +8,10 @@ Three public operations:
 
 Why it is exact: every step is either an exact float operation (multiplying by a
 power of two built from its bit pattern, rounding a value whose fraction is
-exactly representable) or integer arithmetic. The block scale exponent comes from
-``torch.frexp`` (exponent bits), never from a float ``log2``, which is wrong just
-below powers of two. Every format constant comes from :class:`mxref.FormatInfo`.
+exactly representable) or integer arithmetic. The block scale exponent and each
+element's binade come from the exponent bit field (integer views), never from a
+float ``log2``, which is wrong just below powers of two. Every format constant comes
+from :class:`mxref.FormatInfo`.
 
 Seam for accelerated kernels: :func:`register_backend` adds a function that is
 tried before the torch implementation (the Triton kernels register themselves
