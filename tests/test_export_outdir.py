@@ -48,17 +48,22 @@ def linear_names(state_dict) -> list[str]:
                   if k.endswith(".weight") and LINEAR.match(k[:-len(".weight")]))
 
 
-def build_out(root: Path, arch: str, formats=MIXED, act_formats=None, seed: int = 0) -> Path:
+def build_out(root: Path, arch: str, formats=MIXED, act_formats=None, seed: int = 0,
+              model_dir: Path | None = None) -> Path:
     """Write OUT for a random tiny ``arch`` model; ``formats`` maps a projection name
     (q_proj, ...) or a full module name to an mxref format key, or to None to leave that
-    linear in full precision."""
+    linear in full precision. ``model_dir``: a real checkpoint instead of a random model."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = tiny_config(arch)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    if model_dir is None:
+        config = tiny_config(arch)
+        model = AutoModelForCausalLM.from_config(config).eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        config = model.config
     sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)   # stored once, as HF does
@@ -86,9 +91,10 @@ def build_out(root: Path, arch: str, formats=MIXED, act_formats=None, seed: int 
     tensors.update(sd)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(config.to_json_string())
+    tok_dir = Path(model_dir) if model_dir is not None else TOKENIZERS[arch]
     for f in TOKENIZER_FILES:
-        if (TOKENIZERS[arch] / f).exists():
-            shutil.copy(TOKENIZERS[arch] / f, out / f)
+        if (tok_dir / f).exists():
+            shutil.copy(tok_dir / f, out / f)
     bits = [layers[n]["bits"] for n in layers]
     manifest = {"format_version": 1, "producer": "dmx test", "method": "uniform",
                 "source_model": f"tiny-{arch}", "model_type": arch, "ladder": None,

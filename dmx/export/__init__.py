@@ -53,6 +53,9 @@ def export(out_dir, to: str, dest, allow_unfused: bool = False, verify: bool = T
     src = load_out(out_dir)
     mod.check(src, allow_unfused)
     _prepare_dest(dest, force)
+    if to == "gguf" and any(l.act_format for l in src.layers.values()):
+        log("note: GGUF stores weights only; llama.cpp quantizes activations its own way, "
+            "so the activation formats of OUT are not carried over")
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
     try:
         mod.write(src, tmp, **write_options)

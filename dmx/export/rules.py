@@ -53,5 +53,5 @@ def check_whole_blocks(layers, target: str) -> None:
     for name, layer in layers.items():
         if layer.shape[1] % 32:
             raise DMXError(f"{name}: in_features {layer.shape[1]} is not a multiple of 32, "
-                           f"which {target} needs for MX blocks; exclude this layer from "
-                           f"quantization (dmx search --exclude) and export again")
+                           f"which {target} needs for MX blocks; rerun `dmx search` with "
+                           f"--include patterns that leave this layer in full precision")
