@@ -289,6 +289,21 @@ def test_scale_clamps_at_both_ends(fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+def test_rceil_boundary_at_max_normal_times_power_of_two(fmt):
+    # rceil: X = 2^ceil(log2(amax / max_normal)); amax = max_normal * 2^k gives exactly
+    # X = 2^k (element = max normal, no saturation), one ulp more gives 2^(k+1).
+    f = mxref.get_format(fmt)
+    for k in (-30, -1, 0, 5, 40):
+        at = np.array([np.ldexp(f.max_normal, k)], np.float32)
+        above = (raw_bits(at) + 1).view(np.float32)
+        below = (raw_bits(at) - 1).view(np.float32)
+        for x, want in ((at, k), (above, k + 1), (below, k)):
+            mx = assert_matches_oracle(x, fmt, profile="rceil")
+            assert int(mx.scales[0]) == want + 127, (fmt, k, float(x[0]))
+        assert int(mxref.quantize(at, fmt, profile="rceil").codes[0]) == f.max_code
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_fp32_subnormal_inputs_kept_or_flushed(fmt):
     f = mxref.get_format(fmt)
     # the largest FP32 subnormals, at scale 2^-127 (clamped), land inside every

@@ -211,6 +211,8 @@ def mx_blocks(draw, fmt, block_size=32, dtype="float32", allow_nan=True, allow_i
       (7.9999995 for FP4 in float32 is the floor(log2) trap);
     * ``ties``: elements exactly at midpoints between element values at the scale the
       floor rule gives (ties must round to even), when the dtype can hold them;
+    * ``rceil_edge``: a maximum at, or a few ulps from, max_normal * 2^k (the
+      boundary of the rceil rule);
     * ``saturate``: a maximum whose significand is above max_normal / 2^emax, so the
       block maximum clamps, with neighbours near it;
     * ``zeros``: signed zeros, optionally with dtype-subnormals;
@@ -225,7 +227,7 @@ def mx_blocks(draw, fmt, block_size=32, dtype="float32", allow_nan=True, allow_i
     lay = _layout(dtype)
     n = block_size
     scenario = draw(st.sampled_from(["spread", "near_pow2", "ties", "saturate", "zeros",
-                                     "subnormal"]))
+                                     "subnormal", "rceil_edge"]))
     bits: list[int]
     if scenario == "spread":
         e = draw(_exp_fields(lay, f))
@@ -260,6 +262,19 @@ def mx_blocks(draw, fmt, block_size=32, dtype="float32", allow_nan=True, allow_i
         bits = draw(st.lists(st.one_of(top, _finite_bits_near(lay, e, 3)),
                              min_size=n, max_size=n))
         bits[draw(st.integers(0, n - 1))] = draw(top)
+    elif scenario == "rceil_edge":
+        # amax = max_normal * 2^k exactly (or a few ulps off): the boundary of the
+        # rceil rule, where X = 2^k must not become 2^(k+1)
+        with np.errstate(over="ignore"):
+            edges = np.ldexp(f.max_normal, np.arange(-20, 21)).astype(lay.dtype)
+        edge_bits = edges.view(lay.uint).astype(np.uint64)
+        fields = (edge_bits >> np.uint64(lay.man_bits)) & np.uint64(lay.exp_all_ones)
+        usable = edge_bits[(fields >= 1) & (fields <= lay.exp_all_ones - 1)].tolist()
+        top = draw(st.sampled_from(usable)) + draw(st.sampled_from([0, 0, 0, 1, -1, 2, -2]))
+        top = min(top, lay.pack(0, lay.exp_all_ones, 0) - 1)  # stay finite
+        rest = draw(st.lists(_finite_bits_near(lay, top >> lay.man_bits, 6),
+                             min_size=n - 1, max_size=n - 1))
+        bits = [top | (draw(st.integers(0, 1)) << (lay.exp_bits + lay.man_bits))] + rest
     elif scenario == "zeros":
         sub = draw(st.booleans())
         z = st.builds(lay.pack, st.integers(0, 1), st.just(0), st.just(0))
