@@ -158,6 +158,12 @@ def test_gguf_round_trip(outs, tmp_path, arch):
     assert f("tokenizer.ggml.model") == ("gpt2" if arch == "qwen3" else "llama")
     if arch == "qwen3":
         assert len(f("tokenizer.ggml.merges")) > 1000
+        assert f("tokenizer.ggml.tokens")[0] == "<|endoftext|>"
+        assert f("tokenizer.ggml.token_type")[0] == gguf.TokenType.CONTROL
+        assert f("tokenizer.ggml.eos_token_id") == 0
+    else:
+        assert f("tokenizer.ggml.tokens")[1] == "<s>" and f("tokenizer.ggml.bos_token_id") == 1
+        assert f("tokenizer.ggml.token_type")[1] == gguf.TokenType.CONTROL
 
     types = {t.name: t.tensor_type for t in r.tensors}
     T = gguf.GGMLQuantizationType

@@ -141,7 +141,7 @@ def _pre_tokenizer(src) -> str:
     pre = tok.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return "gpt-2"
-    return {"qwen3": "qwen2", "llama": "default"}[src.model_type]
+    return {"qwen3": "qwen2", "llama": "llama-bpe"}[src.model_type]
 
 
 def _add_tokenizer(w, src) -> None:
@@ -153,6 +153,12 @@ def _add_tokenizer(w, src) -> None:
         tokens.append(text)
         scores.append(score)
         types.append(ttype)
+    if kind == "gpt2":   # as convert_hf_to_gguf: added tokens are CONTROL if special
+        added = json.loads((src.path / "tokenizer.json").read_text()).get("added_tokens") or []
+        for tok in added:
+            if 0 <= tok["id"] < len(types):
+                types[tok["id"]] = (gguf.TokenType.CONTROL if tok.get("special")
+                                    else gguf.TokenType.USER_DEFINED)
     n_vocab = int(src.config["vocab_size"])
     for i in range(len(tokens), n_vocab):   # HF pads the embedding past the tokenizer
         tokens.append(f"[PAD{i}]".encode())
