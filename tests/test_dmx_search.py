@@ -244,3 +244,34 @@ def test_resume_with_other_settings_is_refused(models, calib, tmp_path):
         search(models["llama"], 6.0, calib=[calib], steps=3, out=out, callback=stop, **SMALL)
     with pytest.raises(DMXError, match="steps"):
         search(models["llama"], 6.0, calib=[calib], steps=5, out=out, resume=True, **SMALL)
+
+
+def test_batch_order_is_epochs_of_permutations():
+    from dmx.train import batch_indices
+
+    n, bs = 10, 4
+    stream = torch.cat([batch_indices(3, s, n, bs) for s in range(5)])  # 20 = two epochs
+    assert sorted(stream[:10].tolist()) == list(range(n))
+    assert sorted(stream[10:].tolist()) == list(range(n))
+    assert not torch.equal(stream[:10], stream[10:])  # each epoch its own order
+    assert torch.equal(batch_indices(3, 4, n, bs), stream[16:20])  # (seed, step) only
+    assert not torch.equal(batch_indices(4, 0, n, bs), stream[:4])
+
+
+def test_quantization_bypass_gives_the_unquantized_logits(models):
+    """--distill's reference forward must be the original model, bit for bit."""
+    from dmx import data
+    from dmx.train import quantization_bypassed
+
+    model, _ = data.load_model_and_tokenizer(models["qwen3"])
+    ids = torch.randint(0, 4096, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        layers = wrap_model(model, "fp8-fp4")
+        quantized = model(input_ids=ids).logits
+        with quantization_bypassed(layers):
+            bypassed = model(input_ids=ids).logits
+        again = model(input_ids=ids).logits
+    assert torch.equal(bypassed, plain)
+    assert not torch.equal(quantized, plain)
+    assert torch.equal(again, quantized)  # the bypass is undone on exit
