@@ -122,3 +122,25 @@ def test_failed_read_back_leaves_nothing(fp6, tmp_path, monkeypatch):
     with pytest.raises(DMXError, match=r"read-back differs from OUT for 1 layer.*up_proj"):
         _export(fp6, "quark", tmp_path / "x")
     assert _nothing_at(tmp_path / "x")
+
+
+def test_nan_blocks_refused(tmp_path, monkeypatch):
+    """A weight with NaN becomes an MX NaN block (scale 0xFF), which no engine decodes."""
+    import test_export_outdir as t
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    real_from_config = AutoModelForCausalLM.from_config
+
+    def with_nan(config):
+        model = real_from_config(config)
+        with torch.no_grad():
+            model.model.layers[0].mlp.up_proj.weight[3, 5] = float("nan")
+        return model
+    monkeypatch.setattr(AutoModelForCausalLM, "from_config", with_nan)
+    src = t.build_out(tmp_path, "qwen3")
+    monkeypatch.undo()
+    for to in ("compressed-tensors", "quark", "gguf"):
+        with pytest.raises(DMXError, match=r"layers\.0\.mlp\.up_proj: has NaN MX blocks"):
+            _export(src, to, tmp_path / "x")
+        assert _nothing_at(tmp_path / "x")

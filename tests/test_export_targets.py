@@ -92,6 +92,16 @@ def test_compressed_tensors_activation_groups(outs, tmp_path):
                    len(g["targets"])) for g in groups)
     assert acts == [("mxfp4-pack-quantized", 0, 6), ("mxfp8-quantized", 0, 2),
                     ("mxfp8-quantized", 8, 6)]
+    # each group is exactly the compressed-tensors preset llm-compressor would write
+    from compressed_tensors.quantization import QuantizationScheme
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+    for g in groups:
+        preset = {("mxfp4-pack-quantized", False): "MXFP4A16", ("mxfp8-quantized", False):
+                  "MXFP8A16", ("mxfp8-quantized", True): "MXFP8"}[
+                      (g["format"], g["input_activations"] is not None)]
+        want = QuantizationScheme(targets=g["targets"], format=g["format"],
+                                  **PRESET_SCHEMES[preset]).model_dump(mode="json")
+        assert g == want          # as it appears in config.json
 
 
 # ------------------------------------------------------------ Quark

@@ -52,6 +52,7 @@ def check(src, allow_unfused: bool) -> None:
         "llama.cpp has no MXFP6 type: use --to quark, or rerun `dmx search` with the "
         "fp8-fp4 ladder")
     rules.check_whole_blocks(src.layers, TARGET)
+    rules.check_finite(src.layers, TARGET)
     if _tokenizer_kind(src.path) is None:
         raise DMXError(f"{src.path}: no byte-level or SentencePiece-style BPE tokenizer.json "
                        f"for GGUF; copy the source model's tokenizer files into OUT")

@@ -69,6 +69,7 @@ def check(src, allow_unfused: bool) -> None:
     rules.check_formats(src.layers, TARGET, DTYPE_OF, ALTERNATIVE)
     rules.check_fused(src.layers, TARGET, allow_unfused)
     rules.check_whole_blocks(src.layers, TARGET)
+    rules.check_finite(src.layers, TARGET)
 
 
 def layer_tensors(layer) -> dict:

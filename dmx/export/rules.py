@@ -55,3 +55,15 @@ def check_whole_blocks(layers, target: str) -> None:
             raise DMXError(f"{name}: in_features {layer.shape[1]} is not a multiple of 32, "
                            f"which {target} needs for MX blocks; rerun `dmx search` with "
                            f"--include patterns that leave this layer in full precision")
+
+
+def check_finite(layers, target: str) -> None:
+    """MX NaN (scale 0xFF or a NaN element code) has no encoding in any engine: llama.cpp
+    decodes the scale as a number, vLLM/compressed-tensors as 2^128. Refuse, don't ship it."""
+    import numpy as np
+
+    for name, layer in layers.items():
+        if (layer.scales == 0xFF).any() or np.isnan(layer.values()).any():
+            raise DMXError(f"{name}: has NaN MX blocks (scale 0xFF or NaN codes), which "
+                           f"{target} cannot represent; the source weights contain NaN/Inf: "
+                           f"fix them and rerun `dmx search`")
