@@ -1,7 +1,6 @@
 """Ladders, the anneal map, penalties and the dMX layers (incl. a tiny Llama trained a few steps)."""
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
