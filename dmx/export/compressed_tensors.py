@@ -66,32 +66,22 @@ def quantization_config(layers, ignore=("lm_head",)) -> dict:
 
 
 def check(src, allow_unfused: bool) -> None:
-    rules.check_formats(src.layers, TARGET, FORMAT_OF, ALTERNATIVE)
-    rules.check_fused(src.layers, TARGET, allow_unfused)
-    rules.check_whole_blocks(src.layers, TARGET)
-    rules.check_finite(src.layers, TARGET)
+    rules.check_vllm(src, TARGET, FORMAT_OF, ALTERNATIVE, allow_unfused)
 
 
 def layer_tensors(layer) -> dict:
     """The tensors one quantized linear becomes in the checkpoint (without the name prefix)."""
-    import torch
-
-    scale = torch.from_numpy(np.ascontiguousarray(layer.scales))
+    scale = hfdir.uint8_tensor(layer.scales)
     if layer.fmt == "fp4_e2m1":
-        packed = mxref.pack_codes(layer.codes, layer.fmt)
-        return {"weight_packed": torch.from_numpy(packed), "weight_scale": scale}
-    fp8 = torch.from_numpy(np.ascontiguousarray(layer.codes)).view(torch.float8_e4m3fn)
-    return {"weight": fp8, "weight_scale": scale}
+        return {"weight_packed": hfdir.uint8_tensor(mxref.pack_codes(layer.codes, layer.fmt)),
+                "weight_scale": scale}
+    return {"weight": hfdir.float8_e4m3_tensor(layer.codes), "weight_scale": scale}
 
 
 def write(src, dest, max_shard_bytes: int = hfdir.DEFAULT_SHARD_BYTES) -> None:
-    tensors = dict(src.tensors)
-    for name, layer in src.layers.items():
-        tensors.update({f"{name}.{k}": v for k, v in layer_tensors(layer).items()})
-    hfdir.write_shards(tensors, dest, max_shard_bytes)
-    hfdir.copy_side_files(src.path, dest)
-    hfdir.write_config(src.config, dest,
-                       quantization_config(src.layers, src.unquantized_modules()))
+    hfdir.write_checkpoint(src, dest, layer_tensors,
+                           quantization_config(src.layers, src.unquantized_modules()),
+                           max_shard_bytes)
 
 
 def read_back(src, dest) -> list:

@@ -28,6 +28,30 @@ def write_config(src_config: dict, dest: Path, quantization_config: dict) -> Non
     (dest / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def uint8_tensor(a):
+    import numpy as np
+    import torch
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.uint8))
+
+
+def float8_e4m3_tensor(codes):
+    """OCP E4M3 codes are float8_e4m3fn bit patterns: a view, no conversion."""
+    import torch
+    return uint8_tensor(codes).view(torch.float8_e4m3fn)
+
+
+def write_checkpoint(src, dest: Path, layer_tensors, quantization_config: dict,
+                     max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+    """OUT's unquantized tensors + ``layer_tensors(layer)`` per quantized linear, sharded,
+    with OUT's side files and config.json carrying ``quantization_config``."""
+    tensors = dict(src.tensors)
+    for name, layer in src.layers.items():
+        tensors.update({f"{name}.{k}": v for k, v in layer_tensors(layer).items()})
+    write_shards(tensors, dest, max_shard_bytes)
+    copy_side_files(src.path, dest)
+    write_config(src.config, dest, quantization_config)
+
+
 def write_shards(tensors: dict, dest: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
     """Write torch tensors in name order into shards of at most ``max_shard_bytes``."""
     from safetensors.torch import save_file

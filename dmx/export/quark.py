@@ -66,31 +66,21 @@ def quantization_config(layers, exclude=("lm_head",)) -> dict:
 
 
 def check(src, allow_unfused: bool) -> None:
-    rules.check_formats(src.layers, TARGET, DTYPE_OF, ALTERNATIVE)
-    rules.check_fused(src.layers, TARGET, allow_unfused)
-    rules.check_whole_blocks(src.layers, TARGET)
-    rules.check_finite(src.layers, TARGET)
+    rules.check_vllm(src, TARGET, DTYPE_OF, ALTERNATIVE, allow_unfused)
 
 
 def layer_tensors(layer) -> dict:
-    import torch
-
-    scale = torch.from_numpy(np.ascontiguousarray(layer.scales))
     if layer.fmt == "fp8_e4m3":
-        w = torch.from_numpy(np.ascontiguousarray(layer.codes)).view(torch.float8_e4m3fn)
+        w = hfdir.float8_e4m3_tensor(layer.codes)
     else:  # Quark's FP4/FP6 byte layouts are mxref's fp4-lo-first / fp6-le24 (docstring)
-        w = torch.from_numpy(mxref.pack_codes(layer.codes, layer.fmt))
-    return {"weight": w, "weight_scale": scale}
+        w = hfdir.uint8_tensor(mxref.pack_codes(layer.codes, layer.fmt))
+    return {"weight": w, "weight_scale": hfdir.uint8_tensor(layer.scales)}
 
 
 def write(src, dest, max_shard_bytes: int = hfdir.DEFAULT_SHARD_BYTES) -> None:
-    tensors = dict(src.tensors)
-    for name, layer in src.layers.items():
-        tensors.update({f"{name}.{k}": v for k, v in layer_tensors(layer).items()})
-    hfdir.write_shards(tensors, dest, max_shard_bytes)
-    hfdir.copy_side_files(src.path, dest)
-    hfdir.write_config(src.config, dest,
-                       quantization_config(src.layers, src.unquantized_modules()))
+    hfdir.write_checkpoint(src, dest, layer_tensors,
+                           quantization_config(src.layers, src.unquantized_modules()),
+                           max_shard_bytes)
 
 
 # ---------------------------------------------------------------- read back

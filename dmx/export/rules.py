@@ -67,3 +67,11 @@ def check_finite(layers, target: str) -> None:
             raise DMXError(f"{name}: has NaN MX blocks (scale 0xFF or NaN codes), which "
                            f"{target} cannot represent; the source weights contain NaN/Inf: "
                            f"fix them and rerun `dmx search`")
+
+
+def check_vllm(src, target: str, supported, alternative: str, allow_unfused: bool) -> None:
+    """Everything a vLLM checkpoint (compressed-tensors or Quark) must satisfy."""
+    check_formats(src.layers, target, supported, alternative)
+    check_fused(src.layers, target, allow_unfused)
+    check_whole_blocks(src.layers, target)
+    check_finite(src.layers, target)
