@@ -21,7 +21,6 @@ What goes where, following llama.cpp's ``convert_hf_to_gguf.py``:
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
