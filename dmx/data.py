@@ -1,0 +1,205 @@
+"""Models, tokenizers and token windows for search, baselines and evaluation.
+
+Public API (all errors are one-line :class:`dmx.errors.DMXError`):
+
+* ``load_model_and_tokenizer(model_dir, device="cpu", dtype=None) -> (model, tokenizer)``:
+  a local Hugging Face causal LM in eval mode (``dtype`` None = the checkpoint's dtype).
+* ``load_tokenizer(model_dir)`` / ``check_causal_lm_dir(model_dir) -> config``.
+* ``calibration_windows(tokenizer, files, seqlen, samples, seed) -> LongTensor [n, seqlen]``:
+  the files concatenated, tokenized whole, ``samples`` distinct non-overlapping windows
+  drawn with ``seed`` (capped, with a note, at what the text holds).
+* ``eval_windows(tokenizer, file, seqlen, max_windows=None) -> (LongTensor [n, seqlen], info)``:
+  the GPTQ perplexity protocol (ecosystem.md 6.1): the text tokenized once, cut into
+  non-overlapping ``seqlen`` windows, remainder dropped, all tokens scored.
+* ``default_calibration_file()``, ``default_eval_file()``, ``embedded_model_dir()``: the
+  assets shipped in ``dmx/data/`` (see dmx/data/README.md for their sources).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from dmx.errors import DMXError
+
+__all__ = ["DATA_DIR", "embedded_model_dir", "default_calibration_file", "default_eval_file",
+           "check_causal_lm_dir", "load_tokenizer", "load_model_and_tokenizer", "read_text",
+           "tokenize_whole", "calibration_windows", "eval_windows", "JOINS"]
+
+# The embedded assets live in the dmx/data/ directory next to this module (package data).
+DATA_DIR = Path(__file__).resolve().parent / "data"
+
+
+def embedded_model_dir() -> Path:
+    """The demo model shipped with dmx (tiny-qwen3, 5.8 M parameters)."""
+    return DATA_DIR / "tiny-qwen3"
+
+
+def default_calibration_file() -> Path:
+    """WikiText-2 raw validation split: the default calibration text."""
+    return DATA_DIR / "wikitext-2-raw" / "wiki.valid.raw"
+
+
+def default_eval_file() -> Path:
+    """WikiText-2 raw test split: the default evaluation text."""
+    return DATA_DIR / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def _quiet_transformers() -> None:
+    # transformers' info/warning chatter (e.g. "sequence longer than model_max_length"
+    # when a whole text is tokenized on purpose) would bury dmx's own one-line messages.
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+
+
+def check_causal_lm_dir(model_dir) -> dict:
+    """The config.json of a local causal-LM directory; a clear error when it is not one."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise DMXError(f"--model {model_dir}: no such directory; pass a local Hugging Face "
+                       f"model directory (no hub downloads)")
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise DMXError(f"--model {model_dir}: no config.json; pass a Hugging Face model "
+                       f"directory (save_pretrained output)")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as err:
+        raise DMXError(f"{cfg_path}: unreadable JSON ({err})") from None
+    archs = config.get("architectures") or []
+    if archs and not any(str(a).endswith("ForCausalLM") for a in archs):
+        raise DMXError(f"--model {model_dir}: architectures {archs} is not a causal LM; dmx "
+                       f"needs a *ForCausalLM model (e.g. LlamaForCausalLM, Qwen3ForCausalLM)")
+    return config
+
+
+def load_tokenizer(model_dir):
+    """AutoTokenizer of a local directory, or a clear error."""
+    _quiet_transformers()
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as err:  # transformers raises many types (OSError, ValueError, ...)
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DMXError(f"{model_dir}: the tokenizer does not load ({msg}); the directory needs "
+                       f"tokenizer.json or the tokenizer files of its model") from None
+
+
+def load_model_and_tokenizer(model_dir, device="cpu", dtype=None):
+    """(model in eval mode on ``device``, tokenizer) of a local causal-LM directory."""
+    check_causal_lm_dir(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    _quiet_transformers()
+    from transformers import AutoModelForCausalLM
+    kwargs = {"dtype": dtype} if dtype is not None else {"dtype": "auto"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    except Exception as err:
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DMXError(f"--model {model_dir}: not loadable as a causal LM "
+                       f"(AutoModelForCausalLM: {msg})") from None
+    return model.to(device).eval(), tokenizer
+
+
+def read_text(files) -> str:
+    """The files' text, concatenated with a newline between files (UTF-8)."""
+    if isinstance(files, (str, Path)):
+        files = [files]
+    parts = []
+    for f in files:
+        p = Path(f)
+        if not p.is_file():
+            raise DMXError(f"{f}: no such text file")
+        try:
+            parts.append(p.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as err:
+            raise DMXError(f"{f}: not a readable UTF-8 text file ({err})") from None
+    return "\n".join(parts)
+
+
+def tokenize_whole(tokenizer, text: str):
+    """The text as one LongTensor of ids [n] (special tokens as the tokenizer adds them,
+    i.e. at most one BOS at the very start, as in GPTQ's tokenizer(text))."""
+    import torch
+    _quiet_transformers()
+    ids = tokenizer(text, return_attention_mask=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _check_positive(flag: str, value) -> int:
+    if isinstance(value, bool) or value is None or int(value) != value or value < 1:
+        raise DMXError(f"{flag} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def calibration_windows(tokenizer, files, seqlen: int, samples: int, seed: int = 0):
+    """``samples`` token windows of ``seqlen`` from the files: LongTensor [samples, seqlen].
+
+    The text is tokenized whole, cut into non-overlapping windows after a seeded random
+    shift, and ``samples`` of them are drawn without replacement (seeded); the same
+    (files, seqlen, samples, seed) always gives the same windows. If the text holds fewer
+    windows, all of them are used and a note says so.
+    """
+    import torch
+    seqlen = _check_positive("--seqlen", seqlen)
+    samples = _check_positive("--samples", samples)
+    text = read_text(files)
+    names = ", ".join(str(f) for f in ([files] if isinstance(files, (str, Path)) else files))
+    if not text.strip():
+        raise DMXError(f"calibration text {names} is empty; pass a text file with content")
+    ids = tokenize_whole(tokenizer, text)
+    if ids.numel() < seqlen:
+        raise DMXError(f"calibration text {names} has {ids.numel()} tokens, fewer than one "
+                       f"window of --seqlen {seqlen}; pass more text or a smaller --seqlen")
+    gen = torch.Generator().manual_seed(int(seed))
+    n_avail = ids.numel() // seqlen
+    spare = ids.numel() - n_avail * seqlen
+    shift = int(torch.randint(0, spare + 1, (1,), generator=gen))
+    windows = ids[shift:shift + n_avail * seqlen].view(n_avail, seqlen)
+    if samples > n_avail:
+        print(f"dmx: note: the calibration text holds {n_avail} windows of {seqlen} tokens; "
+              f"using all {n_avail} instead of --samples {samples}", file=sys.stderr)
+        samples = n_avail
+    pick = torch.randperm(n_avail, generator=gen)[:samples]
+    return windows[pick].contiguous()
+
+
+JOINS = ("file", "rows")
+
+
+def eval_windows(tokenizer, file, seqlen: int, max_windows: int | None = None,
+                 join: str = "file"):
+    """GPTQ-protocol windows of a text file: (LongTensor [n, seqlen], info dict).
+
+    The text is tokenized once; windows are non-overlapping, the remainder is dropped,
+    every token of a window is scored. ``join="file"``: the file's text as it is (the
+    number /work/shared/data quotes for tiny-qwen3, 116.0, is measured this way);
+    ``join="rows"``: GPTQ's ``"\\n\\n".join(dataset["text"])`` over the Hugging Face
+    ``wikitext`` rows (every line a row, blank lines empty rows), which adds newlines.
+    ``max_windows`` keeps the first N (a quick evaluation: the info says so).
+    ``info``: file, join, n_tokens, windows_total, windows, seqlen.
+    """
+    seqlen = _check_positive("--seqlen", seqlen)
+    if seqlen < 2:
+        raise DMXError("--seqlen must be at least 2 (one next-token prediction)")
+    if max_windows is not None:
+        max_windows = _check_positive("--max-windows", max_windows)
+    text = read_text([file])
+    if not text.strip():
+        raise DMXError(f"evaluation text {file} is empty; pass a text file with content")
+    if join not in JOINS:
+        raise DMXError(f"--join must be one of {', '.join(JOINS)}, got {join!r}")
+    if join == "rows":
+        text = "\n\n".join(line if line.strip() else ""
+                            for line in text.splitlines(keepends=True))
+    ids = tokenize_whole(tokenizer, text)
+    total = ids.numel() // seqlen
+    if total == 0:
+        raise DMXError(f"evaluation text {file} has {ids.numel()} tokens, fewer than one "
+                       f"window of --seqlen {seqlen}; pass more text or a smaller --seqlen")
+    n = total if max_windows is None else min(total, max_windows)
+    windows = ids[:n * seqlen].view(n, seqlen)
+    info = {"file": str(file), "join": join, "n_tokens": int(ids.numel()),
+            "windows_total": int(total),
+            "windows": int(n), "seqlen": int(seqlen)}
+    return windows, info
