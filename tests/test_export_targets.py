@@ -234,3 +234,53 @@ def test_full_precision_linears_are_skipped_by_vllm_configs(tmp_path):
         original = load_file(str(src / "model.safetensors"))[keep + ".weight"]
         assert tensors[keep + ".weight"].dtype == torch.float32
         assert torch.equal(tensors[keep + ".weight"], original)
+
+
+def _rope_hf(x, pos, theta=10000.0):
+    """transformers' rotate_half RoPE on [T, heads, d]."""
+    d = x.shape[-1]
+    ang = pos[:, None] * theta ** (-np.arange(0, d, 2) / d)          # [T, d/2]
+    cos, sin = np.cos(ang)[:, None], np.sin(ang)[:, None]
+    a, b = x[..., : d // 2], x[..., d // 2:]
+    return np.concatenate([a * cos - b * sin, b * cos + a * sin], -1)
+
+
+def _rope_ggml_norm(x, pos, theta=10000.0):
+    """ggml's LLAMA (NORM) RoPE: rotates adjacent pairs (2i, 2i+1)."""
+    d = x.shape[-1]
+    ang = pos[:, None] * theta ** (-np.arange(0, d, 2) / d)
+    cos, sin = np.cos(ang)[:, None], np.sin(ang)[:, None]
+    a, b = x[..., 0::2], x[..., 1::2]
+    out = np.empty_like(x)
+    out[..., 0::2], out[..., 1::2] = a * cos - b * sin, a * sin + b * cos
+    return out
+
+
+def test_gguf_llama_attention_scores_match_hf(tmp_path):
+    """The permuted GGUF q/k under llama.cpp's pair-wise RoPE give the attention scores that
+    HF's rotate_half RoPE gives with the unpermuted weights: the permutation is the right one."""
+    import gguf
+    from dmx.export.source import load_out
+
+    fp4_attn = dict(MIXED, q_proj="fp4_e2m1", k_proj="fp4_e2m1", v_proj="fp4_e2m1")
+    src = build_out(tmp_path, "llama", fp4_attn, seed=3)
+    _export(src, "gguf", tmp_path / "g")
+    t = {x.name: x for x in gguf.GGUFReader(str(tmp_path / "g" / "model.gguf")).tensors}
+    layers = load_out(src).layers
+    x = np.random.default_rng(0).standard_normal((5, 64))
+    pos = np.arange(5, dtype=np.float64)
+
+    def scores(wq, wk, rope):
+        q = rope((x @ wq.T).reshape(5, 4, 16), pos)
+        k = rope((x @ wk.T).reshape(5, 2, 16), pos)
+        k = np.repeat(k, 2, axis=1)                       # GQA: 4 query heads, 2 kv heads
+        return np.einsum("thd,shd->hts", q, k)
+
+    hf = scores(layers["model.layers.0.self_attn.q_proj"].values().astype(np.float64),
+                layers["model.layers.0.self_attn.k_proj"].values().astype(np.float64), _rope_hf)
+    dq = lambda n: gguf.quants.dequantize(np.asarray(t[n].data), t[n].tensor_type)  # noqa
+    gg = scores(dq("blk.0.attn_q.weight").reshape(64, 64).astype(np.float64),
+                dq("blk.0.attn_k.weight").reshape(32, 64).astype(np.float64), _rope_ggml_norm)
+    assert np.allclose(gg, hf, rtol=1e-9, atol=1e-12)
+    assert not np.allclose(scores(dq("blk.0.attn_q.weight").reshape(64, 64),
+                                  dq("blk.0.attn_k.weight").reshape(32, 64), _rope_hf), hf)
