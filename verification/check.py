@@ -1,0 +1,400 @@
+"""The DUT checker (a ``testfloat_ver`` for MX): hashes first, recompute, compare bits.
+
+1. Every file listed in ``manifest.json`` must exist with its recorded SHA-256.
+2. Inputs are read from the suite (``vectors.bin``, else ``.npz``, else ``.hex``) and
+   the expected outputs are RECOMPUTED by mxref with the recorded profile (the
+   expected fields stored in the suite are not trusted).
+3. The DUT file holds the output fields only, in the suite's layout (``expected.hex``
+   / ``expected.bin`` are valid DUT files; npz: one array per output field).
+4. Comparison is bit for bit; ``--nan any`` lets any NaN match any NaN and
+   ``--zero-sign ignore`` lets +0 match -0. Every mismatch is located (vector, block,
+   element, field) and described (hex, decoded, XOR mask, distance in code steps).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+
+import mxref
+from mxref.errors import MXError
+from verification import vectors as V
+
+_HEX_OK = re.compile(r"^[0-9A-Fa-f]*$")
+
+
+class BadInput(MXError):
+    """A malformed suite or DUT file: the CLI prints it on one line and exits 2."""
+
+
+# --------------------------------------------------------------------------- loading
+@dataclass
+class Suite:
+    dir: str
+    man: dict
+    fields: list
+    fmt: object
+    profile: object
+
+    @property
+    def n(self) -> int:
+        return int(self.man["n_vectors"])
+
+    @property
+    def outs(self):
+        return V.outputs_of(self.fields)
+
+    def category_of(self) -> np.ndarray:
+        out = np.empty(self.n, dtype=object)
+        for r in self.man["category_runs"]:
+            out[r["first"]:r["first"] + r["count"]] = r["category"]
+        return out
+
+
+def load_suite(d: str) -> Suite:
+    mpath = os.path.join(d, "manifest.json")
+    if not os.path.isfile(mpath):
+        raise BadInput(f"{mpath}: no manifest.json; point --vectors at a directory made by "
+                       f"'mxverify gen'")
+    try:
+        with open(mpath) as fh:
+            man = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInput(f"{mpath}:{getattr(e, 'lineno', 1)}: invalid JSON ({e.__class__.__name__}); "
+                       f"regenerate the suite") from None
+    need = ("schema", "op", "format", "profile", "block_size", "n_vectors", "files",
+            "category_runs")
+    missing = [k for k in need if k not in man]
+    if missing or man.get("schema") != V.SCHEMA:
+        raise BadInput(f"{mpath}:1: not an {V.SCHEMA} manifest (missing: "
+                       f"{', '.join(missing) or 'schema'}); regenerate the suite")
+    for name, info in sorted(man["files"].items()):
+        p = os.path.join(d, name)
+        if not os.path.isfile(p):
+            raise BadInput(f"{p}: listed in the manifest but missing; regenerate the suite")
+        h = V.sha256_file(p)
+        if h != info["sha256"]:
+            raise BadInput(f"{p}: SHA-256 {h[:16]}... does not match the manifest "
+                           f"({info['sha256'][:16]}...); the file was modified or corrupted")
+    try:
+        fmt = mxref.get_format(man["format"])
+        profile = mxref.Profile.from_dict(man["profile"])
+    except MXError as e:
+        raise BadInput(f"{mpath}:1: {e}") from None
+    fields = V.layout(man["op"], int(man["block_size"]))
+    return Suite(d, man, fields, fmt, profile)
+
+
+def _parse_hex(path: str, fields: list, n_expected: int | None) -> dict:
+    """Read hex vector lines (fields joined by '_' or not; '//' comments and blanks skipped)."""
+    digits = sum(f.count * f.hex_digits for f in fields)
+    rows = []
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise BadInput(f"{path}: not a text file (non-ASCII bytes); use --dut-format bin "
+                       f"for binary dumps") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
+        s = line.split("//", 1)[0].strip()
+        if not s:
+            continue
+        s = s.replace("_", "")
+        if not _HEX_OK.match(s):
+            bad = next(c for c in s if c not in "0123456789abcdefABCDEF")
+            raise BadInput(f"{path}:{lineno}: invalid hex digit {bad!r}; each line must be "
+                           f"{digits} hex digits ({'_'.join(f.name for f in fields)})")
+        if len(s) != digits:
+            raise BadInput(f"{path}:{lineno}: line has {len(s)} hex digits, expected {digits} "
+                           f"(fields {', '.join(f'{f.name}[{f.count}]x{f.hex_digits}' for f in fields)})")
+        rows.append((lineno, s))
+    if n_expected is not None and len(rows) != n_expected:
+        where = rows[-1][0] + 1 if rows and len(rows) < n_expected else (
+            rows[n_expected][0] if rows else 1)
+        raise BadInput(f"{path}:{where}: {len(rows)} vectors, the suite has {n_expected}; "
+                       f"the file is truncated or has extra lines")
+    out = {}
+    if not rows:
+        return {f.name: np.zeros((0, f.count), V._UINT[f.bits]) for f in fields}
+    off = 0
+    for f in fields:
+        w = f.count * f.hex_digits
+        vals = [int(s[off + j * f.hex_digits: off + (j + 1) * f.hex_digits], 16)
+                for _, s in rows for j in range(f.count)]
+        out[f.name] = np.array(vals, dtype=np.uint64).astype(V._UINT[f.bits]).reshape(-1, f.count)
+        off += w
+    return out
+
+
+def _parse_bin(path: str, fields: list, n: int) -> dict:
+    rec = sum(f.nbytes for f in fields)
+    size = os.path.getsize(path)
+    if size % rec:
+        raise BadInput(f"{path}: {size} bytes is not a whole number of {rec}-byte records "
+                       f"(truncated at record {size // rec}?)")
+    if size // rec != n:
+        raise BadInput(f"{path}: {size // rec} records, the suite has {n}; the file is "
+                       f"truncated or has extra records")
+    with open(path, "rb") as fh:
+        return V.from_bin(fields, fh.read(), n)
+
+
+def _parse_npz(path: str, fields: list, n: int) -> dict:
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise BadInput(f"{path}: not a readable .npz ({e.__class__.__name__}); write it with "
+                       f"numpy.savez") from None
+    out = {}
+    with z:
+        for f in fields:
+            if f.name not in z.files:
+                raise BadInput(f"{path}: key {f.name!r} missing; expected keys "
+                               f"{', '.join(x.name for x in fields)}")
+            a = z[f.name]
+            if not np.issubdtype(a.dtype, np.integer):
+                raise BadInput(f"{path}: key {f.name!r} has dtype {a.dtype}; store bit patterns "
+                               f"as unsigned integers")
+            if a.size != n * f.count:
+                raise BadInput(f"{path}: key {f.name!r} has {a.size} values, expected "
+                               f"{n} x {f.count}; the DUT output has the wrong vector count")
+            out[f.name] = a.astype(V._UINT[f.bits]).reshape(n, f.count)
+    return out
+
+
+def _parse_jsonl(path: str, fields: list, n: int) -> dict:
+    cols = {f.name: [] for f in fields}
+    with open(path) as fh:
+        for lineno, line in enumerate(fh, 1):
+            try:
+                rec = json.loads(line)
+                for f in fields:
+                    cols[f.name].append([int(h, 16) for h in rec[f.name]])
+            except (ValueError, KeyError, TypeError):
+                raise BadInput(f"{path}:{lineno}: malformed vector record") from None
+    if len(cols[fields[0].name]) != n:
+        raise BadInput(f"{path}: {len(cols[fields[0].name])} vectors, the manifest says {n}")
+    return {f.name: np.array(cols[f.name], np.uint64).astype(V._UINT[f.bits]).reshape(n, f.count)
+            for f in fields}
+
+
+def read_inputs(s: Suite) -> dict:
+    ins = V.inputs_of(s.fields)
+    for name, parse in (("vectors.bin", None), ("vectors.npz", None), ("vectors.hex", None),
+                        ("vectors.jsonl", None)):
+        p = os.path.join(s.dir, name)
+        if name not in s.man["files"]:
+            continue
+        if name == "vectors.bin":
+            return _parse_bin(p, s.fields, s.n)
+        if name == "vectors.npz":
+            return _parse_npz(p, ins, s.n)
+        if name == "vectors.hex":
+            return _parse_hex(p, s.fields, s.n)
+        return _parse_jsonl(p, ins, s.n)
+    raise BadInput(f"{s.dir}: the suite holds no vector file (vectors.bin/.npz/.hex/.jsonl)")
+
+
+def read_dut(path: str, s: Suite, dut_format: str | None) -> dict:
+    if not os.path.isfile(path):
+        raise BadInput(f"{path}: DUT file not found")
+    fmt = dut_format or {".hex": "hex", ".txt": "hex", ".mem": "hex", ".bin": "bin",
+                         ".npz": "npz"}.get(os.path.splitext(path)[1].lower())
+    if fmt is None:
+        raise BadInput(f"{path}: cannot tell the DUT file format from its name; pass "
+                       f"--dut-format hex|bin|npz")
+    if fmt == "hex":
+        return _parse_hex(path, s.outs, s.n)
+    if fmt == "bin":
+        return _parse_bin(path, s.outs, s.n)
+    if fmt == "npz":
+        return _parse_npz(path, s.outs, s.n)
+    raise BadInput(f"--dut-format {fmt}: choose hex, bin or npz")
+
+
+# --------------------------------------------------------------------------- comparing
+def _is_nan(f, v: np.ndarray, fmt) -> np.ndarray:
+    v = v.astype(np.int64)
+    if f.kind == "f32":
+        return ((v & 0x7F800000) == 0x7F800000) & ((v & 0x007FFFFF) != 0)
+    if f.kind == "scale":
+        return v == mxref.E8M0.nan_code
+    return np.isnan(np.asarray(fmt.decode_table)[v])
+
+
+def _is_zero(f, v: np.ndarray, fmt) -> np.ndarray:
+    v = v.astype(np.int64)
+    if f.kind == "f32":
+        return (v & 0x7FFFFFFF) == 0
+    if f.kind == "scale":
+        return np.zeros(v.shape, bool)
+    return np.asarray(fmt.decode_table)[v] == 0
+
+
+def ordinal(f, v, fmt) -> np.ndarray:
+    """Position of each value on its format's ordered number line (for code-step distance)."""
+    v = np.asarray(v).astype(np.int64)
+    if f.kind == "scale":
+        return v
+    if f.kind == "f32":
+        mag = v & 0x7FFFFFFF
+        return np.where(v & 0x80000000, -mag, mag)
+    if fmt.is_int:
+        return np.where(v & fmt.sign_bit, v - fmt.n_codes, v)
+    mag = v & (fmt.sign_bit - 1)
+    return np.where(v & fmt.sign_bit, -mag, mag)
+
+
+def _mismatch_class(f, e: int, g: int, fmt) -> str:
+    ea, ga = np.array([e]), np.array([g])
+    if f.kind == "scale":
+        return "scale_nan" if (e == mxref.E8M0.nan_code) != (g == mxref.E8M0.nan_code) else "scale"
+    if _is_nan(f, ea, fmt)[0] or _is_nan(f, ga, fmt)[0]:
+        return "nan"
+    if _is_zero(f, ea, fmt)[0] and _is_zero(f, ga, fmt)[0]:
+        return "zero_sign"
+    d = abs(int(ordinal(f, ea, fmt)[0] - ordinal(f, ga, fmt)[0]))
+    sign = (1 << 31) if f.kind == "f32" else fmt.sign_bit
+    if (e ^ g) == sign and not (f.kind == "code" and fmt.is_int):
+        return "sign"
+    if d == 1:
+        return "one_step"
+    return "far"
+
+
+def compare(s: Suite, dut: dict, nan: str = "any", zero_sign: str = "strict",
+            max_errors: int = 20, inputs: dict | None = None) -> dict:
+    """Recompute, compare and summarise. ``max_errors`` (0 = all) caps the listed failures."""
+    if nan not in ("any", "exact"):
+        raise BadInput(f"--nan {nan}: choose any or exact")
+    if zero_sign not in ("strict", "ignore"):
+        raise BadInput(f"--zero-sign {zero_sign}: choose strict or ignore")
+    inputs = read_inputs(s) if inputs is None else inputs
+    try:
+        exp = V.expected(s.man["op"], s.fmt, s.profile, int(s.man["block_size"]), inputs)
+    except MXError as e:
+        raise BadInput(f"{s.dir}: the suite's inputs are invalid: {e}") from None
+    cats = s.category_of()
+    bs = int(s.man["block_size"])
+    failures, n_bad = [], 0
+    bad_vectors = np.zeros(s.n, bool)
+    by_cat: dict = {}
+    by_class: dict = {}
+    by_field: dict = {}
+    for f in s.outs:
+        e = np.asarray(exp[f.name]).reshape(s.n, f.count).astype(np.uint64)
+        g = np.asarray(dut[f.name]).reshape(s.n, f.count).astype(np.uint64)
+        ok = e == g
+        if nan == "any":
+            ok |= _is_nan(f, e, s.fmt) & _is_nan(f, g, s.fmt)
+        if zero_sign == "ignore":
+            ok |= _is_zero(f, e, s.fmt) & _is_zero(f, g, s.fmt)
+        if f.kind == "code":   # a code beyond the format's width is always wrong
+            ok &= g < s.fmt.n_codes
+        vi, ei = np.nonzero(~ok)
+        n_bad += len(vi)
+        bad_vectors[vi] = True
+        by_field[f.name] = by_field.get(f.name, 0) + len(vi)
+        for v, el in zip(vi.tolist(), ei.tolist()):
+            ev, gv = int(e[v, el]), int(g[v, el])
+            in_fmt = gv < s.fmt.n_codes or f.kind != "code"
+            cls = _mismatch_class(f, ev, gv, s.fmt) if in_fmt else "out_of_range"
+            by_class[cls] = by_class.get(cls, 0) + 1
+            by_cat[cats[v]] = by_cat.get(cats[v], 0) + 1
+            if max_errors and len(failures) >= max_errors:
+                continue
+            dec = V.decode_field(f, [ev], s.fmt)[0], (V.decode_field(f, [gv], s.fmt)[0]
+                                                     if in_fmt else "out of range")
+            block = el if f.kind == "scale" else (el // bs if s.man["op"] != "dot" else None)
+            failures.append({
+                "vector": v, "category": cats[v], "field": f.name,
+                "block": block, "element": None if f.kind == "scale" or f.count == 1 else el,
+                "expected": "%0*X" % (f.hex_digits, ev), "got": "%0*X" % (f.hex_digits, gv),
+                "expected_value": dec[0], "got_value": dec[1],
+                "xor": "%0*X" % (f.hex_digits, ev ^ gv),
+                "steps": int(ordinal(f, [gv], s.fmt)[0] - ordinal(f, [ev], s.fmt)[0])
+                if in_fmt else None,
+                "class": cls})
+    counts = s.man.get("category_counts", {})
+    return {
+        "verdict": "pass" if n_bad == 0 else "fail",
+        "vectors": s.n, "failing_vectors": int(bad_vectors.sum()), "mismatches": n_bad,
+        "op": s.man["op"], "format": s.fmt.key, "profile": s.profile.to_dict(),
+        "policy": {"nan": nan, "zero_sign": zero_sign},
+        "mismatches_by_field": by_field,
+        "mismatches_by_category": by_cat, "mismatches_by_class": by_class,
+        "category_counts": counts,
+        "failing_vectors_by_category": {c: int(bad_vectors[cats == c].sum()) for c in counts},
+        "failures": failures,
+    }
+
+
+# --------------------------------------------------------------------------- reports
+def format_text(r: dict) -> str:
+    lines = []
+    for fl in r["failures"]:
+        where = f"vector {fl['vector']} ({fl['category']})"
+        if fl["block"] is not None:
+            where += f" block {fl['block']}"
+        if fl["element"] is not None:
+            where += f" element {fl['element']}"
+        lines.append(f"{where} {fl['field']}: expected {fl['expected']} ({fl['expected_value']}) "
+                     f"got {fl['got']} ({fl['got_value']}) xor {fl['xor']} "
+                     f"steps {fl['steps']} [{fl['class']}]")
+    if r["mismatches"] > len(r["failures"]):
+        lines.append(f"... {r['mismatches'] - len(r['failures'])} more mismatches not listed "
+                     f"(raise --max-errors, 0 = all)")
+    if r["verdict"] == "pass":
+        lines.append(f"In {r['vectors']} vectors ({r['op']} {r['format']}, profile "
+                     f"{r['profile']['name']}), no errors found.")
+    else:
+        lines.append("mismatches by category: " + ", ".join(
+            f"{k}={v}" for k, v in sorted(r["mismatches_by_category"].items())))
+        lines.append("mismatches by class: " + ", ".join(
+            f"{k}={v}" for k, v in sorted(r["mismatches_by_class"].items())))
+        lines.append(f"FAIL: {r['failing_vectors']} of {r['vectors']} vectors differ "
+                     f"({r['mismatches']} fields/elements) ({r['op']} {r['format']}, profile "
+                     f"{r['profile']['name']})")
+    return "\n".join(lines)
+
+
+def junit_xml(r: dict) -> str:
+    """One JUnit testcase per case category; a failing one carries its first mismatch."""
+    from xml.sax.saxutils import quoteattr
+    cats = r["category_counts"]
+    nfail = sum(1 for c in cats if r["failing_vectors_by_category"].get(c))
+    name = f"mxverify.{r['op']}.{r['format']}.{r['profile']['name']}"
+    out = ['<?xml version="1.0" encoding="UTF-8"?>',
+           f'<testsuite name={quoteattr(name)} tests="{len(cats)}" failures="{nfail}" errors="0">']
+    for c, n in cats.items():
+        bad = r["failing_vectors_by_category"].get(c, 0)
+        out.append(f'  <testcase classname={quoteattr(name)} name={quoteattr(c)}>')
+        if bad:
+            first = next((f for f in r["failures"] if f["category"] == c), None)
+            msg = f"{bad} of {n} vectors differ"
+            detail = json.dumps(first) if first else ""
+            out.append(f'    <failure message={quoteattr(msg)}>{_esc(detail)}</failure>')
+        out.append('  </testcase>')
+    out.append('</testsuite>')
+    return "\n".join(out) + "\n"
+
+
+def _esc(s: str) -> str:
+    from xml.sax.saxutils import escape
+    return escape(s)
+
+
+def write_report(path: str, r: dict, force: bool = True) -> None:
+    from mxref.npzfile import atomic_write
+    if path.endswith(".xml"):
+        blob = junit_xml(r).encode()
+    elif path.endswith(".json"):
+        blob = (json.dumps(r, indent=1, default=str) + "\n").encode()
+    else:
+        raise BadInput(f"--report {path}: name it *.json or *.xml")
+    atomic_write(path, lambda fh: fh.write(blob), force=force)

@@ -1,0 +1,141 @@
+"""``mxverify``: golden vectors, a DUT checker, library conformance and exhaustive sweeps.
+
+    mxverify gen --format fp4_e2m1 --op quantize --level 1 --seed 1 --out vec/
+    mxverify check --vectors vec/ --dut dut.hex --report report.xml
+    mxverify conformance --against ml_dtypes,gfloat,torchao --level 1
+    mxverify exhaustive --format fp4_e2m1 --input float32 --limit 16777216
+
+Exit status: 0 success, 1 mismatches / disagreements found, 2 bad input (one line on
+stderr, no traceback). docs/verification.md describes every file and field.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from mxref.errors import MXError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):   # argparse's default also exits 2; keep it one line
+        self.exit(2, f"mxverify: error: {message}\n")
+
+
+def _csv(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from verification.cases import LEVELS, OPS
+    p = _Parser(prog="mxverify", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    g = sub.add_parser("gen", help="generate golden vectors")
+    g.add_argument("--format", required=True)
+    g.add_argument("--op", required=True, choices=OPS)
+    g.add_argument("--level", default="1", choices=LEVELS)
+    g.add_argument("--seed", type=int, default=1)
+    g.add_argument("--profile", default="ocp")
+    g.add_argument("--emit", default="hex,bin,npz,jsonl", type=_csv)
+    g.add_argument("--block-size", type=int, default=32)
+    g.add_argument("--out", required=True)
+    g.add_argument("--force", action="store_true", help="replace an existing --out directory")
+
+    c = sub.add_parser("check", help="check a DUT's outputs against recomputed expectations")
+    c.add_argument("--vectors", required=True)
+    c.add_argument("--dut", required=True)
+    c.add_argument("--dut-format", choices=("hex", "bin", "npz"))
+    c.add_argument("--nan", default="any", choices=("any", "exact"))
+    c.add_argument("--zero-sign", default="strict", choices=("strict", "ignore"))
+    c.add_argument("--max-errors", type=int, default=20, help="failures listed (0 = all)")
+    c.add_argument("--report", action="append", default=[],
+                   help="write a JSON (*.json) or JUnit XML (*.xml) report; repeatable")
+
+    k = sub.add_parser("conformance", help="agreement matrix against other libraries")
+    k.add_argument("--against", default="ml_dtypes,torchao,gfloat", type=_csv)
+    k.add_argument("--format", default="all", type=_csv)
+    k.add_argument("--level", default="1", choices=("1", "2"))
+    k.add_argument("--seed", type=int, default=1)
+    k.add_argument("--json", dest="json_out")
+
+    e = sub.add_parser("exhaustive", help="all float32 inputs vs an independent second model")
+    e.add_argument("--format", required=True)
+    e.add_argument("--input", default="float32", choices=("float32",))
+    e.add_argument("--profile", default="ocp")
+    e.add_argument("--limit", type=int, default=None, help="check only the first N patterns")
+    e.add_argument("--start", type=int, default=0, help="first bit pattern")
+    e.add_argument("--chunk", type=int, default=1 << 22)
+    e.add_argument("--json", dest="json_out")
+    return p
+
+
+def _gen(a) -> int:
+    from verification.vectors import build
+    man = build(a.out, a.op, a.format, a.level, a.seed, a.profile, tuple(a.emit), a.force,
+                a.block_size)
+    counts = ", ".join(f"{k}={v}" for k, v in man["category_counts"].items())
+    print(f"wrote {man['n_vectors']} {a.op} vectors ({man['format']}, level {a.level}, "
+          f"profile {man['profile']['name']} {man['profile']['hash']}, seed {a.seed}) to "
+          f"{a.out}: {counts}")
+    return 0
+
+
+def _check(a) -> int:
+    from verification import check as C
+    for r in a.report:
+        if not (r.endswith(".json") or r.endswith(".xml")):
+            raise C.BadInput(f"--report {r}: name it *.json or *.xml")
+    if a.max_errors < 0:
+        raise C.BadInput("--max-errors must be >= 0 (0 lists all)")
+    s = C.load_suite(a.vectors)
+    dut = C.read_dut(a.dut, s, a.dut_format)
+    r = C.compare(s, dut, a.nan, a.zero_sign, a.max_errors)
+    print(C.format_text(r))
+    for path in a.report:
+        C.write_report(path, r)
+    return 0 if r["verdict"] == "pass" else 1
+
+
+def _conformance(a) -> int:
+    from verification import conformance as K
+    res = K.run(a.against, a.format, a.level, a.seed)
+    print(K.format_matrix(res))
+    if a.json_out:
+        from mxref.npzfile import atomic_write
+        blob = (json.dumps(res, indent=1) + "\n").encode()
+        atomic_write(a.json_out, lambda fh: fh.write(blob), force=True)
+    return 0
+
+
+def _exhaustive(a) -> int:
+    from verification import exhaustive as X
+    r = X.run(a.format, a.profile, a.limit, a.start, a.chunk)
+    print(X.format_result(r))
+    if a.json_out:
+        from mxref.npzfile import atomic_write
+        blob = (json.dumps(r, indent=1) + "\n").encode()
+        atomic_write(a.json_out, lambda fh: fh.write(blob), force=True)
+    return 0 if r["mismatches"] == 0 else 1
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        return {"gen": _gen, "check": _check, "conformance": _conformance,
+                "exhaustive": _exhaustive}[a.cmd](a)
+    except MXError as e:
+        print(f"mxverify {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, json.JSONDecodeError) as e:
+        print(f"mxverify {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mxverify: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
