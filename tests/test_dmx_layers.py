@@ -17,7 +17,7 @@ from dmx.penalty import average_bits, hinge_penalty, scaling_penalty
 from dmx.quant import fake_quantize
 from verification.strategies import mx_tensors
 
-from tests.test_dmx_quant import CUDA, EXAMPLES, bits, single_threaded, to_torch  # noqa: F401
+from test_dmx_quant import CUDA, EXAMPLES, bits, single_threaded, to_torch  # noqa: F401
 
 HUGE_T = 1e4  # sigmoid(20 * 1e4 * 0.5) is exactly 1.0 in float32
 
