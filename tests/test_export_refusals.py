@@ -38,7 +38,7 @@ def _nothing_at(dest):
 
 @pytest.mark.parametrize("to", ["compressed-tensors", "quark"])
 def test_unfused_qkv_refused_for_vllm(unfused, tmp_path, to):
-    with pytest.raises(DMXError, match=r"self_attn: fused shards .*k_proj=fp4_e2m1.*--allow-unfused"):
+    with pytest.raises(DMXError, match=r"self_attn\.qkv: fused shards .*k_proj=fp4_e2m1.*--allow-unfused"):
         _export(unfused, to, tmp_path / "x")
     assert _nothing_at(tmp_path / "x")
     checks = _export(unfused, to, tmp_path / "x", allow_unfused=True)

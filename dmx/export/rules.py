@@ -1,27 +1,22 @@
 """What each deployment target can hold and serve: checked before a single byte is written."""
 from __future__ import annotations
 
-import re
-
 from dmx.errors import DMXError
-
-# vLLM fuses these shards into one matmul (qkv_proj, gate_up_proj) and loads all shards
-# with the first shard's scheme: mixed formats inside a group crash at load
-# (vllm _match_fused_layer; Quark `_find_matched_config`; intel/auto-round#2174).
-FUSED_SHARDS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-_SHARD_RE = re.compile(r"^(?P<parent>.*)\.(?P<shard>[a-z_]+)$")
 
 
 def fused_groups(names) -> dict[str, list[str]]:
-    """``{"<parent>.q_proj+k_proj+v_proj": [names...]}`` for the fused shards present."""
+    """``{"<parent>.qkv": [names...], "<parent>.gate_up": [...]}``: the projections vLLM
+    fuses into one matmul (qkv_proj, gate_up_proj) and loads with the first shard's scheme,
+    so mixed formats inside a group crash at load (vllm ``_match_fused_layer``, Quark
+    ``_find_matched_config``, intel/auto-round#2174). Which names fuse is dmx.layers'
+    one definition (the search ties the same groups)."""
+    from dmx.layers import _fused_key
+
     groups: dict[str, list[str]] = {}
     for name in sorted(names):
-        m = _SHARD_RE.match(name)
-        if not m:
-            continue
-        for shards in FUSED_SHARDS:
-            if m["shard"] in shards:
-                groups.setdefault(f"{m['parent']}.{'+'.join(shards)}", []).append(name)
+        key = _fused_key(name)
+        if key:
+            groups.setdefault(key, []).append(name)
     return groups
 
 
@@ -33,7 +28,7 @@ def check_fused(layers, target: str, allow_unfused: bool) -> None:
         kinds = {(layers[n].fmt, layers[n].act_format) for n in names}
         if len(kinds) > 1:
             desc = ", ".join(f"{n.rsplit('.', 1)[1]}={layers[n].fmt}" for n in names)
-            raise DMXError(f"{group.rsplit('.', 1)[0]}: fused shards in different formats "
+            raise DMXError(f"{group}: fused shards in different formats "
                            f"({desc}); vLLM ({target}) loads a fused layer with one scheme. "
                            f"Rerun `dmx search` with tied q/k/v and gate/up (the default), "
                            f"or pass --allow-unfused for an engine that does not fuse")
