@@ -102,7 +102,9 @@ def build_out(root: Path, arch: str, formats=MIXED, act_formats=None, seed: int 
                 "profile": mxref.get_profile("ocp").to_dict(), "block_size": 32,
                 "avg_bits": {"simple": float(np.mean(bits)), "size_weighted": float(np.mean(bits)),
                              "storage_bits_per_weight": float(np.mean(bits)) + 0.25},
-                "layers": layers, "software": {}, "created": "2026-11-26T00:00:00Z"}
+                "layers": layers, "created": "2026-11-26T00:00:00Z",
+                "software": {"dmx": "test", "torch": torch.__version__,
+                             "transformers": "test", "numpy": np.__version__}}
     (out / "dmx_manifest.json").write_text(json.dumps(manifest, indent=1))
     return out
 
