@@ -1,0 +1,491 @@
+"""The OUT directory: write a quantized model once, load it back bit-exactly.
+
+Public API (layout and manifest fields: specs/out_layout.md, docs/CONTRACT.md):
+
+* ``write_out(out_dir, model, formats, act_formats, source_model_dir, meta, force=False,
+  extra_files=None) -> Path``
+    - ``model``: the torch model (plain, or with MXLinear/DMXLinear wrappers: their inner
+      nn.Linear weights are what gets quantized).
+    - ``formats``: {module name: mxref format key} of every quantized linear;
+      ``act_formats``: {module name: format key or None} (missing = unquantized inputs).
+    - ``source_model_dir``: the Hugging Face directory the model came from (config,
+      generation config and tokenizer files are copied from it).
+    - ``meta``: "method" ("dmx" | "uniform" | "kl", required), "ladder", "target_bits",
+      "seed", "profile" (name or mxref Profile, default "ocp"), "wall_time_s" (seconds the
+      run took; recorded for the report), anything else method-specific (e.g. "search",
+      "baseline": JSON-able dicts) goes into the manifest as is.
+    - ``extra_files``: {file name: str | bytes} written into OUT too (e.g. a search log).
+  Weights are quantized with mxref (numpy) along the input dim and packed with
+  mxref.pack; the whole directory is built in a temp dir next to OUT and renamed into
+  place, so OUT is either complete or absent. An existing OUT is refused unless ``force``.
+* ``load(out_dir, device="cpu", dtype=torch.float32) -> (model, tokenizer, manifest)``:
+  every layer's sha256 is checked first; the model is rebuilt from config.json, the
+  packed weights decoded through mxref into :class:`DecodedMXLinear` layers (the stored
+  values are used as they are), inputs quantized as the manifest says. ``tokenizer`` is
+  None when OUT has no tokenizer files.
+* ``read_manifest(out_dir) -> dict`` (schema-validated), ``validate_manifest(dict)``,
+  ``average_bits_of(formats, act_formats, shapes)`` (the manifest's avg_bits numbers).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+import mxref
+from dmx.errors import DMXError
+
+__all__ = ["MANIFEST_NAME", "WEIGHTS_NAME", "EVAL_NAME", "FORMAT_VERSION", "write_out", "load",
+           "read_manifest", "validate_manifest", "average_bits_of", "layer_sha256",
+           "DecodedMXLinear", "atomic_write_text", "check_new_out"]
+
+MANIFEST_NAME = "dmx_manifest.json"
+WEIGHTS_NAME = "model.safetensors"
+EVAL_NAME = "eval.json"
+FORMAT_VERSION = 1
+METHODS = ("dmx", "uniform", "kl")
+# Files copied from the source model: everything a tokenizer or generate() needs, no weights.
+_COPY_NAMES = {"config.json", "generation_config.json", "special_tokens_map.json",
+               "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+               "chat_template.jinja", "chat_template.json", "spiece.model",
+               "sentencepiece.bpe.model"}
+_SCHEMA_PATH = Path(__file__).resolve().parent.parent / "specs" / "manifest.schema.json"
+
+
+# ----------------------------------------------------------------------------- small helpers
+def layer_sha256(packed: np.ndarray, scales: np.ndarray) -> str:
+    """sha256 of a layer's weight_packed bytes followed by its weight_scale bytes."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(packed).tobytes())
+    h.update(np.ascontiguousarray(scales).tobytes())
+    return h.hexdigest()
+
+
+def _schema() -> dict:
+    try:
+        return json.loads(_SCHEMA_PATH.read_text())
+    except OSError:
+        # installed without the specs/ tree: the copy shipped as package data
+        return json.loads((Path(__file__).resolve().parent / "manifest.schema.json").read_text())
+
+
+def validate_manifest(manifest: dict, where: str = "manifest") -> None:
+    """Raise a one-line DMXError naming the first field that breaks the schema."""
+    import jsonschema
+    validator = jsonschema.Draft202012Validator(_schema())
+    errors = sorted(validator.iter_errors(manifest), key=lambda e: list(e.path))
+    if errors:
+        err = errors[0]
+        field = "/".join(str(p) for p in err.path) or "(top level)"
+        raise DMXError(f"{where}: field {field}: {err.message.splitlines()[0][:200]}")
+
+
+def read_manifest(out_dir) -> dict:
+    """The schema-validated dmx_manifest.json of an OUT directory."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise DMXError(f"{out_dir}: no such directory; pass an OUT directory written by "
+                       f"`dmx search` or `dmx baseline`")
+    path = out / MANIFEST_NAME
+    if not path.is_file():
+        raise DMXError(f"{out_dir}: no {MANIFEST_NAME}; pass an OUT directory written by "
+                       f"`dmx search` or `dmx baseline`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DMXError(f"{path}: unreadable JSON ({err}); rewrite OUT") from None
+    validate_manifest(manifest, str(path))
+    return manifest
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write a file via a temp file in the same directory + rename (never half-written)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_new_out(out_dir, force: bool) -> Path:
+    """OUT may be written: it does not exist, or ``force`` (and it is a directory)."""
+    if out_dir is None or str(out_dir) == "":
+        raise DMXError("-o/--out is required: the directory to write the quantized model to")
+    out = Path(out_dir)
+    if out.exists():
+        if not force:
+            raise DMXError(f"{out} already exists; pass --force to overwrite it or choose "
+                           f"another -o/--out")
+        if not out.is_dir():
+            raise DMXError(f"{out} exists and is not a directory; remove it or choose "
+                           f"another -o/--out")
+    if not out.parent.is_dir():
+        raise DMXError(f"{out.parent}: the parent directory of -o/--out does not exist")
+    return out
+
+
+# ----------------------------------------------------------------------------- bits
+class _FixedBits:
+    """A stand-in for DMXLinear with a fixed format, so that dmx.penalty.average_bits
+    computes the manifest's averages by the very definition the search trains against."""
+
+    def __init__(self, bits: int, in_features: int, out_features: int, quantize_input: bool):
+        self.bits, self.in_features, self.out_features = bits, in_features, out_features
+        self.quantize_input = quantize_input
+
+    def current_bits(self):
+        import torch
+        return torch.tensor(float(self.bits))
+
+
+def average_bits_of(formats: dict, act_formats: dict | None, shapes: dict) -> dict:
+    """{"simple", "size_weighted"} element bits of a fixed assignment (dmx.penalty's
+    definitions: mean of the weight and input-activation averages, each layer once or
+    weighted by size). ``shapes``: {name: (out, in)}. A layer whose input format differs
+    from its weight format is not expressible there and is refused."""
+    from dmx.penalty import average_bits
+    act_formats = act_formats or {}
+    layers = {}
+    for name, fmt in formats.items():
+        act = act_formats.get(name)
+        if act is not None and mxref.get_format(act).key != mxref.get_format(fmt).key:
+            raise DMXError(f"{name}: input format {act} differs from weight format {fmt}; dmx "
+                           f"ties a layer's input format to its weight format")
+        out_f, in_f = shapes[name]
+        layers[name] = _FixedBits(mxref.get_format(fmt).bits, in_f, out_f, act is not None)
+    return {"simple": float(average_bits(layers, "simple")),
+            "size_weighted": float(average_bits(layers, "size"))}
+
+
+# ----------------------------------------------------------------------------- write
+def _linear_of(model, name: str):
+    import torch.nn as nn
+    try:
+        mod = model.get_submodule(name)
+    except AttributeError:
+        raise DMXError(f"formats names {name!r}, which is not a module of the model") from None
+    linear = mod if isinstance(mod, nn.Linear) else getattr(mod, "linear", None)
+    if not isinstance(linear, nn.Linear):
+        raise DMXError(f"formats names {name!r}, a {type(mod).__name__}, not a linear layer")
+    return linear
+
+
+def _plain_state_dict(model) -> dict:
+    """state_dict under the original (unwrapped) names, tied tensors once (as HF saves).
+
+    A wrapper (MXLinear/DMXLinear) at ``n`` holds its nn.Linear at ``n.linear``: its
+    tensors are renamed back to ``n.weight``/``n.bias``; the wrapper's own parameters
+    (dMX offsets) are not part of the model and are dropped.
+    """
+    import torch.nn as nn
+    wrappers = [n for n, m in model.named_modules()
+                if n and isinstance(getattr(m, "linear", None), nn.Linear)
+                and not isinstance(m, nn.Linear)]
+    out, seen = {}, {}
+    for key, tensor in model.state_dict(keep_vars=False).items():
+        for w in wrappers:
+            if key.startswith(w + "."):
+                rest = key[len(w) + 1:]
+                key = f"{w}.{rest[len('linear.'):]}" if rest.startswith("linear.") else None
+                break
+        if key is None:
+            continue
+        ident = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        if tensor.numel() and ident in seen:
+            continue  # tied to an earlier tensor (e.g. lm_head = embed_tokens): stored once
+        seen[ident] = key
+        out[key] = tensor
+    return out
+
+
+def _fused_groups(formats: dict, act_formats: dict) -> dict:
+    """{name: group tag or None}: q/k/v and gate/up of a block form a group when they all
+    deploy with one weight and input format (so a serving engine may fuse them)."""
+    from dmx.layers import _fused_key  # the one definition of which projections fuse
+    members: dict[str, list[str]] = {}
+    for name in formats:
+        key = _fused_key(name)
+        if key:
+            members.setdefault(key, []).append(name)
+    groups = {}
+    for name in formats:
+        key = _fused_key(name)
+        names = members.get(key, [])
+        same = len(names) > 1 and len({(formats[n], act_formats.get(n)) for n in names}) == 1
+        groups[name] = key if same else None
+    return groups
+
+
+def _software() -> dict:
+    import torch
+    import transformers
+
+    import dmx
+    return {"dmx": dmx.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "numpy": np.__version__}
+
+
+def _copy_source_files(source: Path, dest: Path) -> None:
+    for f in sorted(source.iterdir()):
+        if f.is_file() and (f.name in _COPY_NAMES or f.name.startswith("tokenizer")):
+            shutil.copy2(f, dest / f.name)
+
+
+def write_out(out_dir, model, formats: dict, act_formats: dict | None, source_model_dir,
+              meta: dict, force: bool = False, extra_files: dict | None = None) -> Path:
+    """Write OUT (see the module docstring); returns its path."""
+    from safetensors.torch import save_file
+    import torch
+
+    out = check_new_out(out_dir, force)
+    source = Path(source_model_dir)
+    if not (source / "config.json").is_file():
+        raise DMXError(f"{source_model_dir}: no config.json; pass the Hugging Face directory "
+                       f"the model was loaded from")
+    if not formats:
+        raise DMXError("write_out needs at least one quantized layer in formats")
+    meta = dict(meta or {})
+    method = meta.pop("method", None)
+    if method not in METHODS:
+        raise DMXError(f"meta['method'] must be one of {', '.join(METHODS)}, got {method!r}")
+    act_formats = {n: (None if f is None else mxref.get_format(f).key)
+                   for n, f in (act_formats or {}).items()}
+    unknown = set(act_formats) - set(formats)
+    if unknown:
+        raise DMXError(f"act_formats names layers without a weight format: {sorted(unknown)[:5]}")
+    formats = {n: mxref.get_format(f).key for n, f in formats.items()}
+    profile = mxref.get_profile(meta.pop("profile", "ocp"))
+    block_size = int(meta.pop("block_size", 32))
+
+    state = _plain_state_dict(model)
+    tensors: dict = {}
+    layers: dict = {}
+    shapes = {}
+    total_bytes = total_weights = 0
+    for name in formats:
+        _linear_of(model, name)
+        key = f"{name}.weight"
+        if key not in state:
+            raise DMXError(f"{name}: its weight is tied to another tensor (e.g. lm_head to "
+                           f"the embeddings); exclude tied layers from formats")
+    fused = _fused_groups(formats, act_formats)
+    for name, fmt in formats.items():
+        w = state.pop(f"{name}.weight")
+        info = mxref.get_format(fmt)
+        w32 = w.detach().to(device="cpu", dtype=torch.float32).numpy()
+        pmx = mxref.quantize_packed(w32, info, axis=-1, block_size=block_size, profile=profile)
+        tensors[f"{name}.weight_packed"] = torch.from_numpy(pmx.packed)
+        tensors[f"{name}.weight_scale"] = torch.from_numpy(pmx.scales)
+        out_f, in_f = (int(d) for d in w.shape)
+        shapes[name] = (out_f, in_f)
+        total_bytes += pmx.packed.nbytes + pmx.scales.nbytes
+        total_weights += out_f * in_f
+        layers[name] = {
+            "format": info.key, "bits": info.bits,
+            "storage_bits": info.bits + 8 / block_size,
+            "shape": [out_f, in_f], "block_size": block_size, "axis": 1,
+            "packing": mxref.packing_name(info), "act_format": act_formats.get(name),
+            "profile_hash": profile.hash, "sha256": layer_sha256(pmx.packed, pmx.scales),
+            "fused_group": fused[name]}
+    for key, t in state.items():
+        tensors[key] = t.detach().to("cpu").contiguous()
+
+    config = json.loads((source / "config.json").read_text())
+    import dmx
+    manifest = {
+        "format_version": FORMAT_VERSION, "producer": f"dmx {dmx.__version__}",
+        "method": method, "source_model": str(source.resolve()),
+        "model_type": str(config.get("model_type", "")),
+        "ladder": meta.pop("ladder", None), "target_bits": meta.pop("target_bits", None),
+        "seed": int(meta.pop("seed", 0)), "profile": profile.to_dict(),
+        "block_size": block_size,
+        "avg_bits": {**average_bits_of(formats, act_formats, shapes),
+                     # actual bytes (ragged rows pad) per weight: what the file costs
+                     "storage_bits_per_weight": 8.0 * total_bytes / total_weights},
+        "layers": layers, "wall_time_s": meta.pop("wall_time_s", None),
+        "software": _software(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if manifest["target_bits"] is not None:
+        manifest["target_bits"] = float(manifest["target_bits"])
+    for k, v in meta.items():  # method-specific extras, kept as given
+        if k in manifest:
+            raise DMXError(f"meta[{k!r}] clashes with a manifest field")
+        manifest[k] = v
+    validate_manifest(manifest, "write_out manifest")
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        _copy_source_files(source, tmp)
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
+        for fname, content in (extra_files or {}).items():
+            if Path(fname).name != fname or fname in (MANIFEST_NAME, WEIGHTS_NAME):
+                raise DMXError(f"extra file name {fname!r} must be a plain file name other "
+                               f"than {MANIFEST_NAME} / {WEIGHTS_NAME}")
+            target = tmp / fname
+            (target.write_bytes if isinstance(content, bytes) else target.write_text)(content)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished temp dir to OUT; an old OUT (--force) is moved aside first and
+    deleted only once the new one is in place."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / "out")
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old / "out", out)  # put the old one back
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- load
+def _decoded_linear_class():
+    import torch.nn.functional as F
+
+    from dmx.layers import MXLinear
+    from dmx.quant import fake_quantize
+
+    class DecodedMXLinear(MXLinear):
+        """An MXLinear whose weight already holds the decoded MX values (from OUT).
+
+        The weight is used as stored (no re-quantization: that would cost time, and under
+        a non-OCP profile need not be the identity); inputs are MX-quantized as MXLinear.
+        """
+
+        def forward(self, x):
+            if self.act_fmt is not None:
+                x = fake_quantize(x, self.act_fmt, -1, self.block_size, self.profile)
+            return F.linear(x, self.linear.weight, self.linear.bias)
+
+    return DecodedMXLinear
+
+
+def __getattr__(name):  # DecodedMXLinear is built lazily: importing dmx.io stays torch-free
+    if name == "DecodedMXLinear":
+        cls = _decoded_linear_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module 'dmx.io' has no attribute {name!r}")
+
+
+def _read_checked_layers(out: Path, manifest: dict):
+    """{name: float32 decoded weight [out, in]} after checking every sha256 first."""
+    from safetensors import safe_open
+    wpath = out / WEIGHTS_NAME
+    if not wpath.is_file():
+        raise DMXError(f"{out}: no {WEIGHTS_NAME}; rewrite OUT with `dmx search`/`dmx baseline`")
+    try:
+        fh = safe_open(str(wpath), framework="pt")
+    except Exception as err:  # truncated or not a safetensors file
+        raise DMXError(f"{wpath}: unreadable safetensors ({type(err).__name__}: "
+                       f"{str(err).splitlines()[0][:120] if str(err) else ''}); OUT is "
+                       f"corrupted, rewrite it") from None
+    with fh:
+        keys = set(fh.keys())
+        raw = {}
+        for name, e in manifest["layers"].items():
+            for suffix in ("weight_packed", "weight_scale"):
+                if f"{name}.{suffix}" not in keys:
+                    raise DMXError(f"{wpath}: no tensor {name}.{suffix} for a layer of the "
+                                   f"manifest; OUT is corrupted, rewrite it")
+            try:
+                packed = fh.get_tensor(f"{name}.weight_packed").numpy()
+                scales = fh.get_tensor(f"{name}.weight_scale").numpy()
+            except Exception as err:
+                raise DMXError(f"{wpath}: {name} unreadable ({type(err).__name__}); OUT is "
+                               f"corrupted, rewrite it") from None
+            if layer_sha256(packed, scales) != e["sha256"]:
+                raise DMXError(f"{name}: weight bytes do not match the manifest sha256; OUT "
+                               f"was modified or corrupted, rewrite it")
+            raw[name] = (packed, scales)
+        others = {k: fh.get_tensor(k) for k in sorted(keys)
+                  if not k.endswith((".weight_packed", ".weight_scale"))}
+    decoded = {}
+    for name, (packed, scales) in raw.items():
+        e = manifest["layers"][name]
+        info = mxref.get_format(e["format"])
+        out_f, in_f = e["shape"]
+        codes = mxref.unpack_codes(packed, info, in_f)
+        mx = mxref.MXArray(codes, scales, info, (out_f, in_f), 1, e["block_size"],
+                           mxref.get_profile(manifest["profile"]))
+        decoded[name] = mxref.dequantize(mx, np.float32)
+    return decoded, others
+
+
+def load(out_dir, device="cpu", dtype=None):
+    """(model, tokenizer, manifest) of an OUT directory; see the module docstring.
+
+    ``dtype`` None = float32. Every check (manifest schema, sha256 of every layer) runs
+    before the model is built.
+    """
+    import torch
+
+    from dmx.data import _quiet_transformers
+    from dmx.layers import _set_submodule
+
+    dtype = torch.float32 if dtype is None else dtype
+    out = Path(out_dir)
+    manifest = read_manifest(out)
+    profile = mxref.get_profile(manifest["profile"])
+    decoded, others = _read_checked_layers(out, manifest)
+    _quiet_transformers()
+    from transformers import AutoConfig, AutoModelForCausalLM
+    try:
+        config = AutoConfig.from_pretrained(str(out))
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except Exception as err:
+        raise DMXError(f"{out}/config.json: cannot rebuild the model ({type(err).__name__}: "
+                       f"{str(err).splitlines()[0][:160] if str(err) else ''})") from None
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in others.items()}
+    for name, w in decoded.items():
+        state[f"{name}.weight"] = torch.from_numpy(w).to(dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # tied tensors (lm_head = embed) are stored once: a key missing from OUT is fine only
+    # when the model shares it with a tensor that was loaded
+    missing = [k for k in missing if not _shares_storage(model, k, state)]
+    if missing or unexpected:
+        raise DMXError(f"{out}/{WEIGHTS_NAME} does not fit config.json (missing "
+                       f"{missing[:3]}, unexpected {list(unexpected)[:3]}); rewrite OUT")
+    cls = _decoded_linear_class()
+    for name, e in manifest["layers"].items():
+        linear = _linear_of(model, name)
+        layer = cls(linear, e["format"], e["act_format"], e["block_size"], profile)
+        _set_submodule(model, name, layer)
+    model = model.to(device).eval()
+    tokenizer = None
+    if any(f.name.startswith("tokenizer") for f in out.iterdir()):
+        from dmx.data import load_tokenizer
+        tokenizer = load_tokenizer(out)
+    return model, tokenizer, manifest
+
+
+def _shares_storage(model, key: str, loaded: dict) -> bool:
+    sd = model.state_dict()
+    t = sd.get(key)
+    if t is None:
+        return False
+    return any(k in loaded and sd[k].data_ptr() == t.data_ptr() for k in sd if k != key)
