@@ -66,9 +66,7 @@ def test_float32_blocks_match_oracle(fmt, data):
     assert_matches_oracle(block, fmt, profile=data.draw(profiles(), label="profile"))
 
 
-# bfloat16 / float16 / float64 are cheaper to cover less often; ocp_ftz on float64 is
-# excluded here because of the known mxref gap tested in
-# test_ftz_flushes_fp32_subnormal_magnitudes_of_float64_input.
+# bfloat16 / float16 / float64: covered less often than float32.
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float64"])
 @settings(max_examples=40)
@@ -76,9 +74,7 @@ def test_float32_blocks_match_oracle(fmt, data):
 def test_other_dtype_blocks_match_oracle(fmt, dtype, data):
     block = data.draw(mx_blocks(fmt, block_size=data.draw(st.sampled_from([8, 32])),
                                 dtype=dtype), label="block")
-    profile = data.draw(profiles().filter(lambda p: not (dtype == "float64"
-                                                         and p.flush_subnormals)))
-    assert_matches_oracle(block, fmt, profile=profile)
+    assert_matches_oracle(block, fmt, profile=data.draw(profiles(), label="profile"))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -89,9 +85,7 @@ def test_tensors_shapes_axes_ragged_blocks(fmt, data):
                                        "float64"]), label="dtype")
     x, axis, bs = data.draw(mx_tensors(fmt, max_dims=3, dtype=dtype, max_side=4),
                             label="tensor")
-    # (ocp_ftz on float64: see test_ftz_flushes_fp32_subnormal_magnitudes_of_float64_input)
-    profile = data.draw(profiles().filter(lambda p: not (dtype == "float64"
-                                                         and p.flush_subnormals)))
+    profile = data.draw(profiles(), label="profile")
     mx = assert_matches_oracle(x, fmt, axis, bs, profile)
     # layout: codes with the blocked axis last, one scale per (ragged) block
     moved_shape = np.moveaxis(x, axis, -1).shape
@@ -317,12 +311,10 @@ def test_fp32_subnormal_inputs_kept_or_flushed(fmt):
     assert flushed.codes.tolist() == [0, zero_neg, 0, zero_neg]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "mxref gap reported to the lead: ocp_ftz flushes only subnormals of the *input* "
-    "dtype, so a float64 input with an FP32-subnormal magnitude (e.g. 1e-39, bits "
-    "0x37D5C72FB1552D83) is not read as zero; spec'd: FP32-subnormal inputs flush"))
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8"])
 def test_ftz_flushes_fp32_subnormal_magnitudes_of_float64_input(fmt):
+    # Regression (fixed in mxref 09c115d): FP32-subnormal magnitudes of float64 input
+    # (1e-39, bits 0x37D5C72FB1552D83) must flush under ocp_ftz, not only f64 subnormals.
     x = np.array([1e-39, -2e-39, 5e-40], np.float64)
     mx = mxref.quantize(x, fmt, profile="ocp_ftz")
     zero_neg = 0 if mxref.get_format(fmt).is_int else 0x80

@@ -252,16 +252,21 @@ def test_float32_rounding_relevant_patterns_match_oracle(fmt, profile):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_float64_rounding_relevant_patterns_match_oracle(fmt):
-    # exponents where anything happens at unit scale, plus the subnormal edge and Inf/NaN
-    fields = list(range(1023 - 40, 1023 + 20)) + [0, 1, 2, 0x7FE, 0x7FF]
+    # exponents where anything happens at unit scale; around 2^-126 (FP32 subnormal
+    # magnitudes, normal in float64: flushed by ocp_ftz, shown at scale 2^-130); the
+    # float64 subnormal edge and Inf/NaN
+    fields = (list(range(1023 - 40, 1023 + 20)) + list(range(1023 - 150, 1023 - 120))
+              + [0, 1, 2, 0x7FE, 0x7FF])
     bits = rounding_relevant_patterns("float64", fmt, fields)
-    decoded = [oracle.decode_float_bits(b, "float64") for b in bits.tolist()]
-    for profile in ("ocp", "microxcaling"):
-        want = np.array(oracle.encode_many(oracle.MagnitudeIndex(decoded),
-                                           mxref.get_format(fmt),
-                                           mxref.get_profile(profile)), np.uint8)
-        got = mxref.encode(bits.view(np.float64), fmt, profile)
-        assert np.array_equal(got, want), describe(bits, "float64", fmt, profile, 0, got, want)
+    index = oracle.MagnitudeIndex([oracle.decode_float_bits(b, "float64")
+                                   for b in bits.tolist()])
+    for profile, scale_exp in (("ocp", 0), ("microxcaling", 0), ("ocp", -130),
+                               ("ocp_ftz", -130)):
+        want = np.array(oracle.encode_many(index, mxref.get_format(fmt),
+                                           mxref.get_profile(profile), scale_exp), np.uint8)
+        got = mxref.encode(bits.view(np.float64), fmt, profile, scale_exp)
+        assert np.array_equal(got, want), describe(bits, "float64", fmt, profile, scale_exp,
+                                                   got, want)
 
 
 # =========================================================================== oracle checks
@@ -322,10 +327,8 @@ def test_known_answers(fmt, profile, value, code):
     assert oracle.grid_for(mxref.get_format(fmt)).encode(d, mxref.get_profile(profile)) == code
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "mxref gap reported to the lead: ocp_ftz flushes only subnormals of the *input* "
-    "dtype; a float64 input with an FP32-subnormal magnitude (1e-39, bits "
-    "0x37D5C72FB1552D83) at scale 2^-130 encodes to E4M3 0x3B instead of +0"))
 def test_ftz_flushes_fp32_subnormal_magnitudes_of_float64_input():
+    # Regression (fixed in mxref 09c115d): ocp_ftz once flushed only subnormals of the
+    # input dtype, so float64 1e-39 (bits 0x37D5C72FB1552D83) at scale 2^-130 gave 0x3B.
     x = np.array([1e-39, -1e-39], np.float64)
     assert mxref.encode(x, "fp8_e4m3", "ocp_ftz", -130).tolist() == [0x00, 0x80]
