@@ -83,9 +83,9 @@ def _check_paths(model_dir, calib, out, force, resume, ckpt_dir):
     for f in calib or ():
         if not Path(f).is_file():
             raise DMXError(f"--calib {f}: no such file")
-    if Path(out).exists() and not force:
-        raise DMXError(f"{out} already exists; pass --force to overwrite it or choose another "
-                       f"-o/--out")
+    from dmx.io import check_new_out
+
+    check_new_out(out, force)
     has_ckpt = (Path(ckpt_dir) / "checkpoint.pt").is_file()
     if has_ckpt and not resume and not force:
         raise DMXError(f"an interrupted search left a checkpoint in {ckpt_dir}; add --resume "
@@ -200,7 +200,8 @@ def search(model_dir, target_bits, ladder="fp8-fp4", weights_only=False, calib=N
                     "size_weighted": float(average_bits(layers, "size"))}
     summary = _log_summary(log)
     meta = {"method": "dmx", "ladder": lad.name, "target_bits": float(target_bits),
-            "seed": int(seed), "search": {**{k: v for k, v in config.items() if k != "model"},
+            "seed": int(seed), "wall_time_s": round(elapsed_before + time.time() - t0, 3),
+            "search": {**{k: v for k, v in config.items() if k != "model"},
                                           "train_seconds": round(train_s, 3),
                                           "achieved_bits": achieved, **summary}}
     search_log = {"config": config, "achieved_bits": achieved, "formats": formats,
