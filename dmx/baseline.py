@@ -1,0 +1,277 @@
+"""Baselines the dMX search is compared with (paper.md 2.7), written as OUT directories.
+
+* uniform: every quantizable linear in one format (weights and inputs, or weights only).
+* kl: KL-divergence layer selection. Each unit -- a linear, or a fused group (q/k/v,
+  gate/up of one block, kept in one format as serving engines need) -- is quantized
+  alone to the ladder's low rung, everything else unquantized; its sensitivity is the
+  mean per-token KL(unquantized || quantized) of next-token distributions on calibration
+  windows. Then, starting from every unit on the low rung, units are promoted in order of
+  decreasing sensitivity to the high rung (then to the middle rungs of a 3-rung ladder)
+  whenever the promotion keeps the average bits (simple or size-weighted, the search's
+  definition) at or below the target; a unit that does not fit is skipped, so the
+  budget is met as closely as the units allow, never exceeded.
+
+Public API: ``quantizable_layers(model, include=None) -> [names]``,
+``uniform_baseline(model_dir, fmt, out, ...) -> dict``,
+``kl_sensitivities(model, units, windows, low_fmt, ...) -> {unit: kl}``,
+``greedy_promote(units, sensitivity, shapes, ladder, target, weighting, weights_only)``,
+``kl_baseline(model_dir, target_bits, out, ...) -> dict``,
+``add_baseline_parser(subparsers)`` / ``run_baseline(args)``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import mxref
+from dmx.errors import DMXError
+
+__all__ = ["METHODS", "quantizable_layers", "fused_units", "uniform_baseline",
+           "kl_sensitivities", "greedy_promote", "kl_baseline", "check_target_bits",
+           "add_baseline_parser", "run_baseline"]
+
+METHODS = ("uniform", "kl")
+WEIGHTINGS = ("simple", "size")
+
+
+def quantizable_layers(model, include=None) -> list[str]:
+    """Names of the linears dMX quantizes (wrap_model's selection: all but lm_head and
+    embeddings, or those matching ``include``), model left as it was."""
+    from dmx.layers import wrap_model
+    layers = wrap_model(model, include=include)  # the one definition of the selection
+    for name, layer in layers.items():
+        model.set_submodule(name, layer.linear)   # undo: plain nn.Linear again
+    return list(layers)
+
+
+def fused_units(names: list[str]) -> list[tuple[str, ...]]:
+    """Names grouped into units that share a format (fused q/k/v and gate/up), in order."""
+    from dmx.layers import _fused_key  # the one definition of which projections fuse
+    units: dict[str, list[str]] = {}
+    for n in names:
+        units.setdefault(_fused_key(n) or n, []).append(n)
+    return [tuple(v) for v in units.values()]
+
+
+def check_target_bits(target, ladder) -> float:
+    t = float(target)
+    lo, hi = ladder.low.bits, ladder.high.bits
+    if not (math.isfinite(t) and lo <= t <= hi):
+        raise DMXError(f"--target-bits {target} is impossible with ladder {ladder.name}: choose "
+                       f"a value in [{lo}, {hi}] (element bits of {ladder.low.fmt} and "
+                       f"{ladder.high.fmt})")
+    return t
+
+
+def _formats_for(names, fmt, weights_only):
+    return {n: fmt for n in names}, {n: (None if weights_only else fmt) for n in names}
+
+
+def _shapes(model, names) -> dict:
+    return {n: tuple(model.get_submodule(n).weight.shape) for n in names}
+
+
+def _load(model_dir, device):
+    from dmx.data import load_model_and_tokenizer
+    model, tok = load_model_and_tokenizer(model_dir, device=device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tok
+
+
+# ----------------------------------------------------------------------------- uniform
+def uniform_baseline(model_dir, fmt: str, out, weights_only: bool = False, include=None,
+                     device: str = "cpu", force: bool = False) -> dict:
+    """Write OUT with every quantizable linear in ``fmt``; returns a summary."""
+    from dmx import io
+    t0 = time.time()
+    fmt = mxref.get_format(fmt).key
+    if mxref.get_format(fmt).bits not in (4, 6, 8):
+        raise DMXError(f"--format {fmt}: OUT stores 4-, 6- and 8-bit MX formats only")
+    io.check_new_out(out, force)
+    model, _ = _load(model_dir, device)
+    names = quantizable_layers(model, include)
+    formats, acts = _formats_for(names, fmt, weights_only)
+    meta = {"method": "uniform", "ladder": None, "target_bits": None, "seed": 0,
+            "baseline": {"format": fmt, "weights_only": bool(weights_only)},
+            "wall_time_s": round(time.time() - t0, 3)}
+    io.write_out(out, model, formats, acts, model_dir, meta, force)
+    bits = io.average_bits_of(formats, acts, _shapes(model, names))
+    return {"out": str(out), "formats": formats, "avg_bits": bits,
+            "wall_time_s": meta["wall_time_s"]}
+
+
+# ----------------------------------------------------------------------------- kl
+def kl_sensitivities(model, units, windows, low_fmt: str, weights_only: bool = False,
+                     batch_size: int = 4, progress: bool = True) -> dict:
+    """{unit: mean per-token KL(unquantized || unit alone in low_fmt)} on ``windows``.
+
+    The reference distribution of a batch is computed once and every unit is scored
+    against it before the next batch, so only one batch of reference logits is held.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from dmx.layers import apply_formats
+    from dmx.train import _distill_kl  # the search's KL(reference || quantized), float32
+
+    originals = {n: model.get_submodule(n) for u in units for n in u}
+    totals = {u: 0.0 for u in units}
+    batches = range(0, windows.shape[0], batch_size)
+    bar = tqdm(total=len(batches) * len(units), desc="dmx baseline kl", unit="fwd",
+               disable=not progress, dynamic_ncols=True)
+    try:
+        with torch.no_grad():
+            for i in batches:
+                ids = windows[i:i + batch_size]
+                ref = model(input_ids=ids, use_cache=False).logits
+                for u in units:
+                    apply_formats(model, *_formats_for(u, low_fmt, weights_only))
+                    try:
+                        logits = model(input_ids=ids, use_cache=False).logits
+                    finally:
+                        for n in u:
+                            model.set_submodule(n, originals[n])
+                    totals[u] += float(_distill_kl(logits, ref)) * ids.shape[0]
+                    bar.update(1)
+    finally:
+        bar.close()
+    return {u: t / windows.shape[0] for u, t in totals.items()}
+
+
+def greedy_promote(units, sensitivity: dict, shapes: dict, ladder, target: float,
+                   weighting: str = "simple", weights_only: bool = False) -> dict:
+    """{name: format}: all units low, then promoted by decreasing sensitivity while the
+    average bits stay <= target (see the module docstring)."""
+    from dmx.io import average_bits_of
+    key = {"simple": "simple", "size": "size_weighted"}[weighting]
+    fmt_of = {u: ladder.low.fmt for u in units}
+
+    def avg(assign):
+        formats = {n: f for u, f in assign.items() for n in u}
+        acts = {n: (None if weights_only else f) for n, f in formats.items()}
+        return average_bits_of(formats, acts, shapes)[key]
+
+    order = sorted(units, key=lambda u: -sensitivity[u])
+    higher = [r.fmt for r in sorted(ladder.rungs, key=lambda r: -r.bits)][:-1]
+    for fmt in higher:  # the high rung first, then the middle ones
+        for u in order:
+            if fmt_of[u] != ladder.low.fmt:
+                continue
+            trial = {**fmt_of, u: fmt}
+            if avg(trial) <= target + 1e-9:
+                fmt_of = trial
+    return {n: f for u, f in fmt_of.items() for n in u}
+
+
+def kl_baseline(model_dir, target_bits: float, out, ladder: str = "fp8-fp4",
+                weighting: str = "simple", calib=None, samples: int = 16,
+                seqlen: int | None = None, seed: int = 0, weights_only: bool = False,
+                include=None, batch_size: int = 4, device: str = "cpu", force: bool = False,
+                progress: bool = True) -> dict:
+    """Write OUT with the KL layer-selection assignment; returns a summary."""
+    from dmx import data, io
+    from dmx.ladders import get_ladder
+
+    t0 = time.time()
+    lad = get_ladder(ladder)
+    target = check_target_bits(target_bits, lad)
+    if weighting not in WEIGHTINGS:
+        raise DMXError(f"--weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
+    io.check_new_out(out, force)
+    for f in calib or ():
+        if not Path(f).is_file():
+            raise DMXError(f"--calib {f}: no such file")
+    config = data.check_causal_lm_dir(model_dir)
+    if seqlen is None:  # the search's 2048, capped by what the model was trained for
+        seqlen = min(2048, int(config.get("max_position_embeddings") or 2048))
+    calib_files = [str(f) for f in calib] if calib else [str(data.default_calibration_file())]
+    model, tok = _load(model_dir, device)
+    windows = data.calibration_windows(tok, calib_files, seqlen, samples, seed)
+    windows = windows.to(next(model.parameters()).device)
+    names = quantizable_layers(model, include)
+    units = fused_units(names)
+    sens = kl_sensitivities(model, units, windows, lad.low.fmt, weights_only, batch_size,
+                            progress)
+    shapes = _shapes(model, names)
+    formats = greedy_promote(units, sens, shapes, lad, target, weighting, weights_only)
+    acts = {n: (None if weights_only else f) for n, f in formats.items()}
+    achieved = io.average_bits_of(formats, acts, shapes)
+    meta = {"method": "kl", "ladder": lad.name, "target_bits": target, "seed": int(seed),
+            "baseline": {"weighting": weighting, "weights_only": bool(weights_only),
+                         "calib": calib_files, "samples": int(windows.shape[0]),
+                         "seqlen": int(seqlen), "low_format": lad.low.fmt,
+                         "sensitivity": {"+".join(u): s for u, s in
+                                         sorted(sens.items(), key=lambda kv: -kv[1])}},
+            "wall_time_s": round(time.time() - t0, 3)}
+    io.write_out(out, model, formats, acts, model_dir, meta, force)
+    return {"out": str(out), "formats": formats, "avg_bits": achieved, "target_bits": target,
+            "sensitivity": sens, "wall_time_s": meta["wall_time_s"]}
+
+
+# ----------------------------------------------------------------------------- CLI
+def add_baseline_parser(subparsers):
+    p = subparsers.add_parser(
+        "baseline", help="uniform or KL-selection baseline, written as an OUT directory",
+        description="Baselines for dMX (paper 2.7). --method uniform: every linear in "
+                    "--format. --method kl: score each layer (fused q/k/v and gate/up as one) "
+                    "by the KL divergence of next-token distributions when it alone is in the "
+                    "ladder's low format, then give the high format to the most sensitive "
+                    "layers while the average bits stay <= --target-bits.")
+    p.add_argument("--model", required=True, help="local Hugging Face causal-LM directory")
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--format", metavar="FMT",
+                   help="uniform: the format (fp4_e2m1, fp6_e2m3, fp6_e3m2, fp8_e4m3, fp8_e5m2)")
+    p.add_argument("--target-bits", type=float,
+                   help="kl: average element bits to meet (MXFP4 = 4, MXFP8 = 8)")
+    p.add_argument("--ladder", default="fp8-fp4",
+                   help="kl: formats a layer can take: fp8-fp4 (default), fp6-fp4, fp8-fp6-fp4")
+    p.add_argument("--weighting", choices=WEIGHTINGS, default="simple",
+                   help="kl: average the budget uses: simple (per layer, default) or size")
+    p.add_argument("--calib", nargs="+", metavar="FILE",
+                   help="kl: calibration text file(s) (default: the embedded wiki.valid.raw)")
+    p.add_argument("--samples", type=int, default=16, help="kl: calibration windows (default 16)")
+    p.add_argument("--seqlen", type=int, default=None,
+                   help="kl: tokens per window (default 2048, capped by the model's positions)")
+    p.add_argument("--seed", type=int, default=0, help="kl: seed of the calibration windows")
+    p.add_argument("--batch-size", type=int, default=4, help="kl: windows per forward")
+    p.add_argument("--weights-only", action="store_true", help="leave the inputs unquantized")
+    p.add_argument("--include", action="append", metavar="REGEX",
+                   help="quantize only linears whose name matches (repeatable)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--force", action="store_true", help="overwrite an existing OUT")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-o", "--out", required=True, help="output directory (written atomically)")
+    p.set_defaults(func=run_baseline)
+    return p
+
+
+def run_baseline(args) -> int:
+    from collections import Counter
+
+    if args.method == "uniform":
+        if not args.format:
+            raise DMXError("--method uniform needs --format FMT (e.g. fp4_e2m1 or fp8_e4m3)")
+        if args.target_bits is not None:
+            raise DMXError("--target-bits goes with --method kl; uniform has its format's bits")
+        res = uniform_baseline(args.model, args.format, args.out, args.weights_only,
+                               args.include, args.device, args.force)
+    else:
+        if args.target_bits is None:
+            raise DMXError("--method kl needs --target-bits B (average element bits)")
+        if args.format:
+            raise DMXError("--format goes with --method uniform; kl picks from --ladder")
+        res = kl_baseline(args.model, args.target_bits, args.out, args.ladder, args.weighting,
+                          args.calib, args.samples, args.seqlen, args.seed, args.weights_only,
+                          args.include, args.batch_size, args.device, args.force,
+                          progress=not args.no_progress)
+    counts = Counter(res["formats"].values())
+    mix = ", ".join(f"{n} x {fmt}" for fmt, n in sorted(counts.items()))
+    b = res["avg_bits"]
+    target = f", target {res['target_bits']:g}" if res.get("target_bits") is not None else ""
+    print(f"dmx baseline {args.method}: {len(res['formats'])} layers -> {mix}")
+    print(f"dmx baseline {args.method}: average bits {b['simple']:.3f} (size-weighted "
+          f"{b['size_weighted']:.3f}){target}")
+    print(f"dmx baseline {args.method}: wrote {res['out']} in {res['wall_time_s']:.1f} s")
+    return 0

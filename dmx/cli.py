@@ -1,0 +1,92 @@
+"""The ``dmx`` command line: search, eval, baseline, report, export, demo.
+
+Every bad input ends as one line ``dmx: error: <what is wrong and what to do>`` on stderr
+with exit code 2 and no traceback; Ctrl-C exits 130 with a message. The subcommands'
+modules are imported only to build their parsers (torch/transformers load when a
+command runs), so ``dmx --help`` is quick.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mxref.errors import MXError
+
+from dmx.errors import DMXError
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors become a DMXError (one line, exit 2)."""
+
+    def error(self, message):
+        raise DMXError(f"{message} (see `{self.prog} --help`)")
+
+
+def _unavailable(name: str, err: Exception):
+    """A stand-in subcommand when its module fails to import: says so when used."""
+    def run(args):
+        raise DMXError(f"`dmx {name}` is not available in this build ({type(err).__name__}: "
+                       f"{err}); reinstall dmx")
+    return run
+
+
+def _add_optional(sub, name: str, module: str, adder: str, runner: str | None, help_: str):
+    import importlib
+    try:
+        mod = importlib.import_module(module)
+        p = getattr(mod, adder)(sub)
+        if runner is not None:
+            p.set_defaults(func=getattr(mod, runner))
+    except ImportError as err:  # keep the other commands usable
+        p = sub.add_parser(name, help=f"{help_} (unavailable: {err})")
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=_unavailable(name, err))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import dmx
+    from dmx import baseline, demo, evaluate, report
+
+    parser = _Parser(prog="dmx", description="dMX: mixed-precision OCP MX format search for "
+                     "causal LMs, its baselines, evaluation, reports and export.")
+    parser.add_argument("--version", action="version", version=f"dmx {dmx.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_optional(sub, "search", "dmx.search", "add_search_parser", "run_search",
+                  "learn a mixed MX format assignment under a bit budget (dMX)")
+    evaluate.add_eval_parser(sub)
+    baseline.add_baseline_parser(sub)
+    report.add_report_parser(sub)
+    _add_optional(sub, "export", "dmx.export", "add_export_parser", None,
+                  "write a deployable checkpoint from an OUT dir")
+    demo.add_demo_parser(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if getattr(args, "func", None) is None:
+            parser.print_help(sys.stderr)
+            return EXIT_BAD_INPUT
+        return int(args.func(args) or 0)
+    except (DMXError, MXError) as err:
+        msg = " ".join(str(err).split())  # one line, whatever the message held
+        print(f"dmx: error: {msg}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("dmx: interrupted (Ctrl-C); nothing half-written was left behind",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. `dmx report ... | head`
+        return 0
+    except OSError as err:  # disk full, permission denied: not a bug, one line
+        print(f"dmx: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

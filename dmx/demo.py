@@ -1,0 +1,153 @@
+"""`dmx demo [--out runs/demo] [--quick]`: the whole pipeline on the embedded model, on CPU.
+
+On tiny-qwen3 (shipped in dmx/data/) with WikiText-2 raw (valid split to calibrate, test
+split to evaluate): a dMX search at one budget, the uniform MXFP4 and MXFP8 baselines,
+the KL-selection baseline at the same budget, the perplexity of each (and of the
+unquantized model) with one protocol, and the report (report.md, pareto.png). Everything
+is built in a temp dir next to --out and renamed into place at the end.
+
+Public API: ``demo_settings(quick) -> dict``, ``run_demo(out, quick=False, force=False,
+target_bits=6.0, progress=True) -> list[dict]`` (the report rows), ``add_demo_parser``.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from dmx.errors import DMXError
+
+__all__ = ["demo_settings", "run_demo", "add_demo_parser", "run_demo_cli"]
+
+
+def demo_settings(quick: bool = False) -> dict:
+    """Sizes chosen so the demo takes a few minutes on 2 CPU cores (--quick: ~1 minute)."""
+    if quick:
+        return {"search_steps": 16, "search_batch": 2, "calib_seqlen": 128,
+                "kl_samples": 2, "eval_seqlen": 256, "eval_windows": 8}
+    return {"search_steps": 80, "search_batch": 4, "calib_seqlen": 128,
+            "kl_samples": 8, "eval_seqlen": 256, "eval_windows": 48}
+
+
+def _say(msg: str) -> None:
+    print(f"dmx demo: {msg}", flush=True)
+
+
+def _evaluate_out(out: Path, s: dict, progress: bool) -> dict:
+    from dmx.evaluate import evaluate, save_eval
+    from dmx.io import load
+    model, tok, _ = load(out)
+    res = evaluate(model, tok, None, s["eval_seqlen"], s["eval_windows"], progress=progress)
+    save_eval(out, res)
+    _say(f"{out.name}: {res['protocol']}")
+    return res
+
+
+def _search(tmp: Path, name: str, target: float, s: dict, progress: bool) -> bool:
+    """The dMX search, if dmx.search is in this build; False (and a note) if not."""
+    from dmx import data
+    try:
+        from dmx.search import search
+    except ImportError as err:
+        _say(f"dMX search is not available in this build ({err}); continuing with the "
+             f"baselines only")
+        return False
+    search(str(data.embedded_model_dir()), target, ladder="fp8-fp4",
+           calib=[str(data.default_calibration_file())], seqlen=s["calib_seqlen"],
+           samples=s["search_steps"] * s["search_batch"], steps=s["search_steps"],
+           batch_size=s["search_batch"], out=str(tmp / name), checkpoint_every=0,
+           progress=progress)
+    return True
+
+
+def run_demo(out="runs/demo", quick: bool = False, force: bool = False,
+             target_bits: float = 6.0, progress: bool = True) -> list[dict]:
+    from dmx import baseline, data, report
+    from dmx.evaluate import evaluate
+    from dmx.ladders import get_ladder
+
+    t0 = time.time()
+    dest = Path(out)
+    if dest.exists() and not force:
+        raise DMXError(f"{dest} already exists; pass --force to overwrite it or choose another "
+                       f"--out")
+    baseline.check_target_bits(target_bits, get_ladder("fp8-fp4"))
+    s = demo_settings(quick)
+    model_dir = data.embedded_model_dir()
+    _say(f"model {model_dir.name}, calibration {data.default_calibration_file().name}, "
+         f"evaluation {data.default_eval_file().name}, target {target_bits:g} bits "
+         f"(ladder fp8-fp4)")
+    _say(f"settings{' (--quick)' if quick else ''}: search {s['search_steps']} steps x "
+         f"{s['search_batch']} windows of {s['calib_seqlen']} tokens; KL baseline "
+         f"{s['kl_samples']} windows of {s['calib_seqlen']}; evaluation: first "
+         f"{s['eval_windows']} windows of {s['eval_seqlen']} tokens")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        model, tok = data.load_model_and_tokenizer(model_dir)
+        ref = evaluate(model, tok, None, s["eval_seqlen"], s["eval_windows"],
+                       progress=progress)
+        _say(f"unquantized: {ref['protocol']}")
+        del model
+        tag = f"{target_bits:g}"
+        runs = []
+        step_t = time.time()
+        if _search(tmp, f"dmx-{tag}", target_bits, s, progress):
+            runs.append(f"dmx-{tag}")
+            _say(f"search done in {time.time() - step_t:.0f} s")
+        for fmt, name in (("fp4_e2m1", "uniform-mxfp4"), ("fp8_e4m3", "uniform-mxfp8")):
+            baseline.uniform_baseline(model_dir, fmt, tmp / name)
+            runs.append(name)
+        step_t = time.time()
+        baseline.kl_baseline(model_dir, target_bits, tmp / f"kl-{tag}", samples=s["kl_samples"],
+                             seqlen=s["calib_seqlen"], progress=progress)
+        runs.append(f"kl-{tag}")
+        _say(f"KL baseline done in {time.time() - step_t:.0f} s")
+        for name in runs:
+            _evaluate_out(tmp / name, s, progress)
+        rows = report.collect([tmp / name for name in runs])
+        for r in rows:
+            r["path"] = str(dest / r["run"])  # where it will be once renamed
+        reference = {"label": model_dir.name, "ppl": ref["ppl"], "protocol": ref["protocol"]}
+        report.write_report(rows, tmp / "report", reference,
+                            title=f"dmx demo: {model_dir.name}, target {tag} bits")
+        old = None
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+            os.replace(dest, old / "demo")
+        os.replace(tmp, dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print()
+    print(f"{'run':>16}  {'method':<8} {'avg bits':>8}  {'ppl':>8}")
+    print(f"{'unquantized':>16}  {'-':<8} {'32':>8}  {ref['ppl']:8.2f}")
+    for r in rows:
+        print(f"{r['run']:>16}  {r['method']:<8} {r['avg_bits']:8.3f}  {r['ppl']:8.2f}")
+    _say(f"wrote {dest}/ (OUT dirs + report/report.md, report/pareto.png) in "
+         f"{time.time() - t0:.0f} s")
+    return rows
+
+
+def add_demo_parser(subparsers):
+    p = subparsers.add_parser(
+        "demo", help="end-to-end demo on the embedded model (search, baselines, eval, report)",
+        description="Run dMX search, the uniform MXFP4/MXFP8 and KL baselines, evaluation and "
+                    "the report on the embedded tiny-qwen3 model, on CPU, in a few minutes.")
+    p.add_argument("--out", "-o", default="runs/demo", help="directory to create (runs/demo)")
+    p.add_argument("--quick", action="store_true", help="smaller settings (about a minute)")
+    p.add_argument("--target-bits", type=float, default=6.0,
+                   help="budget of the search and the KL baseline (default 6.0)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_demo_cli)
+    return p
+
+
+def run_demo_cli(args) -> int:
+    run_demo(args.out, args.quick, args.force, args.target_bits, not args.no_progress)
+    return 0

@@ -1,0 +1,188 @@
+"""Perplexity with the GPTQ protocol, and the `dmx eval` command.
+
+Public API:
+
+* ``perplexity(model, windows, batch_size=8, progress=True) -> {"ppl", "nll", "scored"}``:
+  every next-token prediction of every window scored (seqlen - 1 per window), float32
+  cross-entropy summed over all of them, ppl = exp(sum / count).
+* ``evaluate(model, tokenizer, data_file=None, seqlen=256, max_windows=None, join="file",
+  batch_size=8, progress=True) -> dict``: windows from :func:`dmx.data.eval_windows`
+  (default text: the embedded wiki.test.raw) and their perplexity; ``result["protocol"]``
+  is the one-line description printed with the number.
+* ``protocol_line(result) -> str``, e.g. "wiki.test.raw: 396,958 tokens, 1,550 windows x
+  256, all tokens scored, ppl 116.01".
+* ``save_eval(out_dir, result)``: adds the result to OUT/eval.json (atomic rewrite;
+  the OUT weights and manifest stay untouched).
+* ``add_eval_parser(subparsers)`` / ``run_eval(args)``: the CLI.
+
+Zero-shot tasks (lm-evaluation-harness) are not run here: the harness is not a dependency
+(and needs the hub for its datasets).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from dmx.errors import DMXError
+
+__all__ = ["perplexity", "evaluate", "protocol_line", "save_eval", "load_eval",
+           "add_eval_parser", "run_eval", "DEFAULT_SEQLEN"]
+
+DEFAULT_SEQLEN = 256
+
+
+def perplexity(model, windows, batch_size: int = 8, progress: bool = True) -> dict:
+    """Perplexity of ``model`` over LongTensor ``windows`` [n, seqlen] (all tokens scored)."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise DMXError(f"--batch-size must be a positive integer, got {batch_size}")
+    device = next(model.parameters()).device
+    nll, scored = 0.0, 0
+    with torch.no_grad():
+        for i in tqdm(range(0, windows.shape[0], batch_size), desc="dmx eval", unit="batch",
+                      disable=not progress, dynamic_ncols=True):
+            ids = windows[i:i + batch_size].to(device)
+            logits = model(input_ids=ids, use_cache=False).logits
+            # float32 softmax whatever the model dtype; summed in float64 across batches
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
+                                   reduction="sum")
+            nll += float(loss)
+            scored += ids[:, 1:].numel()
+    mean = nll / scored
+    return {"ppl": math.exp(mean) if mean < 700 else math.inf, "nll": mean, "scored": scored}
+
+
+def evaluate(model, tokenizer, data_file=None, seqlen: int = DEFAULT_SEQLEN,
+             max_windows: int | None = None, join: str = "file", batch_size: int = 8,
+             progress: bool = True) -> dict:
+    """GPTQ-protocol perplexity of ``model`` on a text file (see the module docstring)."""
+    from dmx.data import default_eval_file, eval_windows
+
+    if tokenizer is None:
+        raise DMXError("no tokenizer: the model directory has no tokenizer files; copy them "
+                       "from the source model")
+    data_file = default_eval_file() if data_file is None else Path(data_file)
+    t0 = time.time()
+    windows, info = eval_windows(tokenizer, data_file, seqlen, max_windows, join)
+    result = {**info, **perplexity(model, windows, batch_size, progress),
+              "seconds": round(time.time() - t0, 3)}
+    result["protocol"] = protocol_line(result)
+    return result
+
+
+def protocol_line(r: dict) -> str:
+    """The number with the protocol that produced it (never a bare perplexity)."""
+    part = "" if r["windows"] == r["windows_total"] else f" (first {r['windows']:,} of " \
+                                                          f"{r['windows_total']:,})"
+    join = "" if r.get("join", "file") == "file" else ", rows joined with \\n\\n"
+    return (f"{Path(r['file']).name}: {r['n_tokens']:,} tokens{join}, {r['windows']:,} windows"
+            f" x {r['seqlen']}{part}, all tokens scored, ppl {r['ppl']:.2f}")
+
+
+# ----------------------------------------------------------------------------- eval.json
+def load_eval(out_dir) -> dict | None:
+    """OUT/eval.json, or None when `dmx eval OUT --save` has not run."""
+    from dmx.io import EVAL_NAME
+    path = Path(out_dir) / EVAL_NAME
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DMXError(f"{path}: unreadable JSON ({err}); rerun `dmx eval {out_dir} --save`") \
+            from None
+
+
+def save_eval(out_dir, result: dict) -> Path:
+    """Record ``result`` in OUT/eval.json under its protocol key; "latest" names it."""
+    from dmx.io import EVAL_NAME, atomic_write_text
+    data = load_eval(out_dir) or {"results": {}}
+    key = (f"{Path(result['file']).name}|seqlen={result['seqlen']}|windows={result['windows']}"
+           f"|join={result.get('join', 'file')}")
+    data["results"][key] = result
+    data["latest"] = key
+    path = Path(out_dir) / EVAL_NAME
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------- CLI
+def add_eval_parser(subparsers):
+    from dmx.data import JOINS
+    p = subparsers.add_parser(
+        "eval", help="perplexity of an OUT directory or a model (GPTQ protocol)",
+        description="Perplexity on a text file, GPTQ protocol: the text tokenized once, "
+                    "non-overlapping windows of --seqlen tokens, remainder dropped, every "
+                    "token scored. Pass an OUT directory, or --model DIR (optionally with "
+                    "--uniform FMT for a uniform MX quantization on the fly).")
+    p.add_argument("out", nargs="?", help="OUT directory written by `dmx search`/`dmx baseline`")
+    p.add_argument("--model", help="a local Hugging Face causal LM instead of OUT")
+    p.add_argument("--uniform", metavar="FMT",
+                   help="with --model: quantize every linear (not lm_head/embeddings), "
+                        "weights and inputs, to FMT (e.g. fp4_e2m1, fp8_e4m3)")
+    p.add_argument("--weights-only", action="store_true",
+                   help="with --uniform: leave the inputs unquantized")
+    p.add_argument("--data", help="text file (default: the embedded wiki.test.raw)")
+    p.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN,
+                   help=f"tokens per window (default {DEFAULT_SEQLEN})")
+    p.add_argument("--max-windows", type=int, default=None,
+                   help="score only the first N windows (quick look; printed with the number)")
+    p.add_argument("--join", choices=JOINS, default="file",
+                   help="file: the text as it is (default); rows: GPTQ's \\n\\n join of the "
+                        "Hugging Face wikitext rows")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--save", action="store_true",
+                   help="record the result in OUT/eval.json (read by `dmx report`)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_eval)
+    return p
+
+
+def _model_for_args(args):
+    """(model, tokenizer, label) for `dmx eval`, after the cheap checks."""
+    from dmx.data import load_model_and_tokenizer
+    if (args.out is None) == (args.model is None):
+        raise DMXError("pass either an OUT directory or --model DIR (not both)")
+    if args.out is not None:
+        if args.uniform:
+            raise DMXError("--uniform goes with --model; an OUT directory has its own formats")
+        from dmx.io import load
+        model, tok, _ = load(args.out, device=args.device)
+        return model, tok, str(args.out)
+    if args.save:
+        raise DMXError("--save records into an OUT directory; it does not go with --model")
+    fmt = None
+    if args.uniform:
+        import mxref
+        fmt = mxref.get_format(args.uniform).key
+    model, tok = load_model_and_tokenizer(args.model, device=args.device)
+    label = str(args.model)
+    if fmt:
+        from dmx.baseline import quantizable_layers
+        from dmx.layers import apply_formats
+        names = quantizable_layers(model)
+        apply_formats(model, {n: fmt for n in names},
+                      {n: None if args.weights_only else fmt for n in names})
+        label += f" (uniform {fmt}{', weights only' if args.weights_only else ''})"
+    return model, tok, label
+
+
+def run_eval(args) -> int:
+    t0 = time.time()
+    if args.data is not None and not Path(args.data).is_file():
+        raise DMXError(f"--data {args.data}: no such file")
+    model, tok, label = _model_for_args(args)
+    result = evaluate(model, tok, args.data, args.seqlen, args.max_windows, args.join,
+                      args.batch_size, progress=not args.no_progress)
+    result["model"] = label
+    result["wall_time_s"] = round(time.time() - t0, 3)
+    print(f"{label}: {result['protocol']}")
+    if args.save:
+        print(f"dmx eval: recorded in {save_eval(args.out, result)}")
+    return 0

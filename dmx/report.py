@@ -1,0 +1,181 @@
+"""`dmx report RUN_DIRS... -o report/`: one table and one Pareto plot across OUT directories.
+
+Public API:
+
+* ``collect(run_dirs) -> list[dict]``: one row per OUT from its manifest and eval.json
+  (run, method, target bits, achieved average bits simple / size-weighted / storage,
+  format mix, perplexity with its protocol, wall time).
+* ``write_report(rows, report_dir, reference=None, force=False, title=...) -> Path``:
+  report.md, report.json and pareto.png (perplexity vs average bits, one series per
+  method, points labelled), written into a temp dir and renamed into place.
+* ``add_report_parser(subparsers)`` / ``run_report(args)``: the CLI.
+
+``reference``: {"label", "ppl", "protocol"} of the unquantized model, drawn as a line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from dmx.errors import DMXError
+
+__all__ = ["collect", "write_report", "add_report_parser", "run_report"]
+
+MARKERS = {"dmx": "o", "kl": "s", "uniform": "^"}
+
+
+def collect(run_dirs) -> list[dict]:
+    """Rows of the report, in the order given (every OUT is schema-checked)."""
+    from dmx.evaluate import load_eval
+    from dmx.io import read_manifest
+
+    if not run_dirs:
+        raise DMXError("pass at least one OUT directory to report on")
+    rows = []
+    for d in run_dirs:
+        m = read_manifest(d)
+        ev = load_eval(d)
+        result = ev["results"][ev["latest"]] if ev else None
+        mix = Counter(e["format"] for e in m["layers"].values())
+        rows.append({
+            "run": Path(d).name, "path": str(d), "method": m["method"],
+            "ladder": m["ladder"], "target_bits": m["target_bits"],
+            "avg_bits": m["avg_bits"]["simple"],
+            "avg_bits_size_weighted": m["avg_bits"]["size_weighted"],
+            "storage_bits_per_weight": m["avg_bits"]["storage_bits_per_weight"],
+            "layers": len(m["layers"]),
+            "formats": dict(sorted(mix.items())),
+            "ppl": None if result is None else result["ppl"],
+            "protocol": None if result is None else result["protocol"],
+            "eval_key": None if ev is None else ev["latest"],
+            # a search that did not record its wall time: its training time is the bulk
+            "wall_time_s": m.get("wall_time_s") if m.get("wall_time_s") is not None
+            else (m.get("search") or {}).get("train_seconds"),
+            "model": m["source_model"],
+        })
+    return rows
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def _markdown(rows, reference, title) -> str:
+    lines = [f"# {title}", ""]
+    keys = {r["eval_key"] for r in rows if r["eval_key"]}
+    if reference:
+        lines += [f"Unquantized reference ({reference['label']}): {reference['protocol']}", ""]
+    if len(keys) > 1:
+        lines += ["**Warning:** the runs were evaluated with different protocols "
+                  f"({', '.join(sorted(keys))}); their perplexities are not comparable.", ""]
+    elif keys:
+        proto = next(r["protocol"] for r in rows if r["protocol"])
+        lines += [f"Perplexity protocol: {proto.rsplit(', ppl', 1)[0]}.", ""]
+    missing = [r["run"] for r in rows if r["ppl"] is None]
+    if missing:
+        lines += [f"Not evaluated (run `dmx eval OUT --save`): {', '.join(missing)}.", ""]
+    lines += ["Average bits are element bits (MXFP4 = 4, MXFP8 = 8), the mean of the weight "
+              "and input-activation averages (simple: each layer once; size: weighted by "
+              "elements); storage = bytes of packed weights + E8M0 scales per weight.", ""]
+    lines += ["| run | method | target | avg bits | size-weighted | storage bits/w | formats "
+              "| ppl | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mix = ", ".join(f"{n}x {f}" for f, n in r["formats"].items())
+        lines.append(f"| {r['run']} | {r['method']} | {_fmt(r['target_bits'], 'g')} | "
+                     f"{r['avg_bits']:.3f} | {r['avg_bits_size_weighted']:.3f} | "
+                     f"{r['storage_bits_per_weight']:.3f} | {mix} | {_fmt(r['ppl'], '.2f')} | "
+                     f"{_fmt(r['wall_time_s'], '.1f')} |")
+    lines += ["", "![perplexity vs average bits](pareto.png)", ""]
+    return "\n".join(lines)
+
+
+def _plot(rows, reference, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for method in sorted({r["method"] for r in rows}):
+        pts = sorted((r["avg_bits"], r["ppl"], r["run"]) for r in rows
+                     if r["method"] == method and r["ppl"] is not None)
+        if not pts:
+            continue
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=MARKERS.get(method, "x"),
+                linestyle="-" if len(pts) > 1 else "none", label=method)
+        for x, y, run in pts:
+            ax.annotate(run, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if reference:
+        ax.axhline(reference["ppl"], color="gray", linestyle="--", linewidth=1,
+                   label=f"unquantized ({reference['ppl']:.2f})")
+    ax.set_xlabel("average element bits (simple)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(rows, report_dir, reference=None, force: bool = False,
+                 title: str = "dmx report: perplexity vs average bits") -> Path:
+    """Write report.md/json and pareto.png into ``report_dir`` atomically."""
+    dest = Path(report_dir)
+    if dest.exists() and not force:
+        raise DMXError(f"{dest} already exists; pass --force to overwrite it or choose another "
+                       f"-o/--out")
+    if dest.exists() and not dest.is_dir():
+        raise DMXError(f"{dest} exists and is not a directory; choose another -o/--out")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        (tmp / "report.md").write_text(_markdown(rows, reference, title))
+        (tmp / "report.json").write_text(json.dumps({"reference": reference, "runs": rows},
+                                                    indent=1) + "\n")
+        _plot(rows, reference, tmp / "pareto.png", title)
+        old = None
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+            os.replace(dest, old / "report")
+        os.replace(tmp, dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+# ----------------------------------------------------------------------------- CLI
+def add_report_parser(subparsers):
+    p = subparsers.add_parser(
+        "report", help="table + Pareto plot (perplexity vs average bits) across OUT dirs",
+        description="Read each OUT's dmx_manifest.json and eval.json (from `dmx eval OUT "
+                    "--save`) and write report.md, report.json and pareto.png.")
+    p.add_argument("runs", nargs="+", metavar="OUT", help="OUT directories")
+    p.add_argument("--reference-ppl", type=float, default=None,
+                   help="perplexity of the unquantized model (drawn as a dashed line)")
+    p.add_argument("--title", default="dmx report: perplexity vs average bits")
+    p.add_argument("--force", action="store_true", help="overwrite an existing report dir")
+    p.add_argument("-o", "--out", required=True, help="report directory to create")
+    p.set_defaults(func=run_report)
+    return p
+
+
+def run_report(args) -> int:
+    rows = collect(args.runs)
+    ref = None
+    if args.reference_ppl is not None:
+        ref = {"label": "--reference-ppl", "ppl": args.reference_ppl,
+               "protocol": f"ppl {args.reference_ppl:.2f}"}
+    dest = write_report(rows, args.out, ref, args.force, args.title)
+    for r in rows:
+        print(f"{r['run']:>24}  {r['method']:<8} bits {r['avg_bits']:.3f}  "
+              f"ppl {_fmt(r['ppl'], '.2f')}")
+    print(f"dmx report: wrote {dest}/report.md, report.json, pareto.png")
+    return 0
