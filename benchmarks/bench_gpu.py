@@ -318,10 +318,12 @@ def sec_speed(device, shapes, deadline, lean=False):
             impls += [
                 ("dmx Triton kernel", fmt, lambda fi=f: tk.mx_fake_quantize(x, fi, -1, 32, prof)),
                 ("plain PyTorch torch.compile", fmt, lambda a=args: plain_c(x, *a)),
-                ("plain PyTorch eager", fmt, lambda a=args: plain_mx_fake_quant(x, *a)),
                 ("dmx.quant.fake_quantize (Triton backend)", fmt,
                  lambda fm=fmt: fake_quantize(x, fm)),
             ]
+            if not lean:
+                impls.append(("plain PyTorch eager", fmt,
+                              lambda a=args: plain_mx_fake_quant(x, *a)))
             impls += [] if lean else [
                 ("dmx.quant torch path eager", fmt,
                  lambda fm=fmt: _fake_quantize_torch(x, fm, -1, 32, "ocp")),
@@ -507,6 +509,9 @@ def main(argv=None):
     ap.add_argument("--lean", action="store_true",
                     help="a shorter run: fewer exactness cases, one speed shape, no torch "
                          "dMX step, no torchao")
+    ap.add_argument("--sections", default=None,
+                    help="comma-separated subset of: exact,realfmt,speed,step,realfmt_speed,"
+                         "torchao (default: all; with --lean all but the last two)")
     ap.add_argument("--cpu-dry-run", action="store_true",
                     help="run every section on tiny CPU tensors through the Triton "
                          "interpreter (checks the script, measures nothing)")
@@ -522,16 +527,22 @@ def main(argv=None):
         os.environ["DMX_TRITON_ON_CPU"] = "1"
     section("env", 0, deadline)(sec_env)
     lean = args.lean
-    section("exact", 30, deadline)(sec_exact, device, args.quick or not cuda, dry, lean)
+    want = set((args.sections or ("exact,realfmt,speed,step" if lean else
+                                  "exact,realfmt,speed,step,realfmt_speed,torchao")).split(","))
+    if "exact" in want:
+        section("exact", 30, deadline)(sec_exact, device, args.quick or not cuda, dry, lean)
     if cuda or dry:
-        section("realfmt", 20, deadline)(sec_realfmt, device, lean)
         shapes = [(4096, 8192), (16384, 16384)] if cuda else [(64, 256)]
-        shapes = shapes[:1] if lean else shapes
-        section("speed", 60, deadline)(sec_speed, device, shapes,
-                                       deadline - (80 if lean else 150), lean)
-        section("step", 40, deadline)(sec_step, device, args.grad_checkpointing, lean)
-        if not lean:
+        if "realfmt" in want:
+            section("realfmt", 20, deadline)(sec_realfmt, device, lean)
+        if "speed" in want:
+            section("speed", 60, deadline)(sec_speed, device, shapes,
+                                           deadline - (80 if lean else 150), lean)
+        if "step" in want:
+            section("step", 40, deadline)(sec_step, device, args.grad_checkpointing, lean)
+        if "realfmt_speed" in want:
             section("realfmt_speed", 15, deadline)(sec_realfmt_speed, device)
+        if "torchao" in want:
             section("torchao", 10, deadline + 20)(sec_torchao, device, shapes)
     else:
         log("no CUDA device: only the CPU-safe sections ran")
