@@ -60,8 +60,9 @@ def encode(x, fmt, profile=None, scale_exp: int = 0) -> np.ndarray:
     out = np.empty(raw.shape, dtype=np.uint8)
     s = int(scale_exp)
     ep, pp = _element_args(fmt), _profile_args(profile)
-    if raw.dtype == np.uint32 and F.MIN_FAST_SCALE <= s <= FAST_MAX_SCALE:
-        F.encode_f32_kernel(raw.reshape(-1), out.reshape(-1), s, *F.fast_params(ep, pp))
+    bits32 = as_float32_bits(raw, np.asarray(x).dtype.name, profile)
+    if bits32 is not None and F.MIN_FAST_SCALE <= s <= FAST_MAX_SCALE:
+        F.encode_f32_kernel(bits32.reshape(-1), out.reshape(-1), s, *F.fast_params(ep, pp))
     else:
         K.encode_elements_kernel(raw.reshape(-1), out.reshape(-1), s, lay, ep, pp)
     return out
@@ -156,6 +157,22 @@ def _check_block_size(block_size) -> int:
     return int(block_size)
 
 
+def as_float32_bits(raw: np.ndarray, dtype_name: str, profile: Profile):
+    """float32 bit patterns with the same values and the same profile semantics, or None.
+
+    bfloat16 widens exactly by a 16-bit shift (its subnormals are FP32 subnormals);
+    float16 widens exactly too, but its subnormals are FP32-normal, so only when the
+    profile does not flush input subnormals. float64 cannot be narrowed exactly.
+    """
+    if dtype_name == "float32":
+        return raw
+    if dtype_name == "bfloat16":
+        return raw.astype(np.uint32) << np.uint32(16)
+    if dtype_name == "float16" and not profile.flush_subnormals:
+        return raw.view(np.float16).astype(np.float32).view(np.uint32)
+    return None
+
+
 def _blocked_rows(x, fmt, axis, block_size, profile):
     """Checked arguments and the input as (N, K) raw bits, blocked axis last."""
     fmt, profile = get_format(fmt), get_profile(profile)
@@ -166,7 +183,8 @@ def _blocked_rows(x, fmt, axis, block_size, profile):
     raw, lay = input_bits(moved)
     kdim = raw.shape[-1]
     raw2 = raw.reshape(-1, kdim) if kdim else raw.reshape(0, 0)
-    return fmt, profile, x, axis, block_size, moved.shape, raw2, lay
+    bits32 = as_float32_bits(raw2, x.dtype.name, profile)
+    return fmt, profile, x, axis, block_size, moved.shape, raw2, lay, bits32
 
 
 def _split_rows(raw2, block_size, align=4):
@@ -190,15 +208,15 @@ def _split_rows(raw2, block_size, align=4):
 def quantize(x, fmt, axis: int = -1, block_size: int = DEFAULT_BLOCK_SIZE,
              profile=None) -> MXArray:
     """MX-quantize ``x`` along ``axis`` (OCP MX v1.0 §6.3 with the profile's choices)."""
-    fmt, profile, x, axis, block_size, mshape, raw2, lay = _blocked_rows(
+    fmt, profile, x, axis, block_size, mshape, raw2, lay, bits32 = _blocked_rows(
         x, fmt, axis, block_size, profile)
     nbk = -(-raw2.shape[1] // block_size)
     codes = np.empty(raw2.shape, dtype=np.uint8)
     scales = np.empty((raw2.shape[0], nbk), dtype=np.uint8)
     if raw2.size:
         ep, pp = _element_args(fmt), _profile_args(profile)
-        if raw2.dtype == np.uint32:
-            r, g = _split_rows(raw2, block_size)
+        if bits32 is not None:
+            r, g = _split_rows(bits32, block_size)
             F.quantize_f32_kernel(r, codes.reshape(r.shape), scales.reshape(r.shape[0], -1),
                                   block_size, ep, pp, *F.fast_params(ep, pp)[:-1])
         else:
@@ -215,16 +233,16 @@ def quantize_packed(x, fmt, axis: int = -1, block_size: int = DEFAULT_BLOCK_SIZE
     ``quantize(x).scales`` bit for bit; float32 input never materialises the codes.
     """
     from mxref.pack import PackedMXArray, pack_codes, packed_row_bytes
-    fmt, profile, x, axis, block_size, mshape, raw2, lay = _blocked_rows(
+    fmt, profile, x, axis, block_size, mshape, raw2, lay, bits32 = _blocked_rows(
         x, fmt, axis, block_size, profile)
     kdim = raw2.shape[1]
     nbk = -(-kdim // block_size)
-    if raw2.dtype != np.uint32 or raw2.size == 0:
+    if bits32 is None or raw2.size == 0:
         mx = quantize(x, fmt, axis, block_size, profile)
         return PackedMXArray(pack_codes(mx.codes, fmt), mx.scales, fmt, mx.shape, axis,
                              block_size, profile)
     ep, pp = _element_args(fmt), _profile_args(profile)
-    r, g = _split_rows(raw2, block_size)
+    r, g = _split_rows(bits32, block_size)
     packed = np.empty((r.shape[0], packed_row_bytes(r.shape[1], fmt)), dtype=np.uint8)
     scales = np.empty((r.shape[0], nbk // g), dtype=np.uint8)
     F.quantize_packed_f32_kernel(r, packed, scales, block_size, ep, pp,
