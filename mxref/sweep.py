@@ -183,7 +183,7 @@ def check_chunk(bits, codes, carry, val, prev_mag, next_mag, top, even, allowed,
 
 # --------------------------------------------------------------------------- driver
 def _ranges(stride: int):
-    """(start, step, count) runs covering all patterns in value order, NaNs last."""
+    """(start, step, count, is_nan) runs covering all patterns in value order, NaNs last."""
     n_side = (_POS_INF - _POS_ZERO) // stride + 1
     n_nan = (0x7FFFFFFF - (_POS_INF + 1)) // stride + 1
     return [(_NEG_INF, -stride, n_side, False), (_POS_ZERO, stride, n_side, False),
@@ -202,7 +202,7 @@ def sweep_format(fmt, profile=None, chunk: int = 1 << 24, stride: int = 1,
     t = check_tables(fmt, profile)
     saturate = not (profile.fp8_overflow == "ovf" and fmt.bits == 8 and not fmt.is_int)
     nan_code = (fmt.nan_codes[0] if fmt.nan_codes else None)
-    res = _empty_result(fmt, profile)
+    res = SweepResult(fmt=fmt.key, profile=profile.name)
     hits = np.zeros(256, dtype=np.int64)
     runs = _ranges(stride)
     total = sum(r[2] for r in runs)
@@ -243,10 +243,6 @@ def sweep_format(fmt, profile=None, chunk: int = 1 << 24, stride: int = 1,
     _round_trip(res, fmt, profile)
     res.seconds = time.perf_counter() - t0
     return res
-
-
-def _empty_result(fmt, profile):
-    return SweepResult(fmt=fmt.key, profile=profile.name)
 
 
 def _record(res: SweepResult, check: str, bad: np.ndarray, bits, codes) -> None:
