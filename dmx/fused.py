@@ -9,8 +9,12 @@
 * :func:`dmx_linear` -- quantize input and weight in the real format, then F.linear,
   saving only the *unquantized* input for backward (the quantized copies are recomputed),
   so a quantized layer keeps the activation memory of a plain nn.Linear.
-* :func:`fused_forward` / :func:`patch_dmx_linear` -- DMXLinear.forward through
-  :func:`dmx_linear` in soft mode (opt-in; hard mode keeps the bit-exact fake_quantize).
+* :func:`dmx_offset_linear` -- the same for DMXLinear's soft mode on a two-rung ladder,
+  with the format (clamp_ste, anneal map, rung interpolation) computed inside the kernels
+  from the raw offset: a layer is then ~6 kernel launches + 3 matmuls per step instead of
+  ~70 small torch ops, which is what made the step launch-bound (H200: 473 -> 255 ms).
+* :func:`fused_forward` / :func:`patch_dmx_linear` -- DMXLinear.forward through these in
+  soft mode (opt-in; hard mode keeps the bit-exact fake_quantize).
 
 Gradients of the real format (what dmx.realfmt's autograd computes, written out; u = x /
 scale, a = |u|, q the rounded magnitude, step = 2^(binade - m)):

@@ -91,7 +91,7 @@ def test_fixed_format_matches_mxref(fmt, profile):
                              f"{fmt}/{profile}/{dtype}/axis{axis}")
 
 
-@settings(max_examples=25)
+@settings(max_examples=15)
 @given(st.data())
 def test_adversarial_blocks_match_mxref(data):
     fmt = data.draw(element_formats())
@@ -217,7 +217,7 @@ def test_backend_registration_on_cuda():
     assert_same_bits(fake_quantize(x, "fp4_e2m1"), mxref_reference(x, "fp4_e2m1"), "backend")
 
 
-@pytest.mark.parametrize("init,temperature", [(0.3, 0.4), (1.0, 0.4), (1.7, 5.0), (2.5, 0.4)])
+@pytest.mark.parametrize("init,temperature", [(0.3, 0.4), (0.98, 2.0), (2.5, 0.4)])
 def test_offset_linear_matches_dmxlinear(monkeypatch, init, temperature):
     """DMXLinear's soft forward through dmx.fused (format computed in-kernel from the raw
     offset) against dmx.layers' own torch path: outputs, dx, dW and d offset."""
