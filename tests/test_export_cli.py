@@ -80,7 +80,7 @@ def test_missing_manifest(out, tmp_path, capsys):
 
 def test_not_a_directory(tmp_path, capsys):
     assert _run([tmp_path / "nowhere", "--to", "quark", "-o", tmp_path / "x"]) == 2
-    assert "not a directory" in _one_line_error(capsys.readouterr().err)
+    assert "no such directory; pass an OUT directory" in _one_line_error(capsys.readouterr().err)
 
 
 def test_mismatched_hash(out, tmp_path, capsys):
@@ -102,7 +102,8 @@ def test_unsupported_layer_format_in_manifest(out, tmp_path, capsys):
     m["layers"]["model.layers.0.self_attn.o_proj"]["format"] = "fp5_e2m2"
     (bad / "dmx_manifest.json").write_text(json.dumps(m))
     assert _run([bad, "--to", "quark", "-o", tmp_path / "x"]) == 2
-    assert "unknown format 'fp5_e2m2'" in _one_line_error(capsys.readouterr().err)
+    line = _one_line_error(capsys.readouterr().err)
+    assert "o_proj" in line and "fp5_e2m2" in line
 
 
 def test_unknown_target_is_an_argparse_error(out, tmp_path, capsys):

@@ -1,13 +1,10 @@
 """A tiny OUT directory (docs/CONTRACT.md) for the export tests, and checks of its reader.
 
-``build_out`` follows the contract with mxref directly (random tiny Llama / Qwen3 from a
-transformers config, weights MX-quantized along the input dim, manifest with sha256).
-TODO: build it with dmx.io.write_out once that lands, so OUT has a single writer.
+``build_out`` makes a random tiny Llama / Qwen3 from a transformers config (or loads a
+real checkpoint) and writes OUT with ``dmx.io.write_out``, the project's one OUT writer.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 import shutil
 from pathlib import Path
@@ -52,61 +49,32 @@ def build_out(root: Path, arch: str, formats=MIXED, act_formats=None, seed: int 
               model_dir: Path | None = None) -> Path:
     """Write OUT for a random tiny ``arch`` model; ``formats`` maps a projection name
     (q_proj, ...) or a full module name to an mxref format key, or to None to leave that
-    linear in full precision. ``model_dir``: a real checkpoint instead of a random model."""
+    linear in full precision; ``act_formats`` maps projection names to input formats.
+    ``model_dir``: a real checkpoint instead of a random model."""
     import torch
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
+    from dmx.io import write_out
+
+    root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     if model_dir is None:
-        config = tiny_config(arch)
-        model = AutoModelForCausalLM.from_config(config).eval()
+        model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+        model_dir = root / f"src-{arch}"          # the "source model" OUT copies files from
+        model.save_pretrained(model_dir)
+        for f in TOKENIZER_FILES:
+            if (TOKENIZERS[arch] / f).exists():
+                shutil.copy(TOKENIZERS[arch] / f, model_dir / f)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        config = model.config
-    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)   # stored once, as HF does
-    out = root / f"out-{arch}"
-    out.mkdir(parents=True)
-    tensors, layers = {}, {}
-    for name in linear_names(sd):
+    chosen = {}
+    for name in linear_names(model.state_dict()):
         fmt = formats[name] if name in formats else formats[name.rsplit(".", 1)[1]]
-        if fmt is None:
-            continue
-        act = (act_formats or {}).get(name.rsplit(".", 1)[1])
-        w = sd.pop(name + ".weight").float().numpy()
-        mx = mxref.quantize(w, fmt, axis=1, block_size=32)
-        packed = mxref.pack_codes(mx.codes, fmt)
-        tensors[name + ".weight_packed"] = torch.from_numpy(packed)
-        tensors[name + ".weight_scale"] = torch.from_numpy(mx.scales)
-        info = mxref.get_format(fmt)
-        layers[name] = {
-            "format": info.key, "bits": info.bits, "storage_bits": info.bits + 0.25,
-            "shape": list(w.shape), "block_size": 32, "axis": 1,
-            "packing": mxref.packing_name(info), "act_format": act,
-            "profile_hash": mxref.get_profile("ocp").hash,
-            "sha256": hashlib.sha256(packed.tobytes() + mx.scales.tobytes()).hexdigest(),
-            "fused_group": None}
-    tensors.update(sd)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(config.to_json_string())
-    tok_dir = Path(model_dir) if model_dir is not None else TOKENIZERS[arch]
-    for f in TOKENIZER_FILES:
-        if (tok_dir / f).exists():
-            shutil.copy(tok_dir / f, out / f)
-    bits = [layers[n]["bits"] for n in layers]
-    manifest = {"format_version": 1, "producer": "dmx test", "method": "uniform",
-                "source_model": f"tiny-{arch}", "model_type": arch, "ladder": None,
-                "target_bits": None, "seed": seed,
-                "profile": mxref.get_profile("ocp").to_dict(), "block_size": 32,
-                "avg_bits": {"simple": float(np.mean(bits)), "size_weighted": float(np.mean(bits)),
-                             "storage_bits_per_weight": float(np.mean(bits)) + 0.25},
-                "layers": layers, "created": "2026-11-26T00:00:00Z",
-                "software": {"dmx": "test", "torch": torch.__version__,
-                             "transformers": "test", "numpy": np.__version__}}
-    (out / "dmx_manifest.json").write_text(json.dumps(manifest, indent=1))
-    return out
+        if fmt is not None:
+            chosen[name] = fmt
+    acts = {n: (act_formats or {}).get(n.rsplit(".", 1)[1]) for n in chosen}
+    return write_out(root / f"out-{arch}", model, chosen, acts, model_dir,
+                     {"method": "uniform", "seed": seed})
 
 
 @pytest.fixture(scope="module")

@@ -73,11 +73,19 @@ def test_fp8_e5m2_refused_by_compressed_tensors(root, tmp_path):
     assert sum(c.stored_as == "Q8_0" for c in checks) == 8
 
 
-def test_activation_format_the_target_cannot_hold(root, tmp_path):
-    src = build_out(root / "act6", "qwen3", MIXED, act_formats={"o_proj": "fp6_e2m3"})
-    with pytest.raises(DMXError, match=r"o_proj: activation format fp6_e2m3"):
-        _export(src, "compressed-tensors", tmp_path / "x")
-    assert all(c.exact for c in _export(src, "quark", tmp_path / "q"))
+def test_activation_format_the_target_cannot_hold(unfused, tmp_path):
+    """dmx ties a layer's input format to its weight format, but a manifest may say
+    otherwise: an input format compressed-tensors cannot hold is refused by name."""
+    src = tmp_path / "act6"
+    shutil.copytree(unfused, src)
+    m = json.loads((src / "dmx_manifest.json").read_text())
+    for name, e in m["layers"].items():
+        e["act_format"] = "fp6_e2m3" if name.endswith("gate_proj") else None
+    (src / "dmx_manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DMXError, match=r"gate_proj: activation format fp6_e2m3 cannot be "
+                                       r"stored in compressed-tensors"):
+        _export(src, "compressed-tensors", tmp_path / "x", allow_unfused=True)
+    assert all(c.exact for c in _export(src, "quark", tmp_path / "q", allow_unfused=True))
 
 
 def test_unknown_architecture_for_gguf(fp6, tmp_path):

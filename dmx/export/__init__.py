@@ -7,7 +7,6 @@ leaves nothing at DIR.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import tempfile
@@ -31,14 +30,6 @@ def _backend(to: str):
     return mod
 
 
-def _prepare_dest(dest: Path, force: bool) -> None:
-    if dest.exists() and not force:
-        raise DMXError(f"{dest} already exists; pass --force to replace it or choose another -o")
-    if dest.exists() and not dest.is_dir():
-        raise DMXError(f"{dest} exists and is not a directory; choose another -o")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-
-
 def export(out_dir, to: str, dest, allow_unfused: bool = False, verify: bool = True,
            force: bool = False, log=print, **write_options) -> list:
     """Export OUT to ``dest``; returns the read-back checks (empty when ``verify`` is False).
@@ -47,12 +38,14 @@ def export(out_dir, to: str, dest, allow_unfused: bool = False, verify: bool = T
     """
     from dmx.export import verify as vfy
     from dmx.export.source import load_out
+    from dmx.io import _replace_dir, check_new_out
 
     mod = _backend(to)
     dest = Path(dest)
     src = load_out(out_dir)
     mod.check(src, allow_unfused)
-    _prepare_dest(dest, force)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    check_new_out(dest, force)
     if to == "gguf" and any(l.act_format for l in src.layers.values()):
         log("note: GGUF stores weights only; llama.cpp quantizes activations its own way, "
             "so the activation formats of OUT are not carried over")
@@ -73,13 +66,7 @@ def export(out_dir, to: str, dest, allow_unfused: bool = False, verify: bool = T
                 log(f"note: {len(lossy)} 8-bit MX layer(s) stored as Q8_0 (llama.cpp has no "
                     f"MXFP8): max abs error vs the MX weights "
                     f"{max(c.max_abs_err for c in lossy):.3g}")
-        old = None
-        if dest.exists():   # --force: move the old one aside first, so DIR is never half-written
-            old = dest.with_name(tmp.name + ".old")
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _replace_dir(tmp, dest)   # an old DIR (--force) is swapped out, never half-written
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -178,7 +178,7 @@ def write(src, dest) -> None:
     gguf = _gguf()
     arch, tmap = _tensor_map(src)
     w = gguf.GGUFWriter(str(dest / GGUF_NAME), gguf.MODEL_ARCH_NAMES[arch])
-    w.add_name(str(src.manifest.get("source_model") or src.path.name))
+    w.add_name(Path(str(src.manifest.get("source_model") or src.path)).name)
     _add_hparams(w, src.config)
     _add_tokenizer(w, src)
     for name, layer in sorted(src.layers.items()):

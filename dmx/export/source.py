@@ -4,11 +4,12 @@ An export must never ship weights that differ from what the search measured, so 
 quantized layer's bytes are checked against the manifest's sha256 here, and every
 packed tensor is checked against the shape its format implies.
 
-TODO(lead): switch to ``dmx.io.load`` once it lands, so that OUT has one reader.
+The manifest (schema-validated) and the hash come from ``dmx.io``; ``dmx.io.load`` returns
+a decoded torch model, while an export needs the element codes and scale bytes themselves
+(to repack them without requantizing), hence this reader of the packed tensors.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +18,8 @@ import numpy as np
 
 import mxref
 from dmx.errors import DMXError
-
-MANIFEST = "dmx_manifest.json"
-WEIGHTS = "model.safetensors"
+from dmx.io import MANIFEST_NAME as MANIFEST, WEIGHTS_NAME as WEIGHTS, layer_sha256, \
+    read_manifest
 
 
 @dataclass
@@ -64,22 +64,15 @@ class OutModel:
         return sorted(names - set(self.layers))
 
 
-def _load_json(path: Path, what: str) -> dict:
+def _load_config(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise DMXError(f"{path.parent}: no {path.name} ({what}); pass an OUT directory written "
-                       f"by `dmx search` or `dmx baseline`") from None
+        raise DMXError(f"{path.parent}: no config.json; pass an OUT directory written by "
+                       f"`dmx search` or `dmx baseline`") from None
     except (OSError, ValueError) as err:
-        raise DMXError(f"{path}: unreadable {what} ({err}); rerun `dmx search` to rewrite it") \
-            from None
-
-
-def _sha256(packed: np.ndarray, scales: np.ndarray) -> str:
-    h = hashlib.sha256()
-    h.update(np.ascontiguousarray(packed).tobytes())
-    h.update(np.ascontiguousarray(scales).tobytes())
-    return h.hexdigest()
+        raise DMXError(f"{path}: unreadable model config ({err}); rerun `dmx search` to "
+                       f"rewrite OUT") from None
 
 
 def load_out(out_dir) -> OutModel:
@@ -87,13 +80,9 @@ def load_out(out_dir) -> OutModel:
     from safetensors import safe_open
 
     out = Path(out_dir)
-    if not out.is_dir():
-        raise DMXError(f"{out}: not a directory; pass the OUT directory of `dmx search`")
-    manifest = _load_json(out / MANIFEST, "dmx manifest")
-    config = _load_json(out / "config.json", "model config")
-    entries = manifest.get("layers")
-    if not isinstance(entries, dict) or not entries:
-        raise DMXError(f"{out / MANIFEST}: no 'layers' table; rerun `dmx search` to rewrite OUT")
+    manifest = read_manifest(out)         # one-line errors for a missing/invalid manifest
+    config = _load_config(out / "config.json")
+    entries = manifest["layers"]
     wpath = out / WEIGHTS
     if not wpath.is_file():
         raise DMXError(f"{out}: no {WEIGHTS}; rerun `dmx search` to rewrite OUT")
@@ -128,7 +117,7 @@ def _read_layer(fh, keys, name, e, wpath) -> QuantLayer:
                            f"`dmx search` to rewrite OUT")
     packed = fh.get_tensor(f"{name}.weight_packed").numpy()
     scales = fh.get_tensor(f"{name}.weight_scale").numpy()
-    if _sha256(packed, scales) != e.get("sha256"):
+    if layer_sha256(packed, scales) != e.get("sha256"):
         raise DMXError(f"{name}: weight bytes do not match the manifest sha256 (OUT was "
                        f"modified or corrupted); rerun `dmx search` to rewrite OUT")
     out_f, in_f = (int(v) for v in e["shape"])
