@@ -101,15 +101,21 @@ def _real_triton(x, e, m, axis=-1, block_size=32, cap=448.0):
                              axis, block_size, cap)
 
 
+def _torch_real_format():
+    # dmx.realfmt's torch implementation; if realfmt ever dispatches to this module, it is
+    # expected to keep its torch body as _real_format_quantize_torch (no recursion then)
+    from dmx import realfmt
+    return getattr(realfmt, "_real_format_quantize_torch", realfmt.real_format_quantize)
+
+
 def real_format_quantize(x, exp_bits, man_bits, axis: int = -1, block_size: int = 32,
                          max_cap: float | None = None) -> torch.Tensor:
     """Same contract as :func:`dmx.realfmt.real_format_quantize`; Triton on CUDA."""
-    from dmx import realfmt
-    if not (isinstance(x, torch.Tensor) and use_triton(x)):
-        return realfmt.real_format_quantize(x, exp_bits, man_bits, axis, block_size, max_cap)
+    if not (isinstance(x, torch.Tensor) and use_triton(x)) or x.dim() == 0:
+        return _torch_real_format()(x, exp_bits, man_bits, axis, block_size, max_cap)
     e, m, block_size, cap = _real_params(x, exp_bits, man_bits, block_size, max_cap)
-    if block_size & (block_size - 1) or x.dim() == 0:
-        return realfmt.real_format_quantize(x, exp_bits, man_bits, axis, block_size, max_cap)
+    if block_size & (block_size - 1):  # tl.arange needs a power of two
+        return _torch_real_format()(x, exp_bits, man_bits, axis, block_size, max_cap)
     return _real_triton(x, e, m, axis, block_size, cap)
 
 
@@ -183,7 +189,7 @@ def dmx_linear(x, weight, bias, exp_bits, man_bits, block_size: int = 32,
     Triton with recomputation on CUDA; elsewhere the torch composition (same values).
     """
     if not (use_triton(x) and use_triton(weight)):
-        from dmx.realfmt import real_format_quantize as rq
+        rq = _torch_real_format()
         wq = rq(weight, exp_bits, man_bits, -1, block_size, max_cap)
         xq = rq(x, exp_bits, man_bits, -1, block_size, max_cap) if quantize_input else x
         return F.linear(xq, wq, bias)
