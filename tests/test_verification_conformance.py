@@ -33,7 +33,7 @@ def test_torchao_named_causes():
     for c in res["causes"]:
         by.setdefault(c["variant"], set()).add(c["cause"])
     assert by["FLOOR"] <= {"NaN/Inf handling", "scale 2^-127: elements scaled by 2^-126"}
-    # RCEIL's scale rule is named; its tiny-block (scale 0x00) handling is not yet modelled
-    assert any(c.startswith("scale rule: rceil") for c in by["RCEIL"])
+    assert by["RCEIL"] == {"NaN/Inf handling",
+                           "scale rule: rceil + scale 2^-127: elements flushed to zero"}
     rows = [r for r in res["matrix"] if r["variant"] == "FLOOR" and r["category"] == "tie"]
     assert rows and rows[0]["agree"] == rows[0]["total"]

@@ -115,16 +115,16 @@ def _models(fmt, x, lib_scales):
                 sc[i] = e + E.bias
                 cd[i] = mxref.encode(row, fmt, "int8_asym" if asym else "ocp", scale_exp=e)
         out["scale rule: float32 log2 error" + (" + -128" if asym else "")] = (sc, cd)
-    # torchao-style tiny blocks: code 0x00 (2^-127) stored, elements scaled by 2^-126
-    sc, cd = ocp.scales[:, 0].copy(), ocp.codes.copy()
-    for i in np.nonzero(sc == 0)[0]:
-        cd[i] = mxref.encode(x[i], fmt, "ocp", scale_exp=E.min_exp + 1)
-    out["scale 2^-127: elements scaled by 2^-126"] = (sc, cd)
-    rc = mxref.quantize(x, fmt, profile="rceil")   # torchao RCEIL does both
-    sc, cd = rc.scales[:, 0].copy(), rc.codes.copy()
-    for i in np.nonzero(sc == 0)[0]:
-        cd[i] = mxref.encode(x[i], fmt, "rceil", scale_exp=E.min_exp + 1)
-    out["scale rule: rceil + scale 2^-127 elements scaled by 2^-126"] = (sc, cd)
+    # tiny blocks (scale code 0x00 = 2^-127): libraries that cannot form 2^127 as a float32
+    # reciprocal scale the elements by 2^-126 (torchao FLOOR) or flush them (torchao RCEIL)
+    tiny = {"elements scaled by 2^-126": E.min_exp + 1, "elements flushed to zero": 1 << 12}
+    for base, label in (("ocp", ""), ("rceil", "scale rule: rceil + ")):
+        mx = ocp if base == "ocp" else mxref.quantize(x, fmt, profile=base)
+        for what, exp in tiny.items():
+            sc, cd = mx.scales[:, 0].copy(), mx.codes.copy()
+            for i in np.nonzero(sc == 0)[0]:
+                cd[i] = mxref.encode(x[i], fmt, base, scale_exp=exp)
+            out[f"{label}scale 2^-127: {what}"] = (sc, cd)
     if fmt.bits == 4:
         out["packing: FP4 nibble order"] = (ocp.scales[:, 0],
                                             ocp.codes.reshape(len(x), -1, 2)[:, :, ::-1]
