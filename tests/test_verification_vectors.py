@@ -131,3 +131,17 @@ def test_exhaustive_dequantize_covers_every_scale_and_code(tmp_path):
     assert m["n_vectors"] == 256 * 1   # 16 codes fit one 32-element block per scale
     m = build(str(tmp_path / "c"), "convert", "fp8_e5m2", "exhaustive", emit=("bin",))
     assert m["category_counts"] == {"exhaustive_bf16": 65536, "exhaustive_fp16": 65536}
+
+
+def test_dot_expected_is_mx_dot_per_vector():
+    import mxref
+    from mxref.core import MXArray
+    from verification.cases import generate
+    from verification.vectors import expected
+    cs = generate("dot", "fp8_e5m2", "1", 4)
+    y = expected("dot", "fp8_e5m2", "ocp", 32, cs.fields)["y"][:, 0]
+    f, fmt, p = cs.fields, mxref.get_format("fp8_e5m2"), mxref.get_profile("ocp")
+    for i in range(0, cs.n, 7):
+        a = MXArray(f["codes_a"][i].copy(), f["scale_a"][i].copy(), fmt, (64,), 0, 32, p)
+        b = MXArray(f["codes_b"][i].copy(), f["scale_b"][i].copy(), fmt, (64,), 0, 32, p)
+        assert np.float32(mxref.mx_dot(a, b)).view(np.uint32) == y[i]
