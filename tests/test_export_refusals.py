@@ -152,3 +152,15 @@ def test_nan_blocks_refused(tmp_path, monkeypatch):
         with pytest.raises(DMXError, match=r"layers\.0\.mlp\.up_proj: has NaN MX blocks"):
             _export(src, to, tmp_path / "x")
         assert _nothing_at(tmp_path / "x")
+
+
+def test_reader_rejecting_the_file_is_one_line_and_leaves_nothing(fp6, tmp_path, monkeypatch):
+    """If the target's own reader cannot parse what was written, the user gets one line."""
+    from dmx.export import quark
+
+    monkeypatch.setattr(quark, "quantization_config",
+                        lambda layers, exclude=(): {"quant_method": "quark"})   # no export key
+    with pytest.raises(DMXError, match=r"quark read-back failed \(ValueError: config.json has "
+                                       r"no Quark quantization_config"):
+        _export(fp6, "quark", tmp_path / "x")
+    assert _nothing_at(tmp_path / "x")

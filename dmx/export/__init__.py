@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from dmx.errors import DMXError
+from mxref.errors import MXError
 
 TARGETS = ("compressed-tensors", "quark", "gguf")
 __all__ = ["TARGETS", "export", "add_export_parser", "main"]
@@ -54,7 +55,13 @@ def export(out_dir, to: str, dest, allow_unfused: bool = False, verify: bool = T
         mod.write(src, tmp, **write_options)
         checks = []
         if verify:
-            checks = mod.read_back(src, tmp)
+            try:
+                checks = mod.read_back(src, tmp)
+            except Exception as err:   # the target's reader rejected our file: a dmx bug
+                raise DMXError(f"{to} read-back failed ({type(err).__name__}: "
+                               f"{str(err).splitlines()[0][:160] if str(err) else ''}); "
+                               f"nothing written to {dest}; please report this as a bug") \
+                    from None
             log(vfy.summary_table(to, checks))
             bad = vfy.failures(checks, lossy_kinds=("Q8_0",))
             if bad:
@@ -101,8 +108,8 @@ def run_export(args) -> int:
     try:
         export(args.out, args.to, args.output, allow_unfused=args.allow_unfused,
                verify=args.verify, force=args.force)
-    except DMXError as err:
-        print(f"dmx export: error: {err}", file=sys.stderr)
+    except MXError as err:   # DMXError and the golden model's own input errors
+        print(f"dmx export: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     return 0
 
