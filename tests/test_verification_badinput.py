@@ -101,3 +101,14 @@ def test_bad_gen_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["gen", "--op", "quantize"])
     assert e.value.code == 2
+
+
+def test_existing_report_needs_force(suite, tmp_path, capsys):
+    rep = tmp_path / "r.json"
+    rep.write_text("old")
+    dut = os.path.join(suite, "expected.hex")
+    rc, err = _run(["check", "--vectors", suite, "--dut", dut, "--report", str(rep)], capsys)
+    assert rc == 2 and "--force" in err and rep.read_text() == "old"
+    rc, _ = _run(["check", "--vectors", suite, "--dut", dut, "--report", str(rep), "--force"],
+                 capsys)
+    assert rc == 0 and json.loads(rep.read_text())["verdict"] == "pass"

@@ -251,7 +251,7 @@ def quantize_cases(b: Builder) -> CaseSet:
                 F32_INF | F32_SIGN]
     rows = []
     for p in pos:
-        for sp in specials if b.wide else specials[::1]:
+        for sp in specials:
             row = b.background(bs, f.emax)
             row[p] = sp
             rows.append(row)
@@ -274,10 +274,12 @@ def quantize_cases(b: Builder) -> CaseSet:
     rows.append(np.array([0x007FFFFF] + [1] * (bs - 1), np.uint32))  # max subnormal
     cs.add("scale_min", x=np.array(rows, np.uint32))
 
-    # 10. the largest scale float32 inputs reach (2^127 needs amax >= 2^(127+emax))
+    # 10. the largest scale float32 inputs reach (2^127 needs amax >= 2^(127+emax), which
+    # float32 holds only for INT8: there max_normal * 2^127 is the exact top scale)
+    top_scale = (int(f32_bits([f.max_normal * 2.0 ** 127])[0]) if f.emax == 0
+                 else F32_MAX - 1)
     rows = []
-    for top in (F32_MAX, int(f32_bits([2.0 ** 127])[0]),
-                int(f32_bits([f.max_normal * 2.0 ** (127 - f.emax)])[0]) if f.emax <= 0 else F32_MAX - 1):
+    for top in (F32_MAX, int(f32_bits([2.0 ** 127])[0]), top_scale):
         row = b.background(bs, 128)
         row[pos[b.rng.below(len(pos))]] = top | (b.rng.below(2) << 31)
         rows.append(row)

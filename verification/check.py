@@ -108,7 +108,7 @@ def _parse_hex(path: str, fields: list, n_expected: int | None) -> dict:
         if not _HEX_OK.match(s):
             bad = next(c for c in s if c not in "0123456789abcdefABCDEF")
             raise BadInput(f"{path}:{lineno}: invalid hex digit {bad!r}; each line must be "
-                           f"{digits} hex digits ({'_'.join(f.name for f in fields)})")
+                           f"{digits} hex digits (fields {', '.join(f.name for f in fields)})")
         if len(s) != digits:
             raise BadInput(f"{path}:{lineno}: line has {len(s)} hex digits, expected {digits} "
                            f"(fields {', '.join(f'{f.name}[{f.count}]x{f.hex_digits}' for f in fields)})")
@@ -224,7 +224,8 @@ def _is_nan(f, v: np.ndarray, fmt) -> np.ndarray:
         return ((v & 0x7F800000) == 0x7F800000) & ((v & 0x007FFFFF) != 0)
     if f.kind == "scale":
         return v == mxref.E8M0.nan_code
-    return np.isnan(np.asarray(fmt.decode_table)[v])
+    inr = v < fmt.n_codes
+    return inr & np.isnan(np.asarray(fmt.decode_table)[np.where(inr, v, 0)])
 
 
 def _is_zero(f, v: np.ndarray, fmt) -> np.ndarray:
@@ -233,7 +234,8 @@ def _is_zero(f, v: np.ndarray, fmt) -> np.ndarray:
         return (v & 0x7FFFFFFF) == 0
     if f.kind == "scale":
         return np.zeros(v.shape, bool)
-    return np.asarray(fmt.decode_table)[v] == 0
+    inr = v < fmt.n_codes
+    return inr & (np.asarray(fmt.decode_table)[np.where(inr, v, 0)] == 0)
 
 
 def ordinal(f, v, fmt) -> np.ndarray:
@@ -389,7 +391,7 @@ def _esc(s: str) -> str:
     return escape(s)
 
 
-def write_report(path: str, r: dict, force: bool = True) -> None:
+def write_report(path: str, r: dict, force: bool = False) -> None:
     from mxref.npzfile import atomic_write
     if path.endswith(".xml"):
         blob = junit_xml(r).encode()

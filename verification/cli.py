@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-errors", type=int, default=20, help="failures listed (0 = all)")
     c.add_argument("--report", action="append", default=[],
                    help="write a JSON (*.json) or JUnit XML (*.xml) report; repeatable")
+    c.add_argument("--force", action="store_true", help="overwrite existing report files")
 
     k = sub.add_parser("conformance", help="agreement matrix against other libraries")
     k.add_argument("--against", default="ml_dtypes,torchao,gfloat", type=_csv)
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--level", default="1", choices=("1", "2"))
     k.add_argument("--seed", type=int, default=1)
     k.add_argument("--json", dest="json_out")
+    k.add_argument("--force", action="store_true", help="overwrite an existing --json file")
 
     e = sub.add_parser("exhaustive", help="all float32 inputs vs an independent second model")
     e.add_argument("--format", required=True)
@@ -67,7 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--start", type=int, default=0, help="first bit pattern")
     e.add_argument("--chunk", type=int, default=1 << 22)
     e.add_argument("--json", dest="json_out")
+    e.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     return p
+
+
+def _refuse_existing(paths, force: bool) -> None:
+    """Fail before any work, not after it, when an output exists and --force is absent."""
+    import os
+    for p in paths:
+        if p and os.path.exists(p) and not force:
+            raise MXError(f"{p} exists; pass --force to overwrite it")
 
 
 def _gen(a) -> int:
@@ -86,6 +97,7 @@ def _check(a) -> int:
     for r in a.report:
         if not (r.endswith(".json") or r.endswith(".xml")):
             raise C.BadInput(f"--report {r}: name it *.json or *.xml")
+    _refuse_existing(a.report, a.force)
     if a.max_errors < 0:
         raise C.BadInput("--max-errors must be >= 0 (0 lists all)")
     s = C.load_suite(a.vectors)
@@ -93,29 +105,31 @@ def _check(a) -> int:
     r = C.compare(s, dut, a.nan, a.zero_sign, a.max_errors)
     print(C.format_text(r))
     for path in a.report:
-        C.write_report(path, r)
+        C.write_report(path, r, force=a.force)
     return 0 if r["verdict"] == "pass" else 1
 
 
 def _conformance(a) -> int:
     from verification import conformance as K
+    _refuse_existing([a.json_out], a.force)
     res = K.run(a.against, a.format, a.level, a.seed)
     print(K.format_matrix(res))
     if a.json_out:
         from mxref.npzfile import atomic_write
         blob = (json.dumps(res, indent=1) + "\n").encode()
-        atomic_write(a.json_out, lambda fh: fh.write(blob), force=True)
+        atomic_write(a.json_out, lambda fh: fh.write(blob), force=a.force)
     return 0
 
 
 def _exhaustive(a) -> int:
     from verification import exhaustive as X
+    _refuse_existing([a.json_out], a.force)
     r = X.run(a.format, a.profile, a.limit, a.start, a.chunk)
     print(X.format_result(r))
     if a.json_out:
         from mxref.npzfile import atomic_write
         blob = (json.dumps(r, indent=1) + "\n").encode()
-        atomic_write(a.json_out, lambda fh: fh.write(blob), force=True)
+        atomic_write(a.json_out, lambda fh: fh.write(blob), force=a.force)
     return 0 if r["mismatches"] == 0 else 1
 
 
