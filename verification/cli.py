@@ -26,6 +26,11 @@ def _csv(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
+def _int(s: str) -> int:
+    """Decimal or 0x-prefixed hex (bit patterns read better in hex)."""
+    return int(s, 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from verification.cases import LEVELS, OPS
     p = _Parser(prog="mxverify", description=__doc__.split("\n\n")[0])
@@ -65,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--format", required=True)
     e.add_argument("--input", default="float32", choices=("float32",))
     e.add_argument("--profile", default="ocp")
-    e.add_argument("--limit", type=int, default=None, help="check only the first N patterns")
-    e.add_argument("--start", type=int, default=0, help="first bit pattern")
+    e.add_argument("--limit", type=_int, default=None, help="check only N patterns")
+    e.add_argument("--start", type=_int, default=0, help="first bit pattern (e.g. 0x3F800000)")
     e.add_argument("--chunk", type=int, default=1 << 22)
     e.add_argument("--json", dest="json_out")
     e.add_argument("--force", action="store_true", help="overwrite an existing --json file")
