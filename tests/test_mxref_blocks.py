@@ -7,6 +7,7 @@ Inputs come from the public strategies in verification/strategies.py.
 from fractions import Fraction
 
 import ml_dtypes
+import numba
 import numpy as np
 import pytest
 from hypothesis import example, given, settings
@@ -17,6 +18,18 @@ import oracle
 from verification.strategies import mx_blocks, mx_tensors, profiles
 
 FORMATS = sorted(mxref.FORMATS)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_numba_thread():
+    # Hundreds of tiny (one-block) quantize calls: on a loaded machine each parallel
+    # kernel launch waits on thread scheduling (~20 ms instead of ~20 us). Results do
+    # not depend on the thread count (test_thread_count_does_not_change_results; the
+    # exhaustive element tests run with the default threads).
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    yield
+    numba.set_num_threads(before)
 UINT = {"bfloat16": np.uint16, "float16": np.uint16, "float32": np.uint32,
         "float64": np.uint64}
 NP_DTYPE = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32,
@@ -383,3 +396,19 @@ def test_mx_blocks_and_tensors_have_the_promised_form(dtype, data):
     x, axis, bs = data.draw(mx_tensors(fmt, dtype=dtype, max_dims=3, max_side=3))
     assert 1 <= x.ndim <= 3 and -x.ndim <= axis < x.ndim and 1 <= bs <= 64
     assert x.dtype.name == dtype
+
+
+def test_thread_count_does_not_change_results():
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((64, 1000)) * np.exp2(rng.integers(-30, 30, (64, 1)))
+         ).astype(np.float32)
+    x[3, 17] = np.nan
+    x[5, :40] = 0.0
+    for fmt in FORMATS:
+        with_one = mxref.quantize(x, fmt, axis=0, block_size=32)
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        try:
+            with_all = mxref.quantize(x, fmt, axis=0, block_size=32)
+        finally:
+            numba.set_num_threads(1)
+        assert with_one == with_all
