@@ -284,3 +284,23 @@ def test_gguf_llama_attention_scores_match_hf(tmp_path):
     assert np.allclose(gg, hf, rtol=1e-9, atol=1e-12)
     assert not np.allclose(scores(dq("blk.0.attn_q.weight").reshape(64, 64),
                                   dq("blk.0.attn_k.weight").reshape(32, 64), _rope_hf), hf)
+
+
+def test_transformers_loads_the_compressed_tensors_export(outs, tmp_path):
+    """transformers' own compressed-tensors loader (an independent consumer of the files)
+    loads the export, decompresses it on the first forward, and every quantized weight is
+    mxref's decode of OUT, bit for bit. (bf16: compressed-tensors 0.20 decompresses MX
+    weights to bf16, so a float32 load fails in F.linear with a dtype mismatch.)"""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from dmx.export.source import load_out
+
+    src, dest = outs["qwen3"], tmp_path / "ct"
+    _export(src, "compressed-tensors", dest)
+    model = AutoModelForCausalLM.from_pretrained(dest, dtype=torch.bfloat16)
+    with torch.no_grad():
+        logits = model(torch.arange(8)[None]).logits
+    assert torch.isfinite(logits).all()
+    for name, layer in load_out(src).layers.items():
+        got = model.get_submodule(name).weight.detach().float().numpy()
+        assert np.array_equal(got.view(np.uint32), layer.values().view(np.uint32)), name
