@@ -47,6 +47,13 @@ def _parse(argv=None):
                    help="evaluate on the first N windows of the test text only")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 is much faster on a crowded machine)")
+    p.add_argument("--stages", default="search,baseline,eval,report",
+                   help="comma-separated subset of search,baseline,eval,report")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep OUT dirs already in --work (their manifest's wall time is "
+                        "reported) instead of recomputing them")
     p.add_argument("--work", default="/tmp/dmx_search_sweep", help="where the OUT dirs go")
     p.add_argument("--results", default=str(ROOT / "benchmarks/results/search_sweep.md"))
     return p.parse_args(argv)
@@ -67,20 +74,29 @@ def _cli(argv: list[str]) -> tuple[int, float, str]:
     return rc, time.time() - t0, out
 
 
+def _reusable(args, out: Path) -> bool:
+    return args.reuse and (out / "dmx_manifest.json").is_file()
+
+
 def main(argv=None) -> int:
     args = _parse(argv)
     from dmx.search import search
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    common_eval = ["--eval-file", args.eval_file, "--seqlen", str(args.seqlen),
-                   "--device", args.device]
-    if args.max_windows:
-        common_eval += ["--max-windows", str(args.max_windows)]
     rows = []  # (label, out_dir, wall seconds of producing it)
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    stages = set(args.stages.split(","))
     for target in args.targets:
         out = work / f"dmx-{target:g}"
+        if _reusable(args, out) or "search" not in stages:
+            m = json.loads((out / "dmx_manifest.json").read_text())
+            rows.append((f"dmx-{target:g}", out, m["wall_time_s"], m["avg_bits"]["simple"]))
+            continue
         t0 = time.time()
         r = search(args.model, target, ladder=args.ladder, calib=[args.calib],
                    seqlen=args.seqlen, samples=args.samples, steps=args.steps,
@@ -93,36 +109,63 @@ def main(argv=None) -> int:
               f"(size-weighted {a['size_weighted']:.3f}) in {wall:.1f} s", flush=True)
         rows.append((f"dmx-{target:g}", out, wall, a["simple"]))
 
+    if stages == {"search"}:
+        return 0
     for fmt in ("fp4_e2m1", "fp8_e4m3"):
         out = work / f"uniform-{fmt}"
-        _, wall, _ = _cli(["baseline", "--model", args.model, "--method", "uniform",
-                           "--format", fmt, "--force", "-o", str(out)])
-        rows.append((f"uniform-{fmt}", out, wall, None))
+        rows.append((f"uniform-{fmt}", out, _produce(args, stages, out, [
+            "baseline", "--model", args.model, "--method", "uniform", "--format", fmt,
+            "--device", args.device, "--no-progress", "--force", "-o", str(out)]), None))
     for label, _, _, achieved in list(rows):
         if not label.startswith("dmx-"):
             continue
         out = work / f"kl-{label[4:]}"
-        _, wall, _ = _cli(["baseline", "--model", args.model, "--method", "kl", "--ladder",
-                           args.ladder, "--target-bits", f"{achieved:.6f}", "--calib",
-                           args.calib, "--seqlen", str(args.seqlen), "--device", args.device,
-                           "--force", "-o", str(out)])
-        rows.append((f"kl-{label[4:]}", out, wall, None))
+        # the dMX point's achieved bits, exactly (KL never exceeds its target)
+        rows.append((f"kl-{label[4:]}", out, _produce(args, stages, out, [
+            "baseline", "--model", args.model, "--method", "kl", "--ladder", args.ladder,
+            "--target-bits", repr(achieved), "--weighting", args.weighting, "--calib",
+            args.calib, "--seqlen", str(args.seqlen), "--seed", str(args.seed), "--device",
+            args.device, "--no-progress", "--force", "-o", str(out)]), None))
 
     eval_walls = {}
-    for label, out, _, _ in rows:
-        _, wall, _ = _cli(["eval", str(out), *common_eval])
-        eval_walls[label] = wall
-    _, wall, _ = _cli(["eval", args.model, *common_eval])
-    eval_walls["unquantized"] = wall
+    eval_flags = ["--data", args.eval_file, "--seqlen", str(args.seqlen), "--device",
+                  args.device, "--no-progress"]
+    if args.max_windows:
+        eval_flags += ["--max-windows", str(args.max_windows)]
+    if "eval" in stages:
+        for label, out, _, _ in rows:
+            _, eval_walls[label], _ = _cli(["eval", str(out), *eval_flags, "--save"])
+    reference = _reference(args)
+    eval_walls["unquantized"] = reference["wall_time_s"]
+    print(f"unquantized: {reference['protocol']}", flush=True)
 
-    report_md = work / "report.md"
-    _cli(["report", *[str(out) for _, out, _, _ in rows], "--format", "markdown", "-o",
-          str(report_md), "--force"])
-    _write_results(args, rows, eval_walls, report_md.read_text())
+    report_dir = work / "report"
+    _cli(["report", *[str(out) for _, out, _, _ in rows], "--reference-ppl",
+          repr(reference["ppl"]), "--force", "-o", str(report_dir)])
+    _write_results(args, rows, eval_walls, (report_dir / "report.md").read_text(), reference)
     return 0
 
 
-def _write_results(args, rows, eval_walls, report: str) -> None:
+def _produce(args, stages, out: Path, argv: list[str]) -> float:
+    """Make one baseline OUT (or reuse it): the wall seconds it took."""
+    if _reusable(args, out) or "baseline" not in stages:
+        return json.loads((out / "dmx_manifest.json").read_text())["wall_time_s"]
+    return _cli(argv)[1]
+
+
+def _reference(args) -> dict:
+    """Perplexity of the unquantized model, same protocol (the report's reference line)."""
+    from dmx.data import load_model_and_tokenizer
+    from dmx.evaluate import evaluate
+
+    t0 = time.time()
+    model, tok = load_model_and_tokenizer(args.model, device=args.device)
+    r = evaluate(model, tok, args.eval_file, args.seqlen, args.max_windows, progress=False)
+    r["wall_time_s"] = time.time() - t0
+    return r
+
+
+def _write_results(args, rows, eval_walls, report: str, reference: dict) -> None:
     import torch
 
     cmd = "python benchmarks/bench_search_sweep.py " + shlex.join(sys.argv[1:])
@@ -135,11 +178,13 @@ def _write_results(args, rows, eval_walls, report: str) -> None:
              f"seqlen {args.seqlen}; ladder {args.ladder}; steps {args.steps}, batch "
              f"{args.batch_size}, samples {args.samples or args.steps * args.batch_size}, lr "
              f"{args.lr}, distill {args.distill}, weighting {args.weighting}, seed {args.seed}.",
-             "", "## Report (`dmx report`)", "", report.strip(), "",
+             f"Unquantized model: {reference['protocol']}.", "",
+             "## Report (`dmx report`)", "", report.strip(), "",
              "## Wall time per step of the sweep", "", "| run | produce (s) | eval (s) |",
              "|---|---|---|"]
     for label, _, wall, _ in rows:
-        lines.append(f"| {label} | {wall:.1f} | {eval_walls[label]:.1f} |")
+        ev = eval_walls.get(label)
+        lines.append(f"| {label} | {wall:.1f} | {'-' if ev is None else f'{ev:.1f}'} |")
     lines.append(f"| unquantized | - | {eval_walls['unquantized']:.1f} |")
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(args.results).with_suffix(".md.tmp")
