@@ -73,11 +73,12 @@ def _shapes(model, names) -> dict:
 
 
 def _load(model_dir, device):
-    from dmx.data import load_model_and_tokenizer
-    model, tok = load_model_and_tokenizer(model_dir, device=device)
+    """The model with frozen weights (baselines never train)."""
+    from dmx.data import load_model
+    model = load_model(model_dir, device=device)
     for p in model.parameters():
         p.requires_grad_(False)
-    return model, tok
+    return model
 
 
 # ----------------------------------------------------------------------------- uniform
@@ -90,7 +91,7 @@ def uniform_baseline(model_dir, fmt: str, out, weights_only: bool = False, inclu
     if mxref.get_format(fmt).bits not in (4, 6, 8):
         raise DMXError(f"--format {fmt}: OUT stores 4-, 6- and 8-bit MX formats only")
     io.check_new_out(out, force)
-    model, _ = _load(model_dir, device)
+    model = _load(model_dir, device)
     names = quantizable_layers(model, include)
     formats, acts = _formats_for(names, fmt, weights_only)
     meta = {"method": "uniform", "ladder": None, "target_bits": None, "seed": 0,
@@ -187,8 +188,10 @@ def kl_baseline(model_dir, target_bits: float, out, ladder: str = "fp8-fp4",
     if seqlen is None:  # the search's 2048, capped by what the model was trained for
         seqlen = min(2048, int(config.get("max_position_embeddings") or 2048))
     calib_files = [str(f) for f in calib] if calib else [str(data.default_calibration_file())]
-    model, tok = _load(model_dir, device)
-    windows = data.calibration_windows(tok, calib_files, seqlen, samples, seed)
+    # the text is checked before the weights load: bad calibration input fails fast
+    windows = data.calibration_windows(data.load_tokenizer(model_dir), calib_files, seqlen,
+                                       samples, seed)
+    model = _load(model_dir, device)
     windows = windows.to(next(model.parameters()).device)
     names = quantizable_layers(model, include)
     units = fused_units(names)

@@ -23,7 +23,7 @@ from pathlib import Path
 from dmx.errors import DMXError
 
 __all__ = ["DATA_DIR", "embedded_model_dir", "default_calibration_file", "default_eval_file",
-           "check_causal_lm_dir", "load_tokenizer", "load_model_and_tokenizer", "read_text",
+           "check_causal_lm_dir", "load_tokenizer", "load_model", "load_model_and_tokenizer", "read_text",
            "tokenize_whole", "calibration_windows", "eval_windows", "JOINS"]
 
 # The embedded assets live in the dmx/data/ directory next to this module (package data).
@@ -50,6 +50,7 @@ def _quiet_transformers() -> None:
     # when a whole text is tokenized on purpose) would bury dmx's own one-line messages.
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars: dmx prints its own progress
 
 
 def check_causal_lm_dir(model_dir) -> dict:
@@ -77,28 +78,39 @@ def load_tokenizer(model_dir):
     """AutoTokenizer of a local directory, or a clear error."""
     _quiet_transformers()
     from transformers import AutoTokenizer
+    hint = "the directory needs tokenizer.json or the tokenizer files of its model"
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir))
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     except Exception as err:  # transformers raises many types (OSError, ValueError, ...)
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DMXError(f"{model_dir}: the tokenizer does not load ({msg}); the directory needs "
-                       f"tokenizer.json or the tokenizer files of its model") from None
+        raise DMXError(f"{model_dir}: the tokenizer does not load ({msg}); {hint}") from None
+    # without tokenizer files transformers may build an empty one that encodes text to []
+    if not tokenizer("hello world", add_special_tokens=False)["input_ids"]:
+        raise DMXError(f"{model_dir}: no usable tokenizer (it encodes text to nothing); {hint}")
+    return tokenizer
 
 
-def load_model_and_tokenizer(model_dir, device="cpu", dtype=None):
-    """(model in eval mode on ``device``, tokenizer) of a local causal-LM directory."""
+def load_model(model_dir, device="cpu", dtype=None):
+    """A local causal LM in eval mode on ``device`` (``dtype`` None = the checkpoint's)."""
     check_causal_lm_dir(model_dir)
-    tokenizer = load_tokenizer(model_dir)
     _quiet_transformers()
     from transformers import AutoModelForCausalLM
-    kwargs = {"dtype": dtype} if dtype is not None else {"dtype": "auto"}
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir),
+                                                     dtype="auto" if dtype is None else dtype)
     except Exception as err:
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DMXError(f"--model {model_dir}: not loadable as a causal LM "
                        f"(AutoModelForCausalLM: {msg})") from None
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval()
+
+
+def load_model_and_tokenizer(model_dir, device="cpu", dtype=None):
+    """(model in eval mode on ``device``, tokenizer) of a local causal-LM directory
+    (the tokenizer first: it is quick, and a missing one fails before the weights load)."""
+    check_causal_lm_dir(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    return load_model(model_dir, device, dtype), tokenizer
 
 
 def read_text(files) -> str:

@@ -442,14 +442,14 @@ def load(out_dir, device="cpu", dtype=None):
     ``dtype`` None = float32. Every check (manifest schema, sha256 of every layer) runs
     before the model is built.
     """
+    out = Path(out_dir)
+    manifest = read_manifest(out)  # before the heavy imports: bad input fails fast
     import torch
 
     from dmx.data import _quiet_transformers
     from dmx.layers import _set_submodule
 
     dtype = torch.float32 if dtype is None else dtype
-    out = Path(out_dir)
-    manifest = read_manifest(out)
     profile = mxref.get_profile(manifest["profile"])
     decoded, others = _read_checked_layers(out, manifest)
     _quiet_transformers()

@@ -1,0 +1,156 @@
+"""The dmx CLI frame: every bad input is one line on stderr, exit 2, and no partial OUT."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dmx import data, io, report
+from dmx.cli import main
+from test_dmx_io import single_threaded, tiny_model_dir, tiny_root  # noqa: F401 (fixtures)
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    return tiny_model_dir(tiny_root(tmp_path_factory), "qwen3")
+
+
+def _fails(capsys, argv, match: str, parent=None):
+    """main(argv) exits 2 with one stderr line containing ``match`` and leaves nothing
+    new in ``parent`` (no OUT, no temp dirs)."""
+    before = sorted(p.name for p in parent.iterdir()) if parent else None
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("dmx: error: "), err
+    assert match in lines[0], lines[0]
+    assert "Traceback" not in err
+    if parent:
+        assert sorted(p.name for p in parent.iterdir()) == before
+
+
+def test_missing_model_dir(capsys, tmp_path):
+    _fails(capsys, ["baseline", "--model", str(tmp_path / "nope"), "--method", "uniform",
+                    "--format", "fp4_e2m1", "-o", str(tmp_path / "out")],
+           "no such directory", tmp_path)
+
+
+def test_not_a_causal_lm(capsys, tmp_path):
+    enc = tmp_path / "bert"
+    enc.mkdir()
+    (enc / "config.json").write_text(json.dumps({"architectures": ["BertModel"],
+                                                 "model_type": "bert"}))
+    _fails(capsys, ["baseline", "--model", str(enc), "--method", "uniform", "--format",
+                    "fp4_e2m1", "-o", str(tmp_path / "out")], "not a causal LM", tmp_path)
+    (enc / "config.json").write_text("{not json")
+    _fails(capsys, ["eval", "--model", str(enc)], "unreadable JSON")
+
+
+def test_missing_tokenizer(capsys, tmp_path, src):
+    import shutil
+    bare = tmp_path / "bare"
+    shutil.copytree(src, bare)
+    for f in bare.glob("tokenizer*"):
+        f.unlink()
+    _fails(capsys, ["eval", "--model", str(bare), "--max-windows", "1"], "tokenizer")
+
+
+@pytest.mark.parametrize("content,match", [("", "empty"), ("only a few words", "fewer than")])
+def test_bad_calibration_text(capsys, tmp_path, src, content, match):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(content)
+    _fails(capsys, ["baseline", "--model", str(src), "--method", "kl", "--target-bits", "6",
+                    "--calib", str(calib), "--seqlen", "64", "--samples", "2",
+                    "-o", str(tmp_path / "out")], match, tmp_path)
+
+
+@pytest.mark.parametrize("target", ["3.5", "8.5"])
+def test_impossible_target(capsys, tmp_path, src, target):
+    _fails(capsys, ["baseline", "--model", str(src), "--method", "kl", "--target-bits", target,
+                    "-o", str(tmp_path / "out")], "impossible with ladder fp8-fp4", tmp_path)
+
+
+def test_search_impossible_target_through_frame(capsys, tmp_path, src):
+    """`dmx search` is wired to dmx.search; its own checks report exit 2, one line."""
+    assert main(["search", "--model", str(src), "--target-bits", "9", "-o",
+                 str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "impossible" in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_out_needs_force(capsys, tmp_path, src):
+    out = tmp_path / "out"
+    argv = ["baseline", "--model", str(src), "--method", "uniform", "--format", "fp8_e4m3",
+            "-o", str(out)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    manifest = (out / io.MANIFEST_NAME).read_text()
+    _fails(capsys, argv, "already exists; pass --force", tmp_path)
+    assert (out / io.MANIFEST_NAME).read_text() == manifest
+    assert main(argv + ["--force"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_flag_combinations(capsys, tmp_path, src):
+    o = ["-o", str(tmp_path / "o")]
+    _fails(capsys, ["baseline", "--model", str(src), "--method", "uniform", *o], "--format")
+    _fails(capsys, ["baseline", "--model", str(src), "--method", "kl", *o], "--target-bits")
+    _fails(capsys, ["baseline", "--model", str(src), "--method", "uniform", "--format",
+                    "fp3_e1m1", *o], "fp3_e1m1")
+    _fails(capsys, ["baseline", "--model", str(src), "--method", "gptq", *o], "invalid choice")
+    _fails(capsys, ["eval"], "either an OUT directory or --model")
+    _fails(capsys, ["eval", "--model", str(src), "--save"], "--save")
+    _fails(capsys, ["eval", str(tmp_path / "missing")], "no such directory")
+    _fails(capsys, ["eval", "--model", str(src), "--data", str(tmp_path / "x.txt")],
+           "no such file")
+    _fails(capsys, ["report", str(src), "-o", str(tmp_path / "r")], "dmx_manifest.json")
+    _fails(capsys, ["frobnicate"], "invalid choice")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_refuses_existing_out(capsys, tmp_path):
+    (tmp_path / "demo").mkdir()
+    _fails(capsys, ["demo", "--out", str(tmp_path / "demo")], "already exists", tmp_path)
+
+
+def test_ctrl_c_exits_130(capsys, monkeypatch, tmp_path):
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(report, "run_report", interrupted)
+    assert main(["report", "x", "-o", str(tmp_path / "r")]) == 130
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_report_writes_md_json_png(capsys, tmp_path, src):
+    for fmt in ("fp4_e2m1", "fp8_e4m3"):
+        assert main(["baseline", "--model", str(src), "--method", "uniform", "--format", fmt,
+                     "-o", str(tmp_path / fmt)]) == 0
+    text = tmp_path / "t.txt"
+    text.write_text(data.default_eval_file().read_text()[:8_000])
+    assert main(["eval", str(tmp_path / "fp8_e4m3"), "--save", "--data", str(text),
+                 "--seqlen", "32", "--max-windows", "2", "--no-progress"]) == 0
+    rep = tmp_path / "rep"
+    assert main(["report", str(tmp_path / "fp4_e2m1"), str(tmp_path / "fp8_e4m3"),
+                 "--reference-ppl", "100", "-o", str(rep)]) == 0
+    assert sorted(p.name for p in rep.iterdir()) == ["pareto.png", "report.json", "report.md"]
+    assert (rep / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = json.loads((rep / "report.json").read_text())["runs"]
+    assert [r["avg_bits"] for r in rows] == [4.0, 8.0]
+    assert rows[0]["ppl"] is None and rows[1]["ppl"] > 0
+    md = (rep / "report.md").read_text()
+    assert "| fp8_e4m3 | uniform |" in md and "Not evaluated" in md
+    capsys.readouterr()
+    _fails(capsys, ["report", str(tmp_path / "fp8_e4m3"), "-o", str(rep)], "already exists")
+
+
+def test_subprocess_one_line_no_traceback(tmp_path):
+    """The installed entry point: exit 2, one stderr line, no traceback."""
+    r = subprocess.run([sys.executable, "-m", "dmx", "eval", str(tmp_path / "none")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    lines = [l for l in r.stderr.splitlines() if l.startswith("dmx")]
+    assert lines == [l for l in r.stderr.splitlines() if "dmx" in l]
+    assert len(lines) == 1 and "no such directory" in lines[0] and "Traceback" not in r.stderr
