@@ -43,6 +43,8 @@ def _parse(argv=None):
     p.add_argument("--lr", type=float, default=1.0)
     p.add_argument("--distill", action="store_true")
     p.add_argument("--weighting", default="simple")
+    p.add_argument("--kl-samples", type=int, default=16,
+                   help="calibration windows the KL baseline scores layers on (default 16)")
     p.add_argument("--max-windows", type=int, default=None,
                    help="evaluate on the first N windows of the test text only")
     p.add_argument("--device", default="cpu")
@@ -124,8 +126,8 @@ def main(argv=None) -> int:
         rows.append((f"kl-{label[4:]}", out, _produce(args, stages, out, [
             "baseline", "--model", args.model, "--method", "kl", "--ladder", args.ladder,
             "--target-bits", repr(achieved), "--weighting", args.weighting, "--calib",
-            args.calib, "--seqlen", str(args.seqlen), "--seed", str(args.seed), "--device",
-            args.device, "--no-progress", "--force", "-o", str(out)]), None))
+            args.calib, "--seqlen", str(args.seqlen), "--samples", str(args.kl_samples),
+            "--seed", str(args.seed), "--device", args.device, "--no-progress", "--force", "-o", str(out)]), None))
 
     eval_walls = {}
     eval_flags = ["--data", args.eval_file, "--seqlen", str(args.seqlen), "--device",
