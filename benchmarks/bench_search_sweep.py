@@ -127,7 +127,8 @@ def main(argv=None) -> int:
             "baseline", "--model", args.model, "--method", "kl", "--ladder", args.ladder,
             "--target-bits", repr(achieved), "--weighting", args.weighting, "--calib",
             args.calib, "--seqlen", str(args.seqlen), "--samples", str(args.kl_samples),
-            "--seed", str(args.seed), "--device", args.device, "--no-progress", "--force", "-o", str(out)]), None))
+            "--seed", str(args.seed), "--device", args.device, "--no-progress", "--force",
+            "-o", str(out)]), None))
 
     eval_walls = {}
     eval_flags = ["--data", args.eval_file, "--seqlen", str(args.seqlen), "--device",
