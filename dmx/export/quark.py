@@ -9,13 +9,18 @@ Layout, from amd-quark 0.10 ``quark/torch/utils/pack.py`` and vLLM's Quark schem
   written low byte first -- OUT's ``fp6-le24``. Quark's variable names call the bytes
   ``byte2, byte1, byte0`` but it writes ``cat([word & 0xFF, word >> 8 & 0xFF, word >> 16])``;
   the comment there says the layout is what ``mfma_scale_f32_16x16x128_f8f6f4`` expects.
-  ASSUMPTION (not run here: amd-quark is not installed): the Quark export path uses
-  ``Pack_fp6`` for per-group fp6 weights (``create_pack_method(dtype="fp6_e2m3")``), not
-  ``Pack_mxfp6`` (which interleaves scale bytes and is used for ``dtype="mx"`` only).
+  Verified with amd-quark 0.13's own code (wheel unpacked outside this environment, its
+  optional onnx imports stubbed): ``create_pack_method("per_group", "fp6_e2m3" | "fp6_e3m2"
+  | "fp4")`` -- what Quark's export calls for OCP MX specs (``OCP_MXFP6E2M3Spec`` etc. have
+  ``dtype`` fp6_*/fp4, not ``mx``) -- packs to exactly these bytes and unpacks them to
+  mxref's element values (``tests/test_export_targets.py::test_quark_own_packers_agree``
+  runs that check wherever amd-quark is installed). Scales: ``to_e8m0_uint8`` =
+  round(log2(scale)) + 127 as uint8.
 * MXFP8 E4M3: ``<name>.weight`` float8_e4m3fn [N, K] + the uint8 scale, with the weight
-  spec ``dtype: fp8_e4m3, qscheme: per_group, group_size: 32, scale_format: e8m0`` (the
-  tensors are what vLLM ``QuarkW8A8Mxfp8`` allocates; recent Quark may spell the same
-  scale as ``per_block`` with ``block_size [1, 32]``, which is identical on disk).
+  spec ``dtype: fp8_e4m3, qscheme: per_group, group_size: 32, scale_format: e8m0`` (Quark's
+  ``OCP_MXFP8E4M3Spec``; the tensors are what vLLM ``QuarkW8A8Mxfp8`` allocates).
+  ASSUMPTION (no vLLM here): the vLLM version serving it dispatches per_group fp8_e4m3 /
+  e8m0 to its MXFP8 scheme (the version read dispatches only fp4/fp6 to ``QuarkOCP_MX``).
 
 config.json: ``layer_quant_config`` has one entry per quantized module (exact names:
 vLLM matches a pattern without ``*`` by substring, so full names are unambiguous), the
