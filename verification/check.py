@@ -184,19 +184,15 @@ def _parse_jsonl(path: str, fields: list, n: int) -> dict:
 
 
 def read_inputs(s: Suite) -> dict:
+    """The suite's input fields, from the first vector file it holds (bin, npz, hex, jsonl)."""
     ins = V.inputs_of(s.fields)
-    for name, parse in (("vectors.bin", None), ("vectors.npz", None), ("vectors.hex", None),
-                        ("vectors.jsonl", None)):
-        p = os.path.join(s.dir, name)
-        if name not in s.man["files"]:
-            continue
-        if name == "vectors.bin":
-            return _parse_bin(p, s.fields, s.n)
-        if name == "vectors.npz":
-            return _parse_npz(p, ins, s.n)
-        if name == "vectors.hex":
-            return _parse_hex(p, s.fields, s.n)
-        return _parse_jsonl(p, ins, s.n)
+    readers = (("vectors.bin", lambda p: _parse_bin(p, s.fields, s.n)),
+               ("vectors.npz", lambda p: _parse_npz(p, ins, s.n)),
+               ("vectors.hex", lambda p: _parse_hex(p, s.fields, s.n)),
+               ("vectors.jsonl", lambda p: _parse_jsonl(p, ins, s.n)))
+    for name, read in readers:
+        if name in s.man["files"]:
+            return read(os.path.join(s.dir, name))
     raise BadInput(f"{s.dir}: the suite holds no vector file (vectors.bin/.npz/.hex/.jsonl)")
 
 
