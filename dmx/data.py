@@ -129,13 +129,28 @@ def read_text(files) -> str:
     return "\n".join(parts)
 
 
+_TOKEN_CACHE: dict = {}  # (tokenizer identity, text digest) -> ids; a few entries only
+
+
 def tokenize_whole(tokenizer, text: str):
     """The text as one LongTensor of ids [n] (special tokens as the tokenizer adds them,
-    i.e. at most one BOS at the very start, as in GPTQ's tokenizer(text))."""
+    i.e. at most one BOS at the very start, as in GPTQ's tokenizer(text)).
+
+    Results are cached per (tokenizer directory, class, vocab size, text): a demo or a
+    baseline tokenizes the same 1 MB text several times otherwise.
+    """
+    import hashlib
+
     import torch
     _quiet_transformers()
-    ids = tokenizer(text, return_attention_mask=False, verbose=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+    key = (str(getattr(tokenizer, "name_or_path", id(tokenizer))), type(tokenizer).__name__,
+           len(tokenizer), hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest())
+    if key not in _TOKEN_CACHE:
+        ids = tokenizer(text, return_attention_mask=False, verbose=False)["input_ids"]
+        if len(_TOKEN_CACHE) >= 4:
+            _TOKEN_CACHE.pop(next(iter(_TOKEN_CACHE)))
+        _TOKEN_CACHE[key] = torch.tensor(ids, dtype=torch.long)
+    return _TOKEN_CACHE[key].clone()
 
 
 def _check_positive(flag: str, value) -> int:

@@ -35,11 +35,11 @@ def _say(msg: str) -> None:
     print(f"dmx demo: {msg}", flush=True)
 
 
-def _evaluate_out(out: Path, s: dict, progress: bool) -> dict:
+def _evaluate_out(out: Path, windows, progress: bool) -> dict:
     from dmx.evaluate import evaluate, save_eval
     from dmx.io import load
     model, tok, _ = load(out)
-    res = evaluate(model, tok, None, s["eval_seqlen"], s["eval_windows"], progress=progress)
+    res = evaluate(model, tok, progress=progress, windows=windows)
     save_eval(out, res)
     _say(f"{out.name}: {res['protocol']}")
     return res
@@ -87,8 +87,10 @@ def run_demo(out="runs/demo", quick: bool = False, force: bool = False,
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         model, tok = data.load_model_and_tokenizer(model_dir)
-        ref = evaluate(model, tok, None, s["eval_seqlen"], s["eval_windows"],
-                       progress=progress)
+        # one tokenization of the evaluation text for every model (same tokenizer files)
+        windows = data.eval_windows(tok, data.default_eval_file(), s["eval_seqlen"],
+                                    s["eval_windows"])
+        ref = evaluate(model, tok, progress=progress, windows=windows)
         _say(f"unquantized: {ref['protocol']}")
         del model
         tag = f"{target_bits:g}"
@@ -106,7 +108,7 @@ def run_demo(out="runs/demo", quick: bool = False, force: bool = False,
         runs.append(f"kl-{tag}")
         _say(f"KL baseline done in {time.time() - step_t:.0f} s")
         for name in runs:
-            _evaluate_out(tmp / name, s, progress)
+            _evaluate_out(tmp / name, windows, progress)
         rows = report.collect([tmp / name for name in runs])
         for r in rows:
             r["path"] = str(dest / r["run"])  # where it will be once renamed

@@ -59,16 +59,22 @@ def perplexity(model, windows, batch_size: int = 8, progress: bool = True) -> di
 
 def evaluate(model, tokenizer, data_file=None, seqlen: int = DEFAULT_SEQLEN,
              max_windows: int | None = None, join: str = "file", batch_size: int = 8,
-             progress: bool = True) -> dict:
-    """GPTQ-protocol perplexity of ``model`` on a text file (see the module docstring)."""
+             progress: bool = True, windows=None) -> dict:
+    """GPTQ-protocol perplexity of ``model`` on a text file (see the module docstring).
+
+    ``windows``: the ``(LongTensor, info)`` of an earlier :func:`dmx.data.eval_windows`
+    call, to score several models on one tokenization (the other text arguments are
+    then ignored)."""
     from dmx.data import default_eval_file, eval_windows
 
-    if tokenizer is None:
-        raise DMXError("no tokenizer: the model directory has no tokenizer files; copy them "
-                       "from the source model")
-    data_file = default_eval_file() if data_file is None else Path(data_file)
     t0 = time.time()
-    windows, info = eval_windows(tokenizer, data_file, seqlen, max_windows, join)
+    if windows is None:
+        if tokenizer is None:
+            raise DMXError("no tokenizer: the model directory has no tokenizer files; copy "
+                           "them from the source model")
+        data_file = default_eval_file() if data_file is None else Path(data_file)
+        windows = eval_windows(tokenizer, data_file, seqlen, max_windows, join)
+    windows, info = windows
     result = {**info, **perplexity(model, windows, batch_size, progress),
               "seconds": round(time.time() - t0, 3)}
     result["protocol"] = protocol_line(result)

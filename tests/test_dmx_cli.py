@@ -154,3 +154,24 @@ def test_subprocess_one_line_no_traceback(tmp_path):
     lines = [l for l in r.stderr.splitlines() if l.startswith("dmx")]
     assert lines == [l for l in r.stderr.splitlines() if "dmx" in l]
     assert len(lines) == 1 and "no such directory" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_demo_end_to_end_tiny_settings(capsys, monkeypatch, tmp_path):
+    """The demo's wiring (search, baselines, eval, report, atomic rename) with tiny sizes;
+    the real sizes are in dmx.demo.demo_settings."""
+    from dmx import demo
+    tiny = {"search_steps": 2, "search_batch": 1, "calib_seqlen": 32, "kl_samples": 1,
+            "eval_seqlen": 32, "eval_windows": 1}
+    monkeypatch.setattr(demo, "demo_settings", lambda quick=False: tiny)
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "settings: search 2 steps" in out and "wrote" in out
+    runs = sorted(p.name for p in (tmp_path / "demo").iterdir())
+    assert runs == ["dmx-6", "kl-6", "report", "uniform-mxfp4", "uniform-mxfp8"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # no temp dirs left
+    rows = json.loads((tmp_path / "demo" / "report" / "report.json").read_text())["runs"]
+    assert {r["method"] for r in rows} == {"dmx", "kl", "uniform"}
+    assert all(r["ppl"] is not None and r["path"].startswith(str(tmp_path / "demo"))
+               for r in rows)
+    kl = next(r for r in rows if r["method"] == "kl")
+    assert kl["avg_bits"] <= 6.0
