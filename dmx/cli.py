@@ -65,7 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_third_party_imports() -> None:
+    """Import-time chatter of optional packages (e.g. torchao built for another Python:
+    "Failed to load ...so"; torch's pytree deprecation notes) is not dmx's output and
+    would bury its one-line messages; real errors still show."""
+    import logging
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv=None) -> int:
+    _quiet_third_party_imports()
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

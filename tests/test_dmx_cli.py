@@ -148,12 +148,13 @@ def test_report_writes_md_json_png(capsys, tmp_path, src):
 
 def test_subprocess_one_line_no_traceback(tmp_path):
     """The installed entry point: exit 2, one stderr line, no traceback."""
-    r = subprocess.run([sys.executable, "-m", "dmx", "eval", str(tmp_path / "none")],
+    r = subprocess.run([sys.executable, "-m", "dmx", "baseline", "--model", str(tmp_path),
+                        "--method", "kl", "--target-bits", "6", "-o", str(tmp_path / "o")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2
-    lines = [l for l in r.stderr.splitlines() if l.startswith("dmx")]
-    assert lines == [l for l in r.stderr.splitlines() if "dmx" in l]
-    assert len(lines) == 1 and "no such directory" in lines[0] and "Traceback" not in r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("dmx: error: "), r.stderr
+    assert "no config.json" in lines[0] and not (tmp_path / "o").exists()
 
 
 def test_demo_end_to_end_tiny_settings(capsys, monkeypatch, tmp_path):
