@@ -12,7 +12,8 @@ Public API (layout and manifest fields: specs/out_layout.md, docs/CONTRACT.md):
       generation config and tokenizer files are copied from it).
     - ``meta``: "method" ("dmx" | "uniform" | "kl", required), "ladder", "target_bits",
       "seed", "profile" (name or mxref Profile, default "ocp"), "wall_time_s" (seconds the
-      run took; recorded for the report), anything else method-specific (e.g. "search",
+      run took until write_out was called; the quantization here is added to it, and
+      the report shows it), anything else method-specific (e.g. "search",
       "baseline": JSON-able dicts) goes into the manifest as is.
     - ``extra_files``: {file name: str | bytes} written into OUT too (e.g. a search log).
   Weights are quantized with mxref (numpy) along the input dim and packed with
@@ -34,6 +35,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -249,6 +251,7 @@ def write_out(out_dir, model, formats: dict, act_formats: dict | None, source_mo
     from safetensors.torch import save_file
     import torch
 
+    t_start = time.time()
     out = check_new_out(out_dir, force)
     source = Path(source_model_dir)
     if not (source / "config.json").is_file():
@@ -314,7 +317,7 @@ def write_out(out_dir, model, formats: dict, act_formats: dict | None, source_mo
         "avg_bits": {**average_bits_of(formats, act_formats, shapes),
                      # actual bytes (ragged rows pad) per weight: what the file costs
                      "storage_bits_per_weight": 8.0 * total_bytes / total_weights},
-        "layers": layers, "wall_time_s": meta.pop("wall_time_s", None),
+        "layers": layers, "wall_time_s": _wall_time(meta.pop("wall_time_s", None), t_start),
         "software": _software(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -342,6 +345,14 @@ def write_out(out_dir, model, formats: dict, act_formats: dict | None, source_mo
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _wall_time(before_write, t_start: float):
+    """The run's wall time: what the caller measured up to write_out, plus the weight
+    quantization and packing done here (the file write itself is not counted)."""
+    if before_write is None:
+        return None
+    return round(float(before_write) + time.time() - t_start, 3)
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:

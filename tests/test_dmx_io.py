@@ -206,7 +206,7 @@ def test_manifest_schema_and_fields(src, tmp_path):
     m = io.read_manifest(tmp_path / "out")
     assert m["format_version"] == 1 and m["seed"] == 3 and m["target_bits"] == 6.0
     assert m["profile"]["hash"] == mxref.get_profile("ocp").hash
-    assert m["search"] == {"steps": 2} and m["wall_time_s"] == 1.5
+    assert m["search"] == {"steps": 2} and m["wall_time_s"] >= 1.5  # + quantization time
     assert set(m["software"]) == {"dmx", "torch", "transformers", "numpy"}
     bad = json.loads(json.dumps(m))
     name = next(iter(bad["layers"]))
