@@ -53,7 +53,7 @@ def main():
     print(f"| what ({a.format}) | cases | generate s | check s |")
     print("|---|---|---|---|")
     for r in rows:
-        print(f"| {r['what']} | {r['cases']} | {r['gen_s']} | {r['check_s'] or ''} |")
+        print(f"| {r['what']} | {r['cases']} | {r['gen_s']} | {'' if r['check_s'] is None else r['check_s']} |")
     sw = rows[-1]
     print(f"\nfloat32 sweep: {sw['throughput_M_per_s']} M inputs/s, {sw['mismatches']} mismatches; "
           f"full 2^32 {'took' if a.full else 'extrapolates to'} {sw['full_2_32_s']:.0f} s")
