@@ -74,8 +74,21 @@ def _quiet_third_party_imports() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _sigterm_as_interrupt() -> None:
+    """`kill PID` runs the same cleanup as Ctrl-C (temp dirs removed, checkpoint saved)."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. main() called from a worker): leave it
+        pass
+
+
 def main(argv=None) -> int:
     _quiet_third_party_imports()
+    _sigterm_as_interrupt()
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
