@@ -57,7 +57,9 @@ _COPY_NAMES = {"config.json", "generation_config.json", "special_tokens_map.json
                "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
                "chat_template.jinja", "chat_template.json", "spiece.model",
                "sentencepiece.bpe.model"}
-_SCHEMA_PATH = Path(__file__).resolve().parent.parent / "specs" / "manifest.schema.json"
+# dmx/manifest.schema.json is a symlink to specs/manifest.schema.json in the repository
+# (one source of truth); a built wheel carries it as a file (package data "*.json").
+_SCHEMA_PATH = Path(__file__).parent / "manifest.schema.json"
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -70,11 +72,7 @@ def layer_sha256(packed: np.ndarray, scales: np.ndarray) -> str:
 
 
 def _schema() -> dict:
-    try:
-        return json.loads(_SCHEMA_PATH.read_text())
-    except OSError:
-        # installed without the specs/ tree: the copy shipped as package data
-        return json.loads((Path(__file__).resolve().parent / "manifest.schema.json").read_text())
+    return json.loads(_SCHEMA_PATH.read_text())
 
 
 def validate_manifest(manifest: dict, where: str = "manifest") -> None:
