@@ -326,12 +326,16 @@ def write_out(out_dir, model, formats: dict, act_formats: dict | None, source_mo
             raise DMXError(f"meta[{k!r}] clashes with a manifest field")
         manifest[k] = v
     validate_manifest(manifest, "write_out manifest")
+    try:
+        manifest_text = json.dumps(manifest, indent=1, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as err:  # a meta extra that JSON cannot hold
+        raise DMXError(f"write_out: meta is not JSON-serialisable ({err})") from None
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         _copy_source_files(source, tmp)
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
+        (tmp / MANIFEST_NAME).write_text(manifest_text)
         for fname, content in (extra_files or {}).items():
             if Path(fname).name != fname or fname in (MANIFEST_NAME, WEIGHTS_NAME):
                 raise DMXError(f"extra file name {fname!r} must be a plain file name other "

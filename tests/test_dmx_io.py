@@ -291,3 +291,12 @@ def test_failed_write_leaves_nothing(src, tmp_path):
     with pytest.raises(DMXError, match="method"):
         io.write_out(tmp_path / "out", model, formats, None, src["llama"], {"method": "awq"})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_unserialisable_meta_refused(src, tmp_path):
+    model = _load_plain(src["llama"])
+    formats, _ = _mixed(_linear_names(model))
+    with pytest.raises(DMXError, match="JSON"):
+        io.write_out(tmp_path / "out", model, formats, None, src["llama"],
+                     {"method": "kl", "search": {"loss": float("nan")}})
+    assert list(tmp_path.iterdir()) == []
