@@ -1,7 +1,9 @@
 """dmx: differentiable mixed-precision assignment of OCP MX formats (torch side).
 
-Imports are lazy so that ``import dmx`` stays cheap (no torch/transformers import
-until a name is used); other modules add their names to ``_LAZY``.
+Imports are lazy so that ``import dmx`` stays cheap (no torch/transformers import until a
+name is used); other modules add their names to ``_LAZY``. Entry points that
+share their module's name are not re-exported (``dmx.search`` names the module):
+``dmx.search.search``, ``dmx.evaluate.evaluate``, ``dmx.export.export``.
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ _LAZY = {
     "set_temperature": "dmx.layers",
     "hard_assignment": "dmx.layers",
     "dmx_parameters": "dmx.layers",
+    "fused_key": "dmx.layers",
+    "load": "dmx.io",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -47,10 +47,10 @@ def quantizable_layers(model, include=None) -> list[str]:
 
 def fused_units(names: list[str]) -> list[tuple[str, ...]]:
     """Names grouped into units that share a format (fused q/k/v and gate/up), in order."""
-    from dmx.layers import _fused_key  # the one definition of which projections fuse
+    from dmx.layers import fused_key  # the one definition of which projections fuse
     units: dict[str, list[str]] = {}
     for n in names:
-        units.setdefault(_fused_key(n) or n, []).append(n)
+        units.setdefault(fused_key(n) or n, []).append(n)
     return [tuple(v) for v in units.values()]
 
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from dmx import triton_kernels as tk
 
 __all__ = ["install", "triton_fake_quantize_backend", "real_format_quantize", "dmx_linear",
-           "dmx_offset_linear", "fused_forward", "patch_dmx_linear", "use_triton"]
+           "dmx_offset_linear", "fused_forward", "soft_forward", "patch_dmx_linear", "use_triton"]
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -229,6 +229,12 @@ def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
     """DMXLinear.forward with the soft (training) branch through :func:`dmx_linear`."""
     if layer.hard_mode or not use_triton(x):
         return _ORIGINAL_FORWARD[0](layer, x)
+    return soft_forward(layer, x)
+
+
+def soft_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """DMXLinear's soft (training) mode on the Triton path (the caller checked use_triton);
+    DMXLinear.forward calls this for CUDA inputs."""
     if ladder_constants(layer.ladder) is not None:
         return dmx_offset_linear(x, layer.linear.weight, layer.linear.bias, layer.offset,
                                  layer.ladder, layer.temperature, layer.block_size,

@@ -45,7 +45,7 @@ from dmx.errors import DMXError
 
 __all__ = ["MANIFEST_NAME", "WEIGHTS_NAME", "EVAL_NAME", "FORMAT_VERSION", "write_out", "load",
            "read_manifest", "validate_manifest", "average_bits_of", "layer_sha256",
-           "DecodedMXLinear", "atomic_write_text", "check_new_out"]
+           "DecodedMXLinear", "atomic_write_text", "check_new_out", "replace_dir"]
 
 MANIFEST_NAME = "dmx_manifest.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -213,15 +213,15 @@ def _plain_state_dict(model) -> dict:
 def _fused_groups(formats: dict, act_formats: dict) -> dict:
     """{name: group tag or None}: q/k/v and gate/up of a block form a group when they all
     deploy with one weight and input format (so a serving engine may fuse them)."""
-    from dmx.layers import _fused_key  # the one definition of which projections fuse
+    from dmx.layers import fused_key  # the one definition of which projections fuse
     members: dict[str, list[str]] = {}
     for name in formats:
-        key = _fused_key(name)
+        key = fused_key(name)
         if key:
             members.setdefault(key, []).append(name)
     groups = {}
     for name in formats:
-        key = _fused_key(name)
+        key = fused_key(name)
         names = members.get(key, [])
         same = len(names) > 1 and len({(formats[n], act_formats.get(n)) for n in names}) == 1
         groups[name] = key if same else None
@@ -342,7 +342,7 @@ def write_out(out_dir, model, formats: dict, act_formats: dict | None, source_mo
                                f"than {MANIFEST_NAME} / {WEIGHTS_NAME}")
             target = tmp / fname
             (target.write_bytes if isinstance(content, bytes) else target.write_text)(content)
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -357,7 +357,7 @@ def _wall_time(before_write, t_start: float):
     return round(float(before_write) + time.time() - t_start, 3)
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
+def replace_dir(tmp: Path, out: Path) -> None:
     """Move the finished temp dir to OUT; an old OUT (--force) is moved aside first and
     deleted only once the new one is in place."""
     old = None

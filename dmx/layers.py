@@ -11,6 +11,7 @@ activations along their last dim with dynamic per-block scales, block size 32.
 """
 from __future__ import annotations
 
+import os
 import re
 
 import torch
@@ -26,7 +27,7 @@ from dmx.quant import fake_quantize
 from dmx.realfmt import real_format_quantize
 
 __all__ = ["MXLinear", "DMXLinear", "wrap_model", "apply_formats", "set_temperature",
-           "hard_assignment", "dmx_parameters", "FUSED_GROUPS"]
+           "hard_assignment", "dmx_parameters", "FUSED_GROUPS", "fused_key"]
 
 DEFAULT_TEMPERATURE = 0.4  # code units (paper T_doc = 8), the schedule's start
 
@@ -179,6 +180,10 @@ class DMXLinear(_LinearView):
             if self.quantize_input:
                 x = fake_quantize(x, fmt, -1, self.block_size)
         else:
+            if x.is_cuda and os.environ.get("DMX_TRITON", "1") != "0":
+                from dmx import fused  # Triton: one pass per tensor instead of ~70 torch ops
+                if fused.use_triton(x):
+                    return fused.soft_forward(self, x)
             b = self.position()
             e, m = self.ladder.exp_bits(b), self.ladder.man_bits(b)
             cap = self.ladder.max_cap
@@ -206,7 +211,11 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _fused_key(name: str) -> str | None:
+def fused_key(name: str) -> str | None:
+    """The fused group a projection belongs to (``model.layers.0.self_attn.q_proj`` ->
+    ``model.layers.0.self_attn.qkv``), or None. The one definition of which projections
+    an engine fuses: search ties their offsets, baselines move them together, exports
+    refuse to split them."""
     parent, _, last = name.rpartition(".")
     for pattern, tag in FUSED_GROUPS:
         if re.fullmatch(pattern, last):
@@ -238,7 +247,7 @@ def wrap_model(model: nn.Module, ladder="fp8-fp4", include=None, exclude=("lm_he
     shared: dict[str, nn.Parameter] = {}
     layers: dict[str, DMXLinear] = {}
     for name, linear in targets:
-        key = _fused_key(name) if tie_fused else None
+        key = fused_key(name) if tie_fused else None
         layer = DMXLinear(linear, ladder, offset=shared.get(key) if key else None,
                           quantize_input=quantize_activations, init=init)
         if key:

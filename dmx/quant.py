@@ -20,6 +20,7 @@ for CUDA tensors); it returns ``None`` for inputs it does not handle.
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable
 
 import torch
@@ -255,7 +256,23 @@ def register_backend(fn: Callable) -> Callable:
     return fn
 
 
+_GPU_BACKENDS_TRIED = [False]
+
+
+def _ensure_gpu_backends() -> None:
+    """Register the Triton kernels the first time a CUDA tensor comes by: CPU-only users
+    never import Triton. DMX_TRITON=0 keeps the plain torch code (a debugging switch)."""
+    if _GPU_BACKENDS_TRIED[0]:
+        return
+    _GPU_BACKENDS_TRIED[0] = True
+    if os.environ.get("DMX_TRITON", "1") != "0":
+        from dmx.fused import install  # imports Triton; fused.use_triton checks it works
+        install()
+
+
 def _dispatch(x, fmt, axis, block_size, profile):
+    if x.is_cuda:
+        _ensure_gpu_backends()
     if _BACKENDS:
         fmt_info, prof = resolve(fmt, profile)
         for fn in _BACKENDS:

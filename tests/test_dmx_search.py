@@ -21,9 +21,9 @@ from dmx.layers import dmx_parameters, wrap_model  # noqa: E402
 from dmx.search import SEARCH_LOG_NAME, add_search_parser, run_search, search  # noqa: E402
 from dmx.train import SearchInterrupted, TrainConfig, train_offsets  # noqa: E402
 
-DATA = Path("/work/shared/data")
-TOKENIZER_DIR = DATA / "tiny-qwen3"
-WIKI = DATA / "wikitext-2-raw" / "wiki.valid.raw"
+EMBEDDED = Path(__file__).resolve().parents[1] / "dmx" / "data"  # shipped with the package
+TOKENIZER_DIR = EMBEDDED / "tiny-qwen3"
+WIKI = EMBEDDED / "wikitext-2-raw" / "wiki.valid.raw"
 pytestmark = pytest.mark.skipif(not (TOKENIZER_DIR / "tokenizer.json").is_file()
                                 or not WIKI.is_file(),
                                 reason="needs the shared tiny-qwen3 tokenizer and wiki.valid.raw")

@@ -14,8 +14,10 @@ import pytest
 
 import mxref
 
-DATA = Path("/work/shared/data")
-TOKENIZERS = {"llama": DATA / "stories260K-hf", "qwen3": DATA / "tiny-qwen3"}
+ROOT = Path(__file__).resolve().parents[1]
+# a real pretrained Llama (tests/data, MIT) and the embedded Qwen3 (package data)
+TOKENIZERS = {"llama": ROOT / "tests" / "data" / "stories260K-hf",
+              "qwen3": ROOT / "dmx" / "data" / "tiny-qwen3"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.[a-z_]+_proj$")
 

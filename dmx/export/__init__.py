@@ -39,7 +39,7 @@ def export(out_dir, to: str, dest, allow_unfused: bool = False, verify: bool = T
     """
     from dmx.export import verify as vfy
     from dmx.export.source import load_out
-    from dmx.io import _replace_dir, check_new_out
+    from dmx.io import replace_dir, check_new_out
 
     mod = _backend(to)
     dest = Path(dest)
@@ -73,7 +73,7 @@ def export(out_dir, to: str, dest, allow_unfused: bool = False, verify: bool = T
                 log(f"note: {len(lossy)} 8-bit MX layer(s) stored as Q8_0 (llama.cpp has no "
                     f"MXFP8): max abs error vs the MX weights "
                     f"{max(c.max_abs_err for c in lossy):.3g}")
-        _replace_dir(tmp, dest)   # an old DIR (--force) is swapped out, never half-written
+        replace_dir(tmp, dest)   # an old DIR (--force) is swapped out, never half-written
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

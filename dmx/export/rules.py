@@ -10,11 +10,11 @@ def fused_groups(names) -> dict[str, list[str]]:
     so mixed formats inside a group crash at load (vllm ``_match_fused_layer``, Quark
     ``_find_matched_config``, intel/auto-round#2174). Which names fuse is dmx.layers'
     one definition (the search ties the same groups)."""
-    from dmx.layers import _fused_key
+    from dmx.layers import fused_key
 
     groups: dict[str, list[str]] = {}
     for name in sorted(names):
-        key = _fused_key(name)
+        key = fused_key(name)
         if key:
             groups.setdefault(key, []).append(name)
     return groups

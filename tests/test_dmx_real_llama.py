@@ -1,0 +1,86 @@
+"""The whole dmx pipeline on a real pretrained checkpoint nobody here trained.
+
+tests/data/stories260K-hf is llama2.c's stories260K (MIT) as a LlamaForCausalLM: widths
+64 and 172, so the MLP's 172-wide input is 5 full blocks plus a ragged block of 12, and
+the tokenizer is a SentencePiece-style BPE, not the embedded model's. search -> OUT ->
+load must give the searched model's logits bit for bit; the packed bytes must be mxref's
+encoding of the weights; perplexity must stay close to the unquantized model.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+import mxref  # noqa: E402
+from dmx import data, io  # noqa: E402
+from dmx.evaluate import evaluate  # noqa: E402
+from dmx.search import search  # noqa: E402
+
+MODEL = Path(__file__).resolve().parent / "data" / "stories260K-hf"
+WIKI = Path(__file__).resolve().parents[1] / "dmx" / "data" / "wikitext-2-raw" / "wiki.valid.raw"
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    calib = tmp_path_factory.mktemp("calib") / "calib.txt"
+    calib.write_text(WIKI.read_text(encoding="utf-8")[:30000], encoding="utf-8")
+    out = tmp_path_factory.mktemp("runs") / "out"
+    result = search(MODEL, 6.0, calib=[calib], steps=6, batch_size=2, seqlen=64, samples=12,
+                    out=out, progress=False)
+    return out, result, calib
+
+
+def test_ragged_mlp_layers_are_quantized(searched):
+    out, result, _ = searched
+    manifest = json.loads((out / "dmx_manifest.json").read_text())
+    down = manifest["layers"]["model.layers.0.mlp.down_proj"]
+    assert down["shape"] == [64, 172]
+    assert len(manifest["layers"]) == 5 * 7  # every linear of the 5 blocks, not lm_head
+
+
+def test_loaded_logits_equal_searched_model(searched):
+    out, result, _ = searched
+    ids = torch.randint(3, 512, (2, 48), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = result["model"](input_ids=ids).logits
+        model, _tok, _manifest = io.load(out)
+        got = model(input_ids=ids).logits
+    assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+
+
+def test_packed_bytes_are_mxref_encoding_of_the_weights(searched):
+    """Independent of dmx's torch quantizers: re-encode the source float32 weight with
+    mxref and compare with the bytes in OUT/model.safetensors."""
+    from safetensors.numpy import load_file
+
+    out, result, _ = searched
+    source = load_file(str(MODEL / "model.safetensors"))
+    stored = load_file(str(out / "model.safetensors"))
+    checked = 0
+    for name, fmt in result["formats"].items():
+        w = source[f"{name}.weight"]
+        mx = mxref.quantize(w, fmt, axis=-1, block_size=32)
+        assert np.array_equal(stored[f"{name}.weight_scale"], mx.scales.reshape(w.shape[0], -1))
+        assert np.array_equal(stored[f"{name}.weight_packed"], mxref.pack_codes(mx.codes, fmt))
+        checked += 1
+    assert checked == 35
+
+
+def test_perplexity_close_to_unquantized(searched):
+    out, _result, calib = searched
+    fp_model, tok = data.load_model_and_tokenizer(MODEL)
+    q_model, q_tok, _ = io.load(out)
+    fp = evaluate(fp_model, tok, data_file=calib, seqlen=64, max_windows=20, progress=False)
+    q = evaluate(q_model, q_tok, data_file=calib, seqlen=64, max_windows=20, progress=False)
+    fp_ppl, q_ppl = float(fp["ppl"]), float(q["ppl"])
+    assert math.isfinite(q_ppl) and q_ppl >= fp_ppl * 0.98
+    # a 260K model on text it never saw: MX (>= 4.25 bits) must not destroy it
+    assert q_ppl < fp_ppl * 1.5, (fp_ppl, q_ppl)
