@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
-# Install everything the suite needs (torch pinned to the CPU build), then run it.
+# The README's test command (same as .ci/run); extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -q "torch==2.13.0" -e ".[test]"
-python -m pytest -q "$@"
+python -m pip install "torch==2.13.0" -e ".[test]" && python -m pytest -q "$@"
