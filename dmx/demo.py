@@ -12,13 +12,13 @@ report rows), ``add_demo_parser``.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 from dmx.errors import DMXError
+from dmx.io import replace_dir
 
 __all__ = ["demo_settings", "set_threads", "run_demo", "add_demo_parser", "run_demo_cli"]
 
@@ -137,13 +137,7 @@ def run_demo(out="runs/demo", quick: bool = False, force: bool = False,
         reference = {"label": model_dir.name, "ppl": ref["ppl"], "protocol": ref["protocol"]}
         report.write_report(rows, tmp / "report", reference,
                             title=f"dmx demo: {model_dir.name}, target {tag} bits")
-        old = None
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-            os.replace(dest, old / "demo")
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, dest)  # an old demo dir is swapped out only once this one is done
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -15,13 +15,13 @@ Public API:
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections import Counter
 from pathlib import Path
 
 from dmx.errors import DMXError
+from dmx.io import replace_dir
 
 __all__ = ["collect", "write_report", "add_report_parser", "run_report"]
 
@@ -138,13 +138,7 @@ def write_report(rows, report_dir, reference=None, force: bool = False,
         (tmp / "report.json").write_text(json.dumps({"reference": reference, "runs": rows},
                                                     indent=1) + "\n")
         _plot(rows, reference, tmp / "pareto.png", title)
-        old = None
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-            os.replace(dest, old / "report")
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, dest)  # an old report (--force) is swapped out, never half-written
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -10,7 +10,7 @@ import ml_dtypes
 import numba
 import numpy as np
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mxref

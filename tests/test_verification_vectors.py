@@ -1,7 +1,6 @@
 """mxverify gen + check: self-check passes, every flipped bit is found, runs are reproducible."""
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest

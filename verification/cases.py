@@ -16,7 +16,6 @@ exists where the input space is small (see :data:`EXHAUSTIVE`).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import ml_dtypes

@@ -16,7 +16,6 @@ as such. Whatever none of these reproduces is reported as ``unexplained``.
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
