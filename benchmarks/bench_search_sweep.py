@@ -3,22 +3,25 @@ heuristic at the same achieved bits, on the embedded tiny-qwen3.
 
     python benchmarks/bench_search_sweep.py                       # CPU defaults
     python benchmarks/bench_search_sweep.py --device cuda --steps 400 --batch-size 8
+    python benchmarks/bench_search_sweep.py --jobs 2 --threads 1    # two runs at a time
 
 Calibrates on wiki.valid.raw and evaluates on wiki.test.raw (seqlen 256). For every
 target it runs `dmx search`, then `dmx baseline` (uniform fp4/fp8 once, KL at each dMX
 point's achieved bits), `dmx eval` on every OUT, and `dmx report`; the report table,
 the settings, the machine and each step's wall time go to
-benchmarks/results/search_sweep.md (``--results``).
+benchmarks/results/search_sweep.md (``--results``), the pareto plot next to it
+(``search_pareto.png``). ``--jobs N`` runs the independent commands of a stage (the
+searches, the baselines, the evaluations) N at a time, each in its own process.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io as _io
 import json
 import os
 import platform
 import shlex
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,6 +44,10 @@ def _parse(argv=None):
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--samples", type=int, default=None)
     p.add_argument("--lr", type=float, default=1.0)
+    p.add_argument("--lam", type=float, default=5.0, help="hinge slope (dmx search --lam)")
+    p.add_argument("--init", default="low", help="dmx search --init: low or target")
+    p.add_argument("--fill-budget", action=argparse.BooleanOptionalAction, default=True,
+                   help="dmx search --fill-budget (default on)")
     p.add_argument("--distill", action="store_true")
     p.add_argument("--weighting", default="simple")
     p.add_argument("--kl-samples", type=int, default=16,
@@ -51,6 +58,8 @@ def _parse(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (1 is much faster on a crowded machine)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="commands run at a time within a stage, each in its own process")
     p.add_argument("--stages", default="search,baseline,eval,report",
                    help="comma-separated subset of search,baseline,eval,report")
     p.add_argument("--reuse", action="store_true",
@@ -61,99 +70,128 @@ def _parse(argv=None):
     return p.parse_args(argv)
 
 
-def _cli(argv: list[str]) -> tuple[int, float, str]:
-    """Run one `dmx` command in-process: (exit code, wall seconds, its stdout)."""
-    from dmx.cli import main
-
-    buf = _io.StringIO()
+def _dmx(args, argv: list[str]) -> float:
+    """Run one `dmx` command in its own process (``--threads`` torch/Numba threads): its
+    wall seconds. Its stdout is echoed; a failure stops the sweep with its last line."""
+    env = dict(os.environ)
+    if args.threads:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+            env[var] = str(args.threads)
     t0 = time.time()
-    with contextlib.redirect_stdout(buf):
-        rc = main(argv)
-    out = buf.getvalue()
-    sys.stdout.write(out)
-    if rc:
-        raise SystemExit(f"bench_search_sweep: `dmx {shlex.join(argv)}` failed with exit {rc}")
-    return rc, time.time() - t0, out
+    proc = subprocess.run([sys.executable, "-m", "dmx", *argv], env=env, capture_output=True,
+                          text=True)
+    sys.stdout.write(proc.stdout)
+    sys.stdout.flush()
+    if proc.returncode:
+        last = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
+        raise SystemExit(f"bench_search_sweep: `dmx {shlex.join(argv)}` failed with exit "
+                         f"{proc.returncode}: {last}")
+    return time.time() - t0
+
+
+def _run_all(args, tasks: list) -> list:
+    """Call the independent ``tasks`` (no-argument callables) ``--jobs`` at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        return list(pool.map(lambda task: task(), tasks))
 
 
 def _reusable(args, out: Path) -> bool:
     return args.reuse and (out / "dmx_manifest.json").is_file()
 
 
+def _manifest(out: Path) -> dict:
+    return json.loads((out / "dmx_manifest.json").read_text())
+
+
+def _search_argv(args, target: float, out: Path) -> list[str]:
+    argv = ["search", "--model", args.model, "--target-bits", repr(target), "--ladder",
+            args.ladder, "--calib", args.calib, "--seqlen", str(args.seqlen), "--steps",
+            str(args.steps), "--batch-size", str(args.batch_size), "--lr", repr(args.lr),
+            "--lam", repr(args.lam), "--init", args.init, "--weighting", args.weighting,
+            "--device", args.device, "--seed", str(args.seed), "--checkpoint-every", "0",
+            "--no-progress", "--force", "-o", str(out)]
+    if args.samples:
+        argv += ["--samples", str(args.samples)]
+    if args.distill:
+        argv.append("--distill")
+    if not args.fill_budget:
+        argv.append("--no-fill-budget")
+    return argv
+
+
 def main(argv=None) -> int:
     args = _parse(argv)
-    from dmx.search import search
-
+    t_sweep = time.time()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    rows = []  # (label, out_dir, wall seconds of producing it)
-
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     stages = set(args.stages.split(","))
-    for target in args.targets:
-        out = work / f"dmx-{target:g}"
-        if _reusable(args, out) or "search" not in stages:
-            m = json.loads((out / "dmx_manifest.json").read_text())
-            rows.append((f"dmx-{target:g}", out, m["wall_time_s"], m["avg_bits"]["simple"]))
-            continue
-        t0 = time.time()
-        r = search(args.model, target, ladder=args.ladder, calib=[args.calib],
-                   seqlen=args.seqlen, samples=args.samples, steps=args.steps,
-                   batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,
-                   out=out, force=True, distill=args.distill, weighting=args.weighting,
-                   checkpoint_every=0)
-        wall = time.time() - t0
-        a = r["achieved_bits"]
-        print(f"dMX target {target:g}: achieved {a['simple']:.3f} bits "
-              f"(size-weighted {a['size_weighted']:.3f}) in {wall:.1f} s", flush=True)
-        rows.append((f"dmx-{target:g}", out, wall, a["simple"]))
+    # the average the search's penalty and the KL baseline's budget use
+    bits_key = "simple" if args.weighting == "simple" else "size_weighted"
 
+    dmx_outs = [(f"dmx-{t:g}", work / f"dmx-{t:g}", t) for t in args.targets]
+    _run_all(args, [
+        (lambda t=t, out=out: _dmx(args, _search_argv(args, t, out)))
+        for _, out, t in dmx_outs if "search" in stages and not _reusable(args, out)])
+    rows = []  # (label, out_dir, wall seconds of producing it (the manifest's), bits)
+    for label, out, target in dmx_outs:
+        m = _manifest(out)
+        rows.append((label, out, m["wall_time_s"], m["avg_bits"][bits_key]))
+        repair = m.get("search", {}).get("budget_repair") or {}
+        print(f"dMX target {target:g}: achieved {m['avg_bits']['simple']:.3f} bits "
+              f"(size-weighted {m['avg_bits']['size_weighted']:.3f}; hard assignment before "
+              f"the budget repair {repair.get('bits_before', float('nan')):.3f}) in "
+              f"{m['wall_time_s']:.1f} s", flush=True)
     if stages == {"search"}:
         return 0
+
+    baselines = []  # (label, out, dmx argv)
     for fmt in ("fp4_e2m1", "fp8_e4m3"):
         out = work / f"uniform-{fmt}"
-        rows.append((f"uniform-{fmt}", out, _produce(args, stages, out, [
+        baselines.append((f"uniform-{fmt}", out, [
             "baseline", "--model", args.model, "--method", "uniform", "--format", fmt,
-            "--device", args.device, "--no-progress", "--force", "-o", str(out)]), None))
+            "--device", args.device, "--no-progress", "--force", "-o", str(out)]))
     for label, _, _, achieved in list(rows):
-        if not label.startswith("dmx-"):
-            continue
         out = work / f"kl-{label[4:]}"
         # the dMX point's achieved bits, exactly (KL never exceeds its target)
-        rows.append((f"kl-{label[4:]}", out, _produce(args, stages, out, [
+        baselines.append((f"kl-{label[4:]}", out, [
             "baseline", "--model", args.model, "--method", "kl", "--ladder", args.ladder,
             "--target-bits", repr(achieved), "--weighting", args.weighting, "--calib",
             args.calib, "--seqlen", str(args.seqlen), "--samples", str(args.kl_samples),
             "--seed", str(args.seed), "--device", args.device, "--no-progress", "--force",
-            "-o", str(out)]), None))
+            "-o", str(out)]))
+    _run_all(args, [(lambda a=a: _dmx(args, a)) for _, out, a in baselines
+                    if "baseline" in stages and not _reusable(args, out)])
+    for label, out, _ in baselines:
+        rows.append((label, out, _manifest(out)["wall_time_s"], None))
 
-    eval_walls = {}
     eval_flags = ["--data", args.eval_file, "--seqlen", str(args.seqlen), "--device",
                   args.device, "--no-progress"]
     if args.max_windows:
         eval_flags += ["--max-windows", str(args.max_windows)]
+    tasks = [lambda: _reference(args)]  # in this process, alongside the workers
     if "eval" in stages:
-        for label, out, _, _ in rows:
-            _, eval_walls[label], _ = _cli(["eval", str(out), *eval_flags, "--save"])
-    reference = _reference(args)
+        tasks += [(lambda out=out: _dmx(args, ["eval", str(out), *eval_flags, "--save"]))
+                  for _, out, _, _ in rows]
+    reference, *walls = _run_all(args, tasks)
+    eval_walls = {label: w for (label, _, _, _), w in zip(rows, walls)}
     eval_walls["unquantized"] = reference["wall_time_s"]
     print(f"unquantized: {reference['protocol']}", flush=True)
 
     report_dir = work / "report"
-    _cli(["report", *[str(out) for _, out, _, _ in rows], "--reference-ppl",
-          repr(reference["ppl"]), "--force", "-o", str(report_dir)])
-    _write_results(args, rows, eval_walls, (report_dir / "report.md").read_text(), reference)
+    _dmx(args, ["report", *[str(out) for _, out, _, _ in rows], "--reference-ppl",
+                repr(reference["ppl"]), "--force", "-o", str(report_dir)])
+    plot = Path(args.results).with_name("search_pareto.png")
+    shutil.copyfile(report_dir / "pareto.png", plot)
+    _write_results(args, rows, eval_walls, (report_dir / "report.md").read_text(), reference,
+                   time.time() - t_sweep)
+    print(f"wrote {plot}")
     return 0
-
-
-def _produce(args, stages, out: Path, argv: list[str]) -> float:
-    """Make one baseline OUT (or reuse it): the wall seconds it took."""
-    if _reusable(args, out) or "baseline" not in stages:
-        return json.loads((out / "dmx_manifest.json").read_text())["wall_time_s"]
-    return _cli(argv)[1]
 
 
 def _reference(args) -> dict:
@@ -168,7 +206,8 @@ def _reference(args) -> dict:
     return r
 
 
-def _write_results(args, rows, eval_walls, report: str, reference: dict) -> None:
+def _write_results(args, rows, eval_walls, report: str, reference: dict,
+                   sweep_s: float) -> None:
     import torch
 
     cmd = "python benchmarks/bench_search_sweep.py " + shlex.join(sys.argv[1:])
@@ -180,9 +219,14 @@ def _write_results(args, rows, eval_walls, report: str, reference: dict) -> None
              f"Model {args.model}; calibration {args.calib}; evaluation {args.eval_file}; "
              f"seqlen {args.seqlen}; ladder {args.ladder}; steps {args.steps}, batch "
              f"{args.batch_size}, samples {args.samples or args.steps * args.batch_size}, lr "
-             f"{args.lr}, distill {args.distill}, weighting {args.weighting}, seed {args.seed}.",
+             f"{args.lr}, lam {args.lam}, init {args.init}, fill-budget {args.fill_budget}, "
+             f"distill {args.distill}, weighting {args.weighting}, seed {args.seed}.",
+             f"Whole sweep: {sweep_s / 60:.1f} min wall, {args.jobs} command(s) at a time, "
+             f"{args.threads or 'default'} thread(s) each"
+             f"{' (finished OUTs reused: their own wall times)' if args.reuse else ''}.",
              f"Unquantized model: {reference['protocol']}.", "",
              "## Report (`dmx report`)", "", report.strip(), "",
+             "![perplexity vs average bits](search_pareto.png)", "",
              "## Wall time per step of the sweep", "", "| run | produce (s) | eval (s) |",
              "|---|---|---|"]
     for label, _, wall, _ in rows:

@@ -30,8 +30,10 @@ SEARCH_LOG_NAME = "search_log.json"
 DEFAULTS = dict(ladder="fp8-fp4", weights_only=False, calib=None, seqlen=2048, samples=None,
                 steps=400, batch_size=8, lr=1.0, device="cpu", seed=0, force=False,
                 distill=False, weighting="simple", checkpoint_every=50, resume=False,
+                init="low", fill_budget=True,
                 delay=0.6, t_start=0.4, t_end=20.0, lam=5.0, checkpoint_dir=None, include=None)
 WEIGHTINGS = ("simple", "size")  # the averages the paper trains against (macs is report-only)
+INITS = ("low", "target")  # where the offsets start (dmx.assign.offset_for_bits for target)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -100,9 +102,11 @@ def _resume_command(config: dict, out, ckpt_dir, explicit_ckpt_dir: bool) -> str
     for f in config["calib"]:
         flags += ["--calib", f]
     for key in ("seqlen", "samples", "steps", "batch_size", "lr", "seed", "weighting", "delay",
-                "t_start", "t_end", "lam"):
-        if config[key] != DEFAULTS[key]:
+                "t_start", "t_end", "lam", "init"):
+        if config.get(key, DEFAULTS[key]) != DEFAULTS[key]:
             flags += ["--" + key.replace("_", "-"), str(config[key])]
+    if not config.get("fill_budget", True):
+        flags.append("--no-fill-budget")
     for pattern in config.get("include") or ():
         flags += ["--include", pattern]
     for key in ("weights_only", "distill"):
@@ -117,6 +121,7 @@ def _resume_command(config: dict, out, ckpt_dir, explicit_ckpt_dir: bool) -> str
 def search(model_dir, target_bits, ladder="fp8-fp4", weights_only=False, calib=None,
            seqlen=2048, samples=None, steps=400, batch_size=8, lr=1.0, device="cpu", seed=0,
            out=None, force=False, distill=False, weighting="simple", checkpoint_every=50,
+           init="low", fill_budget=True,
            resume=False, delay=0.6, t_start=0.4, t_end=20.0, lam=5.0, checkpoint_dir=None,
            include=None, progress=True, callback=None) -> dict:
     """Run a dMX search and write OUT; returns a summary dict (formats, achieved bits, ...).
@@ -125,9 +130,14 @@ def search(model_dir, target_bits, ladder="fp8-fp4", weights_only=False, calib=N
     windows of ``seqlen`` tokens (default steps x batch size, one epoch as in the reference,
     capped by the text). ``callback(step, record)`` runs after every step. Raises
     DMXError on bad input and :class:`dmx.train.SearchInterrupted` on Ctrl-C (after saving
-    a checkpoint).
+    a checkpoint). ``init``: offsets start at the low rung (the reference) or, "target",
+    where the soft average equals ``target_bits``. ``fill_budget``: after the hard
+    assignment, promote the units nearest to the next rung while the average stays <=
+    target (dmx.assign; units over the target are always demoted).
     """
     t0 = time.time()
+    if init not in INITS:
+        raise DMXError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
     lad = _check_args(target_bits, ladder, steps, batch_size, lr, seqlen, samples,
                       checkpoint_every, weighting, delay, t_start, t_end, lam, device)
     from dmx.checkpoint import (check_same_config, default_checkpoint_dir, load_checkpoint,
@@ -143,7 +153,7 @@ def search(model_dir, target_bits, ladder="fp8-fp4", weights_only=False, calib=N
     import torch
 
     from dmx import data
-    from dmx.layers import hard_assignment, wrap_model
+    from dmx.layers import dmx_parameters, hard_assignment, wrap_model
     from dmx.penalty import average_bits
     from dmx.train import TrainConfig, train_offsets
 
@@ -160,7 +170,7 @@ def search(model_dir, target_bits, ladder="fp8-fp4", weights_only=False, calib=N
               "batch_size": int(batch_size), "lr": float(lr), "seed": int(seed),
               "distill": bool(distill), "weighting": weighting, "delay": float(delay),
               "t_start": float(t_start), "t_end": float(t_end), "lam": float(lam),
-              "include": list(include) if include else None}
+              "include": list(include) if include else None, "init": init}
     resume_state = None
     if resume:
         resume_state = load_checkpoint(ckpt_dir)
@@ -173,6 +183,13 @@ def search(model_dir, target_bits, ladder="fp8-fp4", weights_only=False, calib=N
         p.requires_grad_(False)  # only the offsets learn
     model.eval()  # no dropout; wrap_model's DMXLinears are switched to train mode by the loop
     layers = wrap_model(model, lad, include=include, quantize_activations=not weights_only)
+    if init == "target":  # wrap_model put them on the low rung
+        from dmx.assign import offset_for_bits
+
+        start = offset_for_bits(lad, float(target_bits), float(t_start))
+        with torch.no_grad():
+            for p in dmx_parameters(model):
+                p.fill_(start)
 
     cfg = TrainConfig(target_bits=float(target_bits), steps=int(steps),
                       batch_size=int(batch_size), lr=float(lr), lam=float(lam),
@@ -193,6 +210,10 @@ def search(model_dir, target_bits, ladder="fp8-fp4", weights_only=False, calib=N
     for layer in layers.values():
         layer.hard = True  # deploy: every layer on its rung, bit-exact fake quantization
         layer.eval()
+    from dmx.assign import repair_layers
+
+    # the anneal can freeze the choice under (or a step over) the budget: fit it, then fill
+    repair = repair_layers(layers, lad, float(target_bits), weighting, fill=bool(fill_budget))
     formats = hard_assignment(model)
     act_formats = {n: (formats[n] if layers[n].quantize_input else None) for n in formats}
     with torch.no_grad():
@@ -203,8 +224,10 @@ def search(model_dir, target_bits, ladder="fp8-fp4", weights_only=False, calib=N
             "seed": int(seed), "wall_time_s": round(elapsed_before + time.time() - t0, 3),
             "search": {**{k: v for k, v in config.items() if k != "model"},
                                           "train_seconds": round(train_s, 3),
-                                          "achieved_bits": achieved, **summary}}
+                                          "achieved_bits": achieved,
+                                          "budget_repair": repair, **summary}}
     search_log = {"config": config, "achieved_bits": achieved, "formats": formats,
+                  "budget_repair": repair,
                   "steps": log}
     from dmx import io
 
@@ -217,7 +240,7 @@ def search(model_dir, target_bits, ladder="fp8-fp4", weights_only=False, calib=N
     return {"out": str(out), "formats": formats, "act_formats": act_formats,
             "achieved_bits": achieved, "target_bits": float(target_bits), "ladder": lad.name,
             "log": log, "train_seconds": train_s, "wall_seconds": time.time() - t0,
-            "model": model, **summary}
+            "model": model, "budget_repair": repair, **summary}
 
 
 def _log_summary(log: list[dict]) -> dict:
@@ -276,6 +299,14 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
                    help="starting anneal temperature, code units (default 0.4)")
     p.add_argument("--t-end", type=float, default=DEFAULTS["t_end"],
                    help="final anneal temperature, code units (default 20)")
+    p.add_argument("--init", choices=INITS, default=DEFAULTS["init"],
+                   help="where the offsets start: low (the low rung, as the reference; "
+                        "default) or target (the soft average at the target from step 0)")
+    p.add_argument("--fill-budget", action=argparse.BooleanOptionalAction,
+                   default=DEFAULTS["fill_budget"],
+                   help="after the hard assignment, promote the layers nearest to the next "
+                        "rung while the average stays <= target (default on; the budget is "
+                        "never exceeded either way)")
     p.add_argument("--checkpoint-every", type=int, default=DEFAULTS["checkpoint_every"],
                    help="steps between checkpoints (default 50; 0 = only on Ctrl-C)")
     p.add_argument("--checkpoint-dir", default=None,
@@ -333,4 +364,9 @@ def _print_result(result: dict) -> None:
     print(f"dmx search: {len(result['formats'])} layers -> {mix}")
     print(f"dmx search: average bits {a['simple']:.3f} (size-weighted {a['size_weighted']:.3f})"
           f", target {result['target_bits']:g}, ladder {result['ladder']}")
+    repair = result.get("budget_repair")
+    if repair and repair["moves"]:
+        moved = ", ".join(f"{m['unit']} {m['from']}->{m['to']}" for m in repair["moves"])
+        print(f"dmx search: budget repair ({repair['weighting']} average "
+              f"{repair['bits_before']:.3f} -> {repair['bits_after']:.3f}): {moved}")
     print(f"dmx search: wrote {result['out']} in {result['wall_seconds']:.1f} s")

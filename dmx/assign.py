@@ -1,0 +1,195 @@
+"""Budget-exact dMX assignments: where the offsets start, and the final budget repair.
+
+The hard assignment of a dMX search (every layer on the rung its offset selects) is not
+guaranteed to meet the budget: the hinge penalty is silent below the target, and the
+anneal freezes the choice wherever the offsets are when the temperature rises, so short
+runs end under the target (benchmarks/results/search_sweep.md), and the tail of the
+anneal can end a step over it. Two tools:
+
+* :func:`offset_for_bits` -- the raw offset whose *soft* format at a temperature has
+  exactly the requested element bits (``dmx search --init target``: the penalty is at
+  its boundary from step 0).
+* :func:`repair_assignment` -- after the hard assignment: *fit* (if the average exceeds
+  the target, demote the units whose offsets are closest to their lower boundary until
+  it fits) and, optionally, *fill* (promote the units whose offsets are closest to their
+  upper boundary while the average stays <= target). A unit is a fused group (q/k/v,
+  gate/up: they move together, :func:`dmx.baseline.fused_units`) or a single linear.
+  The average is :func:`dmx.io.average_bits_of` (dmx.penalty's definitions) with the
+  weighting the penalty used. The ranking is the search's own: the learned offsets.
+  Fill uses the rule of the KL baseline (:func:`dmx.baseline.greedy_promote`: in rank
+  order, every unit that still fits), so the two differ only in the ranking.
+"""
+from __future__ import annotations
+
+import math
+
+from dmx.errors import DMXError
+
+__all__ = ["offset_for_bits", "repair_assignment", "repair_layers", "set_offsets"]
+
+_EPS = 1e-6  # "average <= target" up to float32 rounding (dmx.penalty averages in float32)
+_KEYS = {"simple": "simple", "size": "size_weighted"}
+
+
+def offset_for_bits(ladder, bits: float, temperature: float) -> float:
+    """Raw offset b_hat whose soft format at ``temperature`` (code units) has ``bits``
+    element bits, clamped to the ladder's positions (the soft map never reaches the end
+    rungs exactly: a target at or below the low rung's soft bits gives the low rung)."""
+    import torch
+
+    from dmx.anneal import anneal_map
+    from dmx.ladders import get_ladder
+
+    lad = get_ladder(ladder)
+    bits = float(bits)
+    if not math.isfinite(bits):
+        raise DMXError(f"offset_for_bits: bits must be a finite number, got {bits!r}")
+
+    def soft_bits(b_hat: float) -> float:
+        b = anneal_map(torch.tensor(b_hat, dtype=torch.float64), temperature, lad)
+        return float(lad.element_bits(b))
+
+    lo, hi = lad.low.position, lad.high.position
+    if bits <= soft_bits(lo):
+        return lo
+    if bits >= soft_bits(hi):
+        return hi
+    for _ in range(60):  # bisection: the soft bits increase monotonically with b_hat
+        mid = 0.5 * (lo + hi)
+        if soft_bits(mid) < bits:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def _unit_label(unit: tuple[str, ...]) -> str:
+    from dmx.layers import fused_key
+
+    return (fused_key(unit[0]) or unit[0]) if len(unit) > 1 else unit[0]
+
+
+def repair_assignment(formats: dict, offsets: dict, shapes: dict, ladder, target: float,
+                      weighting: str = "simple", quantize_input=True,
+                      fill: bool = True) -> dict:
+    """Move whole units between rungs so that the average bits are <= ``target`` and,
+    with ``fill``, as close to it as the ranking allows.
+
+    ``formats``: {name: format key} (the hard assignment); ``offsets``: {name: raw offset}
+    (tied layers have the same one); ``shapes``: {name: (out, in)}; ``quantize_input``:
+    a bool for all layers or {name: bool} (a layer whose input is quantized counts in the
+    activation average, as in dmx.penalty). Returns ``{"formats", "moves", "bits_before",
+    "bits_after", "target", "weighting", "fill"}``; ``moves`` lists
+    ``{"unit", "layers", "offset", "from", "to", "step": "fit"|"fill"}`` in order.
+    The fit step ranks by distance above the unit's lower boundary (smallest first), the
+    fill step by distance below its upper boundary (smallest first; after a move on a
+    ladder with a middle rung, the unit competes again with its next boundary); ties keep
+    model order. A unit demoted to fit is not promoted again by fill.
+    """
+    from dmx.baseline import fused_units
+    from dmx.io import average_bits_of
+    from dmx.ladders import get_ladder
+
+    lad = get_ladder(ladder)
+    if weighting not in _KEYS:
+        raise DMXError(f"weighting must be one of {', '.join(_KEYS)}, got {weighting!r}")
+    target = float(target)
+    if not (math.isfinite(target) and lad.low.bits <= target <= lad.high.bits):
+        raise DMXError(f"target {target} is outside ladder {lad.name} "
+                       f"([{lad.low.bits}, {lad.high.bits}] bits)")
+    missing = set(formats) - set(offsets) or set(formats) - set(shapes)
+    if missing:
+        raise DMXError(f"repair_assignment: no offset or shape for {sorted(missing)[:3]}")
+    rung_of = {r.fmt: i for i, r in enumerate(lad.rungs)}
+    quant_in = (quantize_input if isinstance(quantize_input, dict)
+                else {n: bool(quantize_input) for n in formats})
+    units = fused_units(list(formats))
+    level, offset = {}, {}
+    for u in units:
+        fmts = {formats[n] for n in u}
+        offs = {float(offsets[n]) for n in u}
+        if len(fmts) != 1 or len(offs) != 1:
+            raise DMXError(f"repair_assignment: the tied layers {', '.join(u)} have different "
+                           f"formats or offsets")
+        fmt = fmts.pop()
+        if fmt not in rung_of:
+            raise DMXError(f"repair_assignment: {u[0]} is in {fmt}, not a rung of ladder "
+                           f"{lad.name}")
+        level[u], offset[u] = rung_of[fmt], offs.pop()
+    # the hard map's decision boundaries: the midpoints between neighbouring rungs
+    bounds = [0.5 * (a.position + b.position) for a, b in zip(lad.rungs, lad.rungs[1:])]
+    key = _KEYS[weighting]
+
+    def avg(lv: dict) -> float:
+        fm = {n: lad.rungs[lv[u]].fmt for u in units for n in u}
+        acts = {n: (f if quant_in.get(n, True) else None) for n, f in fm.items()}
+        return average_bits_of(fm, acts, shapes)[key]
+
+    def move(u, to: int, step: str):
+        moves.append({"unit": _unit_label(u), "layers": list(u), "offset": offset[u],
+                      "from": lad.rungs[level[u]].fmt, "to": lad.rungs[to].fmt,
+                      "step": step})
+        level[u] = to
+
+    moves: list[dict] = []
+    before = avg(level)
+    current = before
+    demoted = set()
+    # fit: one rung down at a time, the unit nearest to its lower boundary first
+    while current > target + _EPS:
+        u = min((u for u in units if level[u] > 0),
+                key=lambda u: offset[u] - bounds[level[u] - 1])
+        move(u, level[u] - 1, "fit")
+        demoted.add(u)
+        current = avg(level)
+    # fill: one rung up at a time, the unit nearest to its upper boundary first, every
+    # move that still fits (a move that does not fit never will: the average only grows)
+    blocked = set(demoted)
+    while fill:
+        ranked = sorted((u for u in units if level[u] < len(bounds) and u not in blocked),
+                        key=lambda u: bounds[level[u]] - offset[u])
+        for u in ranked:
+            bits = avg({**level, u: level[u] + 1})
+            if bits <= target + _EPS:
+                move(u, level[u] + 1, "fill")
+                current = bits
+                break
+            blocked.add(u)
+        else:
+            break
+    new = {n: lad.rungs[level[u]].fmt for u in units for n in u}
+    return {"formats": new, "moves": moves, "bits_before": before, "bits_after": current,
+            "target": target, "weighting": weighting, "fill": bool(fill)}
+
+
+def set_offsets(layers: dict, formats: dict) -> list[str]:
+    """Put the offset of every DMXLinear whose hard format differs from ``formats[name]``
+    on that rung's position, so that the wrapped model (its forward, hard_assignment,
+    dmx.penalty.average_bits) deploys the repaired assignment. Returns the moved names."""
+    import torch
+
+    moved = [n for n, layer in layers.items() if layer.hard_format() != formats[n]]
+    with torch.no_grad():
+        for name in moved:
+            layer = layers[name]
+            rung = next((r for r in layer.ladder.rungs if r.fmt == formats[name]), None)
+            if rung is None:
+                raise DMXError(f"set_offsets: {formats[name]} is not a rung of ladder "
+                               f"{layer.ladder.name}")
+            layer.offset.fill_(rung.position)  # tied layers share this Parameter
+    return moved
+
+
+def repair_layers(layers: dict, ladder, target: float, weighting: str = "simple",
+                  fill: bool = True) -> dict:
+    """:func:`repair_assignment` on the wrapped layers of a finished search (their current
+    hard formats and raw offsets), applied with :func:`set_offsets`; returns its result
+    without the formats (read them back with dmx.layers.hard_assignment)."""
+    formats = {n: layer.hard_format() for n, layer in layers.items()}
+    offsets = {n: float(layer.offset.detach()) for n, layer in layers.items()}
+    shapes = {n: (layer.out_features, layer.in_features) for n, layer in layers.items()}
+    quant_in = {n: layer.quantize_input for n, layer in layers.items()}
+    result = repair_assignment(formats, offsets, shapes, ladder, target, weighting, quant_in,
+                               fill)
+    set_offsets(layers, result["formats"])
+    return {k: v for k, v in result.items() if k != "formats"}
