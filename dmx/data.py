@@ -2,8 +2,9 @@
 
 Public API (all errors are one-line :class:`dmx.errors.DMXError`):
 
-* ``load_model_and_tokenizer(model_dir, device="cpu", dtype=None) -> (model, tokenizer)``:
-  a local Hugging Face causal LM in eval mode (``dtype`` None = the checkpoint's dtype).
+* ``load_model_and_tokenizer(model_dir, device="cpu", dtype=None, device_map=None)
+  -> (model, tokenizer)``: a local Hugging Face causal LM in eval mode (``dtype`` None =
+  the checkpoint's dtype; ``device_map`` e.g. "auto": placed over the GPUs by accelerate).
 * ``load_tokenizer(model_dir)`` / ``check_causal_lm_dir(model_dir) -> config``.
 * ``calibration_windows(tokenizer, files, seqlen, samples, seed) -> LongTensor [n, seqlen]``:
   the files concatenated, tokenized whole, ``samples`` distinct non-overlapping windows
@@ -90,27 +91,63 @@ def load_tokenizer(model_dir):
     return tokenizer
 
 
-def load_model(model_dir, device="cpu", dtype=None):
-    """A local causal LM in eval mode on ``device`` (``dtype`` None = the checkpoint's)."""
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _check_device_map(device_map) -> None:
+    """accelerate must be there, and the map one of from_pretrained's names or a dict."""
+    if not (isinstance(device_map, dict) or device_map in DEVICE_MAPS):
+        raise DMXError(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, got "
+                       f"{device_map!r}")
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise DMXError("--device-map needs the accelerate package: pip install accelerate "
+                       "(or pip install 'dmx[multigpu]')") from None
+
+
+def _check_no_offload(model, model_dir) -> None:
+    """dmx reads every linear's weight directly (fake quantization), so accelerate's CPU or
+    disk offload (weights on the meta device, loaded by hooks) cannot work: refuse it."""
+    placed = {str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}
+    if "disk" in placed or any(p.device.type == "meta" for p in model.parameters()) or (
+            "cpu" in placed and len(placed) > 1):
+        raise DMXError(f"--model {model_dir}: does not fit the GPUs (device map uses "
+                       f"{', '.join(sorted(placed))}); dmx cannot work on weights offloaded "
+                       f"to CPU or disk: use more or larger GPUs")
+
+
+def load_model(model_dir, device="cpu", dtype=None, device_map=None):
+    """A local causal LM in eval mode on ``device`` (``dtype`` None = the checkpoint's).
+    ``device_map`` (e.g. "auto"): placed by accelerate over the visible GPUs (the CPU when
+    there are none) instead of moved to ``device``; CPU/disk offload is refused."""
     check_causal_lm_dir(model_dir)
     _quiet_transformers()
     from transformers import AutoModelForCausalLM
+    placement = {}
+    if device_map is not None:
+        _check_device_map(device_map)
+        placement = {"device_map": device_map}
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir),
-                                                     dtype="auto" if dtype is None else dtype)
+                                                     dtype="auto" if dtype is None else dtype,
+                                                     **placement)
     except Exception as err:
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DMXError(f"--model {model_dir}: not loadable as a causal LM "
                        f"(AutoModelForCausalLM: {msg})") from None
+    if device_map is not None:
+        _check_no_offload(model, model_dir)
+        return model.eval()
     return model.to(device).eval()
 
 
-def load_model_and_tokenizer(model_dir, device="cpu", dtype=None):
+def load_model_and_tokenizer(model_dir, device="cpu", dtype=None, device_map=None):
     """(model in eval mode on ``device``, tokenizer) of a local causal-LM directory
     (the tokenizer first: it is quick, and a missing one fails before the weights load)."""
     check_causal_lm_dir(model_dir)
     tokenizer = load_tokenizer(model_dir)
-    return load_model(model_dir, device, dtype), tokenizer
+    return load_model(model_dir, device, dtype, device_map), tokenizer
 
 
 def read_text(files) -> str:

@@ -15,8 +15,9 @@ WEIGHTINGS = ("simple", "size", "macs")
 
 
 def _weighted_mean(bits: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    w = torch.tensor(weights, dtype=torch.float32, device=bits[0].device)
-    return (torch.stack([b.float() for b in bits]) * w).sum() / w.sum()
+    dev = bits[0].device  # with --device-map the layers (and offsets) span devices
+    w = torch.tensor(weights, dtype=torch.float32, device=dev)
+    return (torch.stack([b.float().to(dev) for b in bits]) * w).sum() / w.sum()
 
 
 def average_bits(layers: dict, weighting: str = "simple") -> torch.Tensor:

@@ -10,6 +10,10 @@ assignment) and writes OUT through dmx.io.write_out. Checkpoints go to OUT.parti
 Ctrl-C saves one and prints the ``--resume`` command.
 
 Programmatic use: :func:`search` (same options as keyword arguments) returns a result dict.
+
+Scale-out: under ``torchrun`` the search is data parallel (dmx.distributed: ``--batch-size``
+is the global batch, split over the processes; rank 0 writes checkpoints and OUT);
+``--device-map auto`` spreads one model over the GPUs of one process (accelerate).
 """
 from __future__ import annotations
 
@@ -31,7 +35,8 @@ DEFAULTS = dict(ladder="fp8-fp4", weights_only=False, calib=None, seqlen=2048, s
                 steps=400, batch_size=8, lr=1.0, device="cpu", seed=0, force=False,
                 distill=False, weighting="simple", checkpoint_every=50, resume=False,
                 init="low", fill_budget=True,
-                delay=0.6, t_start=0.4, t_end=20.0, lam=5.0, checkpoint_dir=None, include=None)
+                delay=0.6, t_start=0.4, t_end=20.0, lam=5.0, checkpoint_dir=None, include=None,
+                device_map=None)
 WEIGHTINGS = ("simple", "size")  # the averages the paper trains against (macs is report-only)
 INITS = ("low", "target")  # where the offsets start (dmx.assign.offset_for_bits for target)
 
@@ -123,7 +128,7 @@ def search(model_dir, target_bits, ladder="fp8-fp4", weights_only=False, calib=N
            out=None, force=False, distill=False, weighting="simple", checkpoint_every=50,
            init="low", fill_budget=True,
            resume=False, delay=0.6, t_start=0.4, t_end=20.0, lam=5.0, checkpoint_dir=None,
-           include=None, progress=True, callback=None) -> dict:
+           include=None, progress=True, callback=None, device_map=None) -> dict:
     """Run a dMX search and write OUT; returns a summary dict (formats, achieved bits, ...).
 
     ``calib``: text files (default: the embedded wiki.valid.raw). ``samples``: calibration
@@ -133,21 +138,28 @@ def search(model_dir, target_bits, ladder="fp8-fp4", weights_only=False, calib=N
     a checkpoint). ``init``: offsets start at the low rung (the reference) or, "target",
     where the soft average equals ``target_bits``. ``fill_budget``: after the hard
     assignment, promote the units nearest to the next rung while the average stays <=
-    target (dmx.assign; units over the target are always demoted).
+    target (dmx.assign; units over the target are always demoted). ``device_map``
+    ("auto", ...): place the model with accelerate over the GPUs instead of on ``device``.
+    Under torchrun (``WORLD_SIZE`` > 1) every process runs its share of each step's
+    ``batch_size`` windows and only rank 0 writes (dmx.distributed).
     """
     t0 = time.time()
     if init not in INITS:
         raise DMXError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
     lad = _check_args(target_bits, ladder, steps, batch_size, lr, seqlen, samples,
                       checkpoint_every, weighting, delay, t_start, t_end, lam, device)
+    from dmx import distributed
+
+    dctx = distributed.setup(device, batch_size=int(batch_size), device_map=device_map)
+    device = dctx.device  # cuda:LOCAL_RANK under torchrun
     from dmx.checkpoint import (check_same_config, default_checkpoint_dir, load_checkpoint,
                                 save_checkpoint)
 
     if out is None:
         raise DMXError("-o/--out is required: the directory to write the searched model to")
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(out)
-    _check_paths(model_dir, calib, out, force, resume, ckpt_dir)
-    if force and not resume and (ckpt_dir / "checkpoint.pt").is_file():
+    distributed.agree(dctx, _check_paths, model_dir, calib, out, force, resume, ckpt_dir)
+    if dctx.is_main and force and not resume and (ckpt_dir / "checkpoint.pt").is_file():
         (ckpt_dir / "checkpoint.pt").unlink()  # --force without --resume: start over
 
     import torch
@@ -173,16 +185,19 @@ def search(model_dir, target_bits, ladder="fp8-fp4", weights_only=False, calib=N
               "include": list(include) if include else None, "init": init}
     resume_state = None
     if resume:
-        resume_state = load_checkpoint(ckpt_dir)
+        resume_state = distributed.on_main(dctx, load_checkpoint, ckpt_dir, broadcast=True)
         check_same_config(resume_state["config"], config, ckpt_dir / "checkpoint.pt")
 
-    model, tokenizer = data.load_model_and_tokenizer(model_dir, device=device)
-    windows = data.calibration_windows(tokenizer, calib_files, seqlen, samples, seed)
+    model, tokenizer = distributed.agree(dctx, data.load_model_and_tokenizer, model_dir,
+                                         device=device, device_map=device_map)
+    windows = distributed.agree(dctx, data.calibration_windows, tokenizer, calib_files, seqlen,
+                                samples, seed)  # the same windows on every rank
     windows = windows.to(model.device)
     for p in model.parameters():
         p.requires_grad_(False)  # only the offsets learn
     model.eval()  # no dropout; wrap_model's DMXLinears are switched to train mode by the loop
-    layers = wrap_model(model, lad, include=include, quantize_activations=not weights_only)
+    layers = distributed.agree(dctx, wrap_model, model, lad, include=include,
+                               quantize_activations=not weights_only)
     if init == "target":  # wrap_model put them on the low rung
         from dmx.assign import offset_for_bits
 
@@ -203,9 +218,12 @@ def search(model_dir, target_bits, ladder="fp8-fp4", weights_only=False, calib=N
         elapsed = elapsed_before + time.time() - run_start
         return save_checkpoint(ckpt_dir, {**state, "config": config, "elapsed_s": elapsed})
 
-    log = train_offsets(model, layers, windows, cfg, resume_state=resume_state, save=save,
-                        callback=callback, progress=progress)
+    log = train_offsets(model, layers, windows, cfg, resume_state=resume_state,
+                        save=save if dctx.is_main else None, callback=callback,
+                        progress=progress and dctx.is_main, dist=dctx)
     train_s = elapsed_before + time.time() - run_start
+    # the learned offsets (search_log.json), before anything below moves a unit to a rung
+    trained = {n: float(layer.offset.detach()) for n, layer in layers.items()}
 
     for layer in layers.values():
         layer.hard = True  # deploy: every layer on its rung, bit-exact fake quantization
@@ -229,11 +247,14 @@ def search(model_dir, target_bits, ladder="fp8-fp4", weights_only=False, calib=N
     search_log = {"config": config, "achieved_bits": achieved, "formats": formats,
                   "budget_repair": repair,
                   "steps": log}
+    search_log["offsets"] = trained
     from dmx import io
 
-    io.write_out(out, model, formats, act_formats, model_dir, meta, force,
-                 extra_files={SEARCH_LOG_NAME: json.dumps(search_log, indent=1)})
-    if checkpoint_dir is None:
+    distributed.on_main(dctx, io.write_out, out, model, formats, act_formats, model_dir, meta,
+                        force, extra_files={SEARCH_LOG_NAME: json.dumps(search_log, indent=1)})
+    if not dctx.is_main:
+        pass  # rank 0 wrote OUT and removes the checkpoint
+    elif checkpoint_dir is None:
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # the search is done: OUT replaces it
     else:
         (ckpt_dir / "checkpoint.pt").unlink(missing_ok=True)
@@ -284,6 +305,9 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"],
                    help="SGD learning rate of the offsets (default 1.0)")
     p.add_argument("--device", default=DEFAULTS["device"], help="cpu (default) or cuda")
+    p.add_argument("--device-map", default=None, choices=("auto", "balanced", "sequential"),
+                   help="spread the model over the GPUs with accelerate (for models that do "
+                        "not fit one GPU; overrides --device; not with torchrun)")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"],
                    help="seed of the calibration windows and batch order (default 0)")
     p.add_argument("--distill", action="store_true",
@@ -322,28 +346,43 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_search(args) -> int:
     """The `dmx search` command: 0 done, 2 bad input (one line, no traceback), 130 Ctrl-C."""
+    from dmx import distributed
     from dmx.train import SearchInterrupted
 
     kwargs = {k: getattr(args, k) for k in DEFAULTS if hasattr(args, k)}
+    main = distributed.is_main_process()  # under torchrun only rank 0 prints
     try:
         result = search(args.model, args.target_bits, out=args.out,
                         progress=not getattr(args, "no_progress", False), **kwargs)
     except SearchInterrupted as stop:
         cfg = _config_from_args(args)
         ckpt_dir = stop.checkpoint.parent if hasattr(stop.checkpoint, "parent") else ""
+        command = _resume_command(cfg, args.out, ckpt_dir, bool(args.checkpoint_dir))
+        for flag in ("device", "device_map"):  # where it ran: not settings, but needed
+            if getattr(args, flag, None) not in (None, DEFAULTS["device"]):
+                command += f" --{flag.replace('_', '-')} {shlex.quote(getattr(args, flag))}"
+        world = distributed.env_world()[0]
+        if world > 1:  # any number of processes can resume it (the batch is global)
+            command = f"torchrun --standalone --nproc-per-node {world} -m " + command
         print(f"dmx search: interrupted after step {stop.step}; checkpoint saved to "
-              f"{stop.checkpoint}. Continue with:\n  "
-              f"{_resume_command(cfg, args.out, ckpt_dir, bool(args.checkpoint_dir))}",
-              file=sys.stderr)
+              f"{stop.checkpoint}. Continue with:\n  {command}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:  # before the first step or while OUT was being written
-        print("dmx search: interrupted; OUT was not written (a checkpoint, if any, is in "
-              f"{args.checkpoint_dir or str(args.out) + '.partial'})", file=sys.stderr)
+        if main:
+            print("dmx search: interrupted; OUT was not written (a checkpoint, if any, is in "
+                  f"{args.checkpoint_dir or str(args.out) + '.partial'})", file=sys.stderr)
         return 130
     except DMXError as err:
-        print(f"dmx search: error: {err}", file=sys.stderr)
+        # once the process group is up every rank fails with the same message
+        # (dmx.distributed.agree) and rank 0 says it; before that each says its own
+        if main or not distributed.ready():
+            where = "" if main else f" (rank {distributed.env_rank()})"
+            print(f"dmx search: error{where}: {err}", file=sys.stderr)
         return 2
-    _print_result(result)
+    finally:
+        distributed.teardown()
+    if main:
+        _print_result(result)
     return 0
 
 

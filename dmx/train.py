@@ -111,17 +111,35 @@ def _forward_logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, use_cache=False).logits
 
 
+def _data_parallel_loss(dist, loss, ce, kl, penalty, share):
+    """This rank's part of the global loss: its CE (+ KL) weighted by its share of the
+    batch, the penalty on rank 0 only (counted once), so the gradients summed over the
+    ranks are those of the single-process loss. Also returns the global CE and KL (the
+    logged values, the same on every rank)."""
+    from dmx.distributed import reduce_sum
+
+    local = loss.float() * share
+    if dist.is_main:
+        local = local + penalty.to(local.device)
+    sums = reduce_sum(dist, [ce.detach() * share] + ([] if kl is None else
+                                                      [kl.detach() * share]))
+    return local, sums[0], (sums[1] if kl is not None else None)
+
+
 def train_offsets(model, layers: dict, windows: torch.Tensor, cfg: TrainConfig,
                   resume_state: dict | None = None,
                   save: Callable[[dict], object] | None = None,
                   callback: Callable[[int, dict], None] | None = None,
-                  progress: bool = True) -> list[dict]:
+                  progress: bool = True, dist=None) -> list[dict]:
     """Run steps [start, cfg.steps) and return the per-step log (from step 0 on resume).
 
     ``windows``: LongTensor [n, seqlen] of token ids (on the model's device).
     ``save(state)``: writes a checkpoint; called every ``cfg.checkpoint_every`` steps and on
     Ctrl-C (then :class:`SearchInterrupted` is raised). ``callback(step, record)`` runs after
     each finished step (tests use it to interrupt a run).
+    ``dist``: a :class:`dmx.distributed.DistContext` for data parallel training (torchrun):
+    each rank runs its slice of every step's global batch and the gradients are summed
+    over the ranks (see dmx.distributed); None or a single process: the plain loop.
     """
     params = dmx_parameters(model)
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
@@ -149,7 +167,7 @@ def train_offsets(model, layers: dict, windows: torch.Tensor, cfg: TrainConfig,
     step = start
     try:
         while step < cfg.steps:
-            record = _train_step(model, layers, windows, cfg, optimizer, schedule, step)
+            record = _train_step(model, layers, windows, cfg, optimizer, schedule, step, dist)
             log.append(record)
             step += 1
             bar.update(1)
@@ -173,10 +191,14 @@ def train_offsets(model, layers: dict, windows: torch.Tensor, cfg: TrainConfig,
     return log
 
 
-def _train_step(model, layers, windows, cfg: TrainConfig, optimizer, schedule, step) -> dict:
+def _train_step(model, layers, windows, cfg: TrainConfig, optimizer, schedule, step,
+                dist=None) -> dict:
     T = schedule.at(step)
     set_temperature(model, T)
     ids = windows[batch_indices(cfg.seed, step, windows.shape[0], cfg.batch_size)]
+    parallel = dist is not None and dist.enabled
+    if parallel:  # this rank's slice of the global batch, and its share of it
+        ids, share = dist.rank_slice(ids, cfg.batch_size)
     kl = None
     if cfg.distill:
         with torch.no_grad(), quantization_bypassed(layers):
@@ -189,12 +211,20 @@ def _train_step(model, layers, windows, cfg: TrainConfig, optimizer, schedule, s
         loss = loss + kl
     avg = average_bits(layers, cfg.weighting)  # float32 whatever the model dtype
     penalty = hinge_penalty(avg, cfg.target_bits, cfg.lam)
-    loss = loss.float() + penalty
-    value = float(loss.detach())
+    if parallel:
+        loss, ce, kl = _data_parallel_loss(dist, loss, ce, kl, penalty, share)
+        value = float((ce + kl if kl is not None else ce).float() + penalty.detach().to(ce.device))
+    else:
+        loss = loss.float() + penalty.to(loss.device)  # .to: --device-map spreads the layers
+        value = float(loss.detach())
     if not math.isfinite(value):
         raise DMXError(f"the loss became {value} at step {step}; try a smaller --lr")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if parallel:
+        from dmx.distributed import all_reduce_grads
+
+        all_reduce_grads(dist, optimizer.param_groups[0]["params"])
     optimizer.step()
     return {"step": step, "T": T, "loss": value, "ce": float(ce.detach()),
             "kl": None if kl is None else float(kl.detach()), "penalty": float(penalty.detach()),

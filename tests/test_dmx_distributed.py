@@ -1,0 +1,292 @@
+"""`dmx search` scale-out: data parallel under torchrun (gloo on CPU, two processes) and
+``--device-map auto`` (accelerate; on this CPU-only machine everything lands on the CPU).
+
+The data-parallel run must give the offsets, the format assignment and the OUT manifest of
+one process with the same global batch (``--batch-size`` is global: each rank runs its
+half of every step's windows, its CE weighted by its share, the penalty on rank 0 only,
+gradients summed over the ranks).
+
+Settings: the real stories260K checkpoint (tests/data), ``--lr 3`` for 4 steps. The dMX
+loss is rough in the offsets (the soft quantizer's emax = floor(log2 maxval) jumps), so
+with large steps (``--lr 30``) a last-bit difference in a gradient can grow to whole
+units within three steps, in one process as much as in two (it is the same sensitivity
+as between thread counts or devices). At lr 3 the runs agree to ~1e-7 of the largest
+offset, which is what these tests hold them to.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from dmx.cli import main  # noqa: E402
+from dmx.distributed import DistContext  # noqa: E402
+from dmx.search import SEARCH_LOG_NAME, search  # noqa: E402
+from dmx.train import SearchInterrupted  # noqa: E402
+
+MODEL = Path(__file__).resolve().parent / "data" / "stories260K-hf"
+WIKI = Path(__file__).resolve().parents[1] / "dmx" / "data" / "wikitext-2-raw" / "wiki.valid.raw"
+pytestmark = pytest.mark.skipif(not (MODEL / "model.safetensors").is_file() or not WIKI.is_file(),
+                                reason="needs tests/data/stories260K-hf and the embedded wiki text")
+
+TARGET = 5.0  # above the all-MXFP4 start: the budget repair's fill gives a mixed assignment
+KW = dict(seqlen=32, samples=12, steps=4, batch_size=4, lr=3.0)
+
+
+def _flags(calib, out, **extra) -> list[str]:
+    argv = ["search", "--model", str(MODEL), "--target-bits", str(TARGET), "--calib", str(calib),
+            "--no-progress", "-o", str(out)]
+    for key, value in {**KW, **extra}.items():
+        argv += ["--" + key.replace("_", "-"), str(value)]
+    return argv
+
+
+def _clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["DMX_DIST_TIMEOUT"] = "120"  # a broken test fails in minutes, not half an hour
+    env.update(extra)
+    return env
+
+
+def _torchrun(argv, nproc=2, timeout=300) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node N -m dmx ARGV`` (gloo: CPU)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "dmx", *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env=_clean_env())
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(WIKI.read_text(encoding="utf-8")[:8000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(calib, tmp_path_factory):
+    """One process, global batch 4."""
+    out = tmp_path_factory.mktemp("ref") / "out"
+    result = search(MODEL, TARGET, calib=[calib], out=out, progress=False, **KW)
+    return out, result
+
+
+def _offsets(out) -> dict:
+    return json.loads((Path(out) / SEARCH_LOG_NAME).read_text())["offsets"]
+
+
+def _assert_same_search(got_out, ref_out):
+    """Offsets, formats and manifest of two searches that ran the same global batches."""
+    ref_log = json.loads((ref_out / SEARCH_LOG_NAME).read_text())
+    got_log = json.loads((got_out / SEARCH_LOG_NAME).read_text())
+    assert got_log["formats"] == ref_log["formats"]  # the hard assignment: exactly equal
+    # Offsets: float32 values as JSON floats (exact). Not bit-equal: the sum of the two
+    # ranks' share-weighted half-batch gradients rounds differently from one mean over the
+    # batch (and a batch of 2 runs other matmul blockings than a batch of 4), a few ulp
+    # per step. Measured: 1e-7 of the largest offset after 4 steps; allowed: 1e-6.
+    names = sorted(ref_log["offsets"])
+    ref = torch.tensor([ref_log["offsets"][n] for n in names], dtype=torch.float64)
+    got = torch.tensor([got_log["offsets"][n] for n in names], dtype=torch.float64)
+    scale = float(ref.abs().max())
+    assert scale > 0.5  # the offsets really moved (from 0)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6 * scale)
+    # the logged values are the global means: per-step loss and CE of the whole batch
+    for a, b in zip(got_log["steps"], ref_log["steps"], strict=True):
+        for key in ("loss", "ce", "penalty", "avg_bits", "hard_bits", "T"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-6), (a["step"], key)
+    # the manifest: identical but for times and the final loss values (as above)
+    ref_m = json.loads((ref_out / "dmx_manifest.json").read_text())
+    got_m = json.loads((got_out / "dmx_manifest.json").read_text())
+    assert got_m["layers"] == ref_m["layers"]  # formats, shapes, sha256 of the packed bytes
+    assert got_m["avg_bits"] == ref_m["avg_bits"]
+    volatile = {"created", "wall_time_s", "search"}
+    assert {k: v for k, v in got_m.items() if k not in volatile} == \
+        {k: v for k, v in ref_m.items() if k not in volatile}
+    for key, value in ref_m["search"].items():
+        if key != "train_seconds":
+            _assert_close_tree(got_m["search"][key], value, key)
+
+
+def _assert_close_tree(got, ref, where):
+    """Equal JSON trees, floats (losses, offsets) within the tolerance discussed above."""
+    if isinstance(ref, float):
+        assert got == pytest.approx(ref, rel=1e-6, abs=1e-6), where
+    elif isinstance(ref, dict):
+        assert sorted(got) == sorted(ref), where
+        for key in ref:
+            _assert_close_tree(got[key], ref[key], f"{where}.{key}")
+    elif isinstance(ref, list):
+        assert len(got) == len(ref), where
+        for i, (g, r) in enumerate(zip(got, ref)):
+            _assert_close_tree(g, r, f"{where}[{i}]")
+    else:
+        assert got == ref, where
+
+
+def test_torchrun_two_processes_match_one_process(reference, calib, tmp_path):
+    ref_out, _ = reference
+    out = tmp_path / "dist"
+    proc = _torchrun(_flags(calib, out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_same_search(out, ref_out)
+    assert not Path(str(out) + ".partial").exists()  # rank 0 removed its checkpoint
+    assert proc.stdout.count("dmx search: wrote") == 1  # only rank 0 reports
+
+
+def test_torchrun_resumes_a_checkpoint(reference, calib, tmp_path):
+    """Interrupted after step 2 in one process, finished by two: the same search."""
+    ref_out, _ = reference
+    out = tmp_path / "resumed"
+
+    def stop(step, record):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(SearchInterrupted):
+        search(MODEL, TARGET, calib=[calib], out=out, progress=False, callback=stop, **KW)
+    proc = _torchrun(_flags(calib, out) + ["--resume"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_same_search(out, ref_out)
+    assert len(json.loads((out / SEARCH_LOG_NAME).read_text())["steps"]) == KW["steps"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_bad_input_under_torchrun_env_is_one_line_on_rank_0(calib, tmp_path):
+    """Both ranks stop (no hang) with exit 2; rank 0 alone prints the one line. The two
+    workers are started the way torchrun starts them (its environment variables), which
+    shows each worker's own exit code and stderr."""
+    out = tmp_path / "out"
+    out.mkdir()  # exists, no --force
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, "-m", "dmx", *_flags(calib, out)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=_clean_env(WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r),
+                                             MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+             for r in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], results
+    err0 = [ln for ln in results[0][1].splitlines() if ln.strip()]
+    assert len(err0) == 1 and "--force" in err0[0] and err0[0].startswith("dmx search: error"), \
+        results[0][1]
+    assert results[1][1].strip() == "", results[1][1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing written
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "MASTER_ADDR"),
+    ({"WORLD_SIZE": "2"}, "RANK"),
+    ({"WORLD_SIZE": "two", "RANK": "0"}, "WORLD_SIZE"),
+    ({"WORLD_SIZE": "2", "RANK": "5"}, "RANK=5"),
+    ({"WORLD_SIZE": "8", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"},
+     "--batch-size 4 is smaller than the 8 processes"),
+])
+def test_torchrun_env_without_process_group_is_one_line(calib, tmp_path, capsys,
+                                                        monkeypatch, env, needle):
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "out"
+    assert main(_flags(calib, out)) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "error" in lines[0] and needle in lines[0], lines
+    assert not out.exists()
+
+
+def test_peer_that_never_comes_times_out_with_one_line(calib, tmp_path, capsys, monkeypatch):
+    """Rank 0 of 2 with a reachable store but no rank 1: DMX_DIST_TIMEOUT, then one line."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("DMX_DIST_TIMEOUT", "2")
+    out = tmp_path / "out"
+    assert main(_flags(calib, out)) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "cannot start the gloo process group" in lines[0], lines
+    assert not out.exists()
+
+
+def test_two_ranks_gradients_sum_to_the_one_process_gradient(calib, monkeypatch):
+    """The loss split (share-weighted CE, penalty on rank 0 only) without processes: run
+    each rank's half of a step here, sum the gradients (what all_reduce does) and compare
+    with one process. Target 4.05 < the soft start (4.07): the penalty is active, so
+    counting it on both ranks would double its (large) part of the gradient."""
+    import dmx.distributed
+    from dmx import data
+    from dmx.anneal import TemperatureSchedule
+    from dmx.layers import dmx_parameters, wrap_model
+    from dmx.penalty import average_bits, hinge_penalty
+    from dmx.train import TrainConfig, _train_step
+
+    monkeypatch.setattr(dmx.distributed, "reduce_sum", lambda ctx, values: values)
+    monkeypatch.setattr(dmx.distributed, "all_reduce_grads", lambda ctx, params: None)
+    model, tok = data.load_model_and_tokenizer(MODEL)
+    windows = data.calibration_windows(tok, [str(calib)], 32, 3, 0)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = wrap_model(model, "fp8-fp4")
+    for layer in layers.values():
+        layer.train()
+    params = dmx_parameters(model)
+    cfg = TrainConfig(target_bits=4.05, steps=4, batch_size=3)  # 3: uneven shares 2 + 1
+    frozen = torch.optim.SGD(params, lr=0.0)  # the step leaves the offsets as they are
+
+    def grads(dist):
+        record = _train_step(model, layers, windows, cfg, frozen, TemperatureSchedule(4), 0,
+                             dist)
+        return record, torch.stack([p.grad.detach().clone() for p in params])
+
+    record, one = grads(None)
+    assert record["penalty"] > 0
+    two = sum(grads(DistContext(world_size=2, rank=r))[1] for r in range(2))
+    tol = 1e-6 * float(one.abs().max())
+    torch.testing.assert_close(two, one, rtol=1e-5, atol=tol)
+    # non-vacuous: the penalty's own gradient (what a second copy would add) is far larger
+    penalty = hinge_penalty(average_bits(layers, "simple"), 4.05, cfg.lam)
+    extra = torch.stack(torch.autograd.grad(penalty, params))
+    assert float(extra.abs().max()) > 1000 * tol
+
+
+def test_rank_slices_partition_the_global_batch():
+    ids = torch.arange(7)
+    parts = [DistContext(world_size=3, rank=r).rank_slice(ids, 7) for r in range(3)]
+    assert torch.equal(torch.cat([p for p, _ in parts]), ids)
+    assert [p.numel() for p, _ in parts] == [3, 2, 2]
+    assert sum(share for _, share in parts) == pytest.approx(1.0)
+
+
+def test_device_map_auto_runs_on_cpu(reference, calib, tmp_path):
+    """accelerate places the model (all on the CPU here): the same search as --device cpu,
+    bit for bit, and every offset on its layer's device."""
+    pytest.importorskip("accelerate", reason="--device-map needs accelerate (pip install "
+                        "'dmx[multigpu]')")
+    ref_out, ref = reference
+    mapped = search(MODEL, TARGET, calib=[calib], out=tmp_path / "mapped", progress=False,
+                    device_map="auto", **KW)
+    assert mapped["formats"] == ref["formats"]
+    assert _offsets(tmp_path / "mapped") == _offsets(ref_out)
+    layers = [m for m in mapped["model"].modules() if hasattr(m, "offset")]
+    assert layers and all(m.offset.device == m.linear.weight.device for m in layers)
+
+
+def test_device_map_without_accelerate_is_one_line(calib, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # import accelerate -> ImportError
+    out = tmp_path / "out"
+    assert main(_flags(calib, out) + ["--device-map", "auto"]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "pip install accelerate" in lines[0], lines
