@@ -351,6 +351,7 @@ def run_search(args) -> int:
 
     kwargs = {k: getattr(args, k) for k in DEFAULTS if hasattr(args, k)}
     main = distributed.is_main_process()  # under torchrun only rank 0 prints
+    own_group = not distributed.ready()  # a process group started here is ended here
     try:
         result = search(args.model, args.target_bits, out=args.out,
                         progress=not getattr(args, "no_progress", False), **kwargs)
@@ -380,7 +381,8 @@ def run_search(args) -> int:
             print(f"dmx search: error{where}: {err}", file=sys.stderr)
         return 2
     finally:
-        distributed.teardown()
+        if own_group:
+            distributed.teardown()
     if main:
         _print_result(result)
     return 0

@@ -30,7 +30,7 @@ pytest.importorskip("transformers")
 from dmx.cli import main  # noqa: E402
 from dmx.distributed import DistContext  # noqa: E402
 from dmx.search import SEARCH_LOG_NAME, search  # noqa: E402
-from dmx.train import SearchInterrupted  # noqa: E402
+from test_dmx_io import single_threaded  # noqa: E402, F401 (fixture: 1 torch/Numba thread)
 
 MODEL = Path(__file__).resolve().parent / "data" / "stories260K-hf"
 WIKI = Path(__file__).resolve().parents[1] / "dmx" / "data" / "wikitext-2-raw" / "wiki.valid.raw"
@@ -53,16 +53,68 @@ def _clean_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["DMX_DIST_TIMEOUT"] = "120"  # a broken test fails in minutes, not half an hour
+    # torchrun gives each worker 1 torch thread; Numba's pool (started by write_out) would
+    # otherwise keep 2 threads per worker busy on a 2-core box and slow the next search 8x
+    env["NUMBA_NUM_THREADS"] = "1"
     env.update(extra)
     return env
 
 
-def _torchrun(argv, nproc=2, timeout=300) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc-per-node N -m dmx ARGV`` (gloo: CPU)."""
+# One torchrun launch (two gloo workers: each pays the torch/transformers import once)
+# runs every multi-process scenario in order; each worker writes a JSON report.
+WORKER = r"""
+import contextlib, io, json, sys
+
+from dmx.cli import main
+from dmx.search import search
+from dmx.train import SearchInterrupted
+
+job = json.loads(sys.argv[1])
+report = {}
+
+def stop(step, record):  # Ctrl-C after step 2, on every rank
+    if step == 2:
+        raise KeyboardInterrupt
+
+# 1. interrupted (this first search() starts the process group from torchrun's env)
+try:
+    search(job["model"], job["target"], out=job["resumed"], callback=stop, **job["kw"])
+    report["interrupted"] = None
+except SearchInterrupted as stop_info:
+    report["interrupted"] = ["SearchInterrupted", stop_info.step]
+except KeyboardInterrupt:
+    report["interrupted"] = ["KeyboardInterrupt", None]
+# 2. resumed by the same two processes
+search(job["model"], job["target"], out=job["resumed"], resume=True, **job["kw"])
+# 3. the CLI: bad input (OUT exists), then a search from scratch
+for key in ("bad", "cli"):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(job[key])
+    report[key] = {"rc": rc, "stdout": out.getvalue(), "stderr": err.getvalue()}
+import torch.distributed as dist
+with open(job["report"] + "." + str(dist.get_rank()), "w") as fh:
+    json.dump(report, fh)
+"""
+
+
+@pytest.fixture(scope="module")
+def launched(calib, tmp_path_factory):
+    """``torchrun --standalone --nproc-per-node 2 worker.py``; the workers' reports."""
+    root = tmp_path_factory.mktemp("torchrun")
+    (root / "exists").mkdir()
+    worker = root / "worker.py"
+    worker.write_text(WORKER)
+    kw = {**KW, "calib": [str(calib)], "progress": False}
+    job = {"model": str(MODEL), "target": TARGET, "kw": kw, "resumed": str(root / "resumed"),
+           "bad": _flags(calib, root / "exists"), "cli": _flags(calib, root / "dist"),
+           "report": str(root / "report")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", "-m", "dmx", *argv]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env=_clean_env())
+           "--nproc-per-node=2", str(worker), json.dumps(job)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_clean_env())
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    reports = [json.loads((root / f"report.{r}").read_text()) for r in range(2)]
+    return root, reports
 
 
 @pytest.fixture(scope="module")
@@ -132,58 +184,42 @@ def _assert_close_tree(got, ref, where):
         assert got == ref, where
 
 
-def test_torchrun_two_processes_match_one_process(reference, calib, tmp_path):
+def test_torchrun_two_processes_match_one_process(reference, launched):
     ref_out, _ = reference
-    out = tmp_path / "dist"
-    proc = _torchrun(_flags(calib, out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    _assert_same_search(out, ref_out)
-    assert not Path(str(out) + ".partial").exists()  # rank 0 removed its checkpoint
-    assert proc.stdout.count("dmx search: wrote") == 1  # only rank 0 reports
+    root, reports = launched
+    assert [r["cli"]["rc"] for r in reports] == [0, 0]
+    _assert_same_search(root / "dist", ref_out)
+    assert not (root / "dist.partial").exists()  # rank 0 removed its checkpoint
+    assert "dmx search: wrote" in reports[0]["cli"]["stdout"]
+    assert reports[1]["cli"]["stdout"] == ""  # only rank 0 reports
 
 
-def test_torchrun_resumes_a_checkpoint(reference, calib, tmp_path):
-    """Interrupted after step 2 in one process, finished by two: the same search."""
+def test_torchrun_interrupt_and_resume(reference, launched):
+    """Ctrl-C after step 2 on both ranks: rank 0 saves the checkpoint, the other stops;
+    --resume (read on rank 0, sent to rank 1) finishes the same search."""
     ref_out, _ = reference
-    out = tmp_path / "resumed"
+    root, reports = launched
+    assert reports[0]["interrupted"] == ["SearchInterrupted", 2]
+    assert reports[1]["interrupted"] == ["KeyboardInterrupt", None]
+    _assert_same_search(root / "resumed", ref_out)
+    assert len(json.loads((root / "resumed" / SEARCH_LOG_NAME).read_text())["steps"]) == KW["steps"]
 
-    def stop(step, record):
-        if step == 2:
-            raise KeyboardInterrupt
 
-    with pytest.raises(SearchInterrupted):
-        search(MODEL, TARGET, calib=[calib], out=out, progress=False, callback=stop, **KW)
-    proc = _torchrun(_flags(calib, out) + ["--resume"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    _assert_same_search(out, ref_out)
-    assert len(json.loads((out / SEARCH_LOG_NAME).read_text())["steps"]) == KW["steps"]
+def test_bad_input_under_torchrun_is_one_line_on_rank_0(launched):
+    """Both ranks stop (no hang) with exit 2; rank 0 alone prints the one line."""
+    root, reports = launched
+    assert [r["bad"]["rc"] for r in reports] == [2, 2]
+    lines = [ln for ln in reports[0]["bad"]["stderr"].splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("dmx search: error: "), lines
+    assert "--force" in lines[0]
+    assert reports[1]["bad"]["stderr"] == ""
+    assert sorted(p.name for p in (root / "exists").iterdir()) == []  # nothing written
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def test_bad_input_under_torchrun_env_is_one_line_on_rank_0(calib, tmp_path):
-    """Both ranks stop (no hang) with exit 2; rank 0 alone prints the one line. The two
-    workers are started the way torchrun starts them (its environment variables), which
-    shows each worker's own exit code and stderr."""
-    out = tmp_path / "out"
-    out.mkdir()  # exists, no --force
-    port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, "-m", "dmx", *_flags(calib, out)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=_clean_env(WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r),
-                                             MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
-             for r in range(2)]
-    results = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [2, 2], results
-    err0 = [ln for ln in results[0][1].splitlines() if ln.strip()]
-    assert len(err0) == 1 and "--force" in err0[0] and err0[0].startswith("dmx search: error"), \
-        results[0][1]
-    assert results[1][1].strip() == "", results[1][1]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing written
 
 
 @pytest.mark.parametrize("env, needle", [
@@ -213,7 +249,7 @@ def test_peer_that_never_comes_times_out_with_one_line(calib, tmp_path, capsys, 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))
-    monkeypatch.setenv("DMX_DIST_TIMEOUT", "2")
+    monkeypatch.setenv("DMX_DIST_TIMEOUT", "1")
     out = tmp_path / "out"
     assert main(_flags(calib, out)) == 2
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
