@@ -31,6 +31,7 @@ from dmx.errors import DMXError
 
 __all__ = ["DistContext", "SINGLE", "env_world", "setup", "teardown", "agree", "on_main",
            "barrier", "reduce_sum", "all_reduce_grads", "is_main_process", "env_rank", "ready",
+           "pin_layer_devices",
            "DEFAULT_TIMEOUT_S"]
 
 DEFAULT_TIMEOUT_S = 1800.0  # collectives and rendezvous; DMX_DIST_TIMEOUT overrides it
@@ -307,3 +308,41 @@ def all_reduce_grads(ctx: DistContext, params: list[torch.Tensor]) -> None:
             p.grad = None
         else:
             p.grad = flat[i].to(device=p.device, dtype=p.dtype).reshape(p.shape).clone()
+
+
+def _weight_device(layer) -> torch.device:
+    return layer.linear.weight.device
+
+
+def pin_layer_devices(layers: dict) -> list:
+    """Make each CUDA layer's forward run with its own GPU as the current device.
+
+    Triton kernels (dmx.fused, used for CUDA inputs) launch on the *current* device, while
+    ``--device-map`` puts layers on several GPUs (and ``--device cuda:1`` on a GPU that is
+    not the current one): a forward pre-hook switches to the layer's GPU and a forward
+    hook (also on an exception) switches back. Backward needs nothing: autograd runs each
+    device's backward on a thread whose current device is that device. A no-op when every
+    layer is on the CPU or on the current GPU; returns the hook handles.
+    """
+    devices = {_weight_device(layer) for layer in layers.values()}
+    cuda = [d for d in devices if d.type == "cuda"]
+    if not cuda or (len(devices) == 1 and cuda[0].index in (None, torch.cuda.current_device())):
+        return []
+    handles = []
+    for layer in layers.values():
+        dev = _weight_device(layer)
+        if dev.type != "cuda":
+            continue
+        saved: list = []
+
+        def enter(module, args, dev=dev, saved=saved):
+            saved.append(torch.cuda.current_device())
+            torch.cuda.set_device(dev)
+
+        def leave(module, args, output, saved=saved):
+            if saved:
+                torch.cuda.set_device(saved.pop())
+
+        handles.append(layer.register_forward_pre_hook(enter))
+        handles.append(layer.register_forward_hook(leave, always_call=True))
+    return handles

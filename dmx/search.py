@@ -198,6 +198,7 @@ def search(model_dir, target_bits, ladder="fp8-fp4", weights_only=False, calib=N
     model.eval()  # no dropout; wrap_model's DMXLinears are switched to train mode by the loop
     layers = distributed.agree(dctx, wrap_model, model, lad, include=include,
                                quantize_activations=not weights_only)
+    distributed.pin_layer_devices(layers)  # Triton launches on the current GPU
     if init == "target":  # wrap_model put them on the low rung
         from dmx.assign import offset_for_bits
 
