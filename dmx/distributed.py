@@ -132,21 +132,7 @@ def _timeout_s() -> float:
     return value
 
 
-def setup(device: str = "cpu", batch_size: int | None = None,
-          device_map=None) -> DistContext:
-    """The process group of a torchrun launch (initialized here unless it already is):
-    gloo on CPU, nccl on CUDA with this process on GPU ``LOCAL_RANK``. A single process
-    gets :data:`SINGLE` (with ``device`` as given). Bad environments are one-line
-    DMXErrors, raised before anything connects where possible."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():  # a caller's own group (library use)
-        world, rank = dist.get_world_size(), dist.get_rank()
-        local = _env_int("LOCAL_RANK") or 0
-    else:
-        world, rank, local = env_world()
-    if world == 1:
-        return DistContext(device=str(device))
+def _check_parallel_args(world: int, batch_size, device_map) -> None:
     if device_map is not None:
         raise DMXError("--device-map spreads one model over several GPUs in one process; "
                        "it cannot be combined with torchrun (data parallel). Use one or "
@@ -155,6 +141,35 @@ def setup(device: str = "cpu", batch_size: int | None = None,
         raise DMXError(f"--batch-size {batch_size} is smaller than the {world} processes: "
                        f"--batch-size is the global batch, split over the processes, and "
                        f"each needs at least one window per step")
+
+
+def setup(device: str = "cpu", batch_size: int | None = None,
+          device_map=None) -> DistContext:
+    """The process group of a torchrun launch: gloo on CPU, nccl on CUDA with this process
+    on GPU ``LOCAL_RANK``. A group that is up already (an earlier search in this process,
+    or the caller's own) is used as it is, on the device given. One process: a context
+    with ``enabled = False``. Bad environments are one-line DMXErrors, raised before
+    anything connects where possible."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # a group that is up already (a
+        world, rank = dist.get_world_size(), dist.get_rank()  # caller's own, or ours)
+        if world == 1:
+            return DistContext(device=str(device))
+        _check_parallel_args(world, batch_size, device_map)
+        backend = dist.get_backend()
+        cuda = str(device).startswith("cuda")
+        if backend == "nccl" and not cuda:
+            raise DMXError("the process group uses nccl: pass --device cuda (or start a "
+                           "gloo group for CPU)")
+        if str(device) == "cuda":  # the GPU the caller made current
+            device = f"cuda:{torch.cuda.current_device()}"
+        return DistContext(world_size=world, rank=rank, local_rank=_env_int("LOCAL_RANK") or 0,
+                           backend=backend, device=str(device))
+    world, rank, local = env_world()
+    if world == 1:
+        return DistContext(device=str(device))
+    _check_parallel_args(world, batch_size, device_map)
     cuda = str(device).startswith("cuda")
     if cuda:
         if str(device) not in ("cuda", f"cuda:{local}"):
@@ -169,27 +184,24 @@ def setup(device: str = "cpu", batch_size: int | None = None,
     backend = "nccl" if cuda else "gloo"
     if not dist.is_available():
         raise DMXError("this torch build has no torch.distributed; run without torchrun")
-    if not dist.is_initialized():
-        missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
-        if missing:
-            raise DMXError(f"WORLD_SIZE={world} is set but {' and '.join(missing)} "
-                           f"{'is' if len(missing) == 1 else 'are'} not: launch with "
-                           f"torchrun, or unset WORLD_SIZE for one process")
-        timeout = datetime.timedelta(seconds=_timeout_s())
-        try:
-            dist.init_process_group(backend, init_method="env://", world_size=world,
-                                    rank=rank, timeout=timeout)
-        except Exception as err:  # DistNetworkError, RuntimeError, ValueError, timeouts
-            msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            raise DMXError(f"cannot start the {backend} process group of {world} processes "
-                           f"(rank {rank}, MASTER_ADDR={os.environ.get('MASTER_ADDR')}, "
-                           f"MASTER_PORT={os.environ.get('MASTER_PORT')}): "
-                           f"{type(err).__name__}: {msg[:300]}") from None
-        global _OWNED
-        _OWNED = True
-        atexit.register(teardown)
-    else:
-        backend = dist.get_backend()
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+    if missing:
+        raise DMXError(f"WORLD_SIZE={world} is set but {' and '.join(missing)} "
+                       f"{'is' if len(missing) == 1 else 'are'} not: launch with "
+                       f"torchrun, or unset WORLD_SIZE for one process")
+    timeout = datetime.timedelta(seconds=_timeout_s())
+    try:
+        dist.init_process_group(backend, init_method="env://", world_size=world,
+                                rank=rank, timeout=timeout)
+    except Exception as err:  # DistNetworkError, RuntimeError, ValueError, timeouts
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise DMXError(f"cannot start the {backend} process group of {world} processes "
+                       f"(rank {rank}, MASTER_ADDR={os.environ.get('MASTER_ADDR')}, "
+                       f"MASTER_PORT={os.environ.get('MASTER_PORT')}): "
+                       f"{type(err).__name__}: {msg[:300]}") from None
+    global _OWNED
+    _OWNED = True
+    atexit.register(teardown)
     return DistContext(world_size=world, rank=rank, local_rank=local, backend=backend,
                        device=str(device))
 
