@@ -22,7 +22,6 @@ from mxref.errors import MXError
 from mxref.formats import DEFAULT_BLOCK_SIZE, E8M0, FormatInfo, get_format
 from mxref.profiles import Profile, get_profile
 
-FAST_MAX_SCALE = 1 << 20   # any larger element-only scale: the general kernel (no int64 overflow)
 _RAW_VIEW = {"float64": np.uint64, "float32": np.uint32, "float16": np.uint16,
              "bfloat16": np.uint16}
 
@@ -61,8 +60,8 @@ def encode(x, fmt, profile=None, scale_exp: int = 0) -> np.ndarray:
     s = int(scale_exp)
     ep, pp = _element_args(fmt), _profile_args(profile)
     bits32 = as_float32_bits(raw, np.asarray(x).dtype.name, profile)
-    if bits32 is not None and F.MIN_FAST_SCALE <= s <= FAST_MAX_SCALE:
-        F.encode_f32_kernel(bits32.reshape(-1), out.reshape(-1), s, *F.fast_params(ep, pp))
+    if bits32 is not None and F.min_fast_scale(fmt, profile) <= s <= F.FAST_MAX_SCALE:
+        F.encode_flat(bits32.reshape(-1), out.reshape(-1), s, fmt, profile)
     else:
         K.encode_elements_kernel(raw.reshape(-1), out.reshape(-1), s, lay, ep, pp)
     return out
@@ -217,8 +216,8 @@ def quantize(x, fmt, axis: int = -1, block_size: int = DEFAULT_BLOCK_SIZE,
         ep, pp = _element_args(fmt), _profile_args(profile)
         if bits32 is not None:
             r, g = _split_rows(bits32, block_size)
-            F.quantize_f32_kernel(r, codes.reshape(r.shape), scales.reshape(r.shape[0], -1),
-                                  block_size, ep, pp, *F.fast_params(ep, pp)[:-1])
+            F.quantize_rows(r, codes.reshape(r.shape), scales.reshape(r.shape[0], -1),
+                            block_size, fmt, profile, 8, ep, pp)
         else:
             K.quantize_kernel(raw2, codes, scales, block_size, lay, ep, pp)
     return MXArray(codes.reshape(mshape), scales.reshape(mshape[:-1] + (nbk,)),
@@ -245,8 +244,7 @@ def quantize_packed(x, fmt, axis: int = -1, block_size: int = DEFAULT_BLOCK_SIZE
     r, g = _split_rows(bits32, block_size)
     packed = np.empty((r.shape[0], packed_row_bytes(r.shape[1], fmt)), dtype=np.uint8)
     scales = np.empty((r.shape[0], nbk // g), dtype=np.uint8)
-    F.quantize_packed_f32_kernel(r, packed, scales, block_size, ep, pp,
-                                 *F.fast_params(ep, pp)[:-1])
+    F.quantize_rows(r, packed, scales, block_size, fmt, profile, fmt.bits, ep, pp)
     return PackedMXArray(packed.reshape(mshape[:-1] + (-1,)),
                          scales.reshape(mshape[:-1] + (nbk,)), fmt, tuple(x.shape), axis,
                          block_size, profile)

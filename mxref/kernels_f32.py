@@ -1,185 +1,447 @@
-"""Fast float32 kernels: the integer rounding of mxref.kernels, written branch-free.
+"""Fast float32 kernels: the integer rounding of mxref.kernels, specialised and vectorised.
 
 Same arithmetic as :func:`mxref.kernels.encode_finite` (value = sig * 2^(e - 23),
 divide by 2^s by subtracting s from the exponent, round the significand with an
-integer shift), restricted so that LLVM can vectorise it:
+integer shift), restricted so that LLVM can vectorise it with 32-bit lanes:
 
+* every format/profile choice is a compile-time constant: one kernel is built per
+  :class:`Spec` (closures over plain ints, cached on disk by numba like any other
+  ``cache=True`` function), so the element loop has no runtime flags;
+* all element arithmetic is int32 (written with explicit ``np.int32`` truncations
+  because numba widens int32 operations to int64); the ranges fit: E <= 255,
+  sig < 2^24, sig + 2^24 < 2^25, and ``(e2 - emin) << m`` stays below 2^15 for every
+  scale the fast path accepts (s >= ``min_fast`` > -128, s <= ``FAST_MAX_SCALE``);
 * the shift is capped at 25: the significand is below 2^24, so any shift >= 25
   rounds to 0 exactly as the uncapped shift does;
-* FP32-subnormal inputs are NOT normalised. That is exact as long as the scaled value
-  stays below the element's normal range (then ``q = round(sig >> shift)`` is the
-  same whether sig is normalised or not) -- true whenever ``s > -112`` because
-  |x| < 2^-126 and every element's emin is >= -14. Blocks with ``s <= -112`` (only
-  when the block's amax is below ~2^-100) go through the general kernel instead;
+* FP32-subnormal inputs (E = 0) are NOT decoded: the element loop reads every
+  pattern as (2^23 | M) * 2^(E - 150), which for E = 0 is a value in [2^-127, 2^-126)
+  instead of the true M * 2^-149, also below 2^-126. Divided by 2^s both are below
+  2^(-126 - s), which is at most a quarter of the format's smallest subnormal
+  2^(emin - m) -- so both round to magnitude 0 under either rounding, and the code is
+  the signed zero that the general kernel gives (also when the profile flushes) --
+  as long as ``s >= min_fast = -124 - emin + m``. Blocks with a smaller scale (only
+  when the block's amax is below ~2^-100) go through the general kernel instead, and
+  so does element-only conversion at such scales;
 * NaN/Inf never reach the element loop of a block (the block gets the NaN scale);
-  for element-only conversion they are handled with selects.
+  for element-only conversion they are handled with selects;
+* the block's largest |bits| (max of ``bits & 0x7FFFFFFF`` = largest magnitude for
+  non-NaN patterns, and >= 0x7F800000 exactly when the block holds a NaN or an Inf)
+  is one 32-lane vector load and an LLVM ``vector.reduce.umax`` for the default block
+  size (LLVM unrolls a 32-step scalar max loop but does not vectorise it). Flushing
+  FP32 subnormals commutes with the max (it is monotone), so it is applied after it;
+* the floor scale is the exponent field of amax; the rceil scale compares amax's
+  23-bit fraction with max_normal's (every format's max_normal is a float32), with the
+  general :func:`mxref.kernels.scale_from_amax` for an FP32-subnormal amax.
 
+Codes go to a row buffer and are packed from there (FP4: one uint16 of two codes ->
+one byte; FP6: one uint32 of four codes -> three bytes), all vectorisable loops.
 Bit-identity with the general kernels is checked by the exhaustive ``mxref sweep``
-(scale 0) and by tests comparing both paths at every scale.
+(element-only conversion at scale 0 runs the same ``_mag``/``_code`` as the blocks)
+and by tests comparing both paths on adversarial blocks at every scale.
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from typing import NamedTuple
+
 import numba as nb
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
-from mxref.pack import pack_row
-from mxref.kernels import (SCALE_BIAS, SCALE_NAN, encode_finite, scale_from_amax,
-                           unpack_bits)
+from mxref.kernels import (SCALE_BIAS, SCALE_NAN, element_params, encode_finite,
+                           scale_from_amax, unpack_bits)
 
 _NB = dict(nogil=True, cache=True, fastmath=False)
 F32_LAYOUT = np.array([23, 127, 0xFF, 8], dtype=np.int64)
-MIN_FAST_SCALE = -111       # see the module docstring: s <= -112 takes the general path
+FAST_MAX_SCALE = 1 << 20   # element-only scales above this take the general kernel
+PARALLEL_MIN = 1 << 18     # fewer elements: one thread (a parallel launch is not worth it)
+I32 = np.int32
+
+
+class Spec(NamedTuple):
+    """What the element loop specialises on (compile-time constants of a kernel)."""
+
+    bits: int        # element width
+    m: int           # mantissa / fraction bits
+    maxmag: int      # largest finite magnitude code
+    ovf_mag: int     # magnitude on overflow: maxmag, or the Inf/NaN code in OFP8 OVF mode
+    nan_mag: int     # NaN magnitude code for element-only conversion (0: none -> +0)
+    is_int: bool
+    asym: bool       # INT8 may give -128
+    away: bool       # ties away from zero (else to even)
+
+
+# Per-block parameters, runtime (they only enter scalar per-block arithmetic):
+# 0 emin  1 emax  2 rceil  3 mn_frac (23-bit fraction of max_normal as a float32)
+# 4 flush  5 min_fast (smallest scale exponent the fast element arithmetic is exact for)
+BP_EMIN, BP_EMAX, BP_RCEIL, BP_MNFRAC, BP_FLUSH, BP_MINFAST = range(6)
+
+
+@lru_cache(maxsize=None)
+def spec_of(fmt, profile) -> tuple[Spec, np.ndarray, np.ndarray]:
+    """(:class:`Spec`, block params, the spec as an int64 array) of a format and profile.
+
+    Choices that cannot matter for the format are normalised away (``ocp`` and
+    ``ocp_ovf`` share FP4 kernels); the scale rule and flushing are block params."""
+    ep = element_params(fmt)
+    is_int, bits, m, emin, emax, maxmag, nan, inf = (int(v) for v in ep[:8])
+    rule, rounding, fp8_ovf, flush, int8_range = profile.kernel_args()
+    ovf_mag = maxmag
+    if fp8_ovf == 1 and bits == 8 and not is_int:
+        ovf_mag = inf if inf >= 0 else nan
+    mn = np.float32(fmt.max_normal)
+    mn_bits = int(mn.view(np.uint32))
+    assert float(mn) == fmt.max_normal and (mn_bits >> 23) - 127 == emax
+    spec = Spec(bits, m, maxmag, ovf_mag, max(nan, 0), bool(is_int),
+                bool(is_int and int8_range == 1), rounding == 1)
+    bp = np.array([emin, emax, rule, mn_bits & 0x7FFFFF, flush, -124 - emin + m],
+                  dtype=np.int64)
+    sa = np.array(spec, dtype=np.int64)   # the spec as runtime values, for _block_any
+    for a in (bp, sa):
+        a.flags.writeable = False
+    return spec, bp, sa
+
+
+# --------------------------------------------------------------------------- pieces
+@intrinsic
+def _abs_max32(typingctx, row, lo):
+    """max(row[lo:lo+32] & 0x7FFFFFFF) for a C-contiguous int32/uint32 row (no bounds
+    check: the caller guarantees lo + 32 <= row.size); one vector load + reduce.umax."""
+    if not (isinstance(row, types.Array) and row.ndim == 1 and row.layout == "C"
+            and row.dtype in (types.int32, types.uint32) and isinstance(lo, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        idx = context.cast(builder, args[1], signature.args[1], types.intp)
+        i32 = ir.IntType(32)
+        vty = ir.VectorType(i32, 32)
+        ptr = builder.bitcast(builder.gep(ary.data, [idx]), vty.as_pointer())
+        v = builder.and_(builder.load(ptr, align=4), ir.Constant(vty, [0x7FFFFFFF] * 32))
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32, [vty]),
+                                            "llvm.vector.reduce.umax.v32i32")
+        return builder.call(fn, [v])
+
+    return types.int32(row, lo), codegen
+
+
+@intrinsic
+def _prefetch(typingctx, row, lo):
+    """Hint the cache line holding row[lo] into cache (llvm.prefetch: never faults)."""
+    if not (isinstance(row, types.Array) and row.layout == "C"
+            and isinstance(lo, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        idx = context.cast(builder, args[1], signature.args[1], types.intp)
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+            "llvm.prefetch.p0")
+        ptr = builder.bitcast(builder.gep(ary.data, [idx]), i8p)
+        # read, locality 3 (keep in all levels), data cache
+        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return types.none(row, lo), codegen
 
 
 @nb.njit(inline="always")
-def encode_f32_bits(xb, s, m, emin, bits, maxmag, ovf_mag, is_int, asym, away, flush,
-                    nan_code):
-    """Element code of float32 bit pattern xb divided by 2^s (branch-free).
+def _mag(xb, T, U, c0, m, away):
+    """Unsaturated magnitude code of int32 pattern xb divided by 2^s.
 
-    ovf_mag: magnitude code for overflow (max code when saturating, the Inf/NaN code
-    in the OFP8 OVF mode); nan_code: full code for NaN inputs (+0 without NaN).
+    T = emin + 127 + s and U = c0 + T (c0 = 23 - m) are per-block constants:
+    e2 - emin = E - T and the rounding shift is c0 + max(emin - e2, 0) = max(U - E, c0).
     """
-    a = np.int64(xb & 0x7FFFFFFF)
-    sign = np.int64(xb >> 31)
-    E = a >> 23
-    if flush and E == 0:
-        a = np.int64(0)
-    sig = (a & 0x7FFFFF) | (min(E, 1) << 23)
-    e2 = max(E, 1) - 127 - s
-    sh = min(23 - m + max(emin - e2, 0), 25)
-    half = np.int64(1) << (sh - 1)
-    if away:
-        q = (sig + half) >> sh
-    else:
-        q = (sig + half - 1 + ((sig >> sh) & 1)) >> sh
-    mag = (max(e2 - emin, 0) << m) + q
-    if E == 0xFF:
-        mag = maxmag + 2  # Inf overflows at every scale (NaN is replaced below)
+    E = I32(I32(xb >> 23) & 0xFF)
+    sig = I32(I32(xb & 0x7FFFFF) | 0x800000)
+    sh = min(max(I32(U - E), I32(c0)), I32(25))
+    expo = max(I32(E - T), I32(0))
+    if away:   # + 2^(sh-1), written as a right shift so it stays 32-bit
+        q = I32(I32(sig + I32(I32(0x1000000) >> I32(I32(25) - sh))) >> sh)
+    else:      # + 2^(sh-1) - 1 + (lowest kept bit): ties to even
+        q = I32(I32(I32(sig + I32(I32(0xFFFFFF) >> I32(I32(25) - sh)))
+                    + I32(I32(sig >> sh) & 1)) >> sh)
+    return I32(I32(expo << m) + q)
+
+
+@nb.njit(inline="always")
+def _code(mag, xb, bits, maxmag, ovf_mag, is_int, asym, ovf):
+    """Saturate (or overflow) the magnitude and attach the sign of xb."""
     if is_int:
-        mag = min(mag, maxmag + (sign & asym))
-        code = ((-mag) & 0xFF) if sign == 1 else mag
+        neg = I32(I32(xb >> 31) & 1)
+        if asym:
+            mag = min(mag, I32(maxmag + neg))
+        else:
+            mag = min(mag, I32(maxmag))
+        return I32(I32(-mag) & 0xFF) if neg else mag
+    if ovf:
+        mag = I32(ovf_mag) if mag > maxmag else mag
     else:
-        if mag > maxmag:
-            mag = ovf_mag
-        code = (sign << (bits - 1)) | mag
-    if a > 0x7F800000:
-        code = nan_code | (sign << (bits - 1)) if nan_code != 0 else np.int64(0)
-    return code
-
-
-def fast_params(ep: np.ndarray, pp: np.ndarray) -> tuple:
-    """(m, emin, bits, maxmag, ovf_mag, is_int, asym, away, flush, nan_mag) from kernel params."""
-    is_int, bits, m, emin, _, maxmag, nan, inf = (int(v) for v in ep[:8])
-    ovf_mag = maxmag
-    if pp[2] == 1 and bits == 8 and not is_int:
-        ovf_mag = inf if inf >= 0 else nan
-    return (m, emin, bits, maxmag, ovf_mag, bool(is_int), int(pp[4]), bool(pp[1] == 1),
-            bool(pp[3] == 1), max(nan, 0))
-
-
-@nb.njit(parallel=True, **_NB)
-def encode_f32_kernel(xb, out, s, m, emin, bits, maxmag, ovf_mag, is_int, asym, away,
-                      flush, nan_mag):
-    """Element-only conversion of float32 bit patterns at scale 2^s (s > MIN_FAST_SCALE)."""
-    for i in nb.prange(xb.size):
-        out[i] = encode_f32_bits(xb[i], s, m, emin, bits, maxmag, ovf_mag, is_int, asym,
-                                 away, flush, nan_mag)
+        mag = min(mag, I32(maxmag))
+    return I32(I32(I32(xb >> (32 - bits)) & (1 << (bits - 1))) | mag)
 
 
 @nb.njit(**_NB)
 def _general_element(xb, s, ep, pp):
-    """One element through the general integer kernel (blocks with s <= -112)."""
-    sign, kind, sig, e = unpack_bits(xb, 23, 127, 0xFF, 8, pp[3])
+    """One element through the general integer kernel (blocks with s < min_fast)."""
+    sign, kind, sig, e = unpack_bits(np.uint32(xb), 23, 127, 0xFF, 8, pp[3])
     if kind == 1:
         return encode_finite(sign, sig, e, 23, s, ep, pp)
     return 0 if ep[0] == 1 else (sign << (ep[1] - 1))
 
 
 @nb.njit(inline="always")
-def _floor_scale(amax, emax):
-    """§6.3 floor rule from float32 amax bits: biased E8M0 code (0x00 for zero, 0xFF NaN/Inf).
-
-    floor(log2 amax) is the exponent field minus 127; an FP32-subnormal amax gives
-    k <= -127 - emax and is clamped to -127 like its exact value would be.
-    """
-    k = np.int64(amax >> 23) - SCALE_BIAS - emax
+def _scale(amax, flush, emax, rceil, mn_frac):
+    """E8M0 code from the block's largest |bits|; -1: ask the general scale_from_amax
+    (rceil with an FP32-subnormal amax). Scalars and selects only, so that a loop over
+    blocks vectorises (see _rows)."""
+    a = I32(0) if flush and amax < 0x800000 else amax
+    ea = a >> 23
+    k = ea - SCALE_BIAS - emax
+    if rceil:
+        k += 1 if (a & 0x7FFFFF) > mn_frac else 0
     k = min(max(k, -SCALE_BIAS), SCALE_BIAS) + SCALE_BIAS
-    if amax == 0:
-        k = 0
-    if amax >= 0x7F800000:
-        k = SCALE_NAN
+    k = 0 if a == 0 else k
+    k = SCALE_NAN if a >= 0x7F800000 else k
+    if rceil:
+        k = -1 if ea == 0 and a != 0 else k
     return k
 
 
-@nb.njit(inline="always")
-def _one_block(row, codes_row, lo, n, ep, pp, m, emin, bits, maxmag, ovf_mag, is_int, asym,
-               away, flush):
-    """Quantize row[lo:lo+n]; returns the scale code. Inlined with n constant when it can be."""
-    amax = np.uint32(0)
+@nb.njit(**_NB)
+def _block_any(row, dst, lo, n, ep, pp, bp, sa):
+    """Codes of row[lo:lo+n] into dst[lo:lo+n]; returns the scale code. Any n (ragged
+    tails, block sizes other than 32, the rare blocks _rows leaves to it), with the
+    spec as runtime values ``sa``: one compiled function for every spec (_rows does the
+    common case with everything constant)."""
+    bits, m, maxmag, ovf_mag = sa[0], sa[1], sa[2], sa[3]
+    is_int, asym, away = sa[5] != 0, sa[6] != 0, sa[7] != 0
+    amax = I32(0)
     for i in range(n):
-        a = row[lo + i] & np.uint32(0x7FFFFFFF)
-        if flush and a < np.uint32(0x800000):
-            a = np.uint32(0)
-        amax = max(amax, a)
-    if pp[0] == 0:
-        sc = _floor_scale(amax, ep[4])
-    else:
+        amax = max(amax, I32(row[lo + i] & 0x7FFFFFFF))
+    sc = _scale(amax, bp[BP_FLUSH], bp[BP_EMAX], bp[BP_RCEIL], bp[BP_MNFRAC])
+    if sc < 0:
         sc = scale_from_amax(np.uint64(amax), F32_LAYOUT, ep, pp)
+    s = sc - SCALE_BIAS
     if sc == SCALE_NAN:
         for i in range(n):
-            codes_row[lo + i] = 0
-        return sc
-    s = np.int64(sc) - SCALE_BIAS
-    if s >= MIN_FAST_SCALE:
+            dst[lo + i] = 0
+    elif amax == 0 or (bp[BP_FLUSH] and amax < 0x800000):
+        for i in range(n):   # zeros (or flushed subnormals): signed zero codes
+            dst[lo + i] = 0 if is_int else (row[lo + i] >> (32 - bits)) & (1 << (bits - 1))
+    elif s >= bp[BP_MINFAST]:
+        T = I32(bp[BP_EMIN] + SCALE_BIAS + s)
+        U = I32(23 - m + T)
         for i in range(n):
-            codes_row[lo + i] = encode_f32_bits(row[lo + i], s, m, emin, bits, maxmag,
-                                                ovf_mag, is_int, asym, away, flush, 0)
+            xb = row[lo + i]
+            dst[lo + i] = _code(_mag(xb, T, U, 23 - m, m, away), xb, bits, maxmag, ovf_mag,
+                                is_int, asym, ovf_mag != maxmag)
     else:
         for i in range(n):
-            codes_row[lo + i] = _general_element(row[lo + i], s, ep, pp)
+            dst[lo + i] = _general_element(row[lo + i], s, ep, pp)
     return sc
 
 
-@nb.njit(inline="always")
-def _row_blocks(row, codes_row, scales_row, block, ep, pp, m, emin, bits, maxmag, ovf_mag,
-                is_int, asym, away, flush):
-    """Quantize one row of float32 bits: scales_row[b], codes_row[i].
+@nb.njit(**_NB)
+def _pack_row(buf, out, out_bits, K):
+    """Pack the zero-padded codes buf[:K] into one row (layouts of mxref.pack).
 
-    Full blocks first, with ``block`` a compile-time constant for the default 32 so LLVM
-    unrolls and vectorises the fixed-length loops; then the ragged tail, if any.
-    """
-    K = row.size
-    nfull = K // block
-    if block == 32:
-        for b in range(nfull):
-            scales_row[b] = _one_block(row, codes_row, b * 32, 32, ep, pp, m, emin, bits,
-                                       maxmag, ovf_mag, is_int, asym, away, flush)
+    FP4: one uint16 (c0 | c1 << 8) -> byte c0 | c1 << 4; FP6: one uint32
+    (c0 | c1 << 8 | c2 << 16 | c3 << 24) -> the 24-bit little-endian word."""
+    if out_bits == 4:
+        nbytes = (K + 1) // 2
+        b16 = buf[:2 * nbytes].view(np.uint16)
+        for j in range(nbytes):
+            w = b16[j]
+            out[j] = (w | (w >> 4)) & 0xFF
     else:
-        for b in range(nfull):
-            scales_row[b] = _one_block(row, codes_row, b * block, block, ep, pp, m, emin,
-                                       bits, maxmag, ovf_mag, is_int, asym, away, flush)
-    if K % block:
-        scales_row[nfull] = _one_block(row, codes_row, nfull * block, K % block, ep, pp, m,
-                                       emin, bits, maxmag, ovf_mag, is_int, asym, away,
-                                       flush)
+        ng = (K + 3) // 4
+        b32 = buf[:4 * ng].view(np.uint32)
+        for j in range(ng):
+            w = b32[j]
+            p = (w & 0x3F) | ((w >> 2) & 0xFC0) | ((w >> 4) & 0x3F000) | ((w >> 6) & 0xFC0000)
+            out[3 * j] = p & 0xFF
+            out[3 * j + 1] = (p >> 8) & 0xFF
+            out[3 * j + 2] = p >> 16
 
 
-@nb.njit(parallel=True, **_NB)
-def quantize_f32_kernel(raw, codes, scales, block, ep, pp, m, emin, bits, maxmag, ovf_mag,
-                        is_int, asym, away, flush):
-    """raw (N, K) float32 bits -> codes (N, K), scales (N, nbk); one row per task."""
-    for r in nb.prange(raw.shape[0]):
-        _row_blocks(raw[r], codes[r], scales[r], block, ep, pp, m, emin, bits, maxmag,
-                    ovf_mag, is_int, asym, away, flush)
+SLOW = -1024   # _rows: block-offset sentinel for blocks that _block_any redoes
 
 
-@nb.njit(parallel=True, **_NB)
-def quantize_packed_f32_kernel(raw, packed, scales, block, ep, pp, m, emin, bits, maxmag,
-                               ovf_mag, is_int, asym, away, flush):
-    """Like quantize_f32_kernel, but each row's codes go straight into its packed bytes."""
-    N, K = raw.shape
-    for r in nb.prange(N):
-        buf = np.empty(K, dtype=np.uint8)
-        _row_blocks(raw[r], buf, scales[r], block, ep, pp, m, emin, bits, maxmag, ovf_mag,
-                    is_int, asym, away, flush)
-        pack_row(buf, packed[r], bits)
+@nb.njit(inline="always")
+def _rows(raw, out, scales, r0, r1, block, ep, pp, bp, sa, out_bits, bits, m, maxmag,
+          ovf_mag, is_int, asym, away):
+    """Rows r0..r1 of raw (N, K) int32 bits -> scales (N, nbk) and out: codes (N, K) when
+    out_bits == 8, else packed rows (the codes go through a zero-padded row buffer).
+
+    Full blocks of 32 go in passes over the row, each a straight loop that vectorises:
+    block maxima, scales (and the per-block T of _mag, or SLOW), element codes of every
+    block with its T; then the few SLOW blocks (NaN/Inf, zero, tiny scale, rceil of a
+    subnormal amax) are redone by _block_any. The passes are written out here rather
+    than in inlined helpers: numba reference-counts arrays passed to inlined functions,
+    which costs more than a block; the helpers called in the loops take scalars only.
+    """
+    K = raw.shape[1]
+    nfull = K // block
+    flush, emin, emax = bp[BP_FLUSH], bp[BP_EMIN], bp[BP_EMAX]
+    rceil, mn_frac, min_fast = bp[BP_RCEIL], bp[BP_MNFRAC], bp[BP_MINFAST]
+    buf = np.zeros((K + 3) // 4 * 4 if out_bits != 8 else 0, dtype=np.uint8)
+    n32 = nfull if block == 32 else 0
+    amaxs = np.empty(n32, dtype=np.int32)
+    tb = np.empty(n32, dtype=np.int32)
+    for r in range(r0, r1):
+        row = raw[r]
+        dst = out[r] if out_bits == 8 else buf
+        srow = scales[r]
+        if block == 32:
+            for b in range(n32):
+                amaxs[b] = _abs_max32(row, b * 32)
+            nslow = 0
+            for b in range(n32):
+                sc = _scale(amaxs[b], flush, emax, rceil, mn_frac)
+                fast = sc != SCALE_NAN and sc - SCALE_BIAS >= min_fast
+                srow[b] = sc
+                tb[b] = I32(emin + sc) if fast else I32(SLOW)   # T = emin + 127 + s
+                nslow += 0 if fast else 1
+            nxt = raw[r + 1] if r + 1 < r1 else row
+            for b in range(n32):
+                T = tb[b]
+                U = I32(23 - m + T)
+                lo = b * 32
+                _prefetch(nxt, lo)        # the next row's block: its max pass then
+                _prefetch(nxt, lo + 16)   # finds it in cache (two 64-byte lines)
+                for i in range(32):
+                    xb = row[lo + i]
+                    dst[lo + i] = _code(_mag(xb, T, U, 23 - m, m, away), xb, bits, maxmag,
+                                        ovf_mag, is_int, asym, ovf_mag != maxmag)
+            if nslow:
+                for b in range(n32):
+                    if tb[b] == SLOW:
+                        srow[b] = _block_any(row, dst, b * 32, np.int64(32), ep, pp, bp, sa)
+        else:
+            for b in range(nfull):
+                srow[b] = _block_any(row, dst, b * block, block, ep, pp, bp, sa)
+        if K % block:
+            srow[nfull] = _block_any(row, dst, nfull * block, K % block, ep, pp, bp, sa)
+        if out_bits != 8:
+            _pack_row(buf, out[r], out_bits, K)
+
+
+@nb.njit(inline="always")
+def _encode_one(xb, T, U, bits, m, maxmag, ovf_mag, nan_mag, is_int, asym, away):
+    """Element-only conversion of one pattern (Inf overflows, NaN -> NaN code or +0)."""
+    mag = _mag(xb, T, U, 23 - m, m, away)
+    if (xb & 0x7F800000) == 0x7F800000:
+        mag = I32(maxmag + 1)   # Inf overflows at every scale (NaN is replaced below)
+    code = _code(mag, xb, bits, maxmag, ovf_mag, is_int, asym, ovf_mag != maxmag)
+    if (xb & 0x7FFFFFFF) > 0x7F800000:
+        code = I32(I32(I32(xb >> (32 - bits)) & (1 << (bits - 1))) | nan_mag) \
+            if nan_mag != 0 else I32(0)
+    return code
+
+
+# --------------------------------------------------------------------------- kernels
+class Kernels(NamedTuple):
+    quantize: object   # (raw, out, scales, block, ep, pp, bp, sa, out_bits, r0, r1)
+    encode: object     # (xb, out, emin + 127 + s, lo, hi): element-only
+
+
+@lru_cache(maxsize=None)
+def kernels(spec: Spec) -> Kernels:
+    """The serial kernels for one spec (threads: :func:`_run`).
+
+    Closures over plain ints and bools only, so the values are compile-time constants
+    and each specialisation compiles once per machine (numba's disk cache) rather than
+    once per process. Each gets its own ``__qualname__`` and with it its own cache
+    index file: specialisations sharing one index (same function, same signature,
+    different constants) could be handed each other's machine code when two processes
+    fill that index at once, as numba numbers the entries by what each process saw.
+    """
+    bits, m, maxmag, ovf_mag, nan_mag, is_int, asym, away = spec
+    tag = "_".join(str(int(v)) for v in spec)
+
+    def quantize(raw, out, scales, block, ep, pp, bp, sa, out_bits, r0, r1):
+        _rows(raw, out, scales, r0, r1, block, ep, pp, bp, sa, out_bits, bits, m, maxmag,
+              ovf_mag, is_int, asym, away)
+
+    def encode(xb, out, t, lo, hi):
+        T = I32(t)   # emin + 127 + s, as in _rows
+        U = I32(23 - m + T)
+        for i in range(lo, hi):
+            out[i] = _encode_one(xb[i], T, U, bits, m, maxmag, ovf_mag, nan_mag, is_int,
+                                 asym, away)
+
+    for fn in (quantize, encode):
+        fn.__qualname__ = f"kernels.{fn.__name__}_{tag}"
+    return Kernels(nb.njit(**_NB)(quantize), nb.njit(**_NB)(encode))
+
+
+# --------------------------------------------------------------------------- threads
+_pool_state: dict = {}
+CHUNKS_PER_THREAD = 4      # dynamic chunks: a core busy with other work takes fewer
+
+
+def _pool(n: int) -> ThreadPoolExecutor:
+    """A process-wide pool of n - 1 workers (the caller is the n-th); new after a fork."""
+    key = (os.getpid(), n)
+    if _pool_state.get("key") != key:
+        _pool_state["pool"] = ThreadPoolExecutor(max_workers=n - 1,
+                                                 thread_name_prefix="mxref")
+        _pool_state["key"] = key
+    return _pool_state["pool"]
+
+
+def _run(fn, args: tuple, n_items: int, n_elements: int) -> None:
+    """fn(*args, lo, hi) over [0, n_items), on numba.get_num_threads() threads.
+
+    The kernels are nogil, so plain threads run them in parallel: one serial kernel per
+    specialisation serves both cases (no second, parallel=True copy to compile), the
+    chunks are handed out dynamically, and idle workers sleep instead of spinning.
+    Small inputs run on the calling thread only (a hand-off costs ~30-50 us).
+    """
+    t = nb.get_num_threads()
+    if t < 2 or n_elements < PARALLEL_MIN or n_items < 2:
+        fn(*args, 0, n_items)
+        return
+    nch = min(n_items, t * CHUNKS_PER_THREAD)
+    bounds = [c * n_items // nch for c in range(nch + 1)]
+    chunks = iter(range(nch))   # shared: next() is atomic under the GIL
+
+    def work():
+        for c in chunks:
+            fn(*args, bounds[c], bounds[c + 1])
+
+    pool = _pool(t)
+    futures = [pool.submit(work) for _ in range(t - 1)]
+    work()
+    for f in futures:
+        f.result()
+
+
+def quantize_rows(raw, out, scales, block, fmt, profile, out_bits, ep, pp) -> None:
+    """raw (N, K) float32 bits (uint32 or int32, C-contiguous) -> scales (N, nbk) and out
+    (codes (N, K) for out_bits 8, else packed rows)."""
+    spec, bp, sa = spec_of(fmt, profile)
+    raw = raw.view(np.int32)
+    _run(kernels(spec).quantize, (raw, out, scales, block, ep, pp, bp, sa, out_bits),
+         raw.shape[0], raw.size)
+
+
+def encode_flat(xb, out, s, fmt, profile) -> None:
+    """Element-only conversion of flat float32 bits at scale 2^s
+    (``min_fast_scale <= s <= FAST_MAX_SCALE``)."""
+    spec, bp, _ = spec_of(fmt, profile)
+    _run(kernels(spec).encode, (xb.view(np.int32), out, np.int64(bp[BP_EMIN] + SCALE_BIAS + s)),
+         xb.size, xb.size)
+
+
+def min_fast_scale(fmt, profile) -> int:
+    return int(spec_of(fmt, profile)[1][BP_MINFAST])

@@ -162,8 +162,9 @@ def test_bad_inputs_raise_one_line_errors():
 def _f32_blocks(data, n_blocks, bs):
     """float32 blocks built to hit every branch of the fast path: random bits (NaN, Inf,
     subnormals), tiny blocks (scale clamped to 2^-127, the general-kernel fallback),
-    exact ties and values around max normal."""
-    kind = st.sampled_from(["bits", "tiny", "ties", "wide"])
+    exact ties and values around max normal, and the hand-made edge blocks of
+    _edge_blocks (scale at the fast path's lower limit, rceil boundaries, ...)."""
+    kind = st.sampled_from(["bits", "tiny", "ties", "wide", "edge"])
     out = []
     for _ in range(n_blocks):
         k = data.draw(kind)
@@ -176,6 +177,10 @@ def _f32_blocks(data, n_blocks, bs):
             m = data.draw(hnp.arrays(np.int64, bs, elements=st.integers(-255, 255)))
             e = data.draw(st.integers(-140, 120))
             b = (np.ldexp(m / 16.0, e)).astype(np.float32).view(np.uint32)
+        elif k == "edge":
+            fmt = data.draw(st.sampled_from(PACKED_FORMATS))
+            edge = _edge_blocks(fmt, bs, np.random.default_rng(data.draw(st.integers(0, 99))))
+            b = edge[data.draw(st.integers(0, len(edge) - 1))].view(np.uint32)
         else:
             g = data.draw(hnp.arrays(np.float64, bs, elements=st.floats(-1e4, 1e4)))
             b = (g * 2.0 ** data.draw(st.integers(-130, 100))).astype(np.float32).view(np.uint32)
@@ -183,19 +188,58 @@ def _f32_blocks(data, n_blocks, bs):
     return np.concatenate(out).view(np.float32)
 
 
-@settings(max_examples=80, deadline=None)
-@given(data=st.data(), fmt=st.sampled_from(PACKED_FORMATS),
-       profile=st.sampled_from(sorted(mxref.PRESETS)), bs=st.sampled_from([32, 16, 3]),
-       rows=st.integers(1, 3), extra=st.integers(0, 5),
-       dtype=st.sampled_from([np.float32, np.float32, ml_dtypes.bfloat16, np.float16]))
-def test_float32_fast_path_equals_the_general_kernel(data, fmt, profile, bs, rows, extra, dtype):
-    # float32, bfloat16 and float16 (widened exactly to float32) take the fast path;
-    # float64 input runs the general integer kernel on the same values
-    if dtype is np.float16 and profile == "ocp_ftz":
-        return  # float16 subnormals flush as input subnormals; as float64 they do not
+def _edge_blocks(fmt, bs, rng) -> list:
+    """Blocks of bs float32 values at the edges of the float32 fast path for ``fmt``.
+
+    The fast element arithmetic is exact for scale exponents s >= min_fast (it reads
+    FP32 subnormals as values below 2^-126 that must round to zero); blocks just at and
+    just below that limit hold subnormals, signed zeros and exact ties of the element
+    grid. Also: NaN/Inf/zero/all-subnormal blocks, the rceil boundary (amax at
+    max_normal * 2^k and one ulp either side), an FP32-subnormal amax, ties just
+    above max normal (overflow), the largest float32 and mixed binades.
+    """
+    from mxref.kernels_f32 import min_fast_scale
+    f = mxref.get_format(fmt)
+    min_fast = min_fast_scale(f, mxref.get_profile("ocp"))
+    m, emin, emax = f.step_bits, f.emin, f.emax
+    f32 = lambda v: np.asarray(v, np.float64).astype(np.float32)
+
+    def block(vals):
+        vals = np.resize(f32(vals), bs)
+        return vals * np.where(rng.random(bs) < 0.5, -1, 1).astype(np.float32)
+
+    def subnormals(k):
+        return rng.integers(0, 1 << 23, k).astype(np.uint32).view(np.float32)
+
+    out = []
+    for s in (min_fast, min_fast - 1, min_fast + 1):
+        grid = 2.0 ** (emin - m + s)           # element min subnormal at this scale
+        amax = 2.0 ** (s + emax) * 1.5         # floor scale = s
+        ties = (rng.integers(0, 16, bs) + 0.5) * grid
+        vals = np.concatenate([[amax], subnormals(bs // 3 + 1), [0.0], ties])
+        out.append(block(rng.permutation(vals[:max(bs, 1)])) if bs > 1 else block([amax]))
+        out.append(block(np.concatenate([[amax], subnormals(bs)])))
+    mn = f.max_normal
+    for k in (-127, -100, -3, 0, 7, 100):
+        top = mn * 2.0 ** k
+        for a in (top, np.nextafter(f32(top), np.inf), np.nextafter(f32(top), 0)):
+            out.append(block(np.concatenate([[a], rng.standard_normal(bs) * top / 4])))
+    sub = subnormals(bs)
+    out += [block([np.nan] + [1.0] * bs), block([np.inf] + [0.5] * bs),
+            block([-np.inf, np.nan]), block(np.zeros(bs)), block(sub),
+            block(np.concatenate([[np.uint32(0x7FFFFF).view(np.float32)], sub])),
+            block([np.finfo(np.float32).max, 1.0, np.finfo(np.float32).tiny]),
+            block(rng.standard_normal(bs) * 2.0 ** rng.integers(-149, 127, bs))]
+    step = 2.0 ** (emax - m)                   # ulp at max normal for scale 0
+    over = [mn + step / 2, mn + step / 4, mn - step / 2, mn + step, mn, 2 * mn]
+    out += [block(np.array(over) * 2.0 ** s) for s in (0, -20, 30)]
+    return [np.resize(b, bs) for b in out]
+
+
+def _assert_fast_path_equals_general(x, fmt, profile, bs):
+    """float32, bfloat16 and float16 (widened exactly to float32) take the fast path;
+    float64 input runs the general integer kernel on the same values."""
     with np.errstate(all="ignore"):
-        x = _f32_blocks(data, rows * 3, bs)[: rows * (3 * bs - extra)].reshape(rows, -1)
-        x = x.astype(dtype)
         fast = mxref.quantize(x, fmt, block_size=bs, profile=profile)
         general = mxref.quantize(x.astype(np.float64), fmt, block_size=bs, profile=profile)
     assert np.array_equal(fast.scales, general.scales)
@@ -204,9 +248,72 @@ def test_float32_fast_path_equals_the_general_kernel(data, fmt, profile, bs, row
     assert np.array_equal(packed.scales, general.scales)
     assert np.array_equal(packed.packed, pack_codes(general.codes, fmt))
     assert packed.unpack() == fast
+
+
+def _assert_encode_equals_general(x, fmt, profile, scales):
     with np.errstate(all="ignore"):
-        assert np.array_equal(mxref.encode(x, fmt, profile, 3),
-                              mxref.encode(x.astype(np.float64), fmt, profile, 3))
+        for s in scales:
+            assert np.array_equal(mxref.encode(x, fmt, profile, s),
+                                  mxref.encode(x.astype(np.float64), fmt, profile, s)), s
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data(), fmt=st.sampled_from(PACKED_FORMATS),
+       profile=st.sampled_from(sorted(mxref.PRESETS)), bs=st.sampled_from([32, 16, 3]),
+       rows=st.integers(1, 3), extra=st.integers(0, 5),
+       dtype=st.sampled_from([np.float32, np.float32, ml_dtypes.bfloat16, np.float16]))
+def test_float32_fast_path_equals_the_general_kernel(data, fmt, profile, bs, rows, extra, dtype):
+    if dtype is np.float16 and profile == "ocp_ftz":
+        return  # float16 subnormals flush as input subnormals; as float64 they do not
+    with np.errstate(all="ignore"):
+        x = _f32_blocks(data, rows * 3, bs)[: rows * (3 * bs - extra)].reshape(rows, -1)
+        x = x.astype(dtype)
+    _assert_fast_path_equals_general(x, fmt, profile, bs)
+    _assert_encode_equals_general(x, fmt, profile, [3])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.float16])
+@pytest.mark.parametrize("profile", sorted(mxref.PRESETS))
+@pytest.mark.parametrize("fmt", PACKED_FORMATS)
+def test_float32_fast_path_equals_the_general_kernel_on_edge_blocks(fmt, profile, dtype):
+    # every format x profile x input dtype, every edge block, at block sizes 32 (the
+    # vectorised full-block pass), 16 and 3 (the per-block kernel) and in a ragged tail
+    if dtype is np.float16 and profile == "ocp_ftz":
+        return  # as in the test above
+    from mxref.kernels_f32 import FAST_MAX_SCALE, min_fast_scale
+    rng = np.random.default_rng(PACKED_FORMATS.index(fmt))
+    for bs in (32, 16, 3):
+        blocks = _edge_blocks(fmt, bs, rng)
+        with np.errstate(all="ignore"):
+            x = np.concatenate(blocks).reshape(len(blocks), bs)
+            rows = np.stack([rng.permutation(x).reshape(-1) for _ in range(3)])
+            rows = np.concatenate([rows, rows[:, : bs + 5]], axis=1).astype(dtype)
+        _assert_fast_path_equals_general(rows, fmt, profile, bs)
+    lo = min_fast_scale(mxref.get_format(fmt), mxref.get_profile(profile))
+    _assert_encode_equals_general(rows, fmt, profile,
+                                  [0, 3, -5, lo, lo - 1, lo + 1, FAST_MAX_SCALE,
+                                   FAST_MAX_SCALE + 1])
+
+
+@pytest.mark.parametrize("fmt", PACKED_FORMATS)
+def test_float32_fast_path_threads_equal_the_general_kernel(fmt):
+    # big enough (>= PARALLEL_MIN elements) to be split over threads
+    import numba
+
+    from mxref.kernels_f32 import PARALLEL_MIN
+    rng = np.random.default_rng(11)
+    blocks = np.concatenate(_edge_blocks(fmt, 32, rng)).view(np.uint32)
+    x = rng.standard_normal((64, PARALLEL_MIN // 64 + 32)).astype(np.float32)
+    x *= np.exp2(rng.integers(-60, 60, (64, 1))).astype(np.float32)
+    x.reshape(-1)[: blocks.size] = blocks.view(np.float32)
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    try:
+        for profile in ("ocp", "rceil"):
+            _assert_fast_path_equals_general(x, fmt, profile, 32)
+            _assert_encode_equals_general(x, fmt, profile, [0])
+    finally:
+        numba.set_num_threads(before)
 
 
 def test_quantize_packed_layouts_and_axes():
