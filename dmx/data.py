@@ -237,7 +237,7 @@ def eval_windows(tokenizer, file, seqlen: int, max_windows: int | None = None,
 
     The text is tokenized once; windows are non-overlapping, the remainder is dropped,
     every token of a window is scored. ``join="file"``: the file's text as it is (the
-    number /work/shared/data quotes for tiny-qwen3, 116.0, is measured this way);
+    number dmx/data/README.md quotes for tiny-qwen3, 116.0, is measured this way);
     ``join="rows"``: GPTQ's ``"\\n\\n".join(dataset["text"])`` over the Hugging Face
     ``wikitext`` rows (every line a row, blank lines empty rows), which adds newlines.
     ``max_windows`` keeps the first N (a quick evaluation: the info says so).

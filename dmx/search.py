@@ -60,12 +60,8 @@ def _check_args(target_bits, ladder, steps, batch_size, lr, seqlen, samples, che
                        f"{checkpoint_every!r}")
     if weighting not in WEIGHTINGS:
         raise DMXError(f"--weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
-    target = float(target_bits)
-    lo, hi = lad.low.bits, lad.high.bits
-    if not (math.isfinite(target) and lo <= target <= hi):
-        raise DMXError(f"--target-bits {target_bits} is impossible with ladder {lad.name}: "
-                       f"choose a value in [{lo}, {hi}] (element bits of {lad.low.fmt} and "
-                       f"{lad.high.fmt})")
+    from dmx.baseline import check_target_bits  # one rule for search and the KL baseline
+    check_target_bits(target_bits, lad)
     for flag, value in (("--lr", lr), ("--t-start", t_start), ("--t-end", t_end)):
         if not (math.isfinite(value) and value > 0):
             raise DMXError(f"{flag} must be a positive number, got {value!r}")
