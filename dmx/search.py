@@ -36,7 +36,7 @@ DEFAULTS = dict(ladder="fp8-fp4", weights_only=False, calib=None, seqlen=2048, s
                 distill=False, weighting="simple", checkpoint_every=50, resume=False,
                 init="low", fill_budget=True,
                 delay=0.6, t_start=0.4, t_end=20.0, lam=5.0, checkpoint_dir=None, include=None,
-                device_map=None)
+                device_map=None, gradient_checkpointing=False)
 WEIGHTINGS = ("simple", "size")  # the averages the paper trains against (macs is report-only)
 INITS = ("low", "target")  # where the offsets start (dmx.assign.offset_for_bits for target)
 
@@ -124,7 +124,8 @@ def search(model_dir, target_bits, ladder="fp8-fp4", weights_only=False, calib=N
            out=None, force=False, distill=False, weighting="simple", checkpoint_every=50,
            init="low", fill_budget=True,
            resume=False, delay=0.6, t_start=0.4, t_end=20.0, lam=5.0, checkpoint_dir=None,
-           include=None, progress=True, callback=None, device_map=None) -> dict:
+           include=None, progress=True, callback=None, device_map=None,
+           gradient_checkpointing=False) -> dict:
     """Run a dMX search and write OUT; returns a summary dict (formats, achieved bits, ...).
 
     ``calib``: text files (default: the embedded wiki.valid.raw). ``samples``: calibration
@@ -136,6 +137,8 @@ def search(model_dir, target_bits, ladder="fp8-fp4", weights_only=False, calib=N
     assignment, promote the units nearest to the next rung while the average stays <=
     target (dmx.assign; units over the target are always demoted). ``device_map``
     ("auto", ...): place the model with accelerate over the GPUs instead of on ``device``.
+    ``gradient_checkpointing``: recompute each decoder block in backward (less activation
+    memory, same gradients; dmx.train.checkpoint_blocks).
     Under torchrun (``WORLD_SIZE`` > 1) every process runs its share of each step's
     ``batch_size`` windows and only rank 0 writes (dmx.distributed).
     """
@@ -195,6 +198,9 @@ def search(model_dir, target_bits, ladder="fp8-fp4", weights_only=False, calib=N
     layers = distributed.agree(dctx, wrap_model, model, lad, include=include,
                                quantize_activations=not weights_only)
     distributed.pin_layer_devices(layers)  # Triton launches on the current GPU
+    if gradient_checkpointing:
+        from dmx.train import checkpoint_blocks
+        checkpoint_blocks(model)
     if init == "target":  # wrap_model put them on the low rung
         from dmx.assign import offset_for_bits
 
@@ -336,6 +342,9 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
                    help="continue an interrupted search from its checkpoint")
     p.add_argument("--force", action="store_true",
                    help="overwrite OUT / discard an old checkpoint")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each decoder block in backward: less activation memory "
+                        "for long --seqlen / large --batch-size, same result, ~1.3x time")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-o", "--out", required=True, help="output directory (written atomically)")
     return p
@@ -356,6 +365,8 @@ def run_search(args) -> int:
         cfg = _config_from_args(args)
         ckpt_dir = stop.checkpoint.parent if hasattr(stop.checkpoint, "parent") else ""
         command = _resume_command(cfg, args.out, ckpt_dir, bool(args.checkpoint_dir))
+        if getattr(args, "gradient_checkpointing", False):
+            command += " --gradient-checkpointing"
         for flag in ("device", "device_map"):  # where it ran: not settings, but needed
             if getattr(args, flag, None) not in (None, DEFAULTS["device"]):
                 command += f" --{flag.replace('_', '-')} {shlex.quote(getattr(args, flag))}"

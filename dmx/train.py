@@ -26,7 +26,7 @@ from dmx.layers import dmx_parameters, set_temperature
 from dmx.penalty import average_bits, hinge_penalty
 
 __all__ = ["TrainConfig", "SearchInterrupted", "batch_indices", "quantization_bypassed",
-           "hard_bits", "train_offsets"]
+           "hard_bits", "train_offsets", "checkpoint_blocks"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,44 @@ def batch_indices(seed: int, step: int, n_windows: int, batch_size: int) -> torc
         g = torch.Generator().manual_seed(int(seed) * 1_000_003 + epoch)
         out.append(int(torch.randperm(n_windows, generator=g)[i]))
     return torch.tensor(out, dtype=torch.long)
+
+
+def _decoder_blocks(model) -> torch.nn.ModuleList:
+    """The transformer blocks of a Hugging Face causal LM: the ModuleList holding
+    config.num_hidden_layers modules (model.model.layers for Llama/Qwen/Mistral...)."""
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n and n:
+            return module
+    raise DMXError("--gradient-checkpointing: found no list of config.num_hidden_layers "
+                   "decoder blocks in this model; run without it")
+
+
+def checkpoint_blocks(model) -> int:
+    """Recompute each decoder block's activations in backward instead of keeping them
+    (activation memory of one block instead of all; one extra forward per step).
+
+    Our own wrapper rather than transformers' gradient_checkpointing_enable(): that one
+    only checkpoints modules in training mode, and the search keeps the model in eval
+    mode (no dropout). Non-reentrant checkpointing: the frozen inputs need no grad, and
+    the recomputed forward is the same computation (same temperature, same offsets), so
+    the offsets' gradients are unchanged bit for bit. Returns the number of blocks."""
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = _decoder_blocks(model)
+    for block in blocks:
+        if getattr(block, "_dmx_checkpointed", False):
+            continue
+        inner = block.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            if not torch.is_grad_enabled():
+                return _inner(*args, **kwargs)
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward  # instance attribute: shadows the class's forward
+        block._dmx_checkpointed = True
+    return len(blocks)
 
 
 @contextlib.contextmanager
