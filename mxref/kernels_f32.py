@@ -2,15 +2,16 @@
 
 Same arithmetic as :func:`mxref.kernels.encode_finite` (value = sig * 2^(e - 23),
 divide by 2^s by subtracting s from the exponent, round the significand with an
-integer shift), restricted so that LLVM can vectorise it with 32-bit lanes:
+integer shift), restricted so that LLVM can vectorise it with 32-bit lanes. Why each
+restriction keeps the result bit-identical:
 
-* every format/profile choice is a compile-time constant: one kernel is built per
-  :class:`Spec` (closures over plain ints, cached on disk by numba like any other
-  ``cache=True`` function), so the element loop has no runtime flags;
-* all element arithmetic is int32 (written with explicit ``np.int32`` truncations
-  because numba widens int32 operations to int64); the ranges fit: E <= 255,
-  sig < 2^24, sig + 2^24 < 2^25, and ``(e2 - emin) << m`` stays below 2^15 for every
-  scale the fast path accepts (s >= ``min_fast`` > -128, s <= ``FAST_MAX_SCALE``);
+* every format/profile choice the element loop sees is a compile-time constant: one
+  kernel per :class:`Spec` (see :func:`kernels`); choices that only enter per-block
+  scalar work (scale rule, flushing, emin/emax) are runtime values;
+* all element arithmetic is int32 (written with explicit ``np.int32`` truncations,
+  because numba widens int32 operations to int64): E <= 255, sig < 2^24,
+  sig + 2^24 < 2^25, and ``(e2 - emin) << m`` < 2^15 for every scale the fast path
+  accepts (``min_fast`` <= s <= ``FAST_MAX_SCALE``);
 * the shift is capped at 25: the significand is below 2^24, so any shift >= 25
   rounds to 0 exactly as the uncapped shift does;
 * FP32-subnormal inputs (E = 0) are NOT decoded: the element loop reads every
@@ -33,11 +34,16 @@ integer shift), restricted so that LLVM can vectorise it with 32-bit lanes:
   23-bit fraction with max_normal's (every format's max_normal is a float32), with the
   general :func:`mxref.kernels.scale_from_amax` for an FP32-subnormal amax.
 
-Codes go to a row buffer and are packed from there (FP4: one uint16 of two codes ->
-one byte; FP6: one uint32 of four codes -> three bytes), all vectorisable loops.
+Rows of full 32-blocks go in passes (:func:`_rows`): block maxima, scales, then the
+codes of every block, while the next row is prefetched; blocks the fast arithmetic
+must not handle (NaN/Inf, zero, s < min_fast) are redone by :func:`_block_any`, which
+also serves other block sizes and ragged tails. Packed output goes through a row
+buffer (FP4: one uint16 of two codes -> one byte; FP6: one uint32 of four codes ->
+three bytes). Large inputs are split over numba.get_num_threads() threads.
+
 Bit-identity with the general kernels is checked by the exhaustive ``mxref sweep``
 (element-only conversion at scale 0 runs the same ``_mag``/``_code`` as the blocks)
-and by tests comparing both paths on adversarial blocks at every scale.
+and by tests comparing both paths on edge-case blocks for every format and profile.
 """
 from __future__ import annotations
 
@@ -144,7 +150,7 @@ def _prefetch(typingctx, row, lo):
         i32 = ir.IntType(32)
         fn = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-            "llvm.prefetch.p0")
+            "llvm.prefetch.p0i8")   # the typed-pointer name; newer LLVM upgrades it
         ptr = builder.bitcast(builder.gep(ary.data, [idx]), i8p)
         # read, locality 3 (keep in all levels), data cache
         builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
@@ -250,6 +256,41 @@ def _block_any(row, dst, lo, n, ep, pp, bp, sa):
     return sc
 
 
+@intrinsic
+def _pack6x16(typingctx, buf, lo, out, olo):
+    """FP6-pack the 64 codes buf[lo:lo+64] into the 48 bytes out[olo:olo+48] (no bounds
+    check): each uint32 of four codes becomes its 24-bit word as in _pack_row, then one
+    byte shuffle drops every fourth byte (a vpermb on AVX-512 VBMI)."""
+    u8 = types.Array(types.uint8, 1, "C")
+    if not (buf == u8 and out == u8 and isinstance(lo, types.Integer)
+            and isinstance(olo, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        src = context.make_array(signature.args[0])(context, builder, args[0])
+        dst = context.make_array(signature.args[2])(context, builder, args[2])
+        i = context.cast(builder, args[1], signature.args[1], types.intp)
+        o = context.cast(builder, args[3], signature.args[3], types.intp)
+        v32, v64, v48 = (ir.VectorType(ir.IntType(n), k) for n, k in ((32, 16), (8, 64), (8, 48)))
+        w = builder.load(builder.bitcast(builder.gep(src.data, [i]), v32.as_pointer()), align=1)
+
+        def splat(c):
+            return ir.Constant(v32, [c] * 16)
+
+        p = builder.and_(w, splat(0x3F))
+        for sh, mask in ((2, 0xFC0), (4, 0x3F000), (6, 0xFC0000)):
+            p = builder.or_(p, builder.and_(builder.lshr(w, splat(sh)), splat(mask)))
+        b = builder.bitcast(p, v64)
+        keep = ir.Constant(ir.VectorType(ir.IntType(32), 48),
+                           [4 * j + t for j in range(16) for t in range(3)])
+        packed = builder.shuffle_vector(b, ir.Constant(v64, None), keep)
+        builder.store(packed, builder.bitcast(builder.gep(dst.data, [o]), v48.as_pointer()),
+                      align=1)
+        return context.get_dummy_value()
+
+    return types.none(buf, lo, out, olo), codegen
+
+
 @nb.njit(**_NB)
 def _pack_row(buf, out, out_bits, K):
     """Pack the zero-padded codes buf[:K] into one row (layouts of mxref.pack).
@@ -264,8 +305,10 @@ def _pack_row(buf, out, out_bits, K):
             out[j] = (w | (w >> 4)) & 0xFF
     else:
         ng = (K + 3) // 4
+        for c in range(ng // 16):
+            _pack6x16(buf, 64 * c, out, 48 * c)
         b32 = buf[:4 * ng].view(np.uint32)
-        for j in range(ng):
+        for j in range(ng // 16 * 16, ng):
             w = b32[j]
             p = (w & 0x3F) | ((w >> 2) & 0xFC0) | ((w >> 4) & 0x3F000) | ((w >> 6) & 0xFC0000)
             out[3 * j] = p & 0xFF
@@ -273,7 +316,7 @@ def _pack_row(buf, out, out_bits, K):
             out[3 * j + 2] = p >> 16
 
 
-SLOW = -1024   # _rows: block-offset sentinel for blocks that _block_any redoes
+SLOW = -1024   # _rows: the T of blocks that _block_any redoes (any T is harmless)
 
 
 @nb.njit(inline="always")
@@ -393,6 +436,9 @@ def _pool(n: int) -> ThreadPoolExecutor:
     """A process-wide pool of n - 1 workers (the caller is the n-th); new after a fork."""
     key = (os.getpid(), n)
     if _pool_state.get("key") != key:
+        old = _pool_state.get("pool")
+        if old is not None and _pool_state["key"][0] == key[0]:
+            old.shutdown(wait=False)   # thread count changed: let the old workers go
         _pool_state["pool"] = ThreadPoolExecutor(max_workers=n - 1,
                                                  thread_name_prefix="mxref")
         _pool_state["key"] = key
