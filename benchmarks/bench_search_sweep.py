@@ -225,8 +225,9 @@ def _write_results(args, rows, eval_walls, report: str, reference: dict,
              f"{args.threads or 'default'} thread(s) each"
              f"{' (finished OUTs reused: their own wall times)' if args.reuse else ''}.",
              f"Unquantized model: {reference['protocol']}.", "",
-             "## Report (`dmx report`)", "", report.strip(), "",
-             "![perplexity vs average bits](search_pareto.png)", "",
+             "## Report (`dmx report`)", "",
+             # the report's plot is copied next to this file under another name
+             report.strip().replace("](pareto.png)", "](search_pareto.png)"), "",
              "## Wall time per step of the sweep", "", "| run | produce (s) | eval (s) |",
              "|---|---|---|"]
     for label, _, wall, _ in rows:
