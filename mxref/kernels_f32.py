@@ -6,8 +6,8 @@ integer shift), restricted so that LLVM can vectorise it with 32-bit lanes. Why 
 restriction keeps the result bit-identical:
 
 * every format/profile choice the element loop sees is a compile-time constant: one
-  kernel per :class:`Spec` (see :func:`kernels`); choices that only enter per-block
-  scalar work (scale rule, flushing, emin/emax) are runtime values;
+  kernel per :class:`Spec` (see :func:`quantize_kernel`); choices that only enter
+  per-block scalar work (scale rule, flushing, emin/emax) are runtime values;
 * all element arithmetic is int32 (written with explicit ``np.int32`` truncations,
   because numba widens int32 operations to int64): E <= 255, sig < 2^24,
   sig + 2^24 < 2^25, and ``(e2 - emin) << m`` < 2^15 for every scale the fast path
@@ -28,18 +28,19 @@ restriction keeps the result bit-identical:
 * the block's largest |bits| (max of ``bits & 0x7FFFFFFF`` = largest magnitude for
   non-NaN patterns, and >= 0x7F800000 exactly when the block holds a NaN or an Inf)
   is one 32-lane vector load and an LLVM ``vector.reduce.umax`` for the default block
-  size (LLVM unrolls a 32-step scalar max loop but does not vectorise it). Flushing
-  FP32 subnormals commutes with the max (it is monotone), so it is applied after it;
+  size (LLVM unrolls a 32-step scalar max loop but does not vectorise it; other sizes
+  take 16 or 8 lanes at a time where they can). Flushing FP32 subnormals commutes
+  with the max (it is monotone), so it is applied after it;
 * the floor scale is the exponent field of amax; the rceil scale compares amax's
   23-bit fraction with max_normal's (every format's max_normal is a float32), with the
   general :func:`mxref.kernels.scale_from_amax` for an FP32-subnormal amax.
 
-Rows of full 32-blocks go in passes (:func:`_rows`): block maxima, scales, then the
-codes of every block, while the next row is prefetched; blocks the fast arithmetic
-must not handle (NaN/Inf, zero, s < min_fast) are redone by :func:`_block_any`, which
-also serves other block sizes and ragged tails. Packed output goes through a row
-buffer (FP4: one uint16 of two codes -> one byte; FP6: one uint32 of four codes ->
-three bytes). Large inputs are split over numba.get_num_threads() threads.
+Rows go in passes (:func:`_rows32`, :func:`_rows_any` for other block sizes): block
+maxima, scales, then the codes of every block, while the next row is prefetched; blocks
+the fast arithmetic must not handle (NaN/Inf, zero, s < min_fast) and ragged tails are
+done by :func:`_block_any`. Packed output goes through a row buffer (FP4: one uint16 of
+two codes -> one byte; FP6: one uint32 of four codes -> three bytes). Inputs of
+PARALLEL_MIN elements or more are split over numba.get_num_threads() threads.
 
 Bit-identity with the general kernels is checked by the exhaustive ``mxref sweep``
 (element-only conversion at scale 0 runs the same ``_mag``/``_code`` as the blocks)
@@ -114,26 +115,30 @@ def spec_of(fmt, profile) -> tuple[Spec, np.ndarray, np.ndarray]:
 
 
 # --------------------------------------------------------------------------- pieces
-@intrinsic
-def _abs_max32(typingctx, row, lo):
-    """max(row[lo:lo+32] & 0x7FFFFFFF) for a C-contiguous int32/uint32 row (no bounds
-    check: the caller guarantees lo + 32 <= row.size); one vector load + reduce.umax."""
+@intrinsic(prefer_literal=True)
+def _abs_max(typingctx, row, lo, n):
+    """max(row[lo:lo+n] & 0x7FFFFFFF) for a C-contiguous int32/uint32 row and a
+    compile-time n (no bounds check: the caller guarantees lo + n <= row.size); one
+    <n x i32> load + llvm.vector.reduce.umax, which LLVM splits into vector registers."""
     if not (isinstance(row, types.Array) and row.ndim == 1 and row.layout == "C"
-            and row.dtype in (types.int32, types.uint32) and isinstance(lo, types.Integer)):
+            and row.dtype in (types.int32, types.uint32) and isinstance(lo, types.Integer)
+            and isinstance(n, types.IntegerLiteral) and n.literal_value >= 1):
         return None
+    width = n.literal_value
 
     def codegen(context, builder, signature, args):
         ary = context.make_array(signature.args[0])(context, builder, args[0])
         idx = context.cast(builder, args[1], signature.args[1], types.intp)
         i32 = ir.IntType(32)
-        vty = ir.VectorType(i32, 32)
+        vty = ir.VectorType(i32, width)
         ptr = builder.bitcast(builder.gep(ary.data, [idx]), vty.as_pointer())
-        v = builder.and_(builder.load(ptr, align=4), ir.Constant(vty, [0x7FFFFFFF] * 32))
+        v = builder.and_(builder.load(ptr, align=4),
+                         ir.Constant(vty, [0x7FFFFFFF] * width))
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32, [vty]),
-                                            "llvm.vector.reduce.umax.v32i32")
+                                            f"llvm.vector.reduce.umax.v{width}i32")
         return builder.call(fn, [v])
 
-    return types.int32(row, lo), codegen
+    return types.int32(row, lo, n), codegen
 
 
 @intrinsic
@@ -316,66 +321,151 @@ def _pack_row(buf, out, out_bits, K):
             out[3 * j + 2] = p >> 16
 
 
-SLOW = -1024   # _rows: the T of blocks that _block_any redoes (any T is harmless)
+SLOW = -1024   # the T of blocks that _block_any redoes (any T is harmless in _mag)
+
+
+@nb.njit(**_NB)
+def _scale_pass(amaxs, srow, tb, nfull, bp):
+    """Scales of a row's full blocks from their maxima, and each block's T = emin + 127 + s
+    for the code pass (SLOW where _block_any must redo the block); returns how many are
+    SLOW. A loop of selects over the blocks (it vectorises)."""
+    flush, emin, emax = bp[BP_FLUSH], bp[BP_EMIN], bp[BP_EMAX]
+    rceil, mn_frac, min_fast = bp[BP_RCEIL], bp[BP_MNFRAC], bp[BP_MINFAST]
+    nslow = 0
+    for b in range(nfull):
+        sc = _scale(amaxs[b], flush, emax, rceil, mn_frac)
+        fast = sc != SCALE_NAN and sc - SCALE_BIAS >= min_fast
+        srow[b] = sc
+        tb[b] = I32(emin + sc) if fast else I32(SLOW)
+        nslow += 0 if fast else 1
+    return nslow
+
+
+@nb.njit(**_NB)
+def _finish_row(row, dst, srow, tb, nfull, block, nslow, buf, orow, out_bits, ep, pp, bp,
+                sa):
+    """The SLOW blocks and the ragged tail of a row (_block_any), then its packing."""
+    K = row.size
+    if nslow:
+        for b in range(nfull):
+            if tb[b] == SLOW:
+                srow[b] = _block_any(row, dst, b * block, np.int64(block), ep, pp, bp, sa)
+    if K % block:
+        srow[nfull] = _block_any(row, dst, nfull * block, np.int64(K % block), ep, pp, bp,
+                                 sa)
+    if out_bits != 8:
+        _pack_row(buf, orow, out_bits, K)
 
 
 @nb.njit(inline="always")
-def _rows(raw, out, scales, r0, r1, block, ep, pp, bp, sa, out_bits, bits, m, maxmag,
-          ovf_mag, is_int, asym, away):
-    """Rows r0..r1 of raw (N, K) int32 bits -> scales (N, nbk) and out: codes (N, K) when
-    out_bits == 8, else packed rows (the codes go through a zero-padded row buffer).
+def _rows32(raw, out, scales, r0, r1, ep, pp, bp, sa, out_bits, bits, m, maxmag, ovf_mag,
+            is_int, asym, away):
+    """Rows r0..r1 of raw (N, K) int32 bits in blocks of 32 -> scales (N, nbk) and out:
+    codes (N, K) when out_bits == 8, else packed rows (the codes go through a
+    zero-padded row buffer).
 
-    Full blocks of 32 go in passes over the row, each a straight loop that vectorises:
-    block maxima, scales (and the per-block T of _mag, or SLOW), element codes of every
-    block with its T; then the few SLOW blocks (NaN/Inf, zero, tiny scale, rceil of a
-    subnormal amax) are redone by _block_any. The passes are written out here rather
-    than in inlined helpers: numba reference-counts arrays passed to inlined functions,
-    which costs more than a block; the helpers called in the loops take scalars only.
+    Each row goes in passes, each a straight loop that vectorises: block maxima (one
+    vector load per half block), scales and per-block T (as _scale_pass), the codes of
+    every block with its T (loops of 32) while the next row is prefetched; then the few
+    SLOW blocks (NaN/Inf, zero, tiny scale, rceil of a subnormal amax), the ragged tail
+    and the packing (as _finish_row). Everything is written out here rather than in
+    inlined helpers (numba reference-counts arrays passed to inlined functions, more
+    than a block costs) or called per row (measurably slower than this copy); the
+    helpers inlined into the loops take scalars only.
     """
     K = raw.shape[1]
-    nfull = K // block
+    nfull = K // 32
     flush, emin, emax = bp[BP_FLUSH], bp[BP_EMIN], bp[BP_EMAX]
     rceil, mn_frac, min_fast = bp[BP_RCEIL], bp[BP_MNFRAC], bp[BP_MINFAST]
     buf = np.zeros((K + 3) // 4 * 4 if out_bits != 8 else 0, dtype=np.uint8)
-    n32 = nfull if block == 32 else 0
-    amaxs = np.empty(n32, dtype=np.int32)
-    tb = np.empty(n32, dtype=np.int32)
+    amaxs = np.empty(nfull, dtype=np.int32)
+    tb = np.empty(nfull, dtype=np.int32)
     for r in range(r0, r1):
         row = raw[r]
         dst = out[r] if out_bits == 8 else buf
         srow = scales[r]
-        if block == 32:
-            for b in range(n32):
-                amaxs[b] = _abs_max32(row, b * 32)
-            nslow = 0
-            for b in range(n32):
-                sc = _scale(amaxs[b], flush, emax, rceil, mn_frac)
-                fast = sc != SCALE_NAN and sc - SCALE_BIAS >= min_fast
-                srow[b] = sc
-                tb[b] = I32(emin + sc) if fast else I32(SLOW)   # T = emin + 127 + s
-                nslow += 0 if fast else 1
-            nxt = raw[r + 1] if r + 1 < r1 else row
-            for b in range(n32):
-                T = tb[b]
-                U = I32(23 - m + T)
-                lo = b * 32
-                _prefetch(nxt, lo)        # the next row's block: its max pass then
-                _prefetch(nxt, lo + 16)   # finds it in cache (two 64-byte lines)
-                for i in range(32):
-                    xb = row[lo + i]
-                    dst[lo + i] = _code(_mag(xb, T, U, 23 - m, m, away), xb, bits, maxmag,
-                                        ovf_mag, is_int, asym, ovf_mag != maxmag)
-            if nslow:
-                for b in range(n32):
-                    if tb[b] == SLOW:
-                        srow[b] = _block_any(row, dst, b * 32, np.int64(32), ep, pp, bp, sa)
-        else:
+        for b in range(nfull):
+            amaxs[b] = _abs_max(row, b * 32, 32)
+        nslow = 0
+        for b in range(nfull):
+            sc = _scale(amaxs[b], flush, emax, rceil, mn_frac)
+            fast = sc != SCALE_NAN and sc - SCALE_BIAS >= min_fast
+            srow[b] = sc
+            tb[b] = I32(emin + sc) if fast else I32(SLOW)   # T = emin + 127 + s
+            nslow += 0 if fast else 1
+        nxt = raw[r + 1] if r + 1 < r1 else row
+        for b in range(nfull):
+            T = tb[b]
+            U = I32(23 - m + T)
+            lo = b * 32
+            _prefetch(nxt, lo)        # the next row's block: its max pass then finds it
+            _prefetch(nxt, lo + 16)   # in cache (two 64-byte lines)
+            for i in range(32):
+                xb = row[lo + i]
+                dst[lo + i] = _code(_mag(xb, T, U, 23 - m, m, away), xb, bits, maxmag,
+                                    ovf_mag, is_int, asym, ovf_mag != maxmag)
+        if nslow:
             for b in range(nfull):
-                srow[b] = _block_any(row, dst, b * block, block, ep, pp, bp, sa)
-        if K % block:
-            srow[nfull] = _block_any(row, dst, nfull * block, K % block, ep, pp, bp, sa)
+                if tb[b] == SLOW:
+                    srow[b] = _block_any(row, dst, b * 32, np.int64(32), ep, pp, bp, sa)
+        if K % 32:
+            srow[nfull] = _block_any(row, dst, nfull * 32, np.int64(K % 32), ep, pp, bp, sa)
         if out_bits != 8:
             _pack_row(buf, out[r], out_bits, K)
+
+
+@nb.njit(inline="always")
+def _rows_any(raw, out, scales, r0, r1, block, ep, pp, bp, sa, out_bits, bits, m, maxmag,
+              ovf_mag, is_int, asym, away):
+    """_rows32 for any block size (a runtime value). Maxima go 16 or 8 lanes at a time
+    when the block allows, and the code pass is one loop over the row with T spread to
+    every element (per-block loops of unknown length vectorised badly, even for 64+)."""
+    K = raw.shape[1]
+    nfull = K // block
+    buf = np.zeros((K + 3) // 4 * 4 if out_bits != 8 else 0, dtype=np.uint8)
+    amaxs = np.empty(nfull, dtype=np.int32)
+    tb = np.empty(nfull, dtype=np.int32)
+    te = np.empty(nfull * block, dtype=np.int32)
+    for r in range(r0, r1):
+        row = raw[r]
+        dst = out[r] if out_bits == 8 else buf
+        for b in range(nfull):
+            a = I32(0)
+            if block % 16 == 0:
+                for j in range(b * block, (b + 1) * block, 16):
+                    a = max(a, _abs_max(row, j, 16))
+            elif block % 8 == 0:
+                for j in range(b * block, (b + 1) * block, 8):
+                    a = max(a, _abs_max(row, j, 8))
+            else:
+                for i in range(b * block, (b + 1) * block):
+                    a = max(a, I32(row[i] & 0x7FFFFFFF))
+            amaxs[b] = a
+        nslow = _scale_pass(amaxs, scales[r], tb, nfull, bp)
+        if r + 1 < r1:
+            nxt = raw[r + 1]
+            for i in range(0, K, 16):
+                _prefetch(nxt, i)
+        for b in range(nfull):   # T spread to every element, then one loop over the row
+            T = tb[b]
+            if block % 16 == 0:
+                for j in range(b * block, (b + 1) * block, 16):
+                    for i in range(16):
+                        te[j + i] = T
+            elif block % 8 == 0:
+                for j in range(b * block, (b + 1) * block, 8):
+                    for i in range(8):
+                        te[j + i] = T
+            else:
+                for i in range(b * block, (b + 1) * block):
+                    te[i] = T
+        for i in range(nfull * block):
+            xb = row[i]
+            T = te[i]
+            dst[i] = _code(_mag(xb, T, I32(23 - m + T), 23 - m, m, away), xb, bits, maxmag,
+                           ovf_mag, is_int, asym, ovf_mag != maxmag)
+        _finish_row(row, dst, scales[r], tb, nfull, block, nslow, buf, out[r], out_bits, ep,
+                    pp, bp, sa)
 
 
 @nb.njit(inline="always")
@@ -392,28 +482,42 @@ def _encode_one(xb, T, U, bits, m, maxmag, ovf_mag, nan_mag, is_int, asym, away)
 
 
 # --------------------------------------------------------------------------- kernels
-class Kernels(NamedTuple):
-    quantize: object   # (raw, out, scales, block, ep, pp, bp, sa, out_bits, r0, r1)
-    encode: object     # (xb, out, emin + 127 + s, lo, hi): element-only
+def _named(fn, tag: str):
+    """fn compiled (nogil, disk cache) under its own ``__qualname__``, and with it its own
+    cache index file: specialisations sharing one index (same function and signature,
+    different closure constants) could be handed each other's machine code when two
+    processes fill that index at once, as numba numbers the entries by what each saw."""
+    fn.__qualname__ = f"{fn.__name__}_{tag}"
+    return nb.njit(**_NB)(fn)
 
 
 @lru_cache(maxsize=None)
-def kernels(spec: Spec) -> Kernels:
-    """The serial kernels for one spec (threads: :func:`_run`).
+def quantize_kernel(spec: Spec, any_block: bool):
+    """(raw, out, scales, block, ep, pp, bp, sa, out_bits, r0, r1) -> None for one spec:
+    blocks of 32 (``block`` is ignored), or any block size (threads: :func:`_run`).
 
-    Closures over plain ints and bools only, so the values are compile-time constants
-    and each specialisation compiles once per machine (numba's disk cache) rather than
-    once per process. Each gets its own ``__qualname__`` and with it its own cache
-    index file: specialisations sharing one index (same function, same signature,
-    different constants) could be handed each other's machine code when two processes
-    fill that index at once, as numba numbers the entries by what each process saw.
+    Closures over plain ints and bools only, so they are compile-time constants and each
+    specialisation compiles once per machine (numba's disk cache, ~1 s), not per process.
     """
     bits, m, maxmag, ovf_mag, nan_mag, is_int, asym, away = spec
-    tag = "_".join(str(int(v)) for v in spec)
 
-    def quantize(raw, out, scales, block, ep, pp, bp, sa, out_bits, r0, r1):
-        _rows(raw, out, scales, r0, r1, block, ep, pp, bp, sa, out_bits, bits, m, maxmag,
-              ovf_mag, is_int, asym, away)
+    if any_block:
+        def quantize_any(raw, out, scales, block, ep, pp, bp, sa, out_bits, r0, r1):
+            _rows_any(raw, out, scales, r0, r1, block, ep, pp, bp, sa, out_bits, bits, m,
+                      maxmag, ovf_mag, is_int, asym, away)
+        fn = quantize_any
+    else:
+        def quantize32(raw, out, scales, block, ep, pp, bp, sa, out_bits, r0, r1):
+            _rows32(raw, out, scales, r0, r1, ep, pp, bp, sa, out_bits, bits, m, maxmag,
+                    ovf_mag, is_int, asym, away)
+        fn = quantize32
+    return _named(fn, "_".join(str(int(v)) for v in spec))
+
+
+@lru_cache(maxsize=None)
+def encode_kernel(spec: Spec):
+    """(xb, out, emin + 127 + s, lo, hi) -> None: element-only conversion for one spec."""
+    bits, m, maxmag, ovf_mag, nan_mag, is_int, asym, away = spec
 
     def encode(xb, out, t, lo, hi):
         T = I32(t)   # emin + 127 + s, as in _rows
@@ -422,9 +526,7 @@ def kernels(spec: Spec) -> Kernels:
             out[i] = _encode_one(xb[i], T, U, bits, m, maxmag, ovf_mag, nan_mag, is_int,
                                  asym, away)
 
-    for fn in (quantize, encode):
-        fn.__qualname__ = f"kernels.{fn.__name__}_{tag}"
-    return Kernels(nb.njit(**_NB)(quantize), nb.njit(**_NB)(encode))
+    return _named(encode, "_".join(str(int(v)) for v in spec))
 
 
 # --------------------------------------------------------------------------- threads
@@ -477,15 +579,15 @@ def quantize_rows(raw, out, scales, block, fmt, profile, out_bits, ep, pp) -> No
     (codes (N, K) for out_bits 8, else packed rows)."""
     spec, bp, sa = spec_of(fmt, profile)
     raw = raw.view(np.int32)
-    _run(kernels(spec).quantize, (raw, out, scales, block, ep, pp, bp, sa, out_bits),
-         raw.shape[0], raw.size)
+    _run(quantize_kernel(spec, block != 32), (raw, out, scales, block, ep, pp, bp, sa,
+                                              out_bits), raw.shape[0], raw.size)
 
 
 def encode_flat(xb, out, s, fmt, profile) -> None:
     """Element-only conversion of flat float32 bits at scale 2^s
     (``min_fast_scale <= s <= FAST_MAX_SCALE``)."""
     spec, bp, _ = spec_of(fmt, profile)
-    _run(kernels(spec).encode, (xb.view(np.int32), out, np.int64(bp[BP_EMIN] + SCALE_BIAS + s)),
+    _run(encode_kernel(spec), (xb.view(np.int32), out, np.int64(bp[BP_EMIN] + SCALE_BIAS + s)),
          xb.size, xb.size)
 
 

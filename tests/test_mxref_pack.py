@@ -202,7 +202,9 @@ def _edge_blocks(fmt, bs, rng) -> list:
     f = mxref.get_format(fmt)
     min_fast = min_fast_scale(f, mxref.get_profile("ocp"))
     m, emin, emax = f.step_bits, f.emin, f.emax
-    f32 = lambda v: np.asarray(v, np.float64).astype(np.float32)
+
+    def f32(v):
+        return np.asarray(v, np.float64).astype(np.float32)
 
     def block(vals):
         vals = np.resize(f32(vals), bs)
@@ -259,7 +261,7 @@ def _assert_encode_equals_general(x, fmt, profile, scales):
 
 @settings(max_examples=80, deadline=None)
 @given(data=st.data(), fmt=st.sampled_from(PACKED_FORMATS),
-       profile=st.sampled_from(sorted(mxref.PRESETS)), bs=st.sampled_from([32, 16, 3]),
+       profile=st.sampled_from(sorted(mxref.PRESETS)), bs=st.sampled_from([32, 16, 24, 3]),
        rows=st.integers(1, 3), extra=st.integers(0, 5),
        dtype=st.sampled_from([np.float32, np.float32, ml_dtypes.bfloat16, np.float16]))
 def test_float32_fast_path_equals_the_general_kernel(data, fmt, profile, bs, rows, extra, dtype):
@@ -276,13 +278,14 @@ def test_float32_fast_path_equals_the_general_kernel(data, fmt, profile, bs, row
 @pytest.mark.parametrize("profile", sorted(mxref.PRESETS))
 @pytest.mark.parametrize("fmt", PACKED_FORMATS)
 def test_float32_fast_path_equals_the_general_kernel_on_edge_blocks(fmt, profile, dtype):
-    # every format x profile x input dtype, every edge block, at block sizes 32 (the
-    # vectorised full-block pass), 16 and 3 (the per-block kernel) and in a ragged tail
+    # every format x profile x input dtype, every edge block, at block sizes 32 (its own
+    # kernel), 16, 24 and 3 (the any-size kernel's 16-lane, 8-lane and scalar maxima)
+    # and in a ragged tail
     if dtype is np.float16 and profile == "ocp_ftz":
         return  # as in the test above
     from mxref.kernels_f32 import FAST_MAX_SCALE, min_fast_scale
     rng = np.random.default_rng(PACKED_FORMATS.index(fmt))
-    for bs in (32, 16, 3):
+    for bs in (32, 16, 24, 3):
         blocks = _edge_blocks(fmt, bs, rng)
         with np.errstate(all="ignore"):
             x = np.concatenate(blocks).reshape(len(blocks), bs)
