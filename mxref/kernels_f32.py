@@ -358,58 +358,64 @@ def _finish_row(row, dst, srow, tb, nfull, block, nslow, buf, orow, out_bits, ep
 
 
 @nb.njit(inline="always")
-def _rows32(raw, out, scales, r0, r1, ep, pp, bp, sa, out_bits, bits, m, maxmag, ovf_mag,
-            is_int, asym, away):
-    """Rows r0..r1 of raw (N, K) int32 bits in blocks of 32 -> scales (N, nbk) and out:
-    codes (N, K) when out_bits == 8, else packed rows (the codes go through a
-    zero-padded row buffer).
+def _rows32(raw, out, scales, r0, r1, block, ep, pp, bp, sa, out_bits, bits, m, maxmag,
+            ovf_mag, is_int, asym, away):
+    """Rows r0..r1 of raw (N, K) int32 bits -> scales (N, nbk) and out: codes (N, K) when
+    out_bits == 8, else packed rows (the codes go through a zero-padded row buffer).
 
-    Each row goes in passes, each a straight loop that vectorises: block maxima (one
-    vector load per half block), scales and per-block T (as _scale_pass), the codes of
-    every block with its T (loops of 32) while the next row is prefetched; then the few
-    SLOW blocks (NaN/Inf, zero, tiny scale, rceil of a subnormal amax), the ragged tail
-    and the packing (as _finish_row). Everything is written out here rather than in
-    inlined helpers (numba reference-counts arrays passed to inlined functions, more
-    than a block costs) or called per row (measurably slower than this copy); the
-    helpers inlined into the loops take scalars only.
+    Full blocks of 32 go in passes over the row, each a straight loop that vectorises:
+    block maxima (one vector load per half block), scales and per-block T (as in
+    _scale_pass), the codes of every block with its T while the next row is prefetched;
+    then the few SLOW blocks (NaN/Inf, zero, tiny scale, rceil of a subnormal amax) and
+    the ragged tail are done by _block_any. (Other block sizes take _rows_any; the
+    per-block fallback here only keeps this function correct for any ``block``.)
+    Everything is written out here: numba reference-counts arrays passed to inlined
+    functions, which costs more than a block, and per-row calls or a compile-time
+    ``block`` both measured 5-20% slower than this form; the helpers inlined into the
+    loops take scalars only.
     """
     K = raw.shape[1]
-    nfull = K // 32
+    nfull = K // block
     flush, emin, emax = bp[BP_FLUSH], bp[BP_EMIN], bp[BP_EMAX]
     rceil, mn_frac, min_fast = bp[BP_RCEIL], bp[BP_MNFRAC], bp[BP_MINFAST]
     buf = np.zeros((K + 3) // 4 * 4 if out_bits != 8 else 0, dtype=np.uint8)
-    amaxs = np.empty(nfull, dtype=np.int32)
-    tb = np.empty(nfull, dtype=np.int32)
+    n32 = nfull if block == 32 else 0
+    amaxs = np.empty(n32, dtype=np.int32)
+    tb = np.empty(n32, dtype=np.int32)
     for r in range(r0, r1):
         row = raw[r]
         dst = out[r] if out_bits == 8 else buf
         srow = scales[r]
-        for b in range(nfull):
-            amaxs[b] = _abs_max(row, b * 32, 32)
-        nslow = 0
-        for b in range(nfull):
-            sc = _scale(amaxs[b], flush, emax, rceil, mn_frac)
-            fast = sc != SCALE_NAN and sc - SCALE_BIAS >= min_fast
-            srow[b] = sc
-            tb[b] = I32(emin + sc) if fast else I32(SLOW)   # T = emin + 127 + s
-            nslow += 0 if fast else 1
-        nxt = raw[r + 1] if r + 1 < r1 else row
-        for b in range(nfull):
-            T = tb[b]
-            U = I32(23 - m + T)
-            lo = b * 32
-            _prefetch(nxt, lo)        # the next row's block: its max pass then finds it
-            _prefetch(nxt, lo + 16)   # in cache (two 64-byte lines)
-            for i in range(32):
-                xb = row[lo + i]
-                dst[lo + i] = _code(_mag(xb, T, U, 23 - m, m, away), xb, bits, maxmag,
-                                    ovf_mag, is_int, asym, ovf_mag != maxmag)
-        if nslow:
+        if block == 32:
+            for b in range(n32):
+                amaxs[b] = _abs_max(row, b * 32, 32)
+            nslow = 0
+            for b in range(n32):
+                sc = _scale(amaxs[b], flush, emax, rceil, mn_frac)
+                fast = sc != SCALE_NAN and sc - SCALE_BIAS >= min_fast
+                srow[b] = sc
+                tb[b] = I32(emin + sc) if fast else I32(SLOW)   # T = emin + 127 + s
+                nslow += 0 if fast else 1
+            nxt = raw[r + 1] if r + 1 < r1 else row
+            for b in range(n32):
+                T = tb[b]
+                U = I32(23 - m + T)
+                lo = b * 32
+                _prefetch(nxt, lo)        # the next row's block: its max pass then
+                _prefetch(nxt, lo + 16)   # finds it in cache (two 64-byte lines)
+                for i in range(32):
+                    xb = row[lo + i]
+                    dst[lo + i] = _code(_mag(xb, T, U, 23 - m, m, away), xb, bits, maxmag,
+                                        ovf_mag, is_int, asym, ovf_mag != maxmag)
+            if nslow:
+                for b in range(n32):
+                    if tb[b] == SLOW:
+                        srow[b] = _block_any(row, dst, b * 32, np.int64(32), ep, pp, bp, sa)
+        else:
             for b in range(nfull):
-                if tb[b] == SLOW:
-                    srow[b] = _block_any(row, dst, b * 32, np.int64(32), ep, pp, bp, sa)
-        if K % 32:
-            srow[nfull] = _block_any(row, dst, nfull * 32, np.int64(K % 32), ep, pp, bp, sa)
+                srow[b] = _block_any(row, dst, b * block, block, ep, pp, bp, sa)
+        if K % block:
+            srow[nfull] = _block_any(row, dst, nfull * block, K % block, ep, pp, bp, sa)
         if out_bits != 8:
             _pack_row(buf, out[r], out_bits, K)
 
@@ -508,8 +514,8 @@ def quantize_kernel(spec: Spec, any_block: bool):
         fn = quantize_any
     else:
         def quantize32(raw, out, scales, block, ep, pp, bp, sa, out_bits, r0, r1):
-            _rows32(raw, out, scales, r0, r1, ep, pp, bp, sa, out_bits, bits, m, maxmag,
-                    ovf_mag, is_int, asym, away)
+            _rows32(raw, out, scales, r0, r1, block, ep, pp, bp, sa, out_bits, bits, m,
+                    maxmag, ovf_mag, is_int, asym, away)
         fn = quantize32
     return _named(fn, "_".join(str(int(v)) for v in spec))
 
