@@ -213,7 +213,7 @@ def _general_element(xb, s, ep, pp):
 def _scale(amax, flush, emax, rceil, mn_frac):
     """E8M0 code from the block's largest |bits|; -1: ask the general scale_from_amax
     (rceil with an FP32-subnormal amax). Scalars and selects only, so that a loop over
-    blocks vectorises (see _rows)."""
+    blocks vectorises (see _rows32)."""
     a = I32(0) if flush and amax < 0x800000 else amax
     ea = a >> 23
     k = ea - SCALE_BIAS - emax
@@ -230,9 +230,9 @@ def _scale(amax, flush, emax, rceil, mn_frac):
 @nb.njit(**_NB)
 def _block_any(row, dst, lo, n, ep, pp, bp, sa):
     """Codes of row[lo:lo+n] into dst[lo:lo+n]; returns the scale code. Any n (ragged
-    tails, block sizes other than 32, the rare blocks _rows leaves to it), with the
-    spec as runtime values ``sa``: one compiled function for every spec (_rows does the
-    common case with everything constant)."""
+    tails, the rare SLOW blocks the row kernels leave to it), with the spec as runtime
+    values ``sa``: one compiled function for every spec (_rows32/_rows_any do the common
+    case with the spec constant)."""
     bits, m, maxmag, ovf_mag = sa[0], sa[1], sa[2], sa[3]
     is_int, asym, away = sa[5] != 0, sa[6] != 0, sa[7] != 0
     amax = I32(0)
@@ -500,10 +500,13 @@ def _named(fn, tag: str):
 @lru_cache(maxsize=None)
 def quantize_kernel(spec: Spec, any_block: bool):
     """(raw, out, scales, block, ep, pp, bp, sa, out_bits, r0, r1) -> None for one spec:
-    blocks of 32 (``block`` is ignored), or any block size (threads: :func:`_run`).
+    the kernel for blocks of 32 (:func:`_rows32`; correct for any ``block``, but other
+    sizes are slow there) or the one for any block size (:func:`_rows_any`). Threads:
+    :func:`_run`.
 
     Closures over plain ints and bools only, so they are compile-time constants and each
-    specialisation compiles once per machine (numba's disk cache, ~1 s), not per process.
+    specialisation compiles once per machine (numba's disk cache, ~1-2.5 s), not once per
+    process.
     """
     bits, m, maxmag, ovf_mag, nan_mag, is_int, asym, away = spec
 
@@ -526,7 +529,7 @@ def encode_kernel(spec: Spec):
     bits, m, maxmag, ovf_mag, nan_mag, is_int, asym, away = spec
 
     def encode(xb, out, t, lo, hi):
-        T = I32(t)   # emin + 127 + s, as in _rows
+        T = I32(t)   # emin + 127 + s, as in _rows32
         U = I32(23 - m + T)
         for i in range(lo, hi):
             out[i] = _encode_one(xb[i], T, U, bits, m, maxmag, ovf_mag, nan_mag, is_int,
