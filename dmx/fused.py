@@ -42,11 +42,14 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def use_triton(x: torch.Tensor) -> bool:
-    """Triton path for this tensor: CUDA, a dtype the kernels take, Triton importable.
+    """Triton path for this tensor: CUDA, a dtype the kernels take, Triton importable, and
+    not switched off with DMX_TRITON=0 (the one place that switch is read).
 
     DMX_TRITON_ON_CPU=1 together with TRITON_INTERPRET=1 sends CPU tensors through the
     interpreted kernels too (a debugging aid: slow, but it runs every code path here).
     """
+    if os.environ.get("DMX_TRITON", "1") == "0":
+        return False
     on_device = x.is_cuda or (x.device.type == "cpu"
                               and os.environ.get("DMX_TRITON_ON_CPU") == "1"
                               and os.environ.get("TRITON_INTERPRET") == "1")

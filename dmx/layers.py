@@ -11,7 +11,6 @@ activations along their last dim with dynamic per-block scales, block size 32.
 """
 from __future__ import annotations
 
-import os
 import re
 
 import torch
@@ -180,7 +179,7 @@ class DMXLinear(_LinearView):
             if self.quantize_input:
                 x = fake_quantize(x, fmt, -1, self.block_size)
         else:
-            if x.is_cuda and os.environ.get("DMX_TRITON", "1") != "0":
+            if x.is_cuda:
                 from dmx import fused  # Triton: one pass per tensor instead of ~70 torch ops
                 if fused.use_triton(x):
                     return fused.soft_forward(self, x)

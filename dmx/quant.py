@@ -20,7 +20,6 @@ for CUDA tensors); it returns ``None`` for inputs it does not handle.
 from __future__ import annotations
 
 import math
-import os
 from typing import Callable
 
 import torch
@@ -261,13 +260,12 @@ _GPU_BACKENDS_TRIED = [False]
 
 def _ensure_gpu_backends() -> None:
     """Register the Triton kernels the first time a CUDA tensor comes by: CPU-only users
-    never import Triton. DMX_TRITON=0 keeps the plain torch code (a debugging switch)."""
+    never import them (DMX_TRITON=0 makes the backend decline: dmx.fused.use_triton)."""
     if _GPU_BACKENDS_TRIED[0]:
         return
     _GPU_BACKENDS_TRIED[0] = True
-    if os.environ.get("DMX_TRITON", "1") != "0":
-        from dmx.fused import install  # imports Triton; fused.use_triton checks it works
-        install()
+    from dmx.fused import install
+    install()
 
 
 def _dispatch(x, fmt, axis, block_size, profile):

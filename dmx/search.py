@@ -164,7 +164,7 @@ def search(model_dir, target_bits, ladder="fp8-fp4", weights_only=False, calib=N
     import torch
 
     from dmx import data
-    from dmx.layers import dmx_parameters, hard_assignment, wrap_model
+    from dmx.layers import hard_assignment, wrap_model
     from dmx.penalty import average_bits
     from dmx.train import TrainConfig, train_offsets
 
@@ -195,19 +195,16 @@ def search(model_dir, target_bits, ladder="fp8-fp4", weights_only=False, calib=N
     for p in model.parameters():
         p.requires_grad_(False)  # only the offsets learn
     model.eval()  # no dropout; wrap_model's DMXLinears are switched to train mode by the loop
+    start = "low"
+    if init == "target":  # where the soft average equals the target at the first temperature
+        from dmx.assign import offset_for_bits
+        start = offset_for_bits(lad, float(target_bits), float(t_start))
     layers = distributed.agree(dctx, wrap_model, model, lad, include=include,
-                               quantize_activations=not weights_only)
+                               quantize_activations=not weights_only, init=start)
     distributed.pin_layer_devices(layers)  # Triton launches on the current GPU
     if gradient_checkpointing:
         from dmx.train import checkpoint_blocks
         checkpoint_blocks(model)
-    if init == "target":  # wrap_model put them on the low rung
-        from dmx.assign import offset_for_bits
-
-        start = offset_for_bits(lad, float(target_bits), float(t_start))
-        with torch.no_grad():
-            for p in dmx_parameters(model):
-                p.fill_(start)
 
     cfg = TrainConfig(target_bits=float(target_bits), steps=int(steps),
                       batch_size=int(batch_size), lr=float(lr), lam=float(lam),
