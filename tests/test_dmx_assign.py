@@ -208,12 +208,9 @@ def test_repair_layers_moves_the_wrapped_offsets():
 
 # ----------------------------------------------------------------------------- dmx search
 transformers = pytest.importorskip("transformers")
-DATA = Path("/work/shared/data")
-TOKENIZER_DIR = DATA / "tiny-qwen3"
-WIKI = DATA / "wikitext-2-raw" / "wiki.valid.raw"
-needs_data = pytest.mark.skipif(not (TOKENIZER_DIR / "tokenizer.json").is_file()
-                                or not WIKI.is_file(), reason="needs the shared tiny-qwen3 "
-                                "tokenizer and wiki.valid.raw")
+EMBEDDED = Path(__file__).resolve().parents[1] / "dmx" / "data"  # shipped with the package
+TOKENIZER_DIR = EMBEDDED / "tiny-qwen3"
+WIKI = EMBEDDED / "wikitext-2-raw" / "wiki.valid.raw"
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +229,6 @@ def tiny(tmp_path_factory):
     return root / "m", calib
 
 
-@needs_data
 @pytest.mark.parametrize("fill", [True, False])
 def test_search_lands_at_or_under_the_budget(tiny, tmp_path, fill):
     from dmx.search import SEARCH_LOG_NAME, search
@@ -261,7 +257,6 @@ def _cli(argv):
     return main(["search", *argv])
 
 
-@needs_data
 def test_cli_init_and_fill_flags(tiny, tmp_path, capsys):
     model_dir, calib = tiny
     base = ["--model", str(model_dir), "--target-bits", "6", "--calib", str(calib),

@@ -36,8 +36,6 @@ from test_dmx_io import single_threaded  # noqa: E402, F401 (fixture: 1 torch/Nu
 
 MODEL = Path(__file__).resolve().parent / "data" / "stories260K-hf"
 WIKI = Path(__file__).resolve().parents[1] / "dmx" / "data" / "wikitext-2-raw" / "wiki.valid.raw"
-pytestmark = pytest.mark.skipif(not (MODEL / "model.safetensors").is_file() or not WIKI.is_file(),
-                                reason="needs tests/data/stories260K-hf and the embedded wiki text")
 
 TARGET = 5.0  # above the all-MXFP4 start: the budget repair's fill gives a mixed assignment
 KW = dict(seqlen=32, samples=12, steps=4, batch_size=4, lr=3.0)

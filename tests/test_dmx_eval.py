@@ -95,7 +95,7 @@ def test_perplexity_is_the_models_own_loss(tiny_qwen3):
                     reason="the full 1,550-window evaluation takes minutes on 2 CPU cores; "
                            "set DMX_FULL_EVAL=1 to check the 116.0 anchor")
 def test_tiny_qwen3_full_precision_anchor(tiny_qwen3):
-    """/work/shared/data/README.md: fp32 tiny-qwen3 on wiki.test.raw, 256-token windows,
+    """dmx/data/README.md: fp32 tiny-qwen3 on wiki.test.raw, 256-token windows,
     all tokens scored, ppl 116.0."""
     model, tok = tiny_qwen3
     res = evaluate.evaluate(model, tok, None, 256, progress=False)

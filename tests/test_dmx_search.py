@@ -24,9 +24,6 @@ from dmx.train import SearchInterrupted, TrainConfig, train_offsets  # noqa: E40
 EMBEDDED = Path(__file__).resolve().parents[1] / "dmx" / "data"  # shipped with the package
 TOKENIZER_DIR = EMBEDDED / "tiny-qwen3"
 WIKI = EMBEDDED / "wikitext-2-raw" / "wiki.valid.raw"
-pytestmark = pytest.mark.skipif(not (TOKENIZER_DIR / "tokenizer.json").is_file()
-                                or not WIKI.is_file(),
-                                reason="needs the shared tiny-qwen3 tokenizer and wiki.valid.raw")
 
 SMALL = dict(seqlen=32, samples=12, batch_size=2, progress=False)
 
