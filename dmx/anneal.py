@@ -19,7 +19,7 @@ import torch
 from dmx.errors import DMXError
 from dmx.ladders import get_ladder
 
-__all__ = ["anneal_map", "TemperatureSchedule", "clamp_ste", "T_DOC_PER_T_CODE"]
+__all__ = ["anneal_map", "TemperatureSchedule", "clamp_ste", "abs_ste", "T_DOC_PER_T_CODE"]
 
 T_DOC_PER_T_CODE = 20.0  # the paper's T = 20 * (Brevitas code temperature)
 
@@ -28,6 +28,14 @@ def clamp_ste(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     """Clamp in the forward pass, identity gradient (so an offset pushed past the ladder's
     end can still come back)."""
     return x + (x.clamp(lo, hi) - x).detach()
+
+
+def abs_ste(x: torch.Tensor) -> torch.Tensor:
+    """|x| with gradient sign(x) and +1 at 0 (Brevitas' abs_binary_sign_grad): the paper
+    recipe's offset map. torch.abs has gradient 0 at 0, which would freeze an offset that
+    starts at the low rung (position 0) forever."""
+    sign = torch.where(x >= 0, 1.0, -1.0).to(x.dtype).detach()
+    return x * sign
 
 
 def anneal_map(b_hat: torch.Tensor, T: float, ladder, hard: bool = False) -> torch.Tensor:

@@ -25,7 +25,8 @@ import math
 
 from dmx.errors import DMXError
 
-__all__ = ["offset_for_bits", "repair_assignment", "repair_layers", "set_offsets"]
+__all__ = ["offset_for_bits", "project_to_budget", "repair_assignment", "repair_layers",
+           "set_offsets"]
 
 _EPS = 1e-6  # "average <= target" up to float32 rounding (dmx.penalty averages in float32)
 _KEYS = {"simple": "simple", "size": "size_weighted"}
@@ -61,6 +62,53 @@ def offset_for_bits(ladder, bits: float, temperature: float) -> float:
         else:
             hi = mid
     return 0.5 * (lo + hi)
+
+
+def project_to_budget(layers: dict, params: list, target: float, weighting: str,
+                      temperature: float, margin: float, iters: int = 30) -> float:
+    """Shift every offset by one common amount so that the *soft* average bits at
+    ``temperature`` equal ``target``, each offset kept within ``margin`` of the ladder's
+    ends; returns the shift. In place, no gradient.
+
+    This is how the default recipe holds the budget (dmx.recipe): the soft average is
+    monotone in the common shift, so bisection finds it; a target the box cannot reach
+    leaves every offset at the nearest end. The relative order of the offsets, which is
+    what the cross-entropy learned, is unchanged (up to the box).
+    """
+    import torch
+
+    from dmx.penalty import average_bits
+
+    first = next(iter(layers.values()))
+    lo = first.ladder.low.position - float(margin)
+    hi = first.ladder.high.position + float(margin)
+    saved = {name: layer.temperature for name, layer in layers.items()}
+    with torch.no_grad():
+        base = [p.detach().clone() for p in params]
+
+        def soft_bits_at(shift: float) -> float:
+            for p, b in zip(params, base):
+                p.copy_((b + shift).clamp(lo, hi))
+            return float(average_bits(layers, weighting))
+
+        try:
+            for layer in layers.values():
+                layer.temperature = float(temperature)
+            # from every offset at the low end of the box to every offset at the high end
+            a = lo - float(max(b.max() for b in base))
+            z = hi - float(min(b.min() for b in base))
+            for _ in range(iters):
+                mid = 0.5 * (a + z)
+                if soft_bits_at(mid) < target:
+                    a = mid
+                else:
+                    z = mid
+            shift = 0.5 * (a + z)
+            soft_bits_at(shift)
+        finally:
+            for name, layer in layers.items():
+                layer.temperature = saved[name]
+    return shift
 
 
 def _unit_label(unit: tuple[str, ...]) -> str:
@@ -186,7 +234,7 @@ def repair_layers(layers: dict, ladder, target: float, weighting: str = "simple"
     hard formats and raw offsets), applied with :func:`set_offsets`; returns its result
     without the formats (read them back with dmx.layers.hard_assignment)."""
     formats = {n: layer.hard_format() for n, layer in layers.items()}
-    offsets = {n: float(layer.offset.detach()) for n, layer in layers.items()}
+    offsets = {n: float(layer.raw_offset().detach()) for n, layer in layers.items()}
     shapes = {n: (layer.out_features, layer.in_features) for n, layer in layers.items()}
     quant_in = {n: layer.quantize_input for n, layer in layers.items()}
     result = repair_assignment(formats, offsets, shapes, ladder, target, weighting, quant_in,

@@ -35,14 +35,40 @@ METHODS = ("uniform", "kl")
 WEIGHTINGS = ("simple", "size")
 
 
-def quantizable_layers(model, include=None) -> list[str]:
+DEFAULT_EXCLUDE = ("lm_head", "embed")
+
+
+def quantizable_layers(model, include=None, exclude=()) -> list[str]:
     """Names of the linears dMX quantizes (wrap_model's selection: all but lm_head and
-    embeddings, or those matching ``include``), model left as it was."""
+    embeddings and ``exclude``, or those matching ``include``), model left as it was."""
     from dmx.layers import wrap_model
-    layers = wrap_model(model, include=include)  # the one definition of the selection
+    layers = wrap_model(model, include=include,  # the one definition of the selection
+                        exclude=DEFAULT_EXCLUDE + tuple(exclude or ()))
     for name, layer in layers.items():
         model.set_submodule(name, layer.linear)   # undo: plain nn.Linear again
     return list(layers)
+
+
+def select_layers(model, include, ladder, export_target: str = "any", say=print,
+                  exclude=()) -> list[str]:
+    """The linears a search or baseline quantizes: :func:`quantizable_layers`, minus those
+    ``export_target`` cannot hold (dmx.export.rules.plan_for_target), said with the
+    coverage. Fused units stay whole (their layers share in_features)."""
+    from dmx.export.rules import plan_for_target
+
+    names = quantizable_layers(model, include, exclude)
+    shapes = _shapes(model, names)
+    kept, excluded = plan_for_target(shapes, ladder, export_target)
+    if excluded:
+        total = sum(o * i for o, i in shapes.values())
+        covered = sum(shapes[n][0] * shapes[n][1] for n in kept)
+        reasons = sorted(set(excluded.values()))
+        say(f"export target {export_target}: leaving {len(excluded)} of {len(names)} linears "
+            f"in full precision ({'; '.join(reasons)}): "
+            f"{', '.join(list(excluded)[:6])}{' ...' if len(excluded) > 6 else ''}; "
+            f"{len(kept)} quantized, {100.0 * covered / total:.1f}% of the linear weights "
+            f"(--export-target none quantizes them all)")
+    return kept
 
 
 def fused_units(names: list[str]) -> list[tuple[str, ...]]:

@@ -19,15 +19,9 @@ from pathlib import Path
 
 from dmx.errors import DMXError
 from dmx.io import replace_dir
+from dmx.threads import set_threads
 
 __all__ = ["demo_settings", "set_threads", "run_demo", "add_demo_parser", "run_demo_cli"]
-
-
-# Short searches on this small model: start every offset at the budget and use a gentle
-# penalty (benchmarks/results/search_sweep.md: with the paper's lam 5 from MXFP4, one step
-# over the budget throws the offsets far below the ladder under momentum 0.99 and the
-# search freezes under the target; init "target" + lam 0.1 gave the sweep's table).
-SHORT_RUN = {"init": "target", "lam": 0.1}
 
 
 def demo_settings(quick: bool = False) -> dict:
@@ -68,25 +62,8 @@ def _search(tmp: Path, name: str, target: float, s: dict, progress: bool) -> boo
            calib=[str(data.default_calibration_file())], seqlen=s["calib_seqlen"],
            samples=s["search_steps"] * s["search_batch"], steps=s["search_steps"],
            batch_size=s["search_batch"], out=str(tmp / name), checkpoint_every=0,
-           init=SHORT_RUN["init"], lam=SHORT_RUN["lam"], progress=progress)
+           progress=progress)
     return True
-
-
-def set_threads(n: int) -> None:
-    """CPU threads for torch and mxref's Numba kernels. The demo's tensors are small: on a
-    2-core machine one thread each was 5x faster than the default (measured: 10 search
-    steps 11 s vs 64 s while other jobs ran), because both runtimes spin up their own
-    thread pools and oversubscribe the cores."""
-    import numba
-    import torch
-
-    import mxref
-    if n < 1:
-        raise DMXError(f"--threads must be a positive integer, got {n}")
-    import numpy as np
-    mxref.quantize(np.zeros(32, np.float32), "fp4_e2m1")  # start Numba's pool first: it
-    torch.set_num_threads(n)                               # resets torch's thread count
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
 
 
 def run_demo(out="runs/demo", quick: bool = False, force: bool = False,
@@ -108,8 +85,8 @@ def run_demo(out="runs/demo", quick: bool = False, force: bool = False,
          f"evaluation {data.default_eval_file().name}, target {target_bits:g} bits "
          f"(ladder fp8-fp4)")
     _say(f"settings{' (--quick)' if quick else ''}: search {s['search_steps']} steps x "
-         f"{s['search_batch']} windows of {s['calib_seqlen']} tokens (--init "
-         f"{SHORT_RUN['init']} --lam {SHORT_RUN['lam']}); KL baseline "
+         f"{s['search_batch']} windows of {s['calib_seqlen']} tokens (recipe default); "
+         f"KL baseline "
          f"{s['kl_samples']} windows of {s['calib_seqlen']}; evaluation: first "
          f"{s['eval_windows']} windows of {s['eval_seqlen']} tokens; {threads} CPU "
          f"thread(s)")

@@ -239,7 +239,7 @@ def soft_forward(layer, x: torch.Tensor) -> torch.Tensor:
     """DMXLinear's soft (training) mode on the Triton path (the caller checked use_triton);
     DMXLinear.forward calls this for CUDA inputs."""
     if ladder_constants(layer.ladder) is not None:
-        return dmx_offset_linear(x, layer.linear.weight, layer.linear.bias, layer.offset,
+        return dmx_offset_linear(x, layer.linear.weight, layer.linear.bias, layer.raw_offset(),
                                  layer.ladder, layer.temperature, layer.block_size,
                                  layer.quantize_input)
     b = layer.position()

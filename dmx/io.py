@@ -44,7 +44,7 @@ import mxref
 from dmx.errors import DMXError
 
 __all__ = ["MANIFEST_NAME", "WEIGHTS_NAME", "EVAL_NAME", "FORMAT_VERSION", "write_out", "load",
-           "read_manifest", "validate_manifest", "average_bits_of", "layer_sha256",
+           "read_manifest", "validate_manifest", "average_bits_of", "all_linear_bits", "layer_sha256",
            "DecodedMXLinear", "atomic_write_text", "check_new_out", "replace_dir"]
 
 MANIFEST_NAME = "dmx_manifest.json"
@@ -167,6 +167,39 @@ def average_bits_of(formats: dict, act_formats: dict | None, shapes: dict) -> di
         layers[name] = _FixedBits(mxref.get_format(fmt).bits, in_f, out_f, act is not None)
     return {"simple": float(average_bits(layers, "simple")),
             "size_weighted": float(average_bits(layers, "size"))}
+
+
+def all_linear_bits(model, formats: dict, act_formats: dict | None) -> dict:
+    """The honest budget: averages over *every* linear of the model, a layer that is not
+    in ``formats`` (lm_head, layers left out) counted at its stored dtype bits (32 for
+    float32, 16 for bfloat16), weights and input activations alike; an unquantized input
+    of a quantized layer likewise. Same definitions as dmx.penalty (``weights_*``: the
+    weight average alone)."""
+    import torch.nn as nn
+
+    from dmx.penalty import average_bits
+    act_formats = act_formats or {}
+    weights, acts = {}, {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        owner = name[: -len(".linear")] if name.endswith(".linear") else name  # a wrapper's
+        stored = module.weight.element_size() * 8
+        out_f, in_f = module.out_features, module.in_features
+        w_bits = mxref.get_format(formats[owner]).bits if owner in formats else stored
+        act = act_formats.get(owner)
+        a_bits = mxref.get_format(act).bits if act is not None else stored
+        # quantize_input=False: average_bits returns the weight average alone, so the
+        # activations go in as "weights" of size in_features (their per-token weighting)
+        weights[owner] = _FixedBits(w_bits, in_f, out_f, False)
+        acts[owner] = _FixedBits(a_bits, in_f, 1, False)
+    if not weights:
+        raise DMXError("the model has no nn.Linear layers")
+    w_simple, w_size = (float(average_bits(weights, k)) for k in ("simple", "size"))
+    a_simple, a_size = (float(average_bits(acts, k)) for k in ("simple", "size"))
+    return {"simple": (w_simple + a_simple) / 2, "size_weighted": (w_size + a_size) / 2,
+            "weights_simple": w_simple, "weights_size_weighted": w_size,
+            "n_linears": len(weights), "n_quantized": sum(1 for n in weights if n in formats)}
 
 
 # ----------------------------------------------------------------------------- write
@@ -314,7 +347,8 @@ def write_out(out_dir, model, formats: dict, act_formats: dict | None, source_mo
         "block_size": block_size,
         "avg_bits": {**average_bits_of(formats, act_formats, shapes),
                      # actual bytes (ragged rows pad) per weight: what the file costs
-                     "storage_bits_per_weight": 8.0 * total_bytes / total_weights},
+                     "storage_bits_per_weight": 8.0 * total_bytes / total_weights,
+                     "all_linears": all_linear_bits(model, formats, act_formats)},
         "layers": layers, "wall_time_s": _wall_time(meta.pop("wall_time_s", None), t_start),
         "software": _software(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import mxref
 
-from dmx.anneal import anneal_map, clamp_ste
+from dmx.anneal import abs_ste, anneal_map, clamp_ste
 from dmx.errors import DMXError
 from dmx.ladders import Ladder, get_ladder
 from dmx.quant import fake_quantize
@@ -129,8 +129,11 @@ class DMXLinear(_LinearView):
     """
 
     def __init__(self, linear: nn.Linear, ladder="fp8-fp4", offset: nn.Parameter | None = None,
-                 quantize_input: bool = True, block_size: int = 32, init="low"):
+                 quantize_input: bool = True, block_size: int = 32, init="low",
+                 parameterization: str = "clamp"):
         super().__init__()
+        if parameterization not in ("clamp", "abs"):
+            raise DMXError(f"parameterization must be 'clamp' or 'abs', got {parameterization!r}")
         self.linear = _check_linear(linear)
         self.ladder = get_ladder(ladder)
         if offset is None:
@@ -142,6 +145,7 @@ class DMXLinear(_LinearView):
             raise DMXError("offset must be a 0-d float32 nn.Parameter (shared by tied layers)")
         self.offset = offset
         self.quantize_input = bool(quantize_input)
+        self.parameterization = parameterization
         self.block_size = int(block_size)
         self.temperature = DEFAULT_TEMPERATURE
         self.hard = False
@@ -151,15 +155,22 @@ class DMXLinear(_LinearView):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, ladder={self.ladder.name}, "
                 f"quantize_input={self.quantize_input}, block={self.block_size}, "
+                f"offset={self.parameterization}, "
                 f"T={self.temperature:g}, hard={self.hard}")
 
     @property
     def hard_mode(self) -> bool:
         return self.hard or not self.training
 
+    def raw_offset(self) -> torch.Tensor:
+        """b_hat, the raw offset as the anneal map sees it before the clamp: the Parameter
+        itself, or its absolute value (``parameterization="abs"``, the paper recipe)."""
+        return abs_ste(self.offset) if self.parameterization == "abs" else self.offset
+
     def position(self) -> torch.Tensor:
         """Ladder position b (float32 0-d), differentiable w.r.t. the offset unless hard."""
-        b_hat = clamp_ste(self.offset, self.ladder.low.position, self.ladder.high.position)
+        b_hat = clamp_ste(self.raw_offset(), self.ladder.low.position,
+                          self.ladder.high.position)
         return anneal_map(b_hat, self.temperature, self.ladder, hard=self.hard_mode)
 
     def current_bits(self) -> torch.Tensor:
@@ -168,7 +179,7 @@ class DMXLinear(_LinearView):
 
     def hard_format(self) -> str:
         """mxref key of the rung this layer deploys with (the hard step map of the offset)."""
-        b = anneal_map(self.offset.detach().float(), 1.0, self.ladder, hard=True)
+        b = anneal_map(self.raw_offset().detach().float(), 1.0, self.ladder, hard=True)
         return self.ladder.rung_at(float(b)).fmt
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -224,10 +235,12 @@ def fused_key(name: str) -> str | None:
 
 def wrap_model(model: nn.Module, ladder="fp8-fp4", include=None, exclude=("lm_head", "embed"),
                quantize_activations: bool = True, tie_fused: bool = True,
-               init="low") -> dict[str, DMXLinear]:
+               init="low", parameterization: str = "clamp",
+               names=None) -> dict[str, DMXLinear]:
     """Replace the model's nn.Linear layers by DMXLinear, in place; returns {name: layer}.
 
-    ``include``/``exclude``: regexes searched in module names (include None = all).
+    ``include``/``exclude``: regexes searched in module names (include None = all);
+    ``names``: if given, only these of the selected layers (an export-target plan).
     ``tie_fused``: q/k/v_proj of one block share one offset, and so do gate/up_proj
     (serving engines fuse them into one matmul, so they must deploy in one format).
     """
@@ -239,7 +252,8 @@ def wrap_model(model: nn.Module, ladder="fp8-fp4", include=None, exclude=("lm_he
                if type(m) is nn.Linear and n
                and not any(n.startswith(w) for w in wrapped)
                and (inc is None or any(p.search(n) for p in inc))
-               and not any(p.search(n) for p in exc)]
+               and not any(p.search(n) for p in exc)
+               and (names is None or n in names)]
     if not targets:
         raise DMXError(f"wrap_model matched no nn.Linear layers (include={include!r}, "
                        f"exclude={exclude!r})")
@@ -248,7 +262,8 @@ def wrap_model(model: nn.Module, ladder="fp8-fp4", include=None, exclude=("lm_he
     for name, linear in targets:
         key = fused_key(name) if tie_fused else None
         layer = DMXLinear(linear, ladder, offset=shared.get(key) if key else None,
-                          quantize_input=quantize_activations, init=init)
+                          quantize_input=quantize_activations, init=init,
+                          parameterization=parameterization)
         if key:
             shared.setdefault(key, layer.offset)
             layer.fused_group = key

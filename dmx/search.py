@@ -1,15 +1,15 @@
 """`dmx search`: learn a per-layer MX format assignment for a causal LM under a bit budget.
 
-    dmx search --model DIR --target-bits 6.0 -o OUT
+    dmx search --model DIR --target-bits 6.0 -o OUT [--recipe default|paper]
 
-Loads the model (weights frozen), wraps every linear except lm_head/embeddings in a
-DMXLinear (q/k/v and gate/up share one offset), learns the float32 offsets with SGD
-(momentum 0.99, Nesterov) on next-token cross-entropy + the target-aware hinge penalty
-while the anneal temperature rises (dmx.train), puts every layer on a rung (the hard
-assignment) and writes OUT through dmx.io.write_out. Checkpoints go to OUT.partial/;
-Ctrl-C saves one and prints the ``--resume`` command.
-
-Programmatic use: :func:`search` (same options as keyword arguments) returns a result dict.
+Every setting that changes the result is one :class:`dmx.recipe.SearchConfig` (a named
+recipe plus the flags given), written whole into the manifest. Loads the model (weights
+frozen), wraps the linears the export target can hold in DMXLinear, learns the float32
+offsets (dmx.train), puts every layer on a rung (the raw hard assignment), repairs the
+budget (dmx.assign: fit, then the optional fill, reported separately) and writes OUT
+through dmx.io.write_out with ``search_log.jsonl`` (one line per step: loss, penalty,
+soft and hard bits, temperature, every offset). Checkpoints go to OUT.partial/; Ctrl-C
+saves one and prints the ``--resume`` command.
 
 Scale-out: under ``torchrun`` the search is data parallel (dmx.distributed: ``--batch-size``
 is the global batch, split over the processes; rank 0 writes checkpoints and OUT);
@@ -18,6 +18,7 @@ is the global batch, split over the processes; rank 0 writes checkpoints and OUT
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import shlex
@@ -27,63 +28,32 @@ import time
 from pathlib import Path
 
 from dmx.errors import DMXError
+from dmx.recipe import RECIPES, SearchConfig
 
-__all__ = ["add_search_parser", "run_search", "search", "SEARCH_LOG_NAME"]
+__all__ = ["add_search_parser", "run_search", "search", "read_search_log", "SEARCH_LOG_NAME",
+           "END_EVAL_WINDOWS"]
 
-SEARCH_LOG_NAME = "search_log.json"
-DEFAULTS = dict(ladder="fp8-fp4", weights_only=False, calib=None, seqlen=2048, samples=None,
-                steps=400, batch_size=8, lr=1.0, device="cpu", seed=0, force=False,
-                distill=False, weighting="simple", checkpoint_every=50, resume=False,
-                init="low", fill_budget=True,
-                delay=0.6, t_start=0.4, t_end=20.0, lam=5.0, checkpoint_dir=None, include=None,
-                device_map=None, gradient_checkpointing=False)
-WEIGHTINGS = ("simple", "size")  # the averages the paper trains against (macs is report-only)
-INITS = ("low", "target")  # where the offsets start (dmx.assign.offset_for_bits for target)
+SEARCH_LOG_NAME = "search_log.jsonl"
+END_EVAL_WINDOWS = 4  # calibration windows scored with the soft, raw-hard and repaired model
 
 
-# ----------------------------------------------------------------------------- validation
-def _check_args(target_bits, ladder, steps, batch_size, lr, seqlen, samples, checkpoint_every,
-                weighting, delay, t_start, t_end, lam, device):
-    """Cheap checks first, so bad flags fail before a model is loaded."""
-    from dmx.ladders import get_ladder
-
-    lad = get_ladder(ladder)
-    for flag, value in (("--steps", steps), ("--batch-size", batch_size), ("--seqlen", seqlen)):
-        if isinstance(value, bool) or int(value) != value or value < 1:
-            raise DMXError(f"{flag} must be a positive integer, got {value!r}")
-    if seqlen < 2:
-        raise DMXError(f"--seqlen must be at least 2 (next-token loss), got {seqlen}")
-    if samples is not None and (int(samples) != samples or samples < 1):
-        raise DMXError(f"--samples must be a positive integer, got {samples!r}")
-    if int(checkpoint_every) != checkpoint_every or checkpoint_every < 0:
-        raise DMXError(f"--checkpoint-every must be >= 0 (0 = only on Ctrl-C), got "
-                       f"{checkpoint_every!r}")
-    if weighting not in WEIGHTINGS:
-        raise DMXError(f"--weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
-    from dmx.baseline import check_target_bits  # one rule for search and the KL baseline
-    check_target_bits(target_bits, lad)
-    for flag, value in (("--lr", lr), ("--t-start", t_start), ("--t-end", t_end)):
-        if not (math.isfinite(value) and value > 0):
-            raise DMXError(f"{flag} must be a positive number, got {value!r}")
-    if not (math.isfinite(lam) and lam >= 0):
-        raise DMXError(f"--lam must be >= 0, got {lam!r}")
-    if not 0.0 <= delay <= 1.0:
-        raise DMXError(f"--delay must be a fraction in [0, 1], got {delay!r}")
-    if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
-        raise DMXError(f"--device must be cpu or cuda, got {device!r}")
-    if str(device).startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise DMXError("--device cuda: no CUDA device is available; use --device cpu")
-    return lad
+# ----------------------------------------------------------------------------- config
+def make_config(config, recipe: str = "default", **settings) -> SearchConfig:
+    """A SearchConfig from a SearchConfig (+ changes) or a target (+ recipe + settings)."""
+    if isinstance(config, SearchConfig):
+        changes = {k: v for k, v in settings.items() if v is not None}
+        if not changes:
+            return config.checked()
+        return SearchConfig.from_recipe(config.recipe, **{**dataclasses.asdict(config),
+                                                          **changes})
+    return SearchConfig.from_recipe(recipe, target_bits=config, **settings)
 
 
-def _check_paths(model_dir, calib, out, force, resume, ckpt_dir):
+def _check_paths(model_dir, cfg: SearchConfig, out, force, resume, ckpt_dir):
     if not Path(model_dir).is_dir():
         raise DMXError(f"--model {model_dir}: no such directory; pass a local Hugging Face "
                        f"model directory")
-    for f in calib or ():
+    for f in cfg.calib or ():
         if not Path(f).is_file():
             raise DMXError(f"--calib {f}: no such file")
     from dmx.io import check_new_out
@@ -95,243 +65,360 @@ def _check_paths(model_dir, calib, out, force, resume, ckpt_dir):
                        f"to continue it or --force to start over")
 
 
-# ----------------------------------------------------------------------------- search
-def _resume_command(config: dict, out, ckpt_dir, explicit_ckpt_dir: bool) -> str:
-    """The command line that continues this search (printed on Ctrl-C)."""
-    flags = ["dmx", "search", "--model", config["model"], "--target-bits",
-             repr(config["target_bits"]), "--ladder", config["ladder"]]
-    for f in config["calib"]:
-        flags += ["--calib", f]
-    for key in ("seqlen", "samples", "steps", "batch_size", "lr", "seed", "weighting", "delay",
-                "t_start", "t_end", "lam", "init"):
-        if config.get(key, DEFAULTS[key]) != DEFAULTS[key]:
-            flags += ["--" + key.replace("_", "-"), str(config[key])]
-    if not config.get("fill_budget", True):
-        flags.append("--no-fill-budget")
-    for pattern in config.get("include") or ():
-        flags += ["--include", pattern]
-    for key in ("weights_only", "distill"):
-        if config[key]:
-            flags.append("--" + key.replace("_", "-"))
+def _resolve_data(cfg: SearchConfig, model_dir, say) -> SearchConfig:
+    """Absolute calibration paths, the default sample count, --seqlen capped at the
+    model's positions (with a note): what the manifest and checkpoints record."""
+    from dmx import data
+
+    model_config = data.check_causal_lm_dir(model_dir)
+    calib = cfg.calib or (str(data.default_calibration_file()),)
+    if not cfg.calib and not Path(calib[0]).is_file():
+        raise DMXError(f"the embedded calibration text {calib[0]} is missing; pass --calib FILE")
+    changes = {"calib": tuple(str(Path(f).resolve()) for f in calib)}
+    positions = model_config.get("max_position_embeddings")
+    if positions and cfg.seqlen > int(positions):
+        say(f"note: --seqlen {cfg.seqlen} is longer than the model's {positions} positions; "
+            f"using {positions}")
+        changes["seqlen"] = int(positions)
+    if cfg.samples is None:
+        changes["samples"] = cfg.steps * cfg.batch_size  # one epoch, as the reference
+    return cfg.replace(**changes)
+
+
+def _resume_command(cfg: SearchConfig, model_dir, out, ckpt_dir, explicit_ckpt_dir: bool,
+                    run_flags: dict) -> str:
+    """The command line that continues this search (printed on Ctrl-C): the recipe plus
+    every setting that differs from it, plus where it ran."""
+    flags = ["dmx", "search", "--model", str(model_dir), "--target-bits",
+             repr(cfg.target_bits), "--recipe", cfg.recipe]
+    base = SearchConfig.from_recipe(cfg.recipe, target_bits=cfg.target_bits)
+    for f in dataclasses.fields(SearchConfig):
+        value, default = getattr(cfg, f.name), getattr(base, f.name)
+        if f.name in ("target_bits", "recipe") or value == default:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + f.name.replace("_", "-"))
+        elif isinstance(value, tuple):
+            if f.name == "calib":
+                flags += [flag, *value]
+            else:
+                for v in value:
+                    flags += [flag, v]
+        elif value is not None:
+            flags += [flag, str(value)]
+    for flag, value in run_flags.items():
+        if value not in (None, False):
+            flags += [flag] if value is True else [flag, str(value)]
     if explicit_ckpt_dir:
         flags += ["--checkpoint-dir", str(ckpt_dir)]
     flags += ["--resume", "-o", str(out)]
     return shlex.join(flags)
 
 
-def search(model_dir, target_bits, ladder="fp8-fp4", weights_only=False, calib=None,
-           seqlen=2048, samples=None, steps=400, batch_size=8, lr=1.0, device="cpu", seed=0,
-           out=None, force=False, distill=False, weighting="simple", checkpoint_every=50,
-           init="low", fill_budget=True,
-           resume=False, delay=0.6, t_start=0.4, t_end=20.0, lam=5.0, checkpoint_dir=None,
-           include=None, progress=True, callback=None, device_map=None,
-           gradient_checkpointing=False) -> dict:
+# ----------------------------------------------------------------------------- search
+def search(model_dir, config, *, out=None, force: bool = False, resume: bool = False,
+           progress: bool = True, callback=None, device: str = "cpu", device_map=None,
+           checkpoint_dir=None, checkpoint_every: int = 50,
+           gradient_checkpointing: bool = False, recipe: str = "default", say=None,
+           **settings) -> dict:
     """Run a dMX search and write OUT; returns a summary dict (formats, achieved bits, ...).
 
-    ``calib``: text files (default: the embedded wiki.valid.raw). ``samples``: calibration
-    windows of ``seqlen`` tokens (default steps x batch size, one epoch as in the reference,
-    capped by the text). ``callback(step, record)`` runs after every step. Raises
-    DMXError on bad input and :class:`dmx.train.SearchInterrupted` on Ctrl-C (after saving
-    a checkpoint). ``init``: offsets start at the low rung (the reference) or, "target",
-    where the soft average equals ``target_bits``. ``fill_budget``: after the hard
-    assignment, promote the units nearest to the next rung while the average stays <=
-    target (dmx.assign; units over the target are always demoted). ``device_map``
-    ("auto", ...): place the model with accelerate over the GPUs instead of on ``device``.
-    ``gradient_checkpointing``: recompute each decoder block in backward (less activation
-    memory, same gradients; dmx.train.checkpoint_blocks).
-    Under torchrun (``WORLD_SIZE`` > 1) every process runs its share of each step's
-    ``batch_size`` windows and only rank 0 writes (dmx.distributed).
+    ``config``: a :class:`SearchConfig`, or the target bits (then ``recipe`` and any
+    SearchConfig field as keyword ``settings`` build one). The other arguments say where
+    and how it runs, not what it finds: ``callback(step, record)`` after every step;
+    ``device_map`` ("auto", ...) places the model with accelerate over the GPUs;
+    ``gradient_checkpointing`` recomputes each decoder block in backward (same
+    gradients). Raises DMXError on bad input and :class:`dmx.train.SearchInterrupted`
+    on Ctrl-C (after saving a checkpoint). Under torchrun (``WORLD_SIZE`` > 1) every
+    process runs its share of each step's ``batch_size`` windows and only rank 0 writes.
     """
     t0 = time.time()
-    if init not in INITS:
-        raise DMXError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
-    lad = _check_args(target_bits, ladder, steps, batch_size, lr, seqlen, samples,
-                      checkpoint_every, weighting, delay, t_start, t_end, lam, device)
+    say = say or (lambda msg: print(f"dmx search: {msg}", file=sys.stderr))
+    cfg = make_config(config, recipe, **settings)
+    if int(checkpoint_every) != checkpoint_every or checkpoint_every < 0:
+        raise DMXError(f"--checkpoint-every must be >= 0 (0 = only on Ctrl-C), got "
+                       f"{checkpoint_every!r}")
+    if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
+        raise DMXError(f"--device must be cpu or cuda, got {device!r}")
+    if str(device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise DMXError("--device cuda: no CUDA device is available; use --device cpu")
     from dmx import distributed
 
-    dctx = distributed.setup(device, batch_size=int(batch_size), device_map=device_map)
+    dctx = distributed.setup(device, batch_size=cfg.batch_size, device_map=device_map)
     device = dctx.device  # cuda:LOCAL_RANK under torchrun
+    if not dctx.is_main:
+        say = lambda msg: None  # noqa: E731  rank 0 speaks
     from dmx.checkpoint import (check_same_config, default_checkpoint_dir, load_checkpoint,
                                 save_checkpoint)
 
     if out is None:
         raise DMXError("-o/--out is required: the directory to write the searched model to")
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(out)
-    distributed.agree(dctx, _check_paths, model_dir, calib, out, force, resume, ckpt_dir)
+    distributed.agree(dctx, _check_paths, model_dir, cfg, out, force, resume, ckpt_dir)
+    cfg = distributed.agree(dctx, _resolve_data, cfg, model_dir, say)
     if dctx.is_main and force and not resume and (ckpt_dir / "checkpoint.pt").is_file():
         (ckpt_dir / "checkpoint.pt").unlink()  # --force without --resume: start over
 
     import torch
 
     from dmx import data
+    from dmx.baseline import select_layers
     from dmx.layers import hard_assignment, wrap_model
+    from dmx.ladders import get_ladder
     from dmx.penalty import average_bits
-    from dmx.train import TrainConfig, train_offsets
+    from dmx.train import train_offsets
 
-    if not calib and not data.default_calibration_file().is_file():
-        raise DMXError(f"the embedded calibration text {data.default_calibration_file()} is "
-                       f"missing; pass --calib FILE")
-    calib_files = [str(Path(f).resolve()) for f in calib] if calib else [
-        str(data.default_calibration_file())]
-    if samples is None:
-        samples = steps * batch_size
-    config = {"model": str(Path(model_dir).resolve()), "target_bits": float(target_bits),
-              "ladder": lad.name, "weights_only": bool(weights_only), "calib": calib_files,
-              "seqlen": int(seqlen), "samples": int(samples), "steps": int(steps),
-              "batch_size": int(batch_size), "lr": float(lr), "seed": int(seed),
-              "distill": bool(distill), "weighting": weighting, "delay": float(delay),
-              "t_start": float(t_start), "t_end": float(t_end), "lam": float(lam),
-              "include": list(include) if include else None, "init": init}
+    lad = get_ladder(cfg.ladder)
+    checked = {"model": str(Path(model_dir).resolve()), **cfg.to_dict()}
     resume_state = None
     if resume:
         resume_state = distributed.on_main(dctx, load_checkpoint, ckpt_dir, broadcast=True)
-        check_same_config(resume_state["config"], config, ckpt_dir / "checkpoint.pt")
+        check_same_config(resume_state["config"], checked, ckpt_dir / "checkpoint.pt")
 
     model, tokenizer = distributed.agree(dctx, data.load_model_and_tokenizer, model_dir,
                                          device=device, device_map=device_map)
-    windows = distributed.agree(dctx, data.calibration_windows, tokenizer, calib_files, seqlen,
-                                samples, seed)  # the same windows on every rank
+    windows = distributed.agree(dctx, data.calibration_windows, tokenizer, list(cfg.calib),
+                                cfg.seqlen, cfg.samples, cfg.seed)  # the same on every rank
     windows = windows.to(model.device)
     for p in model.parameters():
         p.requires_grad_(False)  # only the offsets learn
     model.eval()  # no dropout; wrap_model's DMXLinears are switched to train mode by the loop
+    names = distributed.agree(dctx, select_layers, model, cfg.include, lad, cfg.export_target,
+                              say, cfg.exclude)
     start = "low"
-    if init == "target":  # where the soft average equals the target at the first temperature
+    if cfg.init == "target":  # where the soft average equals the target at the first T
         from dmx.assign import offset_for_bits
-        start = offset_for_bits(lad, float(target_bits), float(t_start))
-    layers = distributed.agree(dctx, wrap_model, model, lad, include=include,
-                               quantize_activations=not weights_only, init=start)
+        start = offset_for_bits(lad, cfg.target_bits, cfg.t_start)
+    layers = distributed.agree(dctx, wrap_model, model, lad, include=cfg.include,
+                               quantize_activations=not cfg.weights_only, init=start,
+                               tie_fused=cfg.tie_fused, parameterization=cfg.parameterization,
+                               names=set(names))
     distributed.pin_layer_devices(layers)  # Triton launches on the current GPU
     if gradient_checkpointing:
         from dmx.train import checkpoint_blocks
         checkpoint_blocks(model)
 
-    cfg = TrainConfig(target_bits=float(target_bits), steps=int(steps),
-                      batch_size=int(batch_size), lr=float(lr), lam=float(lam),
-                      weighting=weighting, distill=bool(distill), delay=float(delay),
-                      t_start=float(t_start), t_end=float(t_end), seed=int(seed),
-                      checkpoint_every=int(checkpoint_every))
     elapsed_before = float(resume_state.get("elapsed_s", 0.0)) if resume_state else 0.0
     run_start = time.time()
 
     def save(state):
         elapsed = elapsed_before + time.time() - run_start
-        return save_checkpoint(ckpt_dir, {**state, "config": config, "elapsed_s": elapsed})
+        return save_checkpoint(ckpt_dir, {**state, "config": checked, "elapsed_s": elapsed})
 
     log = train_offsets(model, layers, windows, cfg, resume_state=resume_state,
                         save=save if dctx.is_main else None, callback=callback,
-                        progress=progress and dctx.is_main, dist=dctx)
+                        progress=progress and dctx.is_main, dist=dctx,
+                        checkpoint_every=int(checkpoint_every))
     train_s = elapsed_before + time.time() - run_start
-    # the learned offsets (search_log.json), before anything below moves a unit to a rung
-    trained = {n: float(layer.offset.detach()) for n, layer in layers.items()}
+    # the learned offsets, before anything below moves a unit to a rung
+    trained = {n: float(layer.raw_offset().detach()) for n, layer in layers.items()}
+    end_windows = windows[:END_EVAL_WINDOWS]
+    end_ppl = {"windows": int(end_windows.shape[0]), "seqlen": cfg.seqlen,
+               "soft": _calib_ppl(model, end_windows)}  # the soft model at the final T
 
     for layer in layers.values():
         layer.hard = True  # deploy: every layer on its rung, bit-exact fake quantization
         layer.eval()
+    raw_formats = hard_assignment(model)
+    with torch.no_grad():
+        raw_bits = {"simple": float(average_bits(layers, "simple")),
+                    "size_weighted": float(average_bits(layers, "size"))}
+    end_ppl["hard_raw"] = _calib_ppl(model, end_windows)
     from dmx.assign import repair_layers
 
-    # the anneal can freeze the choice under (or a step over) the budget: fit it, then fill
-    repair = repair_layers(layers, lad, float(target_bits), weighting, fill=bool(fill_budget))
+    # the anneal can end the hard choice under (or a step over) the budget: fit, then fill
+    repair = repair_layers(layers, lad, cfg.target_bits, cfg.weighting, fill=cfg.fill_budget)
     formats = hard_assignment(model)
+    end_ppl["hard_repaired"] = (end_ppl["hard_raw"] if formats == raw_formats
+                                else _calib_ppl(model, end_windows))
     act_formats = {n: (formats[n] if layers[n].quantize_input else None) for n in formats}
     with torch.no_grad():
         achieved = {"simple": float(average_bits(layers, "simple")),
                     "size_weighted": float(average_bits(layers, "size"))}
     summary = _log_summary(log)
-    meta = {"method": "dmx", "ladder": lad.name, "target_bits": float(target_bits),
-            "seed": int(seed), "wall_time_s": round(elapsed_before + time.time() - t0, 3),
-            "search": {**{k: v for k, v in config.items() if k != "model"},
-                                          "train_seconds": round(train_s, 3),
-                                          "achieved_bits": achieved,
-                                          "budget_repair": repair, **summary}}
-    search_log = {"config": config, "achieved_bits": achieved, "formats": formats,
-                  "budget_repair": repair,
-                  "steps": log}
-    search_log["offsets"] = trained
+    meta = {"method": "dmx", "ladder": lad.name, "target_bits": cfg.target_bits,
+            "seed": cfg.seed, "wall_time_s": round(elapsed_before + time.time() - t0, 3),
+            "search": {"config": cfg.to_dict(), "train_seconds": round(train_s, 3),
+                       "raw_bits": raw_bits, "achieved_bits": achieved,
+                       "budget_repair": repair, "end_ppl": end_ppl,
+                       "raw_formats_differ": sorted(n for n in formats
+                                                    if formats[n] != raw_formats[n]),
+                       **summary}}
+    log_text = _search_log_lines(cfg, layers, log, trained, raw_formats, formats, raw_bits,
+                                 achieved, repair, end_ppl)
     from dmx import io
 
     distributed.on_main(dctx, io.write_out, out, model, formats, act_formats, model_dir, meta,
-                        force, extra_files={SEARCH_LOG_NAME: json.dumps(search_log, indent=1)})
+                        force, extra_files={SEARCH_LOG_NAME: log_text})
     if not dctx.is_main:
         pass  # rank 0 wrote OUT and removes the checkpoint
     elif checkpoint_dir is None:
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # the search is done: OUT replaces it
     else:
         (ckpt_dir / "checkpoint.pt").unlink(missing_ok=True)
-    return {"out": str(out), "formats": formats, "act_formats": act_formats,
-            "achieved_bits": achieved, "target_bits": float(target_bits), "ladder": lad.name,
-            "log": log, "train_seconds": train_s, "wall_seconds": time.time() - t0,
-            "model": model, "budget_repair": repair, **summary}
+    return {"out": str(out), "config": cfg, "formats": formats, "raw_formats": raw_formats,
+            "act_formats": act_formats, "achieved_bits": achieved, "raw_bits": raw_bits,
+            "target_bits": cfg.target_bits, "ladder": lad.name, "log": log,
+            "offsets": trained, "end_ppl": end_ppl, "train_seconds": train_s,
+            "wall_seconds": time.time() - t0, "model": model, "budget_repair": repair,
+            **summary}
+
+
+def _calib_ppl(model, windows) -> float:
+    """Perplexity of the model as it is now on ``windows`` (next-token CE, no grad)."""
+    import torch
+
+    from dmx.train import _forward_logits, _next_token_ce
+
+    with torch.no_grad():
+        ces = [float(_next_token_ce(_forward_logits(model, w[None]), w[None])) for w in windows]
+    return float(math.exp(sum(ces) / len(ces))) if ces else float("nan")
 
 
 def _log_summary(log: list[dict]) -> dict:
-    """Final numbers and a compact bits curve for the manifest/report."""
+    """Final numbers for the manifest/report."""
     if not log:
         return {"final_loss": None, "final_ce": None}
     last = log[-1]
     return {"final_loss": last["loss"], "final_ce": last["ce"], "final_kl": last["kl"],
             "final_penalty": last["penalty"], "final_soft_bits": last["avg_bits"],
-            "steps_run": len(log)}
+            "final_hard_bits": last["hard_bits"], "steps_run": len(log)}
+
+
+def _unit_names(layers: dict) -> list[str]:
+    """One label per offset Parameter in model order (the fused group for tied layers)."""
+    seen, out = set(), []
+    for name, layer in layers.items():
+        if id(layer.offset) not in seen:
+            seen.add(id(layer.offset))
+            out.append(layer.fused_group or name)
+    return out
+
+
+def _search_log_lines(cfg, layers, log, trained, raw_formats, formats, raw_bits, achieved,
+                      repair, end_ppl) -> str:
+    """search_log.jsonl: a header (config, unit names), one line per step, a final line."""
+    lines = [{"type": "header", "config": cfg.to_dict(), "units": _unit_names(layers)}]
+    lines += [{"type": "step", **rec} for rec in log]
+    lines.append({"type": "final", "offsets": trained, "raw_formats": raw_formats,
+                  "formats": formats, "raw_bits": raw_bits, "achieved_bits": achieved,
+                  "budget_repair": repair, "end_ppl": end_ppl})
+    return "".join(json.dumps(line, allow_nan=False) + "\n" for line in lines)
+
+
+def read_search_log(out_dir) -> dict:
+    """OUT's search_log.jsonl as {"config", "units", "steps": [...], and the final
+    line's keys: "offsets", "raw_formats", "formats", ...}; a DMXError if absent."""
+    path = Path(out_dir) / SEARCH_LOG_NAME
+    if not path.is_file():
+        raise DMXError(f"{out_dir}: no {SEARCH_LOG_NAME} (not a dmx search OUT, or one made "
+                       f"before dmx wrote it)")
+    result: dict = {"steps": []}
+    for number, text in enumerate(path.read_text().splitlines(), 1):
+        try:
+            line = json.loads(text)
+        except ValueError:
+            raise DMXError(f"{path}:{number}: not JSON") from None
+        kind = line.pop("type", None)
+        if kind == "step":
+            result["steps"].append(line)
+        elif kind in ("header", "final"):
+            result.update(line)
+    return result
 
 
 # ----------------------------------------------------------------------------- CLI
+_HELP = {
+    "ladder": "formats a layer can take: fp8-fp4 (default), fp6-fp4, fp8-fp6-fp4",
+    "weights_only": "quantize weights only (inputs stay full precision)",
+    "include": "quantize only linears whose name matches this regex (repeatable; default: "
+               "all but lm_head and embeddings)",
+    "exclude": "never quantize linears whose name matches this regex (repeatable)",
+    "export_target": "before the first step, leave out the layers this target cannot hold "
+                     "(any = what compressed-tensors, quark and gguf all accept; none = no "
+                     "check)",
+    "tie_fused": "q/k/v and gate/up share one offset, as vLLM serves them (default recipe: "
+                 "on; paper: off)",
+    "calib": "calibration text file(s) (default: the embedded wiki.valid.raw)",
+    "seqlen": "tokens per calibration window (default 2048, capped at the model's positions)",
+    "samples": "calibration windows (default: steps x batch size, capped by the text)",
+    "steps": "optimization steps (default 400)",
+    "batch_size": "windows per step (default 8)",
+    "seed": "seed of the calibration windows and batch order (default 0)",
+    "distill": "add the KL divergence to the unquantized model's predictions",
+    "weighting": "average the budget uses: simple (per layer, default) or size (per weight)",
+    "budget": "how the budget is held: project (shift the offsets to the target after each "
+              "step; default recipe) or hinge (the paper's lam*max(0, avg-target))",
+    "lam": "slope of the hinge penalty (--budget hinge; paper 5)",
+    "parameterization": "offset map: clamp (default recipe) or abs (the reference's |.|)",
+    "init": "where the offsets start: target (soft average at the target; default recipe) "
+            "or low (the low rung, as the reference)",
+    "offset_margin": "--budget project keeps offsets within the ladder +- this (default 0.5)",
+    "lr": "SGD learning rate of the offsets (default recipe 0.05 with normalized "
+          "gradients; paper 1.0)",
+    "momentum": "SGD momentum (default recipe 0.9, paper 0.99)",
+    "nesterov": "Nesterov momentum (default on)",
+    "grad_norm": "normalize (the gradient scaled to --max-grad-norm; default recipe), clip "
+                 "(at --max-grad-norm; paper) or none",
+    "max_grad_norm": "gradient norm for --grad-norm (default 1.0)",
+    "delay": "fraction of steps at the starting temperature (default 0.6)",
+    "t_start": "starting anneal temperature, code units (default 0.4)",
+    "t_end": "final anneal temperature, code units (default 20)",
+    "fill_budget": "after the hard assignment, promote the layers nearest to the next rung "
+                   "while the average stays <= target (default recipe on, paper off; the "
+                   "budget is never exceeded either way)",
+}
+
+
+def _add_config_flags(p) -> None:
+    """One flag per SearchConfig field; None = take it from the recipe."""
+    for f in dataclasses.fields(SearchConfig):
+        if f.name in ("target_bits", "recipe"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        kw = {"default": None, "help": _HELP[f.name], "dest": f.name}
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif f.name == "calib":
+            p.add_argument(flag, nargs="+", metavar="FILE", **kw)
+        elif f.name in ("include", "exclude"):
+            p.add_argument(flag, action="append", metavar="REGEX", **kw)
+        elif f.name == "samples" or isinstance(default, int):
+            p.add_argument(flag, type=int, **kw)
+        elif isinstance(default, float):
+            p.add_argument(flag, type=float, **kw)
+        else:
+            p.add_argument(flag, **kw)
+
+
 def add_search_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "search", help="learn a mixed MX format assignment under a bit budget (dMX)",
-        description="Learn one MX format per linear layer (q/k/v and gate/up tied) so that the "
-                    "average element bits meet --target-bits, then write the quantized model "
-                    "to OUT. Checkpoints go to OUT.partial/; Ctrl-C saves one (resume with "
-                    "--resume).")
+        description="Learn one MX format per linear layer so that the average element bits "
+                    "meet --target-bits, then write the quantized model to OUT. Settings come "
+                    "from --recipe (default or paper); any flag overrides the recipe. "
+                    "Checkpoints go to OUT.partial/; Ctrl-C saves one (resume with --resume).")
     p.add_argument("--model", required=True, help="local Hugging Face causal-LM directory")
     p.add_argument("--target-bits", type=float, required=True,
                    help="average element bits to reach (MXFP4 = 4, MXFP6 = 6, MXFP8 = 8)")
-    p.add_argument("--ladder", default=DEFAULTS["ladder"],
-                   help="formats a layer can take: fp8-fp4 (default), fp6-fp4, fp8-fp6-fp4")
-    p.add_argument("--weights-only", action="store_true",
-                   help="quantize weights only (inputs stay full precision)")
-    p.add_argument("--include", action="append", metavar="REGEX",
-                   help="quantize only linears whose name matches (repeatable; default: all "
-                        "but lm_head and embeddings)")
-    p.add_argument("--calib", nargs="+", metavar="FILE",
-                   help="calibration text file(s) (default: the embedded wiki.valid.raw)")
-    p.add_argument("--seqlen", type=int, default=DEFAULTS["seqlen"],
-                   help="tokens per calibration window (default 2048)")
-    p.add_argument("--samples", type=int, default=None,
-                   help="calibration windows (default: steps x batch size, capped by the text)")
-    p.add_argument("--steps", type=int, default=DEFAULTS["steps"],
-                   help="optimization steps (default 400)")
-    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
-                   help="windows per step (default 8)")
-    p.add_argument("--lr", type=float, default=DEFAULTS["lr"],
-                   help="SGD learning rate of the offsets (default 1.0)")
-    p.add_argument("--device", default=DEFAULTS["device"], help="cpu (default) or cuda")
+    p.add_argument("--recipe", choices=tuple(RECIPES), default="default",
+                   help="default (budget by projection, stable on small and large models) or "
+                        "paper (the authors' release: hinge lam 5, SGD lr 1 momentum 0.99, "
+                        "abs() offsets, untied, clip 1.0, no fill)")
+    _add_config_flags(p)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--device-map", default=None, choices=("auto", "balanced", "sequential"),
                    help="spread the model over the GPUs with accelerate (for models that do "
                         "not fit one GPU; overrides --device; not with torchrun)")
-    p.add_argument("--seed", type=int, default=DEFAULTS["seed"],
-                   help="seed of the calibration windows and batch order (default 0)")
-    p.add_argument("--distill", action="store_true",
-                   help="add the KL divergence to the unquantized model's predictions")
-    p.add_argument("--weighting", choices=WEIGHTINGS, default=DEFAULTS["weighting"],
-                   help="average the penalty uses: simple (per layer, default) or size "
-                        "(per weight)")
-    p.add_argument("--lam", type=float, default=DEFAULTS["lam"],
-                   help="slope of the budget penalty (default 5)")
-    p.add_argument("--delay", type=float, default=DEFAULTS["delay"],
-                   help="fraction of steps at the starting temperature (default 0.6)")
-    p.add_argument("--t-start", type=float, default=DEFAULTS["t_start"],
-                   help="starting anneal temperature, code units (default 0.4)")
-    p.add_argument("--t-end", type=float, default=DEFAULTS["t_end"],
-                   help="final anneal temperature, code units (default 20)")
-    p.add_argument("--init", choices=INITS, default=DEFAULTS["init"],
-                   help="where the offsets start: low (the low rung, as the reference; "
-                        "default) or target (the soft average at the target from step 0)")
-    p.add_argument("--fill-budget", action=argparse.BooleanOptionalAction,
-                   default=DEFAULTS["fill_budget"],
-                   help="after the hard assignment, promote the layers nearest to the next "
-                        "rung while the average stays <= target (default on; the budget is "
-                        "never exceeded either way)")
-    p.add_argument("--checkpoint-every", type=int, default=DEFAULTS["checkpoint_every"],
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch and Numba (default: torch's default, all "
+                        "cores; use 1 per process when several jobs share the machine)")
+    p.add_argument("--checkpoint-every", type=int, default=50,
                    help="steps between checkpoints (default 50; 0 = only on Ctrl-C)")
     p.add_argument("--checkpoint-dir", default=None,
                    help="where checkpoints go (default OUT.partial)")
@@ -352,21 +439,28 @@ def run_search(args) -> int:
     from dmx import distributed
     from dmx.train import SearchInterrupted
 
-    kwargs = {k: getattr(args, k) for k in DEFAULTS if hasattr(args, k)}
+    settings = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(SearchConfig)
+                if f.name not in ("target_bits", "recipe")}
+    run_flags = {"--device": None if args.device == "cpu" else args.device,
+                 "--device-map": args.device_map,
+                 "--gradient-checkpointing": args.gradient_checkpointing,
+                 "--threads": getattr(args, "threads", None)}
     main = distributed.is_main_process()  # under torchrun only rank 0 prints
     own_group = not distributed.ready()  # a process group started here is ended here
     try:
-        result = search(args.model, args.target_bits, out=args.out,
-                        progress=not getattr(args, "no_progress", False), **kwargs)
+        if getattr(args, "threads", None) is not None:
+            from dmx.threads import set_threads
+            set_threads(args.threads)
+        cfg = make_config(args.target_bits, args.recipe, **settings)
+        result = search(args.model, cfg, out=args.out, force=args.force, resume=args.resume,
+                        progress=not getattr(args, "no_progress", False), device=args.device,
+                        device_map=args.device_map, checkpoint_dir=args.checkpoint_dir,
+                        checkpoint_every=args.checkpoint_every,
+                        gradient_checkpointing=args.gradient_checkpointing)
     except SearchInterrupted as stop:
-        cfg = _config_from_args(args)
         ckpt_dir = stop.checkpoint.parent if hasattr(stop.checkpoint, "parent") else ""
-        command = _resume_command(cfg, args.out, ckpt_dir, bool(args.checkpoint_dir))
-        if getattr(args, "gradient_checkpointing", False):
-            command += " --gradient-checkpointing"
-        for flag in ("device", "device_map"):  # where it ran: not settings, but needed
-            if getattr(args, flag, None) not in (None, DEFAULTS["device"]):
-                command += f" --{flag.replace('_', '-')} {shlex.quote(getattr(args, flag))}"
+        command = _resume_command(cfg, args.model, args.out, ckpt_dir,
+                                  bool(args.checkpoint_dir), run_flags)
         world = distributed.env_world()[0]
         if world > 1:  # any number of processes can resume it (the batch is global)
             command = f"torchrun --standalone --nproc-per-node {world} -m " + command
@@ -393,26 +487,25 @@ def run_search(args) -> int:
     return 0
 
 
-def _config_from_args(args) -> dict:
-    cfg = {k: getattr(args, k, DEFAULTS.get(k)) for k in DEFAULTS}
-    cfg["model"] = args.model
-    cfg["target_bits"] = args.target_bits
-    cfg["calib"] = list(args.calib or [])
-    return cfg
-
-
 def _print_result(result: dict) -> None:
     from collections import Counter
 
     counts = Counter(result["formats"].values())
     mix = ", ".join(f"{n} x {fmt}" for fmt, n in sorted(counts.items()))
-    a = result["achieved_bits"]
+    a, raw = result["achieved_bits"], result["raw_bits"]
     print(f"dmx search: {len(result['formats'])} layers -> {mix}")
-    print(f"dmx search: average bits {a['simple']:.3f} (size-weighted {a['size_weighted']:.3f})"
-          f", target {result['target_bits']:g}, ladder {result['ladder']}")
+    print(f"dmx search: found by the search (raw hard assignment): {raw['simple']:.3f} bits "
+          f"(size-weighted {raw['size_weighted']:.3f}); after the budget repair "
+          f"{a['simple']:.3f} (size-weighted {a['size_weighted']:.3f}); target "
+          f"{result['target_bits']:g}, ladder {result['ladder']}, recipe "
+          f"{result['config'].recipe}")
     repair = result.get("budget_repair")
     if repair and repair["moves"]:
-        moved = ", ".join(f"{m['unit']} {m['from']}->{m['to']}" for m in repair["moves"])
+        moved = ", ".join(f"{m['unit']} {m['from']}->{m['to']} ({m['step']})"
+                          for m in repair["moves"])
         print(f"dmx search: budget repair ({repair['weighting']} average "
               f"{repair['bits_before']:.3f} -> {repair['bits_after']:.3f}): {moved}")
+    e = result["end_ppl"]
+    print(f"dmx search: calibration ppl on {e['windows']} windows: soft model {e['soft']:.3f}, "
+          f"hard {e['hard_raw']:.3f}, after repair {e['hard_repaired']:.3f}")
     print(f"dmx search: wrote {result['out']} in {result['wall_seconds']:.1f} s")

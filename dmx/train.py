@@ -1,9 +1,12 @@
 """The dMX optimization loop: learn one float32 offset per layer (group), weights frozen.
 
-Objective per step (paper.md 2.5-2.6): next-token cross-entropy on a calibration batch
-+ the target-aware hinge R_t = max(0, lam (avg_bits - target)), optionally + the KL
-divergence from the unquantized model's next-token distribution (``distill``). The
-anneal temperature follows :class:`dmx.anneal.TemperatureSchedule`.
+Objective per step (paper.md 2.5-2.6): next-token cross-entropy on a calibration batch,
+optionally + the KL divergence from the unquantized model's next-token distribution
+(``distill``). The budget (dmx.recipe): ``hinge`` adds the paper's target-aware penalty
+R_t = max(0, lam (avg_bits - target)); ``project`` shifts the offsets after every step so
+that the soft average equals the target (dmx.assign.project_to_budget). The gradient is
+clipped or normalised to ``max_grad_norm`` (``grad_norm``) before the SGD step. The anneal
+temperature follows :class:`dmx.anneal.TemperatureSchedule`.
 
 Determinism: the batch of step s is a function of (seed, s) only (see
 :func:`batch_indices`), so a run resumed from a checkpoint takes exactly the steps an
@@ -13,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -24,26 +26,10 @@ from dmx.anneal import TemperatureSchedule
 from dmx.errors import DMXError
 from dmx.layers import dmx_parameters, set_temperature
 from dmx.penalty import average_bits, hinge_penalty
+from dmx.recipe import SearchConfig
 
-__all__ = ["TrainConfig", "SearchInterrupted", "batch_indices", "quantization_bypassed",
+__all__ = ["SearchInterrupted", "batch_indices", "quantization_bypassed",
            "hard_bits", "train_offsets", "checkpoint_blocks"]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    target_bits: float
-    steps: int = 400
-    batch_size: int = 8
-    lr: float = 1.0
-    momentum: float = 0.99  # the reference's SGD: momentum 0.99, Nesterov, no weight decay
-    lam: float = 5.0
-    weighting: str = "simple"
-    distill: bool = False
-    delay: float = 0.6
-    t_start: float = 0.4
-    t_end: float = 20.0
-    seed: int = 0
-    checkpoint_every: int = 50
 
 
 class SearchInterrupted(Exception):
@@ -164,15 +150,15 @@ def _data_parallel_loss(dist, loss, ce, kl, penalty, share):
     return local, sums[0], (sums[1] if kl is not None else None)
 
 
-def train_offsets(model, layers: dict, windows: torch.Tensor, cfg: TrainConfig,
+def train_offsets(model, layers: dict, windows: torch.Tensor, cfg: SearchConfig,
                   resume_state: dict | None = None,
                   save: Callable[[dict], object] | None = None,
                   callback: Callable[[int, dict], None] | None = None,
-                  progress: bool = True, dist=None) -> list[dict]:
+                  progress: bool = True, dist=None, checkpoint_every: int = 50) -> list[dict]:
     """Run steps [start, cfg.steps) and return the per-step log (from step 0 on resume).
 
     ``windows``: LongTensor [n, seqlen] of token ids (on the model's device).
-    ``save(state)``: writes a checkpoint; called every ``cfg.checkpoint_every`` steps and on
+    ``save(state)``: writes a checkpoint; called every ``checkpoint_every`` steps and on
     Ctrl-C (then :class:`SearchInterrupted` is raised). ``callback(step, record)`` runs after
     each finished step (tests use it to interrupt a run).
     ``dist``: a :class:`dmx.distributed.DistContext` for data parallel training (torchrun):
@@ -180,7 +166,8 @@ def train_offsets(model, layers: dict, windows: torch.Tensor, cfg: TrainConfig,
     over the ranks (see dmx.distributed); None or a single process: the plain loop.
     """
     params = dmx_parameters(model)
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                                nesterov=cfg.nesterov and cfg.momentum > 0)
     schedule = TemperatureSchedule(cfg.steps, cfg.delay, cfg.t_start, cfg.t_end)
     log: list[dict] = []
     start = 0
@@ -214,7 +201,7 @@ def train_offsets(model, layers: dict, windows: torch.Tensor, cfg: TrainConfig,
                             T=f"{record['T']:.2f}", refresh=False)
             # the last step saves too: a crash while OUT is written then resumes straight
             # to writing it
-            if save is not None and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+            if save is not None and ((checkpoint_every and step % checkpoint_every == 0)
                                      or step == cfg.steps):
                 save(state_now(step))
             if callback is not None:
@@ -229,7 +216,39 @@ def train_offsets(model, layers: dict, windows: torch.Tensor, cfg: TrainConfig,
     return log
 
 
-def _train_step(model, layers, windows, cfg: TrainConfig, optimizer, schedule, step,
+def _offset_stats(layers: dict, params: list) -> dict:
+    """The raw offsets b_hat after a step (the anneal map's input), one per Parameter in
+    model order, and their range: what the report draws as trajectories."""
+    first = {}
+    for layer in layers.values():
+        first.setdefault(id(layer.offset), layer)
+    raw = [float(first[id(p)].raw_offset().detach()) for p in params]
+    return {"offset_min": min(raw), "offset_max": max(raw), "offset_mean": sum(raw) / len(raw),
+            "offsets": raw}
+
+
+def _scale_gradients(params: list, cfg: SearchConfig) -> float:
+    """Clip (``clip``) or rescale (``normalize``) the offsets' gradient to L2 norm
+    ``max_grad_norm``; returns the norm before. ``normalize`` keeps the direction (so
+    the relative sizes between layers, the ranking signal) and makes ``lr`` the step
+    length whatever the model's loss scale."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])))
+    if cfg.grad_norm == "clip" and norm > cfg.max_grad_norm:
+        factor = cfg.max_grad_norm / norm
+    elif cfg.grad_norm == "normalize" and norm > 0:
+        factor = cfg.max_grad_norm / norm
+    else:
+        factor = 1.0
+    if factor != 1.0:
+        for g in grads:
+            g.mul_(factor)
+    return norm
+
+
+def _train_step(model, layers, windows, cfg: SearchConfig, optimizer, schedule, step,
                 dist=None) -> dict:
     T = schedule.at(step)
     set_temperature(model, T)
@@ -248,7 +267,8 @@ def _train_step(model, layers, windows, cfg: TrainConfig, optimizer, schedule, s
         kl = _distill_kl(logits, ref_logits)
         loss = loss + kl
     avg = average_bits(layers, cfg.weighting)  # float32 whatever the model dtype
-    penalty = hinge_penalty(avg, cfg.target_bits, cfg.lam)
+    lam = cfg.lam if cfg.budget == "hinge" else 0.0  # project: the budget is not a loss
+    penalty = hinge_penalty(avg, cfg.target_bits, lam)
     if parallel:
         loss, ce, kl = _data_parallel_loss(dist, loss, ce, kl, penalty, share)
         value = float((ce + kl if kl is not None else ce).float() + penalty.detach().to(ce.device))
@@ -263,7 +283,16 @@ def _train_step(model, layers, windows, cfg: TrainConfig, optimizer, schedule, s
         from dmx.distributed import all_reduce_grads
 
         all_reduce_grads(dist, optimizer.param_groups[0]["params"])
+    params = optimizer.param_groups[0]["params"]
+    grad_norm = _scale_gradients(params, cfg) if cfg.grad_norm != "none" else None
     optimizer.step()
+    shift = None
+    if cfg.budget == "project":  # the next step's forward meets the budget exactly
+        from dmx.assign import project_to_budget
+        shift = project_to_budget(layers, params, cfg.target_bits, cfg.weighting,
+                                  schedule.at(step + 1), cfg.offset_margin)
     return {"step": step, "T": T, "loss": value, "ce": float(ce.detach()),
             "kl": None if kl is None else float(kl.detach()), "penalty": float(penalty.detach()),
-            "avg_bits": float(avg.detach()), "hard_bits": hard_bits(layers, cfg.weighting)}
+            "avg_bits": float(avg.detach()),
+            "hard_bits": hard_bits(layers, cfg.weighting), "grad_norm": grad_norm,
+            "shift": shift, **_offset_stats(layers, params)}

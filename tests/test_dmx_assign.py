@@ -231,12 +231,13 @@ def tiny(tmp_path_factory):
 
 @pytest.mark.parametrize("fill", [True, False])
 def test_search_lands_at_or_under_the_budget(tiny, tmp_path, fill):
-    from dmx.search import SEARCH_LOG_NAME, search
+    from dmx.search import read_search_log, search
 
     model_dir, calib = tiny
     out = tmp_path / "out"
     r = search(model_dir, 5.0, calib=[calib], seqlen=16, samples=4, steps=2, batch_size=2,
-               init="target", fill_budget=fill, out=out, progress=False, checkpoint_every=0)
+               init="target", fill_budget=fill, out=out, progress=False, checkpoint_every=0,
+               export_target="none")
     # 14 layers: the largest average <= 5 is 4 + 4 * 3/14 = 4.857 (one layer short of 5.14)
     assert r["achieved_bits"]["simple"] <= 5.0 + 1e-6
     if fill:
@@ -245,8 +246,8 @@ def test_search_lands_at_or_under_the_budget(tiny, tmp_path, fill):
     rep = manifest["search"]["budget_repair"]
     assert rep["fill"] is fill and rep["bits_after"] == pytest.approx(
         r["achieved_bits"]["simple"], abs=1e-5)
-    assert manifest["search"]["init"] == "target"
-    log = json.loads((out / SEARCH_LOG_NAME).read_text())
+    assert manifest["search"]["config"]["init"] == "target"
+    log = read_search_log(out)
     assert log["budget_repair"]["moves"] == rep["moves"]
     assert {n: v["format"] for n, v in manifest["layers"].items()} == r["formats"]
 
@@ -261,7 +262,7 @@ def test_cli_init_and_fill_flags(tiny, tmp_path, capsys):
     model_dir, calib = tiny
     base = ["--model", str(model_dir), "--target-bits", "6", "--calib", str(calib),
             "--seqlen", "16", "--samples", "2", "--steps", "1", "--batch-size", "2",
-            "--no-progress", "--checkpoint-every", "0"]
+            "--no-progress", "--checkpoint-every", "0", "--export-target", "none"]
     assert _cli([*base, "--init", "middle", "-o", str(tmp_path / "a")]) == 2
     assert "--init" in capsys.readouterr().err and not (tmp_path / "a").exists()
     assert _cli([*base, "--no-fill-budget", "-o", str(tmp_path / "b")]) == 0
@@ -270,12 +271,15 @@ def test_cli_init_and_fill_flags(tiny, tmp_path, capsys):
     assert manifest["avg_bits"]["simple"] <= 6.0
 
 
-def test_resume_command_keeps_init_and_no_fill():
-    from dmx.search import DEFAULTS, _resume_command
+def test_resume_command_names_recipe_and_what_differs_from_it():
+    from dmx.recipe import SearchConfig
+    from dmx.search import _resume_command
 
-    cfg = {**DEFAULTS, "model": "m", "target_bits": 5.0, "calib": [], "init": "target",
-           "fill_budget": False}
-    cmd = _resume_command(cfg, "out", "out.partial", False)
-    assert "--init target" in cmd and "--no-fill-budget" in cmd
-    assert "--init" not in _resume_command({**cfg, "init": "low", "fill_budget": True},
-                                           "out", "out.partial", False)
+    cfg = SearchConfig.from_recipe("paper", target_bits=5.0, init="target", fill_budget=True,
+                                   include=["mlp"])
+    cmd = _resume_command(cfg, "m", "out", "out.partial", False, {"--threads": 1})
+    assert "--recipe paper" in cmd and "--init target" in cmd and "--fill-budget" in cmd
+    assert "--include mlp" in cmd and "--threads 1" in cmd and "--resume" in cmd
+    plain = _resume_command(SearchConfig.from_recipe("paper", target_bits=5.0), "m", "out",
+                            "out.partial", False, {})
+    assert "--init" not in plain and "fill-budget" not in plain and "--lr" not in plain

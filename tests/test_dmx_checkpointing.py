@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from dmx.errors import DMXError  # noqa: E402
 from dmx.layers import dmx_parameters, set_temperature, wrap_model  # noqa: E402
-from dmx.search import SEARCH_LOG_NAME, search  # noqa: E402
+from dmx.search import read_search_log, search  # noqa: E402
 from dmx.train import checkpoint_blocks  # noqa: E402
 
 MODEL = Path(__file__).resolve().parent / "data" / "stories260K-hf"
@@ -60,12 +60,13 @@ def test_checkpointed_gradients_equal_bit_for_bit():
 def test_search_with_checkpointing_ends_where_search_without_does(tmp_path):
     calib = tmp_path / "calib.txt"
     calib.write_text(WIKI.read_text(encoding="utf-8")[:20000], encoding="utf-8")
-    kwargs = dict(calib=[calib], steps=4, batch_size=2, seqlen=48, samples=8, progress=False)
+    kwargs = dict(calib=[calib], steps=4, batch_size=2, seqlen=48, samples=8, progress=False,
+                  export_target="none")
     a = search(MODEL, 5.0, out=tmp_path / "plain", **kwargs)
     b = search(MODEL, 5.0, out=tmp_path / "ckpt", gradient_checkpointing=True, **kwargs)
     assert a["formats"] == b["formats"]
-    log_a = json.loads((tmp_path / "plain" / SEARCH_LOG_NAME).read_text())
-    log_b = json.loads((tmp_path / "ckpt" / SEARCH_LOG_NAME).read_text())
+    log_a = read_search_log(tmp_path / "plain")
+    log_b = read_search_log(tmp_path / "ckpt")
     assert [s["loss"] for s in log_a["steps"]] == [s["loss"] for s in log_b["steps"]]
 
 

@@ -31,14 +31,14 @@ pytest.importorskip("transformers")
 
 from dmx.cli import main  # noqa: E402
 from dmx.distributed import DistContext  # noqa: E402
-from dmx.search import SEARCH_LOG_NAME, search  # noqa: E402
+from dmx.search import read_search_log, search  # noqa: E402
 from test_dmx_io import single_threaded  # noqa: E402, F401 (fixture: 1 torch/Numba thread)
 
 MODEL = Path(__file__).resolve().parent / "data" / "stories260K-hf"
 WIKI = Path(__file__).resolve().parents[1] / "dmx" / "data" / "wikitext-2-raw" / "wiki.valid.raw"
 
 TARGET = 5.0  # above the all-MXFP4 start: the budget repair's fill gives a mixed assignment
-KW = dict(seqlen=32, samples=12, steps=4, batch_size=4, lr=3.0)
+KW = dict(seqlen=32, samples=12, steps=4, batch_size=4, lr=3.0, export_target="none")
 
 
 def _flags(calib, out, **extra) -> list[str]:
@@ -147,13 +147,13 @@ def reference(calib, tmp_path_factory):
 
 
 def _offsets(out) -> dict:
-    return json.loads((Path(out) / SEARCH_LOG_NAME).read_text())["offsets"]
+    return read_search_log(Path(out))["offsets"]
 
 
 def _assert_same_search(got_out, ref_out):
     """Offsets, formats and manifest of two searches that ran the same global batches."""
-    ref_log = json.loads((ref_out / SEARCH_LOG_NAME).read_text())
-    got_log = json.loads((got_out / SEARCH_LOG_NAME).read_text())
+    ref_log = read_search_log(ref_out)
+    got_log = read_search_log(got_out)
     assert got_log["formats"] == ref_log["formats"]  # the hard assignment: exactly equal
     # Offsets: float32 values as JSON floats (exact). Not bit-equal: the sum of the two
     # ranks' share-weighted half-batch gradients rounds differently from one mean over the
@@ -216,7 +216,7 @@ def test_torchrun_interrupt_and_resume(reference, launched):
     assert reports[0]["interrupted"] == ["SearchInterrupted", 2]
     assert reports[1]["interrupted"] == ["KeyboardInterrupt", None]
     _assert_same_search(root / "resumed", ref_out)
-    log = json.loads((root / "resumed" / SEARCH_LOG_NAME).read_text())
+    log = read_search_log(root / "resumed")
     assert len(log["steps"]) == KW["steps"]
 
 
@@ -293,7 +293,8 @@ def test_two_ranks_gradients_sum_to_the_one_process_gradient(calib, monkeypatch,
     from dmx.anneal import TemperatureSchedule
     from dmx.layers import dmx_parameters, wrap_model
     from dmx.penalty import average_bits, hinge_penalty
-    from dmx.train import TrainConfig, _train_step
+    from dmx.recipe import SearchConfig
+    from dmx.train import _train_step
 
     monkeypatch.setattr(dmx.distributed, "reduce_sum", lambda ctx, values: values)
     monkeypatch.setattr(dmx.distributed, "all_reduce_grads", lambda ctx, params: None)
@@ -306,7 +307,8 @@ def test_two_ranks_gradients_sum_to_the_one_process_gradient(calib, monkeypatch,
         layer.train()
     params = dmx_parameters(model)
     # batch 3: uneven shares 2/3 + 1/3; with distill the KL is split the same way
-    cfg = TrainConfig(target_bits=4.05, steps=4, batch_size=3, distill=distill)
+    cfg = SearchConfig.from_recipe("paper", target_bits=4.05, steps=4, batch_size=3,
+                                   distill=distill, parameterization="clamp", grad_norm="none")
     frozen = torch.optim.SGD(params, lr=0.0)  # the step leaves the offsets as they are
 
     def grads(dist):

@@ -18,14 +18,16 @@ transformers = pytest.importorskip("transformers")
 
 from dmx.errors import DMXError  # noqa: E402
 from dmx.layers import dmx_parameters, wrap_model  # noqa: E402
-from dmx.search import SEARCH_LOG_NAME, add_search_parser, run_search, search  # noqa: E402
-from dmx.train import SearchInterrupted, TrainConfig, train_offsets  # noqa: E402
+from dmx.search import add_search_parser, read_search_log, run_search, search  # noqa: E402
+from dmx.recipe import SearchConfig
+from dmx.train import SearchInterrupted, train_offsets  # noqa: E402
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "dmx" / "data"  # shipped with the package
 TOKENIZER_DIR = EMBEDDED / "tiny-qwen3"
 WIKI = EMBEDDED / "wikitext-2-raw" / "wiki.valid.raw"
 
-SMALL = dict(seqlen=32, samples=12, batch_size=2, progress=False)
+SMALL = dict(seqlen=32, samples=12, batch_size=2, progress=False,
+             export_target="none")  # 48/80-wide test models: ragged blocks
 
 
 def _tiny_model_dir(root: Path, kind: str) -> Path:
@@ -78,7 +80,7 @@ def test_search_out_reloads_with_identical_logits(models, calib, tmp_path, kind)
     manifest = json.loads((out / "dmx_manifest.json").read_text())
     assert manifest["method"] == "dmx" and manifest["ladder"] == "fp8-fp4"
     assert {n: v["format"] for n, v in manifest["layers"].items()} == result["formats"]
-    assert len(json.loads((out / SEARCH_LOG_NAME).read_text())["steps"]) == 4
+    assert len(read_search_log(out)["steps"]) == 4
     ids = torch.randint(0, 4096, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = result["model"](input_ids=ids).logits
@@ -100,8 +102,9 @@ def test_penalty_pulls_average_bits_to_target(models, calib):
         model.eval()
         layers = wrap_model(model, "fp8-fp4", init="high")
         # delay 1: stay at the starting temperature, where the map still has a slope
-        cfg = TrainConfig(target_bits=5.0, steps=12, batch_size=2, lr=0.2, lam=lam, delay=1.0,
-                          checkpoint_every=0)
+        cfg = SearchConfig.from_recipe("paper", target_bits=5.0, steps=12, batch_size=2,
+                                       lr=0.2, lam=lam, delay=1.0, parameterization="clamp",
+                                       grad_norm="none")
         log = train_offsets(model, layers, windows, cfg, progress=False)
         return log[0]["avg_bits"], log[-1]["hard_bits"]
 
@@ -150,7 +153,7 @@ def test_ctrl_c_prints_resume_command(models, calib, tmp_path, capsys, monkeypat
     out = tmp_path / "out"
     rc = _cli(["search", "--model", str(models["llama"]), "--target-bits", "5", "--calib",
                str(calib), "--seqlen", "32", "--samples", "8", "--batch-size", "2", "--steps",
-               "4", "--no-progress", "-o", str(out)])
+               "4", "--no-progress", "--export-target", "none", "-o", str(out)])
     err = capsys.readouterr().err
     assert rc == 130 and not out.exists()
     assert "interrupted after step 1" in err and "--resume" in err and "Traceback" not in err
@@ -168,7 +171,7 @@ BAD = {
 def _base_argv(model, calib, out):
     return ["search", "--model", str(model), "--target-bits", "6", "--calib", str(calib),
             "--seqlen", "32", "--samples", "8", "--batch-size", "2", "--steps", "2",
-            "--no-progress", "-o", str(out)]
+            "--no-progress", "--export-target", "none", "-o", str(out)]
 
 
 def _one_error_line(err: str) -> str:

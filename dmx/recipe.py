@@ -1,0 +1,185 @@
+"""Search recipes as data: :class:`SearchConfig` holds every knob that changes what a
+`dmx search` finds, and is written whole into the manifest (``search.config``).
+
+Two named recipes (``--recipe``):
+
+* ``paper`` -- the authors' release (Brevitas ``papers/dMX``, docs/reference notes in
+  ../shared/reference/paper.md 2.2-2.6): one offset per linear (untied), the raw offset
+  through ``abs()`` then an STE clamp, SGD lr 1 momentum 0.99 Nesterov, gradient-norm clip
+  1.0 (the Hugging Face trainer's default), the hinge ``lam * max(0, avg - target)`` with
+  lam 5, offsets start at the low rung, T 0.4 -> 20 after a 0.6 delay, no budget fill.
+* ``default`` -- the same objective (cross-entropy, anneal, simple average) with the budget
+  held by *projection* instead of the hinge. Why: with the hinge, the first step over the
+  target gives every offset the same kick, ``lam * share * 2 * F'(b)``, however small the
+  overshoot; momentum 0.99 integrates it into a move of tens of units, the clamp pins the
+  forward pass at the low rung while the parameter sits far below the ladder, and the
+  silent hinge never brings it back (the collapse measured in issue 11). The projection
+  instead shifts all offsets by one common amount after each step so that the soft average
+  equals the target exactly (bisection, dmx.assign.project_to_budget), and keeps every
+  offset within ``offset_margin`` of the ladder: the cross-entropy gradient alone decides
+  *which* layers get the bits, the budget decides *how many*, nothing can run away. The
+  gradient is normalised to unit L2 norm before SGD (so ``lr`` is the per-step move in
+  ladder units whatever the model's loss scale), offsets start at the target, q/k/v and
+  gate/up share an offset (what vLLM can serve), and the fill is on: it only acts when
+  the anneal leaves the hard average below the target, and is reported separately.
+
+A recipe is a dict of field overrides; a user flag overrides the recipe.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from dmx.errors import DMXError
+
+__all__ = ["SearchConfig", "RECIPES", "BUDGETS", "PARAMETERIZATIONS", "GRAD_NORMS", "INITS",
+           "WEIGHTINGS", "EXPORT_TARGETS", "config_from_dict"]
+
+BUDGETS = ("project", "hinge")
+PARAMETERIZATIONS = ("clamp", "abs")
+GRAD_NORMS = ("normalize", "clip", "none")
+INITS = ("low", "target")
+WEIGHTINGS = ("simple", "size")  # the averages the search trains against (macs: report only)
+EXPORT_TARGETS = ("any", "compressed-tensors", "quark", "gguf", "none")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Every setting that changes the result of a search (not where it runs: device,
+    checkpoints, progress bars are arguments of :func:`dmx.search.search`)."""
+
+    target_bits: float
+    recipe: str = "default"
+    ladder: str = "fp8-fp4"
+    # what is quantized
+    weights_only: bool = False
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    export_target: str = "any"
+    tie_fused: bool = True
+    # data
+    calib: tuple[str, ...] | None = None
+    seqlen: int = 2048
+    samples: int | None = None
+    steps: int = 400
+    batch_size: int = 8
+    seed: int = 0
+    # objective
+    distill: bool = False
+    weighting: str = "simple"
+    budget: str = "project"
+    lam: float = 5.0
+    # offsets
+    parameterization: str = "clamp"
+    init: str = "target"
+    offset_margin: float = 0.5
+    # optimizer: SGD on the offsets
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    grad_norm: str = "normalize"
+    max_grad_norm: float = 1.0
+    # anneal (code units, dmx.anneal)
+    delay: float = 0.6
+    t_start: float = 0.4
+    t_end: float = 20.0
+    # after the search
+    fill_budget: bool = True
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_recipe(cls, recipe: str = "default", **overrides) -> "SearchConfig":
+        """The named recipe with ``overrides`` (None values are ignored: "not given")."""
+        if recipe not in RECIPES:
+            raise DMXError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise DMXError(f"unknown search setting(s): {', '.join(sorted(unknown))}")
+        values = {**RECIPES[recipe], **{k: v for k, v in overrides.items() if v is not None}}
+        values["recipe"] = recipe
+        for key in ("include", "exclude", "calib"):
+            if values.get(key) is not None:
+                v = values[key]
+                values[key] = (v,) if isinstance(v, str) else tuple(str(x) for x in v)
+        if "target_bits" not in values:
+            raise DMXError("a search needs --target-bits")
+        return cls(**values).checked()
+
+    def replace(self, **changes) -> "SearchConfig":
+        return dataclasses.replace(self, **changes).checked()
+
+    def to_dict(self) -> dict:
+        """JSON-ready (tuples as lists), every field: what the manifest records."""
+        return {k: (list(v) if isinstance(v, tuple) else v)
+                for k, v in dataclasses.asdict(self).items()}
+
+    # ------------------------------------------------------------------ validation
+    def checked(self) -> "SearchConfig":
+        """Cheap checks, so that bad flags fail before a model is loaded; returns self."""
+        from dmx.baseline import check_target_bits  # one rule for search and KL
+        from dmx.ladders import get_ladder
+
+        lad = get_ladder(self.ladder)
+        for flag, value in (("--steps", self.steps), ("--batch-size", self.batch_size),
+                            ("--seqlen", self.seqlen)):
+            _positive_int(flag, value)
+        if self.seqlen < 2:
+            raise DMXError(f"--seqlen must be at least 2 (next-token loss), got {self.seqlen}")
+        if self.samples is not None:
+            _positive_int("--samples", self.samples)
+        _choice("--weighting", self.weighting, WEIGHTINGS)
+        _choice("--budget", self.budget, BUDGETS)
+        _choice("--parameterization", self.parameterization, PARAMETERIZATIONS)
+        _choice("--grad-norm", self.grad_norm, GRAD_NORMS)
+        _choice("--init", self.init, INITS)
+        _choice("--export-target", self.export_target, EXPORT_TARGETS)
+        check_target_bits(self.target_bits, lad)
+        for flag, value in (("--lr", self.lr), ("--t-start", self.t_start),
+                            ("--t-end", self.t_end), ("--max-grad-norm", self.max_grad_norm)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise DMXError(f"{flag} must be a positive number, got {value!r}")
+        for flag, value in (("--lam", self.lam), ("--offset-margin", self.offset_margin)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise DMXError(f"{flag} must be >= 0, got {value!r}")
+        if self.budget == "project" and self.parameterization != "clamp":
+            raise DMXError("--budget project shifts the offsets themselves, which needs "
+                           "--parameterization clamp (abs() is not monotone)")
+        if not 0.0 <= self.momentum < 1.0:
+            raise DMXError(f"--momentum must be in [0, 1), got {self.momentum!r}")
+        if not 0.0 <= self.delay <= 1.0:
+            raise DMXError(f"--delay must be a fraction in [0, 1], got {self.delay!r}")
+        return self
+
+
+def _positive_int(flag: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DMXError(f"{flag} must be a positive integer, got {value!r}")
+
+
+def _choice(flag: str, value, choices) -> None:
+    if value not in choices:
+        raise DMXError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+
+
+# Field overrides of each named recipe over the dataclass defaults (= "default").
+RECIPES: dict[str, dict] = {
+    "default": {},
+    "paper": dict(budget="hinge", lam=5.0, parameterization="abs", tie_fused=False,
+                  init="low", lr=1.0, momentum=0.99, nesterov=True, grad_norm="clip",
+                  max_grad_norm=1.0, delay=0.6, t_start=0.4, t_end=20.0, fill_budget=False),
+}
+
+
+def config_from_dict(d: dict) -> SearchConfig:
+    """Inverse of :meth:`SearchConfig.to_dict` (the manifest's ``search.config``)."""
+    names = {f.name for f in dataclasses.fields(SearchConfig)}
+    unknown = set(d) - names
+    if unknown:
+        raise DMXError(f"search config has unknown fields: {', '.join(sorted(unknown))}")
+    values = dict(d)
+    for key in ("include", "exclude", "calib"):
+        if values.get(key) is not None:
+            values[key] = tuple(values[key])
+    return SearchConfig(**values).checked()
