@@ -248,7 +248,8 @@ def add_baseline_parser(subparsers):
                     "by the KL divergence of next-token distributions when it alone is in the "
                     "ladder's low format, then give the high format to the most sensitive "
                     "layers while the average bits stay <= --target-bits.")
-    p.add_argument("--model", required=True, help="local Hugging Face causal-LM directory")
+    p.add_argument("--model", required=True, help="local Hugging Face causal-LM directory, or a "
+                   ".gguf file (converted once to a cached float32 directory)")
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--format", metavar="FMT",
                    help="uniform: the format (fp4_e2m1, fp6_e2m3, fp6_e3m2, fp8_e4m3, fp8_e5m2)")

