@@ -18,8 +18,8 @@ Two named recipes (``--recipe``):
   equals the target exactly (bisection, dmx.assign.project_to_budget), and keeps every
   offset within ``offset_margin`` of the ladder: the cross-entropy gradient alone decides
   *which* layers get the bits, the budget decides *how many*, nothing can run away. The
-  gradient is normalised to unit L2 norm before SGD (so ``lr`` is the per-step move in
-  ladder units whatever the model's loss scale), offsets start at the target, q/k/v and
+  gradient is normalised to root-mean-square 1 per offset before SGD (so ``lr`` is the
+  typical per-step move in ladder units whatever the model's loss scale), offsets start at the target, q/k/v and
   gate/up share an offset (what vLLM can serve), and the fill is on: it only acts when
   the anneal leaves the hard average below the target, and is reported separately.
 
@@ -75,7 +75,7 @@ class SearchConfig:
     init: str = "target"
     offset_margin: float = 0.5
     # optimizer: SGD on the offsets
-    lr: float = 0.05
+    lr: float = 0.01
     momentum: float = 0.9
     nesterov: bool = True
     grad_norm: str = "normalize"

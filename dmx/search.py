@@ -358,13 +358,13 @@ _HELP = {
     "init": "where the offsets start: target (soft average at the target; default recipe) "
             "or low (the low rung, as the reference)",
     "offset_margin": "--budget project keeps offsets within the ladder +- this (default 0.5)",
-    "lr": "SGD learning rate of the offsets (default recipe 0.05 with normalized "
+    "lr": "SGD learning rate of the offsets (default recipe 0.01 with normalized "
           "gradients; paper 1.0)",
     "momentum": "SGD momentum (default recipe 0.9, paper 0.99)",
     "nesterov": "Nesterov momentum (default on)",
-    "grad_norm": "normalize (the gradient scaled to --max-grad-norm; default recipe), clip "
-                 "(at --max-grad-norm; paper) or none",
-    "max_grad_norm": "gradient norm for --grad-norm (default 1.0)",
+    "grad_norm": "normalize (the gradient scaled to RMS 1 per offset; default recipe), clip "
+                 "(L2 norm at --max-grad-norm; paper) or none",
+    "max_grad_norm": "L2 norm for --grad-norm clip (default 1.0)",
     "delay": "fraction of steps at the starting temperature (default 0.6)",
     "t_start": "starting anneal temperature, code units (default 0.4)",
     "t_end": "final anneal temperature, code units (default 20)",

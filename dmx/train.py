@@ -228,10 +228,11 @@ def _offset_stats(layers: dict, params: list) -> dict:
 
 
 def _scale_gradients(params: list, cfg: SearchConfig) -> float:
-    """Clip (``clip``) or rescale (``normalize``) the offsets' gradient to L2 norm
-    ``max_grad_norm``; returns the norm before. ``normalize`` keeps the direction (so
-    the relative sizes between layers, the ranking signal) and makes ``lr`` the step
-    length whatever the model's loss scale."""
+    """Clip the offsets' gradient at L2 norm ``max_grad_norm`` (``clip``, the Hugging
+    Face trainer's rule) or rescale it to root-mean-square 1 per offset (``normalize``);
+    returns the L2 norm before. ``normalize`` keeps the direction (the relative sizes
+    between layers: the ranking signal) and makes ``lr`` the typical per-step move of an
+    offset in ladder units, whatever the model's loss scale or number of layers."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
@@ -239,7 +240,7 @@ def _scale_gradients(params: list, cfg: SearchConfig) -> float:
     if cfg.grad_norm == "clip" and norm > cfg.max_grad_norm:
         factor = cfg.max_grad_norm / norm
     elif cfg.grad_norm == "normalize" and norm > 0:
-        factor = cfg.max_grad_norm / norm
+        factor = math.sqrt(len(grads)) / norm
     else:
         factor = 1.0
     if factor != 1.0:

@@ -38,14 +38,24 @@ MODEL = Path(__file__).resolve().parent / "data" / "stories260K-hf"
 WIKI = Path(__file__).resolve().parents[1] / "dmx" / "data" / "wikitext-2-raw" / "wiki.valid.raw"
 
 TARGET = 5.0  # above the all-MXFP4 start: the budget repair's fill gives a mixed assignment
-KW = dict(seqlen=32, samples=12, steps=4, batch_size=4, lr=3.0, export_target="none")
+# The paper's hinge from all-MXFP4 with a large lr (the offsets leave the ladder at once):
+# the soft quantizer is not smooth in the offset, so recipes whose offsets stay inside the
+# ladder turn last-bit gradient differences into different roundings within a few steps
+# (docs/dmx_search_cli.md); this file tests the data-parallel machinery, not a recipe.
+KW = dict(seqlen=32, samples=12, steps=4, batch_size=4, recipe="paper", lr=3.0,
+          parameterization="clamp", tie_fused=True, grad_norm="none", fill_budget=True,
+          export_target="none")
 
 
 def _flags(calib, out, **extra) -> list[str]:
     argv = ["search", "--model", str(MODEL), "--target-bits", str(TARGET), "--calib", str(calib),
             "--no-progress", "-o", str(out)]
     for key, value in {**KW, **extra}.items():
-        argv += ["--" + key.replace("_", "-"), str(value)]
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + key.replace("_", "-"))
+        else:
+            argv += [flag, str(value)]
     return argv
 
 
@@ -184,8 +194,8 @@ def _assert_same_search(got_out, ref_out):
 
 def _assert_close_tree(got, ref, where):
     """Equal JSON trees, floats (losses, offsets) within the tolerance discussed above."""
-    if isinstance(ref, float):
-        assert got == pytest.approx(ref, rel=1e-6, abs=1e-6), where
+    if isinstance(ref, float):  # a few float32 ulp per step (offsets near 1: 1.2e-7 each)
+        assert got == pytest.approx(ref, rel=1e-5, abs=1e-5), where
     elif isinstance(ref, dict):
         assert sorted(got) == sorted(ref), where
         for key in ref:

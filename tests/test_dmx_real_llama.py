@@ -33,9 +33,30 @@ def searched(tmp_path_factory):
     calib = tmp_path_factory.mktemp("calib") / "calib.txt"
     calib.write_text(WIKI.read_text(encoding="utf-8")[:30000], encoding="utf-8")
     out = tmp_path_factory.mktemp("runs") / "out"
+    # --export-target none: the point here is the ragged 172-wide down_proj blocks
     result = search(MODEL, 6.0, calib=[calib], steps=6, batch_size=2, seqlen=64, samples=12,
-                    out=out, progress=False)
+                    out=out, progress=False, export_target="none")
     return out, result, calib
+
+
+def test_default_export_target_leaves_ragged_layers_out_and_says_so(tmp_path, capsys):
+    """The default --export-target any: down_proj (172 wide) cannot be exported anywhere,
+    so it stays in full precision, said before the first step with the coverage."""
+    from dmx.cli import main
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(WIKI.read_text(encoding="utf-8")[:4000], encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["search", "--model", str(MODEL), "--target-bits", "5", "--calib", str(calib),
+                 "--steps", "1", "--batch-size", "1", "--seqlen", "32", "--samples", "1",
+                 "--no-progress", "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "leaving 5 of 35 linears in full precision" in err and "172" in err, err
+    manifest = json.loads((out / "dmx_manifest.json").read_text())
+    assert not any(n.endswith("down_proj") for n in manifest["layers"])
+    every = manifest["avg_bits"]["all_linears"]
+    assert (every["n_linears"], every["n_quantized"]) == (36, 30)  # + lm_head
+    assert every["weights_simple"] > manifest["avg_bits"]["simple"]  # float32 layers count
 
 
 def test_ragged_mlp_layers_are_quantized(searched):
