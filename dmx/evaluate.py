@@ -144,7 +144,8 @@ def add_eval_parser(subparsers):
         description="Perplexity on a text file, GPTQ protocol: the text tokenized once, "
                     "non-overlapping windows of --seqlen tokens, remainder dropped, every "
                     "token scored. Pass an OUT directory, or --model DIR (optionally with "
-                    "--uniform FMT for a uniform MX quantization on the fly).")
+                    "--uniform FMT for a uniform MX quantization on the fly). With --tasks: "
+                    "lm-evaluation-harness task accuracy instead (docs/zero_shot.md).")
     p.add_argument("out", nargs="?", help="OUT directory written by `dmx search`/`dmx baseline`")
     p.add_argument("--model", help="a local Hugging Face causal LM (or a .gguf file) "
                    "instead of OUT")
@@ -161,7 +162,7 @@ def add_eval_parser(subparsers):
     p.add_argument("--join", choices=JOINS, default="file",
                    help="file: the text as it is (default); rows: GPTQ's \\n\\n join of the "
                         "Hugging Face wikitext rows")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows (with --tasks: lm-eval requests) per forward (default 8)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--save", action="store_true",
                    help="record the result in OUT/eval.json (read by `dmx report`)")

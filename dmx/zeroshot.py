@@ -24,6 +24,7 @@ Public API:
 """
 from __future__ import annotations
 
+import logging
 import time
 from argparse import ArgumentTypeError  # argparse's own "argument --x: ..." message
 from pathlib import Path
@@ -80,6 +81,12 @@ def _task_manager(tasks, include_path):
     return tm
 
 
+def _not_for_a_built_model(record) -> bool:
+    """HFLM warns whenever it is handed a built model (meant for its own CLI's users: "many
+    other model arguments may be ignored"); dmx passes none of those arguments."""
+    return "is not of type `str`" not in record.getMessage()
+
+
 def run_tasks(model, tokenizer, tasks, limit=None, num_fewshot=None, batch_size: int = 8,
               include_path=None, log_samples: bool = False) -> dict:
     """lm-eval's ``simple_evaluate`` of ``model`` on ``tasks`` (names, comma list split)."""
@@ -95,6 +102,7 @@ def run_tasks(model, tokenizer, tasks, limit=None, num_fewshot=None, batch_size:
     if batch_size < 1:
         raise DMXError(f"--batch-size must be a positive integer, got {batch_size}")
     tm = _task_manager(tasks, include_path)
+    logging.getLogger("lm_eval.models.huggingface").addFilter(_not_for_a_built_model)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
         return lm_eval.simple_evaluate(lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
