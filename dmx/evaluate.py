@@ -162,7 +162,8 @@ def add_eval_parser(subparsers):
     p.add_argument("--join", choices=JOINS, default="file",
                    help="file: the text as it is (default); rows: GPTQ's \\n\\n join of the "
                         "Hugging Face wikitext rows")
-    p.add_argument("--batch-size", type=int, default=8, help="windows (with --tasks: lm-eval requests) per forward (default 8)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="windows (with --tasks: lm-eval requests) per forward (default 8)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--save", action="store_true",
                    help="record the result in OUT/eval.json (read by `dmx report`)")
