@@ -31,7 +31,7 @@ from pathlib import Path
 
 from dmx.errors import DMXError
 
-__all__ = ["run_tasks", "task_entries", "task_protocol_line", "results_table",
+__all__ = ["run_tasks", "task_entries", "task_protocol_line", "primary_metric", "results_table",
            "add_task_args", "run_task_eval", "install_command"]
 
 
