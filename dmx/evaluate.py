@@ -13,10 +13,12 @@ Public API:
   256, all tokens scored, ppl 116.01".
 * ``save_eval(out_dir, result)``: adds the result to OUT/eval.json (atomic rewrite;
   the OUT weights and manifest stay untouched).
+* ``save_task_results(out_dir, entries)``: adds lm-eval task records (dmx.zeroshot) to the
+  same file, under "tasks".
 * ``add_eval_parser(subparsers)`` / ``run_eval(args)``: the CLI.
 
-Zero-shot tasks (lm-evaluation-harness) are not run here: the harness is not a dependency
-(and needs the hub for its datasets).
+Zero-shot tasks (lm-evaluation-harness, `dmx eval --tasks`) run in dmx.zeroshot; the
+harness is the optional extra ``eval``.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from pathlib import Path
 from dmx.errors import DMXError
 
 __all__ = ["perplexity", "evaluate", "protocol_line", "save_eval", "load_eval",
-           "add_eval_parser", "run_eval", "DEFAULT_SEQLEN"]
+           "save_task_results", "add_eval_parser", "run_eval", "DEFAULT_SEQLEN"]
 
 DEFAULT_SEQLEN = 256
 
@@ -106,12 +108,28 @@ def load_eval(out_dir) -> dict | None:
 
 def save_eval(out_dir, result: dict) -> Path:
     """Record ``result`` in OUT/eval.json under its protocol key; "latest" names it."""
-    from dmx.io import EVAL_NAME, atomic_write_text
     data = load_eval(out_dir) or {"results": {}}
     key = (f"{Path(result['file']).name}|seqlen={result['seqlen']}|windows={result['windows']}"
            f"|join={result.get('join', 'file')}")
     data["results"][key] = result
     data["latest"] = key
+    return _write_eval(out_dir, data)
+
+
+def save_task_results(out_dir, entries: dict) -> Path:
+    """Record lm-eval task entries (dmx.zeroshot.task_entries) in OUT/eval.json under
+    "tasks", next to the perplexities; a rerun of the same protocol replaces its entry and
+    moves it last (the last entry of a task is the one `dmx report` shows)."""
+    data = load_eval(out_dir) or {"results": {}}
+    tasks = data.setdefault("tasks", {})
+    for key, entry in entries.items():
+        tasks.pop(key, None)
+        tasks[key] = entry
+    return _write_eval(out_dir, data)
+
+
+def _write_eval(out_dir, data: dict) -> Path:
+    from dmx.io import EVAL_NAME, atomic_write_text
     path = Path(out_dir) / EVAL_NAME
     atomic_write_text(path, json.dumps(data, indent=1) + "\n")
     return path
@@ -120,12 +138,14 @@ def save_eval(out_dir, result: dict) -> Path:
 # ----------------------------------------------------------------------------- CLI
 def add_eval_parser(subparsers):
     from dmx.data import JOINS
+    from dmx.zeroshot import add_task_args
     p = subparsers.add_parser(
         "eval", help="perplexity of an OUT directory or a model (GPTQ protocol)",
         description="Perplexity on a text file, GPTQ protocol: the text tokenized once, "
                     "non-overlapping windows of --seqlen tokens, remainder dropped, every "
                     "token scored. Pass an OUT directory, or --model DIR (optionally with "
-                    "--uniform FMT for a uniform MX quantization on the fly).")
+                    "--uniform FMT for a uniform MX quantization on the fly). With --tasks: "
+                    "lm-evaluation-harness task accuracy instead (docs/zero_shot.md).")
     p.add_argument("out", nargs="?", help="OUT directory written by `dmx search`/`dmx baseline`")
     p.add_argument("--model", help="a local Hugging Face causal LM (or a .gguf file) "
                    "instead of OUT")
@@ -135,18 +155,20 @@ def add_eval_parser(subparsers):
     p.add_argument("--weights-only", action="store_true",
                    help="with --uniform: leave the inputs unquantized")
     p.add_argument("--data", help="text file (default: the embedded wiki.test.raw)")
-    p.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN,
+    p.add_argument("--seqlen", type=int, default=None,
                    help=f"tokens per window (default {DEFAULT_SEQLEN})")
     p.add_argument("--max-windows", type=int, default=None,
                    help="score only the first N windows (quick look; printed with the number)")
     p.add_argument("--join", choices=JOINS, default="file",
                    help="file: the text as it is (default); rows: GPTQ's \\n\\n join of the "
                         "Hugging Face wikitext rows")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="windows (with --tasks: lm-eval requests) per forward (default 8)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--save", action="store_true",
                    help="record the result in OUT/eval.json (read by `dmx report`)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_task_args(p)
     p.set_defaults(func=run_eval)
     return p
 
@@ -182,10 +204,15 @@ def _model_for_args(args):
 
 def run_eval(args) -> int:
     t0 = time.time()
+    from dmx.zeroshot import check_task_args, run_task_eval
+    check_task_args(args)
     if args.data is not None and not Path(args.data).is_file():
         raise DMXError(f"--data {args.data}: no such file")
     model, tok, label = _model_for_args(args)
-    result = evaluate(model, tok, args.data, args.seqlen, args.max_windows, args.join,
+    if args.tasks is not None:
+        return run_task_eval(args, model, tok, label)
+    seqlen = DEFAULT_SEQLEN if args.seqlen is None else args.seqlen
+    result = evaluate(model, tok, args.data, seqlen, args.max_windows, args.join,
                       args.batch_size, progress=not args.no_progress)
     result["model"] = label
     result["wall_time_s"] = round(time.time() - t0, 3)

@@ -7,7 +7,9 @@ Public API:
   format mix, perplexity with its protocol, wall time).
 * ``write_report(rows, report_dir, reference=None, force=False, title=...) -> Path``:
   report.md, report.json and pareto.png (perplexity vs average bits, one series per
-  method, points labelled), written into a temp dir and renamed into place.
+  method, points labelled), written into a temp dir and renamed into place. When OUTs
+  have lm-eval task results (`dmx eval OUT --tasks ... --save`): a task table in
+  report.md and accuracy.png (accuracy vs average bits, one panel per task).
 * ``add_report_parser(subparsers)`` / ``run_report(args)``: the CLI.
 
 ``reference``: {"label", "ppl", "protocol"} of the unquantized model, drawn as a line.
@@ -39,7 +41,7 @@ def collect(run_dirs) -> list[dict]:
     for d in run_dirs:
         m = read_manifest(d)
         ev = load_eval(d)
-        result = ev["results"][ev["latest"]] if ev else None
+        result = ev["results"][ev["latest"]] if ev and ev.get("latest") else None
         mix = Counter(e["format"] for e in m["layers"].values())
         rows.append({
             "run": Path(d).name, "path": str(d), "method": m["method"],
@@ -51,7 +53,8 @@ def collect(run_dirs) -> list[dict]:
             "formats": dict(sorted(mix.items())),
             "ppl": None if result is None else result["ppl"],
             "protocol": None if result is None else result["protocol"],
-            "eval_key": None if ev is None else ev["latest"],
+            "eval_key": None if ev is None else ev.get("latest"),
+            "tasks": _task_scores(ev),
             # a search that did not record its wall time: its training time is the bulk
             "wall_time_s": m.get("wall_time_s") if m.get("wall_time_s") is not None
             else (m.get("search") or {}).get("train_seconds"),
@@ -90,6 +93,7 @@ def _markdown(rows, reference, title) -> str:
                      f"{r['storage_bits_per_weight']:.3f} | {mix} | {_fmt(r['ppl'], '.2f')} | "
                      f"{_fmt(r['wall_time_s'], '.1f')} |")
     lines += ["", "![perplexity vs average bits](pareto.png)", ""]
+    lines += _tasks_markdown(rows)
     return "\n".join(lines)
 
 
@@ -138,6 +142,8 @@ def write_report(rows, report_dir, reference=None, force: bool = False,
         (tmp / "report.json").write_text(json.dumps({"reference": reference, "runs": rows},
                                                     indent=1) + "\n")
         _plot(rows, reference, tmp / "pareto.png", title)
+        if any(r["tasks"] for r in rows):
+            _plot_accuracy(rows, tmp / "accuracy.png")
         replace_dir(tmp, dest)  # an old report (--force) is swapped out, never half-written
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -171,5 +177,80 @@ def run_report(args) -> int:
     for r in rows:
         print(f"{r['run']:>24}  {r['method']:<8} bits {r['avg_bits']:.3f}  "
               f"ppl {_fmt(r['ppl'], '.2f')}")
-    print(f"dmx report: wrote {dest}/report.md, report.json, pareto.png")
+    print(f"dmx report: wrote {dest}/report.md, report.json, pareto.png"
+          + (", accuracy.png" if any(r["tasks"] for r in rows) else ""))
     return 0
+
+
+# ----------------------------------------------------------------------------- lm-eval tasks
+def _task_scores(ev) -> dict:
+    """{task: {metric, value, key, protocol}} of one OUT's eval.json: for each task the
+    entry saved last (dmx.evaluate.save_task_results keeps them in that order)."""
+    from dmx.zeroshot import primary_metric
+    scores = {}
+    for key, e in ((ev or {}).get("tasks") or {}).items():
+        metric, value = primary_metric(e["metrics"])
+        if metric is not None:
+            scores[e["task"]] = {"metric": metric, "value": value, "key": key,
+                                 "protocol": e["protocol"]}
+    return scores
+
+
+def _task_names(rows) -> list[str]:
+    return list(dict.fromkeys(t for r in rows for t in r["tasks"]))
+
+
+def _tasks_markdown(rows) -> list[str]:
+    """The task section of report.md: one column per task, its protocol, a warning when the
+    runs ran a task differently (shots, limit, metric)."""
+    tasks = _task_names(rows)
+    if not tasks:
+        return []
+    lines = ["## Task accuracy (lm-evaluation-harness)", ""]
+    for t in tasks:
+        seen = {(r["tasks"][t]["key"], r["tasks"][t]["metric"]) for r in rows if t in r["tasks"]}
+        first = next(r["tasks"][t] for r in rows if t in r["tasks"])
+        lines.append(f"- {first['protocol'].rsplit(', ', 1)[0]}" + (
+            f" **(runs differ: {', '.join(sorted(k for k, _ in seen))}; not comparable)**"
+            if len(seen) > 1 else ""))
+    missing = [r["run"] for r in rows if not r["tasks"]]
+    if missing:
+        lines.append(f"- no task results (run `dmx eval OUT --tasks ... --save`): "
+                     f"{', '.join(missing)}")
+    head = [f"{t} ({next(r['tasks'][t]['metric'] for r in rows if t in r['tasks'])})"
+            for t in tasks]
+    lines += ["", "| run | method | avg bits | " + " | ".join(head) + " |",
+              "|---|---|---|" + "---|" * len(tasks)]
+    for r in rows:
+        cells = [_fmt(r["tasks"][t]["value"] if t in r["tasks"] else None, ".4f") for t in tasks]
+        lines.append(f"| {r['run']} | {r['method']} | {r['avg_bits']:.3f} | "
+                     + " | ".join(cells) + " |")
+    return lines + ["", "![task accuracy vs average bits](accuracy.png)", ""]
+
+
+def _plot_accuracy(rows, path: Path) -> None:
+    """accuracy.png: one panel per task, score vs average bits, one series per method."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    tasks = _task_names(rows)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), squeeze=False)
+    for ax, t in zip(axes[0], tasks):
+        for method in sorted({r["method"] for r in rows}):
+            pts = sorted((r["avg_bits"], r["tasks"][t]["value"], r["run"]) for r in rows
+                         if r["method"] == method and t in r["tasks"])
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=method,
+                        marker=MARKERS.get(method, "x"), linestyle="-" if len(pts) > 1 else "none")
+            for x, y, run in pts:
+                ax.annotate(run, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        metric = next(r["tasks"][t]["metric"] for r in rows if t in r["tasks"])
+        ax.set_title(t, fontsize=10)
+        ax.set_xlabel("average element bits (simple)")
+        ax.set_ylabel(metric)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
