@@ -36,7 +36,7 @@ esac
 case "$level" in 1|2) ;; *) die "--level $level: choose 1 or 2" ;; esac
 command -v iverilog >/dev/null && command -v vvp >/dev/null \
     || die "iverilog not found; install Icarus Verilog (apt-get install -y iverilog)"
-out="${out:-$here/build/$variant-level$level}"
+out="${out:-${here#"$PWD"/}/build/$variant-level$level}"   # relative when run from above
 mkdir -p "$out"
 mxverify=(${PYTHON:-python} -m verification)   # the mxverify CLI of this checkout
 
