@@ -17,6 +17,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 variant=correct level=1 seed=1 out="" vec=""
 die() { echo "run.sh: error: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
+    case "$1" in --variant|--level|--seed|--out|--vectors) [ $# -ge 2 ] || die "$1 needs a value" ;; esac
     case "$1" in
         --variant) variant="${2:-}"; shift 2 ;;
         --level)   level="${2:-}"; shift 2 ;;
