@@ -85,6 +85,18 @@ def test_rounded_amax_bug_is_caught_as_a_doubled_scale(suites, tmp_path):
     assert f"vector {first['vector']} (amax_position) block 0 scale: expected" in stdout
 
 
+def test_run_sh_refuses_a_suite_the_testbench_cannot_read(tmp_path):
+    build(str(tmp_path / "conv"), "convert", "fp4_e2m1", "1", seed=1, emit=("hex",))
+    p = subprocess.run(["bash", str(EXAMPLE / "run.sh"), "--vectors", str(tmp_path / "conv"),
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHON=sys.executable), timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [
+        f"run.sh: error: {tmp_path / 'conv'}: a convert fp4_e2m1 suite (block size 32); this "
+        f"DUT needs --op quantize --format fp4_e2m1, blocks of 32"]
+    assert not (tmp_path / "out" / "dut.hex").exists()
+
+
 def run_cocotb(variant, tmp_path, *extra, hypothesis_profile=None):
     env = dict(os.environ)
     if hypothesis_profile:
