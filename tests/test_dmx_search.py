@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 from dmx.errors import DMXError  # noqa: E402
 from dmx.layers import dmx_parameters, wrap_model  # noqa: E402
 from dmx.search import add_search_parser, read_search_log, run_search, search  # noqa: E402
-from dmx.recipe import SearchConfig
+from dmx.recipe import SearchConfig  # noqa: E402
 from dmx.train import SearchInterrupted, train_offsets  # noqa: E402
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "dmx" / "data"  # shipped with the package

@@ -1,0 +1,186 @@
+"""Search recipes (dmx.recipe.SearchConfig): the default recipe's stability on real models,
+`--recipe paper` against the reference's formulas computed by hand, the manifest's
+round trip of the config, the export-target plan and the --seqlen cap."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from dmx import data
+from dmx.errors import DMXError
+from dmx.export.rules import plan_for_target
+from dmx.layers import dmx_parameters, wrap_model
+from dmx.recipe import RECIPES, SearchConfig, config_from_dict
+from dmx.search import read_search_log, search
+from dmx.train import batch_indices, train_offsets
+
+ROOT = Path(__file__).resolve().parents[1]
+STORIES = ROOT / "tests" / "data" / "stories260K-hf"
+WIKI = ROOT / "dmx" / "data" / "wikitext-2-raw" / "wiki.valid.raw"
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(WIKI.read_text(encoding="utf-8")[:40000], encoding="utf-8")
+    return path
+
+
+# ----------------------------------------------------------------------------- config
+def test_paper_recipe_is_the_reference_release():
+    cfg = SearchConfig.from_recipe("paper", target_bits=6.0)
+    assert (cfg.budget, cfg.lam, cfg.parameterization, cfg.tie_fused, cfg.init) == \
+        ("hinge", 5.0, "abs", False, "low")
+    assert (cfg.lr, cfg.momentum, cfg.nesterov, cfg.grad_norm, cfg.max_grad_norm) == \
+        (1.0, 0.99, True, "clip", 1.0)
+    assert (cfg.t_start, cfg.t_end, cfg.delay, cfg.fill_budget) == (0.4, 20.0, 0.6, False)
+    assert set(RECIPES) == {"default", "paper"}
+
+
+def test_flags_override_the_recipe_and_bad_values_are_refused():
+    cfg = SearchConfig.from_recipe("paper", target_bits=5, lam=0.5, include="mlp")
+    assert cfg.lam == 0.5 and cfg.include == ("mlp",) and cfg.recipe == "paper"
+    for bad in (dict(recipe="fast"), dict(budget="soft"), dict(lr=-1.0), dict(steps=0),
+                dict(momentum=1.0), dict(target_bits=9.0),
+                dict(budget="project", parameterization="abs")):
+        recipe = bad.pop("recipe", "default")
+        with pytest.raises(DMXError):
+            SearchConfig.from_recipe(recipe, **{"target_bits": 5.0, **bad})
+
+
+def test_config_round_trips_through_json():
+    cfg = SearchConfig.from_recipe("default", target_bits=5.5, include=["mlp", "attn"],
+                                   calib=["/a.txt"], samples=7)
+    assert config_from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+# ----------------------------------------------------------------------------- export plan
+def test_export_plan_excludes_ragged_layers_and_refuses_unstorable_rungs():
+    shapes = {"a": (64, 64), "b": (64, 172), "c": (32, 96)}
+    kept, excluded = plan_for_target(shapes, "fp8-fp4", "any")
+    assert kept == ["a", "c"] and list(excluded) == ["b"] and "172" in excluded["b"]
+    assert plan_for_target(shapes, "fp8-fp4", "none") == (["a", "b", "c"], {})
+    # MXFP6: only Quark holds it; the message names the target that works
+    with pytest.raises(DMXError, match="compressed-tensors cannot store fp6_e3m2.*quark"):
+        plan_for_target(shapes, "fp8-fp6-fp4", "compressed-tensors")
+    with pytest.raises(DMXError, match="cannot store"):
+        plan_for_target(shapes, "fp8-fp6-fp4", "any")
+    assert plan_for_target(shapes, "fp8-fp6-fp4", "quark")[0] == ["a", "c"]
+    with pytest.raises(DMXError, match="no layer can be exported"):
+        plan_for_target({"b": (64, 172)}, "fp8-fp4", "gguf")
+
+
+# ----------------------------------------------------------------------------- default recipe
+@pytest.mark.parametrize("model_dir, target", [(data.embedded_model_dir(), 5.0),
+                                               (STORIES, 6.0)])
+def test_default_recipe_does_not_collapse(model_dir, target, calib, tmp_path):
+    """The failure the default recipe fixes: under the paper's hinge + momentum 0.99 the
+    offsets left the ladder by tens of units and froze there. Here every step's raw
+    offsets stay within the ladder +- offset_margin, the soft average the forward pass
+    used is the target, and the raw hard assignment (no fill) ends within one unit of
+    it. (The anneal finishes at T 20: the soft and hard model then agree too.)"""
+    cfg = SearchConfig.from_recipe("default", target_bits=target, steps=24, batch_size=2,
+                                   seqlen=64, samples=16, fill_budget=False,
+                                   export_target="none", calib=[str(calib)])
+    r = search(model_dir, cfg, out=tmp_path / "out", progress=False, checkpoint_every=0)
+    log = read_search_log(tmp_path / "out")
+    lo, hi = 0.0 - cfg.offset_margin, 2.0 + cfg.offset_margin
+    for rec in log["steps"]:
+        assert lo - 1e-6 <= rec["offset_min"] and rec["offset_max"] <= hi + 1e-6, rec["step"]
+        assert rec["avg_bits"] == pytest.approx(target, abs=2e-3), rec["step"]
+    spread = log["steps"][-1]["offset_max"] - log["steps"][-1]["offset_min"]
+    assert spread > 0.3, "the offsets never separated: the test would be vacuous"
+    n_units = len(log["units"])
+    unit_bits = 4.0 / n_units  # one unit moving MXFP4 <-> MXFP8 (tied units count more)
+    assert abs(r["raw_bits"]["simple"] - target) <= 3 * unit_bits, (r["raw_bits"], unit_bits)
+    assert r["budget_repair"]["moves"] == [] or all(
+        m["step"] == "fit" for m in r["budget_repair"]["moves"])
+    # the dynamics are in the log and the manifest holds the whole config
+    assert {"loss", "penalty", "avg_bits", "hard_bits", "T", "offsets"} <= set(log["steps"][0])
+    manifest = json.loads((tmp_path / "out" / "dmx_manifest.json").read_text())
+    assert config_from_dict(manifest["search"]["config"]) == r["config"]
+    end = manifest["search"]["end_ppl"]
+    assert all(math.isfinite(end[k]) for k in ("soft", "hard_raw", "hard_repaired"))
+
+
+def test_seqlen_is_capped_at_the_models_positions(calib, tmp_path, capsys):
+    r = search(data.embedded_model_dir(), 5.0, calib=[calib], seqlen=4096, samples=1,
+               steps=1, batch_size=1, out=tmp_path / "o", progress=False, checkpoint_every=0)
+    assert r["config"].seqlen == 512  # tiny-qwen3's max_position_embeddings
+    assert "longer than the model's 512 positions" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- paper recipe
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def test_paper_recipe_steps_equal_the_reference_formulas(calib):
+    """Two SGD steps of --recipe paper against the reference written out by hand:
+    b = |o| (sign gradient, +1 at 0), F(b) = 2 sigmoid(20 T (b/2 - 0.5)), bits = 4 + 2F
+    per layer (untied), R = lam max(0, mean bits - target), total gradient clipped at
+    L2 norm 1, SGD lr 1 with Nesterov momentum 0.99. Only the cross-entropy part of the
+    gradient comes from autograd (recomputed on a fresh copy of the model)."""
+    cfg = SearchConfig.from_recipe("paper", target_bits=4.5, steps=2, batch_size=2,
+                                   seqlen=32, samples=4, delay=1.0)
+    model_dir = data.embedded_model_dir()
+
+    def fresh():
+        model, tok = data.load_model_and_tokenizer(model_dir)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+        layers = wrap_model(model, cfg.ladder, tie_fused=False, parameterization="abs",
+                            include=["layers.0.", "layers.1."])
+        return model, tok, layers
+
+    model, tok, layers = fresh()
+    windows = data.calibration_windows(tok, [str(calib)], cfg.seqlen, cfg.samples, cfg.seed)
+    # start inside the ladder, above the target: the hinge is active, so is the clip
+    start = torch.linspace(0.9, 1.6, len(layers))
+    for p, v in zip(dmx_parameters(model), start):
+        p.data.fill_(float(v))
+    got = train_offsets(model, layers, windows, cfg, progress=False, checkpoint_every=0)
+    learned = torch.stack([p.detach() for p in dmx_parameters(model)]).double()
+
+    # the reference, by hand
+    ref_model, _, ref_layers = fresh()
+    params = dmx_parameters(ref_model)
+    o = start.double().clone()
+    buf = None
+    T = cfg.t_start
+    n = len(ref_layers)
+    for step in range(cfg.steps):
+        for layer in ref_layers.values():
+            layer.train()
+            layer.temperature = T
+        for p, v in zip(params, o):
+            p.data.fill_(float(v))
+            p.grad = None
+        ids = windows[batch_indices(cfg.seed, step, windows.shape[0], cfg.batch_size)]
+        logits = ref_model(input_ids=ids, use_cache=False).logits
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                               ids[:, 1:].flatten())
+        ce.backward()
+        g_ce = torch.stack([p.grad for p in params]).double()
+        b = o.abs().clamp(0.0, 2.0)  # clamp_ste: forward clamped, gradient passed
+        s = torch.tensor([_sigmoid(20 * T * (float(x) / 2 - 0.5)) for x in b],
+                         dtype=torch.float64)
+        bits = 4 + 2 * (2 * s)
+        dbits_do = 2 * (2 * 20 * T / 2 * s * (1 - s)) * torch.where(o >= 0, 1.0, -1.0)
+        avg = float(bits.mean())
+        assert avg > cfg.target_bits  # the hinge is on in both steps (non-vacuous)
+        g = g_ce + cfg.lam * dbits_do / n
+        norm = float(g.norm())
+        assert norm > cfg.max_grad_norm  # the clip acts
+        g = g * (cfg.max_grad_norm / norm)
+        buf = g.clone() if buf is None else cfg.momentum * buf + g
+        o = o - cfg.lr * (g + cfg.momentum * buf)
+        assert got[step]["avg_bits"] == pytest.approx(avg, abs=1e-5)
+        assert got[step]["penalty"] == pytest.approx(cfg.lam * (avg - cfg.target_bits),
+                                                     abs=5e-5)
+    torch.testing.assert_close(learned, o, rtol=0, atol=1e-5)
