@@ -62,10 +62,11 @@ def rotate_model(model: nn.Module, mode: str = "hadamard", seed: int = 0, kind: 
         raise DMXError("mode 'learned' is trained: use LearnedRotations(model), then .fold()")
     arch = arch_of(model)
     kind = "random" if mode == "random" else kind
-    untied = fold_norms(arch, untie)
+    untied = fold_norms(arch, untie) if r1 else False  # R2 alone commutes with the norms
     # R1 and R2 of different widths; with equal widths the seeds still differ
     q1, name1 = rotation_matrix(arch.hidden, kind, seed) if r1 else (None, None)
     q2, name2 = rotation_matrix(arch.head_dim, kind, seed + 1) if r2 else (None, None)
     apply_plan(arch, rotation_plan(arch, r1, r2), q1,
                None if q2 is None else [q2] * len(arch.blocks))
-    return RotationInfo(mode, name1, name2, arch.hidden, arch.head_dim, int(seed), True, untied)
+    return RotationInfo(mode, name1, name2, arch.hidden, arch.head_dim, int(seed), bool(r1),
+                        untied)

@@ -21,7 +21,8 @@ import torch.nn as nn
 
 from dmx.errors import DMXError
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "Block", "Arch", "arch_of", "plain_linear", "fold_norms",
+__all__ = ["SUPPORTED_MODEL_TYPES", "Block", "Arch", "arch_of", "plain_linear",
+           "fold_norms",
            "Target", "rotation_plan", "rotated", "apply_plan",
            "rotate_in", "rotate_out", "rotate_heads_out", "rotate_heads_in"]
 
@@ -198,10 +199,10 @@ def rotation_plan(arch: Arch, r1: bool = True, r2: bool = True) -> list[Target]:
             add(b.down, "bias", "out")
             add(b.o, "bias", "out")
         if r1 or r2:
-            add(b.v, "weight", "v")
-            add(b.o, "weight", "o")
+            add(b.v, "weight", "v", i)
+            add(b.o, "weight", "o", i)
         if r2:
-            add(b.v, "bias", "v_bias")
+            add(b.v, "bias", "v_bias", i)
     return plan
 
 

@@ -128,7 +128,7 @@ class LearnedRotations:
         if any(parametrize.is_parametrized(t.module) for t in rotation_plan(self.arch)):
             raise DMXError("this model already has parametrized weights (rotations applied "
                            "twice?); fold() the first LearnedRotations before making another")
-        self.untied = fold_norms(self.arch, untie)
+        self.untied = fold_norms(self.arch, untie) if r1 else False
         self.seed = int(seed)
         device = self.arch.embed.weight.device
         self.r1 = self.r2 = None
@@ -205,4 +205,5 @@ class LearnedRotations:
         a = self.arch
         return RotationInfo("learned", self.r1_name and f"learned from {self.r1_name}",
                             self.r2_name and f"learned from {self.r2_name}", a.hidden,
-                            a.head_dim, self.seed, True, self.untied, self.steps)
+                            a.head_dim, self.seed, self.r1 is not None, self.untied,
+                            self.steps)
