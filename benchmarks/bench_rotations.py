@@ -9,6 +9,10 @@ weights the rotations start from), ``kron`` (full Hadamard: Sylvester, or Paley 
 Sylvester), ``block`` (block-diagonal Sylvester of the 32-element MX block), ``random``
 (seeded Haar) -- it reports:
 
+``none`` (the untouched model: folding alone changes what MXFP4 does to the weights) and
+``learned`` (R1/R2 trained from the block-diagonal Hadamard with Cayley SGD on the uniform
+MXFP4 W+A model, ``--learned-steps`` steps of 4 calibration windows, then folded) too.
+
 * weight error: sum ||Q(W) - W||^2 / sum ||W||^2 over the block linears (MXFP4, blocks
   along the input dim, :func:`dmx.fake_quantize`), and the same for their input activations
   on the evaluation windows;
@@ -29,21 +33,29 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a source checkout without installing
 
-from dmx.data import embedded_model_dir, eval_windows, load_model_and_tokenizer  # noqa: E402
+from dmx.data import (calibration_windows, default_calibration_file,  # noqa: E402
+                      default_eval_file, embedded_model_dir, eval_windows,
+                      load_model_and_tokenizer)
 from dmx.evaluate import perplexity  # noqa: E402
-from dmx.layers import apply_formats  # noqa: E402
+from dmx.layers import MXLinear, _set_submodule, apply_formats  # noqa: E402
 from dmx.quant import fake_quantize  # noqa: E402
-from dmx.rotate import rotate_model, rotation_matrix  # noqa: E402
+from dmx.rotate import LearnedRotations, rotate_model, rotation_matrix  # noqa: E402
 from dmx.rotate.fold import arch_of, fold_norms  # noqa: E402
 
 FMT = "fp4_e2m1"
 MODELS = {"tiny-qwen3": embedded_model_dir(),
           "stories260K": os.path.join(ROOT, "tests", "data", "stories260K-hf")}
-VARIANTS = ("folded", "kron", "block", "random")
+VARIANTS = ("none", "folded", "kron", "block", "random", "learned")
+
+
+def _wrapped(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, MXLinear)}
 
 
 def _block_linears(model):
@@ -57,9 +69,28 @@ def rel_error(x: torch.Tensor) -> tuple[float, float]:
     return float((fake_quantize(x, FMT) - x).pow(2).sum()), float(x.pow(2).sum())
 
 
+def learned(model, calib, steps: int, lr: float):
+    """Uniform MXFP4 W+A model with R1/R2 learned from the block-diagonal Hadamard (Cayley
+    SGD, 4 calibration windows a step), folded."""
+    m = copy.deepcopy(model)
+    linears = list(_block_linears(m))
+    apply_formats(m, {n: FMT for n in linears}, {n: FMT for n in linears})
+    rot = LearnedRotations(m, lr=lr)
+    for step in tqdm(range(steps), desc="learned rotations", leave=False):
+        ids = calib[(4 * step) % len(calib):][:4]
+        logits = m(input_ids=ids, use_cache=False).logits
+        F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+        rot.step()
+        rot.zero_grad()
+    rot.fold()
+    return m
+
+
 def variant(model, name: str):
     m = copy.deepcopy(model)
-    if name == "folded":
+    if name == "none":
+        pass
+    elif name == "folded":
         fold_norms(arch_of(m))
     elif name == "random":
         rotate_model(m, "random", seed=0)
@@ -128,6 +159,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--learned-steps", type=int, default=32)
+    ap.add_argument("--learned-lr", type=float, default=0.3)
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
                                                   "rotations.md"))
     args = ap.parse_args(argv)
@@ -138,23 +171,37 @@ def main(argv=None) -> int:
              f"sum of squared errors / sum of squares; float32 models on CPU.", "",
              "| model | R1 / R2 | weight rel. error | activation rel. error | float ppl | "
              "MXFP4 W+A ppl | rotate s |", "|---|---|---|---|---|---|---|"]
+    lines.insert(3, "'rotate s': seconds to fold/rotate (learned: training included).")
     wide = []
     for model_name, path in MODELS.items():
         base, tok = load_model_and_tokenizer(path, dtype=torch.float32)
-        windows, _ = eval_windows(tok, os.path.join(ROOT, "dmx", "data", "wikitext-2-raw",
-                                                    "wiki.test.raw"), args.seqlen,
-                                  args.windows)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        windows, _ = eval_windows(tok, default_eval_file(), args.seqlen, args.windows)
+        calib = calibration_windows(tok, default_calibration_file(), args.seqlen, 64, seed=0)
         for name in VARIANTS:
             t = time.perf_counter()
-            m = variant(base, name)
+            if name == "learned":
+                m = learned(base, calib, args.learned_steps, args.learned_lr)
+            else:
+                m = variant(base, name)
             seconds = time.perf_counter() - t
             a = arch_of(m)
-            label = (f"{rotation_matrix(a.hidden, name)[1]} / "
-                     f"{rotation_matrix(a.head_dim, name)[1]}") if name != "folded" else "none"
-            we, ae = weight_error(m), activation_error(m, windows)
-            fppl = perplexity(m, windows, progress=False)["ppl"]
-            linears = list(_block_linears(m))
-            apply_formats(m, {n: FMT for n in linears}, {n: FMT for n in linears})
+            fixed = {"none": "untouched", "folded": "norms folded only",
+                     "learned": f"{args.learned_steps} steps, lr {args.learned_lr:g}"}
+            label = fixed[name] if name in fixed else (
+                f"{rotation_matrix(a.hidden, name)[1]} / {rotation_matrix(a.head_dim, name)[1]}")
+            if name == "learned":  # already quantized: unwrap for the float numbers
+                float_m = copy.deepcopy(m)
+                for n, layer in list(_wrapped(float_m).items()):
+                    _set_submodule(float_m, n, layer.linear)
+            else:
+                float_m = m
+            we, ae = weight_error(float_m), activation_error(float_m, windows)
+            fppl = perplexity(float_m, windows, progress=False)["ppl"]
+            if name != "learned":
+                linears = list(_block_linears(m))
+                apply_formats(m, {n: FMT for n in linears}, {n: FMT for n in linears})
             qppl = perplexity(m, windows, progress=False)["ppl"]
             row = (f"| {model_name} | {name}: {label} | {we:.5f} | {ae:.5f} | {fppl:.3f} | "
                    f"{qppl:.3f} | {seconds:.2f} |")

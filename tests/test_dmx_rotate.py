@@ -316,22 +316,26 @@ def _text_ids(model_dir, n=256):
 
 @pytest.mark.parametrize("name", ["tiny-qwen3", "stories260K"])
 def test_hadamard_lowers_mxfp4_error(name):
-    """Numbers (docs/rotations.md): tiny-qwen3 weights 0.01315 -> 0.01309, stories260K
-    inputs 0.0160 -> 0.0135; tiny-qwen3's residual stream has no outliers to remove."""
+    """The rotation lowers the MXFP4 error of the weights it rotates (the norm-folded ones)
+    and of the linears' inputs (vs the untouched model). Numbers on 16 x 256 tokens:
+    benchmarks/results/rotations.md (tiny-qwen3 weights 0.01315 -> 0.01309, inputs
+    0.01398 -> 0.01363; stories260K inputs 0.0161 -> 0.0135)."""
     path = embedded_model_dir() if name == "tiny-qwen3" else STORIES
     base = _load(path, torch.float32)
     ids = _text_ids(path)
     folded = copy.deepcopy(base)
-    fold_norms(arch_of(folded))  # the same weights, norms folded: the fair baseline
+    fold_norms(arch_of(folded))  # the weights the rotation starts from
     rotated = copy.deepcopy(base)
     rotate_model(rotated, "hadamard")
     errors = {k: {"weights": _rel_error(m.weight for m in _block_linears(model)),
                   "inputs": _input_error(model, ids)}
-              for k, model in (("folded", folded), ("hadamard", rotated))}
+              for k, model in (("untouched", base), ("folded", folded),
+                               ("hadamard", rotated))}
     print(f"MXFP4 relative error on {name}:", errors)
     assert errors["hadamard"]["weights"] < errors["folded"]["weights"]
+    assert errors["hadamard"]["inputs"] < errors["untouched"]["inputs"]
     if name == "stories260K":
-        assert errors["hadamard"]["inputs"] < 0.9 * errors["folded"]["inputs"]
+        assert errors["hadamard"]["inputs"] < 0.9 * errors["untouched"]["inputs"]
 
 
 # ----------------------------------------------------------------------------- export
