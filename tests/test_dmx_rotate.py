@@ -261,6 +261,34 @@ def test_learned_rotations_stay_orthogonal_and_fold_exactly():
     torch.testing.assert_close(_logits(_unwrap(model), ids), want, rtol=0, atol=1e-4)
 
 
+def test_learned_rotations_train_with_dmx_offsets():
+    """The search's setting: DMXLinear layers (soft formats, learnable offsets) wrapped
+    first, rotations on top; one backward feeds both, fold leaves the wrappers working."""
+    from dmx.layers import dmx_parameters, hard_assignment, wrap_model
+    model = _load(STORIES, torch.float32)
+    layers = wrap_model(model, "fp8-fp4")
+    rot = LearnedRotations(model)
+    offsets = torch.optim.SGD(dmx_parameters(model), lr=0.1)
+    for layer in layers.values():
+        layer.train()
+    ids = _ids(model)
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(
+            model(input_ids=ids).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        assert all(p.grad is not None and p.grad.abs().max() > 0 for p in rot.parameters())
+        assert all(p.grad is not None for p in dmx_parameters(model))
+        offsets.step()
+        rot.step()
+        offsets.zero_grad()
+        rot.zero_grad()
+    rot.fold()
+    assert rot.orthogonality_error() < 1e-5
+    assert set(hard_assignment(model)) == set(layers)
+    model.eval()
+    assert torch.isfinite(_logits(model, ids)).all()
+
+
 def test_learned_state_round_trip():
     model = _load(STORIES, torch.float32)
     _mxfp4_everywhere(model)
