@@ -119,7 +119,7 @@ def _unit_label(unit: tuple[str, ...]) -> str:
 
 def repair_assignment(formats: dict, offsets: dict, shapes: dict, ladder, target: float,
                       weighting: str = "simple", quantize_input=True,
-                      fill: bool = True) -> dict:
+                      fill: bool = True, units=None) -> dict:
     """Move whole units between rungs so that the average bits are <= ``target`` and,
     with ``fill``, as close to it as the ranking allows.
 
@@ -151,7 +151,8 @@ def repair_assignment(formats: dict, offsets: dict, shapes: dict, ladder, target
     rung_of = {r.fmt: i for i, r in enumerate(lad.rungs)}
     quant_in = (quantize_input if isinstance(quantize_input, dict)
                 else {n: bool(quantize_input) for n in formats})
-    units = fused_units(list(formats))
+    # a unit moves as one: the fused groups (default), or the layers sharing an offset
+    units = fused_units(list(formats)) if units is None else [tuple(u) for u in units]
     level, offset = {}, {}
     for u in units:
         fmts = {formats[n] for n in u}
@@ -237,7 +238,10 @@ def repair_layers(layers: dict, ladder, target: float, weighting: str = "simple"
     offsets = {n: float(layer.raw_offset().detach()) for n, layer in layers.items()}
     shapes = {n: (layer.out_features, layer.in_features) for n, layer in layers.items()}
     quant_in = {n: layer.quantize_input for n, layer in layers.items()}
+    tied: dict[int, list[str]] = {}
+    for n, layer in layers.items():  # untied searches (--no-tie-fused) move layers alone
+        tied.setdefault(id(layer.offset), []).append(n)
     result = repair_assignment(formats, offsets, shapes, ladder, target, weighting, quant_in,
-                               fill)
+                               fill, units=list(tied.values()))
     set_offsets(layers, result["formats"])
     return {k: v for k, v in result.items() if k != "formats"}

@@ -43,14 +43,25 @@ def collect(run_dirs) -> list[dict]:
         ev = load_eval(d)
         result = ev["results"][ev["latest"]] if ev and ev.get("latest") else None
         mix = Counter(e["format"] for e in m["layers"].values())
+        every = m["avg_bits"].get("all_linears") or {}
+        search = m.get("search") or {}
         rows.append({
             "run": Path(d).name, "path": str(d), "method": m["method"],
             "ladder": m["ladder"], "target_bits": m["target_bits"],
             "avg_bits": m["avg_bits"]["simple"],
             "avg_bits_size_weighted": m["avg_bits"]["size_weighted"],
             "storage_bits_per_weight": m["avg_bits"]["storage_bits_per_weight"],
+            "all_linears_bits": every.get("simple"),
+            "all_linears_weight_bits_size_weighted": every.get("weights_size_weighted"),
             "layers": len(m["layers"]),
+            "quantized": sorted(m["layers"]),
             "formats": dict(sorted(mix.items())),
+            "recipe": (search.get("config") or {}).get("recipe"),
+            "raw_bits": (search.get("raw_bits") or {}).get("simple"),
+            "repair": _repair_summary(search.get("budget_repair")),
+            "end_ppl": search.get("end_ppl"),
+            "search_log": str(Path(d) / "search_log.jsonl")
+            if (Path(d) / "search_log.jsonl").is_file() else None,
             "ppl": None if result is None else result["ppl"],
             "protocol": None if result is None else result["protocol"],
             "eval_key": None if ev is None else ev.get("latest"),
@@ -65,6 +76,53 @@ def collect(run_dirs) -> list[dict]:
 
 def _fmt(v, spec):
     return "-" if v is None else format(v, spec)
+
+
+def _repair_summary(repair) -> dict | None:
+    if not repair:
+        return None
+    steps = Counter(m["step"] for m in repair["moves"])
+    return {"fit": steps.get("fit", 0), "fill": steps.get("fill", 0),
+            "bits_before": repair["bits_before"], "bits_after": repair["bits_after"]}
+
+
+def _layer_set_warning(rows) -> list[str]:
+    """Runs that quantize different layers sit on one plot only with a warning: their
+    averages count different things (dmx search --export-target, --include)."""
+    sets = {tuple(r["quantized"]) for r in rows}
+    if len(sets) <= 1:
+        return []
+    detail = ", ".join(f"{r['run']} {r['layers']}" for r in rows)
+    return ["**Warning:** the runs quantize different sets of linears (" + detail + "); "
+            "compare the all-linears column, which counts the unquantized ones at their "
+            "stored bits.", ""]
+
+
+def _search_markdown(rows) -> list[str]:
+    """What the search found vs what the budget repair made of it, and the soft model
+    before discretization vs the hard model after it (calibration windows)."""
+    runs = [r for r in rows if r["method"] == "dmx" and r["repair"]]
+    if not runs:
+        return []
+    lines = ["## dMX searches: found vs repaired", "",
+             "raw = the hard assignment the annealed offsets select; repaired = after the "
+             "budget repair (fit: units demoted to get under the target; fill: units "
+             "promoted up to it, a greedy post-process ranked by the learned offsets). "
+             "Calibration ppl: the first calibration windows (trained on), the soft model at "
+             "the final temperature vs the hard models.", "",
+             "| run | recipe | target | raw bits | repaired bits | fit / fill moves "
+             "| calib ppl soft | hard raw | hard repaired |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        e = r["end_ppl"] or {}
+        lines.append(
+            f"| {r['run']} | {r['recipe'] or '-'} | {_fmt(r['target_bits'], 'g')} | "
+            f"{_fmt(r['raw_bits'], '.3f')} | {r['avg_bits']:.3f} | {r['repair']['fit']} / "
+            f"{r['repair']['fill']} | {_fmt(e.get('soft'), '.3f')} | "
+            f"{_fmt(e.get('hard_raw'), '.3f')} | {_fmt(e.get('hard_repaired'), '.3f')} |")
+    lines.append("")
+    if any(r["search_log"] for r in runs):
+        lines += ["![offset trajectories and soft vs hard bits per step](dynamics.png)", ""]
+    return lines
 
 
 def _markdown(rows, reference, title) -> str:
@@ -84,15 +142,21 @@ def _markdown(rows, reference, title) -> str:
     lines += ["Average bits are element bits (MXFP4 = 4, MXFP8 = 8), the mean of the weight "
               "and input-activation averages (simple: each layer once; size: weighted by "
               "elements); storage = bytes of packed weights + E8M0 scales per weight.", ""]
-    lines += ["| run | method | target | avg bits | size-weighted | storage bits/w | formats "
-              "| ppl | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["All linears: the same average over every linear of the model (lm_head and "
+              "layers left out counted at their stored bits, e.g. 32 for float32).", ""]
+    lines += _layer_set_warning(rows)
+    lines += ["| run | method | target | avg bits | size-weighted | storage bits/w "
+              "| all linears | formats | ppl | wall s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mix = ", ".join(f"{n}x {f}" for f, n in r["formats"].items())
         lines.append(f"| {r['run']} | {r['method']} | {_fmt(r['target_bits'], 'g')} | "
                      f"{r['avg_bits']:.3f} | {r['avg_bits_size_weighted']:.3f} | "
-                     f"{r['storage_bits_per_weight']:.3f} | {mix} | {_fmt(r['ppl'], '.2f')} | "
-                     f"{_fmt(r['wall_time_s'], '.1f')} |")
+                     f"{r['storage_bits_per_weight']:.3f} | "
+                     f"{_fmt(r['all_linears_bits'], '.3f')} | {mix} | "
+                     f"{_fmt(r['ppl'], '.2f')} | {_fmt(r['wall_time_s'], '.1f')} |")
     lines += ["", "![perplexity vs average bits](pareto.png)", ""]
+    lines += _search_markdown(rows)
     lines += _tasks_markdown(rows)
     return "\n".join(lines)
 
@@ -142,6 +206,9 @@ def write_report(rows, report_dir, reference=None, force: bool = False,
         (tmp / "report.json").write_text(json.dumps({"reference": reference, "runs": rows},
                                                     indent=1) + "\n")
         _plot(rows, reference, tmp / "pareto.png", title)
+        if any(r["search_log"] for r in rows):
+            plot_dynamics([r["search_log"] for r in rows if r["search_log"]],
+                          tmp / "dynamics.png")
         if any(r["tasks"] for r in rows):
             _plot_accuracy(rows, tmp / "accuracy.png")
         replace_dir(tmp, dest)  # an old report (--force) is swapped out, never half-written
@@ -149,6 +216,62 @@ def write_report(rows, report_dir, reference=None, force: bool = False,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+# ----------------------------------------------------------------------------- dynamics
+MAX_DYNAMICS_RUNS = 8
+
+
+def plot_dynamics(logs, path: Path) -> None:
+    """dynamics.png: per search (one row each, at most MAX_DYNAMICS_RUNS), the raw offset
+    of every unit against the step (the decision boundaries of the ladder dashed) and the
+    soft average bits the forward pass used vs the hard bits the offsets would deploy,
+    with the target; the temperature on a second axis."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dmx.ladders import get_ladder
+    from dmx.search import read_search_log
+
+    logs = list(logs)[:MAX_DYNAMICS_RUNS]
+    fig, axes = plt.subplots(len(logs), 2, figsize=(11, 3.2 * len(logs)), squeeze=False)
+    for (ax_o, ax_b), source in zip(axes, logs):
+        log = read_search_log(Path(source).parent)
+        steps = log["steps"]
+        cfg = log.get("config") or {}
+        name = f"{Path(source).parent.name} ({cfg.get('recipe', '?')}, target " \
+               f"{cfg.get('target_bits', '?')})"
+        x = [s["step"] for s in steps]
+        if steps and "offsets" in steps[0]:
+            traj = list(zip(*[s["offsets"] for s in steps]))
+            for t in traj:
+                ax_o.plot(x, t, linewidth=0.6, alpha=0.6)
+        if cfg.get("ladder"):
+            rungs = get_ladder(cfg["ladder"]).rungs
+            for a, b in zip(rungs, rungs[1:]):
+                ax_o.axhline(0.5 * (a.position + b.position), color="k", linestyle="--",
+                             linewidth=0.8)
+        ax_o.set_title(f"{name}: raw offsets", fontsize=9)
+        ax_o.set_xlabel("step")
+        ax_o.set_ylabel("offset b_hat")
+        ax_o.grid(True, alpha=0.3)
+        ax_b.plot(x, [s["avg_bits"] for s in steps], label="soft (forward pass)")
+        ax_b.plot(x, [s["hard_bits"] for s in steps], label="hard (deployed)")
+        if cfg.get("target_bits") is not None:
+            ax_b.axhline(cfg["target_bits"], color="gray", linestyle="--", label="target")
+        ax_t = ax_b.twinx()
+        ax_t.plot(x, [s["T"] for s in steps], color="tab:red", linewidth=0.7, alpha=0.5)
+        ax_t.set_yscale("log")
+        ax_t.set_ylabel("T (red)", fontsize=8)
+        ax_b.set_title(f"{name}: average bits", fontsize=9)
+        ax_b.set_xlabel("step")
+        ax_b.set_ylabel("element bits")
+        ax_b.grid(True, alpha=0.3)
+        ax_b.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -177,8 +300,13 @@ def run_report(args) -> int:
     for r in rows:
         print(f"{r['run']:>24}  {r['method']:<8} bits {r['avg_bits']:.3f}  "
               f"ppl {_fmt(r['ppl'], '.2f')}")
+    sets = {tuple(r["quantized"]) for r in rows}
+    if len(sets) > 1:
+        print("dmx report: warning: the runs quantize different sets of linears; compare "
+              "the all-linears column of report.md")
     print(f"dmx report: wrote {dest}/report.md, report.json, pareto.png"
-          + (", accuracy.png" if any(r["tasks"] for r in rows) else ""))
+          + (", accuracy.png" if any(r["tasks"] for r in rows) else "")
+          + (", dynamics.png" if any(r["search_log"] for r in rows) else ""))
     return 0
 
 
