@@ -25,7 +25,7 @@ import math
 
 from dmx.errors import DMXError
 
-__all__ = ["offset_for_bits", "project_to_budget", "repair_assignment", "repair_layers",
+__all__ = ["offset_for_bits", "project_to_budget", "average_coefficients", "repair_assignment", "repair_layers",
            "set_offsets"]
 
 _EPS = 1e-6  # "average <= target" up to float32 rounding (dmx.penalty averages in float32)
@@ -64,8 +64,33 @@ def offset_for_bits(ladder, bits: float, temperature: float) -> float:
     return 0.5 * (lo + hi)
 
 
+class _BitsProbe:
+    """Stands in for a DMXLinear in dmx.penalty.average_bits with a leaf tensor as its
+    bits, so that autograd reads off each layer's coefficient in the (linear) average."""
+
+    def __init__(self, layer):
+        import torch
+        self.bits = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.quantize_input = layer.quantize_input
+
+    def current_bits(self):
+        return self.bits
+
+
+def average_coefficients(layers: dict, weighting: str) -> list[float]:
+    """c_i with average_bits(layers) = sum_i c_i * bits_i (the average is linear in the
+    per-layer bits): dmx.penalty's one definition, differentiated."""
+    import torch
+
+    from dmx.penalty import average_bits
+    probes = [_BitsProbe(layer) for layer in layers.values()]
+    avg = average_bits(probes, weighting)
+    return [float(g) for g in torch.autograd.grad(avg, [p.bits for p in probes])]
+
+
 def project_to_budget(layers: dict, params: list, target: float, weighting: str,
-                      temperature: float, margin: float, iters: int = 30) -> float:
+                      temperature: float, margin: float, iters: int = 40) -> float:
     """Shift every offset by one common amount so that the *soft* average bits at
     ``temperature`` equal ``target``, each offset kept within ``margin`` of the ladder's
     ends; returns the shift. In place, no gradient.
@@ -73,41 +98,39 @@ def project_to_budget(layers: dict, params: list, target: float, weighting: str,
     This is how the default recipe holds the budget (dmx.recipe): the soft average is
     monotone in the common shift, so bisection finds it; a target the box cannot reach
     leaves every offset at the nearest end. The relative order of the offsets, which is
-    what the cross-entropy learned, is unchanged (up to the box).
+    what the cross-entropy learned, is unchanged (up to the box). The soft bits of all
+    offsets are computed as one vector per bisection step (DMXLinear.current_bits with
+    the clamp parameterization: anneal_map of the clamped offset).
     """
     import torch
 
-    from dmx.penalty import average_bits
+    from dmx.anneal import anneal_map
 
     first = next(iter(layers.values()))
-    lo = first.ladder.low.position - float(margin)
-    hi = first.ladder.high.position + float(margin)
-    saved = {name: layer.temperature for name, layer in layers.items()}
+    lad = first.ladder
+    lo, hi = lad.low.position - float(margin), lad.high.position + float(margin)
+    index = {id(p): i for i, p in enumerate(params)}
+    coef = torch.zeros(len(params), dtype=torch.float64)
+    for layer, c in zip(layers.values(), average_coefficients(layers, weighting)):
+        coef[index[id(layer.offset)]] += c
     with torch.no_grad():
-        base = [p.detach().clone() for p in params]
+        base = torch.stack([p.detach().double().cpu() for p in params])
 
         def soft_bits_at(shift: float) -> float:
-            for p, b in zip(params, base):
-                p.copy_((b + shift).clamp(lo, hi))
-            return float(average_bits(layers, weighting))
+            b = (base + shift).clamp(lo, hi).clamp(lad.low.position, lad.high.position)
+            return float((coef * lad.element_bits(anneal_map(b, temperature, lad))).sum())
 
-        try:
-            for layer in layers.values():
-                layer.temperature = float(temperature)
-            # from every offset at the low end of the box to every offset at the high end
-            a = lo - float(max(b.max() for b in base))
-            z = hi - float(min(b.min() for b in base))
-            for _ in range(iters):
-                mid = 0.5 * (a + z)
-                if soft_bits_at(mid) < target:
-                    a = mid
-                else:
-                    z = mid
-            shift = 0.5 * (a + z)
-            soft_bits_at(shift)
-        finally:
-            for name, layer in layers.items():
-                layer.temperature = saved[name]
+        # from every offset at the low end of the box to every offset at the high end
+        a, z = lo - float(base.max()), hi - float(base.min())
+        for _ in range(iters):
+            mid = 0.5 * (a + z)
+            if soft_bits_at(mid) < target:
+                a = mid
+            else:
+                z = mid
+        shift = 0.5 * (a + z)
+        for p, b in zip(params, base):
+            p.copy_((b + shift).clamp(lo, hi).to(p.dtype))
     return shift
 
 

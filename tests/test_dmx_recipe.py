@@ -83,8 +83,8 @@ def test_default_recipe_does_not_collapse(model_dir, target, calib, tmp_path):
     offsets stay within the ladder +- offset_margin, the soft average the forward pass
     used is the target, and the raw hard assignment (no fill) ends within one unit of
     it. (The anneal finishes at T 20: the soft and hard model then agree too.)"""
-    cfg = SearchConfig.from_recipe("default", target_bits=target, steps=24, batch_size=2,
-                                   seqlen=64, samples=16, fill_budget=False,
+    cfg = SearchConfig.from_recipe("default", target_bits=target, steps=16, batch_size=2,
+                                   seqlen=32, samples=16, fill_budget=False, lr=0.03,
                                    export_target="none", calib=[str(calib)])
     r = search(model_dir, cfg, out=tmp_path / "out", progress=False, checkpoint_every=0)
     log = read_search_log(tmp_path / "out")
@@ -183,4 +183,32 @@ def test_paper_recipe_steps_equal_the_reference_formulas(calib):
         assert got[step]["avg_bits"] == pytest.approx(avg, abs=1e-5)
         assert got[step]["penalty"] == pytest.approx(cfg.lam * (avg - cfg.target_bits),
                                                      abs=5e-5)
-    torch.testing.assert_close(learned, o, rtol=0, atol=1e-5)
+    # float32 (the code) vs float64 (here), through a quantizer that is not smooth in the
+    # offset: ~1e-5 after two steps; a wrong formula (no Nesterov, no clip) moves 0.1+
+    torch.testing.assert_close(learned, o, rtol=0, atol=1e-4)
+
+
+def test_projection_meets_the_budget_with_the_penalty_definition():
+    """project_to_budget's vectorized average equals dmx.penalty.average_bits of the
+    layers afterwards (the one definition), for both weightings and tied layers."""
+    from dmx.assign import project_to_budget
+    from dmx.penalty import average_bits
+
+    model, _ = data.load_model_and_tokenizer(data.embedded_model_dir())
+    layers = wrap_model(model, "fp8-fp4", init=0.7)
+    for layer in layers.values():
+        layer.train()
+        layer.temperature = 0.9
+    params = dmx_parameters(model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(()) * 0.8)
+    for weighting, target in (("simple", 5.3), ("size", 6.1)):
+        before = [float(p.detach()) for p in params]
+        shift = project_to_budget(layers, params, target, weighting, 0.9, margin=0.5)
+        assert float(average_bits(layers, weighting)) == pytest.approx(target, abs=1e-5)
+        inside = [b + shift for b in before if -0.5 < b + shift < 2.5]
+        assert inside and all(float(p.detach()) == pytest.approx(b + shift, abs=1e-6)
+                              for p, b in zip(params, before) if -0.5 < b + shift < 2.5)
+        assert all(-0.5 - 1e-6 <= float(p.detach()) <= 2.5 + 1e-6 for p in params)
