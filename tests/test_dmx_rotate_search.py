@@ -25,27 +25,13 @@ from dmx.data import load_model
 from dmx.layers import apply_formats
 from dmx.rotate import rotate_model
 from dmx.search import read_search_log, search
+from test_dmx_io import single_threaded  # noqa: F401 (autouse: 1 torch/Numba thread)
+from test_dmx_search import calib  # noqa: F401 (fixture: 20,000 characters of wiki.valid)
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "dmx" / "data"
 MODEL = EMBEDDED / "tiny-qwen3"
-WIKI = EMBEDDED / "wikitext-2-raw" / "wiki.valid.raw"
 # 3 short steps: enough for the rotations to move, cheap on a shared CPU
 KW = dict(steps=3, batch_size=2, seqlen=32, samples=4, progress=False)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_threaded():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: threads only oversubscribe a shared machine
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(WIKI.read_text(encoding="utf-8")[:12000], encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")
