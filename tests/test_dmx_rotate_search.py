@@ -154,3 +154,13 @@ def test_bad_rotation_flags_fail_in_one_line(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_resume_command_carries_the_rotation_flags():
+    from dmx.recipe import SearchConfig
+    from dmx.search import _resume_command
+
+    cfg = SearchConfig.from_recipe("paper", target_bits=5.0, rotate="learned",
+                                   rotate_kind="kron", rotation_lr=0.3)
+    cmd = _resume_command(cfg, "m", "out", "out.partial", False, {})
+    assert "--rotate learned --rotate-kind kron --rotation-lr 0.3" in cmd
