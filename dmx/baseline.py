@@ -11,6 +11,10 @@
   definition) at or below the target; a unit that does not fit is skipped, so the
   budget is met as closely as the units allow, never exceeded.
 
+``--rotate hadamard|random`` folds the same fixed R1/R2 rotations as ``dmx search
+--rotate hadamard`` into the weights first (dmx.rotate.rotate_model, seeded by --seed), so
+a baseline and a search compare like for like; the manifest records them (``rotation``).
+
 Public API: ``quantizable_layers(model, include=None) -> [names]``,
 ``uniform_baseline(model_dir, fmt, out, ...) -> dict``,
 ``kl_sensitivities(model, units, windows, low_fmt, ...) -> {unit: kl}``,
@@ -27,11 +31,12 @@ from pathlib import Path
 import mxref
 from dmx.errors import DMXError
 
-__all__ = ["METHODS", "quantizable_layers", "fused_units", "uniform_baseline",
+__all__ = ["METHODS", "ROTATIONS", "quantizable_layers", "fused_units", "uniform_baseline",
            "kl_sensitivities", "greedy_promote", "kl_baseline", "check_target_bits",
            "add_baseline_parser", "run_baseline"]
 
 METHODS = ("uniform", "kl")
+ROTATIONS = ("none", "hadamard", "random")  # fixed ones (learned needs the search's loop)
 WEIGHTINGS = ("simple", "size")
 
 
@@ -98,32 +103,57 @@ def _shapes(model, names) -> dict:
     return {n: tuple(model.get_submodule(n).weight.shape) for n in names}
 
 
-def _load(model_dir, device):
-    """The model with frozen weights (baselines never train)."""
+def _check_rotation(model_dir, rotate: str, rotate_kind: str) -> None:
+    """Bad --rotate/--rotate-kind (or a model type rotations do not support) fail before
+    the weights load."""
+    from dmx.rotate.fold import check_model_type
+    from dmx.rotate.hadamard import KINDS
+    if rotate not in ROTATIONS:
+        raise DMXError(f"--rotate must be one of {', '.join(ROTATIONS)}, got {rotate!r}")
+    if rotate_kind not in KINDS:
+        raise DMXError(f"--rotate-kind must be one of {', '.join(KINDS)}, got {rotate_kind!r}")
+    if rotate != "hadamard" and rotate_kind != "auto":
+        raise DMXError(f"--rotate-kind {rotate_kind} picks the matrix of --rotate hadamard; "
+                       f"add --rotate hadamard or drop it")
+    if rotate != "none":
+        from dmx import data
+        check_model_type(data.check_causal_lm_dir(model_dir).get("model_type"))
+
+
+def _load(model_dir, device, rotate: str = "none", rotate_kind: str = "auto", seed: int = 0):
+    """The model with frozen weights (baselines never train), rotated as asked; and the
+    ``(meta, extra_files)`` additions of write_out that record the rotation."""
     from dmx.data import load_model
     model = load_model(model_dir, device=device)
     for p in model.parameters():
         p.requires_grad_(False)
-    return model
+    if rotate == "none":
+        return model, {}, {}
+    from dmx.rotate import out_config_files, rotate_model
+    info = rotate_model(model, rotate, seed=seed, kind=rotate_kind)
+    return model, {"rotation": info.to_manifest()}, out_config_files(model_dir, info)
 
 
 # ----------------------------------------------------------------------------- uniform
 def uniform_baseline(model_dir, fmt: str, out, weights_only: bool = False, include=None,
-                     device: str = "cpu", force: bool = False) -> dict:
-    """Write OUT with every quantizable linear in ``fmt``; returns a summary."""
+                     device: str = "cpu", force: bool = False, rotate: str = "none",
+                     rotate_kind: str = "auto", seed: int = 0) -> dict:
+    """Write OUT with every quantizable linear in ``fmt`` (after the fixed ``rotate``
+    rotation, seeded by ``seed``); returns a summary."""
     from dmx import io
     t0 = time.time()
     fmt = mxref.get_format(fmt).key
     if mxref.get_format(fmt).bits not in (4, 6, 8):
         raise DMXError(f"--format {fmt}: OUT stores 4-, 6- and 8-bit MX formats only")
     io.check_new_out(out, force)
-    model = _load(model_dir, device)
+    _check_rotation(model_dir, rotate, rotate_kind)
+    model, rot_meta, extra_files = _load(model_dir, device, rotate, rotate_kind, seed)
     names = quantizable_layers(model, include)
     formats, acts = _formats_for(names, fmt, weights_only)
-    meta = {"method": "uniform", "ladder": None, "target_bits": None, "seed": 0,
+    meta = {"method": "uniform", "ladder": None, "target_bits": None, "seed": int(seed),
             "baseline": {"format": fmt, "weights_only": bool(weights_only)},
-            "wall_time_s": round(time.time() - t0, 3)}
-    io.write_out(out, model, formats, acts, model_dir, meta, force)
+            "wall_time_s": round(time.time() - t0, 3), **rot_meta}
+    io.write_out(out, model, formats, acts, model_dir, meta, force, extra_files=extra_files)
     bits = io.average_bits_of(formats, acts, _shapes(model, names))
     return {"out": str(out), "formats": formats, "avg_bits": bits,
             "wall_time_s": meta["wall_time_s"]}
@@ -196,8 +226,9 @@ def kl_baseline(model_dir, target_bits: float, out, ladder: str = "fp8-fp4",
                 weighting: str = "simple", calib=None, samples: int = 16,
                 seqlen: int | None = None, seed: int = 0, weights_only: bool = False,
                 include=None, batch_size: int = 4, device: str = "cpu", force: bool = False,
-                progress: bool = True) -> dict:
-    """Write OUT with the KL layer-selection assignment; returns a summary."""
+                progress: bool = True, rotate: str = "none", rotate_kind: str = "auto") -> dict:
+    """Write OUT with the KL layer-selection assignment (on the model after the fixed
+    ``rotate`` rotation, seeded by ``seed``); returns a summary."""
     from dmx import data, io
     from dmx.ladders import get_ladder
 
@@ -210,6 +241,7 @@ def kl_baseline(model_dir, target_bits: float, out, ladder: str = "fp8-fp4",
     for f in calib or ():
         if not Path(f).is_file():
             raise DMXError(f"--calib {f}: no such file")
+    _check_rotation(model_dir, rotate, rotate_kind)
     config = data.check_causal_lm_dir(model_dir)
     if seqlen is None:  # the search's 2048, capped by what the model was trained for
         seqlen = min(2048, int(config.get("max_position_embeddings") or 2048))
@@ -217,7 +249,7 @@ def kl_baseline(model_dir, target_bits: float, out, ladder: str = "fp8-fp4",
     # the text is checked before the weights load: bad calibration input fails fast
     windows = data.calibration_windows(data.load_tokenizer(model_dir), calib_files, seqlen,
                                        samples, seed)
-    model = _load(model_dir, device)
+    model, rot_meta, extra_files = _load(model_dir, device, rotate, rotate_kind, seed)
     windows = windows.to(next(model.parameters()).device)
     names = quantizable_layers(model, include)
     units = fused_units(names)
@@ -233,8 +265,8 @@ def kl_baseline(model_dir, target_bits: float, out, ladder: str = "fp8-fp4",
                          "seqlen": int(seqlen), "low_format": lad.low.fmt,
                          "sensitivity": {"+".join(u): s for u, s in
                                          sorted(sens.items(), key=lambda kv: -kv[1])}},
-            "wall_time_s": round(time.time() - t0, 3)}
-    io.write_out(out, model, formats, acts, model_dir, meta, force)
+            "wall_time_s": round(time.time() - t0, 3), **rot_meta}
+    io.write_out(out, model, formats, acts, model_dir, meta, force, extra_files=extra_files)
     return {"out": str(out), "formats": formats, "avg_bits": achieved, "target_bits": target,
             "sensitivity": sens, "wall_time_s": meta["wall_time_s"]}
 
@@ -264,11 +296,19 @@ def add_baseline_parser(subparsers):
     p.add_argument("--samples", type=int, default=16, help="kl: calibration windows (default 16)")
     p.add_argument("--seqlen", type=int, default=None,
                    help="kl: tokens per window (default 2048, capped by the model's positions)")
-    p.add_argument("--seed", type=int, default=0, help="kl: seed of the calibration windows")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the calibration windows (kl) and of --rotate random")
     p.add_argument("--batch-size", type=int, default=4, help="kl: windows per forward")
     p.add_argument("--weights-only", action="store_true", help="leave the inputs unquantized")
     p.add_argument("--include", action="append", metavar="REGEX",
                    help="quantize only linears whose name matches (repeatable)")
+    p.add_argument("--rotate", choices=ROTATIONS, default="none",
+                   help="fold fixed rotations into the weights first, as dmx search --rotate "
+                        "does: none (default), hadamard or random (seeded by --seed); see "
+                        "docs/rotations.md")
+    p.add_argument("--rotate-kind", default="auto",
+                   help="the Hadamard of --rotate hadamard: auto (default), block, kron, "
+                        "random")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--force", action="store_true", help="overwrite an existing OUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -286,7 +326,8 @@ def run_baseline(args) -> int:
         if args.target_bits is not None:
             raise DMXError("--target-bits goes with --method kl; uniform has its format's bits")
         res = uniform_baseline(args.model, args.format, args.out, args.weights_only,
-                               args.include, args.device, args.force)
+                               args.include, args.device, args.force, args.rotate,
+                               args.rotate_kind, args.seed)
     else:
         if args.target_bits is None:
             raise DMXError("--method kl needs --target-bits B (average element bits)")
@@ -295,7 +336,8 @@ def run_baseline(args) -> int:
         res = kl_baseline(args.model, args.target_bits, args.out, args.ladder, args.weighting,
                           args.calib, args.samples, args.seqlen, args.seed, args.weights_only,
                           args.include, args.batch_size, args.device, args.force,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, rotate=args.rotate,
+                          rotate_kind=args.rotate_kind)
     counts = Counter(res["formats"].values())
     mix = ", ".join(f"{n} x {fmt}" for fmt, n in sorted(counts.items()))
     b = res["avg_bits"]

@@ -299,27 +299,28 @@ def reduce_sum(ctx: DistContext, values: list[torch.Tensor]) -> list[torch.Tenso
 
 
 def all_reduce_grads(ctx: DistContext, params: list[torch.Tensor]) -> None:
-    """Sum the offsets' gradients over the ranks, in place (one collective). A parameter
-    without a gradient on every rank keeps ``grad = None`` (SGD then skips it, as it would
-    in one process)."""
+    """Sum the gradients of ``params`` (the offsets, and learned rotation matrices) over
+    the ranks, in place (one collective, float32). A parameter without a gradient on every
+    rank keeps ``grad = None`` (SGD then skips it, as it would in one process)."""
     if not ctx.enabled or not params:
         return
     import torch.distributed as dist
 
     dev = ctx.comm_device
-    grads = [torch.zeros((), dtype=torch.float32, device=dev) if p.grad is None
-             else p.grad.detach().to(device=dev, dtype=torch.float32).reshape(())
+    grads = [torch.zeros(p.numel(), dtype=torch.float32, device=dev) if p.grad is None
+             else p.grad.detach().to(device=dev, dtype=torch.float32).reshape(-1)
              for p in params]
-    present = [torch.tensor(0.0 if p.grad is None else 1.0, device=dev) for p in params]
-    flat = torch.stack(grads + present)
+    present = torch.tensor([0.0 if p.grad is None else 1.0 for p in params], device=dev)
+    flat = torch.cat(grads + [present])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     n = len(params)
-    has = flat[n:].cpu().tolist()  # one device sync, not one per parameter
+    has = flat[-n:].cpu().tolist()  # one device sync, not one per parameter
+    sums = torch.split(flat[:-n], [p.numel() for p in params])
     for i, p in enumerate(params):
         if has[i] == 0.0:
             p.grad = None
         else:
-            p.grad = flat[i].to(device=p.device, dtype=p.dtype).reshape(p.shape).clone()
+            p.grad = sums[i].to(device=p.device, dtype=p.dtype).reshape(p.shape).clone()
 
 
 def _weight_device(layer) -> torch.device:

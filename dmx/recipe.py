@@ -23,6 +23,12 @@ Two named recipes (``--recipe``):
   gate/up share an offset (what vLLM can serve), and the fill is on: it only acts when
   the anneal leaves the hard average below the target, and is reported separately.
 
+Rotations (``rotate``: none | hadamard | learned, docs/rotations.md) are off in both
+recipes. The authors' runs learned R1/R2 jointly with the offsets (Cayley SGD, lr 1.5,
+Hadamard-initialised): to reproduce them pass ``--recipe paper --rotate learned``. They
+stay off in ``paper`` because a recipe is the offset search the paper describes, and a
+rotation changes the model being searched (it is reported in the manifest either way).
+
 A recipe is a dict of field overrides; a user flag overrides the recipe.
 """
 from __future__ import annotations
@@ -34,7 +40,7 @@ from dataclasses import dataclass
 from dmx.errors import DMXError
 
 __all__ = ["SearchConfig", "RECIPES", "BUDGETS", "PARAMETERIZATIONS", "GRAD_NORMS", "INITS",
-           "WEIGHTINGS", "EXPORT_TARGETS", "config_from_dict"]
+           "WEIGHTINGS", "EXPORT_TARGETS", "ROTATIONS", "config_from_dict"]
 
 BUDGETS = ("project", "hinge")
 PARAMETERIZATIONS = ("clamp", "abs")
@@ -42,6 +48,9 @@ GRAD_NORMS = ("normalize", "clip", "none")
 INITS = ("low", "target")
 WEIGHTINGS = ("simple", "size")  # the averages the search trains against (macs: report only)
 EXPORT_TARGETS = ("any", "compressed-tensors", "quark", "gguf", "none")
+# search rotations: fixed (dmx.rotate.rotate_model) or learned with the offsets
+# (dmx.rotate.LearnedRotations); "random" is a baseline-only comparison
+ROTATIONS = ("none", "hadamard", "learned")
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,11 @@ class SearchConfig:
     t_end: float = 20.0
     # after the search
     fill_budget: bool = True
+    # rotations folded into the weights before the search (hadamard) or learned with the
+    # offsets, then folded (learned); R1 seeded by ``seed``, R2 by ``seed + 1``
+    rotate: str = "none"
+    rotate_kind: str = "auto"
+    rotation_lr: float = 1.5
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -135,9 +149,13 @@ class SearchConfig:
         _choice("--grad-norm", self.grad_norm, GRAD_NORMS)
         _choice("--init", self.init, INITS)
         _choice("--export-target", self.export_target, EXPORT_TARGETS)
+        _choice("--rotate", self.rotate, ROTATIONS)
+        from dmx.rotate.hadamard import KINDS  # the matrices dmx.rotate can build
+        _choice("--rotate-kind", self.rotate_kind, KINDS)
         check_target_bits(self.target_bits, lad)
         for flag, value in (("--lr", self.lr), ("--t-start", self.t_start),
-                            ("--t-end", self.t_end), ("--max-grad-norm", self.max_grad_norm)):
+                            ("--t-end", self.t_end), ("--max-grad-norm", self.max_grad_norm),
+                            ("--rotation-lr", self.rotation_lr)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise DMXError(f"{flag} must be a positive number, got {value!r}")
         for flag, value in (("--lam", self.lam), ("--offset-margin", self.offset_margin)):
@@ -150,7 +168,18 @@ class SearchConfig:
             raise DMXError(f"--momentum must be in [0, 1), got {self.momentum!r}")
         if not 0.0 <= self.delay <= 1.0:
             raise DMXError(f"--delay must be a fraction in [0, 1], got {self.delay!r}")
+        # a rotation setting that would silently do nothing is a mistake in the command
+        if self.rotate == "none" and self.rotate_kind != "auto":
+            raise DMXError(f"--rotate-kind {self.rotate_kind} needs --rotate hadamard or "
+                           f"learned")
+        if self.rotate != "learned" and self.rotation_lr != _default("rotation_lr"):
+            raise DMXError("--rotation-lr is the learning rate of --rotate learned; add "
+                           "--rotate learned or drop it")
         return self
+
+
+def _default(name: str):
+    return next(f.default for f in dataclasses.fields(SearchConfig) if f.name == name)
 
 
 def _positive_int(flag: str, value) -> None:

@@ -11,6 +11,13 @@ through dmx.io.write_out with ``search_log.jsonl`` (one line per step: loss, pen
 soft and hard bits, temperature, every offset). Checkpoints go to OUT.partial/; Ctrl-C
 saves one and prints the ``--resume`` command.
 
+Rotations (``--rotate``, docs/rotations.md): ``hadamard`` folds fixed R1/R2 into the
+weights before wrap_model; ``learned`` parametrizes R1/R2 on the wrapped model
+(dmx.rotate.LearnedRotations), trains them with the offsets (dmx.train) and folds them
+right after the last step, so the hard assignment, the repair and OUT see plain rotated
+weights. The manifest's ``rotation`` records what was done; an untied lm_head gets its
+config.json (``tie_word_embeddings: false``).
+
 Scale-out: under ``torchrun`` the search is data parallel (dmx.distributed: ``--batch-size``
 is the global batch, split over the processes; rank 0 writes checkpoints and OUT);
 ``--device-map auto`` spreads one model over the GPUs of one process (accelerate).
@@ -71,6 +78,9 @@ def _resolve_data(cfg: SearchConfig, model_dir, say) -> SearchConfig:
     from dmx import data
 
     model_config = data.check_causal_lm_dir(model_dir)
+    if cfg.rotate != "none":  # before the weights load
+        from dmx.rotate.fold import check_model_type
+        check_model_type(model_config.get("model_type"))
     calib = cfg.calib or (str(data.default_calibration_file()),)
     if not cfg.calib and not Path(calib[0]).is_file():
         raise DMXError(f"the embedded calibration text {calib[0]} is missing; pass --calib FILE")
@@ -187,6 +197,11 @@ def search(model_dir, config, *, out=None, force: bool = False, resume: bool = F
     for p in model.parameters():
         p.requires_grad_(False)  # only the offsets learn
     model.eval()  # no dropout; wrap_model's DMXLinears are switched to train mode by the loop
+    rotation = None  # the RotationInfo once the rotations are in the weights
+    if cfg.rotate == "hadamard":  # fixed: folded before anything is wrapped
+        from dmx.rotate import rotate_model
+        rotation = distributed.agree(dctx, rotate_model, model, "hadamard", seed=cfg.seed,
+                                     kind=cfg.rotate_kind)
     names = distributed.agree(dctx, select_layers, model, cfg.include, lad, cfg.export_target,
                               say, cfg.exclude)
     start = "low"
@@ -198,6 +213,11 @@ def search(model_dir, config, *, out=None, force: bool = False, resume: bool = F
                                tie_fused=cfg.tie_fused, parameterization=cfg.parameterization,
                                names=set(names))
     distributed.pin_layer_devices(layers)  # Triton launches on the current GPU
+    learned = None
+    if cfg.rotate == "learned":  # after wrap_model: a parametrized Linear is not wrapped
+        from dmx.rotate import LearnedRotations
+        learned = distributed.agree(dctx, LearnedRotations, model, init="hadamard",
+                                    seed=cfg.seed, kind=cfg.rotate_kind, lr=cfg.rotation_lr)
     if gradient_checkpointing:
         from dmx.train import checkpoint_blocks
         checkpoint_blocks(model)
@@ -212,8 +232,11 @@ def search(model_dir, config, *, out=None, force: bool = False, resume: bool = F
     log = train_offsets(model, layers, windows, cfg, resume_state=resume_state,
                         save=save if dctx.is_main else None, callback=callback,
                         progress=progress and dctx.is_main, dist=dctx,
-                        checkpoint_every=int(checkpoint_every))
+                        checkpoint_every=int(checkpoint_every), rotations=learned)
     train_s = elapsed_before + time.time() - run_start
+    if learned is not None:  # everything below sees plain rotated weights, as OUT will
+        orthogonality = learned.orthogonality_error()
+        rotation = learned.fold()
     # the learned offsets, before anything below moves a unit to a rung
     trained = {n: float(layer.raw_offset().detach()) for n, layer in layers.items()}
     end_windows = windows[:END_EVAL_WINDOWS]
@@ -248,12 +271,19 @@ def search(model_dir, config, *, out=None, force: bool = False, resume: bool = F
                        "raw_formats_differ": sorted(n for n in formats
                                                     if formats[n] != raw_formats[n]),
                        **summary}}
+    extra_files = {}
+    if rotation is not None:
+        from dmx.rotate import out_config_files
+        meta["rotation"] = rotation.to_manifest()
+        if learned is not None:  # max |R R^T - I| of the float32 matrices before the fold
+            meta["rotation"]["orthogonality_error"] = orthogonality
+        extra_files = out_config_files(model_dir, rotation)  # lm_head untied: config.json
     log_text = _search_log_lines(cfg, layers, log, trained, raw_formats, formats, raw_bits,
-                                 achieved, repair, end_ppl)
+                                 achieved, repair, end_ppl, meta.get("rotation"))
     from dmx import io
 
     distributed.on_main(dctx, io.write_out, out, model, formats, act_formats, model_dir, meta,
-                        force, extra_files={SEARCH_LOG_NAME: log_text})
+                        force, extra_files={SEARCH_LOG_NAME: log_text, **extra_files})
     if not dctx.is_main:
         pass  # rank 0 wrote OUT and removes the checkpoint
     elif checkpoint_dir is None:
@@ -265,7 +295,7 @@ def search(model_dir, config, *, out=None, force: bool = False, resume: bool = F
             "target_bits": cfg.target_bits, "ladder": lad.name, "log": log,
             "offsets": trained, "end_ppl": end_ppl, "train_seconds": train_s,
             "wall_seconds": time.time() - t0, "model": model, "budget_repair": repair,
-            **summary}
+            "rotation": meta.get("rotation"), **summary}
 
 
 def _calib_ppl(model, windows) -> float:
@@ -300,13 +330,13 @@ def _unit_names(layers: dict) -> list[str]:
 
 
 def _search_log_lines(cfg, layers, log, trained, raw_formats, formats, raw_bits, achieved,
-                      repair, end_ppl) -> str:
+                      repair, end_ppl, rotation=None) -> str:
     """search_log.jsonl: a header (config, unit names), one line per step, a final line."""
     lines = [{"type": "header", "config": cfg.to_dict(), "units": _unit_names(layers)}]
     lines += [{"type": "step", **rec} for rec in log]
     lines.append({"type": "final", "offsets": trained, "raw_formats": raw_formats,
                   "formats": formats, "raw_bits": raw_bits, "achieved_bits": achieved,
-                  "budget_repair": repair, "end_ppl": end_ppl})
+                  "budget_repair": repair, "end_ppl": end_ppl, "rotation": rotation})
     return "".join(json.dumps(line, allow_nan=False) + "\n" for line in lines)
 
 
@@ -371,6 +401,15 @@ _HELP = {
     "fill_budget": "after the hard assignment, promote the layers nearest to the next rung "
                    "while the average stays <= target (default recipe on, paper off; the "
                    "budget is never exceeded either way)",
+    "rotate": "rotations folded into the weights (docs/rotations.md): none (default), "
+              "hadamard (fixed R1/R2 before the search) or learned (R1/R2 trained with the "
+              "offsets by Cayley SGD from the Hadamard ones, then folded; the authors' runs "
+              "used learned)",
+    "rotate_kind": "the rotation matrix (--rotate hadamard, and learned's start): auto "
+                   "(MX-block-diagonal Hadamard where 32 divides the width; default), "
+                   "block, kron (full Hadamard) or random",
+    "rotation_lr": "Cayley SGD learning rate of --rotate learned (default 1.5, the "
+                   "reference's)",
 }
 
 
@@ -506,6 +545,12 @@ def _print_result(result: dict) -> None:
                           for m in repair["moves"])
         print(f"dmx search: budget repair ({repair['weighting']} average "
               f"{repair['bits_before']:.3f} -> {repair['bits_after']:.3f}): {moved}")
+    rot = result.get("rotation")
+    if rot:
+        untied = "; lm_head untied from the embeddings" if rot["untied_lm_head"] else ""
+        steps = f", {rot['learned_steps']} learned steps" if rot["mode"] == "learned" else ""
+        print(f"dmx search: rotations folded into the weights: {rot['mode']} (R1 {rot['r1']}, "
+              f"R2 {rot['r2']}{steps}){untied}")
     e = result["end_ppl"]
     print(f"dmx search: calibration ppl on {e['windows']} windows: soft model {e['soft']:.3f}, "
           f"hard {e['hard_raw']:.3f}, after repair {e['hard_repaired']:.3f}")

@@ -8,6 +8,11 @@ that the soft average equals the target (dmx.assign.project_to_budget). The grad
 clipped or normalised to ``max_grad_norm`` (``grad_norm``) before the SGD step. The anneal
 temperature follows :class:`dmx.anneal.TemperatureSchedule`.
 
+Learned rotations (``--rotate learned``, a :class:`dmx.rotate.LearnedRotations`) take one
+Cayley step per step from the same loss, after the offsets' SGD step; their gradients are
+summed over the ranks with the offsets' and are not clipped or normalised (the Cayley step
+bounds itself, lr <= 1/||A||). Their matrices and optimizer state go into the checkpoint.
+
 Determinism: the batch of step s is a function of (seed, s) only (see
 :func:`batch_indices`), so a run resumed from a checkpoint takes exactly the steps an
 uninterrupted run would have taken and ends with the same offsets.
@@ -154,7 +159,8 @@ def train_offsets(model, layers: dict, windows: torch.Tensor, cfg: SearchConfig,
                   resume_state: dict | None = None,
                   save: Callable[[dict], object] | None = None,
                   callback: Callable[[int, dict], None] | None = None,
-                  progress: bool = True, dist=None, checkpoint_every: int = 50) -> list[dict]:
+                  progress: bool = True, dist=None, checkpoint_every: int = 50,
+                  rotations=None) -> list[dict]:
     """Run steps [start, cfg.steps) and return the per-step log (from step 0 on resume).
 
     ``windows``: LongTensor [n, seqlen] of token ids (on the model's device).
@@ -164,6 +170,8 @@ def train_offsets(model, layers: dict, windows: torch.Tensor, cfg: SearchConfig,
     ``dist``: a :class:`dmx.distributed.DistContext` for data parallel training (torchrun):
     each rank runs its slice of every step's global batch and the gradients are summed
     over the ranks (see dmx.distributed); None or a single process: the plain loop.
+    ``rotations``: a :class:`dmx.rotate.LearnedRotations` on ``model`` to train with the
+    offsets (None: the weights' rotation, if any, is fixed).
     """
     params = dmx_parameters(model)
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
@@ -179,10 +187,18 @@ def train_offsets(model, layers: dict, windows: torch.Tensor, cfg: SearchConfig,
         torch.set_rng_state(resume_state["rng"])
         log = list(resume_state["log"])
         start = int(resume_state["step"])
+        if rotations is not None:
+            if "rotations" not in resume_state:
+                raise DMXError("--resume: the checkpoint has no learned rotations; start "
+                               "over with --force")
+            rotations.load_state_dict(resume_state["rotations"])
 
     def state_now(step: int) -> dict:
-        return {"step": step, "offsets": [p.detach().cpu().clone() for p in params],
-                "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "log": log}
+        state = {"step": step, "offsets": [p.detach().cpu().clone() for p in params],
+                 "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "log": log}
+        if rotations is not None:
+            state["rotations"] = rotations.state_dict()
+        return state
 
     for layer in layers.values():
         layer.hard = False
@@ -192,7 +208,8 @@ def train_offsets(model, layers: dict, windows: torch.Tensor, cfg: SearchConfig,
     step = start
     try:
         while step < cfg.steps:
-            record = _train_step(model, layers, windows, cfg, optimizer, schedule, step, dist)
+            record = _train_step(model, layers, windows, cfg, optimizer, schedule, step, dist,
+                                 rotations)
             log.append(record)
             step += 1
             bar.update(1)
@@ -227,6 +244,15 @@ def _offset_stats(layers: dict, params: list) -> dict:
             "offsets": raw}
 
 
+def _l2_norm(grads: list) -> float:
+    """The L2 norm of all ``grads`` together (0.0 for none)."""
+    if not grads:
+        return 0.0
+    dev = grads[0].device  # --device-map: the parameters can sit on several GPUs
+    return float(torch.linalg.vector_norm(torch.stack([g.float().norm().to(dev)
+                                                       for g in grads])))
+
+
 def _scale_gradients(params: list, cfg: SearchConfig) -> float:
     """Clip the offsets' gradient at L2 norm ``max_grad_norm`` (``clip``, the Hugging
     Face trainer's rule) or rescale it to root-mean-square 1 per offset (``normalize``);
@@ -236,7 +262,7 @@ def _scale_gradients(params: list, cfg: SearchConfig) -> float:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
-    norm = float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])))
+    norm = _l2_norm(grads)
     if cfg.grad_norm == "clip" and norm > cfg.max_grad_norm:
         factor = cfg.max_grad_norm / norm
     elif cfg.grad_norm == "normalize" and norm > 0:
@@ -250,7 +276,7 @@ def _scale_gradients(params: list, cfg: SearchConfig) -> float:
 
 
 def _train_step(model, layers, windows, cfg: SearchConfig, optimizer, schedule, step,
-                dist=None) -> dict:
+                dist=None, rotations=None) -> dict:
     T = schedule.at(step)
     set_temperature(model, T)
     ids = windows[batch_indices(cfg.seed, step, windows.shape[0], cfg.batch_size)]
@@ -279,14 +305,22 @@ def _train_step(model, layers, windows, cfg: SearchConfig, optimizer, schedule, 
     if not math.isfinite(value):
         raise DMXError(f"the loss became {value} at step {step}; try a smaller --lr")
     optimizer.zero_grad(set_to_none=True)
+    rot_params = [] if rotations is None else rotations.parameters()
+    if rotations is not None:
+        rotations.zero_grad()
     loss.backward()
+    params = optimizer.param_groups[0]["params"]
     if parallel:
         from dmx.distributed import all_reduce_grads
 
-        all_reduce_grads(dist, optimizer.param_groups[0]["params"])
-    params = optimizer.param_groups[0]["params"]
+        all_reduce_grads(dist, params + rot_params)
     grad_norm = _scale_gradients(params, cfg) if cfg.grad_norm != "none" else None
     optimizer.step()
+    rotation = {}
+    if rotations is not None:  # the same loss's gradient, unscaled (see the docstring)
+        rotation["rotation_grad_norm"] = _l2_norm([p.grad for p in rot_params
+                                                   if p.grad is not None])
+        rotations.step()
     shift = None
     if cfg.budget == "project":  # the next step's forward meets the budget exactly
         from dmx.assign import project_to_budget
@@ -296,4 +330,4 @@ def _train_step(model, layers, windows, cfg: SearchConfig, optimizer, schedule, 
             "kl": None if kl is None else float(kl.detach()), "penalty": float(penalty.detach()),
             "avg_bits": float(avg.detach()),
             "hard_bits": hard_bits(layers, cfg.weighting), "grad_norm": grad_norm,
-            "shift": shift, **_offset_stats(layers, params)}
+            "shift": shift, **rotation, **_offset_stats(layers, params)}

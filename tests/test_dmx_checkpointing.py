@@ -57,17 +57,21 @@ def test_checkpointed_gradients_equal_bit_for_bit():
         assert torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
-def test_search_with_checkpointing_ends_where_search_without_does(tmp_path):
+@pytest.mark.parametrize("rotate", ["none", "learned"])
+def test_search_with_checkpointing_ends_where_search_without_does(tmp_path, rotate):
+    """Also with learned rotations: the recomputed block recomputes the rotated weights."""
     calib = tmp_path / "calib.txt"
     calib.write_text(WIKI.read_text(encoding="utf-8")[:20000], encoding="utf-8")
     kwargs = dict(calib=[calib], steps=4, batch_size=2, seqlen=48, samples=8, progress=False,
-                  export_target="none")
+                  export_target="none", rotate=rotate)
     a = search(MODEL, 5.0, out=tmp_path / "plain", **kwargs)
     b = search(MODEL, 5.0, out=tmp_path / "ckpt", gradient_checkpointing=True, **kwargs)
     assert a["formats"] == b["formats"]
     log_a = read_search_log(tmp_path / "plain")
     log_b = read_search_log(tmp_path / "ckpt")
     assert [s["loss"] for s in log_a["steps"]] == [s["loss"] for s in log_b["steps"]]
+    want, have = a["model"].state_dict(), b["model"].state_dict()
+    assert all(torch.equal(want[k], have[k]) for k in want)  # the folded rotations too
 
 
 def test_model_without_decoder_block_list_is_refused():

@@ -47,6 +47,13 @@ KW = dict(seqlen=32, samples=12, steps=4, batch_size=4, recipe="paper", lr=3.0,
           export_target="none")
 
 
+# Learned rotations under torchrun: 2 steps. Each Cayley step turns R1 by ~1 (Frobenius,
+# step = min(lr, 1/||A||)), and MXFP4 rounding of the rotated weights amplifies the
+# last-bit difference of the two-rank gradient sum like the offsets' (measured: equal to
+# 1e-7 through step 3, the loss 0.5% apart at step 4 at the default lr 1.5).
+LEARNED = dict(rotate="learned", steps=2)
+
+
 def _flags(calib, out, **extra) -> list[str]:
     argv = ["search", "--model", str(MODEL), "--target-bits", str(TARGET), "--calib", str(calib),
             "--no-progress", "-o", str(out)]
@@ -80,6 +87,7 @@ from dmx.search import search
 from dmx.train import SearchInterrupted
 
 job = json.loads(sys.argv[1])
+LEARNED = job["learned_kw"]
 report = {}
 
 def stop(step, record):  # Ctrl-C after step 2, on every rank
@@ -110,7 +118,9 @@ for key, extra in (("lonely", kw), ("nockpt", dict(job["kw"], resume=True))):
         report[key] = None
     except DMXError as err:
         report[key] = str(err)
-# 4. the CLI: bad input (OUT exists), then a search from scratch
+# 4. learned rotations: their matrices' gradients are all-reduced with the offsets'
+search(job["model"], job["target"], out=job["learned"], **dict(job["kw"], **LEARNED))
+# 5. the CLI: bad input (OUT exists), then a search from scratch
 for key in ("bad", "cli"):
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -132,6 +142,7 @@ def launched(calib, tmp_path_factory):
     job = {"model": str(MODEL), "target": TARGET, "kw": kw, "resumed": str(root / "resumed"),
            "bad": _flags(calib, root / "exists"), "cli": _flags(calib, root / "dist"),
            "lonely": str(root / "lonely"), "nockpt": str(root / "nockpt"),
+           "learned": str(root / "learned"), "learned_kw": LEARNED,
            "report": str(root / "report")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            "--nproc-per-node=2", str(worker), json.dumps(job)]
@@ -228,6 +239,31 @@ def test_torchrun_interrupt_and_resume(reference, launched):
     _assert_same_search(root / "resumed", ref_out)
     log = read_search_log(root / "resumed")
     assert len(log["steps"]) == KW["steps"]
+
+
+def test_torchrun_learned_rotations_match_one_process(calib, launched, tmp_path):
+    """--rotate learned under torchrun: R1/R2 gradients summed over the ranks like the
+    offsets', so both processes take the same Cayley steps and the folded OUT is the one
+    process's (to rounding: two steps, see LEARNED)."""
+    from safetensors.torch import load_file
+
+    root, _ = launched
+    ref_out = tmp_path / "learned"
+    search(MODEL, TARGET, calib=[calib], out=ref_out, progress=False, **{**KW, **LEARNED})
+    ref_m = json.loads((ref_out / "dmx_manifest.json").read_text())
+    got_m = json.loads((root / "learned" / "dmx_manifest.json").read_text())
+    assert got_m["rotation"]["learned_steps"] == ref_m["rotation"]["learned_steps"] == 2
+    assert got_m["rotation"]["orthogonality_error"] < 1e-5
+    assert read_search_log(root / "learned")["formats"] == read_search_log(ref_out)["formats"]
+    ref_w = load_file(str(ref_out / "model.safetensors"))
+    got_w = load_file(str(root / "learned" / "model.safetensors"))
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):  # rotated by the final R1
+        torch.testing.assert_close(got_w[key], ref_w[key], rtol=1e-5, atol=1e-6)
+    ref_steps = read_search_log(ref_out)["steps"]
+    got_steps = read_search_log(root / "learned")["steps"]
+    for a, b in zip(got_steps, ref_steps, strict=True):  # the global rotation gradient
+        assert a["rotation_grad_norm"] == pytest.approx(b["rotation_grad_norm"], rel=1e-4)
+        assert b["rotation_grad_norm"] > 0
 
 
 def test_bad_input_under_torchrun_is_one_line_on_rank_0(launched):

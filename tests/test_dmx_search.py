@@ -115,8 +115,11 @@ def test_penalty_pulls_average_bits_to_target(models, calib):
     assert without > with_penalty + 1.0
 
 
-def test_resume_after_interrupt_matches_uninterrupted(models, calib, tmp_path):
-    kwargs = dict(calib=[calib], steps=6, checkpoint_every=2, **SMALL)
+@pytest.mark.parametrize("rotate", ["none", "learned"])
+def test_resume_after_interrupt_matches_uninterrupted(models, calib, tmp_path, rotate):
+    """Bit for bit: offsets, losses, formats and, with --rotate learned (hidden 48 and
+    head_dim 12: Kronecker Hadamard starts), the folded weights, hence the rotations."""
+    kwargs = dict(calib=[calib], steps=6, checkpoint_every=2, rotate=rotate, **SMALL)
     ref = search(models["qwen3"], 6.0, out=tmp_path / "ref", **kwargs)
     ref_offsets = [p.detach().clone() for p in dmx_parameters(ref["model"])]
     assert any(float(p) != 0.0 for p in ref_offsets), "offsets never moved: test is vacuous"
@@ -130,11 +133,27 @@ def test_resume_after_interrupt_matches_uninterrupted(models, calib, tmp_path):
         search(models["qwen3"], 6.0, out=out, callback=stop_at_3, **kwargs)
     assert info.value.step == 3 and Path(info.value.checkpoint).is_file()
     assert not out.exists()
+    saved = torch.load(info.value.checkpoint, weights_only=True)
+    if rotate == "learned":  # R1 and one R2 per block, orthogonal, mid-run
+        assert saved["rotations"]["steps"] == 3 and len(saved["rotations"]["rotations"]) == 3
+        for r in saved["rotations"]["rotations"]:
+            r = r.double()
+            assert float((r @ r.T - torch.eye(r.shape[0], dtype=r.dtype)).abs().max()) < 1e-5
+    else:
+        assert "rotations" not in saved
     resumed = search(models["qwen3"], 6.0, out=out, resume=True, **kwargs)
     got = dmx_parameters(resumed["model"])
     assert all(torch.equal(a, b) for a, b in zip(got, ref_offsets, strict=True))
     assert resumed["formats"] == ref["formats"]
     assert [r["loss"] for r in resumed["log"]] == [r["loss"] for r in ref["log"]]
+    assert resumed["rotation"] == ref["rotation"]
+    want, have = ref["model"].state_dict(), resumed["model"].state_dict()
+    assert want.keys() == have.keys()
+    assert all(torch.equal(want[k], have[k]) for k in want)
+    if rotate == "learned":
+        assert ref["rotation"]["learned_steps"] == 6
+        assert [r["rotation_grad_norm"] for r in resumed["log"]] == \
+            [r["rotation_grad_norm"] for r in ref["log"]]
 
 
 def test_ctrl_c_prints_resume_command(models, calib, tmp_path, capsys, monkeypatch):

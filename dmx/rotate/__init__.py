@@ -30,6 +30,8 @@ r2=True, untie=True, dtype=torch.float32)``
 ``RotationInfo``: what was done; ``.to_manifest()`` (a JSON-able dict for the OUT manifest),
     ``.untied_lm_head`` (True when lm_head was untied from the embeddings: write
     ``config.json`` with ``patch_config(cfg)``, i.e. ``tie_word_embeddings: false``).
+``out_config_files(source_dir, info)``: that config.json as ``write_out``'s ``extra_files``
+    ({} when nothing was untied).
 ``CayleySGD(params, lr=1.5, momentum=0.0)``: SGD on the orthogonal group by the Cayley
     transform (exactly orthogonal steps, solved in float64).
 ``rotation_matrix(n, kind, seed, block)``, ``hadamard_pm1(n)``, ``block_hadamard(n, block)``,
@@ -43,10 +45,11 @@ from dmx.errors import DMXError
 from dmx.rotate.fold import apply_plan, arch_of, fold_norms, rotation_plan
 from dmx.rotate.hadamard import (KINDS, block_hadamard, hadamard_pm1, is_orthogonal,
                                  random_orthogonal, rotation_matrix)
-from dmx.rotate.info import MODES, RotationInfo, patch_config
+from dmx.rotate.info import MODES, RotationInfo, out_config_files, patch_config
 from dmx.rotate.learned import CayleySGD, LearnedRotations
 
-__all__ = ["MODES", "RotationInfo", "rotate_model", "patch_config", "LearnedRotations",
+__all__ = ["MODES", "RotationInfo", "rotate_model", "patch_config", "out_config_files",
+           "LearnedRotations",
            "CayleySGD", "rotation_matrix", "hadamard_pm1", "block_hadamard",
            "random_orthogonal", "is_orthogonal", "KINDS"]
 

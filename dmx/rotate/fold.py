@@ -21,7 +21,8 @@ import torch.nn as nn
 
 from dmx.errors import DMXError
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "Block", "Arch", "arch_of", "plain_linear",
+__all__ = ["SUPPORTED_MODEL_TYPES", "check_model_type", "Block", "Arch", "arch_of",
+           "plain_linear",
            "fold_norms",
            "Target", "rotation_plan", "rotated", "apply_plan",
            "rotate_in", "rotate_out", "rotate_heads_out", "rotate_heads_in"]
@@ -29,6 +30,14 @@ __all__ = ["SUPPORTED_MODEL_TYPES", "Block", "Arch", "arch_of", "plain_linear",
 # HF model types whose blocks are pre-norm RMSNorm (weight * x) -> attention(q,k,v,o) ->
 # RMSNorm -> SwiGLU(gate, up, down); Gemma's (1 + weight) norms and OLMo2's post-norms differ
 SUPPORTED_MODEL_TYPES = ("llama", "qwen3", "qwen2", "mistral")
+
+
+def check_model_type(model_type) -> None:
+    """DMXError unless rotations support this HF ``model_type`` (checkable from
+    config.json alone, before the weights load)."""
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise DMXError(f"rotations support model types {', '.join(SUPPORTED_MODEL_TYPES)}; "
+                       f"this model is {model_type!r}: run without --rotate")
 
 
 def plain_linear(module: nn.Module) -> nn.Linear:
@@ -73,9 +82,7 @@ def arch_of(model: nn.Module) -> Arch:
     """The modules rotations touch, checked; DMXError naming what is unsupported."""
     cfg = getattr(model, "config", None)
     model_type = getattr(cfg, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise DMXError(f"rotations support model types {', '.join(SUPPORTED_MODEL_TYPES)}; "
-                       f"this model is {model_type!r}: run without --rotate")
+    check_model_type(model_type)
     base = getattr(model, "model", None)
     try:
         blocks = [Block(b.input_layernorm, plain_linear(b.self_attn.q_proj),

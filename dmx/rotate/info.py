@@ -1,9 +1,11 @@
 """The record of a rotation: what the manifest says and what config.json needs."""
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
-__all__ = ["MODES", "RotationInfo", "patch_config"]
+__all__ = ["MODES", "RotationInfo", "patch_config", "out_config_files"]
 
 MODES = ("none", "hadamard", "random", "learned")
 
@@ -32,3 +34,13 @@ def patch_config(config: dict, info: RotationInfo) -> dict:
     if info.untied_lm_head:
         out["tie_word_embeddings"] = False
     return out
+
+
+def out_config_files(source_dir, info: RotationInfo) -> dict:
+    """``extra_files`` for ``dmx.io.write_out``: the patched config.json when the rotation
+    untied lm_head (write_out copies the source's, which would tie it again on load),
+    else nothing."""
+    if not info.untied_lm_head:
+        return {}
+    config = json.loads((Path(source_dir) / "config.json").read_text())
+    return {"config.json": json.dumps(patch_config(config, info), indent=2) + "\n"}
