@@ -87,9 +87,15 @@ def test_refuses_to_overwrite_without_force(npy, tmp_path, capsys):
     out.write_bytes(b"keep me")
     assert_bad_input(["quantize", path, "-f", "fp4", "-o", str(out)], capsys, "--force")
     assert out.read_bytes() == b"keep me"
-    assert run(["quantize", path, "-f", "fp4", "-o", str(out), "--force"], capsys)[0] == 0
-    assert load_npz(str(out)).fmt.key == "fp4_e2m1"
-    assert [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")] == []
+    # --force replaces only an earlier mxref output, never a file of someone else's
+    assert_bad_input(["quantize", path, "-f", "fp4", "-o", str(out), "--force"], capsys,
+                     "not an output of mxref")
+    assert out.read_bytes() == b"keep me"
+    out.unlink()
+    assert run(["quantize", path, "-f", "fp4", "-o", str(out)], capsys)[0] == 0
+    assert run(["quantize", path, "-f", "fp8_e4m3", "-o", str(out), "--force"], capsys)[0] == 0
+    assert load_npz(str(out)).fmt.key == "fp8_e4m3"
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
 
 
 def test_quantize_bad_inputs(npy, tmp_path, capsys):

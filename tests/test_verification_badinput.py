@@ -105,10 +105,20 @@ def test_bad_gen_arguments(tmp_path, capsys):
 
 def test_existing_report_needs_force(suite, tmp_path, capsys):
     rep = tmp_path / "r.json"
-    rep.write_text("old")
+    old = '{"verdict": "fail"}\n'   # an earlier report: what --force may replace
+    rep.write_text(old)
     dut = os.path.join(suite, "expected.hex")
     rc, err = _run(["check", "--vectors", suite, "--dut", dut, "--report", str(rep)], capsys)
-    assert rc == 2 and "--force" in err and rep.read_text() == "old"
+    assert rc == 2 and "--force" in err and rep.read_text() == old
     rc, _ = _run(["check", "--vectors", suite, "--dut", dut, "--report", str(rep), "--force"],
                  capsys)
     assert rc == 0 and json.loads(rep.read_text())["verdict"] == "pass"
+
+
+def test_force_never_replaces_a_file_that_is_not_a_report(suite, tmp_path, capsys):
+    notes = tmp_path / "notes.json"
+    notes.write_text("my notes")
+    dut = os.path.join(suite, "expected.hex")
+    rc, err = _run(["check", "--vectors", suite, "--dut", dut, "--report", str(notes),
+                    "--force"], capsys)
+    assert rc == 2 and "not an output of mxverify" in err and notes.read_text() == "my notes"
