@@ -71,6 +71,7 @@ def evaluate(model, tokenizer, data_file=None, seqlen: int = DEFAULT_SEQLEN,
 
     t0 = time.time()
     if windows is None:
+        seqlen = _cap_seqlen(model, seqlen)
         if tokenizer is None:
             raise DMXError("no tokenizer: the model directory has no tokenizer files; copy "
                            "them from the source model")
@@ -81,6 +82,18 @@ def evaluate(model, tokenizer, data_file=None, seqlen: int = DEFAULT_SEQLEN,
               "seconds": round(time.time() - t0, 3)}
     result["protocol"] = protocol_line(result)
     return result
+
+
+def _cap_seqlen(model, seqlen: int) -> int:
+    """Windows longer than the model's positions would be scored past what it was built
+    for (silently wrong numbers): cap them, and say so."""
+    import sys
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and 0 < limit < int(seqlen):
+        print(f"dmx eval: note: --seqlen {seqlen} exceeds the model's {limit} positions "
+              f"(max_position_embeddings); evaluating with --seqlen {limit}", file=sys.stderr)
+        return limit
+    return seqlen
 
 
 def protocol_line(r: dict) -> str:

@@ -1,7 +1,8 @@
 """Writing outputs people can trust: the one implementation mxref, mxverify and dmx share.
 
 Every file or directory a command writes goes through here, so every tool keeps the same
-promises (docs/failures.md lists them with their messages):
+promises (docs/failures.md lists them with their messages). Errors are one line naming
+the path and what to do, raised as ``error`` (default MXError; dmx passes DMXError):
 
 * **Never half-written.** The output is built under a hidden temporary name next to the
   destination (``.NAME.tmp-HOST-PID-RANDOM``) and renamed into place at the end.
@@ -9,7 +10,7 @@ promises (docs/failures.md lists them with their messages):
   to replace (Linux ``renameat2(RENAME_NOREPLACE)``; elsewhere a hard link for files and
   a plain rename for directories, which cannot replace a non-empty directory). So when two
   processes write the same destination at once, exactly one wins; the other keeps its
-  result at ``NAME.conflict-PID`` and raises :class:`OutputConflict` saying so.
+  result at ``NAME.conflict-PID`` and raises an error saying so.
 * **--force replaces only what it should.** Only a previous output of the same tool,
   recognised by its marker (a manifest file inside a directory, or a predicate for a
   file), and never a path that is also an input of the command (nor a directory holding
@@ -36,12 +37,8 @@ from pathlib import Path
 
 from mxref.errors import MXError
 
-__all__ = ["OutputConflict", "check_output", "atomic_write", "output_dir", "sha256_file",
+__all__ = ["check_output", "atomic_write", "output_dir", "sha256_file",
            "canonical_sha256", "current_umask", "clean_stale_temps", "is_mxref_npz"]
-
-
-class OutputConflict(MXError):
-    """Another process wrote the destination while this one was working."""
 
 
 # ----------------------------------------------------------------------------- hashing
@@ -137,7 +134,7 @@ def _real(p) -> str:
     return os.path.realpath(os.path.abspath(os.fspath(p)))
 
 
-def _refuse_inputs(dest: Path, inputs, what: str) -> None:
+def _refuse_inputs(dest: Path, inputs, what: str, error) -> None:
     """``dest`` must not be an input, a directory holding one, or an existing path inside
     an input directory (that would overwrite part of the input); --force cannot override."""
     d = _real(dest)
@@ -146,49 +143,53 @@ def _refuse_inputs(dest: Path, inputs, what: str) -> None:
             continue
         i = _real(inp)
         if d == i or i.startswith(d.rstrip(os.sep) + os.sep):
-            raise MXError(f"{what} {dest} is also an input of this command ({inp}); choose "
+            raise error(f"{what} {dest} is also an input of this command ({inp}); choose "
                           f"another {what}")
         if os.path.lexists(d) and d.startswith(i.rstrip(os.sep) + os.sep):
-            raise MXError(f"{what} {dest} is part of the input {inp}; choose another {what}")
+            raise error(f"{what} {dest} is part of the input {inp}; choose another {what}")
 
 
 def check_output(dest, *, force: bool = False, is_dir: bool, marker=None, inputs=(),
-                 what: str = "-o/--out", tool: str = "this tool") -> Path:
+                 what: str = "-o/--out", tool: str = "this tool", error=MXError) -> Path:
     """Check before any work that ``dest`` may be written; returns it as a Path.
 
-    ``marker``: for a directory, a file name (relative path) that every output of this
-    tool holds; for a file, a predicate ``marker(path) -> bool``. With ``force``, an
+    ``marker``: a file name (relative path) every directory this tool writes holds, or a
+    predicate ``marker(path) -> bool`` (files; directories too). With ``force``, an
     existing ``dest`` is replaced only when it is of the right kind and carries the
     marker. Also removes stale temporaries of ``dest`` (:func:`clean_stale_temps`).
     """
     if dest is None or str(dest) == "":
-        raise MXError(f"{what} is required: the {'directory' if is_dir else 'file'} to write")
+        raise error(f"{what} is required: the {'directory' if is_dir else 'file'} to write")
     dest = Path(dest)
-    _refuse_inputs(dest, inputs, what)
+    _refuse_inputs(dest, inputs, what, error)
     parent = dest.parent if str(dest.parent) else Path(".")
     if not parent.is_dir():
-        raise MXError(f"{parent}: the parent directory of {what} {dest} does not exist; "
+        raise error(f"{parent}: the parent directory of {what} {dest} does not exist; "
                       f"create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise MXError(f"{parent}: not writable, so {what} {dest} cannot be created there; "
+        raise error(f"{parent}: not writable, so {what} {dest} cannot be created there; "
                       f"choose another {what}")
     if os.path.lexists(dest):
         if not force:
-            raise MXError(f"{dest} already exists; pass --force to replace it or choose "
+            raise error(f"{dest} already exists; pass --force to replace it or choose "
                           f"another {what}")
         kind_ok = dest.is_dir() if is_dir else dest.is_file()
         if dest.is_symlink() or not kind_ok:
-            raise MXError(f"{dest} exists and is not a {'directory' if is_dir else 'file'}; "
+            raise error(f"{dest} exists and is not a {'directory' if is_dir else 'file'}; "
                           f"--force will not replace it: remove it yourself or choose another "
                           f"{what}")
-        if is_dir and marker and not (dest / marker).is_file():
-            raise MXError(f"{dest} is not an output of {tool} (it has no {marker}); --force "
-                          f"replaces only those: remove it yourself or choose another {what}")
-        if not is_dir and marker is not None and not marker(dest):
-            raise MXError(f"{dest} is not an output of {tool}; --force replaces only those: "
-                          f"remove it yourself or choose another {what}")
+        if marker is not None and not _recognised(dest, marker):
+            has = f" (it has no {marker})" if isinstance(marker, str) else ""
+            raise error(f"{dest} is not an output of {tool}{has}; --force replaces only "
+                        f"those: remove it yourself or choose another {what}")
     clean_stale_temps(dest)
     return dest
+
+
+def _recognised(path: Path, marker) -> bool:
+    if isinstance(marker, str):
+        return (path / marker).is_file()
+    return bool(marker(path))
 
 
 def is_mxref_npz(path) -> bool:
@@ -259,7 +260,7 @@ def _identity(path: Path):
     return (st.st_dev, st.st_ino)
 
 
-def _lost_race(tmp: Path, dest: Path, detail: str = "") -> OutputConflict:
+def _lost_race(tmp: Path, dest: Path, error, detail: str = ""):
     """Keep the loser's finished result under a visible name and say how to use it."""
     kept = dest.with_name(f"{dest.name}.conflict-{os.getpid()}")
     try:
@@ -269,34 +270,34 @@ def _lost_race(tmp: Path, dest: Path, detail: str = "") -> OutputConflict:
     except OSError:
         _remove(tmp)
         keep = "this run's result was discarded; run it again with another -o/--out"
-    return OutputConflict(f"{dest} was written by another process while this one was "
+    return error(f"{dest} was written by another process while this one was "
                           f"working{detail}; nothing was replaced; {keep}")
 
 
-def _commit(tmp: Path, dest: Path, replaces) -> None:
+def _commit(tmp: Path, dest: Path, replaces, error) -> None:
     """Move the finished ``tmp`` to ``dest``. ``replaces``: the (dev, inode) of the old
     output --force may replace, or None (then ``dest`` must still not exist)."""
     if replaces is None or not os.path.lexists(dest):
         try:
             _rename_noreplace(tmp, dest)
         except FileExistsError:
-            raise _lost_race(tmp, dest) from None
+            raise _lost_race(tmp, dest, error) from None
         return
     aside = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest, "old"), dir=dest.parent))
     try:
         os.rename(dest, aside / "d")
     except FileNotFoundError:  # it went away since the check: install as new
         shutil.rmtree(aside, ignore_errors=True)
-        return _commit(tmp, dest, None)
+        return _commit(tmp, dest, None, error)
     if _identity(aside / "d") != replaces:  # someone replaced it after our check
         with contextlib.suppress(OSError):
             _rename_noreplace(aside / "d", dest)
         shutil.rmtree(aside, ignore_errors=True)
-        raise _lost_race(tmp, dest)
+        raise _lost_race(tmp, dest, error)
     try:
         _rename_noreplace(tmp, dest)
     except FileExistsError:
-        raise _lost_race(tmp, dest, f" (the previous output is at {aside / 'd'})") from None
+        raise _lost_race(tmp, dest, error, f" (the previous output is at {aside / 'd'})") from None
     except BaseException:
         with contextlib.suppress(OSError):
             _rename_noreplace(aside / "d", dest)  # put the old one back
@@ -313,12 +314,13 @@ def _replaceable(dest: Path, force: bool):
 
 # ----------------------------------------------------------------------------- writers
 def atomic_write(path, write, *, force: bool = False, marker=None, inputs=(),
-                 what: str = "-o/--output", tool: str = "this tool", text: bool = False):
+                 what: str = "-o/--output", tool: str = "this tool", text: bool = False,
+                 error=MXError):
     """Write one file: ``write(fileobj)`` on a temp file next to ``path`` (binary, or text
     with ``text``), fsync, then rename into place (no-replace unless ``force``, and then
     only over a file ``marker(path)`` recognises). Returns ``path`` as a Path."""
     dest = check_output(path, force=force, is_dir=False, marker=marker, inputs=inputs,
-                        what=what, tool=tool)
+                        what=what, tool=tool, error=error)
     replaces = _replaceable(dest, force)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(dest, "tmp"), dir=dest.parent)
     tmp = Path(tmp)
@@ -328,7 +330,7 @@ def atomic_write(path, write, *, force: bool = False, marker=None, inputs=(),
             fh.flush()
             os.fsync(fh.fileno())
         _give_umask_mode(tmp, is_dir=False)
-        _commit(tmp, dest, replaces)
+        _commit(tmp, dest, replaces, error)
     except BaseException:
         _remove(tmp)
         raise
@@ -336,22 +338,22 @@ def atomic_write(path, write, *, force: bool = False, marker=None, inputs=(),
 
 
 @contextlib.contextmanager
-def output_dir(dest, *, force: bool = False, marker: str | None = None, inputs=(),
-               what: str = "-o/--out", tool: str = "this tool"):
+def output_dir(dest, *, force: bool = False, marker=None, inputs=(),
+               what: str = "-o/--out", tool: str = "this tool", error=MXError):
     """``with output_dir(dest, ...) as tmp:`` build the output in ``tmp``; on a normal exit
     it is renamed to ``dest`` (see the module docstring), on an exception it is removed.
     The checks of :func:`check_output` run again here (cheap), in case ``dest`` changed
     since the caller checked it before its work."""
     dest = check_output(dest, force=force, is_dir=True, marker=marker, inputs=inputs,
-                        what=what, tool=tool)
+                        what=what, tool=tool, error=error)
     replaces = _replaceable(dest, force)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest, "tmp"), dir=dest.parent))
     try:
         _give_umask_mode(tmp, is_dir=True)
         yield tmp
-        if marker and not (tmp / marker).is_file():
+        if marker is not None and not _recognised(tmp, marker):
             raise AssertionError(f"{tool} output lacks its marker {marker}")  # a bug of ours
-        _commit(tmp, dest, replaces)
+        _commit(tmp, dest, replaces, error)
     except BaseException:
         _remove(tmp)
         raise

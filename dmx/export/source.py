@@ -18,6 +18,7 @@ import numpy as np
 
 import mxref
 from dmx.errors import DMXError
+from dmx.integrity import check_shapes, tensor_shapes
 from dmx.io import MANIFEST_NAME as MANIFEST, WEIGHTS_NAME as WEIGHTS, layer_sha256, \
     read_manifest
 
@@ -80,7 +81,7 @@ def load_out(out_dir) -> OutModel:
     from safetensors import safe_open
 
     out = Path(out_dir)
-    manifest = read_manifest(out)         # one-line errors for a missing/invalid manifest
+    manifest = read_manifest(out)   # one-line errors for a bad manifest or any file's hash
     config = _load_config(out / "config.json")
     entries = manifest["layers"]
     wpath = out / WEIGHTS
@@ -98,6 +99,9 @@ def load_out(out_dir) -> OutModel:
             layers[name] = _read_layer(fh, keys, name, e, wpath)
         own = {f"{n}.weight_packed" for n in layers} | {f"{n}.weight_scale" for n in layers}
         tensors = {k: fh.get_tensor(k) for k in sorted(keys - own)}
+    # config.json vs the tensors, before anything is written (a GGUF's metadata comes
+    # from config.json, its tensors from the weights)
+    check_shapes(out, tensor_shapes(manifest, tensors, keys, str(wpath)), str(wpath))
     return OutModel(out, config, manifest, layers, tensors)
 
 
