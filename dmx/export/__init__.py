@@ -38,7 +38,7 @@ def export(out_dir, to: str, dest, allow_unfused: bool = False, verify: bool = T
     from mxref.outputs import check_output, output_dir
 
     from dmx.export import verify as vfy
-    from dmx.export.source import load_out
+    from dmx.export.source import check_config_fits, load_out
 
     mod = _backend(to)
     dest = Path(dest)
@@ -47,8 +47,9 @@ def export(out_dir, to: str, dest, allow_unfused: bool = False, verify: bool = T
     if Path(out_dir).is_dir():   # (a missing OUT is named by load_out below)
         dest.parent.mkdir(parents=True, exist_ok=True)
         check_output(dest, is_dir=True, **rules)   # before reading OUT: fail fast
-    src = load_out(out_dir)   # every hash and config vs tensor shape checked
-    mod.check(src, allow_unfused)
+    src = load_out(out_dir)   # every file's hash checked
+    mod.check(src, allow_unfused)   # what the target cannot hold, named first
+    check_config_fits(src)
     if to == "gguf" and any(l.act_format for l in src.layers.values()):
         log("note: GGUF stores weights only; llama.cpp quantizes activations its own way, "
             "so the activation formats of OUT are not carried over")

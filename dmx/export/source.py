@@ -99,10 +99,14 @@ def load_out(out_dir) -> OutModel:
             layers[name] = _read_layer(fh, keys, name, e, wpath)
         own = {f"{n}.weight_packed" for n in layers} | {f"{n}.weight_scale" for n in layers}
         tensors = {k: fh.get_tensor(k) for k in sorted(keys - own)}
-    # config.json vs the tensors, before anything is written (a GGUF's metadata comes
-    # from config.json, its tensors from the weights)
-    check_shapes(out, tensor_shapes(manifest, tensors, keys, str(wpath)), str(wpath))
     return OutModel(out, config, manifest, layers, tensors)
+
+
+def check_config_fits(src: OutModel) -> None:
+    """config.json must describe the tensors of OUT (a GGUF's metadata comes from
+    config.json, its tensors from the weights): checked before anything is written."""
+    where = str(src.path / WEIGHTS)
+    check_shapes(src.path, tensor_shapes(src.manifest, src.tensors, src.tensors, where), where)
 
 
 def _read_layer(fh, keys, name, e, wpath) -> QuantLayer:
