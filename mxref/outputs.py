@@ -144,7 +144,7 @@ def _refuse_inputs(dest: Path, inputs, what: str, error) -> None:
         i = _real(inp)
         if d == i or i.startswith(d.rstrip(os.sep) + os.sep):
             raise error(f"{what} {dest} is also an input of this command ({inp}); choose "
-                          f"another {what}")
+                        f"another {what}")
         if os.path.lexists(d) and d.startswith(i.rstrip(os.sep) + os.sep):
             raise error(f"{what} {dest} is part of the input {inp}; choose another {what}")
 
@@ -165,23 +165,25 @@ def check_output(dest, *, force: bool = False, is_dir: bool, marker=None, inputs
     parent = dest.parent if str(dest.parent) else Path(".")
     if not parent.is_dir():
         raise error(f"{parent}: the parent directory of {what} {dest} does not exist; "
-                      f"create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise error(f"{parent}: not writable, so {what} {dest} cannot be created there; "
-                      f"choose another {what}")
+                    f"create it first")
+    try:   # a real probe: permission bits do not tell root, read-only mounts, /proc
+        os.rmdir(tempfile.mkdtemp(prefix=_temp_prefix(dest, "tmp"), dir=parent))
+    except OSError as e:
+        raise error(f"{parent}: not writable ({e.strerror}), so {what} {dest} cannot be "
+                    f"created there; choose another {what}") from None
     if os.path.lexists(dest):
         if not force:
             raise error(f"{dest} already exists; pass --force to replace it or choose "
-                          f"another {what}")
+                        f"another {what}")
         kind_ok = dest.is_dir() if is_dir else dest.is_file()
         if dest.is_symlink() or not kind_ok:
             raise error(f"{dest} exists and is not a {'directory' if is_dir else 'file'}; "
-                          f"--force will not replace it: remove it yourself or choose another "
-                          f"{what}")
+                        f"--force will not replace it: remove it yourself or choose another "
+                        f"{what}")
         if marker is not None and not _recognised(dest, marker):
             has = f" (it has no {marker})" if isinstance(marker, str) else ""
             raise error(f"{dest} is not an output of {tool}{has}; --force replaces only "
-                        f"those: remove it yourself or choose another {what}")
+                    f"those: remove it yourself or choose another {what}")
     clean_stale_temps(dest)
     return dest
 
@@ -271,7 +273,7 @@ def _lost_race(tmp: Path, dest: Path, error, detail: str = ""):
         _remove(tmp)
         keep = "this run's result was discarded; run it again with another -o/--out"
     return error(f"{dest} was written by another process while this one was "
-                          f"working{detail}; nothing was replaced; {keep}")
+                        f"working{detail}; nothing was replaced; {keep}")
 
 
 def _commit(tmp: Path, dest: Path, replaces, error) -> None:
