@@ -78,6 +78,20 @@ def _give_umask_mode(path: Path, is_dir: bool) -> None:
     os.chmod(path, (0o777 if is_dir else 0o666) & ~current_umask())
 
 
+def _umask_modes_below(root: Path) -> None:
+    """Some writers create files 0600 whatever the umask (safetensors does): give every
+    file and directory under ``root`` the umask's mode (executables stay executable)."""
+    mask = current_umask()
+    for d, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(d, name), 0o777 & ~mask)
+        for name in files:
+            p = os.path.join(d, name)
+            if not os.path.islink(p):
+                execs = os.stat(p).st_mode & 0o100
+                os.chmod(p, (0o777 if execs else 0o666) & ~mask)
+
+
 # ----------------------------------------------------------------------------- temp names
 _HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:32] or "host"
 
@@ -355,6 +369,7 @@ def output_dir(dest, *, force: bool = False, marker=None, inputs=(),
         yield tmp
         if marker is not None and not _recognised(tmp, marker):
             raise AssertionError(f"{tool} output lacks its marker {marker}")  # a bug of ours
+        _umask_modes_below(tmp)
         _commit(tmp, dest, replaces, error)
     except BaseException:
         _remove(tmp)

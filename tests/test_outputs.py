@@ -128,11 +128,13 @@ def test_umask_modes_not_0600(tmp_path):
     try:
         f = atomic_write(tmp_path / "f.bin", lambda fh: fh.write(b"x"))
         with output_dir(tmp_path / "d") as d:
-            (d / "inner").write_text("y")
+            # a writer that ignores the umask (safetensors creates its files 0600)
+            os.close(os.open(d / "private", os.O_CREAT | os.O_WRONLY, 0o600))
     finally:
         os.umask(old)
     assert f.stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "d" / "private").stat().st_mode & 0o777 == 0o644
 
 
 def unwritable_dir(tmp_path) -> Path:

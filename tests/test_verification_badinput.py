@@ -122,3 +122,93 @@ def test_force_never_replaces_a_file_that_is_not_a_report(suite, tmp_path, capsy
     rc, err = _run(["check", "--vectors", suite, "--dut", dut, "--report", str(notes),
                     "--force"], capsys)
     assert rc == 2 and "not an output of mxverify" in err and notes.read_text() == "my notes"
+
+
+# ------------------------------------------------------------------ issue 13: trust
+def _expected_fields(suite):
+    from verification import vectors as V
+    from verification.check import load_suite
+    s = load_suite(suite)
+    blob = open(os.path.join(suite, "expected.bin"), "rb").read()
+    return s, V.from_bin(s.outs, blob, s.n)
+
+
+@pytest.mark.parametrize("field, dtype, delta", [
+    ("codes", "uint16", 0x100),        # truncated to 8 bits it is the right code again
+    ("scale", "uint64", 1 << 40),
+    ("codes", "int64", -0x100),        # negative: wraps to the right code
+])
+def test_npz_dut_values_must_fit_their_field(suite, tmp_path, capsys, field, dtype, delta):
+    """Before, these DUTs passed ("no errors found"): the values were cut to 8 bits."""
+    import numpy as np
+    s, arrays = _expected_fields(suite)
+    field = next(f.name for f in s.outs if f.name.startswith(field))
+    arrays = {k: v.astype(dtype) for k, v in arrays.items()}
+    value = int(arrays[field][3, 0]) + delta
+    arrays[field][3, 0] = value
+    p = tmp_path / "dut.npz"
+    np.savez(p, **arrays)
+    rc, err = _run(["check", "--vectors", suite, "--dut", str(p)], capsys)
+    assert rc == 2 and "\n" not in err, err
+    assert f"{field}[3][0] = {value} does not fit the field's 8 unsigned bits" in err
+
+
+def test_corrupted_npz_dut_is_one_line(suite, tmp_path, capsys):
+    import numpy as np
+    _, arrays = _expected_fields(suite)
+    p = tmp_path / "dut.npz"
+    np.savez(p, **arrays)
+    data = bytearray(p.read_bytes())
+    data[100] ^= 0xFF   # inside the first member: a CRC error when numpy reads it
+    p.write_bytes(bytes(data))
+    rc, err = _run(["check", "--vectors", suite, "--dut", str(p)], capsys)
+    assert rc == 2 and "dut.npz" in err and "\n" not in err and "Traceback" not in err
+
+
+def _edited_suite(suite, tmp_path, change, keep_self_hash: bool):
+    d = str(tmp_path / "edited")
+    shutil.copytree(suite, d)
+    mpath = os.path.join(d, "manifest.json")
+    man = json.load(open(mpath))
+    change(man)
+    if not keep_self_hash:   # as if edited by someone who also dropped the self hash
+        man.pop("manifest_sha256")
+    json.dump(man, open(mpath, "w"), indent=1)
+    return d
+
+
+@pytest.mark.parametrize("change", [
+    lambda m: m.update(n_vectors=m["n_vectors"] - 1),
+    lambda m: m.update(format="fp6_e2m3"),
+])
+@pytest.mark.parametrize("keep_self_hash", [True, False])
+def test_edited_suite_manifest_is_blamed_not_the_dut(suite, tmp_path, capsys, change,
+                                                     keep_self_hash):
+    d = _edited_suite(suite, tmp_path, change, keep_self_hash)
+    rc, err = _run(["check", "--vectors", d, "--dut", os.path.join(suite, "expected.hex")],
+                   capsys)
+    assert rc == 2 and "\n" not in err, err
+    assert "the suite is inconsistent" in err and "regenerate the suite" in err
+    if keep_self_hash:
+        assert "does not match its manifest_sha256" in err
+
+
+def test_report_never_replaces_the_suite(suite, tmp_path, capsys):
+    d = str(tmp_path / "v")
+    shutil.copytree(suite, d)
+    mpath = os.path.join(d, "manifest.json")
+    before = open(mpath).read()
+    rc, err = _run(["check", "--vectors", d, "--dut", os.path.join(d, "expected.hex"),
+                    "--report", mpath, "--force"], capsys)
+    assert rc == 2 and "is part of the input" in err
+    assert open(mpath).read() == before
+
+
+def test_gen_force_never_replaces_a_foreign_directory(tmp_path, capsys):
+    other = tmp_path / "mine"
+    (other / "sub").mkdir(parents=True)
+    (other / "notes.txt").write_text("keep")
+    rc, err = _run(["gen", "--format", "fp4", "--op", "quantize", "--out", str(other),
+                    "--force"], capsys)
+    assert rc == 2 and "not an output of mxverify gen" in err
+    assert (other / "notes.txt").read_text() == "keep" and (other / "sub").is_dir()
