@@ -127,9 +127,9 @@ def check_shapes(config_dir, tensor_shapes: dict, where: str) -> None:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except Exception as err:
+        first = str(err).splitlines()[0][:160] if str(err) else ""
         raise DMXError(f"{config_dir}/config.json: cannot build the model it describes "
-                       f"({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})"
-                       f"; rewrite OUT") from None
+                       f"({type(err).__name__}: {first}); rewrite OUT") from None
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     for key, shape in sorted(tensor_shapes.items()):
         if key not in want:

@@ -22,9 +22,10 @@ Public API (layout and manifest fields: specs/out_layout.md, docs/CONTRACT.md):
   unless ``force``, which replaces only an earlier OUT (one with dmx_manifest.json) and
   never the source model. The manifest seals every file (dmx.integrity).
 * ``load(out_dir, device="cpu", dtype=torch.float32) -> (model, tokenizer, manifest)``:
-  every file's and every layer's sha256 and the tensor shapes are checked first; the model is rebuilt from config.json, the
-  packed weights decoded through mxref into :class:`DecodedMXLinear` layers (the stored
-  values are used as they are), inputs quantized as the manifest says. ``tokenizer`` is
+  every file's and every layer's sha256 and the tensor shapes are checked first; the
+  model is rebuilt from config.json, the packed weights decoded through mxref into
+  :class:`DecodedMXLinear` layers (the stored values are used as they are), inputs
+  quantized as the manifest says. ``tokenizer`` is
   None when OUT has no tokenizer files.
 * ``read_manifest(out_dir, verify=True) -> dict`` (schema-validated; ``verify``: every
   file's sha256 too, dmx.integrity.verify_out), ``validate_manifest(dict)``,

@@ -152,6 +152,9 @@ def test_force_never_replaces_a_foreign_directory(out, tmp_path, capsys):
     _one_line(capsys, ["export", out, "--to", "gguf", "-o", notes, "--force"],
               "is not an output of dmx export")
     _one_line(capsys, ["report", out, "-o", notes, "--force"], "is not an output of dmx report")
+    src = json.loads((out / io.MANIFEST_NAME).read_text())["source_model"]
+    _one_line(capsys, ["baseline", "--model", src, "--method", "uniform", "--format", "fp4",
+                       "-o", notes, "--force"], "is not an output of dmx search/baseline")
     assert (notes / "notes.txt").read_text() == "mine" and (notes / "sub").is_dir()
     # ... while an earlier export is replaced
     assert main(["export", str(out), "--to", "gguf", "-o", str(tmp_path / "g")]) == 0
@@ -233,3 +236,46 @@ def test_killed_writer_temp_dir_removed_by_the_next_run(out, tmp_path, capsys):
     assert main(["baseline", "--model", src, "--method", "uniform", "--format", "fp8_e4m3",
                  "-o", str(target)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+
+
+DMX_WRITER = """
+import sys, time
+from pathlib import Path
+from dmx import io
+from dmx.cli import main
+src, dest, me, peer = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+bar = dest.parent / "barrier"
+copy = io._copy_source_files
+def copy_then_wait(source, tmp):   # inside the writer, after every check passed
+    copy(source, tmp)
+    (bar / me).touch()
+    t0 = time.time()
+    while not (bar / peer).exists() and time.time() - t0 < 120:
+        time.sleep(0.01)
+io._copy_source_files = copy_then_wait
+sys.exit(main(["baseline", "--model", src, "--method", "uniform", "--format",
+               "fp8_e4m3" if me == "a" else "fp4_e2m1", "-o", str(dest)]))
+"""
+
+
+def test_two_baselines_to_the_same_out_one_wins(out, tmp_path):
+    """Two real `dmx baseline -o same` processes, both past the existence check before
+    either renames: before, both exited 0 and one OUT silently replaced the other."""
+    src = json.loads((out / io.MANIFEST_NAME).read_text())["source_model"]
+    dest = tmp_path / "same"
+    (tmp_path / "barrier").mkdir()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    procs = {me: subprocess.Popen([sys.executable, "-c", DMX_WRITER, src, str(dest), me, peer],
+                                  env=env, stderr=subprocess.PIPE, text=True)
+             for me, peer in (("a", "b"), ("b", "a"))}
+    res = {me: (p.wait(timeout=300), p.stderr.read()) for me, p in procs.items()}
+    assert sorted(rc for rc, _ in res.values()) == [0, 2], res
+    winner = next(me for me, (rc, _) in res.items() if rc == 0)
+    err = next(e for rc, e in res.values() if rc == 2)
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and "was written by another process" in lines[0], err
+    kept = Path(lines[0].split("kept at ")[1].split(" (")[0])
+    fmt = {"a": "fp8_e4m3", "b": "fp4_e2m1"}
+    assert {e["format"] for e in io.read_manifest(dest)["layers"].values()} == {fmt[winner]}
+    loser = "b" if winner == "a" else "a"
+    assert {e["format"] for e in io.read_manifest(kept)["layers"].values()} == {fmt[loser]}
