@@ -290,13 +290,17 @@ def _lost_race(tmp: Path, dest: Path, error, detail: str = ""):
                         f"working{detail}; nothing was replaced; {keep}")
 
 
-def _commit(tmp: Path, dest: Path, replaces, error) -> None:
+def _commit(tmp: Path, dest: Path, replaces, error, twin_ok=None) -> None:
     """Move the finished ``tmp`` to ``dest``. ``replaces``: the (dev, inode) of the old
-    output --force may replace, or None (then ``dest`` must still not exist)."""
+    output --force may replace, or None (then ``dest`` must still not exist).
+    ``twin_ok(dest)``: a concurrent writer's result there is as good as ours (a cache)."""
     if replaces is None or not os.path.lexists(dest):
         try:
             _rename_noreplace(tmp, dest)
         except FileExistsError:
+            if twin_ok is not None and twin_ok(dest):
+                _remove(tmp)
+                return
             raise _lost_race(tmp, dest, error) from None
         return
     aside = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest, "old"), dir=dest.parent))
@@ -304,11 +308,14 @@ def _commit(tmp: Path, dest: Path, replaces, error) -> None:
         os.rename(dest, aside / "d")
     except FileNotFoundError:  # it went away since the check: install as new
         shutil.rmtree(aside, ignore_errors=True)
-        return _commit(tmp, dest, None, error)
+        return _commit(tmp, dest, None, error, twin_ok)
     if _identity(aside / "d") != replaces:  # someone replaced it after our check
         with contextlib.suppress(OSError):
             _rename_noreplace(aside / "d", dest)
         shutil.rmtree(aside, ignore_errors=True)
+        if twin_ok is not None and twin_ok(dest):
+            _remove(tmp)
+            return
         raise _lost_race(tmp, dest, error)
     try:
         _rename_noreplace(tmp, dest)
@@ -355,11 +362,13 @@ def atomic_write(path, write, *, force: bool = False, marker=None, inputs=(),
 
 @contextlib.contextmanager
 def output_dir(dest, *, force: bool = False, marker=None, inputs=(),
-               what: str = "-o/--out", tool: str = "this tool", error=MXError):
+               what: str = "-o/--out", tool: str = "this tool", error=MXError, twin_ok=None):
     """``with output_dir(dest, ...) as tmp:`` build the output in ``tmp``; on a normal exit
     it is renamed to ``dest`` (see the module docstring), on an exception it is removed.
     The checks of :func:`check_output` run again here (cheap), in case ``dest`` changed
-    since the caller checked it before its work."""
+    since the caller checked it before its work. ``twin_ok(dest) -> bool``: when another
+    process wrote ``dest`` meanwhile and this says its result is equivalent (a cache of
+    the same input), ours is dropped quietly instead of raising."""
     dest = check_output(dest, force=force, is_dir=True, marker=marker, inputs=inputs,
                         what=what, tool=tool, error=error)
     replaces = _replaceable(dest, force)
@@ -370,7 +379,7 @@ def output_dir(dest, *, force: bool = False, marker=None, inputs=(),
         if marker is not None and not _recognised(tmp, marker):
             raise AssertionError(f"{tool} output lacks its marker {marker}")  # a bug of ours
         _umask_modes_below(tmp)
-        _commit(tmp, dest, replaces, error)
+        _commit(tmp, dest, replaces, error, twin_ok)
     except BaseException:
         _remove(tmp)
         raise
