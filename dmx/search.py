@@ -58,7 +58,7 @@ def _check_paths(model_dir, cfg: SearchConfig, out, force, resume, ckpt_dir):
             raise DMXError(f"--calib {f}: no such file")
     from dmx.io import check_new_out
 
-    check_new_out(out, force, [model_dir, *(calib or ())])
+    check_new_out(out, force, [model_dir, *(cfg.calib or ())])
     has_ckpt = (Path(ckpt_dir) / "checkpoint.pt").is_file()
     if has_ckpt and not resume and not force:
         raise DMXError(f"an interrupted search left a checkpoint in {ckpt_dir}; add --resume "
