@@ -143,6 +143,17 @@ def load_model(model_dir, device="cpu", dtype=None, device_map=None):
     return model.to(device).eval()
 
 
+def cap_seqlen(seqlen: int, positions, say) -> int:
+    """``seqlen`` capped at the model's ``positions`` (max_position_embeddings; None =
+    unknown): longer windows would run past what the model was built for. ``say`` gets
+    the note when it caps."""
+    if positions and int(seqlen) > int(positions):
+        say(f"note: --seqlen {seqlen} is longer than the model's {positions} positions; "
+            f"using {positions}")
+        return int(positions)
+    return int(seqlen)
+
+
 def _check_finite(model, model_dir) -> None:
     """NaN/Inf in the source weights would surface much later as a NaN loss ("try a
     smaller --lr") or ppl inf: name the tensor now, before any work."""
