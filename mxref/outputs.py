@@ -197,7 +197,7 @@ def check_output(dest, *, force: bool = False, is_dir: bool, marker=None, inputs
         if marker is not None and not _recognised(dest, marker):
             has = f" (it has no {marker})" if isinstance(marker, str) else ""
             raise error(f"{dest} is not an output of {tool}{has}; --force replaces only "
-                    f"those: remove it yourself or choose another {what}")
+                        f"those: remove it yourself or choose another {what}")
     clean_stale_temps(dest)
     return dest
 
@@ -287,7 +287,7 @@ def _lost_race(tmp: Path, dest: Path, error, detail: str = ""):
         _remove(tmp)
         keep = "this run's result was discarded; run it again with another -o/--out"
     return error(f"{dest} was written by another process while this one was "
-                        f"working{detail}; nothing was replaced; {keep}")
+                 f"working{detail}; nothing was replaced; {keep}")
 
 
 def _commit(tmp: Path, dest: Path, replaces, error, twin_ok=None) -> None:
