@@ -212,3 +212,45 @@ def test_gen_force_never_replaces_a_foreign_directory(tmp_path, capsys):
                     "--force"], capsys)
     assert rc == 2 and "not an output of mxverify gen" in err
     assert (other / "notes.txt").read_text() == "keep" and (other / "sub").is_dir()
+
+
+GEN_RACER = """
+import sys, time
+from pathlib import Path
+from verification import vectors
+from verification.cli import main
+out, me, peer = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+bar = out.parent / "barrier"
+write = vectors.write_suite
+def write_then_wait(*args, **kwargs):   # inside the writer, after every check passed
+    result = write(*args, **kwargs)
+    (bar / me).touch()
+    t0 = time.time()
+    while not (bar / peer).exists() and time.time() - t0 < 60:
+        time.sleep(0.01)
+    return result
+vectors.write_suite = write_then_wait
+sys.exit(main(["gen", "--format", "fp4", "--op", "quantize", "--seed", "1" if me == "a" else "2",
+               "--emit", "bin", "--out", str(out)]))
+"""
+
+
+def test_two_gens_to_the_same_out_one_wins(tmp_path):
+    """Two real `mxverify gen --out same` processes past the existence check at once:
+    before, both exited 0 and one suite silently replaced the other."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "vec"
+    (tmp_path / "barrier").mkdir()
+    env = dict(os.environ, PYTHONPATH=str(root))
+    procs = {me: subprocess.Popen([sys.executable, "-c", GEN_RACER, str(out), me, peer],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True) for me, peer in (("a", "b"), ("b", "a"))}
+    res = {me: (p.wait(timeout=120), p.stderr.read().strip()) for me, p in procs.items()}
+    assert sorted(rc for rc, _ in res.values()) == [0, 2], res
+    winner = next(me for me, (rc, _) in res.items() if rc == 0)
+    err = next(e for rc, e in res.values() if rc == 2)
+    assert "\n" not in err and "was written by another process" in err and "kept at" in err
+    assert json.load(open(out / "manifest.json"))["seed"] == (1 if winner == "a" else 2)
