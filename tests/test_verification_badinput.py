@@ -230,8 +230,9 @@ def write_then_wait(*args, **kwargs):   # inside the writer, after every check p
         time.sleep(0.01)
     return result
 vectors.write_suite = write_then_wait
-sys.exit(main(["gen", "--format", "fp4", "--op", "quantize", "--seed", "1" if me == "a" else "2",
-               "--emit", "bin", "--out", str(out)]))
+seed = "1" if me == "a" else "2"
+sys.exit(main(["gen", "--format", "fp4", "--op", "quantize", "--seed", seed, "--emit", "bin",
+               "--out", str(out)]))
 """
 
 
