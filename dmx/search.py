@@ -75,11 +75,9 @@ def _resolve_data(cfg: SearchConfig, model_dir, say) -> SearchConfig:
     if not cfg.calib and not Path(calib[0]).is_file():
         raise DMXError(f"the embedded calibration text {calib[0]} is missing; pass --calib FILE")
     changes = {"calib": tuple(str(Path(f).resolve()) for f in calib)}
-    positions = model_config.get("max_position_embeddings")
-    if positions and cfg.seqlen > int(positions):
-        say(f"note: --seqlen {cfg.seqlen} is longer than the model's {positions} positions; "
-            f"using {positions}")
-        changes["seqlen"] = int(positions)
+    seqlen = data.cap_seqlen(cfg.seqlen, model_config.get("max_position_embeddings"), say)
+    if seqlen != cfg.seqlen:
+        changes["seqlen"] = seqlen
     if cfg.samples is None:
         changes["samples"] = cfg.steps * cfg.batch_size  # one epoch, as the reference
     return cfg.replace(**changes)
