@@ -224,12 +224,11 @@ def test_unwritable_out_fails_before_loading(out, tmp_path, capsys, monkeypatch)
 def test_killed_writer_temp_dir_removed_by_the_next_run(out, tmp_path, capsys):
     """kill -9 during a write leaves .OUT.tmp-HOST-PID-*; the next run to that OUT (a
     --resume, a --force, a new baseline) removes it."""
-    from mxref.outputs import _temp_prefix
+    from mxref.outputs import _HOST
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     target = tmp_path / "o"
-    stale = tmp_path / (_temp_prefix(target, "tmp").replace(str(os.getpid()),
-                                                           str(dead.pid)) + "x")
+    stale = tmp_path / f".o.tmp-{_HOST}-{dead.pid}-x"   # as mxref.outputs names them
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half")
     src = json.loads((out / io.MANIFEST_NAME).read_text())["source_model"]
