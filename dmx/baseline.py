@@ -145,7 +145,7 @@ def uniform_baseline(model_dir, fmt: str, out, weights_only: bool = False, inclu
     fmt = mxref.get_format(fmt).key
     if mxref.get_format(fmt).bits not in (4, 6, 8):
         raise DMXError(f"--format {fmt}: OUT stores 4-, 6- and 8-bit MX formats only")
-    io.check_new_out(out, force)
+    io.check_new_out(out, force, [model_dir])
     _check_rotation(model_dir, rotate, rotate_kind)
     model, rot_meta, extra_files = _load(model_dir, device, rotate, rotate_kind, seed)
     names = quantizable_layers(model, include)
@@ -237,7 +237,7 @@ def kl_baseline(model_dir, target_bits: float, out, ladder: str = "fp8-fp4",
     target = check_target_bits(target_bits, lad)
     if weighting not in WEIGHTINGS:
         raise DMXError(f"--weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
-    io.check_new_out(out, force)
+    io.check_new_out(out, force, [model_dir])
     for f in calib or ():
         if not Path(f).is_file():
             raise DMXError(f"--calib {f}: no such file")

@@ -2,13 +2,11 @@
 
 A checkpoint lives in ``<OUT>.partial/checkpoint.pt`` by default (``--checkpoint-dir``
 overrides it), so an interrupted run never leaves anything at OUT itself. It is written
-atomically (temp file in the same directory, fsync, rename): a Ctrl-C or crash while
-saving leaves the previous checkpoint intact.
+atomically (mxref.outputs.atomic_write: temp file in the same directory, fsync, rename):
+a Ctrl-C or crash while saving leaves the previous checkpoint intact.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -30,21 +28,12 @@ def default_checkpoint_dir(out) -> Path:
 
 def save_checkpoint(ckpt_dir, state: dict) -> Path:
     """Write ``state`` to ``ckpt_dir/checkpoint.pt`` atomically; returns the path."""
+    from mxref.outputs import atomic_write
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / CHECKPOINT_NAME
-    fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=ckpt_dir)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save({"version": CHECKPOINT_VERSION, **state}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # a KeyboardInterrupt while saving must not leave a stray temp file behind
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda fh: torch.save({"version": CHECKPOINT_VERSION, **state}, fh),
+                 force=True, what="checkpoint", tool="dmx search", error=DMXError)
     return path
 
 

@@ -136,10 +136,36 @@ def load_model(model_dir, device="cpu", dtype=None, device_map=None):
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DMXError(f"--model {model_dir}: not loadable as a causal LM "
                        f"(AutoModelForCausalLM: {msg})") from None
+    _check_finite(model, model_dir)
     if device_map is not None:
         _check_no_offload(model, model_dir)
         return model.eval()
     return model.to(device).eval()
+
+
+def cap_seqlen(seqlen: int, positions, say) -> int:
+    """``seqlen`` capped at the model's ``positions`` (max_position_embeddings; None =
+    unknown): longer windows would run past what the model was built for. ``say`` gets
+    the note when it caps."""
+    if positions and int(seqlen) > int(positions):
+        say(f"note: --seqlen {seqlen} is longer than the model's {positions} positions; "
+            f"using {positions}")
+        return int(positions)
+    return int(seqlen)
+
+
+def _check_finite(model, model_dir) -> None:
+    """NaN/Inf in the source weights would surface much later as a NaN loss ("try a
+    smaller --lr") or ppl inf: name the tensor now, before any work."""
+    import torch
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if t.is_floating_point() and t.device.type != "meta" and not bool(
+                    torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise DMXError(f"--model {model_dir}: weight {name} holds {bad} NaN/Inf "
+                               f"value(s); the checkpoint is corrupted: re-download or "
+                               f"re-convert it")
 
 
 def load_model_and_tokenizer(model_dir, device="cpu", dtype=None, device_map=None):

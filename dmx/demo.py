@@ -12,13 +12,10 @@ report rows), ``add_demo_parser``.
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from dmx.errors import DMXError
-from dmx.io import replace_dir
 from dmx.threads import set_threads
 
 __all__ = ["demo_settings", "set_threads", "run_demo", "add_demo_parser", "run_demo_cli"]
@@ -73,10 +70,12 @@ def run_demo(out="runs/demo", quick: bool = False, force: bool = False,
     from dmx.ladders import get_ladder
 
     t0 = time.time()
+    from mxref.outputs import check_output, output_dir
     dest = Path(out)
-    if dest.exists() and not force:
-        raise DMXError(f"{dest} already exists; pass --force to overwrite it or choose another "
-                       f"--out")
+    rules = dict(force=force, marker="report/report.json", what="--out", tool="dmx demo",
+                 error=DMXError)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    check_output(dest, is_dir=True, **rules)   # before the work
     baseline.check_target_bits(target_bits, get_ladder("fp8-fp4"))
     set_threads(threads)
     s = demo_settings(quick)
@@ -90,9 +89,7 @@ def run_demo(out="runs/demo", quick: bool = False, force: bool = False,
          f"{s['kl_samples']} windows of {s['calib_seqlen']}; evaluation: first "
          f"{s['eval_windows']} windows of {s['eval_seqlen']} tokens; {threads} CPU "
          f"thread(s)")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
+    with output_dir(dest, **rules) as tmp:
         model, tok = data.load_model_and_tokenizer(model_dir)
         # one tokenization of the evaluation text for every model (same tokenizer files)
         windows = data.eval_windows(tok, data.default_eval_file(), s["eval_seqlen"],
@@ -122,10 +119,6 @@ def run_demo(out="runs/demo", quick: bool = False, force: bool = False,
         reference = {"label": model_dir.name, "ppl": ref["ppl"], "protocol": ref["protocol"]}
         report.write_report(rows, tmp / "report", reference,
                             title=f"dmx demo: {model_dir.name}, target {tag} bits")
-        replace_dir(tmp, dest)  # an old demo dir is swapped out only once this one is done
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print()
     print(f"{'run':>16}  {'method':<8} {'avg bits':>8}  {'ppl':>8}")
     print(f"{'unquantized':>16}  {'-':<8} {'32':>8}  {ref['ppl']:8.2f}")

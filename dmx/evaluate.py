@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -67,10 +68,13 @@ def evaluate(model, tokenizer, data_file=None, seqlen: int = DEFAULT_SEQLEN,
     ``windows``: the ``(LongTensor, info)`` of an earlier :func:`dmx.data.eval_windows`
     call, to score several models on one tokenization (the other text arguments are
     then ignored)."""
-    from dmx.data import default_eval_file, eval_windows
+    from dmx.data import cap_seqlen, default_eval_file, eval_windows
 
     t0 = time.time()
-    if windows is None:
+    if windows is None:   # windows beyond the model's positions: capped, with a note
+        positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        seqlen = cap_seqlen(seqlen, positions,
+                            lambda msg: print(f"dmx eval: {msg}", file=sys.stderr))
         if tokenizer is None:
             raise DMXError("no tokenizer: the model directory has no tokenizer files; copy "
                            "them from the source model")

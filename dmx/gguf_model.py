@@ -26,12 +26,11 @@ equal the GGUF-loaded model's bit for bit.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from mxref.outputs import output_dir, sha256_file
 
 from dmx.errors import DMXError
 
@@ -44,14 +43,6 @@ WEIGHTS_NAME = "model.safetensors"
 # max_shard_size well above any model dmx runs on CPU: one file, so one sha256 names it
 _ONE_SHARD = "1000GB"
 _CHECK_TEXT = "The quick brown fox jumps over the lazy dog. 1 2 3"
-
-
-def sha256_file(path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_gguf_file(path) -> Path:
@@ -166,8 +157,12 @@ def convert_gguf(gguf_file, out_dir, say=print) -> dict:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     say(f"reading {p.name} with transformers (dequantizing to float32) ...")
     gguf_model, tokenizer = _load_gguf(p)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    # a stale or damaged cache (with our record) is replaced; a directory without one is
+    # refused; a twin a concurrent run (e.g. another torchrun rank) finished is used
+    with output_dir(out_dir, force=True, marker=RECORD_NAME, inputs=[p],
+                    what="the GGUF cache directory", tool="dmx's GGUF conversion",
+                    error=DMXError,
+                    twin_ok=lambda d: _cached(d, source_sha) is not None) as tmp:
         say("copying the weights into a plain float32 model and saving ...")
         _plain_copy(gguf_model).save_pretrained(str(tmp), max_shard_size=_ONE_SHARD)
         tokenizer.save_pretrained(str(tmp))
@@ -179,38 +174,8 @@ def convert_gguf(gguf_file, out_dir, say=print) -> dict:
         record = {"source": p.name, "source_sha256": source_sha, "dtype": "float32",
                   "tied_embeddings": _tied(gguf_model), "sha256": sha256_file(tmp / WEIGHTS_NAME)}
         (tmp / RECORD_NAME).write_text(json.dumps(record, indent=1) + "\n")
-        _readable(tmp)
-        _replace(tmp, out_dir, source_sha)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; a failure leaves nothing
     say(f"sha256 {record['sha256']}  {WEIGHTS_NAME}")
     return {**record, "path": str(out_dir), "cached": False}
-
-
-def _readable(tmp: Path) -> None:
-    """mkdtemp makes a 0700 directory: give the result the modes the umask allows, so a
-    shared cache directory is readable like one made by mkdir."""
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
-    for f in tmp.iterdir():
-        f.chmod(0o666 & ~umask)
-
-
-def _replace(tmp: Path, out_dir: Path, source_sha: str) -> None:
-    """Rename ``tmp`` to ``out_dir``; a stale ``out_dir`` is moved aside first, and one a
-    concurrent run (e.g. another torchrun rank) finished meanwhile is kept."""
-    if out_dir.exists():
-        if _cached(out_dir, source_sha) is not None:
-            return
-        stale = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, stale / out_dir.name)
-        shutil.rmtree(stale, ignore_errors=True)
-    try:
-        os.rename(tmp, out_dir)
-    except OSError:
-        if _cached(out_dir, source_sha) is None:  # not a finished twin: a real failure
-            raise
 
 
 def resolve_model_path(model) -> str:

@@ -18,13 +18,17 @@ Public API (layout and manifest fields: specs/out_layout.md, docs/CONTRACT.md):
     - ``extra_files``: {file name: str | bytes} written into OUT too (e.g. a search log).
   Weights are quantized with mxref (numpy) along the input dim and packed with
   mxref.pack; the whole directory is built in a temp dir next to OUT and renamed into
-  place, so OUT is either complete or absent. An existing OUT is refused unless ``force``.
+  place (mxref.outputs), so OUT is either complete or absent. An existing OUT is refused
+  unless ``force``, which replaces only an earlier OUT (one with dmx_manifest.json) and
+  never the source model. The manifest seals every file (dmx.integrity).
 * ``load(out_dir, device="cpu", dtype=torch.float32) -> (model, tokenizer, manifest)``:
-  every layer's sha256 is checked first; the model is rebuilt from config.json, the
-  packed weights decoded through mxref into :class:`DecodedMXLinear` layers (the stored
-  values are used as they are), inputs quantized as the manifest says. ``tokenizer`` is
+  every file's and every layer's sha256 and the tensor shapes are checked first; the
+  model is rebuilt from config.json, the packed weights decoded through mxref into
+  :class:`DecodedMXLinear` layers (the stored values are used as they are), inputs
+  quantized as the manifest says. ``tokenizer`` is
   None when OUT has no tokenizer files.
-* ``read_manifest(out_dir) -> dict`` (schema-validated), ``validate_manifest(dict)``,
+* ``read_manifest(out_dir, verify=True) -> dict`` (schema-validated; ``verify``: every
+  file's sha256 too, dmx.integrity.verify_out), ``validate_manifest(dict)``,
   ``average_bits_of(formats, act_formats, shapes)`` (the manifest's avg_bits numbers).
 """
 from __future__ import annotations
@@ -32,9 +36,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -44,8 +46,8 @@ import mxref
 from dmx.errors import DMXError
 
 __all__ = ["MANIFEST_NAME", "WEIGHTS_NAME", "EVAL_NAME", "FORMAT_VERSION", "write_out", "load",
-           "read_manifest", "validate_manifest", "average_bits_of", "all_linear_bits", "layer_sha256",
-           "DecodedMXLinear", "atomic_write_text", "check_new_out", "replace_dir"]
+           "read_manifest", "validate_manifest", "average_bits_of", "all_linear_bits",
+           "layer_sha256", "DecodedMXLinear", "atomic_write_text", "check_new_out"]
 
 MANIFEST_NAME = "dmx_manifest.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -86,8 +88,9 @@ def validate_manifest(manifest: dict, where: str = "manifest") -> None:
         raise DMXError(f"{where}: field {field}: {err.message.splitlines()[0][:200]}")
 
 
-def read_manifest(out_dir) -> dict:
-    """The schema-validated dmx_manifest.json of an OUT directory."""
+def read_manifest(out_dir, verify: bool = True) -> dict:
+    """The schema-validated dmx_manifest.json of an OUT directory; ``verify``: after
+    checking the manifest's own hash and every file's (dmx.integrity.verify_out)."""
     out = Path(out_dir)
     if not out.is_dir():
         raise DMXError(f"{out_dir}: no such directory; pass an OUT directory written by "
@@ -100,40 +103,31 @@ def read_manifest(out_dir) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise DMXError(f"{path}: unreadable JSON ({err}); rewrite OUT") from None
+    if not isinstance(manifest, dict):
+        raise DMXError(f"{path}: not a JSON object; rewrite OUT")
     validate_manifest(manifest, str(path))
+    if verify:
+        from dmx.integrity import verify_out
+        verify_out(out, manifest)
     return manifest
 
 
 def atomic_write_text(path, text: str) -> None:
-    """Write a file via a temp file in the same directory + rename (never half-written)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write (or replace) a file of OUT atomically, e.g. eval.json (mxref.outputs)."""
+    from mxref.outputs import atomic_write
+    atomic_write(path, lambda fh: fh.write(text), force=True, text=True, error=DMXError)
 
 
-def check_new_out(out_dir, force: bool) -> Path:
-    """OUT may be written: it does not exist, or ``force`` (and it is a directory)."""
-    if out_dir is None or str(out_dir) == "":
-        raise DMXError("-o/--out is required: the directory to write the quantized model to")
-    out = Path(out_dir)
-    if out.exists():
-        if not force:
-            raise DMXError(f"{out} already exists; pass --force to overwrite it or choose "
-                           f"another -o/--out")
-        if not out.is_dir():
-            raise DMXError(f"{out} exists and is not a directory; remove it or choose "
-                           f"another -o/--out")
-    if not out.parent.is_dir():
-        raise DMXError(f"{out.parent}: the parent directory of -o/--out does not exist")
-    return out
+def check_new_out(out_dir, force: bool, inputs=()) -> Path:
+    """Before any work: OUT may be written (mxref.outputs.check_output: absent, or
+    ``force`` over an earlier OUT; never one of ``inputs``; a writable parent)."""
+    from mxref.outputs import check_output
+    return check_output(out_dir, is_dir=True, **_out_rules(force, inputs))
+
+
+def _out_rules(force: bool, inputs) -> dict:
+    return dict(force=force, marker=MANIFEST_NAME, inputs=inputs, what="-o/--out",
+                tool="dmx search/baseline", error=DMXError)
 
 
 # ----------------------------------------------------------------------------- bits
@@ -283,8 +277,8 @@ def write_out(out_dir, model, formats: dict, act_formats: dict | None, source_mo
     import torch
 
     t_start = time.time()
-    out = check_new_out(out_dir, force)
     source = Path(source_model_dir)
+    out = check_new_out(out_dir, force, [source])
     if not (source / "config.json").is_file():
         raise DMXError(f"{source_model_dir}: no config.json; pass the Hugging Face directory "
                        f"the model was loaded from")
@@ -365,21 +359,21 @@ def write_out(out_dir, model, formats: dict, act_formats: dict | None, source_mo
     except (TypeError, ValueError) as err:  # a meta extra that JSON cannot hold
         raise DMXError(f"write_out: meta is not JSON-serialisable ({err})") from None
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    for fname in extra_files or {}:
+        if Path(fname).name != fname or fname in (MANIFEST_NAME, WEIGHTS_NAME, EVAL_NAME):
+            raise DMXError(f"extra file name {fname!r} must be a plain file name other "
+                           f"than {MANIFEST_NAME} / {WEIGHTS_NAME} / {EVAL_NAME}")
+    from mxref.outputs import output_dir
+
+    from dmx.integrity import seal
+    with output_dir(out, **_out_rules(force, [source])) as tmp:
         _copy_source_files(source, tmp)
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / MANIFEST_NAME).write_text(manifest_text)
         for fname, content in (extra_files or {}).items():
-            if Path(fname).name != fname or fname in (MANIFEST_NAME, WEIGHTS_NAME):
-                raise DMXError(f"extra file name {fname!r} must be a plain file name other "
-                               f"than {MANIFEST_NAME} / {WEIGHTS_NAME}")
             target = tmp / fname
             (target.write_bytes if isinstance(content, bytes) else target.write_text)(content)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        manifest = seal(tmp, json.loads(manifest_text))  # every file above, and itself
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
     return out
 
 
@@ -389,24 +383,6 @@ def _wall_time(before_write, t_start: float):
     if before_write is None:
         return None
     return round(float(before_write) + time.time() - t_start, 3)
-
-
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished temp dir to OUT; an old OUT (--force) is moved aside first and
-    deleted only once the new one is in place."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / "out")
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old / "out", out)  # put the old one back
-            shutil.rmtree(old, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- load
@@ -490,8 +466,9 @@ def load(out_dir, device="cpu", dtype=None):
     before the model is built.
     """
     out = Path(out_dir)
-    manifest = read_manifest(out)  # before the heavy imports: bad input fails fast
+    manifest = read_manifest(out)  # every hash, before the heavy imports: fails fast
     import torch
+    _check_device(device)
 
     from dmx.data import _quiet_transformers
     from dmx.layers import _set_submodule
@@ -499,6 +476,9 @@ def load(out_dir, device="cpu", dtype=None):
     dtype = torch.float32 if dtype is None else dtype
     profile = mxref.get_profile(manifest["profile"])
     decoded, others = _read_checked_layers(out, manifest)
+    from dmx.integrity import check_shapes, tensor_shapes
+    where = str(out / WEIGHTS_NAME)
+    check_shapes(out, tensor_shapes(manifest, others, others, where), where)
     _quiet_transformers()
     from transformers import AutoConfig, AutoModelForCausalLM
     try:
@@ -528,6 +508,18 @@ def load(out_dir, device="cpu", dtype=None):
         from dmx.data import load_tokenizer
         tokenizer = load_tokenizer(out)
     return model, tokenizer, manifest
+
+
+def _check_device(device) -> None:
+    """A device torch knows and this machine has (a bare assert deep in torch otherwise)."""
+    import torch
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise DMXError(f"device {device!r}: not a torch device ({err}); use cpu or cuda") \
+            from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DMXError(f"device {device!r}: no CUDA device is available; use device='cpu'")
 
 
 def _shares_storage(model, key: str, loaded: dict) -> bool:

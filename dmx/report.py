@@ -7,9 +7,10 @@ Public API:
   format mix, perplexity with its protocol, wall time).
 * ``write_report(rows, report_dir, reference=None, force=False, title=...) -> Path``:
   report.md, report.json and pareto.png (perplexity vs average bits, one series per
-  method, points labelled), written into a temp dir and renamed into place. When OUTs
-  have lm-eval task results (`dmx eval OUT --tasks ... --save`): a task table in
-  report.md and accuracy.png (accuracy vs average bits, one panel per task).
+  method, points labelled), written into a temp dir and renamed into place (--force
+  replaces only an earlier report, never an OUT). When OUTs have lm-eval task results
+  (`dmx eval OUT --tasks ... --save`): a task table in report.md and accuracy.png
+  (accuracy vs average bits, one panel per task).
 * ``add_report_parser(subparsers)`` / ``run_report(args)``: the CLI.
 
 ``reference``: {"label", "ppl", "protocol"} of the unquantized model, drawn as a line.
@@ -17,13 +18,10 @@ Public API:
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 from dmx.errors import DMXError
-from dmx.io import replace_dir
 
 __all__ = ["collect", "write_report", "add_report_parser", "run_report"]
 
@@ -31,7 +29,8 @@ MARKERS = {"dmx": "o", "kl": "s", "uniform": "^"}
 
 
 def collect(run_dirs) -> list[dict]:
-    """Rows of the report, in the order given (every OUT is schema-checked)."""
+    """Rows of the report, in the order given (every OUT's manifest and file hashes are
+    checked)."""
     from dmx.evaluate import load_eval
     from dmx.io import read_manifest
 
@@ -192,16 +191,12 @@ def _plot(rows, reference, path: Path, title: str) -> None:
 
 def write_report(rows, report_dir, reference=None, force: bool = False,
                  title: str = "dmx report: perplexity vs average bits") -> Path:
-    """Write report.md/json and pareto.png into ``report_dir`` atomically."""
+    """Write report.md/json and pareto.png into ``report_dir`` atomically (mxref.outputs:
+    ``force`` replaces only an earlier report, never one of the OUT directories)."""
+    from mxref.outputs import output_dir
     dest = Path(report_dir)
-    if dest.exists() and not force:
-        raise DMXError(f"{dest} already exists; pass --force to overwrite it or choose another "
-                       f"-o/--out")
-    if dest.exists() and not dest.is_dir():
-        raise DMXError(f"{dest} exists and is not a directory; choose another -o/--out")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
+    with output_dir(dest, **_out_rules(force, [r["path"] for r in rows])) as tmp:
         (tmp / "report.md").write_text(_markdown(rows, reference, title))
         (tmp / "report.json").write_text(json.dumps({"reference": reference, "runs": rows},
                                                     indent=1) + "\n")
@@ -211,11 +206,13 @@ def write_report(rows, report_dir, reference=None, force: bool = False,
                           tmp / "dynamics.png")
         if any(r["tasks"] for r in rows):
             _plot_accuracy(rows, tmp / "accuracy.png")
-        replace_dir(tmp, dest)  # an old report (--force) is swapped out, never half-written
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
+
+
+def _out_rules(force: bool, inputs) -> dict:
+    """mxref.outputs rules for a report dir: --force only over an earlier report."""
+    return dict(force=force, marker="report.json", inputs=inputs, what="-o/--out",
+                tool="dmx report", error=DMXError)
 
 
 # ----------------------------------------------------------------------------- dynamics
@@ -291,7 +288,10 @@ def add_report_parser(subparsers):
 
 
 def run_report(args) -> int:
-    rows = collect(args.runs)
+    from mxref.outputs import check_output
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    check_output(args.out, is_dir=True, **_out_rules(args.force, args.runs))  # before work
+    rows = collect(args.runs)   # every OUT's hashes checked
     ref = None
     if args.reference_ppl is not None:
         ref = {"label": "--reference-ppl", "ppl": args.reference_ppl,

@@ -65,7 +65,7 @@ def _check_paths(model_dir, cfg: SearchConfig, out, force, resume, ckpt_dir):
             raise DMXError(f"--calib {f}: no such file")
     from dmx.io import check_new_out
 
-    check_new_out(out, force)
+    check_new_out(out, force, [model_dir, *(cfg.calib or ())])
     has_ckpt = (Path(ckpt_dir) / "checkpoint.pt").is_file()
     if has_ckpt and not resume and not force:
         raise DMXError(f"an interrupted search left a checkpoint in {ckpt_dir}; add --resume "
@@ -85,11 +85,9 @@ def _resolve_data(cfg: SearchConfig, model_dir, say) -> SearchConfig:
     if not cfg.calib and not Path(calib[0]).is_file():
         raise DMXError(f"the embedded calibration text {calib[0]} is missing; pass --calib FILE")
     changes = {"calib": tuple(str(Path(f).resolve()) for f in calib)}
-    positions = model_config.get("max_position_embeddings")
-    if positions and cfg.seqlen > int(positions):
-        say(f"note: --seqlen {cfg.seqlen} is longer than the model's {positions} positions; "
-            f"using {positions}")
-        changes["seqlen"] = int(positions)
+    seqlen = data.cap_seqlen(cfg.seqlen, model_config.get("max_position_embeddings"), say)
+    if seqlen != cfg.seqlen:
+        changes["seqlen"] = seqlen
     if cfg.samples is None:
         changes["samples"] = cfg.steps * cfg.batch_size  # one epoch, as the reference
     return cfg.replace(**changes)

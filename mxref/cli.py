@@ -67,24 +67,49 @@ def _load_npy(path: str) -> np.ndarray:
         raise MXError(f"{path} is not a readable .npy file ({e})") from None
     if not isinstance(x, np.ndarray):
         raise MXError(f"{path} is an .npz archive; pass a single-array .npy file")
+    if x.dtype.kind == "V" and x.dtype.itemsize == 2 and x.dtype.names is None:
+        # numpy has no bfloat16: np.save of an ml_dtypes.bfloat16 array records "|V2"
+        import ml_dtypes
+        x = x.view(ml_dtypes.bfloat16)
     return x
 
 
-def _check_out(path: str, suffix: str, force: bool) -> None:
-    if not path.endswith(suffix):
-        raise MXError(f"output {path} must end in {suffix}")
-    if os.path.exists(path) and not force:
-        raise MXError(f"{path} exists; pass --force to overwrite it")
+def _is_npy(path) -> bool:
+    """A .npy file (numpy's magic): what `mxref dequantize` writes and --force may replace."""
+    with open(path, "rb") as fh:
+        return fh.read(6) == b"\x93NUMPY"
+
+
+def _out_kind(suffix: str):
+    from mxref.outputs import is_mxref_npz
+    return is_mxref_npz if suffix == ".npz" else _is_npy
+
+
+def _check_out(args, suffix: str) -> None:
+    """Before any work: the output's name, and that it may be written (never the input;
+    --force only over a previous mxref output)."""
+    from mxref.outputs import check_output
+    if not args.output.endswith(suffix):
+        raise MXError(f"output {args.output} must end in {suffix}")
+    check_output(args.output, force=args.force, is_dir=False, marker=_out_kind(suffix),
+                 inputs=[args.input], what="-o/--output", tool="mxref")
+
+
+def _write_out(args, suffix: str, write) -> None:
+    from mxref.outputs import atomic_write
+    atomic_write(args.output, write, force=args.force, marker=_out_kind(suffix),
+                 inputs=[args.input], what="-o/--output", tool="mxref")
 
 
 def cmd_quantize(args) -> int:
     import mxref
-    from mxref.npzfile import save_npz
-    _check_out(args.output, ".npz", args.force)
+    from mxref.npzfile import npz_arrays
+    _check_out(args, ".npz")
     x = _load_npy(args.input)
     mx = mxref.quantize(x, args.format, axis=args.axis, block_size=args.block_size,
                         profile=args.profile)
-    save_npz(args.output, mx, force=args.force)
+    arrays = npz_arrays(mx)
+    _write_out(args, ".npz", lambda f: np.savez(f, **arrays))
     print(f"{args.input} {x.dtype}{list(x.shape)} -> {args.output}: {mx.fmt.key}, "
           f"{mx.n_blocks} blocks of {mx.block_size} along axis {mx.axis}, "
           f"profile {mx.profile.name} ({mx.profile.hash})")
@@ -93,11 +118,11 @@ def cmd_quantize(args) -> int:
 
 def cmd_dequantize(args) -> int:
     import mxref
-    from mxref.npzfile import atomic_write, load_npz
-    _check_out(args.output, ".npy", args.force)
+    from mxref.npzfile import load_npz
+    _check_out(args, ".npy")
     mx = load_npz(args.input)
     y = mxref.dequantize(mx, dtype=args.dtype)
-    atomic_write(args.output, lambda f: np.save(f, y), force=args.force)
+    _write_out(args, ".npy", lambda f: np.save(f, y))
     print(f"{args.input} -> {args.output}: {y.dtype}{list(y.shape)}")
     return 0
 
@@ -165,9 +190,9 @@ def cmd_sweep(args) -> int:
 
 # --------------------------------------------------------------------------- pack
 def cmd_pack(args) -> int:
-    from mxref.npzfile import atomic_write, load_npz
+    from mxref.npzfile import load_npz
     from mxref.pack import pack_codes, pack_llamacpp_mxfp4, packing_name
-    _check_out(args.output, ".npz", args.force)
+    _check_out(args, ".npz")
     mx = load_npz(args.input)
     if args.layout == "llamacpp":
         if mx.fmt.key != "fp4_e2m1" or mx.block_size != 32:
@@ -178,7 +203,7 @@ def cmd_pack(args) -> int:
         arrays = dict(packed=pack_codes(mx.codes, mx.fmt), scales=mx.scales,
                       layout=np.str_(packing_name(mx.fmt)))
     arrays.update(format=np.str_(mx.fmt.key), K=np.int64(mx.codes.shape[-1]))
-    atomic_write(args.output, lambda f: np.savez(f, **arrays), force=args.force)
+    _write_out(args, ".npz", lambda f: np.savez(f, **arrays))
     print(f"{args.input} -> {args.output}: layout {str(arrays['layout'])}")
     return 0
 

@@ -5,15 +5,13 @@ Keys: ``codes`` uint8 [..., K] (blocked axis last), ``scales`` uint8 [..., ceil(
 shape), ``block_size`` int64, ``format`` str (format key), ``profile`` str (JSON of
 ``Profile.to_dict()``, hash included), ``mxref_version`` str.
 
-Writes go to a temporary file in the target directory and are renamed into place, so
-an interrupted write never leaves a half-written file; existing files are refused
-unless ``force``.
+Writes go through :func:`mxref.outputs.atomic_write` (temporary file, rename that never
+replaces another process's file; ``force`` replaces only an mxref .npz).
 """
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 
 import numpy as np
@@ -26,34 +24,24 @@ from mxref.profiles import Profile
 REQUIRED_KEYS = ("codes", "scales", "shape", "axis", "block_size", "format", "profile")
 
 
-def atomic_write(path: str, write, force: bool = False) -> None:
-    """Call ``write(fileobj)`` on a temp file next to ``path``, then rename it to ``path``."""
-    if os.path.exists(path) and not force:
-        raise MXError(f"{path} exists; pass --force (force=True) to overwrite it")
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise MXError(f"output directory {directory} does not exist; create it first")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def npz_arrays(mx: MXArray) -> dict:
+    """The arrays of the .npz layout of ``mx`` (for ``numpy.savez``)."""
+    from mxref import __version__
+    return dict(codes=np.ascontiguousarray(mx.codes, np.uint8),
+                scales=np.ascontiguousarray(mx.scales, np.uint8),
+                shape=np.array(mx.shape, dtype=np.int64).reshape(-1),
+                axis=np.int64(mx.axis), block_size=np.int64(mx.block_size),
+                format=np.str_(mx.fmt.key),
+                profile=np.str_(json.dumps(mx.profile.to_dict(), sort_keys=True)),
+                mxref_version=np.str_(__version__))
 
 
 def save_npz(path: str, mx: MXArray, force: bool = False) -> None:
-    from mxref import __version__
-    arrays = dict(codes=np.ascontiguousarray(mx.codes, np.uint8),
-                  scales=np.ascontiguousarray(mx.scales, np.uint8),
-                  shape=np.array(mx.shape, dtype=np.int64).reshape(-1),
-                  axis=np.int64(mx.axis), block_size=np.int64(mx.block_size),
-                  format=np.str_(mx.fmt.key),
-                  profile=np.str_(json.dumps(mx.profile.to_dict(), sort_keys=True)),
-                  mxref_version=np.str_(__version__))
-    atomic_write(path, lambda f: np.savez(f, **arrays), force)
+    """Write ``mx`` to ``path`` atomically; ``force`` replaces only an mxref .npz."""
+    from mxref.outputs import atomic_write, is_mxref_npz
+    arrays = npz_arrays(mx)
+    atomic_write(path, lambda f: np.savez(f, **arrays), force=force, marker=is_mxref_npz,
+                 what="path", tool="mxref")
 
 
 def _scalar_int(z, key: str) -> int:
@@ -70,41 +58,49 @@ def _scalar_str(z, key: str) -> str:
     return str(v)
 
 
-def load_npz(path: str) -> MXArray:
-    """Read and validate an MXArray ``.npz``; every problem is a one-line MXError."""
+def read_npz(path: str, what: str = ".npz file") -> dict:
+    """Every array of an .npz, read now (numpy reads lazily: a corrupted member would fail
+    later with a zipfile/zlib traceback); any damage is one MXError naming the file."""
+    import zlib
     if not os.path.exists(path):
         raise MXError(f"{path} does not exist")
     try:
         z = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise MXError(f"{path} is not a readable .npz file ({e})") from None
-    if not isinstance(z, np.lib.npyio.NpzFile):
-        raise MXError(f"{path} holds a single array, not an mxref .npz; make it with "
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise MXError(f"{path} holds a single array, not an {what}")
+        with z:
+            return {k: z[k] for k in z.files}
+    except MXError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise MXError(f"{path} is not a readable {what} ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:120] if str(e) else 'damaged'}); the file "
+                      f"is truncated or corrupted, write it again") from None
+
+
+def load_npz(path: str) -> MXArray:
+    """Read and validate an MXArray ``.npz``; every problem is a one-line MXError."""
+    z = read_npz(path, "mxref .npz")
+    missing = [k for k in REQUIRED_KEYS if k not in z]
+    if missing:
+        raise MXError(f"{path} lacks key(s) {', '.join(missing)}; make it with "
                       f"`mxref quantize`")
-    with z:
-        missing = [k for k in REQUIRED_KEYS if k not in z.files]
-        if missing:
-            raise MXError(f"{path} lacks key(s) {', '.join(missing)}; make it with "
-                          f"`mxref quantize`")
-        try:
-            codes, scales, shape = z["codes"], z["scales"], z["shape"]
-        except ValueError as e:
-            raise MXError(f"{path}: cannot read arrays ({e})") from None
-        for key, arr in (("codes", codes), ("scales", scales)):
-            if arr.dtype != np.uint8:
-                raise MXError(f"npz key {key!r} must be uint8, got {arr.dtype}")
-        if shape.ndim != 1 or not np.issubdtype(shape.dtype, np.integer):
-            raise MXError(f"npz key 'shape' must be a 1-D integer array, got {shape.dtype} "
-                          f"{shape.shape}")
-        axis, block = _scalar_int(z, "axis"), _scalar_int(z, "block_size")
-        fmt = get_format(_scalar_str(z, "format"))
-        try:
-            profile_dict = json.loads(_scalar_str(z, "profile"))
-        except json.JSONDecodeError as e:
-            raise MXError(f"npz key 'profile' is not valid JSON ({e})") from None
-        if not isinstance(profile_dict, dict):
-            raise MXError("npz key 'profile' must be a JSON object")
-        profile = Profile.from_dict(profile_dict)   # checks the recorded hash
+    codes, scales, shape = z["codes"], z["scales"], z["shape"]
+    for key, arr in (("codes", codes), ("scales", scales)):
+        if arr.dtype != np.uint8:
+            raise MXError(f"npz key {key!r} must be uint8, got {arr.dtype}")
+    if shape.ndim != 1 or not np.issubdtype(shape.dtype, np.integer):
+        raise MXError(f"npz key 'shape' must be a 1-D integer array, got {shape.dtype} "
+                      f"{shape.shape}")
+    axis, block = _scalar_int(z, "axis"), _scalar_int(z, "block_size")
+    fmt = get_format(_scalar_str(z, "format"))
+    try:
+        profile_dict = json.loads(_scalar_str(z, "profile"))
+    except json.JSONDecodeError as e:
+        raise MXError(f"npz key 'profile' is not valid JSON ({e})") from None
+    if not isinstance(profile_dict, dict):
+        raise MXError("npz key 'profile' must be a JSON object")
+    profile = Profile.from_dict(profile_dict)   # checks the recorded hash
     shape = tuple(int(s) for s in shape)
     if block <= 0:
         raise MXError(f"block_size must be positive, got {block}")

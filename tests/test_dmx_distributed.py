@@ -31,7 +31,7 @@ pytest.importorskip("transformers")
 
 from dmx.cli import main  # noqa: E402
 from dmx.distributed import DistContext  # noqa: E402
-from dmx.search import read_search_log, search  # noqa: E402
+from dmx.search import SEARCH_LOG_NAME, read_search_log, search  # noqa: E402
 from test_dmx_io import single_threaded  # noqa: E402, F401 (fixture: 1 torch/Numba thread)
 
 MODEL = Path(__file__).resolve().parent / "data" / "stories260K-hf"
@@ -195,9 +195,13 @@ def _assert_same_search(got_out, ref_out):
     got_m = json.loads((got_out / "dmx_manifest.json").read_text())
     assert got_m["layers"] == ref_m["layers"]  # formats, shapes, sha256 of the packed bytes
     assert got_m["avg_bits"] == ref_m["avg_bits"]
-    volatile = {"created", "wall_time_s", "search"}
+    # the file hashes seal the search log (float noise, above) and the manifest its times
+    volatile = {"created", "wall_time_s", "search", "files", "manifest_sha256"}
     assert {k: v for k, v in got_m.items() if k not in volatile} == \
         {k: v for k, v in ref_m.items() if k not in volatile}
+    got_m["files"].pop(SEARCH_LOG_NAME)
+    ref_m["files"].pop(SEARCH_LOG_NAME)
+    assert got_m["files"] == ref_m["files"]   # model.safetensors, config, tokenizer alike
     for key, value in ref_m["search"].items():
         if key != "train_seconds":
             _assert_close_tree(got_m["search"][key], value, key)

@@ -18,6 +18,7 @@ import mxref
 from dmx import io
 from dmx.data import embedded_model_dir
 from dmx.errors import DMXError
+from dmx.integrity import reseal
 from dmx.layers import apply_formats, wrap_model
 
 FORMATS = ["fp4_e2m1", "fp6_e2m3", "fp6_e3m2", "fp8_e4m3", "fp8_e5m2"]
@@ -245,6 +246,9 @@ def test_corrupted_weights_refused(src, tmp_path):
     name = next(iter(formats))
     tensors[f"{name}.weight_packed"][0, 0] ^= 1
     save_file(tensors, out / io.WEIGHTS_NAME)
+    with pytest.raises(DMXError, match="model.safetensors: sha256 does not match the manifest"):
+        io.load(out)
+    reseal(out)   # the file hashes re-recorded: each layer's own sha256 still catches it
     with pytest.raises(DMXError, match=f"{name}: weight bytes do not match the manifest sha256"):
         io.load(out)
 
@@ -255,6 +259,10 @@ def test_manifest_hash_mismatch_refused(src, tmp_path):
     name = list(formats)[2]
     m["layers"][name]["sha256"] = "0" * 64
     (out / io.MANIFEST_NAME).write_text(json.dumps(m))
+    with pytest.raises(DMXError, match="dmx_manifest.json: its content does not match its "
+                                       "manifest_sha256"):
+        io.load(out)
+    reseal(out)
     with pytest.raises(DMXError, match=f"{name}: weight bytes do not match"):
         io.load(out)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from dmx.integrity import reseal
 from test_export_outdir import build_out
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,6 +90,10 @@ def test_mismatched_hash(out, tmp_path, capsys):
     m = json.loads((bad / "dmx_manifest.json").read_text())
     m["layers"]["model.layers.0.self_attn.o_proj"]["sha256"] = "0" * 64
     (bad / "dmx_manifest.json").write_text(json.dumps(m))
+    assert _run([bad, "--to", "compressed-tensors", "-o", tmp_path / "x"]) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert "dmx_manifest.json: its content does not match its manifest_sha256" in line
+    reseal(bad)   # the manifest's own hash re-recorded: each layer's sha256 still catches it
     assert _run([bad, "--to", "compressed-tensors", "-o", tmp_path / "x"]) == 2
     line = _one_line_error(capsys.readouterr().err)
     assert "o_proj: weight bytes do not match the manifest sha256" in line

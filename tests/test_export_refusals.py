@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 from dmx.errors import DMXError
+from dmx.integrity import reseal
 from test_export_outdir import MIXED, WITH_FP6, build_out
 
 UNFUSED = dict(MIXED, k_proj="fp4_e2m1")          # q/v MXFP8, k MXFP4 in every block
@@ -82,6 +83,7 @@ def test_activation_format_the_target_cannot_hold(unfused, tmp_path):
     for name, e in m["layers"].items():
         e["act_format"] = "fp6_e2m3" if name.endswith("gate_proj") else None
     (src / "dmx_manifest.json").write_text(json.dumps(m))
+    reseal(src)   # a deliberate edit: re-record the hashes, or OUT is refused as modified
     with pytest.raises(DMXError, match=r"gate_proj: activation format fp6_e2m3 cannot be "
                                        r"stored in compressed-tensors"):
         _export(src, "compressed-tensors", tmp_path / "x", allow_unfused=True)
@@ -94,6 +96,7 @@ def test_unknown_architecture_for_gguf(fp6, tmp_path):
     cfg = json.loads((src / "config.json").read_text())
     cfg["model_type"] = "mistral"
     (src / "config.json").write_text(json.dumps(cfg))
+    reseal(src)
     with pytest.raises(DMXError, match=r"GGUF export supports model_type llama and qwen3, "
                                        r"not 'mistral'; use --to compressed-tensors"):
         _export(src, "gguf", tmp_path / "x")

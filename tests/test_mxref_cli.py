@@ -87,9 +87,15 @@ def test_refuses_to_overwrite_without_force(npy, tmp_path, capsys):
     out.write_bytes(b"keep me")
     assert_bad_input(["quantize", path, "-f", "fp4", "-o", str(out)], capsys, "--force")
     assert out.read_bytes() == b"keep me"
-    assert run(["quantize", path, "-f", "fp4", "-o", str(out), "--force"], capsys)[0] == 0
-    assert load_npz(str(out)).fmt.key == "fp4_e2m1"
-    assert [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")] == []
+    # --force replaces only an earlier mxref output, never a file of someone else's
+    assert_bad_input(["quantize", path, "-f", "fp4", "-o", str(out), "--force"], capsys,
+                     "not an output of mxref")
+    assert out.read_bytes() == b"keep me"
+    out.unlink()
+    assert run(["quantize", path, "-f", "fp4", "-o", str(out)], capsys)[0] == 0
+    assert run(["quantize", path, "-f", "fp8_e4m3", "-o", str(out), "--force"], capsys)[0] == 0
+    assert load_npz(str(out)).fmt.key == "fp8_e4m3"
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
 
 
 def test_quantize_bad_inputs(npy, tmp_path, capsys):
@@ -216,3 +222,39 @@ def test_python_dash_m_entry_point(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mxref", "decode", "-f", "fp4", "0x10"],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.startswith("mxref: error:") and not r.stdout
+
+
+# ---------------------------------------------------------------- issue 13: trust
+def test_corrupted_npz_is_one_line(npy, tmp_path, capsys):
+    """Before: a zipfile.BadZipFile traceback (numpy reads members lazily)."""
+    _, path = npy
+    q = tmp_path / "q.npz"
+    assert run(["quantize", path, "-f", "fp4", "-o", str(q)], capsys)[0] == 0
+    data = bytearray(q.read_bytes())
+    data[100] ^= 0xFF   # inside the first member's bytes: its CRC no longer matches
+    q.write_bytes(bytes(data))
+    assert_bad_input(["dequantize", str(q), "-o", str(tmp_path / "y.npy")], capsys,
+                     "is truncated or corrupted")
+
+
+def test_bfloat16_npy_is_accepted(tmp_path, capsys):
+    """np.save of an ml_dtypes.bfloat16 array records dtype |V2; before, it was refused."""
+    import ml_dtypes
+    x = np.random.default_rng(1).standard_normal((2, 64)).astype(ml_dtypes.bfloat16)
+    p = tmp_path / "b.npy"
+    np.save(p, x)
+    assert run(["quantize", str(p), "-f", "fp8_e4m3", "-o", str(tmp_path / "b.npz")],
+               capsys)[0] == 0
+    got = load_npz(str(tmp_path / "b.npz"))
+    want = mxref.quantize(x, "fp8_e4m3")
+    assert np.array_equal(got.codes, want.codes) and np.array_equal(got.scales, want.scales)
+
+
+def test_force_never_overwrites_the_input(npy, tmp_path, capsys):
+    _, path = npy
+    q = tmp_path / "q.npz"
+    assert run(["quantize", path, "-f", "fp4", "-o", str(q)], capsys)[0] == 0
+    before = q.read_bytes()
+    assert_bad_input(["pack", str(q), "-o", str(q), "--force"], capsys,
+                     "is also an input of this command")
+    assert q.read_bytes() == before

@@ -105,10 +105,153 @@ def test_bad_gen_arguments(tmp_path, capsys):
 
 def test_existing_report_needs_force(suite, tmp_path, capsys):
     rep = tmp_path / "r.json"
-    rep.write_text("old")
+    old = '{"verdict": "fail"}\n'   # an earlier report: what --force may replace
+    rep.write_text(old)
     dut = os.path.join(suite, "expected.hex")
     rc, err = _run(["check", "--vectors", suite, "--dut", dut, "--report", str(rep)], capsys)
-    assert rc == 2 and "--force" in err and rep.read_text() == "old"
+    assert rc == 2 and "--force" in err and rep.read_text() == old
     rc, _ = _run(["check", "--vectors", suite, "--dut", dut, "--report", str(rep), "--force"],
                  capsys)
     assert rc == 0 and json.loads(rep.read_text())["verdict"] == "pass"
+
+
+def test_force_never_replaces_a_file_that_is_not_a_report(suite, tmp_path, capsys):
+    notes = tmp_path / "notes.json"
+    notes.write_text("my notes")
+    dut = os.path.join(suite, "expected.hex")
+    rc, err = _run(["check", "--vectors", suite, "--dut", dut, "--report", str(notes),
+                    "--force"], capsys)
+    assert rc == 2 and "not an output of mxverify" in err and notes.read_text() == "my notes"
+
+
+# ------------------------------------------------------------------ issue 13: trust
+def _expected_fields(suite):
+    from verification import vectors as V
+    from verification.check import load_suite
+    s = load_suite(suite)
+    blob = open(os.path.join(suite, "expected.bin"), "rb").read()
+    return s, V.from_bin(s.outs, blob, s.n)
+
+
+@pytest.mark.parametrize("field, dtype, delta", [
+    ("codes", "uint16", 0x100),        # truncated to 8 bits it is the right code again
+    ("scale", "uint64", 1 << 40),
+    ("codes", "int64", -0x100),        # negative: wraps to the right code
+])
+def test_npz_dut_values_must_fit_their_field(suite, tmp_path, capsys, field, dtype, delta):
+    """Before, these DUTs passed ("no errors found"): the values were cut to 8 bits."""
+    import numpy as np
+    s, arrays = _expected_fields(suite)
+    field = next(f.name for f in s.outs if f.name.startswith(field))
+    arrays = {k: v.astype(dtype) for k, v in arrays.items()}
+    value = int(arrays[field][3, 0]) + delta
+    arrays[field][3, 0] = value
+    p = tmp_path / "dut.npz"
+    np.savez(p, **arrays)
+    rc, err = _run(["check", "--vectors", suite, "--dut", str(p)], capsys)
+    assert rc == 2 and "\n" not in err, err
+    assert f"{field}[3][0] = {value} does not fit the field's 8 unsigned bits" in err
+
+
+def test_corrupted_npz_dut_is_one_line(suite, tmp_path, capsys):
+    import numpy as np
+    _, arrays = _expected_fields(suite)
+    p = tmp_path / "dut.npz"
+    np.savez(p, **arrays)
+    data = bytearray(p.read_bytes())
+    data[100] ^= 0xFF   # inside the first member: a CRC error when numpy reads it
+    p.write_bytes(bytes(data))
+    rc, err = _run(["check", "--vectors", suite, "--dut", str(p)], capsys)
+    assert rc == 2 and "dut.npz" in err and "\n" not in err and "Traceback" not in err
+
+
+def _edited_suite(suite, tmp_path, change, keep_self_hash: bool):
+    d = str(tmp_path / "edited")
+    shutil.copytree(suite, d)
+    mpath = os.path.join(d, "manifest.json")
+    man = json.load(open(mpath))
+    change(man)
+    if not keep_self_hash:   # as if edited by someone who also dropped the self hash
+        man.pop("manifest_sha256")
+    json.dump(man, open(mpath, "w"), indent=1)
+    return d
+
+
+@pytest.mark.parametrize("change", [
+    lambda m: m.update(n_vectors=m["n_vectors"] - 1),
+    lambda m: m.update(format="fp6_e2m3"),
+])
+@pytest.mark.parametrize("keep_self_hash", [True, False])
+def test_edited_suite_manifest_is_blamed_not_the_dut(suite, tmp_path, capsys, change,
+                                                     keep_self_hash):
+    d = _edited_suite(suite, tmp_path, change, keep_self_hash)
+    rc, err = _run(["check", "--vectors", d, "--dut", os.path.join(suite, "expected.hex")],
+                   capsys)
+    assert rc == 2 and "\n" not in err, err
+    assert "the suite is inconsistent" in err and "regenerate the suite" in err
+    if keep_self_hash:
+        assert "does not match its manifest_sha256" in err
+
+
+def test_report_never_replaces_the_suite(suite, tmp_path, capsys):
+    d = str(tmp_path / "v")
+    shutil.copytree(suite, d)
+    mpath = os.path.join(d, "manifest.json")
+    before = open(mpath).read()
+    rc, err = _run(["check", "--vectors", d, "--dut", os.path.join(d, "expected.hex"),
+                    "--report", mpath, "--force"], capsys)
+    assert rc == 2 and "is part of the input" in err
+    assert open(mpath).read() == before
+
+
+def test_gen_force_never_replaces_a_foreign_directory(tmp_path, capsys):
+    other = tmp_path / "mine"
+    (other / "sub").mkdir(parents=True)
+    (other / "notes.txt").write_text("keep")
+    rc, err = _run(["gen", "--format", "fp4", "--op", "quantize", "--out", str(other),
+                    "--force"], capsys)
+    assert rc == 2 and "not an output of mxverify gen" in err
+    assert (other / "notes.txt").read_text() == "keep" and (other / "sub").is_dir()
+
+
+GEN_RACER = """
+import sys, time
+from pathlib import Path
+from verification import vectors
+from verification.cli import main
+out, me, peer = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+bar = out.parent / "barrier"
+write = vectors.write_suite
+def write_then_wait(*args, **kwargs):   # inside the writer, after every check passed
+    result = write(*args, **kwargs)
+    (bar / me).touch()
+    t0 = time.time()
+    while not (bar / peer).exists() and time.time() - t0 < 60:
+        time.sleep(0.01)
+    return result
+vectors.write_suite = write_then_wait
+seed = "1" if me == "a" else "2"
+sys.exit(main(["gen", "--format", "fp4", "--op", "quantize", "--seed", seed, "--emit", "bin",
+               "--out", str(out)]))
+"""
+
+
+def test_two_gens_to_the_same_out_one_wins(tmp_path):
+    """Two real `mxverify gen --out same` processes past the existence check at once:
+    before, both exited 0 and one suite silently replaced the other."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "vec"
+    (tmp_path / "barrier").mkdir()
+    env = dict(os.environ, PYTHONPATH=str(root))
+    procs = {me: subprocess.Popen([sys.executable, "-c", GEN_RACER, str(out), me, peer],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True) for me, peer in (("a", "b"), ("b", "a"))}
+    res = {me: (p.wait(timeout=120), p.stderr.read().strip()) for me, p in procs.items()}
+    assert sorted(rc for rc, _ in res.values()) == [0, 2], res
+    winner = next(me for me, (rc, _) in res.items() if rc == 0)
+    err = next(e for rc, e in res.values() if rc == 2)
+    assert "\n" not in err and "was written by another process" in err and "kept at" in err
+    assert json.load(open(out / "manifest.json"))["seed"] == (1 if winner == "a" else 2)

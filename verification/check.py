@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,10 +67,11 @@ def load_suite(d: str) -> Suite:
                        f"regenerate the suite") from None
     need = ("schema", "op", "format", "profile", "block_size", "n_vectors", "files",
             "category_runs")
-    missing = [k for k in need if k not in man]
+    missing = [k for k in need if k not in man] if isinstance(man, dict) else list(need)
     if missing or man.get("schema") != V.SCHEMA:
         raise BadInput(f"{mpath}:1: not an {V.SCHEMA} manifest (missing: "
                        f"{', '.join(missing) or 'schema'}); regenerate the suite")
+    _check_self_hash(man, mpath)
     for name, info in sorted(man["files"].items()):
         p = os.path.join(d, name)
         if not os.path.isfile(p):
@@ -85,8 +85,64 @@ def load_suite(d: str) -> Suite:
         profile = mxref.Profile.from_dict(man["profile"])
     except MXError as e:
         raise BadInput(f"{mpath}:1: {e}") from None
-    fields = V.layout(man["op"], int(man["block_size"]))
-    return Suite(d, man, fields, fmt, profile)
+    try:
+        fields = V.layout(man["op"], int(man["block_size"]))
+    except (MXError, KeyError, TypeError, ValueError) as e:
+        raise BadInput(f"{mpath}:1: op {man['op']!r} / block_size {man['block_size']!r} "
+                       f"unusable ({e}); regenerate the suite") from None
+    suite = Suite(d, man, fields, fmt, profile)
+    _check_consistent(suite, mpath)
+    return suite
+
+
+def _suite_broken(mpath: str, what: str) -> BadInput:
+    return BadInput(f"{mpath}: the suite is inconsistent ({what}); the manifest was edited or "
+                    f"the suite is damaged, so the DUT is not checked: regenerate the suite "
+                    f"with 'mxverify gen'")
+
+
+def _check_self_hash(man: dict, mpath: str) -> None:
+    """The manifest's own canonical sha256 (suites from before it was recorded have none)."""
+    from mxref.outputs import canonical_sha256
+    if V.SELF_HASH not in man:
+        return
+    rest = {k: v for k, v in man.items() if k != V.SELF_HASH}
+    try:
+        ok = canonical_sha256(rest) == man[V.SELF_HASH]
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise _suite_broken(mpath, f"its content does not match its {V.SELF_HASH}")
+
+
+def _check_consistent(s: Suite, mpath: str) -> None:
+    """What the manifest says must agree with itself and with the files' sizes, so that a
+    wrong suite is blamed before the DUT is."""
+    try:
+        n = int(s.man["n_vectors"])
+        runs = [(str(r["category"]), int(r["first"]), int(r["count"]))
+                for r in s.man["category_runs"]]
+    except (KeyError, TypeError, ValueError):
+        raise _suite_broken(mpath, "n_vectors / category_runs unreadable") from None
+    pos = 0
+    for _, first, count in runs:
+        if first != pos or count < 0:
+            raise _suite_broken(mpath, f"category_runs do not tile the vectors at {pos}")
+        pos += count
+    if pos != n or n < 0:
+        raise _suite_broken(mpath, f"n_vectors {n} but category_runs cover {pos}")
+    recorded = (s.man.get("layout") or {}).get("fields")
+    if recorded is not None and recorded != [f.to_dict() for f in s.fields]:
+        raise _suite_broken(mpath, f"its field layout is not that of op {s.man['op']} with "
+                                   f"block size {s.man['block_size']}")
+    for name, flds in (("vectors.bin", s.fields), ("expected.bin", s.outs)):
+        info = s.man["files"].get(name)
+        if info is not None:
+            size = os.path.getsize(os.path.join(s.dir, name))
+            rec = sum(f.nbytes for f in flds)
+            if size != n * rec:
+                raise _suite_broken(mpath, f"{name} holds {size} bytes, n_vectors {n} x "
+                                           f"{rec}-byte records is {n * rec}")
 
 
 def _parse_hex(path: str, fields: list, n_expected: int | None) -> dict:
@@ -144,26 +200,40 @@ def _parse_bin(path: str, fields: list, n: int) -> dict:
         return V.from_bin(fields, fh.read(), n)
 
 
+def _fit(path: str, f, a: np.ndarray) -> np.ndarray:
+    """The values as the field's unsigned type, after checking that every one fits its
+    width: a wider or negative value is a DUT/file error, never truncated into a pass."""
+    a = np.asarray(a).reshape(-1)
+    if a.size:
+        bad = np.nonzero((a < 0) | (a > (1 << f.bits) - 1))[0] if a.dtype.kind == "i" \
+            else np.nonzero(a > (1 << f.bits) - 1)[0]
+        if bad.size:
+            i = int(bad[0])
+            raise BadInput(f"{path}: {f.name}[{i // f.count}][{i % f.count}] = {int(a[i])} "
+                           f"does not fit the field's {f.bits} unsigned bits ({bad.size} such "
+                           f"value(s)); write bit patterns as unsigned {f.bits}-bit integers")
+    return a.astype(V._UINT[f.bits])
+
+
 def _parse_npz(path: str, fields: list, n: int) -> dict:
+    from mxref.npzfile import read_npz
     try:
-        z = np.load(path, allow_pickle=False)
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-        raise BadInput(f"{path}: not a readable .npz ({e.__class__.__name__}); write it with "
-                       f"numpy.savez") from None
+        z = read_npz(path, ".npz (write it with numpy.savez)")
+    except MXError as e:
+        raise BadInput(str(e)) from None
     out = {}
-    with z:
-        for f in fields:
-            if f.name not in z.files:
-                raise BadInput(f"{path}: key {f.name!r} missing; expected keys "
-                               f"{', '.join(x.name for x in fields)}")
-            a = z[f.name]
-            if not np.issubdtype(a.dtype, np.integer):
-                raise BadInput(f"{path}: key {f.name!r} has dtype {a.dtype}; store bit patterns "
-                               f"as unsigned integers")
-            if a.size != n * f.count:
-                raise BadInput(f"{path}: key {f.name!r} has {a.size} values, expected "
-                               f"{n} x {f.count}; the DUT output has the wrong vector count")
-            out[f.name] = a.astype(V._UINT[f.bits]).reshape(n, f.count)
+    for f in fields:
+        if f.name not in z:
+            raise BadInput(f"{path}: key {f.name!r} missing; expected keys "
+                           f"{', '.join(x.name for x in fields)}")
+        a = z[f.name]
+        if not np.issubdtype(a.dtype, np.integer):
+            raise BadInput(f"{path}: key {f.name!r} has dtype {a.dtype}; store bit patterns "
+                           f"as unsigned integers")
+        if a.size != n * f.count:
+            raise BadInput(f"{path}: key {f.name!r} has {a.size} values, expected "
+                           f"{n} x {f.count}; the DUT output has the wrong vector count")
+        out[f.name] = _fit(path, f, a).reshape(n, f.count)
     return out
 
 
@@ -179,17 +249,17 @@ def _parse_jsonl(path: str, fields: list, n: int) -> dict:
                 raise BadInput(f"{path}:{lineno}: malformed vector record") from None
     if len(cols[fields[0].name]) != n:
         raise BadInput(f"{path}: {len(cols[fields[0].name])} vectors, the manifest says {n}")
-    return {f.name: np.array(cols[f.name], np.uint64).astype(V._UINT[f.bits]).reshape(n, f.count)
-            for f in fields}
+    return {f.name: _fit(path, f, np.array(cols[f.name], dtype=object).astype(np.int64))
+            .reshape(n, f.count) for f in fields}
 
 
 def read_inputs(s: Suite) -> dict:
-    """The suite's input fields, from the first vector file it holds (bin, npz, hex, jsonl)."""
-    ins = V.inputs_of(s.fields)
+    """The suite's fields (inputs, and the stored expected outputs that are only used to
+    check the suite's own consistency), from the first vector file it holds."""
     readers = (("vectors.bin", lambda p: _parse_bin(p, s.fields, s.n)),
-               ("vectors.npz", lambda p: _parse_npz(p, ins, s.n)),
+               ("vectors.npz", lambda p: _parse_npz(p, s.fields, s.n)),
                ("vectors.hex", lambda p: _parse_hex(p, s.fields, s.n)),
-               ("vectors.jsonl", lambda p: _parse_jsonl(p, ins, s.n)))
+               ("vectors.jsonl", lambda p: _parse_jsonl(p, s.fields, s.n)))
     for name, read in readers:
         if name in s.man["files"]:
             return read(os.path.join(s.dir, name))
@@ -277,6 +347,7 @@ def compare(s: Suite, dut: dict, nan: str = "any", zero_sign: str = "strict",
         exp = V.expected(s.man["op"], s.fmt, s.profile, int(s.man["block_size"]), inputs)
     except MXError as e:
         raise BadInput(f"{s.dir}: the suite's inputs are invalid: {e}") from None
+    _check_stored_expected(s, inputs, exp)
     cats = s.category_of()
     bs = int(s.man["block_size"])
     failures, n_bad = [], 0
@@ -330,6 +401,24 @@ def compare(s: Suite, dut: dict, nan: str = "any", zero_sign: str = "strict",
         "failing_vectors_by_category": {c: int(bad_vectors[cats == c].sum()) for c in counts},
         "failures": failures,
     }
+
+
+def _check_stored_expected(s: Suite, stored: dict, exp: dict) -> None:
+    """The suite's stored expected outputs must be what mxref recomputes from its inputs
+    and manifest; otherwise the suite (an edited format/profile, another mxref), not the
+    DUT, is wrong. The recomputation stays what the DUT is compared against."""
+    for f in s.outs:
+        if f.name not in stored:
+            continue
+        e = np.asarray(exp[f.name]).reshape(s.n, f.count).astype(np.uint64)
+        g = np.asarray(stored[f.name]).reshape(s.n, f.count).astype(np.uint64)
+        same = (e == g) | (_is_nan(f, e, s.fmt) & _is_nan(f, g, s.fmt))
+        if not same.all():
+            v = int(np.nonzero(~same.all(axis=1))[0][0])
+            raise _suite_broken(os.path.join(s.dir, V.MANIFEST_NAME),
+                                f"its stored expected {f.name} differ from mxref's "
+                                f"recomputation for format {s.fmt.key}, profile "
+                                f"{s.profile.name}, first at vector {v}")
 
 
 # --------------------------------------------------------------------------- reports
@@ -387,12 +476,25 @@ def _esc(s: str) -> str:
     return escape(s)
 
 
-def write_report(path: str, r: dict, force: bool = False) -> None:
-    from mxref.npzfile import atomic_write
+def write_report(path: str, r: dict, force: bool = False, inputs=()) -> None:
+    """Write a JSON/JUnit report atomically (``force`` replaces an earlier report only,
+    never one of ``inputs``)."""
+    from mxref.outputs import atomic_write
     if path.endswith(".xml"):
         blob = junit_xml(r).encode()
     elif path.endswith(".json"):
         blob = (json.dumps(r, indent=1, default=str) + "\n").encode()
     else:
         raise BadInput(f"--report {path}: name it *.json or *.xml")
-    atomic_write(path, lambda fh: fh.write(blob), force=force)
+    atomic_write(path, lambda fh: fh.write(blob), force=force, marker=is_report,
+                 inputs=inputs, what="--report", tool="mxverify")
+
+
+def is_report(path) -> bool:
+    """A report mxverify wrote (what --force may replace): JUnit XML or JSON of ours."""
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+    # check reports hold "verdict", exhaustive ones "mismatches", conformance "matrix"
+    return head.startswith(b'<?xml') and b'<testsuite name="mxverify.' in head \
+        or head.startswith(b"{") and any(k in head for k in (b'"verdict"', b'"mismatches"',
+                                                               b'"matrix"'))

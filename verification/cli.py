@@ -78,12 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _refuse_existing(paths, force: bool) -> None:
-    """Fail before any work, not after it, when an output exists and --force is absent."""
-    import os
+def _refuse_existing(paths, force: bool, inputs=(), what: str = "--report") -> None:
+    """Fail before any work, not after it, when an output may not be written (exists
+    without --force, is not an earlier mxverify report, is an input, unwritable place)."""
+    from mxref.outputs import check_output
+    from verification.check import is_report
     for p in paths:
-        if p and os.path.exists(p) and not force:
-            raise MXError(f"{p} exists; pass --force to overwrite it")
+        if p:
+            check_output(p, force=force, is_dir=False, marker=is_report, inputs=inputs,
+                         what=what, tool="mxverify")
+
+
+def _write_json(path: str, obj, force: bool) -> None:
+    from mxref.outputs import atomic_write
+    from verification.check import is_report
+    blob = (json.dumps(obj, indent=1) + "\n").encode()
+    atomic_write(path, lambda fh: fh.write(blob), force=force, marker=is_report,
+                 what="--json", tool="mxverify")
 
 
 def _gen(a) -> int:
@@ -102,7 +113,8 @@ def _check(a) -> int:
     for r in a.report:
         if not (r.endswith(".json") or r.endswith(".xml")):
             raise C.BadInput(f"--report {r}: name it *.json or *.xml")
-    _refuse_existing(a.report, a.force)
+    inputs = [a.vectors, a.dut]   # a report may never replace the suite or the DUT file
+    _refuse_existing(a.report, a.force, inputs)
     if a.max_errors < 0:
         raise C.BadInput("--max-errors must be >= 0 (0 lists all)")
     s = C.load_suite(a.vectors)
@@ -110,31 +122,27 @@ def _check(a) -> int:
     r = C.compare(s, dut, a.nan, a.zero_sign, a.max_errors)
     print(C.format_text(r))
     for path in a.report:
-        C.write_report(path, r, force=a.force)
+        C.write_report(path, r, force=a.force, inputs=inputs)
     return 0 if r["verdict"] == "pass" else 1
 
 
 def _conformance(a) -> int:
     from verification import conformance as K
-    _refuse_existing([a.json_out], a.force)
+    _refuse_existing([a.json_out], a.force, what="--json")
     res = K.run(a.against, a.format, a.level, a.seed)
     print(K.format_matrix(res))
     if a.json_out:
-        from mxref.npzfile import atomic_write
-        blob = (json.dumps(res, indent=1) + "\n").encode()
-        atomic_write(a.json_out, lambda fh: fh.write(blob), force=a.force)
+        _write_json(a.json_out, res, a.force)
     return 0
 
 
 def _exhaustive(a) -> int:
     from verification import exhaustive as X
-    _refuse_existing([a.json_out], a.force)
+    _refuse_existing([a.json_out], a.force, what="--json")
     r = X.run(a.format, a.profile, a.limit, a.start, a.chunk)
     print(X.format_result(r))
     if a.json_out:
-        from mxref.npzfile import atomic_write
-        blob = (json.dumps(r, indent=1) + "\n").encode()
-        atomic_write(a.json_out, lambda fh: fh.write(blob), force=a.force)
+        _write_json(a.json_out, r, a.force)
     return 0 if r["mismatches"] == 0 else 1
 
 

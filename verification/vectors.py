@@ -18,7 +18,6 @@ One vector = the input fields followed by the expected-output fields of
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -29,6 +28,10 @@ import numpy as np
 import mxref
 from mxref.core import MXArray
 from mxref.errors import MXError
+from mxref.outputs import canonical_sha256, check_output, output_dir, sha256_file
+
+MANIFEST_NAME = "manifest.json"
+SELF_HASH = "manifest_sha256"   # the manifest's own canonical sha256 (without this key)
 
 SCHEMA = "mxverify-vectors/1"
 EMITS = ("hex", "bin", "npz", "jsonl")
@@ -159,14 +162,6 @@ def decode_field(f: Field, values, fmt) -> list:
 
 
 # --------------------------------------------------------------------------- writing
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_suite(tmpdir: str, fields: list[Field], arrays: dict, categories: np.ndarray,
                 cat_names: list[str], fmt, emit: tuple[str, ...]) -> dict:
     """Write the emitted files into ``tmpdir``; returns {file name: description}."""
@@ -243,44 +238,31 @@ def manifest(op, fmt, profile, level, seed, block_size, fields, runs, n, files) 
 def build(out: str, op: str, fmt, level="1", seed: int = 1, profile="ocp",
           emit=("hex", "bin", "npz", "jsonl"), force: bool = False, block_size: int = 32,
           progress: bool = False) -> dict:
-    """Generate a suite into directory ``out`` atomically; returns the manifest."""
-    import shutil
-    import tempfile
+    """Generate a suite into directory ``out`` atomically; returns the manifest.
+
+    ``force`` replaces only an earlier suite (a directory with manifest.json)."""
     from verification.cases import generate
     fmt, profile = mxref.get_format(fmt), mxref.get_profile(profile)
     bad = [e for e in emit if e not in EMITS]
     if bad or not emit:
         raise MXError(f"--emit {','.join(emit)}: choose from {','.join(EMITS)}")
-    if os.path.exists(out) and not force:
-        raise MXError(f"{out} exists; pass --force to replace it")
-    parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(parent):
-        raise MXError(f"parent directory {parent} does not exist; create it first")
+    where = dict(force=force, marker=MANIFEST_NAME, what="--out", tool="mxverify gen")
+    check_output(out, is_dir=True, **where)   # before the work
     cases = generate(op, fmt, level, seed, block_size)
     arrays = dict(cases.fields)
     arrays.update(expected(op, fmt, profile, block_size, cases.fields))
     fields = layout(op, block_size)
     cats = cases.category_of()
     names = list(dict.fromkeys(c for c, _, _ in cases.runs))
-    tmp = tempfile.mkdtemp(prefix=".mxverify-", dir=parent)
-    try:
+    with output_dir(out, **where) as tmp:
         desc = write_suite(tmp, fields, arrays, cats, names, fmt, tuple(emit))
         files = {name: {"sha256": sha256_file(os.path.join(tmp, name)),
                         "bytes": os.path.getsize(os.path.join(tmp, name)), "content": d}
                  for name, d in sorted(desc.items())}
         man = manifest(op, fmt, profile, level, seed, block_size, fields, cases.runs,
                        cases.n, files)
-        with open(os.path.join(tmp, "manifest.json"), "w", newline="\n") as fh:
+        man[SELF_HASH] = canonical_sha256(man)
+        with open(os.path.join(tmp, MANIFEST_NAME), "w", newline="\n") as fh:
             json.dump(man, fh, indent=1, sort_keys=True)
             fh.write("\n")
-        if os.path.exists(out):     # --force: swap the old directory out, then delete it
-            old = tempfile.mkdtemp(prefix=".mxverify-old-", dir=parent)
-            os.replace(out, os.path.join(old, "d"))
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return man

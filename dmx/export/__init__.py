@@ -7,9 +7,7 @@ leaves nothing at DIR.
 """
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from dmx.errors import DMXError
@@ -37,21 +35,25 @@ def export(out_dir, to: str, dest, allow_unfused: bool = False, verify: bool = T
 
     ``write_options`` go to the target's writer (e.g. ``max_shard_bytes``).
     """
+    from mxref.outputs import check_output, output_dir
+
     from dmx.export import verify as vfy
-    from dmx.export.source import load_out
-    from dmx.io import replace_dir, check_new_out
+    from dmx.export.source import check_config_fits, load_out
 
     mod = _backend(to)
     dest = Path(dest)
-    src = load_out(out_dir)
-    mod.check(src, allow_unfused)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    check_new_out(dest, force)
+    rules = dict(force=force, marker=is_export_dir, inputs=[out_dir], what="-o/--output",
+                 tool="dmx export", error=DMXError)
+    if Path(out_dir).is_dir():   # (a missing OUT is named by load_out below)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        check_output(dest, is_dir=True, **rules)   # before reading OUT: fail fast
+    src = load_out(out_dir)   # every file's hash checked
+    mod.check(src, allow_unfused)   # what the target cannot hold, named first
+    check_config_fits(src)
     if to == "gguf" and any(l.act_format for l in src.layers.values()):
         log("note: GGUF stores weights only; llama.cpp quantizes activations its own way, "
             "so the activation formats of OUT are not carried over")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
-    try:
+    with output_dir(dest, **rules) as tmp:
         mod.write(src, tmp, **write_options)
         checks = []
         if verify:
@@ -73,12 +75,23 @@ def export(out_dir, to: str, dest, allow_unfused: bool = False, verify: bool = T
                 log(f"note: {len(lossy)} 8-bit MX layer(s) stored as Q8_0 (llama.cpp has no "
                     f"MXFP8): max abs error vs the MX weights "
                     f"{max(c.max_abs_err for c in lossy):.3g}")
-        replace_dir(tmp, dest)   # an old DIR (--force) is swapped out, never half-written
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        narrowed = mod.narrowed_to_f16(src) if to == "gguf" else []
+        if narrowed:
+            log(f"note: {len(narrowed)} unquantized float32 tensor(s) stored as F16 "
+                f"(llama.cpp's converter default), e.g. {narrowed[0]}")
     log(f"wrote {dest} ({to})")
     return checks
+
+
+def is_export_dir(path) -> bool:
+    """An earlier `dmx export` output, what --force may replace: a GGUF directory, or a
+    sharded Hugging Face directory carrying the dmx manifest (copied for provenance)."""
+    from dmx.export.gguf_export import GGUF_NAME
+    from dmx.export.hfdir import INDEX
+    from dmx.io import MANIFEST_NAME
+    path = Path(path)
+    return (path / GGUF_NAME).is_file() or ((path / INDEX).is_file()
+                                            and (path / MANIFEST_NAME).is_file())
 
 
 # ------------------------------------------------------------------- CLI

@@ -174,6 +174,21 @@ def _add_tokenizer(w, src) -> None:
                             n_vocab=n_vocab).add_to_gguf(w, quiet=True)
 
 
+def _keeps_f32(name: str, ndim: int) -> bool:
+    """Norms and biases stay F32; other unquantized tensors are written F16."""
+    return ndim == 1 or name.endswith(".bias")
+
+
+def narrowed_to_f16(src) -> list[str]:
+    """The float32 tensors of OUT that :func:`write` stores as F16 (said in the export
+    log: their values are rounded, unlike the MX layers)."""
+    import torch
+    tied = bool(src.config.get("tie_word_embeddings", False))
+    return [n for n, t in sorted(src.tensors.items())
+            if t.dtype == torch.float32 and not _keeps_f32(n, t.dim())
+            and not (tied and n == "lm_head.weight")]
+
+
 def write(src, dest) -> None:
     gguf = _gguf()
     arch, tmap = _tensor_map(src)
@@ -196,7 +211,7 @@ def write(src, dest) -> None:
         if tied and name == "lm_head.weight":
             continue
         arr = _permuted(src, name, t.float().numpy())
-        keep_f32 = arr.ndim == 1 or name.endswith(".bias")
+        keep_f32 = _keeps_f32(name, arr.ndim)
         w.add_tensor(_gguf_name(tmap, name), arr.astype(np.float32 if keep_f32 else np.float16))
     w.write_header_to_file()
     w.write_kv_data_to_file()

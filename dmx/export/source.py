@@ -18,6 +18,7 @@ import numpy as np
 
 import mxref
 from dmx.errors import DMXError
+from dmx.integrity import check_shapes, tensor_shapes
 from dmx.io import MANIFEST_NAME as MANIFEST, WEIGHTS_NAME as WEIGHTS, layer_sha256, \
     read_manifest
 
@@ -80,7 +81,7 @@ def load_out(out_dir) -> OutModel:
     from safetensors import safe_open
 
     out = Path(out_dir)
-    manifest = read_manifest(out)         # one-line errors for a missing/invalid manifest
+    manifest = read_manifest(out)   # one-line errors for a bad manifest or any file's hash
     config = _load_config(out / "config.json")
     entries = manifest["layers"]
     wpath = out / WEIGHTS
@@ -99,6 +100,13 @@ def load_out(out_dir) -> OutModel:
         own = {f"{n}.weight_packed" for n in layers} | {f"{n}.weight_scale" for n in layers}
         tensors = {k: fh.get_tensor(k) for k in sorted(keys - own)}
     return OutModel(out, config, manifest, layers, tensors)
+
+
+def check_config_fits(src: OutModel) -> None:
+    """config.json must describe the tensors of OUT (a GGUF's metadata comes from
+    config.json, its tensors from the weights): checked before anything is written."""
+    where = str(src.path / WEIGHTS)
+    check_shapes(src.path, tensor_shapes(src.manifest, src.tensors, src.tensors, where), where)
 
 
 def _read_layer(fh, keys, name, e, wpath) -> QuantLayer:
