@@ -23,7 +23,7 @@ from dmx.anneal import abs_ste, anneal_map, clamp_ste
 from dmx.errors import DMXError
 from dmx.ladders import Ladder, get_ladder
 from dmx.quant import fake_quantize
-from dmx.realfmt import real_format_quantize
+from dmx.realfmt import real_format_linear
 
 __all__ = ["MXLinear", "DMXLinear", "wrap_model", "apply_formats", "set_temperature",
            "hard_assignment", "dmx_parameters", "FUSED_GROUPS", "fused_key"]
@@ -123,7 +123,7 @@ class DMXLinear(_LinearView):
     ``offset`` is the raw offset b_hat, a float32 0-d Parameter (float32 even in a bf16
     model: the BF16 lesson), shared by tied layers. Forward: b_hat is clamped to the
     ladder (straight-through), mapped by ``anneal_map`` at ``temperature`` to the position
-    b, and b to real (e, m) bits for :func:`real_format_quantize`. In hard mode (``.hard``
+    b, and b to real (e, m) bits for :func:`dmx.realfmt.real_format_linear`. In hard mode (``.hard``
     or eval mode) the rung the step map selects is applied with the bit-exact
     :func:`fake_quantize`: the format a layer trains with is the format it deploys with.
     """
@@ -197,9 +197,9 @@ class DMXLinear(_LinearView):
             b = self.position()
             e, m = self.ladder.exp_bits(b), self.ladder.man_bits(b)
             cap = self.ladder.max_cap
-            wq = real_format_quantize(w, e, m, -1, self.block_size, cap)
-            if self.quantize_input:
-                x = real_format_quantize(x, e, m, -1, self.block_size, cap)
+            # Q(x), Q(w) and their graphs are recomputed in backward, one layer at a time
+            return real_format_linear(x, w, self.linear.bias, e, m, self.block_size, cap,
+                                      self.quantize_input)
         return F.linear(x, wq, self.linear.bias)
 
 

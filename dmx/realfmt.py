@@ -23,6 +23,7 @@ real max normal) the output equals :func:`dmx.quant.fake_quantize` bit for bit
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 import mxref
 from mxref.formats import E8M0
@@ -32,7 +33,8 @@ from dmx.quant import (_LAYOUT, _check_block_size, _check_input, _normalise_axis
                        exponent_field, floor_log2, from_blocks, pow2_int, to_blocks,
                        write_nan)
 
-__all__ = ["real_format_quantize", "format_max", "pow2", "DEFAULT_MAX_CAP"]
+__all__ = ["real_format_quantize", "real_format_linear", "format_max", "pow2",
+           "DEFAULT_MAX_CAP"]
 
 # Brevitas' max_available_float: the E4M3 max normal (its top code 1111.111 is NaN, so
 # the closed form's 480 is not available). Read from formats.toml, not typed.
@@ -73,15 +75,8 @@ def _as_bits(v, dtype, device, what: str, least: float) -> torch.Tensor:
     return v.to(dtype)
 
 
-def real_format_quantize(x: torch.Tensor, exp_bits, man_bits, axis: int = -1,
-                         block_size: int = 32, max_cap: float | None = None) -> torch.Tensor:
-    """MX fake quantization in the format E(exp_bits) M(man_bits) with real-valued bits.
-
-    ``x``: float32/bfloat16/float16/float64 (computed in float32, or float64 for float64
-    inputs; returned in x.dtype). ``exp_bits``/``man_bits``: 0-d tensors (gradients reach
-    them). ``max_cap``: the largest value allowed (default: E4M3's 448). A block holding
-    NaN or Inf comes out all NaN, as in the OCP quantizer.
-    """
+def _checked(x, exp_bits, man_bits, axis, block_size, max_cap):
+    """Validated (axis, block_size, e, m, cap): e, m as 0-d tensors in x's compute dtype."""
     _check_input(x)
     block_size = _check_block_size(block_size)
     axis = _normalise_axis(axis, x.dim())
@@ -93,30 +88,171 @@ def real_format_quantize(x: torch.Tensor, exp_bits, man_bits, axis: int = -1,
     cap = DEFAULT_MAX_CAP if max_cap is None else float(max_cap)
     if not cap > 0:
         raise DMXError(f"max_cap must be positive, got {max_cap!r}")
+    return axis, block_size, e, m, cap
 
+
+def _blocks_and_scale(x: torch.Tensor, e, m, axis: int, block_size: int, cap: float):
+    """x blocked in its compute dtype, |x| (detached) and the per-block scale.
+
+    Returns (xb, k, absx, scale, finite, bias, maxval); differentiable in (e, m) when they
+    are (the ops in the reference's order: the order its graph was recorded in)."""
     bias = pow2(e - 1) - 1
     maxval = format_max(e, m, cap)
     emax = floor_log2(maxval.detach())
-
-    xb, k = to_blocks(x.to(cdt), axis, block_size)
-    amax = xb.detach().abs().amax(dim=-1, keepdim=True)
+    xb, k = to_blocks(x.to(e.dtype), axis, block_size)
+    absx = xb.detach().abs()
+    amax = absx.amax(dim=-1, keepdim=True)
     finite = torch.isfinite(amax)
     amax = torch.where(finite, amax, torch.zeros_like(amax))
     kexp = torch.where(amax == 0, E8M0.min_exp, floor_log2(amax) - emax)
     kexp = kexp.clamp(E8M0.min_exp, E8M0.max_exp)
     # power-of-two scale, straight-through: its gradient is that of amax / maxval
     z = -torch.log2(maxval)
-    scale = pow2_int(kexp, cdt) * torch.exp2(z - z.detach())
+    scale = pow2_int(kexp, xb.dtype) * torch.exp2(z - z.detach())
+    return xb, k, absx, scale, finite, bias, maxval
 
+
+def _binade(a: torch.Tensor) -> torch.Tensor:
+    # binade from the exponent bits; zeros and FP32 subnormals read as the lowest binade,
+    # below any format's subnormal floor, which the callers then apply
+    return (exponent_field(a.detach()) - _LAYOUT[a.dtype][2]).to(a.dtype)
+
+
+def _real_format_quantize_torch(x: torch.Tensor, exp_bits, man_bits, axis: int = -1,
+                                block_size: int = 32, max_cap: float | None = None
+                                ) -> torch.Tensor:
+    """The reference formulation: every step a differentiable torch op, so autograd's graph
+    of this function *defines* the gradients. Its graph saves about ten tensors of x's size
+    per call; :func:`real_format_quantize` runs it only in backward, one call at a time."""
+    axis, block_size, e, m, cap = _checked(x, exp_bits, man_bits, axis, block_size, max_cap)
+    xb, k, _, scale, finite, bias, maxval = _blocks_and_scale(x, e, m, axis, block_size, cap)
     u = xb / scale  # exact (power-of-two divisor)
     a = u.abs()
     sub_exp = 1 - bias  # exponent of the smallest normal: the subnormal floor
-    # binade from the exponent bits; zeros and FP32 subnormals read as the lowest binade,
-    # below any format's subnormal floor, which the where() below then applies
-    e_int = (exponent_field(a.detach()) - _LAYOUT[cdt][2]).to(cdt)
+    e_int = _binade(a)
     binade = torch.where(e_int >= sub_exp.detach(), e_int, sub_exp)
     step = pow2(binade - m)
     q = step * round_ste(a / step)
     q = torch.where(q > maxval, maxval, q)  # saturate (a tie stays on the grid branch)
     y = torch.where(torch.signbit(u), -q, q) * scale  # -q keeps signed zeros
     return from_blocks(write_nan(y.to(x.dtype), ~finite), k, axis)
+
+
+def _quantize_values(x: torch.Tensor, e: torch.Tensor, m: torch.Tensor, axis: int,
+                     block_size: int, cap: float) -> torch.Tensor:
+    """The forward values of :func:`_real_format_quantize_torch` without autograd, bit for bit:
+    the same float ops on the same shapes, written in place so that about three x-sized
+    buffers exist at a time instead of ~25 fresh ones (every fresh buffer is a chance for
+    the CPU allocator to strand memory between the tensors a training step keeps)."""
+    with torch.no_grad():
+        e, m = e.detach(), m.detach()
+        xb, k, a, scale, finite, bias, maxval = _blocks_and_scale(x, e, m, axis, block_size, cap)
+        a.div_(scale)  # |x / scale| (exact: a power-of-two divisor, symmetric rounding)
+        t = _binade(a).clamp_(min=1 - bias).sub_(m)  # binade - m
+        n = torch.round(t)
+        step = pow2_int(n, t.dtype).mul_(t.sub_(n).exp2_())  # pow2(t), as pow2 computes it
+        del t, n
+        # round_ste's forward value is exactly round(a / step) (see round_ste)
+        q = a.div_(step).round_().mul_(step).clamp_(max=maxval)
+        y = q.copysign_(xb).mul_(scale)  # q >= +0, so copysign is the graph's where(signbit)
+    return from_blocks(write_nan(y.to(x.dtype), ~finite), k, axis)
+
+
+def _needs(ctx, tensors):
+    """(leaves for the recomputed graph, the subset autograd wants gradients for)."""
+    leaves, wanted = [], []
+    for t, need in zip(tensors, ctx.needs_input_grad):
+        leaf = t if t is None else t.detach().requires_grad_(need)
+        leaves.append(leaf)
+        if need:
+            wanted.append(leaf)
+    return leaves, wanted
+
+
+def _replay_grads(ctx, fn, tensors, args, grad_out):
+    """Gradients of ``fn(*tensors, *args)`` w.r.t. the tensors autograd asked for, by running
+    the reference graph once more (this layer only) and letting autograd walk it: the same
+    ops in the same order as a graph recorded in the forward pass, so the same bits."""
+    leaves, wanted = _needs(ctx, tensors)
+    with torch.enable_grad():
+        out = fn(*leaves, *args)
+    grads = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True))
+    return tuple(next(grads) if need else None
+                 for need in ctx.needs_input_grad[:len(tensors)])
+
+
+class _RealFormat(torch.autograd.Function):
+    """Q(x) in the real format; saves x and the 0-d (e, m), recomputes the rest in backward."""
+
+    @staticmethod
+    def forward(ctx, x, e, m, axis, block_size, cap):
+        ctx.save_for_backward(x, e, m)
+        ctx.cfg = (axis, block_size, cap)
+        return _quantize_values(x, e, m, axis, block_size, cap)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        grads = _replay_grads(ctx, _real_format_quantize_torch, ctx.saved_tensors, ctx.cfg, g)
+        return grads + (None, None, None)
+
+
+def real_format_quantize(x: torch.Tensor, exp_bits, man_bits, axis: int = -1,
+                         block_size: int = 32, max_cap: float | None = None) -> torch.Tensor:
+    """MX fake quantization in the format E(exp_bits) M(man_bits) with real-valued bits.
+
+    ``x``: float32/bfloat16/float16/float64 (computed in float32, or float64 for float64
+    inputs; returned in x.dtype). ``exp_bits``/``man_bits``: 0-d tensors (gradients reach
+    them). ``max_cap``: the largest value allowed (default: E4M3's 448). A block holding
+    NaN or Inf comes out all NaN, as in the OCP quantizer.
+
+    Memory: only x and the 0-d bits are kept for backward, which recomputes the rest; the
+    gradients are those of the reference graph (:func:`_real_format_quantize_torch`) bit
+    for bit. Not twice differentiable.
+    """
+    axis, block_size, e, m, cap = _checked(x, exp_bits, man_bits, axis, block_size, max_cap)
+    return _RealFormat.apply(x, e, m, axis, block_size, cap)
+
+
+def _real_format_linear_torch(x, weight, bias, e, m, block_size, cap, quantize_input):
+    """The reference graph of DMXLinear's soft mode: F.linear(Q(x), Q(weight), bias)."""
+    wq = _real_format_quantize_torch(weight, e, m, -1, block_size, cap)
+    if quantize_input:
+        x = _real_format_quantize_torch(x, e, m, -1, block_size, cap)
+    return F.linear(x, wq, bias)
+
+
+class _RealFormatLinear(torch.autograd.Function):
+    """F.linear(Q(x), Q(w), bias) keeping only x, w, bias and the 0-d (e, m): neither the
+    quantized copies nor the quantizers' intermediates outlive the forward pass."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, e, m, block_size, cap, quantize_input):
+        ctx.save_for_backward(x, weight, bias, e, m)
+        ctx.cfg = (block_size, cap, quantize_input)
+        wq = _quantize_values(weight, e, m, -1, block_size, cap)
+        xq = _quantize_values(x, e, m, -1, block_size, cap) if quantize_input else x
+        return F.linear(xq, wq, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        grads = _replay_grads(ctx, _real_format_linear_torch, ctx.saved_tensors, ctx.cfg, gy)
+        return grads + (None, None, None)
+
+
+def real_format_linear(x: torch.Tensor, weight: torch.Tensor, bias, exp_bits, man_bits,
+                       block_size: int = 32, max_cap: float | None = None,
+                       quantize_input: bool = True) -> torch.Tensor:
+    """F.linear(Q(x), Q(weight), bias), Q = :func:`real_format_quantize` (the weight blocked
+    along its input dim, x along its last dim); x unquantized if not ``quantize_input``.
+
+    What DMXLinear's soft mode computes. Backward keeps only x (the weight is the layer's
+    own) and recomputes both quantizations and their graph one layer at a time, so a
+    quantized layer holds the activation memory of a plain nn.Linear whose input needs a
+    gradient; the gradients equal the reference graph's bit for bit. Not twice
+    differentiable.
+    """
+    _check_input(weight, "weight")
+    _, block_size, e, m, cap = _checked(x, exp_bits, man_bits, -1, block_size, max_cap)
+    return _RealFormatLinear.apply(x, weight, bias, e, m, block_size, cap, bool(quantize_input))
