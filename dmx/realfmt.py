@@ -22,6 +22,8 @@ real max normal) the output equals :func:`dmx.quant.fake_quantize` bit for bit
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -158,6 +160,40 @@ def _quantize_values(x: torch.Tensor, e: torch.Tensor, m: torch.Tensor, axis: in
     return from_blocks(write_nan(y.to(x.dtype), ~finite), k, axis)
 
 
+# Rows of blocks quantized per piece by _quantize_rows: ~64K elements, so the forward's
+# temporaries are a few hundred KiB (reused at once by the allocator) instead of a few
+# activation-sized buffers per layer, which glibc strands between the tensors a step keeps.
+_PIECE_ELEMENTS = 1 << 16
+_WORKSPACE = threading.local()  # per thread: {(slot, dtype, device): flat buffer}
+
+
+def _workspace(slot: str, like: torch.Tensor, n: int) -> torch.Tensor:
+    """A reusable flat buffer of >= n elements (grow only) for a result that dies inside
+    the forward pass (the quantized copies F.linear reads)."""
+    bufs = _WORKSPACE.__dict__.setdefault("bufs", {})
+    key = (slot, like.dtype, like.device)
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < n:
+        buf = bufs[key] = torch.empty(n, dtype=like.dtype, device=like.device)
+    return buf[:n]
+
+
+def _quantize_rows(x: torch.Tensor, e, m, block_size: int, cap: float, slot: str):
+    """Q(x) along the last dim into the thread's workspace ``slot``, a piece of blocks at a
+    time (values of :func:`_quantize_values` bit for bit: blocks are independent, and every
+    piece is contiguous and a whole number of blocks, so each elementwise op sees the
+    elements in the same layout). Valid until the next call with the same slot."""
+    xb, k = to_blocks(x, -1, block_size)
+    if not xb.is_contiguous():  # keep the reference's layout: one piece
+        return _quantize_values(x, e, m, -1, block_size, cap)
+    rows = xb.reshape(-1, block_size)
+    out = _workspace(slot, x, rows.numel()).view(rows.shape)
+    step = max(1, _PIECE_ELEMENTS // block_size)
+    for i in range(0, rows.shape[0], step):
+        out[i:i + step] = _quantize_values(rows[i:i + step], e, m, -1, block_size, cap)
+    return from_blocks(out.view(xb.shape), k, -1)
+
+
 def _needs(ctx, tensors):
     """(leaves for the recomputed graph, the subset autograd wants gradients for)."""
     leaves, wanted = [], []
@@ -230,9 +266,10 @@ class _RealFormatLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, e, m, block_size, cap, quantize_input):
         ctx.save_for_backward(x, weight, bias, e, m)
         ctx.cfg = (block_size, cap, quantize_input)
-        wq = _quantize_values(weight, e, m, -1, block_size, cap)
-        xq = _quantize_values(x, e, m, -1, block_size, cap) if quantize_input else x
-        return F.linear(xq, wq, bias)
+        with torch.no_grad():
+            wq = _quantize_rows(weight, e, m, block_size, cap, "weight")
+            xq = _quantize_rows(x, e, m, block_size, cap, "input") if quantize_input else x
+            return F.linear(xq, wq, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
