@@ -246,6 +246,8 @@ def real_format_quantize(x: torch.Tensor, exp_bits, man_bits, axis: int = -1,
     gradients are those of the reference graph (:func:`_real_format_quantize_torch`) bit
     for bit. Not twice differentiable.
     """
+    if torch.compiler.is_compiling():  # the compiler plans what to save (and recompute) itself
+        return _real_format_quantize_torch(x, exp_bits, man_bits, axis, block_size, max_cap)
     axis, block_size, e, m, cap = _checked(x, exp_bits, man_bits, axis, block_size, max_cap)
     return _RealFormat.apply(x, e, m, axis, block_size, cap)
 
@@ -290,6 +292,9 @@ def real_format_linear(x: torch.Tensor, weight: torch.Tensor, bias, exp_bits, ma
     gradient; the gradients equal the reference graph's bit for bit. Not twice
     differentiable.
     """
+    if torch.compiler.is_compiling():  # the compiler plans what to save (and recompute) itself
+        return _real_format_linear_torch(x, weight, bias, exp_bits, man_bits, block_size,
+                                         max_cap, quantize_input)
     _check_input(weight, "weight")
     _, block_size, e, m, cap = _checked(x, exp_bits, man_bits, -1, block_size, max_cap)
     return _RealFormatLinear.apply(x, weight, bias, e, m, block_size, cap, bool(quantize_input))

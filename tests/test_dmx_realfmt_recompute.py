@@ -149,3 +149,19 @@ def test_linear_keeps_only_its_input_for_backward():
     ref = _saved_bytes(run(realfmt._real_format_linear_torch))
     assert new == x.untyped_storage().nbytes() + 2 * 4  # x and the two 0-d bits
     assert ref > 8 * x.untyped_storage().nbytes()  # what the reference graph kept
+
+
+def test_soft_layer_compiles_fullgraph():
+    """Under torch.compile the layer traces the reference graph (autograd.Function's
+    torch.autograd.grad replay is not traceable) and the compiler plans the memory."""
+    from dmx.layers import DMXLinear
+    torch.manual_seed(0)
+    layer = DMXLinear(nn.Linear(64, 32), "fp8-fp4", init=1.0).train()
+    x = torch.randn(4, 64)
+    eager = layer(x)
+    eager.sum().backward()
+    g_eager, layer.offset.grad = layer.offset.grad, None
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+    compiled.sum().backward()
+    assert torch.equal(bits(compiled), bits(eager))
+    assert torch.equal(layer.offset.grad, g_eager)
