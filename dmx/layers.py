@@ -123,7 +123,7 @@ class DMXLinear(_LinearView):
     ``offset`` is the raw offset b_hat, a float32 0-d Parameter (float32 even in a bf16
     model: the BF16 lesson), shared by tied layers. Forward: b_hat is clamped to the
     ladder (straight-through), mapped by ``anneal_map`` at ``temperature`` to the position
-    b, and b to real (e, m) bits for :func:`dmx.realfmt.real_format_linear`. In hard mode (``.hard``
+    b, and b to real (e, m) bits for :func:`real_format_quantize`. In hard mode (``.hard``
     or eval mode) the rung the step map selects is applied with the bit-exact
     :func:`fake_quantize`: the format a layer trains with is the format it deploys with.
     """

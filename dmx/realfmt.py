@@ -19,6 +19,19 @@ Exactness: at integer (e, m) every power of two is built from its bit pattern an
 every product is exact, so at the OCP points E2M1, E2M3, E3M2 and E4M3 (cap 448, its
 real max normal) the output equals :func:`dmx.quant.fake_quantize` bit for bit
 (profile ``ocp``); E5M2 matches too with ``max_cap=57344``.
+
+Memory (issue 11): written as plain torch ops, autograd keeps about ten tensors of the
+input's size per call (u, |u|, the step, the rounded value, masks...), for the weight and
+for the input of every layer, until backward: a CPU search of SmolLM2-135M at batch 4 x 256
+held 16 GB. :func:`real_format_quantize` and :func:`real_format_linear` (DMXLinear's soft
+mode: Q(x), Q(w) and the matmul) are therefore autograd Functions that keep only x (and
+the 0-d bits; the weight is the layer's own) and, in backward, run the reference
+formulation (:func:`_real_format_quantize_torch`, kept as the definition) once more for
+that one call and let autograd differentiate it: the gradients are the reference graph's
+bit for bit (tests/test_dmx_realfmt_recompute.py), at the cost of one more forward of the
+quantizers per step. The forward values come from :func:`_quantize_values` (the same ops,
+in place) in pieces of 64K elements, so no activation-sized temporaries are left for the
+allocator to strand. Measured in benchmarks/bench_search_memory.py.
 """
 from __future__ import annotations
 
