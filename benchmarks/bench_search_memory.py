@@ -73,7 +73,9 @@ def _load_model(spec: str):
         torch.manual_seed(0)
         return LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M))
     from dmx import data
-    return data.load_model(spec, dtype=torch.float32)
+    path = Path(spec)
+    return data.load_model(path if path.is_absolute() or path.exists() else ROOT / path,
+                           dtype=torch.float32)
 
 
 def _saved_bytes(forward) -> int:
@@ -227,8 +229,7 @@ def main(argv=None):
     ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.model is None:
-        from dmx.data import embedded_model_dir
-        args.model = str(embedded_model_dir())
+        args.model = "dmx/data/tiny-qwen3"  # the embedded model, relative to the repo root
     if args.child:
         print(json.dumps(child(args.child, args.model, args.batch_size, args.seqlen,
                                args.steps)))
