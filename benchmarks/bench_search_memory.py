@@ -6,9 +6,9 @@ earlier configuration is still held by the allocator), on the same model and bat
 * ``plain``          -- the unquantized float32 model, weights frozen, the embedding output
                         marked as needing a gradient so backward runs through every
                         activation (what a search step must do to reach the offsets).
-* ``dmx``            -- the search step as ``dmx search`` runs it: wrap_model's defaults
-                        (fp8-fp4 ladder, weights and inputs quantized, tied fused offsets),
-                        weights frozen, dmx.train.train_offsets (CE + hinge, SGD step).
+* ``dmx``            -- the search step as ``dmx search`` runs it: the default recipe's
+                        layers (SearchConfig: fp8-fp4, weights and inputs quantized),
+                        weights frozen, dmx.train.train_offsets (loss, penalty, SGD step).
 * ``dmx-reference``  -- the same with DMXLinear's soft mode through the reference graph
                         (dmx.realfmt._real_format_linear_torch: every quantizer op recorded
                         by autograd), i.e. the search before the memory fix.
@@ -100,7 +100,8 @@ def child(mode: str, model_spec: str, batch: int, seqlen: int, steps: int) -> di
     import torch.nn.functional as F
 
     from dmx.layers import wrap_model
-    from dmx.train import TrainConfig, train_offsets
+    from dmx.recipe import SearchConfig
+    from dmx.train import train_offsets
 
     model = _load_model(model_spec).float()
     for p in model.parameters():
@@ -121,18 +122,21 @@ def child(mode: str, model_spec: str, batch: int, seqlen: int, steps: int) -> di
             for _ in range(steps):
                 forward().backward()
     else:
-        layers = wrap_model(model, "fp8-fp4")  # dmx search's defaults
+        cfg = SearchConfig.from_recipe("default", target_bits=6.0, steps=steps,
+                                       batch_size=batch, seqlen=seqlen)
+        # as dmx search wraps (the start offset does not change the memory)
+        layers = wrap_model(model, cfg.ladder, quantize_activations=not cfg.weights_only,
+                            tie_fused=cfg.tie_fused, parameterization=cfg.parameterization)
         if mode == "dmx-reference":
             import dmx.layers
             from dmx import realfmt
             dmx.layers.real_format_linear = realfmt._real_format_linear_torch
-        cfg = TrainConfig(target_bits=6.0, steps=steps, batch_size=batch, checkpoint_every=0)
 
         def forward():
             return loss(model(input_ids=ids, use_cache=False).logits)
 
         def run():
-            train_offsets(model, layers, ids, cfg, progress=False)
+            train_offsets(model, layers, ids, cfg, progress=False, checkpoint_every=0)
 
     import gc
     gc.collect()
