@@ -106,7 +106,33 @@ def main(argv=None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    searches = [(r, t, s) for t in args.targets for r in args.recipes for s in args.seeds]
+    eval_flags = ["--data", args.eval_file, "--seqlen", str(args.eval_seqlen), "--device",
+                  args.device, "--no-progress"]
+    if args.max_windows:
+        eval_flags += ["--max-windows", str(args.max_windows)]
+
+    def evaluate(out: Path) -> None:
+        if "eval" in stages and _done(out) and not (args.reuse and _done(out, True)):
+            _dmx(args, f"eval-{out.name}", ["eval", str(out), *eval_flags, "--save"])
+
+    # the anchors first (cheap): unquantized, uniform MXFP4 and MXFP8
+    ref = Path(args.results) / "unquantized.json"
+    if "eval" in stages and not (args.reuse and ref.is_file()):
+        _dmx(args, "eval-unquantized", ["eval", "--model", args.model, *eval_flags])
+        log = (Path(args.results) / "runs" / "eval-unquantized.log").read_text()
+        ppl = [ln for ln in log.splitlines() if "ppl" in ln][-1]
+        ref.write_text(json.dumps({"protocol": ppl.strip()}) + "\n")
+    for fmt in ("fp4_e2m1", "fp8_e4m3"):
+        out = work / f"uniform-{fmt}"
+        if "baseline" in stages and not (args.reuse and _done(out)):
+            _dmx(args, out.name, ["baseline", "--model", args.model, "--method", "uniform",
+                                  "--format", fmt, "--device", args.device, "--no-progress",
+                                  "--force", "-o", str(out)])
+        evaluate(out)
+    # seed-major: every recipe and target gets its first seed before any gets a second;
+    # each search is evaluated, then KL at its achieved bits, so a cut-short sweep still
+    # leaves complete pairs
+    searches = [(r, t, s) for s in args.seeds for t in args.targets for r in args.recipes]
     for recipe, target, seed in searches:
         name = f"dmx-{recipe}-{target:g}-s{seed}"
         out = work / name
@@ -118,49 +144,28 @@ def main(argv=None) -> int:
                 "--seed", str(seed), "--device", args.device, "--no-fill-budget",
                 "--checkpoint-every", "0", "--no-progress", "--force", "-o", str(out),
                 *shlex.split(args.extra)])
-        if "baseline" in stages and _done(out):
-            kl = work / f"kl-{recipe}-{target:g}-s{seed}"
-            if not (args.reuse and _done(kl)):
-                bits = _manifest(out)["avg_bits"]["simple"]
-                _dmx(args, kl.name, [
-                    "baseline", "--model", args.model, "--method", "kl", "--target-bits",
-                    repr(bits), "--calib", args.calib, "--seqlen", str(args.seqlen),
-                    "--samples", str(args.kl_samples), "--seed", str(seed), "--device",
-                    args.device, "--no-progress", "--force", "-o", str(kl)])
-    if "baseline" in stages:
-        for fmt in ("fp4_e2m1", "fp8_e4m3"):
-            out = work / f"uniform-{fmt}"
-            if not (args.reuse and _done(out)):
-                _dmx(args, out.name, ["baseline", "--model", args.model, "--method", "uniform",
-                                      "--format", fmt, "--device", args.device,
-                                      "--no-progress", "--force", "-o", str(out)])
-    runs = sorted(p for p in work.iterdir() if (p / "dmx_manifest.json").is_file())
-    eval_flags = ["--data", args.eval_file, "--seqlen", str(args.eval_seqlen), "--device",
-                  args.device, "--no-progress"]
-    if args.max_windows:
-        eval_flags += ["--max-windows", str(args.max_windows)]
-    if "eval" in stages:
-        for out in runs:
-            if not (args.reuse and _done(out, need_eval=True)):
-                _dmx(args, f"eval-{out.name}", ["eval", str(out), *eval_flags, "--save"])
-        ref = Path(args.results) / "unquantized.json"
-        if not ref.is_file():
-            _dmx(args, "eval-unquantized", ["eval", "--model", args.model, *eval_flags])
-            log = (Path(args.results) / "runs" / "eval-unquantized.log").read_text()
-            ppl = [ln for ln in log.splitlines() if "ppl" in ln][-1]
-            ref.write_text(json.dumps({"protocol": ppl.strip()}) + "\n")
-    if "table" in stages:
-        _table(args, work, time.time() - t_start)
+        evaluate(out)
+        kl = work / f"kl-{recipe}-{target:g}-s{seed}"
+        if "baseline" in stages and _done(out) and not (args.reuse and _done(kl)):
+            bits = _manifest(out)["avg_bits"]["simple"]
+            _dmx(args, kl.name, [
+                "baseline", "--model", args.model, "--method", "kl", "--target-bits",
+                repr(bits), "--calib", args.calib, "--seqlen", str(args.seqlen),
+                "--samples", str(args.kl_samples), "--seed", str(seed), "--device",
+                args.device, "--no-progress", "--force", "-o", str(kl)])
+        evaluate(kl)
+        if "table" in stages:  # after every pair: the table is always current
+            _table(args, work, time.time() - t_start)
     return 0
 
 
 # ----------------------------------------------------------------------------- table
-def _spread(values) -> str:
+def _spread(values, spec: str = ".2f") -> str:
     if not values:
         return "-"
     if len(values) == 1:
-        return f"{values[0]:.2f} (1 seed)"
-    return (f"{statistics.mean(values):.2f} ({min(values):.2f}..{max(values):.2f}, "
+        return f"{values[0]:{spec}} (1 seed)"
+    return (f"{statistics.mean(values):{spec}} ({min(values):{spec}}..{max(values):{spec}}, "
             f"{len(values)} seeds)")
 
 
@@ -211,7 +216,7 @@ def _table(args, work: Path, wall: float) -> None:
                 continue
             diff = [a - b for a, b in zip(ours, kls)] if len(kls) == len(ours) else []
             lines.append(
-                f"| {recipe} | {target:g} | {_spread(raw)} | {_spread(achieved)} | "
+                f"| {recipe} | {target:g} | {_spread(raw, '.3f')} | {_spread(achieved, '.3f')} | "
                 f"{sum(fits)} | {_spread(ours)} | {_spread(kls)} | {_spread(diff)} | "
                 + (f"{100 * statistics.mean(closed):.0f}% "
                    f"({100 * min(closed):.0f}..{100 * max(closed):.0f}%)" if closed else "-")
