@@ -312,6 +312,8 @@ def add_baseline_parser(subparsers):
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--force", action="store_true", help="overwrite an existing OUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from dmx.threads import add_threads_arg
+    add_threads_arg(p)
     p.add_argument("-o", "--out", required=True, help="output directory (written atomically)")
     p.set_defaults(func=run_baseline)
     return p
@@ -320,6 +322,8 @@ def add_baseline_parser(subparsers):
 def run_baseline(args) -> int:
     from collections import Counter
 
+    from dmx.threads import apply_threads
+    apply_threads(args)
     if args.method == "uniform":
         if not args.format:
             raise DMXError("--method uniform needs --format FMT (e.g. fp4_e2m1 or fp8_e4m3)")

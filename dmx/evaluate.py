@@ -151,6 +151,8 @@ def add_eval_parser(subparsers):
                     "--uniform FMT for a uniform MX quantization on the fly). With --tasks: "
                     "lm-evaluation-harness task accuracy instead (docs/zero_shot.md).")
     p.add_argument("out", nargs="?", help="OUT directory written by `dmx search`/`dmx baseline`")
+    from dmx.threads import add_threads_arg
+    add_threads_arg(p)
     p.add_argument("--model", help="a local Hugging Face causal LM (or a .gguf file) "
                    "instead of OUT")
     p.add_argument("--uniform", metavar="FMT",
@@ -208,6 +210,8 @@ def _model_for_args(args):
 
 def run_eval(args) -> int:
     t0 = time.time()
+    from dmx.threads import apply_threads
+    apply_threads(args)
     from dmx.zeroshot import check_task_args, run_task_eval
     check_task_args(args)
     if args.data is not None and not Path(args.data).is_file():

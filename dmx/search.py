@@ -453,9 +453,8 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device-map", default=None, choices=("auto", "balanced", "sequential"),
                    help="spread the model over the GPUs with accelerate (for models that do "
                         "not fit one GPU; overrides --device; not with torchrun)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch and Numba (default: torch's default, all "
-                        "cores; use 1 per process when several jobs share the machine)")
+    from dmx.threads import add_threads_arg
+    add_threads_arg(p)
     p.add_argument("--checkpoint-every", type=int, default=50,
                    help="steps between checkpoints (default 50; 0 = only on Ctrl-C)")
     p.add_argument("--checkpoint-dir", default=None,
@@ -486,9 +485,8 @@ def run_search(args) -> int:
     main = distributed.is_main_process()  # under torchrun only rank 0 prints
     own_group = not distributed.ready()  # a process group started here is ended here
     try:
-        if getattr(args, "threads", None) is not None:
-            from dmx.threads import set_threads
-            set_threads(args.threads)
+        from dmx.threads import apply_threads
+        apply_threads(args)
         cfg = make_config(args.target_bits, args.recipe, **settings)
         result = search(args.model, cfg, out=args.out, force=args.force, resume=args.resume,
                         progress=not getattr(args, "no_progress", False), device=args.device,

@@ -3,7 +3,20 @@ from __future__ import annotations
 
 from dmx.errors import DMXError
 
-__all__ = ["set_threads"]
+__all__ = ["set_threads", "add_threads_arg", "apply_threads"]
+
+
+def add_threads_arg(parser) -> None:
+    """``--threads N`` (search, baseline, eval, demo share one definition)."""
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch and Numba (default: torch's default, all "
+                             "cores; use 1 per process when several jobs share the machine)")
+
+
+def apply_threads(args) -> None:
+    """Set the threads if the command line asked for a number."""
+    if getattr(args, "threads", None) is not None:
+        set_threads(args.threads)
 
 
 def set_threads(n: int) -> None:
