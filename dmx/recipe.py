@@ -202,13 +202,7 @@ RECIPES: dict[str, dict] = {
 
 
 def config_from_dict(d: dict) -> SearchConfig:
-    """Inverse of :meth:`SearchConfig.to_dict` (the manifest's ``search.config``)."""
-    names = {f.name for f in dataclasses.fields(SearchConfig)}
-    unknown = set(d) - names
-    if unknown:
-        raise DMXError(f"search config has unknown fields: {', '.join(sorted(unknown))}")
+    """Inverse of :meth:`SearchConfig.to_dict` (the manifest's ``search.config``); a field
+    the dict lacks (a config written before it existed) takes its recipe's value."""
     values = dict(d)
-    for key in ("include", "exclude", "calib"):
-        if values.get(key) is not None:
-            values[key] = tuple(values[key])
-    return SearchConfig(**values).checked()
+    return SearchConfig.from_recipe(values.pop("recipe", "default"), **values)
