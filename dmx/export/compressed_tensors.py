@@ -78,10 +78,25 @@ def layer_tensors(layer) -> dict:
     return {"weight": hfdir.float8_e4m3_tensor(layer.codes), "weight_scale": scale}
 
 
+def loader_dtype(src_config: dict) -> dict:
+    """config.json entries that make ``from_pretrained(DIR)`` run in bfloat16.
+
+    compressed-tensors (0.20) decompresses MX weights to bfloat16 whatever the model dtype
+    (``unpack_fp4_from_uint8``, ``decompress_mx_scale``), so a float32 model stops at its first
+    ``F.linear`` ("expected m1 and m2 to have the same dtype"). transformers >= 5 loads in
+    the config's ``dtype`` by default (``dtype="auto"``), and vLLM's ``--dtype auto`` reads it
+    too. bfloat16 holds every MXFP4/MXFP8 weight value exactly (bar blocks scaled below
+    2^-120), so the weights lose nothing."""
+    updates = {"dtype": "bfloat16"}
+    if "torch_dtype" in src_config:  # the key transformers 4.x writes and reads
+        updates["torch_dtype"] = "bfloat16"
+    return updates
+
+
 def write(src, dest, max_shard_bytes: int = hfdir.DEFAULT_SHARD_BYTES) -> None:
     hfdir.write_checkpoint(src, dest, layer_tensors,
                            quantization_config(src.layers, src.unquantized_modules()),
-                           max_shard_bytes)
+                           max_shard_bytes, config_updates=loader_dtype(src.config))
 
 
 def read_back(src, dest) -> list:

@@ -22,8 +22,9 @@ def copy_side_files(src: Path, dest: Path) -> None:
             shutil.copy2(p, dest / p.name)
 
 
-def write_config(src_config: dict, dest: Path, quantization_config: dict) -> None:
-    config = dict(src_config)
+def write_config(src_config: dict, dest: Path, quantization_config: dict,
+                 updates: dict | None = None) -> None:
+    config = {**src_config, **(updates or {})}
     config["quantization_config"] = quantization_config
     (dest / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
@@ -41,15 +42,17 @@ def float8_e4m3_tensor(codes):
 
 
 def write_checkpoint(src, dest: Path, layer_tensors, quantization_config: dict,
-                     max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+                     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                     config_updates: dict | None = None) -> None:
     """OUT's unquantized tensors + ``layer_tensors(layer)`` per quantized linear, sharded,
-    with OUT's side files and config.json carrying ``quantization_config``."""
+    with OUT's side files and config.json carrying ``quantization_config`` (and
+    ``config_updates``, e.g. the dtype the target's loader must run in)."""
     tensors = dict(src.tensors)
     for name, layer in src.layers.items():
         tensors.update({f"{name}.{k}": v for k, v in layer_tensors(layer).items()})
     write_shards(tensors, dest, max_shard_bytes)
     copy_side_files(src.path, dest)
-    write_config(src.config, dest, quantization_config)
+    write_config(src.config, dest, quantization_config, config_updates)
 
 
 def write_shards(tensors: dict, dest: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:

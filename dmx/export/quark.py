@@ -16,11 +16,11 @@ Layout, from amd-quark 0.10 ``quark/torch/utils/pack.py`` and vLLM's Quark schem
   mxref's element values (``tests/test_export_targets.py::test_quark_own_packers_agree``
   runs that check wherever amd-quark is installed). Scales: ``to_e8m0_uint8`` =
   round(log2(scale)) + 127 as uint8.
-* MXFP8 E4M3: ``<name>.weight`` float8_e4m3fn [N, K] + the uint8 scale, with the weight
-  spec ``dtype: fp8_e4m3, qscheme: per_group, group_size: 32, scale_format: e8m0`` (Quark's
-  ``OCP_MXFP8E4M3Spec``; the tensors are what vLLM ``QuarkW8A8Mxfp8`` allocates).
-  ASSUMPTION (no vLLM here): the vLLM version serving it dispatches per_group fp8_e4m3 /
-  e8m0 to its MXFP8 scheme (the version read dispatches only fp4/fp6 to ``QuarkOCP_MX``).
+* MXFP8 E4M3 *weights* are refused: amd-quark (0.13), which transformers runs Quark
+  checkpoints with, cannot dequantize a per_group fp8_e4m3 weight (``dequantize_fp8`` has
+  per_tensor/per_channel/per_block only; generate fails with "Unsupported QuantSchema:
+  per_group for quant_dtype: fp8_e4m3"), and no vLLM was at hand to show it serves one.
+  MXFP8 *activations* (``input_tensors``, dynamic) run: Quark fake-quantizes them per group.
 
 config.json: ``layer_quant_config`` has one entry per quantized module (exact names:
 vLLM matches a pattern without ``*`` by substring, so full names are unambiguous), the
@@ -34,6 +34,7 @@ import json
 import numpy as np
 
 import mxref
+from dmx.errors import DMXError
 from dmx.export import hfdir, rules
 from dmx.export.verify import compare
 
@@ -42,6 +43,8 @@ DTYPE_OF = {"fp4_e2m1": "fp4", "fp6_e2m3": "fp6_e2m3", "fp6_e3m2": "fp6_e3m2",
             "fp8_e4m3": "fp8_e4m3"}
 FMT_OF = {v: k for k, v in DTYPE_OF.items()}
 ALTERNATIVE = "rerun `dmx search` with a ladder of FP4/FP6/FP8 E4M3 formats"
+# weight formats amd-quark can dequantize (per_group + e8m0): dequantize_fp4_fp6_per_group
+WEIGHT_DTYPES = ("fp4_e2m1", "fp6_e2m3", "fp6_e3m2")
 
 
 def tensor_spec(fmt: str, dynamic: bool) -> dict:
@@ -72,14 +75,19 @@ def quantization_config(layers, exclude=("lm_head",)) -> dict:
 
 def check(src, allow_unfused: bool) -> None:
     rules.check_vllm(src, TARGET, DTYPE_OF, ALTERNATIVE, allow_unfused)
+    fp8 = sorted(n for n, l in src.layers.items() if l.fmt not in WEIGHT_DTYPES)
+    if fp8:
+        raise DMXError(f"{len(fp8)} layer(s) with MXFP8 weights (first {fp8[0]}): in a Quark "
+                       f"checkpoint they load but cannot run (amd-quark 0.13 has no per-group FP8 "
+                       f"dequantization: 'Unsupported QuantSchema: per_group for quant_dtype: "
+                       f"fp8_e4m3'); use --to compressed-tensors (MXFP4 + MXFP8), or rerun "
+                       f"`dmx search` with --ladder fp6-fp4 for Quark")
 
 
 def layer_tensors(layer) -> dict:
-    if layer.fmt == "fp8_e4m3":
-        w = hfdir.float8_e4m3_tensor(layer.codes)
-    else:  # Quark's FP4/FP6 byte layouts are mxref's fp4-lo-first / fp6-le24 (docstring)
-        w = hfdir.uint8_tensor(mxref.pack_codes(layer.codes, layer.fmt))
-    return {"weight": w, "weight_scale": hfdir.uint8_tensor(layer.scales)}
+    # Quark's FP4/FP6 byte layouts are mxref's fp4-lo-first / fp6-le24 (docstring)
+    return {"weight": hfdir.uint8_tensor(mxref.pack_codes(layer.codes, layer.fmt)),
+            "weight_scale": hfdir.uint8_tensor(layer.scales)}
 
 
 def write(src, dest, max_shard_bytes: int = hfdir.DEFAULT_SHARD_BYTES) -> None:
@@ -110,8 +118,6 @@ def _unpack_quark_fp4(packed: np.ndarray, K: int) -> np.ndarray:
 
 def read_back(src, dest) -> list:
     """Decode each layer by the documented Quark layout, driven by config.json alone."""
-    import torch
-
     qc = json.loads((dest / "config.json").read_text())["quantization_config"]
     if qc.get("quant_method") != "quark" or "export" not in qc:
         raise ValueError("config.json has no Quark quantization_config with an export block")
@@ -124,9 +130,7 @@ def read_back(src, dest) -> list:
             raise ValueError(f"{name}: not an OCP MX weight spec: {w}")
         weight, scale = tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"].numpy()
         K = scale.shape[1] * 32
-        if fmt == "fp8_e4m3":
-            codes = weight.view(torch.uint8).numpy()
-        elif fmt == "fp4_e2m1":
+        if fmt == "fp4_e2m1":
             codes = _unpack_quark_fp4(weight.numpy(), K)
         else:
             codes = _unpack_quark_fp6(weight.numpy(), K)
