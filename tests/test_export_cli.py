@@ -51,20 +51,21 @@ def _one_line_error(err: str):
 
 def test_cli_success_then_refuses_overwrite_then_force(out, tmp_path, capsys):
     dest = tmp_path / "served"
-    r = _cli(out, "--to", "quark", "-o", dest)          # one real process, as a user runs it
+    r = _cli(out, "--to", "gguf", "-o", dest)           # one real process, as a user runs it
     assert r.returncode == 0, r.stderr
-    assert "bit-exact" in r.stdout and "quark fp4" in r.stdout
-    assert (dest / "config.json").exists()
-    before = (dest / "config.json").stat().st_mtime_ns
+    assert "bit-exact" in r.stdout and "MXFP4" in r.stdout and "Q8_0" in r.stdout
+    assert (dest / "model.gguf").exists()
+    before = (dest / "model.gguf").stat().st_mtime_ns
 
     assert _run([out, "--to", "compressed-tensors", "-o", dest]) == 2
     assert "already exists; pass --force" in _one_line_error(capsys.readouterr().err)
-    assert (dest / "config.json").stat().st_mtime_ns == before       # untouched
+    assert (dest / "model.gguf").stat().st_mtime_ns == before        # untouched
 
     assert _run([out, "--to", "compressed-tensors", "-o", dest, "--force"]) == 0
     qc = json.loads((dest / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors"
     assert list(dest.glob("model-*.safetensors"))                    # replaced, not merged
+    assert not (dest / "model.gguf").exists()
     assert not (dest / "model.safetensors.index.json").read_text().count("weight_packed") == 0
     assert not list(tmp_path.glob(".served.*"))                        # no temp dir left
 

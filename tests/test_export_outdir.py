@@ -25,8 +25,9 @@ LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.[a-z_]+_proj$")
 MIXED = {"q_proj": "fp8_e4m3", "k_proj": "fp8_e4m3", "v_proj": "fp8_e4m3",
          "o_proj": "fp4_e2m1", "gate_proj": "fp4_e2m1", "up_proj": "fp4_e2m1",
          "down_proj": "fp8_e4m3"}
-# adds both MXFP6 formats (Quark only)
-WITH_FP6 = dict(MIXED, o_proj="fp6_e2m3", down_proj="fp6_e3m2")
+# both MXFP6 formats (Quark only) with MXFP4, no MXFP8 weights (Quark refuses those)
+WITH_FP6 = dict(MIXED, q_proj="fp4_e2m1", k_proj="fp4_e2m1", v_proj="fp4_e2m1",
+                o_proj="fp6_e2m3", down_proj="fp6_e3m2")
 
 
 def tiny_config(arch: str):

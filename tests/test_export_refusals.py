@@ -11,6 +11,7 @@ from dmx.integrity import reseal
 from test_export_outdir import MIXED, WITH_FP6, build_out
 
 UNFUSED = dict(MIXED, k_proj="fp4_e2m1")          # q/v MXFP8, k MXFP4 in every block
+UNFUSED_FP6 = dict(WITH_FP6, k_proj="fp6_e2m3")   # for Quark (no MXFP8 weights): q/v FP4
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +22,11 @@ def root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def unfused(root):
     return build_out(root / "unfused", "qwen3", UNFUSED)
+
+
+@pytest.fixture(scope="module")
+def unfused_fp6(root):
+    return build_out(root / "unfused6", "qwen3", UNFUSED_FP6)
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +44,12 @@ def _nothing_at(dest):
 
 
 @pytest.mark.parametrize("to", ["compressed-tensors", "quark"])
-def test_unfused_qkv_refused_for_vllm(unfused, tmp_path, to):
-    with pytest.raises(DMXError, match=r"self_attn\.qkv: fused shards .*k_proj=fp4_e2m1.*--allow-unfused"):
-        _export(unfused, to, tmp_path / "x")
+def test_unfused_qkv_refused_for_vllm(unfused, unfused_fp6, tmp_path, to):
+    src, k_fmt = (unfused, "fp4_e2m1") if to == "compressed-tensors" else (unfused_fp6, "fp6_e2m3")
+    with pytest.raises(DMXError, match=rf"self_attn\.qkv: fused shards .*k_proj={k_fmt}.*--allow-unfused"):
+        _export(src, to, tmp_path / "x")
     assert _nothing_at(tmp_path / "x")
-    checks = _export(unfused, to, tmp_path / "x", allow_unfused=True)
+    checks = _export(src, to, tmp_path / "x", allow_unfused=True)
     assert all(c.exact for c in checks)
 
 
@@ -50,6 +57,15 @@ def test_unfused_is_fine_for_gguf(unfused, tmp_path):
     """llama.cpp stores each tensor with its own type: no fused rule."""
     checks = _export(unfused, "gguf", tmp_path / "g")
     assert sum(c.stored_as == "MXFP4" for c in checks) == 8
+
+
+def test_mxfp8_weights_refused_by_quark_with_alternative(unfused, tmp_path):
+    """amd-quark cannot dequantize per-group FP8 weights: such a checkpoint would load in
+    transformers and fail in generate (tests/integration runs the accepted ones)."""
+    with pytest.raises(DMXError, match=r"^6 layer\(s\) with MXFP8 weights .*Unsupported "
+                                       r"QuantSchema.*--to compressed-tensors"):
+        _export(unfused, "quark", tmp_path / "x", allow_unfused=True)
+    assert _nothing_at(tmp_path / "x")
 
 
 def test_mxfp6_refused_by_compressed_tensors_with_alternative(fp6, tmp_path):
@@ -74,20 +90,22 @@ def test_fp8_e5m2_refused_by_compressed_tensors(root, tmp_path):
     assert sum(c.stored_as == "Q8_0" for c in checks) == 8
 
 
-def test_activation_format_the_target_cannot_hold(unfused, tmp_path):
+def test_activation_format_the_target_cannot_hold(unfused, unfused_fp6, tmp_path):
     """dmx ties a layer's input format to its weight format, but a manifest may say
     otherwise: an input format compressed-tensors cannot hold is refused by name."""
-    src = tmp_path / "act6"
-    shutil.copytree(unfused, src)
-    m = json.loads((src / "dmx_manifest.json").read_text())
-    for name, e in m["layers"].items():
-        e["act_format"] = "fp6_e2m3" if name.endswith("gate_proj") else None
-    (src / "dmx_manifest.json").write_text(json.dumps(m))
-    reseal(src)   # a deliberate edit: re-record the hashes, or OUT is refused as modified
+    for name, out in (("ct", unfused), ("quark", unfused_fp6)):
+        src = tmp_path / f"act6-{name}"
+        shutil.copytree(out, src)
+        m = json.loads((src / "dmx_manifest.json").read_text())
+        for layer, e in m["layers"].items():
+            e["act_format"] = "fp6_e2m3" if layer.endswith("gate_proj") else None
+        (src / "dmx_manifest.json").write_text(json.dumps(m))
+        reseal(src)   # a deliberate edit: re-record the hashes, or OUT is refused as modified
     with pytest.raises(DMXError, match=r"gate_proj: activation format fp6_e2m3 cannot be "
                                        r"stored in compressed-tensors"):
-        _export(src, "compressed-tensors", tmp_path / "x", allow_unfused=True)
-    assert all(c.exact for c in _export(src, "quark", tmp_path / "q", allow_unfused=True))
+        _export(tmp_path / "act6-ct", "compressed-tensors", tmp_path / "x", allow_unfused=True)
+    assert all(c.exact for c in _export(tmp_path / "act6-quark", "quark", tmp_path / "q",
+                                        allow_unfused=True))
 
 
 def test_unknown_architecture_for_gguf(fp6, tmp_path):

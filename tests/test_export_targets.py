@@ -21,8 +21,8 @@ def outs(tmp_path_factory):
     root = tmp_path_factory.mktemp("src")
     return {"qwen3": build_out(root, "qwen3"), "llama": build_out(root, "llama"),
             "llama-fp6": build_out(root / "fp6", "llama", WITH_FP6,
-                                   act_formats={"q_proj": "fp8_e4m3", "k_proj": "fp8_e4m3",
-                                                "v_proj": "fp8_e4m3"})}
+                                   act_formats={"q_proj": "fp4_e2m1", "k_proj": "fp4_e2m1",
+                                                "v_proj": "fp4_e2m1"})}
 
 
 def _export(src, to, dest, **kw):
@@ -115,7 +115,7 @@ def test_quark_round_trip_with_mxfp6(outs, tmp_path):
     assert lqc["model.layers.0.self_attn.o_proj"]["weight"]["dtype"] == "fp6_e2m3"
     assert lqc["model.layers.1.mlp.down_proj"]["weight"]["dtype"] == "fp6_e3m2"
     assert lqc["model.layers.0.mlp.up_proj"]["weight"]["dtype"] == "fp4"
-    assert lqc["model.layers.0.self_attn.q_proj"]["input_tensors"]["dtype"] == "fp8_e4m3"
+    assert lqc["model.layers.0.self_attn.q_proj"]["input_tensors"]["dtype"] == "fp4"
     assert lqc["model.layers.0.mlp.up_proj"]["input_tensors"] is None
     assert all(v["weight"]["scale_format"] == "e8m0" and v["weight"]["group_size"] == 32
                for v in lqc.values())
@@ -222,8 +222,9 @@ def test_full_precision_linears_are_skipped_by_vllm_configs(tmp_path):
     from safetensors.torch import load_file
 
     keep = "model.layers.1.mlp.down_proj"
-    src = build_out(tmp_path, "llama", dict(MIXED, **{keep: None}))
-    for to, key in (("compressed-tensors", "ignore"), ("quark", "exclude")):
+    for to, key, formats in (("compressed-tensors", "ignore", MIXED),
+                             ("quark", "exclude", WITH_FP6)):
+        src = build_out(tmp_path / f"src-{to}", "llama", dict(formats, **{keep: None}))
         _export(src, to, tmp_path / to)
         qc = json.loads((tmp_path / to / "config.json").read_text())["quantization_config"]
         assert keep in qc[key] and "lm_head" in qc[key]
