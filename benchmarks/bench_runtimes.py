@@ -69,25 +69,26 @@ def _hf_row(out, dest, text_file, dtype, ref_ppl):
         diff = float((model(input_ids=ids).logits.float() - ref(input_ids=ids).logits.float())
                      .abs().max())
     gen = model.generate(ids[:, :8], max_new_tokens=8, do_sample=False)
+    same = torch.equal(gen, ref.generate(ids[:, :8], max_new_tokens=8, do_sample=False))
     ppl = evaluate(model, tok, text_file, seqlen=CTX, max_windows=CHUNKS, progress=False)["ppl"]
     name = "default" if dtype is None else "bfloat16"
     return {"runtime": f"transformers ({name} dtype: {str(got).replace('torch.', '')})",
-            "loads": "yes", "generates": f"yes ({gen.shape[1] - 8} tokens)",
+            "loads": "yes",
+            "generates": f"yes ({gen.shape[1] - 8} tokens, {'same' if same else 'other'} as dmx.load)",
             "ppl": ppl, "ref_ppl": ref_ppl,
             "note": f"logits vs dmx.load ({str(got).replace('torch.', '')}): max |diff| {diff:.3g}"}
 
 
-def _gguf_row(dest, text_file, ref_ppl):
-    import re
-    from runtime_helpers import llama_greedy, llama_perplexity
+def _gguf_row(out, dest, text_file, ref_ppl):
+    from runtime_helpers import dmx_greedy, llama_greedy, llama_perplexity
 
     gguf = dest / "model.gguf"
-    log = llama_greedy(gguf, "Once upon a time", 8)
-    runs = re.search(r"eval time .*/ +(\d+) runs", log)
+    text, n = llama_greedy(gguf, "Once upon a time", 8)
+    same = text.strip() == dmx_greedy(out, "Once upon a time", 8).strip()
     ppl = llama_perplexity(gguf, text_file, CTX, CHUNKS)
     return {"runtime": "llama.cpp (llama-perplexity, llama-completion)", "loads": "yes",
-            "generates": f"yes ({runs.group(1) if runs else '?'} eval runs)", "ppl": ppl,
-            "ref_ppl": ref_ppl, "note": "second half of each window scored"}
+            "generates": f"yes ({n} tokens, {'same' if same else 'other'} text as dmx.load)",
+            "ppl": ppl, "ref_ppl": ref_ppl, "note": f"greedy: {text.strip()[:40]!r}"}
 
 
 def main(argv=None) -> int:
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
                                  "note": str(err)[:160]})
                     continue
                 if to == "gguf":
-                    rows.append({**base, **_gguf_row(dest, text_file, ref_ppl)})
+                    rows.append({**base, **_gguf_row(out, dest, text_file, ref_ppl)})
                     continue
                 if to == "quark":
                     try:

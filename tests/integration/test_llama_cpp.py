@@ -15,13 +15,13 @@ a wrong block layout or scale gives perplexities orders of magnitude apart (ln r
 from __future__ import annotations
 
 import math
-import re
 
 import pytest
 
 from dmx import data
 from dmx.export import export
-from runtime_helpers import build_script, dmx_perplexity, llama_greedy, llama_perplexity
+from runtime_helpers import (build_script, dmx_greedy, dmx_perplexity, llama_greedy,
+                             llama_perplexity)
 
 BUILD = build_script()
 pytestmark = pytest.mark.skipif(
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.skipif(
 
 CTX, CHUNKS = 256, 16
 # |ln(ppl_llama.cpp / ppl_dmx_eval)|: measured (see BENCHMARKS.md) -> asserted
-TOLERANCE = {"demo": 0.10, "stories": 0.10}
+TOLERANCE = {"demo": 0.12, "stories": 0.25}
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +63,33 @@ def test_perplexity_close_to_dmx_eval(name, ggufs, text_file):
 
 @pytest.mark.parametrize("name", ["demo", "stories"])
 def test_greedy_generation(name, ggufs):
-    _, gguf = ggufs[name]
-    log = llama_greedy(gguf, "Once upon a time", 8)
-    m = re.search(r"Once upon a time(.+)", log)
-    assert m and m.group(1).strip(), log[-2000:]
-    assert re.search(r"eval time .* / +8 runs", log), log[-2000:]   # 8 tokens generated
+    """8 greedy tokens; the text agrees with dmx.load's greedy text (measured: the same
+    12 tokens for both models); asserted on the first 16 characters."""
+    out, gguf = ggufs[name]
+    text, n = llama_greedy(gguf, "Once upon a time", 8)
+    ours = dmx_greedy(out, "Once upon a time", 8)
+    print(f"{name}: llama.cpp {text!r} / dmx.load {ours!r}")
+    assert n == 8
+    assert text.strip()[:16] == ours.strip()[:16], (text, ours)
+
+
+def test_wrong_layout_is_orders_of_magnitude_off(ggufs, text_file, tmp_path):
+    """The perplexity comparison can fail: swap the two FP4 nibbles of every MXFP4 byte."""
+    import shutil
+
+    import gguf as gg
+
+    src = ggufs["demo"][1]
+    bad = tmp_path / "swapped.gguf"
+    shutil.copy(src, bad)
+    reader = gg.GGUFReader(str(bad), "r+")
+    swapped = 0
+    for t in reader.tensors:
+        if t.tensor_type == gg.GGMLQuantizationType.MXFP4:
+            blocks = t.data.reshape(-1, 17)          # 1 scale byte + 16 bytes of nibbles
+            blocks[:, 1:] = (blocks[:, 1:] >> 4) | (blocks[:, 1:] << 4)
+            swapped += 1
+    reader.data.flush()
+    assert swapped > 0
+    ours = dmx_perplexity(ggufs["demo"][0], text_file, CTX, CHUNKS)
+    assert abs(math.log(llama_perplexity(bad, text_file, CTX, CHUNKS) / ours)) > 0.5
