@@ -367,8 +367,8 @@ _HELP = {
                "all but lm_head and embeddings)",
     "exclude": "never quantize linears whose name matches this regex (repeatable)",
     "export_target": "before the first step, leave out the layers this target cannot hold "
-                     "(any = what compressed-tensors, quark and gguf all accept; none = no "
-                     "check)",
+                     "(any = what compressed-tensors and gguf both accept; quark holds no MXFP8 "
+                     "weights, so plan a Quark export with quark; none = no check)",
     "tie_fused": "q/k/v and gate/up share one offset, as vLLM serves them (default recipe: "
                  "on; paper: off)",
     "calib": "calibration text file(s) (default: the embedded wiki.valid.raw)",

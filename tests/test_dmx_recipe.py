@@ -65,11 +65,19 @@ def test_export_plan_excludes_ragged_layers_and_refuses_unstorable_rungs():
     assert kept == ["a", "c"] and list(excluded) == ["b"] and "172" in excluded["b"]
     assert plan_for_target(shapes, "fp8-fp4", "none") == (["a", "b", "c"], {})
     # MXFP6: only Quark holds it; the message names the target that works
-    with pytest.raises(DMXError, match="compressed-tensors cannot store fp6_e3m2.*quark"):
+    with pytest.raises(DMXError, match="compressed-tensors cannot store fp6_e2m3; use "
+                                       "--export-target quark"):
+        plan_for_target(shapes, "fp6-fp4", "compressed-tensors")
+    # MXFP6 and MXFP8 weights together: no target holds both
+    with pytest.raises(DMXError, match="cannot store fp6_e3m2; use another --ladder"):
         plan_for_target(shapes, "fp8-fp6-fp4", "compressed-tensors")
     with pytest.raises(DMXError, match="cannot store"):
         plan_for_target(shapes, "fp8-fp6-fp4", "any")
-    assert plan_for_target(shapes, "fp8-fp6-fp4", "quark")[0] == ["a", "c"]
+    assert plan_for_target(shapes, "fp6-fp4", "quark")[0] == ["a", "c"]
+    # Quark holds no MXFP8 weights (amd-quark cannot run them); "any" leaves Quark out
+    with pytest.raises(DMXError, match="quark cannot store fp8_e4m3"):
+        plan_for_target(shapes, "fp8-fp6-fp4", "quark")
+    assert plan_for_target(shapes, "fp8-fp4", "any")[0] == ["a", "c"]
     with pytest.raises(DMXError, match="no layer can be exported"):
         plan_for_target({"b": (64, 172)}, "fp8-fp4", "gguf")
 

@@ -76,14 +76,17 @@ def supported_formats(target: str) -> frozenset:
     """The element formats ``target`` can store (each backend's own table)."""
     if target == "compressed-tensors":
         from dmx.export.compressed_tensors import FORMAT_OF as table
-    elif target == "quark":
-        from dmx.export.quark import DTYPE_OF as table
+    elif target == "quark":   # weights: amd-quark cannot run MXFP8 weights (quark.check)
+        from dmx.export.quark import WEIGHT_DTYPES as table
     elif target == "gguf":
         from dmx.export.gguf_export import EIGHT_BIT
         table = ("fp4_e2m1",) + EIGHT_BIT
     else:
         raise DMXError(f"unknown export target {target!r}")
     return frozenset(table)
+
+
+ANY_TARGETS = ("compressed-tensors", "gguf")
 
 
 def plan_for_target(shapes: dict, ladder, target: str) -> tuple[list[str], dict[str, str]]:
@@ -97,15 +100,17 @@ def plan_for_target(shapes: dict, ladder, target: str) -> tuple[list[str], dict[
 
     if target == "none":
         return list(shapes), {}
-    targets = TARGETS if target == "any" else (target,)
+    # "any" = compressed-tensors and gguf: Quark holds no MXFP8 weights, the default ladder's
+    # top rung, so a Quark export is planned with --export-target quark
+    targets = ANY_TARGETS if target == "any" else (target,)
     lad = get_ladder(ladder)
     for t in targets:
         missing = [r.fmt for r in lad.rungs if r.fmt not in supported_formats(t)]
         if missing:
             others = [o for o in TARGETS if all(r.fmt in supported_formats(o) for r in lad.rungs)]
-            hint = (f"--export-target {others[0]}" if others else "--export-target none")
+            hint = f"--export-target {others[0]}, " if others else ""
             raise DMXError(f"ladder {lad.name}: {t} cannot store {', '.join(missing)}; use "
-                           f"{hint}, another --ladder, or --export-target none to search anyway")
+                           f"{hint}another --ladder, or --export-target none to search anyway")
     kept, excluded = [], {}
     for name, (_, in_features) in shapes.items():
         if in_features % 32:
