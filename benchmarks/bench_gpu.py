@@ -722,7 +722,7 @@ def main(argv=None):
     lean = args.lean
     # seconds each section needs at least to start (else it is skipped, saying so); the
     # search is reserved its share before the speed section may use the rest
-    # (the search: load + convert-free f32 model, Triton compile, steps, OUT packing ~ 60 s)
+    # (the search: model load, Triton compile, the steps, packing OUT: about 60 s)
     search_need = 60 + 2 * args.search_steps if cuda else 10
     if "exact" in want:
         section("exact", 30, deadline)(sec_exact, device, args.quick or not cuda, dry, lean)
