@@ -1,6 +1,8 @@
-"""GPU check and benchmark in one run: exactness against mxref, then throughput.
+"""GPU check and benchmark in one run: exactness against mxref, then throughput, the
+search step and a short real search; one summary table at the end.
 
-Sections (each in its own try/except, results written to JSON as they come):
+Sections (each in its own try/except, results written to JSON as they come; pick a subset
+with --sections, in any order: they run in the order below):
   1. env       -- torch / triton / device.
   2. exact     -- dmx.quant's torch path on the GPU and the Triton kernel against mxref
                   (computed on the CPU from the same data): every element format, float32 /
@@ -10,13 +12,23 @@ Sections (each in its own try/except, results written to JSON as they come):
   3. realfmt   -- Triton real-format forward/backward against dmx.realfmt on the GPU.
   4. speed     -- G elements/s, bf16 in/out: device copy, plain-PyTorch MX fake-quant
                   (eager, torch.compile), dmx.quant torch path (eager, compiled), Triton
-                  kernel, dmx.quant.fake_quantize with the Triton backend, torchao to_mx.
-  5. step      -- benchmarks/bench_search_step.py's CUDA path (batch 8 x 2048).
-  6. torchao   -- torchao to_mx (eager) on the speed shapes, last (see sec_torchao).
-On a machine without CUDA only the CPU-safe parts run (env, and exact on CPU tensors
-for the torch path), so the script itself can be checked anywhere.
+                  kernel, dmx.quant.fake_quantize with the Triton backend.
+  5. step      -- benchmarks/bench_search_step.py's CUDA path (batch 8 x 2048): time and
+                  peak memory of the dMX search step next to the bf16 step.
+  6. search    -- `dmx search --model DIR` (default recipe, target 6, --search-steps steps
+                  of 8 x 2048) through the CLI in this process: time per step (median after
+                  the first, which compiles), peak memory, bits, calibration perplexity,
+                  and the projected time of the paper protocol's 400 steps. Needs --model
+                  (a Hugging Face directory, e.g. SmolLM2-135M from build_smollm2.py).
+  7. realfmt_speed, 8. torchao -- optional extras (torchao from DMX_EXTRA_SITE), last.
 
-Usage: python benchmarks/bench_gpu.py [--out DIR] [--budget SECONDS] [--quick]
+--cpu-dry-run runs the same code paths on tiny CPU tensors (Triton through its
+interpreter when triton is installed; without it the Triton rows say "skipped"), the
+search section on the embedded tiny-qwen3 when no --model is given: it checks the script,
+it measures nothing.
+
+Usage: python benchmarks/bench_gpu.py [--out DIR] [--budget SECONDS] [--sections LIST]
+       [--model DIR] [--search-steps N] [--lean] [--cpu-dry-run]
 """
 from __future__ import annotations
 
@@ -142,6 +154,8 @@ def sec_env():
         p = torch.cuda.get_device_properties(0)
         info.update(device=p.name, sms=p.multi_processor_count,
                     mem_gib=round(p.total_memory / 2**30, 1))
+    else:
+        info["device"] = "cpu"
     log(info)
     return info
 
@@ -200,7 +214,16 @@ def sec_exact(device, quick, dry=False, lean=False):
     return {"summary": summary, "nan_payload_elements": nan_payload, "cases": cases}
 
 
+def triton_missing() -> dict | None:
+    """{"skipped": why} when the Triton kernels cannot run in this process (a CPU dry run
+    without triton installed), else None."""
+    from dmx import triton_kernels as tk
+    return None if tk.available() else {"skipped": "triton is not installed here"}
+
+
 def sec_realfmt(device, lean=False):
+    if triton_missing():
+        return triton_missing()
     from dmx import fused
     from dmx.realfmt import real_format_quantize
     out = []
@@ -291,7 +314,8 @@ def sec_speed(device, shapes, deadline, lean=False):
     x0 = torch.randn(*shapes[0], device=device, dtype=torch.bfloat16)
     f8 = mxref.get_format("fp8_e4m3")
     sweep = {}
-    for epp in ((4096, 8192) if lean else (2048, 4096, 8192, 16384)):
+    have_triton = triton_missing() is None
+    for epp in ((4096, 8192) if lean else (2048, 4096, 8192, 16384)) if have_triton else ():
         for nw in ((4, 8) if lean else (4, 8)):
             tk.CONFIG.update(elems_per_prog=epp, num_warps=nw)
             try:
@@ -320,7 +344,7 @@ def sec_speed(device, shapes, deadline, lean=False):
                 ("plain PyTorch torch.compile", fmt, lambda a=args: plain_c(x, *a)),
                 ("dmx.quant.fake_quantize (Triton backend)", fmt,
                  lambda fm=fmt: fake_quantize(x, fm)),
-            ]
+            ][0 if have_triton else 1:]  # without triton the public API is the torch path
             if not lean:
                 impls.append(("plain PyTorch eager", fmt,
                               lambda a=args: plain_mx_fake_quant(x, *a)))
@@ -402,8 +426,10 @@ def sec_realfmt_speed(device):
     gy = torch.randn_like(x)
     e = torch.tensor(3.3, device=device, requires_grad=True)
     m = torch.tensor(2.3, device=device, requires_grad=True)
-    for name, fn in (("dmx.realfmt torch", real_format_quantize),
-                     ("dmx Triton (dmx.fused)", fused._real_triton)):
+    impls = [("dmx.realfmt torch", real_format_quantize)]
+    if triton_missing() is None:
+        impls.append(("dmx Triton (dmx.fused)", fused._real_triton))
+    for name, fn in impls:
         def fwd():
             with torch.no_grad():
                 return fn(x, e, m, -1, 32, 448.0)
@@ -433,13 +459,155 @@ def sec_step(device, grad_ckpt=False, lean=False):
     return res
 
 
+PAPER_STEPS = 400  # the paper protocol's steps (batch 8 x 2048): what the projection is for
+
+
+def _timed_train_steps(times: list, device):
+    """dmx.train._train_step wrapped to append each step's wall seconds to ``times``
+    (synchronized on CUDA). The CLI below calls train_offsets, which looks the step
+    function up in its module, so the search runs unchanged, only timed."""
+    import dmx.train as train
+    inner = train._train_step
+
+    def timed(*args, **kwargs):
+        _sync(device)
+        t = time.perf_counter()
+        record = inner(*args, **kwargs)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+        return record
+    return train, inner, timed
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def sec_search(device, model_dir, steps, dry=False):
+    """A short `dmx search` (default recipe) on a real model through the CLI, in this
+    process so that the step times and the peak memory can be read."""
+    import shutil
+    import tempfile
+
+    from dmx import data
+    from dmx.cli import main as dmx_main
+    if model_dir is None:
+        if not dry:
+            return {"skipped": "no --model DIR (see docs/gpu_runbook.md)"}
+        model_dir = data.embedded_model_dir()  # the dry run: the embedded 5.8 M Qwen3
+    cuda = device.type == "cuda"
+    seqlen, batch = (2048, 8) if cuda else (32, 2)
+    work = Path(tempfile.mkdtemp(prefix="bench_gpu_search_"))
+    argv = ["search", "--model", str(model_dir), "--target-bits", "6", "--recipe", "default",
+            "--steps", str(steps), "--batch-size", str(batch), "--seqlen", str(seqlen),
+            "--device", device.type, "--checkpoint-every", "0", "--no-progress",
+            "-o", str(work / "out")]
+    times: list = []
+    train, inner, timed = _timed_train_steps(times, device)
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    log("dmx " + " ".join(argv))
+    t0 = time.perf_counter()
+    train._train_step = timed
+    try:
+        rc = dmx_main(argv)
+    finally:
+        train._train_step = inner
+    wall = time.perf_counter() - t0
+    try:
+        res = {"argv": argv, "exit_code": rc, "wall_s": wall, "step_s": times}
+        if rc != 0:
+            res["error"] = f"dmx search exited {rc} (its message is in the log above)"
+            return res
+        manifest = json.loads((work / "out" / "dmx_manifest.json").read_text())
+        meta = manifest["search"]
+        steady = times[1:] or times
+        res.update(model=str(model_dir), steps=steps, batch=batch, seqlen=seqlen,
+                   first_step_s=times[0] if times else None,
+                   median_step_s=statistics.median(steady) if steady else None,
+                   achieved_bits=meta.get("achieved_bits"), end_ppl=meta.get("end_ppl"))
+        if res["median_step_s"]:
+            res["projected_paper_steps_s"] = PAPER_STEPS * res["median_step_s"]
+        if cuda:
+            res["peak_bytes"] = torch.cuda.max_memory_allocated()
+        gguf_record = Path(model_dir) / "dmx_gguf.json"  # a build_smollm2.py conversion
+        if gguf_record.is_file():
+            res["model_sha256"] = json.loads(gguf_record.read_text()).get("sha256")
+        log("search", {k: v for k, v in res.items() if k not in ("argv", "step_s")})
+        return res
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def summary_rows() -> list[tuple[str, str, str, str]]:
+    """(check, measured, target, status) for each section that ran: the one table."""
+    s = RESULTS["sections"]
+    dry = s.get("env", {}).get("dry_run", False)
+
+    def timed(ok: bool) -> str:  # a dry run's timings are no measurement: no verdict
+        return "dry run" if dry else ("met" if ok else "**not met**")
+    rows = []
+    for name, v in s.items():
+        if isinstance(v, dict) and ("skipped" in v or "error" in v) and name != "env":
+            rows.append((name, v.get("error") or "skipped: " + v["skipped"], "", "not run"
+                         if "skipped" in v else "error"))
+    ex = s.get("exact", {})
+    for impl, v in ex.get("summary", {}).items():
+        rows.append((f"bit-exact vs mxref: {impl}", f"{v['exact']} / {v['cases']} cases",
+                     "all", "met" if v["exact"] == v["cases"] else "**not met**"))
+    rf = s.get("realfmt", {})
+    if "cases" in rf:
+        bad = sum(r["fwd"]["mismatch"] + r["dx"]["mismatch"] for r in rf["cases"])
+        rows.append(("Triton real format vs dmx.realfmt (fwd + dx bits)",
+                     f"{bad} mismatching elements in {len(rf['cases'])} cases", "0",
+                     "met" if bad == 0 else "**not met**"))
+    for r in s.get("speed", {}).get("rows", []):
+        if r["impl"] in ("dmx Triton kernel", "dmx.quant.fake_quantize (Triton backend)") \
+                and "x_compiled_plain" in r:
+            rows.append((f"fake-quant {r['fmt']} {r['shape'][0]}x{r['shape'][1]}: {r['impl']}",
+                         f"{r['gelem_s']:.1f} G elem/s, {r['x_compiled_plain']:.2f}x compiled "
+                         f"plain", ">= 2.5x", timed(r["x_compiled_plain"] >= 2.5)))
+    st = s.get("step", {})
+    for mode, r in st.get("modes", {}).items():
+        if mode == "bf16" or "time_ratio" not in r:
+            continue
+        ms = r["sec_per_step"] * 1e3
+        rows.append((f"search step {mode} vs bf16 ({st['batch']}x{st['seq']}, "
+                     f"{st['layers']} layers): time", f"{ms:.1f} ms, {r['time_ratio']:.2f}x",
+                     "<= 1.3x", timed(r["time_ratio"] <= 1.3)))
+        if "memory_ratio" in r:
+            rows.append((f"search step {mode} vs bf16: peak memory",
+                         f"{r['peak_bytes'] / 2**30:.2f} GiB, {r['memory_ratio']:.2f}x",
+                         "<= 1.2x", timed(r["memory_ratio"] <= 1.2)))
+    se = s.get("search", {})
+    if "median_step_s" in se:
+        peak = f", peak {se['peak_bytes'] / 2**30:.2f} GiB" if "peak_bytes" in se else ""
+        rows.append((f"dmx search {Path(se['model']).name}, {se['steps']} steps x "
+                     f"{se['batch']}x{se['seqlen']}",
+                     f"{se['median_step_s']:.3f} s/step (first {se['first_step_s']:.1f} s)"
+                     f"{peak}; {PAPER_STEPS} steps ~ {se['projected_paper_steps_s'] / 60:.1f} "
+                     f"min; bits {se['achieved_bits']['simple']:.3f}; calib ppl hard "
+                     f"{se['end_ppl']['hard_repaired']:.3f}", "runs", "ran"))
+    return rows
+
+
+def summary_markdown() -> str:
+    lines = ["| check | measured | target | status |", "| --- | --- | --- | --- |"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary_rows()]
+    return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------- report
 def markdown() -> str:
     s = RESULTS["sections"]
     env = s.get("env", {})
     lines = ["# GPU benchmark (benchmarks/bench_gpu.py)", "",
              f"Device: {env.get('device', '?')}, torch {env.get('torch')}, "
-             f"triton {env.get('triton')}, python {env.get('python')}.", ""]
+             f"triton {env.get('triton')}, python {env.get('python')}"
+             + (" (--cpu-dry-run: code paths only, no measurement)" if env.get("dry_run")
+                else "") + ".", "", "## Summary", "", summary_markdown()]
     ex = s.get("exact", {})
     if "summary" in ex:
         lines += ["## Bit-exactness against mxref (on the GPU)", "",
@@ -499,23 +667,47 @@ def markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
+SECTIONS = ("exact", "realfmt", "speed", "step", "search", "realfmt_speed", "torchao")
+LEAN_SECTIONS = ("exact", "realfmt", "speed", "step", "search")
+
+
 def main(argv=None):
     global OUT
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks/results"))
-    ap.add_argument("--budget", type=float, default=400.0, help="seconds for the whole run")
+    ap.add_argument("--budget", type=float, default=420.0,
+                    help="seconds for the whole run (default 420: inside an 8-minute call)")
     ap.add_argument("--quick", action="store_true", help="fewer exactness tensors")
     ap.add_argument("--grad-checkpointing", action="store_true")
     ap.add_argument("--lean", action="store_true",
                     help="a shorter run: fewer exactness cases, one speed shape, no torch "
-                         "dMX step, no torchao")
+                         "dMX step, no realfmt_speed/torchao")
     ap.add_argument("--sections", default=None,
-                    help="comma-separated subset of: exact,realfmt,speed,step,realfmt_speed,"
-                         "torchao (default: all; with --lean all but the last two)")
+                    help=f"comma-separated subset of: {','.join(SECTIONS)} (default: all; "
+                         f"with --lean: {','.join(LEAN_SECTIONS)})")
+    ap.add_argument("--model", default=None,
+                    help="Hugging Face model directory for the search section (e.g. the "
+                         "SmolLM2-135M built by benchmarks/build_smollm2.py)")
+    ap.add_argument("--search-steps", type=int, default=6,
+                    help="steps of the search section (default 6: the first compiles)")
     ap.add_argument("--cpu-dry-run", action="store_true",
-                    help="run every section on tiny CPU tensors through the Triton "
-                         "interpreter (checks the script, measures nothing)")
+                    help="run every section on tiny CPU tensors (Triton through its "
+                         "interpreter if installed): checks the script, measures nothing")
     args = ap.parse_args(argv)
+    want = (args.sections or ",".join(LEAN_SECTIONS if args.lean else SECTIONS)).split(",")
+    unknown = sorted(set(want) - set(SECTIONS))
+    if unknown:
+        print(f"bench_gpu: error: unknown section(s) {', '.join(unknown)}; choose from "
+              f"{', '.join(SECTIONS)}", file=sys.stderr)
+        return 2
+    if args.model is not None and not Path(args.model).is_dir():
+        print(f"bench_gpu: error: --model {args.model}: no such directory; build it with "
+              f"benchmarks/build_smollm2.py (docs/gpu_runbook.md)", file=sys.stderr)
+        return 2
+    if args.search_steps < 2:
+        print("bench_gpu: error: --search-steps must be at least 2 (the first step "
+              "compiles; the median is taken over the others)", file=sys.stderr)
+        return 2
     OUT = Path(args.out)
     OUT.mkdir(parents=True, exist_ok=True)
     deadline = T0 + args.budget
@@ -526,31 +718,41 @@ def main(argv=None):
         os.environ["TRITON_INTERPRET"] = "1"
         os.environ["DMX_TRITON_ON_CPU"] = "1"
     section("env", 0, deadline)(sec_env)
+    RESULTS["sections"]["env"]["dry_run"] = dry
     lean = args.lean
-    want = set((args.sections or ("exact,realfmt,speed,step" if lean else
-                                  "exact,realfmt,speed,step,realfmt_speed,torchao")).split(","))
+    # seconds each section needs at least to start (else it is skipped, saying so); the
+    # search is reserved its share before the speed section may use the rest
+    # (the search: model load, Triton compile, the steps, packing OUT: about 60 s)
+    search_need = 60 + 2 * args.search_steps if cuda else 10
     if "exact" in want:
         section("exact", 30, deadline)(sec_exact, device, args.quick or not cuda, dry, lean)
     if cuda or dry:
         shapes = [(4096, 8192), (16384, 16384)] if cuda else [(64, 256)]
+        reserve = (search_need if "search" in want else 0) + (40 if "step" in want else 0)
         if "realfmt" in want:
             section("realfmt", 20, deadline)(sec_realfmt, device, lean)
         if "speed" in want:
-            section("speed", 60, deadline)(sec_speed, device, shapes,
-                                           deadline - (80 if lean else 150), lean)
+            section("speed", 60, deadline - reserve)(sec_speed, device, shapes,
+                                                     deadline - reserve - 30, lean)
         if "step" in want:
-            section("step", 40, deadline)(sec_step, device, args.grad_checkpointing, lean)
+            section("step", 40, deadline - (search_need if "search" in want else 0))(
+                sec_step, device, args.grad_checkpointing, lean)
+        if "search" in want:
+            section("search", search_need, deadline)(sec_search, device, args.model,
+                                                      args.search_steps, dry)
         if "realfmt_speed" in want:
             section("realfmt_speed", 15, deadline)(sec_realfmt_speed, device)
         if "torchao" in want:
             section("torchao", 10, deadline + 20)(sec_torchao, device, shapes)
     else:
-        log("no CUDA device: only the CPU-safe sections ran")
+        log("no CUDA device: only the CPU-safe sections ran (use --cpu-dry-run for all)")
     md = markdown()
     (OUT / "gpu.md").write_text(md)
     save()
     print(md, flush=True)
+    print("== summary (bench_gpu.py)\n" + summary_markdown(), flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

