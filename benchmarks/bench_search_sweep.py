@@ -43,11 +43,13 @@ def _parse(argv=None):
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--samples", type=int, default=None)
-    p.add_argument("--lr", type=float, default=1.0)
-    p.add_argument("--lam", type=float, default=5.0, help="hinge slope (dmx search --lam)")
-    p.add_argument("--init", default="low", help="dmx search --init: low or target")
-    p.add_argument("--fill-budget", action=argparse.BooleanOptionalAction, default=True,
-                   help="dmx search --fill-budget (default on)")
+    p.add_argument("--recipe", default="default", help="dmx search --recipe: default or paper")
+    p.add_argument("--lr", type=float, default=None, help="dmx search --lr (default: recipe's)")
+    p.add_argument("--lam", type=float, default=None, help="hinge slope (dmx search --lam)")
+    p.add_argument("--init", default=None, help="dmx search --init: low or target")
+    p.add_argument("--extra", default="", help="more `dmx search` flags, one string")
+    p.add_argument("--fill-budget", action=argparse.BooleanOptionalAction, default=None,
+                   help="dmx search --fill-budget (default: the recipe's)")
     p.add_argument("--distill", action="store_true")
     p.add_argument("--weighting", default="simple")
     p.add_argument("--kl-samples", type=int, default=16,
@@ -107,17 +109,20 @@ def _manifest(out: Path) -> dict:
 
 def _search_argv(args, target: float, out: Path) -> list[str]:
     argv = ["search", "--model", args.model, "--target-bits", repr(target), "--ladder",
-            args.ladder, "--calib", args.calib, "--seqlen", str(args.seqlen), "--steps",
-            str(args.steps), "--batch-size", str(args.batch_size), "--lr", repr(args.lr),
-            "--lam", repr(args.lam), "--init", args.init, "--weighting", args.weighting,
-            "--device", args.device, "--seed", str(args.seed), "--checkpoint-every", "0",
-            "--no-progress", "--force", "-o", str(out)]
+            args.ladder, "--recipe", args.recipe, "--calib", args.calib, "--seqlen",
+            str(args.seqlen), "--steps", str(args.steps), "--batch-size",
+            str(args.batch_size), "--weighting", args.weighting, "--device", args.device,
+            "--seed", str(args.seed), "--checkpoint-every", "0", "--no-progress", "--force",
+            "-o", str(out), *shlex.split(args.extra)]
+    for flag, value in (("--lr", args.lr), ("--lam", args.lam), ("--init", args.init)):
+        if value is not None:
+            argv += [flag, str(value)]
     if args.samples:
         argv += ["--samples", str(args.samples)]
     if args.distill:
         argv.append("--distill")
-    if not args.fill_budget:
-        argv.append("--no-fill-budget")
+    if args.fill_budget is not None:
+        argv.append("--fill-budget" if args.fill_budget else "--no-fill-budget")
     return argv
 
 
@@ -218,8 +223,9 @@ def _write_results(args, rows, eval_walls, report: str, reference: dict,
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
              f"Model {args.model}; calibration {args.calib}; evaluation {args.eval_file}; "
              f"seqlen {args.seqlen}; ladder {args.ladder}; steps {args.steps}, batch "
-             f"{args.batch_size}, samples {args.samples or args.steps * args.batch_size}, lr "
-             f"{args.lr}, lam {args.lam}, init {args.init}, fill-budget {args.fill_budget}, "
+             f"{args.batch_size}, samples {args.samples or args.steps * args.batch_size}, recipe "
+             f"{args.recipe} {args.extra}, lr {args.lr}, lam {args.lam}, init {args.init}, "
+             f"fill-budget {args.fill_budget} (None: the recipe's), "
              f"distill {args.distill}, weighting {args.weighting}, seed {args.seed}.",
              f"Whole sweep: {sweep_s / 60:.1f} min wall, {args.jobs} command(s) at a time, "
              f"{args.threads or 'default'} thread(s) each"
