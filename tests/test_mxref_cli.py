@@ -258,3 +258,46 @@ def test_force_never_overwrites_the_input(npy, tmp_path, capsys):
     assert_bad_input(["pack", str(q), "-o", str(q), "--force"], capsys,
                      "is also an input of this command")
     assert q.read_bytes() == before
+
+
+QUANTIZE_RACER = """
+import sys, time
+from pathlib import Path
+import numpy as np
+from mxref.cli import main
+src, out, me, peer = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+bar = out.parent / "barrier"
+savez = np.savez
+def savez_then_wait(*args, **kwargs):  # inside the writer: both are past the existence check
+    savez(*args, **kwargs)
+    (bar / me).touch()
+    t0 = time.time()
+    while not (bar / peer).exists() and time.time() - t0 < 60:
+        time.sleep(0.01)
+np.savez = savez_then_wait
+fmt = "fp4_e2m1" if me == "a" else "fp8_e4m3"
+sys.exit(main(["quantize", src, "--format", fmt, "-o", str(out)]))
+"""
+
+
+def test_two_quantizes_to_the_same_npz_one_wins(tmp_path):
+    """Two real `mxref quantize -o same.npz` processes past the existence check at once:
+    one result lands, the other exits 2 with one line saying where its result was kept
+    (before: both exited 0 and one file silently replaced the other)."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "w.npy"
+    np.save(src, np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32))
+    out = tmp_path / "same.npz"
+    (tmp_path / "barrier").mkdir()
+    env = dict(os.environ, PYTHONPATH=str(root))
+    procs = {me: subprocess.Popen([sys.executable, "-c", QUANTIZE_RACER, str(src), str(out),
+                                   me, peer], env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True)
+             for me, peer in (("a", "b"), ("b", "a"))}
+    res = {me: (p.wait(timeout=120), p.stderr.read().strip()) for me, p in procs.items()}
+    assert sorted(rc for rc, _ in res.values()) == [0, 2], res
+    winner = next(me for me, (rc, _) in res.items() if rc == 0)
+    err = next(e for rc, e in res.values() if rc == 2)
+    assert "\n" not in err and "kept at" in err, err
+    assert str(load_npz(str(out)).fmt.key) == ("fp4_e2m1" if winner == "a" else "fp8_e4m3")
