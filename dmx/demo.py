@@ -124,8 +124,8 @@ def run_demo(out="runs/demo", quick: bool = False, force: bool = False,
     print(f"{'unquantized':>16}  {'-':<8} {'32':>8}  {ref['ppl']:8.2f}")
     for r in rows:
         print(f"{r['run']:>16}  {r['method']:<8} {r['avg_bits']:8.3f}  {r['ppl']:8.2f}")
-    _say(f"wrote {dest}/ (OUT dirs + report/report.md, report/pareto.png, report/dynamics.png) in "
-         f"{time.time() - t0:.0f} s")
+    _say(f"wrote {dest}/ (OUT dirs + report/report.md, report/pareto.png, "
+         f"report/dynamics.png) in {time.time() - t0:.0f} s")
     return rows
 
 
