@@ -13,7 +13,7 @@ anneal can end a step over it. Two tools:
   the target, demote the units whose offsets are closest to their lower boundary until
   it fits) and, optionally, *fill* (promote the units whose offsets are closest to their
   upper boundary while the average stays <= target). A unit is a fused group (q/k/v,
-  gate/up: they move together, :func:`dmx.baseline.fused_units`) or a single linear.
+  gate/up: they move together, :func:`dmx.layers.fused_units`) or a single linear.
   The average is :func:`dmx.io.average_bits_of` (dmx.penalty's definitions) with the
   weighting the penalty used. The ranking is the search's own: the learned offsets.
   Fill uses the rule of the KL baseline (:func:`dmx.baseline.greedy_promote`: in rank
@@ -157,7 +157,7 @@ def repair_assignment(formats: dict, offsets: dict, shapes: dict, ladder, target
     ladder with a middle rung, the unit competes again with its next boundary); ties keep
     model order. A unit demoted to fit is not promoted again by fill.
     """
-    from dmx.baseline import fused_units
+    from dmx.layers import fused_units
     from dmx.io import average_bits_of
     from dmx.ladders import get_ladder
 

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import mxref
 from dmx.errors import DMXError
+from dmx.ladders import check_target_bits  # noqa: F401 (API: one rule, in dmx.ladders)
+from dmx.layers import fused_units  # noqa: F401 (API: one definition, in dmx.layers)
 
 __all__ = ["METHODS", "ROTATIONS", "quantizable_layers", "fused_units", "uniform_baseline",
            "kl_sensitivities", "greedy_promote", "kl_baseline", "check_target_bits",
@@ -57,9 +59,9 @@ def quantizable_layers(model, include=None, exclude=()) -> list[str]:
 def select_layers(model, include, ladder, export_target: str = "any", say=print,
                   exclude=()) -> list[str]:
     """The linears a search or baseline quantizes: :func:`quantizable_layers`, minus those
-    ``export_target`` cannot hold (dmx.export.rules.plan_for_target), said with the
+    ``export_target`` cannot hold (dmx.export.plan.plan_for_target), said with the
     coverage. Fused units stay whole (their layers share in_features)."""
-    from dmx.export.rules import plan_for_target
+    from dmx.export.plan import plan_for_target
 
     names = quantizable_layers(model, include, exclude)
     shapes = _shapes(model, names)
@@ -74,25 +76,6 @@ def select_layers(model, include, ladder, export_target: str = "any", say=print,
             f"{len(kept)} quantized, {100.0 * covered / total:.1f}% of the linear weights "
             f"(--export-target none quantizes them all)")
     return kept
-
-
-def fused_units(names: list[str]) -> list[tuple[str, ...]]:
-    """Names grouped into units that share a format (fused q/k/v and gate/up), in order."""
-    from dmx.layers import fused_key  # the one definition of which projections fuse
-    units: dict[str, list[str]] = {}
-    for n in names:
-        units.setdefault(fused_key(n) or n, []).append(n)
-    return [tuple(v) for v in units.values()]
-
-
-def check_target_bits(target, ladder) -> float:
-    t = float(target)
-    lo, hi = ladder.low.bits, ladder.high.bits
-    if not (math.isfinite(t) and lo <= t <= hi):
-        raise DMXError(f"--target-bits {target} is impossible with ladder {ladder.name}: choose "
-                       f"a value in [{lo}, {hi}] (element bits of {ladder.low.fmt} and "
-                       f"{ladder.high.fmt})")
-    return t
 
 
 def _formats_for(names, fmt, weights_only):
@@ -171,7 +154,7 @@ def kl_sensitivities(model, units, windows, low_fmt: str, weights_only: bool = F
     from tqdm.auto import tqdm
 
     from dmx.layers import apply_formats
-    from dmx.train import _distill_kl  # the search's KL(reference || quantized), float32
+    from dmx.losses import distill_kl  # the search's KL(reference || quantized), float32
 
     originals = {n: model.get_submodule(n) for u in units for n in u}
     totals = {u: 0.0 for u in units}
@@ -190,7 +173,7 @@ def kl_sensitivities(model, units, windows, low_fmt: str, weights_only: bool = F
                     finally:
                         for n in u:
                             model.set_submodule(n, originals[n])
-                    totals[u] += float(_distill_kl(logits, ref)) * ids.shape[0]
+                    totals[u] += float(distill_kl(logits, ref)) * ids.shape[0]
                     bar.update(1)
     finally:
         bar.close()

@@ -23,6 +23,23 @@ from mxref.outputs import canonical_sha256, sha256_file
 
 from dmx.errors import DMXError
 
+_SCHEMA_PATH = Path(__file__).parent / "manifest.schema.json"
+
+
+def _schema() -> dict:
+    return json.loads(_SCHEMA_PATH.read_text())
+
+
+def validate_manifest(manifest: dict, where: str = "manifest") -> None:
+    """Raise a one-line DMXError naming the first field that breaks the schema."""
+    import jsonschema
+    validator = jsonschema.Draft202012Validator(_schema())
+    errors = sorted(validator.iter_errors(manifest), key=lambda e: list(e.path))
+    if errors:
+        err = errors[0]
+        field = "/".join(str(p) for p in err.path) or "(top level)"
+        raise DMXError(f"{where}: field {field}: {err.message.splitlines()[0][:200]}")
+
 __all__ = ["FILES_KEY", "SELF_HASH_KEY", "UNSEALED", "seal", "verify_out", "reseal",
            "tensor_shapes", "check_shapes"]
 
@@ -88,7 +105,6 @@ def reseal(out_dir) -> dict:
     manifest is schema-checked first. Returns the new manifest."""
     from mxref.outputs import atomic_write
 
-    from dmx.io import validate_manifest
     out = Path(out_dir)
     manifest = json.loads((out / MANIFEST).read_text())
     validate_manifest(manifest, str(out / MANIFEST))

@@ -44,6 +44,7 @@ import numpy as np
 
 import mxref
 from dmx.errors import DMXError
+from dmx.integrity import validate_manifest  # the checks live in dmx.integrity
 
 __all__ = ["MANIFEST_NAME", "WEIGHTS_NAME", "EVAL_NAME", "FORMAT_VERSION", "write_out", "load",
            "read_manifest", "validate_manifest", "average_bits_of", "all_linear_bits",
@@ -61,7 +62,6 @@ _COPY_NAMES = {"config.json", "generation_config.json", "special_tokens_map.json
                "sentencepiece.bpe.model"}
 # dmx/manifest.schema.json is a symlink to specs/manifest.schema.json in the repository
 # (one source of truth); a built wheel carries it as a file (package data "*.json").
-_SCHEMA_PATH = Path(__file__).parent / "manifest.schema.json"
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -71,21 +71,6 @@ def layer_sha256(packed: np.ndarray, scales: np.ndarray) -> str:
     h.update(np.ascontiguousarray(packed).tobytes())
     h.update(np.ascontiguousarray(scales).tobytes())
     return h.hexdigest()
-
-
-def _schema() -> dict:
-    return json.loads(_SCHEMA_PATH.read_text())
-
-
-def validate_manifest(manifest: dict, where: str = "manifest") -> None:
-    """Raise a one-line DMXError naming the first field that breaks the schema."""
-    import jsonschema
-    validator = jsonschema.Draft202012Validator(_schema())
-    errors = sorted(validator.iter_errors(manifest), key=lambda e: list(e.path))
-    if errors:
-        err = errors[0]
-        field = "/".join(str(p) for p in err.path) or "(top level)"
-        raise DMXError(f"{where}: field {field}: {err.message.splitlines()[0][:200]}")
 
 
 def read_manifest(out_dir, verify: bool = True) -> dict:

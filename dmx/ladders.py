@@ -12,6 +12,7 @@ Bits convention: element bits 1 + e + m (MXFP4 = 4, MXFP8 = 8).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,7 @@ import mxref
 
 from dmx.errors import DMXError
 
-__all__ = ["Rung", "Ladder", "LADDERS", "get_ladder"]
+__all__ = ["Rung", "Ladder", "LADDERS", "get_ladder", "check_target_bits"]
 
 
 @dataclass(frozen=True)
@@ -127,3 +128,15 @@ def get_ladder(name) -> Ladder:
     if name not in LADDERS:
         raise DMXError(f"unknown ladder {name!r}; choose one of: {', '.join(LADDERS)}")
     return LADDERS[name]
+
+
+def check_target_bits(target, ladder) -> float:
+    """``target`` as a float, or a one-line error when the ladder cannot reach it (the one
+    rule for search, KL baseline and demo)."""
+    t = float(target)
+    lo, hi = ladder.low.bits, ladder.high.bits
+    if not (math.isfinite(t) and lo <= t <= hi):
+        raise DMXError(f"--target-bits {target} is impossible with ladder {ladder.name}: choose "
+                       f"a value in [{lo}, {hi}] (element bits of {ladder.low.fmt} and "
+                       f"{ladder.high.fmt})")
+    return t

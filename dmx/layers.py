@@ -26,7 +26,7 @@ from dmx.quant import fake_quantize
 from dmx.realfmt import real_format_linear
 
 __all__ = ["MXLinear", "DMXLinear", "wrap_model", "apply_formats", "set_temperature",
-           "hard_assignment", "dmx_parameters", "FUSED_GROUPS", "fused_key"]
+           "hard_assignment", "dmx_parameters", "FUSED_GROUPS", "fused_key", "fused_units"]
 
 DEFAULT_TEMPERATURE = 0.4  # code units (paper T_doc = 8), the schedule's start
 
@@ -231,6 +231,14 @@ def fused_key(name: str) -> str | None:
         if re.fullmatch(pattern, last):
             return f"{parent}.{tag}" if parent else tag
     return None
+
+
+def fused_units(names: list[str]) -> list[tuple[str, ...]]:
+    """Names grouped into units that share a format (fused q/k/v and gate/up), in order."""
+    units: dict[str, list[str]] = {}
+    for n in names:
+        units.setdefault(fused_key(n) or n, []).append(n)
+    return [tuple(v) for v in units.values()]
 
 
 def wrap_model(model: nn.Module, ladder="fp8-fp4", include=None, exclude=("lm_head", "embed"),

@@ -132,8 +132,7 @@ class SearchConfig:
     # ------------------------------------------------------------------ validation
     def checked(self) -> "SearchConfig":
         """Cheap checks, so that bad flags fail before a model is loaded; returns self."""
-        from dmx.baseline import check_target_bits  # one rule for search and KL
-        from dmx.ladders import get_ladder
+        from dmx.ladders import check_target_bits, get_ladder  # one rule for search and KL
 
         lad = get_ladder(self.ladder)
         for flag, value in (("--steps", self.steps), ("--batch-size", self.batch_size),

@@ -300,10 +300,11 @@ def _calib_ppl(model, windows) -> float:
     """Perplexity of the model as it is now on ``windows`` (next-token CE, no grad)."""
     import torch
 
-    from dmx.train import _forward_logits, _next_token_ce
+    from dmx.losses import next_token_ce
+    from dmx.train import _forward_logits
 
     with torch.no_grad():
-        ces = [float(_next_token_ce(_forward_logits(model, w[None]), w[None])) for w in windows]
+        ces = [float(next_token_ce(_forward_logits(model, w[None]), w[None])) for w in windows]
     return float(math.exp(sum(ces) / len(ces))) if ces else float("nan")
 
 

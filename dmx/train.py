@@ -24,13 +24,13 @@ import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dmx.anneal import TemperatureSchedule
 from dmx.errors import DMXError
 from dmx.layers import dmx_parameters, set_temperature
 from dmx.penalty import average_bits, hinge_penalty
+from dmx.losses import distill_kl, next_token_ce
 from dmx.recipe import SearchConfig
 
 __all__ = ["SearchInterrupted", "batch_indices", "quantization_bypassed",
@@ -123,17 +123,6 @@ def hard_bits(layers: dict, weighting: str = "simple") -> float:
     finally:
         for name, layer in layers.items():
             layer.hard = saved[name]
-
-
-def _next_token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-
-
-def _distill_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
-    """KL(reference || quantized) per token, in float32."""
-    log_q = F.log_softmax(logits.float(), dim=-1)
-    log_p = F.log_softmax(ref_logits.float(), dim=-1)
-    return F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1).mean()
 
 
 def _forward_logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -288,10 +277,10 @@ def _train_step(model, layers, windows, cfg: SearchConfig, optimizer, schedule, 
         with torch.no_grad(), quantization_bypassed(layers):
             ref_logits = _forward_logits(model, ids)
     logits = _forward_logits(model, ids)
-    ce = _next_token_ce(logits, ids)
+    ce = next_token_ce(logits, ids)
     loss = ce
     if cfg.distill:
-        kl = _distill_kl(logits, ref_logits)
+        kl = distill_kl(logits, ref_logits)
         loss = loss + kl
     avg = average_bits(layers, cfg.weighting)  # float32 whatever the model dtype
     lam = cfg.lam if cfg.budget == "hinge" else 0.0  # project: the budget is not a loss

@@ -12,7 +12,7 @@ import torch
 
 from dmx import data
 from dmx.errors import DMXError
-from dmx.export.rules import plan_for_target
+from dmx.export.plan import plan_for_target
 from dmx.layers import dmx_parameters, wrap_model
 from dmx.recipe import RECIPES, SearchConfig, config_from_dict
 from dmx.search import read_search_log, search

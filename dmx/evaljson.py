@@ -1,0 +1,55 @@
+"""OUT/eval.json: perplexities (`dmx eval OUT --save`) and lm-eval task results, one file.
+
+Its own module so that dmx.evaluate (perplexity) and dmx.zeroshot (tasks) both write it
+without importing each other.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dmx.errors import DMXError
+
+__all__ = ["load_eval", "save_eval", "save_task_results"]
+
+
+def load_eval(out_dir) -> dict | None:
+    """OUT/eval.json, or None when `dmx eval OUT --save` has not run."""
+    from dmx.io import EVAL_NAME
+    path = Path(out_dir) / EVAL_NAME
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DMXError(f"{path}: unreadable JSON ({err}); rerun `dmx eval {out_dir} --save`") \
+            from None
+
+
+def save_eval(out_dir, result: dict) -> Path:
+    """Record ``result`` in OUT/eval.json under its protocol key; "latest" names it."""
+    data = load_eval(out_dir) or {"results": {}}
+    key = (f"{Path(result['file']).name}|seqlen={result['seqlen']}|windows={result['windows']}"
+           f"|join={result.get('join', 'file')}")
+    data["results"][key] = result
+    data["latest"] = key
+    return _write_eval(out_dir, data)
+
+
+def save_task_results(out_dir, entries: dict) -> Path:
+    """Record lm-eval task entries (dmx.zeroshot.task_entries) in OUT/eval.json under
+    "tasks", next to the perplexities; a rerun of the same protocol replaces its entry and
+    moves it last (the last entry of a task is the one `dmx report` shows)."""
+    data = load_eval(out_dir) or {"results": {}}
+    tasks = data.setdefault("tasks", {})
+    for key, entry in entries.items():
+        tasks.pop(key, None)
+        tasks[key] = entry
+    return _write_eval(out_dir, data)
+
+
+def _write_eval(out_dir, data: dict) -> Path:
+    from dmx.io import EVAL_NAME, atomic_write_text
+    path = Path(out_dir) / EVAL_NAME
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+    return path

@@ -1,0 +1,62 @@
+"""Before a search or baseline: which layers an export target can hold (``--export-target``).
+
+Its own module (not dmx.export.rules) because it reads each backend's format table, and the
+backends import the rules.
+"""
+from __future__ import annotations
+
+from dmx.errors import DMXError
+
+__all__ = ["supported_formats", "plan_for_target"]
+
+
+def supported_formats(target: str) -> frozenset:
+    """The element formats ``target`` can store (each backend's own table)."""
+    if target == "compressed-tensors":
+        from dmx.export.compressed_tensors import FORMAT_OF as table
+    elif target == "quark":   # weights: amd-quark cannot run MXFP8 weights (quark.check)
+        from dmx.export.quark import WEIGHT_DTYPES as table
+    elif target == "gguf":
+        from dmx.export.gguf_export import EIGHT_BIT
+        table = ("fp4_e2m1",) + EIGHT_BIT
+    else:
+        raise DMXError(f"unknown export target {target!r}")
+    return frozenset(table)
+
+
+ANY_TARGETS = ("compressed-tensors", "gguf")
+
+
+def plan_for_target(shapes: dict, ladder, target: str) -> tuple[list[str], dict[str, str]]:
+    """Before a search: which of the layers ``shapes`` ({name: (out, in)}) ``target`` can
+    hold in every rung of ``ladder``. ``target``: a backend name, "any" (what all of
+    them accept) or "none" (no check). Returns (kept names, {excluded name: reason}); a
+    ladder rung the target cannot store at all raises (excluding layers cannot fix that).
+    """
+    from dmx.export import TARGETS
+    from dmx.ladders import get_ladder
+
+    if target == "none":
+        return list(shapes), {}
+    # "any" = compressed-tensors and gguf: Quark holds no MXFP8 weights, the default ladder's
+    # top rung, so a Quark export is planned with --export-target quark
+    targets = ANY_TARGETS if target == "any" else (target,)
+    lad = get_ladder(ladder)
+    for t in targets:
+        missing = [r.fmt for r in lad.rungs if r.fmt not in supported_formats(t)]
+        if missing:
+            others = [o for o in TARGETS if all(r.fmt in supported_formats(o) for r in lad.rungs)]
+            hint = f"--export-target {others[0]}, " if others else ""
+            raise DMXError(f"ladder {lad.name}: {t} cannot store {', '.join(missing)}; use "
+                           f"{hint}another --ladder, or --export-target none to search anyway")
+    kept, excluded = [], {}
+    for name, (_, in_features) in shapes.items():
+        if in_features % 32:
+            excluded[name] = (f"in_features {in_features} is not a multiple of 32 (MX kernels "
+                              f"read whole blocks)")
+        else:
+            kept.append(name)
+    if not kept:
+        raise DMXError(f"no layer can be exported to {target}: every in_features is ragged; "
+                       f"use --export-target none to search anyway")
+    return kept, excluded
