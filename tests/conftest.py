@@ -16,3 +16,4 @@ settings.register_profile("default", max_examples=150, **_COMMON)
 settings.register_profile("thorough", max_examples=3000, **_COMMON)
 settings.register_profile("ci", max_examples=150, derandomize=True, print_blob=True, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+

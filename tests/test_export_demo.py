@@ -15,20 +15,14 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from dmx import data  # noqa: E402
 from dmx.export import export  # noqa: E402
-from dmx.search import search  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    calib = root / "calib.txt"
-    calib.write_text(data.default_calibration_file().read_text(encoding="utf-8")[:40000],
-                     encoding="utf-8")
-    out = root / "dmx-6"
-    search(str(data.embedded_model_dir()), 6.0, calib=[calib], steps=4, batch_size=2,
-           seqlen=64, samples=8, init="target", lam=0.1, out=out, progress=False)
+    from demo_search import demo_search
+
+    out = demo_search(tmp_path_factory.mktemp("demo"))
     formats = {v["format"] for v in json.loads((out / "dmx_manifest.json").read_text())
                ["layers"].values()}
     assert formats == {"fp4_e2m1", "fp8_e4m3"}  # a mixed assignment: both paths exercised

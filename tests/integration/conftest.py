@@ -4,10 +4,14 @@ Session-scoped, so the llama.cpp and the transformers tests share one short sear
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
-from dmx import data
 from runtime_helpers import STORIES, formats_of
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: demo_search
 
 
 @pytest.fixture(scope="session")
@@ -15,16 +19,9 @@ def demo_out(tmp_path_factory):
     """A short dMX search on the embedded tiny-qwen3 at 6 bits, weights only (GGUF stores
     weights only, so llama.cpp and `dmx eval` then run the same numbers, bar Q8_0): the
     mixed MXFP4 + MXFP8 assignment `dmx demo` produces, in seconds."""
-    from dmx.search import search
+    from demo_search import demo_search  # noqa: E402 (tests/ on the path above)
 
-    root = tmp_path_factory.mktemp("demo")
-    calib = root / "calib.txt"
-    calib.write_text(data.default_calibration_file().read_text(encoding="utf-8")[:40000],
-                     encoding="utf-8")
-    out = root / "dmx-6"
-    search(str(data.embedded_model_dir()), 6.0, calib=[calib], steps=4, batch_size=2,
-           seqlen=64, samples=8, init="target", lam=0.1, out=out, progress=False,
-           weights_only=True)
+    out = demo_search(tmp_path_factory.mktemp("demo"), weights_only=True)
     assert formats_of(out) == {"fp4_e2m1", "fp8_e4m3"}
     return out
 
