@@ -24,7 +24,6 @@ Public API: ``quantizable_layers(model, include=None) -> [names]``,
 """
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
