@@ -42,7 +42,7 @@ from dmx.errors import DMXError
 __all__ = ["SearchConfig", "RECIPES", "BUDGETS", "PARAMETERIZATIONS", "GRAD_NORMS", "INITS",
            "WEIGHTINGS", "EXPORT_TARGETS", "ROTATIONS", "config_from_dict"]
 
-BUDGETS = ("project", "hinge")
+BUDGETS = ("project", "cap", "hinge")
 PARAMETERIZATIONS = ("clamp", "abs")
 GRAD_NORMS = ("normalize", "clip", "none")
 INITS = ("low", "target")
@@ -160,8 +160,8 @@ class SearchConfig:
         for flag, value in (("--lam", self.lam), ("--offset-margin", self.offset_margin)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise DMXError(f"{flag} must be >= 0, got {value!r}")
-        if self.budget == "project" and self.parameterization != "clamp":
-            raise DMXError("--budget project shifts the offsets themselves, which needs "
+        if self.budget in ("project", "cap") and self.parameterization != "clamp":
+            raise DMXError(f"--budget {self.budget} shifts the offsets themselves, which needs "
                            "--parameterization clamp (abs() is not monotone)")
         if not 0.0 <= self.momentum < 1.0:
             raise DMXError(f"--momentum must be in [0, 1), got {self.momentum!r}")

@@ -381,12 +381,13 @@ _HELP = {
     "distill": "add the KL divergence to the unquantized model's predictions",
     "weighting": "average the budget uses: simple (per layer, default) or size (per weight)",
     "budget": "how the budget is held: project (shift the offsets to the target after each "
-              "step; default recipe) or hinge (the paper's lam*max(0, avg-target))",
+              "step), cap (shift them down only when over it) or hinge (the paper's "
+              "lam*max(0, avg-target))",
     "lam": "slope of the hinge penalty (--budget hinge; paper 5)",
     "parameterization": "offset map: clamp (default recipe) or abs (the reference's |.|)",
     "init": "where the offsets start: target (soft average at the target; default recipe) "
             "or low (the low rung, as the reference)",
-    "offset_margin": "--budget project keeps offsets within the ladder +- this (default 0.5)",
+    "offset_margin": "--budget project/cap keeps offsets within the ladder +- this (default 0.5)",
     "lr": "SGD learning rate of the offsets (default recipe 0.01 with normalized "
           "gradients; paper 1.0)",
     "momentum": "SGD momentum (default recipe 0.9, paper 0.99)",

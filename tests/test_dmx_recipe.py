@@ -220,3 +220,33 @@ def test_projection_meets_the_budget_with_the_penalty_definition():
         assert inside and all(float(p.detach()) == pytest.approx(b + shift, abs=1e-6)
                               for p, b in zip(params, before) if -0.5 < b + shift < 2.5)
         assert all(-0.5 - 1e-6 <= float(p.detach()) <= 2.5 + 1e-6 for p in params)
+
+
+def test_one_sided_projection_only_acts_over_the_budget():
+    """--budget cap: under the target the offsets are only boxed (the cross-entropy raises
+    them); over it they get the same common shift as the two-sided projection."""
+    from dmx.assign import project_to_budget
+    from dmx.penalty import average_bits
+
+    model, _ = data.load_model_and_tokenizer(data.embedded_model_dir())
+    layers = wrap_model(model, "fp8-fp4", init=0.0)
+    for layer in layers.values():
+        layer.train()
+        layer.temperature = 0.9
+    params = dmx_parameters(model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.rand(()) * 0.3 - 0.9)  # some below the box (-0.5)
+    before = [float(p.detach()) for p in params]
+    assert float(average_bits(layers, "simple")) < 5.0
+    assert project_to_budget(layers, params, 5.0, "simple", 0.9, margin=0.5,
+                             one_sided=True) == 0.0
+    assert [float(p.detach()) for p in params] == pytest.approx(
+        [max(b, -0.5) for b in before], abs=1e-6)
+    with torch.no_grad():  # now over the budget: the one-sided projection binds
+        for p in params:
+            p.add_(2.0)
+    shift = project_to_budget(layers, params, 5.0, "simple", 0.9, margin=0.5, one_sided=True)
+    assert shift < 0
+    assert float(average_bits(layers, "simple")) == pytest.approx(5.0, abs=1e-5)
