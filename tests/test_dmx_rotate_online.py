@@ -191,13 +191,17 @@ def test_baseline_r4_out_is_marked_and_loads_as_the_fake_quant_model(baseline_ou
     assert not torch.allclose(_logits(loaded, ids), _logits(model, ids), atol=1e-2)
 
 
-def test_search_r4_out_loads_bit_for_bit(tmp_path, calib):
+@pytest.mark.parametrize("rotate", ["none", "learned"])
+def test_search_r4_out_loads_bit_for_bit(tmp_path, calib, rotate):
+    """R4 alone, and with learned R1/R2 (trained on top of the folded R4, whose record
+    must survive their fold)."""
     out = tmp_path / "s"
     result = search(MODEL, 5.0, calib=[calib], out=out, rotate_online=("r4",), steps=2,
-                    batch_size=2, seqlen=32, samples=4, progress=False)
+                    batch_size=2, seqlen=32, samples=4, progress=False, rotate=rotate)
     manifest = json.loads((out / "dmx_manifest.json").read_text())
     rot = manifest["rotation"]
-    assert rot["mode"] == "none" and rot["online"] == ["r4"] and rot["needs_runtime_support"]
+    assert rot["mode"] == rotate and rot["online"] == ["r4"] and rot["needs_runtime_support"]
+    assert rot["r4"] == "blockdiag24xsylvester32"
     assert manifest["search"]["config"]["rotate_online"] == ["r4"]
     loaded, _, _ = io.load(out)
     ids = _ids(loaded)
