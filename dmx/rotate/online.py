@@ -86,7 +86,9 @@ def _equal_block(q: torch.Tensor) -> int:
     block (n when it is not)."""
     n = q.shape[0]
     for b in range(1, n):
-        if n % b == 0 and torch.equal(q, torch.block_diag(*[q[:b, :b]] * (n // b))):
+        if n % b or q[:b, b:].any():  # (cheap test first: the rest of the first rows)
+            continue
+        if torch.equal(q, torch.block_diag(*[q[:b, :b]] * (n // b))):
             return b
     return n
 
@@ -118,14 +120,16 @@ def attach_r4(model: nn.Module, q: torch.Tensor) -> None:
         if getattr(mlp, _MARK, None) is not None:
             raise DMXError("R4 is already attached to this model; attach it once")
         setattr(mlp, _MARK, rot)
+        mlp.register_forward_pre_hook(_ensure_down_rotates)
 
-        def ensure(mlp, args):  # whatever module is down_proj now rotates its input
-            down = mlp.down_proj
-            if getattr(down, _MARK, None) is None:
-                setattr(down, _MARK, getattr(mlp, _MARK))
-                down.register_forward_pre_hook(_rotate_input)
 
-        mlp.register_forward_pre_hook(ensure)
+def _ensure_down_rotates(mlp, args):
+    """MLP pre-hook: whatever module is down_proj now (wrap_model and the KL baseline swap
+    it) gets the input-rotating pre-hook, once."""
+    down = mlp.down_proj
+    if getattr(down, _MARK, None) is None:
+        setattr(down, _MARK, getattr(mlp, _MARK))
+        down.register_forward_pre_hook(_rotate_input)
 
 
 def rotate_online(model: nn.Module, online, info: RotationInfo | None = None,
