@@ -231,3 +231,34 @@ def test_manifest_r4_mismatch_is_refused_on_load(baseline_out, tmp_path):
     reseal(bad)
     with pytest.raises(DMXError, match="the manifest's R4 is 'blockdiag24xsylvester32'"):
         io.load(bad)
+
+
+def test_kl_baseline_scores_the_r4_model(tmp_path, calib, capsys):
+    """`dmx baseline --method kl --rotate-online r4` scores every unit on the R4 model
+    (the KL loop swaps down_proj in and out): its sensitivities are those of the in-memory
+    R4 model, and differ from the unrotated model's."""
+    from dmx import data
+    from dmx.baseline import fused_units, kl_sensitivities, quantizable_layers
+
+    kl = tmp_path / "kl"
+    assert dmx_main(["baseline", "--model", str(MODEL), "--method", "kl", "--target-bits",
+                     "5", "--rotate-online", "r4", "--calib", str(calib), "--samples", "2",
+                     "--seqlen", "32", "--no-progress", "-o", str(kl)]) == 0
+    capsys.readouterr()
+    manifest = json.loads((kl / "dmx_manifest.json").read_text())
+    assert manifest["rotation"]["online"] == ["r4"]
+    windows = data.calibration_windows(data.load_tokenizer(MODEL), [str(calib)], 32, 2, 0)
+    sens = {}
+    for online in ((), ("r4",)):
+        model = load_model(MODEL, dtype=torch.float32)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        rotate_online(model, online)
+        # each unit is scored alone against the unquantized model: down_proj's are enough
+        units = [u for u in fused_units(quantizable_layers(model)) if "down_proj" in u[0]]
+        sens[online] = {"+".join(u): s for u, s in
+                        kl_sensitivities(model, units, windows, FP4, progress=False).items()}
+    recorded = manifest["baseline"]["sensitivity"]
+    assert len(recorded) == 4 * len(sens[()]) == 24  # 6 blocks: qkv, o, gate+up, down
+    assert {u: recorded[u] for u in sens[()]} == pytest.approx(sens[("r4",)], rel=1e-6)
+    assert all(sens[()][u] != pytest.approx(recorded[u], rel=1e-3) for u in sens[()])
