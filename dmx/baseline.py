@@ -14,6 +14,7 @@
 ``--rotate hadamard|random`` folds the same fixed R1/R2 rotations as ``dmx search
 --rotate hadamard`` into the weights first (dmx.rotate.rotate_model, seeded by --seed), so
 a baseline and a search compare like for like; the manifest records them (``rotation``).
+``--rotate-online r4`` adds the online R4 (dmx.rotate.online), as ``dmx search`` does.
 
 Public API: ``quantizable_layers(model, include=None) -> [names]``,
 ``uniform_baseline(model_dir, fmt, out, ...) -> dict``,
@@ -85,41 +86,46 @@ def _shapes(model, names) -> dict:
     return {n: tuple(model.get_submodule(n).weight.shape) for n in names}
 
 
-def _check_rotation(model_dir, rotate: str, rotate_kind: str) -> None:
-    """Bad --rotate/--rotate-kind (or a model type rotations do not support) fail before
-    the weights load."""
+def _check_rotation(model_dir, rotate: str, rotate_kind: str, rotate_online=()) -> None:
+    """Bad --rotate/--rotate-kind/--rotate-online (or a model type rotations do not
+    support) fail before the weights load."""
     from dmx.rotate.fold import check_model_type
     from dmx.rotate.hadamard import KINDS
+    from dmx.rotate.online import parse_online
+    online = parse_online(rotate_online)
     if rotate not in ROTATIONS:
         raise DMXError(f"--rotate must be one of {', '.join(ROTATIONS)}, got {rotate!r}")
     if rotate_kind not in KINDS:
         raise DMXError(f"--rotate-kind must be one of {', '.join(KINDS)}, got {rotate_kind!r}")
-    if rotate != "hadamard" and rotate_kind != "auto":
-        raise DMXError(f"--rotate-kind {rotate_kind} picks the matrix of --rotate hadamard; "
-                       f"add --rotate hadamard or drop it")
-    if rotate != "none":
+    if rotate != "hadamard" and rotate_kind != "auto" and not online:
+        raise DMXError(f"--rotate-kind {rotate_kind} picks the matrix of --rotate hadamard "
+                       f"(and of --rotate-online r4); add one or drop it")
+    if rotate != "none" or online:
         from dmx import data
         check_model_type(data.check_causal_lm_dir(model_dir).get("model_type"))
 
 
-def _load(model_dir, device, rotate: str = "none", rotate_kind: str = "auto", seed: int = 0):
+def _load(model_dir, device, rotate: str = "none", rotate_kind: str = "auto", seed: int = 0,
+          rotate_online=()):
     """The model with frozen weights (baselines never train), rotated as asked; and the
     ``(meta, extra_files)`` additions of write_out that record the rotation."""
     from dmx.data import load_model
     model = load_model(model_dir, device=device)
     for p in model.parameters():
         p.requires_grad_(False)
-    if rotate == "none":
+    from dmx.rotate import out_config_files, rotate_model, rotate_online as online_r4
+    info = None if rotate == "none" else rotate_model(model, rotate, seed=seed,
+                                                      kind=rotate_kind)
+    info = online_r4(model, rotate_online, info, kind=rotate_kind, seed=seed)
+    if info is None:
         return model, {}, {}
-    from dmx.rotate import out_config_files, rotate_model
-    info = rotate_model(model, rotate, seed=seed, kind=rotate_kind)
     return model, {"rotation": info.to_manifest()}, out_config_files(model_dir, info)
 
 
 # ----------------------------------------------------------------------------- uniform
 def uniform_baseline(model_dir, fmt: str, out, weights_only: bool = False, include=None,
                      device: str = "cpu", force: bool = False, rotate: str = "none",
-                     rotate_kind: str = "auto", seed: int = 0) -> dict:
+                     rotate_kind: str = "auto", seed: int = 0, rotate_online=()) -> dict:
     """Write OUT with every quantizable linear in ``fmt`` (after the fixed ``rotate``
     rotation, seeded by ``seed``); returns a summary."""
     from dmx import io
@@ -128,8 +134,9 @@ def uniform_baseline(model_dir, fmt: str, out, weights_only: bool = False, inclu
     if mxref.get_format(fmt).bits not in (4, 6, 8):
         raise DMXError(f"--format {fmt}: OUT stores 4-, 6- and 8-bit MX formats only")
     io.check_new_out(out, force, [model_dir])
-    _check_rotation(model_dir, rotate, rotate_kind)
-    model, rot_meta, extra_files = _load(model_dir, device, rotate, rotate_kind, seed)
+    _check_rotation(model_dir, rotate, rotate_kind, rotate_online)
+    model, rot_meta, extra_files = _load(model_dir, device, rotate, rotate_kind, seed,
+                                         rotate_online)
     names = quantizable_layers(model, include)
     formats, acts = _formats_for(names, fmt, weights_only)
     meta = {"method": "uniform", "ladder": None, "target_bits": None, "seed": int(seed),
@@ -208,7 +215,8 @@ def kl_baseline(model_dir, target_bits: float, out, ladder: str = "fp8-fp4",
                 weighting: str = "simple", calib=None, samples: int = 16,
                 seqlen: int | None = None, seed: int = 0, weights_only: bool = False,
                 include=None, batch_size: int = 4, device: str = "cpu", force: bool = False,
-                progress: bool = True, rotate: str = "none", rotate_kind: str = "auto") -> dict:
+                progress: bool = True, rotate: str = "none", rotate_kind: str = "auto",
+                rotate_online=()) -> dict:
     """Write OUT with the KL layer-selection assignment (on the model after the fixed
     ``rotate`` rotation, seeded by ``seed``); returns a summary."""
     from dmx import data, io
@@ -223,7 +231,7 @@ def kl_baseline(model_dir, target_bits: float, out, ladder: str = "fp8-fp4",
     for f in calib or ():
         if not Path(f).is_file():
             raise DMXError(f"--calib {f}: no such file")
-    _check_rotation(model_dir, rotate, rotate_kind)
+    _check_rotation(model_dir, rotate, rotate_kind, rotate_online)
     config = data.check_causal_lm_dir(model_dir)
     if seqlen is None:  # the search's 2048, capped by what the model was trained for
         seqlen = min(2048, int(config.get("max_position_embeddings") or 2048))
@@ -231,7 +239,8 @@ def kl_baseline(model_dir, target_bits: float, out, ladder: str = "fp8-fp4",
     # the text is checked before the weights load: bad calibration input fails fast
     windows = data.calibration_windows(data.load_tokenizer(model_dir), calib_files, seqlen,
                                        samples, seed)
-    model, rot_meta, extra_files = _load(model_dir, device, rotate, rotate_kind, seed)
+    model, rot_meta, extra_files = _load(model_dir, device, rotate, rotate_kind, seed,
+                                         rotate_online)
     windows = windows.to(next(model.parameters()).device)
     names = quantizable_layers(model, include)
     units = fused_units(names)
@@ -291,6 +300,10 @@ def add_baseline_parser(subparsers):
     p.add_argument("--rotate-kind", default="auto",
                    help="the Hadamard of --rotate hadamard: auto (default), block, kron, "
                         "random")
+    p.add_argument("--rotate-online", action="append", metavar="R4", default=None,
+                   help="r4: also a Hadamard on down_proj's input, folded into its weight "
+                        "and applied at run time; only dmx eval applies it, so such an OUT "
+                        "cannot be exported (docs/rotations.md)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--force", action="store_true", help="overwrite an existing OUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -313,7 +326,7 @@ def run_baseline(args) -> int:
             raise DMXError("--target-bits goes with --method kl; uniform has its format's bits")
         res = uniform_baseline(args.model, args.format, args.out, args.weights_only,
                                args.include, args.device, args.force, args.rotate,
-                               args.rotate_kind, args.seed)
+                               args.rotate_kind, args.seed, args.rotate_online)
     else:
         if args.target_bits is None:
             raise DMXError("--method kl needs --target-bits B (average element bits)")
@@ -323,7 +336,7 @@ def run_baseline(args) -> int:
                           args.calib, args.samples, args.seqlen, args.seed, args.weights_only,
                           args.include, args.batch_size, args.device, args.force,
                           progress=not args.no_progress, rotate=args.rotate,
-                          rotate_kind=args.rotate_kind)
+                          rotate_kind=args.rotate_kind, rotate_online=args.rotate_online)
     counts = Counter(res["formats"].values())
     mix = ", ".join(f"{n} x {fmt}" for fmt, n in sorted(counts.items()))
     b = res["avg_bits"]

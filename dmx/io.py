@@ -487,6 +487,8 @@ def load(out_dir, device="cpu", dtype=None):
         linear = _linear_of(model, name)
         layer = cls(linear, e["format"], e["act_format"], e["block_size"], profile)
         _set_submodule(model, name, layer)
+    from dmx.rotate.online import reattach_online
+    reattach_online(model, manifest.get("rotation"))  # --rotate-online: R4 at run time
     model = model.to(device).eval()
     tokenizer = None
     if any(f.name.startswith("tokenizer") for f in out.iterdir()):

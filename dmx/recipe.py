@@ -100,6 +100,9 @@ class SearchConfig:
     rotate: str = "none"
     rotate_kind: str = "auto"
     rotation_lr: float = 1.5
+    # online rotations (("r4",): dmx.rotate.online), for fake-quant evaluation: OUT then
+    # needs runtime support (dmx eval applies it; the exports refuse it)
+    rotate_online: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -113,6 +116,9 @@ class SearchConfig:
             raise DMXError(f"unknown search setting(s): {', '.join(sorted(unknown))}")
         values = {**RECIPES[recipe], **{k: v for k, v in overrides.items() if v is not None}}
         values["recipe"] = recipe
+        if values.get("rotate_online") is not None:
+            from dmx.rotate.online import parse_online  # "r4" / ["r4"] -> ("r4",), checked
+            values["rotate_online"] = parse_online(values["rotate_online"])
         for key in ("include", "exclude", "calib"):
             if values.get(key) is not None:
                 v = values[key]
@@ -168,9 +174,9 @@ class SearchConfig:
         if not 0.0 <= self.delay <= 1.0:
             raise DMXError(f"--delay must be a fraction in [0, 1], got {self.delay!r}")
         # a rotation setting that would silently do nothing is a mistake in the command
-        if self.rotate == "none" and self.rotate_kind != "auto":
+        if self.rotate == "none" and self.rotate_kind != "auto" and not self.rotate_online:
             raise DMXError(f"--rotate-kind {self.rotate_kind} needs --rotate hadamard or "
-                           f"learned")
+                           f"learned, or --rotate-online r4")
         if self.rotate != "learned" and self.rotation_lr != _default("rotation_lr"):
             raise DMXError("--rotation-lr is the learning rate of --rotate learned; add "
                            "--rotate learned or drop it")

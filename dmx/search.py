@@ -78,7 +78,7 @@ def _resolve_data(cfg: SearchConfig, model_dir, say) -> SearchConfig:
     from dmx import data
 
     model_config = data.check_causal_lm_dir(model_dir)
-    if cfg.rotate != "none":  # before the weights load
+    if cfg.rotate != "none" or cfg.rotate_online:  # before the weights load
         from dmx.rotate.fold import check_model_type
         check_model_type(model_config.get("model_type"))
     calib = cfg.calib or (str(data.default_calibration_file()),)
@@ -200,6 +200,10 @@ def search(model_dir, config, *, out=None, force: bool = False, resume: bool = F
         from dmx.rotate import rotate_model
         rotation = distributed.agree(dctx, rotate_model, model, "hadamard", seed=cfg.seed,
                                      kind=cfg.rotate_kind)
+    if cfg.rotate_online:  # R4: folded into down_proj, its input rotated at run time
+        from dmx.rotate import rotate_online
+        rotation = distributed.agree(dctx, rotate_online, model, cfg.rotate_online,
+                                     rotation, kind=cfg.rotate_kind, seed=cfg.seed)
     names = distributed.agree(dctx, select_layers, model, cfg.include, lad, cfg.export_target,
                               say, cfg.exclude)
     start = "low"
@@ -234,7 +238,8 @@ def search(model_dir, config, *, out=None, force: bool = False, resume: bool = F
     train_s = elapsed_before + time.time() - run_start
     if learned is not None:  # everything below sees plain rotated weights, as OUT will
         orthogonality = learned.orthogonality_error()
-        rotation = learned.fold()
+        from dmx.rotate.online import carry_online
+        rotation = carry_online(learned.fold(), rotation)  # R4 (if any) stays recorded
     # the learned offsets, before anything below moves a unit to a rung
     trained = {n: float(layer.raw_offset().detach()) for n, layer in layers.items()}
     end_windows = windows[:END_EVAL_WINDOWS]
@@ -410,6 +415,9 @@ _HELP = {
                    "block, kron (full Hadamard) or random",
     "rotation_lr": "Cayley SGD learning rate of --rotate learned (default 1.5, the "
                    "reference's)",
+    "rotate_online": "r4: also a Hadamard on down_proj's input (folded into its weight, "
+                     "applied at run time): only dmx eval applies it, so such an OUT cannot "
+                     "be exported (docs/rotations.md)",
 }
 
 
@@ -427,6 +435,8 @@ def _add_config_flags(p) -> None:
             p.add_argument(flag, nargs="+", metavar="FILE", **kw)
         elif f.name in ("include", "exclude"):
             p.add_argument(flag, action="append", metavar="REGEX", **kw)
+        elif f.name == "rotate_online":
+            p.add_argument(flag, action="append", metavar="R4", **kw)
         elif f.name == "samples" or isinstance(default, int):
             p.add_argument(flag, type=int, **kw)
         elif isinstance(default, float):
@@ -547,8 +557,12 @@ def _print_result(result: dict) -> None:
     if rot:
         untied = "; lm_head untied from the embeddings" if rot["untied_lm_head"] else ""
         steps = f", {rot['learned_steps']} learned steps" if rot["mode"] == "learned" else ""
-        print(f"dmx search: rotations folded into the weights: {rot['mode']} (R1 {rot['r1']}, "
-              f"R2 {rot['r2']}{steps}){untied}")
+        if rot["mode"] != "none":
+            print(f"dmx search: rotations folded into the weights: {rot['mode']} (R1 "
+                  f"{rot['r1']}, R2 {rot['r2']}{steps}){untied}")
+        if rot.get("online"):
+            print(f"dmx search: online rotation R4 {rot['r4']} on down_proj's input: OUT "
+                  f"needs runtime support (dmx eval applies it; dmx export refuses it)")
     e = result["end_ppl"]
     print(f"dmx search: calibration ppl on {e['windows']} windows: soft model {e['soft']:.3f}, "
           f"hard {e['hard_raw']:.3f}, after repair {e['hard_repaired']:.3f}")

@@ -48,6 +48,8 @@ def export(out_dir, to: str, dest, allow_unfused: bool = False, verify: bool = T
         dest.parent.mkdir(parents=True, exist_ok=True)
         check_output(dest, is_dir=True, **rules)   # before reading OUT: fail fast
     src = load_out(out_dir)   # every file's hash checked
+    from dmx.rotate.info import refuse_online_rotations
+    refuse_online_rotations(src.manifest, to)   # no runtime applies dmx's online R4
     mod.check(src, allow_unfused)   # what the target cannot hold, named first
     check_config_fits(src)
     if to == "gguf" and any(l.act_format for l in src.layers.values()):

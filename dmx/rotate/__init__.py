@@ -3,7 +3,9 @@
 The rotated float model computes the same function as the original (up to rounding), but
 its weights and activations have fewer outliers, so MX formats (MXFP4 above all) lose less.
 Everything is folded into ordinary weights: the result is a plain Hugging Face model that
-every export and runtime reads unchanged (no online rotations).
+every export and runtime reads unchanged. The optional online R4 (dmx.rotate.online: a
+Hadamard on down_proj's input at run time) is for fake-quant evaluation only: dmx.load
+re-applies it, the exports refuse it.
 
 Supported: HF ``llama``, ``qwen3``, ``qwen2``, ``mistral`` causal LMs (pre-norm RMSNorm,
 q/k/v/o attention with any grouped-query layout, SwiGLU MLP). See docs/rotations.md.
@@ -17,6 +19,9 @@ untie=True) -> RotationInfo``
     "random", see :func:`rotation_matrix`), "random" (seeded Haar-random orthogonal).
     Folds the RMSNorm scales, then R1 on the residual stream (hidden_size) and one R2 per
     attention head (head_dim) between v_proj and o_proj.
+``rotate_online(model, online, info=None, kind="auto", seed=0) -> RotationInfo | None``
+    ``online`` = ("r4",): fold R4 into every down_proj weight and rotate its input at run
+    time (needs runtime support: recorded in ``info.online``); see dmx.rotate.online.
 ``LearnedRotations(model, init="hadamard", seed=0, kind="auto", lr=1.5, momentum=0.0,
 r2=True, untie=True, dtype=torch.float32)``
     Folds the norms, then parametrizes R1 and one R2 per block on the model (create it after
@@ -45,11 +50,12 @@ from dmx.errors import DMXError
 from dmx.rotate.fold import apply_plan, arch_of, fold_norms, rotation_plan
 from dmx.rotate.hadamard import (KINDS, block_hadamard, hadamard_pm1, is_orthogonal,
                                  random_orthogonal, rotation_matrix)
-from dmx.rotate.info import MODES, RotationInfo, out_config_files, patch_config
+from dmx.rotate.info import MODES, ONLINE, RotationInfo, out_config_files, patch_config
 from dmx.rotate.learned import CayleySGD, LearnedRotations
+from dmx.rotate.online import parse_online, rotate_online
 
-__all__ = ["MODES", "RotationInfo", "rotate_model", "patch_config", "out_config_files",
-           "LearnedRotations",
+__all__ = ["MODES", "ONLINE", "RotationInfo", "rotate_model", "rotate_online", "parse_online",
+           "patch_config", "out_config_files", "LearnedRotations",
            "CayleySGD", "rotation_matrix", "hadamard_pm1", "block_hadamard",
            "random_orthogonal", "is_orthogonal", "KINDS"]
 

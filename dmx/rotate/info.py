@@ -5,9 +5,13 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-__all__ = ["MODES", "RotationInfo", "patch_config", "out_config_files"]
+from dmx.errors import DMXError
+
+__all__ = ["MODES", "ONLINE", "RotationInfo", "patch_config", "out_config_files",
+           "online_rotations", "refuse_online_rotations"]
 
 MODES = ("none", "hadamard", "random", "learned")
+ONLINE = ("r4",)  # online rotations dmx can apply (dmx.rotate.online); R3 is not built
 
 
 @dataclass
@@ -22,7 +26,13 @@ class RotationInfo:
     norms_folded: bool = False
     untied_lm_head: bool = False
     learned_steps: int = 0
-    online: list = field(default_factory=list)  # rotations needing runtime support: none
+    online: list = field(default_factory=list)  # online rotations (["r4"]): see below
+    # R4 (dmx.rotate.online): folded into down_proj's weight, applied to its input at run
+    # time, so OUT then needs runtime support (dmx.load re-attaches it; exports refuse it)
+    r4: str | None = None            # how R4 was built, None = no R4
+    r4_kind: str | None = None       # rotation_matrix's kind, to rebuild it on load
+    intermediate_size: int | None = None
+    needs_runtime_support: bool = False
 
     def to_manifest(self) -> dict:
         return asdict(self)
@@ -44,3 +54,19 @@ def out_config_files(source_dir, info: RotationInfo) -> dict:
         return {}
     config = json.loads((Path(source_dir) / "config.json").read_text())
     return {"config.json": json.dumps(patch_config(config, info), indent=2) + "\n"}
+
+
+def online_rotations(manifest: dict) -> list:
+    """The online rotations an OUT manifest's ``rotation`` record lists ([] when none)."""
+    return list((manifest.get("rotation") or {}).get("online") or [])
+
+
+def refuse_online_rotations(manifest: dict, target: str) -> None:
+    """DMXError when OUT needs an online rotation at run time, which ``target``'s
+    runtimes do not apply (its weights alone would compute the wrong function)."""
+    online = online_rotations(manifest)
+    if online:
+        raise DMXError(f"OUT was made with --rotate-online {','.join(online)}: its down_proj "
+                       f"weights expect a Hadamard-rotated input at run time, which no "
+                       f"{target} runtime applies; evaluate it with dmx eval, or rerun "
+                       f"without --rotate-online to export")
