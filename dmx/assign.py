@@ -91,7 +91,7 @@ def average_coefficients(layers: dict, weighting: str) -> list[float]:
 
 def project_to_budget(layers: dict, params: list, target: float, weighting: str,
                       temperature: float, margin: float, iters: int = 40,
-                      one_sided: bool = False) -> float:
+                      floor: float | None = None) -> float:
     """Shift every offset by one common amount so that the *soft* average bits at
     ``temperature`` equal ``target``, each offset kept within ``margin`` of the ladder's
     ends; returns the shift. In place, no gradient.
@@ -99,9 +99,10 @@ def project_to_budget(layers: dict, params: list, target: float, weighting: str,
     This is how the default recipe holds the budget (dmx.recipe): the soft average is
     monotone in the common shift, so bisection finds it; a target the box cannot reach
     leaves every offset at the nearest end. The relative order of the offsets, which is
-    what the cross-entropy learned, is unchanged (up to the box). ``one_sided`` (``--budget
-    cap``) projects onto ``average <= target`` instead: offsets under the budget are only
-    kept in the box, so the cross-entropy alone raises them until the budget binds. The soft bits of all
+    what the cross-entropy learned, is unchanged (up to the box). With ``floor`` (below
+    ``target``) the projection is onto ``floor <= average <= target`` instead: an average in
+    that band is left alone (offsets only kept in the box), so the cross-entropy raises
+    them until the budget binds (dmx.recipe: ``ramp``). The soft bits of all
     offsets are computed as one vector per bisection step (DMXLinear.current_bits with
     the clamp parameterization: anneal_map of the clamped offset).
     """
@@ -123,15 +124,19 @@ def project_to_budget(layers: dict, params: list, target: float, weighting: str,
             b = (base + shift).clamp(lo, hi).clamp(lad.low.position, lad.high.position)
             return float((coef * lad.element_bits(anneal_map(b, temperature, lad))).sum())
 
-        if one_sided and soft_bits_at(0.0) <= target:  # feasible: only the box applies
-            for p, b in zip(params, base):
-                p.copy_(b.clamp(lo, hi).to(p.dtype))
-            return 0.0
+        goal = target
+        if floor is not None and floor < target:
+            now = soft_bits_at(0.0)
+            if floor <= now <= target:  # inside the band: only the box applies
+                for p, b in zip(params, base):
+                    p.copy_(b.clamp(lo, hi).to(p.dtype))
+                return 0.0
+            goal = target if now > target else floor
         # from every offset at the low end of the box to every offset at the high end
         a, z = lo - float(base.max()), hi - float(base.min())
         for _ in range(iters):
             mid = 0.5 * (a + z)
-            if soft_bits_at(mid) < target:
+            if soft_bits_at(mid) < goal:
                 a = mid
             else:
                 z = mid

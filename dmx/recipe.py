@@ -42,7 +42,7 @@ from dmx.errors import DMXError
 __all__ = ["SearchConfig", "RECIPES", "BUDGETS", "PARAMETERIZATIONS", "GRAD_NORMS", "INITS",
            "WEIGHTINGS", "EXPORT_TARGETS", "ROTATIONS", "config_from_dict"]
 
-BUDGETS = ("project", "cap", "hinge")
+BUDGETS = ("project", "hinge")
 PARAMETERIZATIONS = ("clamp", "abs")
 GRAD_NORMS = ("normalize", "clip", "none")
 INITS = ("low", "target")
@@ -79,13 +79,16 @@ class SearchConfig:
     weighting: str = "simple"
     budget: str = "project"
     lam: float = 5.0
+    # project: the soft average is held in [floor, target], the floor rising linearly from
+    # the low rung to the target over this fraction of the steps (0: at the target always)
+    ramp: float = 0.5
     # offsets
     parameterization: str = "clamp"
-    init: str = "target"
+    init: str = "low"
     offset_margin: float = 0.5
     # optimizer: SGD on the offsets
-    lr: float = 0.01
-    momentum: float = 0.9
+    lr: float = 0.02
+    momentum: float = 0.99
     nesterov: bool = True
     grad_norm: str = "normalize"
     max_grad_norm: float = 1.0
@@ -127,6 +130,19 @@ class SearchConfig:
             raise DMXError("a search needs --target-bits")
         return cls(**values).checked()
 
+    def budget_floor(self, step: int) -> float | None:
+        """The lowest soft average ``--budget project`` allows before ``step`` (None: the
+        average is held at the target exactly). Rising linearly from the low rung's bits,
+        it reaches the target after ``ramp * steps`` steps; until then the cross-entropy
+        alone may raise the offsets faster, as in the paper's start at the low rung."""
+        if self.budget != "project" or self.ramp <= 0:
+            return None
+        from dmx.ladders import get_ladder
+
+        low = get_ladder(self.ladder).low.bits
+        frac = min(1.0, step / (self.ramp * self.steps))
+        return low + (self.target_bits - low) * frac
+
     def replace(self, **changes) -> "SearchConfig":
         return dataclasses.replace(self, **changes).checked()
 
@@ -166,11 +182,13 @@ class SearchConfig:
         for flag, value in (("--lam", self.lam), ("--offset-margin", self.offset_margin)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise DMXError(f"{flag} must be >= 0, got {value!r}")
-        if self.budget in ("project", "cap") and self.parameterization != "clamp":
-            raise DMXError(f"--budget {self.budget} shifts the offsets themselves, which needs "
+        if self.budget == "project" and self.parameterization != "clamp":
+            raise DMXError("--budget project shifts the offsets themselves, which needs "
                            "--parameterization clamp (abs() is not monotone)")
         if not 0.0 <= self.momentum < 1.0:
             raise DMXError(f"--momentum must be in [0, 1), got {self.momentum!r}")
+        if not 0.0 <= self.ramp <= 1.0:
+            raise DMXError(f"--ramp must be a fraction in [0, 1], got {self.ramp!r}")
         if not 0.0 <= self.delay <= 1.0:
             raise DMXError(f"--delay must be a fraction in [0, 1], got {self.delay!r}")
         # a rotation setting that would silently do nothing is a mistake in the command
@@ -203,6 +221,10 @@ RECIPES: dict[str, dict] = {
     "paper": dict(budget="hinge", lam=5.0, parameterization="abs", tie_fused=False,
                   init="low", lr=1.0, momentum=0.99, nesterov=True, grad_norm="clip",
                   max_grad_norm=1.0, delay=0.6, t_start=0.4, t_end=20.0, fill_budget=False),
+    # the default recipe until 2026-12-05: two-sided projection from the target with
+    # small normalized steps (kept for comparison; it ranked worse than KL, BENCHMARKS.md)
+    "target-start": dict(budget="project", ramp=0.0, init="target", lr=0.01, momentum=0.9,
+                         grad_norm="normalize"),
 }
 
 

@@ -311,11 +311,11 @@ def _train_step(model, layers, windows, cfg: SearchConfig, optimizer, schedule, 
                                                    if p.grad is not None])
         rotations.step()
     shift = None
-    if cfg.budget in ("project", "cap"):  # the next step's forward meets the budget
+    if cfg.budget == "project":  # the next step's forward meets the budget
         from dmx.assign import project_to_budget
         shift = project_to_budget(layers, params, cfg.target_bits, cfg.weighting,
                                   schedule.at(step + 1), cfg.offset_margin,
-                                  one_sided=cfg.budget == "cap")
+                                  floor=cfg.budget_floor(step + 1))
     return {"step": step, "T": T, "loss": value, "ce": float(ce.detach()),
             "kl": None if kl is None else float(kl.detach()), "penalty": float(penalty.detach()),
             "avg_bits": float(avg.detach()),

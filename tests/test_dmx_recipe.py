@@ -38,7 +38,14 @@ def test_paper_recipe_is_the_reference_release():
     assert (cfg.lr, cfg.momentum, cfg.nesterov, cfg.grad_norm, cfg.max_grad_norm) == \
         (1.0, 0.99, True, "clip", 1.0)
     assert (cfg.t_start, cfg.t_end, cfg.delay, cfg.fill_budget) == (0.4, 20.0, 0.6, False)
-    assert set(RECIPES) == {"default", "paper"}
+    assert set(RECIPES) == {"default", "paper", "target-start"}
+    # the default recipe: the paper's start and momentum, the hinge replaced by the
+    # projection onto [floor, target], gradients normalized
+    default = SearchConfig.from_recipe("default", target_bits=6.0)
+    assert (default.budget, default.parameterization, default.tie_fused, default.init,
+            default.ramp) == ("project", "clamp", True, "low", 0.5)
+    assert (default.lr, default.momentum, default.grad_norm, default.fill_budget) == \
+        (0.02, 0.99, "normalize", True)
 
 
 def test_flags_override_the_recipe_and_bad_values_are_refused():
@@ -92,14 +99,16 @@ def test_default_recipe_does_not_collapse(model_dir, target, calib, tmp_path):
     used is the target, and the raw hard assignment (no fill) ends within one unit of
     it. (The anneal finishes at T 20: the soft and hard model then agree too.)"""
     cfg = SearchConfig.from_recipe("default", target_bits=target, steps=16, batch_size=2,
-                                   seqlen=32, samples=16, fill_budget=False, lr=0.03,
+                                   seqlen=32, samples=16, fill_budget=False,
                                    export_target="none", calib=[str(calib)])
     r = search(model_dir, cfg, out=tmp_path / "out", progress=False, checkpoint_every=0)
     log = read_search_log(tmp_path / "out")
     lo, hi = 0.0 - cfg.offset_margin, 2.0 + cfg.offset_margin
     for rec in log["steps"]:
         assert lo - 1e-6 <= rec["offset_min"] and rec["offset_max"] <= hi + 1e-6, rec["step"]
-        assert rec["avg_bits"] == pytest.approx(target, abs=2e-3), rec["step"]
+        # never over the budget, never under the ramp's floor (then at the target)
+        floor = cfg.budget_floor(rec["step"])
+        assert floor - 2e-3 <= rec["avg_bits"] <= target + 2e-3, rec["step"]
     spread = log["steps"][-1]["offset_max"] - log["steps"][-1]["offset_min"]
     assert spread > 0.3, "the offsets never separated: the test would be vacuous"
     n_units = len(log["units"])
@@ -222,9 +231,10 @@ def test_projection_meets_the_budget_with_the_penalty_definition():
         assert all(-0.5 - 1e-6 <= float(p.detach()) <= 2.5 + 1e-6 for p in params)
 
 
-def test_one_sided_projection_only_acts_over_the_budget():
-    """--budget cap: under the target the offsets are only boxed (the cross-entropy raises
-    them); over it they get the same common shift as the two-sided projection."""
+def test_projection_with_a_floor_acts_only_outside_the_band():
+    """--budget project with a floor (the default recipe's ramp): inside [floor, target]
+    the offsets are only boxed (the cross-entropy raises them); under the floor they are
+    raised to it, over the target lowered to it, by one common shift."""
     from dmx.assign import project_to_budget
     from dmx.penalty import average_bits
 
@@ -241,12 +251,17 @@ def test_one_sided_projection_only_acts_over_the_budget():
     before = [float(p.detach()) for p in params]
     assert float(average_bits(layers, "simple")) < 5.0
     assert project_to_budget(layers, params, 5.0, "simple", 0.9, margin=0.5,
-                             one_sided=True) == 0.0
+                             floor=3.9) == 0.0
     assert [float(p.detach()) for p in params] == pytest.approx(
         [max(b, -0.5) for b in before], abs=1e-6)
-    with torch.no_grad():  # now over the budget: the one-sided projection binds
+    shift = project_to_budget(layers, params, 5.0, "simple", 0.9, margin=0.5, floor=4.5)
+    assert shift > 0 and float(average_bits(layers, "simple")) == pytest.approx(4.5, abs=1e-5)
+    with torch.no_grad():  # now over the budget: the target binds
         for p in params:
             p.add_(2.0)
-    shift = project_to_budget(layers, params, 5.0, "simple", 0.9, margin=0.5, one_sided=True)
+    shift = project_to_budget(layers, params, 5.0, "simple", 0.9, margin=0.5, floor=4.5)
     assert shift < 0
     assert float(average_bits(layers, "simple")) == pytest.approx(5.0, abs=1e-5)
+    cfg = SearchConfig.from_recipe("default", target_bits=5.0, steps=20)
+    assert [cfg.budget_floor(s) for s in (0, 5, 10, 20)] == pytest.approx([4.0, 4.5, 5, 5])
+    assert SearchConfig.from_recipe("target-start", target_bits=5.0).budget_floor(0) is None
