@@ -1,27 +1,36 @@
 """Search recipes as data: :class:`SearchConfig` holds every knob that changes what a
 `dmx search` finds, and is written whole into the manifest (``search.config``).
 
-Two named recipes (``--recipe``):
+Named recipes (``--recipe``):
 
 * ``paper`` -- the authors' release (Brevitas ``papers/dMX``, docs/reference notes in
   ../shared/reference/paper.md 2.2-2.6): one offset per linear (untied), the raw offset
   through ``abs()`` then an STE clamp, SGD lr 1 momentum 0.99 Nesterov, gradient-norm clip
   1.0 (the Hugging Face trainer's default), the hinge ``lam * max(0, avg - target)`` with
   lam 5, offsets start at the low rung, T 0.4 -> 20 after a 0.6 delay, no budget fill.
-* ``default`` -- the same objective (cross-entropy, anneal, simple average) with the budget
-  held by *projection* instead of the hinge. Why: with the hinge, the first step over the
-  target gives every offset the same kick, ``lam * share * 2 * F'(b)``, however small the
+* ``default`` -- the paper's objective, start and optimizer, with the budget held by
+  *projection* instead of the hinge. Why: with the hinge, the first step over the target
+  gives every offset the same kick, ``lam * share * 2 * F'(b)``, however small the
   overshoot; momentum 0.99 integrates it into a move of tens of units, the clamp pins the
   forward pass at the low rung while the parameter sits far below the ladder, and the
   silent hinge never brings it back (the collapse measured in issue 11). The projection
-  instead shifts all offsets by one common amount after each step so that the soft average
-  equals the target exactly (bisection, dmx.assign.project_to_budget), and keeps every
-  offset within ``offset_margin`` of the ladder: the cross-entropy gradient alone decides
-  *which* layers get the bits, the budget decides *how many*, nothing can run away. The
-  gradient is normalised to root-mean-square 1 per offset before SGD (so ``lr`` is the
-  typical per-step move in ladder units whatever the model's loss scale), offsets start at the target, q/k/v and
-  gate/up share an offset (what vLLM can serve), and the fill is on: it only acts when
-  the anneal leaves the hard average below the target, and is reported separately.
+  instead shifts all offsets by one common amount after each step so that the soft
+  average lies in ``[floor, target]`` (bisection, dmx.assign.project_to_budget): never
+  over the target, and never under a floor that rises linearly from the low rung to the
+  target over the first ``ramp`` (0.5) of the steps. So, as in the paper, the offsets start
+  at MXFP4 and the cross-entropy gradient raises the layers that need bits (the ranking is
+  learned where MXFP4 hurts), while the floor guarantees the budget is reached before the
+  anneal starts, on any model and run length. Offsets stay within ``offset_margin`` of the
+  ladder, the momentum buffer holds only cross-entropy gradients (the projection is not a
+  loss), so nothing can run away. Gradients are normalised to root-mean-square 1 per
+  offset before SGD (lr 0.02, momentum 0.99 Nesterov), so the pace is the same whatever
+  the model's loss scale or size; q/k/v and gate/up share an offset (what vLLM can serve);
+  the fill is on: it only acts when the anneal leaves the hard average below the target,
+  and is reported separately.
+* ``target-start`` -- the default until 2026-12-05, kept for comparison: the projection
+  holds the average at the target from step 0 (``ramp`` 0), offsets start at the target,
+  lr 0.01 normalised, momentum 0.9. It is stable but ranked layers worse than KL on
+  SmolLM2-135M (BENCHMARKS.md).
 
 Rotations (``rotate``: none | hadamard | learned, docs/rotations.md) are off in both
 recipes. The authors' runs learned R1/R2 jointly with the offsets (Cayley SGD, lr 1.5,

@@ -257,6 +257,9 @@ def plot_dynamics(logs, path: Path) -> None:
         ax_b.plot(x, [s["hard_bits"] for s in steps], label="hard (deployed)")
         if cfg.get("target_bits") is not None:
             ax_b.axhline(cfg["target_bits"], color="gray", linestyle="--", label="target")
+        if any(s.get("floor") is not None for s in steps):  # --budget project's ramp
+            ax_b.plot(x, [s.get("floor") for s in steps], color="gray", linestyle=":",
+                      label="floor (ramp)")
         ax_t = ax_b.twinx()
         ax_t.plot(x, [s["T"] for s in steps], color="tab:red", linewidth=0.7, alpha=0.5)
         ax_t.set_yscale("log")

@@ -385,17 +385,19 @@ _HELP = {
     "seed": "seed of the calibration windows and batch order (default 0)",
     "distill": "add the KL divergence to the unquantized model's predictions",
     "weighting": "average the budget uses: simple (per layer, default) or size (per weight)",
-    "budget": "how the budget is held: project (shift the offsets to the target after each "
-              "step), cap (shift them down only when over it) or hinge (the paper's "
-              "lam*max(0, avg-target))",
+    "budget": "how the budget is held: project (after each step, shift all offsets by one "
+              "amount into [floor, target], see --ramp; default recipe) or hinge (the "
+              "paper's lam*max(0, avg-target))",
+    "ramp": "--budget project: the floor of the soft average rises from the low rung to the "
+            "target over this fraction of the steps (default 0.5; 0 = at the target always)",
     "lam": "slope of the hinge penalty (--budget hinge; paper 5)",
     "parameterization": "offset map: clamp (default recipe) or abs (the reference's |.|)",
-    "init": "where the offsets start: target (soft average at the target; default recipe) "
-            "or low (the low rung, as the reference)",
-    "offset_margin": "--budget project/cap keeps offsets within the ladder +- this (default 0.5)",
-    "lr": "SGD learning rate of the offsets (default recipe 0.01 with normalized "
-          "gradients; paper 1.0)",
-    "momentum": "SGD momentum (default recipe 0.9, paper 0.99)",
+    "init": "where the offsets start: low (the low rung; default recipe and the reference) "
+            "or target (soft average at the target)",
+    "offset_margin": "--budget project keeps offsets within the ladder +- this (default 0.5)",
+    "lr": "SGD learning rate of the offsets (default recipe 0.02 with normalized "
+          "gradients; paper 1.0 with clipping)",
+    "momentum": "SGD momentum (default recipe and paper 0.99)",
     "nesterov": "Nesterov momentum (default on)",
     "grad_norm": "normalize (the gradient scaled to RMS 1 per offset; default recipe), clip "
                  "(L2 norm at --max-grad-norm; paper) or none",
@@ -450,16 +452,17 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
         "search", help="learn a mixed MX format assignment under a bit budget (dMX)",
         description="Learn one MX format per linear layer so that the average element bits "
                     "meet --target-bits, then write the quantized model to OUT. Settings come "
-                    "from --recipe (default or paper); any flag overrides the recipe. "
+                    "from --recipe (default, paper or target-start); any flag overrides the recipe. "
                     "Checkpoints go to OUT.partial/; Ctrl-C saves one (resume with --resume).")
     p.add_argument("--model", required=True, help="local Hugging Face causal-LM directory, or a "
                    ".gguf file (converted once to a cached float32 directory)")
     p.add_argument("--target-bits", type=float, required=True,
                    help="average element bits to reach (MXFP4 = 4, MXFP6 = 6, MXFP8 = 8)")
     p.add_argument("--recipe", choices=tuple(RECIPES), default="default",
-                   help="default (budget by projection, stable on small and large models) or "
-                        "paper (the authors' release: hinge lam 5, SGD lr 1 momentum 0.99, "
-                        "abs() offsets, untied, clip 1.0, no fill)")
+                   help="default (start at MXFP4, budget by projection with a ramp, stable "
+                        "on small and large models), paper (the authors' release: hinge lam "
+                        "5, SGD lr 1 momentum 0.99, abs() offsets, untied, clip 1.0, no fill) "
+                        "or target-start (the default until 2026-12: start at the target)")
     _add_config_flags(p)
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--device-map", default=None, choices=("auto", "balanced", "sequential"),

@@ -320,4 +320,5 @@ def _train_step(model, layers, windows, cfg: SearchConfig, optimizer, schedule, 
             "kl": None if kl is None else float(kl.detach()), "penalty": float(penalty.detach()),
             "avg_bits": float(avg.detach()),
             "hard_bits": hard_bits(layers, cfg.weighting), "grad_norm": grad_norm,
-            "shift": shift, **rotation, **_offset_stats(layers, params)}
+            "shift": shift, "floor": cfg.budget_floor(step), **rotation,
+            **_offset_stats(layers, params)}
