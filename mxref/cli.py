@@ -191,12 +191,13 @@ def cmd_sweep(args) -> int:
 # --------------------------------------------------------------------------- pack
 def cmd_pack(args) -> int:
     from mxref.npzfile import load_npz
-    from mxref.pack import pack_codes, pack_llamacpp_mxfp4, packing_name
+    from mxref.pack import LLAMACPP_BLOCK, pack_codes, pack_llamacpp_mxfp4, packing_name
     _check_out(args, ".npz")
     mx = load_npz(args.input)
     if args.layout == "llamacpp":
-        if mx.fmt.key != "fp4_e2m1" or mx.block_size != 32:
-            raise MXError("the llama.cpp layout holds MXFP4 with block size 32 only")
+        if mx.fmt.key != "fp4_e2m1" or mx.block_size != LLAMACPP_BLOCK:
+            raise MXError(f"the llama.cpp layout holds MXFP4 with block size "
+                          f"{LLAMACPP_BLOCK} only")
         arrays = dict(blocks=pack_llamacpp_mxfp4(mx.codes, mx.scales),
                       layout=np.str_("llamacpp-mxfp4"))
     else:
@@ -211,6 +212,7 @@ def cmd_pack(args) -> int:
 # --------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     from mxref import __version__
+    from mxref.formats import DEFAULT_BLOCK_SIZE
     from mxref.profiles import PRESETS
     p = _Parser(prog="mxref", description="Bit-exact OCP MX v1.0 golden model.")
     p.add_argument("--version", action="version", version=f"mxref {__version__}")
@@ -223,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("input", help="input .npy (float32, float64, float16 or bfloat16)")
     s.add_argument("--format", "-f", required=True, help="element format, e.g. fp4_e2m1")
     s.add_argument("--axis", type=int, default=-1, help="blocked axis (default -1)")
-    s.add_argument("--block-size", type=int, default=32, help="elements per block (default 32)")
+    s.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
+                   help=f"elements per block (default {DEFAULT_BLOCK_SIZE})")
     s.add_argument("--profile", default="ocp", choices=sorted(PRESETS),
                    help="implementation-defined choices (default ocp)")
     s.add_argument("-o", "--output", required=True, help="output .npz")

@@ -13,28 +13,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-import ml_dtypes
 import numpy as np
 
 from mxref import kernels as K
 from mxref import kernels_f32 as F
 from mxref.errors import MXError
-from mxref.formats import DEFAULT_BLOCK_SIZE, E8M0, FormatInfo, get_format
+from mxref.formats import (DEFAULT_BLOCK_SIZE, E8M0, FLOAT32, IEEE_LAYOUTS, FormatInfo,
+                           get_format, ieee_layout)
 from mxref.profiles import Profile, get_profile
-
-_RAW_VIEW = {"float64": np.uint64, "float32": np.uint32, "float16": np.uint16,
-             "bfloat16": np.uint16}
-
 
 def input_bits(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The bit patterns of a float array (no copy when contiguous) and its layout."""
     x = np.asarray(x)
-    name = x.dtype.name
-    if name not in _RAW_VIEW:
-        raise MXError(f"unsupported input dtype {x.dtype}; use float32, float64, float16 "
-                      f"or bfloat16 (ml_dtypes.bfloat16)")
+    lay = ieee_layout(x.dtype)
     x = np.ascontiguousarray(x)
-    return x.view(_RAW_VIEW[name]), np.array(K.INPUT_LAYOUTS[name], dtype=np.int64)
+    return x.view(lay.uint), np.array(lay.kernel_layout, dtype=np.int64)
 
 
 def _profile_args(profile: Profile) -> np.ndarray:
@@ -99,7 +92,7 @@ def scale_values(codes, dtype=np.float32) -> np.ndarray:
 
 @lru_cache(maxsize=None)
 def _scale_table(dtype=np.float64) -> np.ndarray:
-    t = np.ldexp(1.0, np.arange(256) - E8M0.bias).astype(np.float64)
+    t = np.ldexp(1.0, np.arange(E8M0.n_codes) - E8M0.bias).astype(np.float64)
     t[E8M0.nan_code] = np.nan
     with np.errstate(over="ignore"):   # only the NaN entry would overflow float32
         t = t.astype(dtype)
@@ -166,9 +159,10 @@ def as_float32_bits(raw: np.ndarray, dtype_name: str, profile: Profile):
     if dtype_name == "float32":
         return raw
     if dtype_name == "bfloat16":
-        return raw.astype(np.uint32) << np.uint32(16)
+        # bfloat16 is float32's top half: same sign, exponent field and bias
+        return raw.astype(FLOAT32.uint) << FLOAT32.uint(FLOAT32.bits - IEEE_LAYOUTS["bfloat16"].bits)
     if dtype_name == "float16" and not profile.flush_subnormals:
-        return raw.view(np.float16).astype(np.float32).view(np.uint32)
+        return raw.view(np.float16).astype(np.float32).view(FLOAT32.uint)
     return None
 
 

@@ -14,6 +14,7 @@ from functools import cached_property
 from importlib import resources
 from pathlib import Path
 
+import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16" dtype name)
 import numpy as np
 
 from mxref.errors import MXError
@@ -29,6 +30,97 @@ def _spec_path() -> Path:
 
 
 @dataclass(frozen=True)
+class IEEELayout:
+    """An IEEE 754 binary input type (float64/32/16, bfloat16): the widths stated in
+    ``[ieee.*]``; every mask and special pattern is derived from them."""
+
+    name: str
+    bits: int
+    exp_bits: int
+    man_bits: int
+    bias: int
+
+    @property
+    def dtype(self) -> np.dtype:
+        # "bfloat16" is registered with numpy by ml_dtypes (imported at module load).
+        return np.dtype(self.name)
+
+    @property
+    def uint(self) -> type:
+        """The same-width unsigned integer type its bit patterns are viewed as."""
+        return np.dtype(f"uint{self.bits}").type
+
+    @property
+    def exp_all_ones(self) -> int:
+        return (1 << self.exp_bits) - 1
+
+    @property
+    def sign_shift(self) -> int:
+        return self.bits - 1
+
+    @property
+    def sign_mask(self) -> int:
+        return 1 << self.sign_shift
+
+    @property
+    def abs_mask(self) -> int:
+        return self.sign_mask - 1
+
+    @property
+    def frac_mask(self) -> int:
+        return (1 << self.man_bits) - 1
+
+    @property
+    def hidden_bit(self) -> int:
+        """The implicit leading 1 of a normal significand; also the pattern of the
+        smallest positive normal (exponent field 1, fraction 0)."""
+        return 1 << self.man_bits
+
+    @property
+    def emin(self) -> int:
+        """Unbiased exponent of the smallest normal (-126 for float32)."""
+        return 1 - self.bias
+
+    @property
+    def emax(self) -> int:
+        """Unbiased exponent of the largest finite binade (127 for float32)."""
+        return self.exp_all_ones - 1 - self.bias
+
+    @property
+    def inf_bits(self) -> int:
+        return self.exp_all_ones << self.man_bits
+
+    @property
+    def qnan_bits(self) -> int:
+        """The canonical quiet NaN (top fraction bit set)."""
+        return self.inf_bits | (1 << (self.man_bits - 1))
+
+    @property
+    def max_finite_bits(self) -> int:
+        return self.inf_bits - 1
+
+    @property
+    def kernel_layout(self) -> tuple[int, int, int, int]:
+        """(mantissa bits, bias, exponent all-ones, exponent bits): the ``lay`` argument
+        of the :mod:`mxref.kernels` kernels."""
+        return (self.man_bits, self.bias, self.exp_all_ones, self.exp_bits)
+
+    def pack(self, sign: int, efield: int, mfield: int) -> int:
+        """The pattern with these sign, exponent field and fraction field."""
+        return (sign << self.sign_shift) | (efield << self.man_bits) | mfield
+
+    def _check(self) -> None:
+        derived = (1 << (self.exp_bits - 1)) - 1
+        if self.bias != derived or 1 + self.exp_bits + self.man_bits != self.bits:
+            raise MXError(f"specs/formats.toml: ieee.{self.name} states bias {self.bias}, "
+                          f"{self.bits} bits but the widths give bias {derived}, "
+                          f"{1 + self.exp_bits + self.man_bits} bits")
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
 class ScaleInfo:
     name: str
     bits: int
@@ -36,6 +128,31 @@ class ScaleInfo:
     min_exp: int
     max_exp: int
     nan_code: int
+
+    @property
+    def n_codes(self) -> int:
+        return 1 << self.bits
+
+    @property
+    def min_code(self) -> int:
+        """Code of the smallest scale 2^min_exp (0x00)."""
+        return self.min_exp + self.bias
+
+    @property
+    def max_code(self) -> int:
+        """Code of the largest scale 2^max_exp (0xFE)."""
+        return self.max_exp + self.bias
+
+    @property
+    def unit_code(self) -> int:
+        """Code of the scale 1.0 (2^0): the bias."""
+        return self.bias
+
+    def _check(self) -> None:
+        if not (0 <= self.min_code <= self.max_code < self.nan_code < self.n_codes):
+            raise MXError(f"specs/formats.toml: scale.{self.name}: codes of min_exp "
+                          f"{self.min_exp}, max_exp {self.max_exp} and nan_code "
+                          f"{self.nan_code:#x} do not fit {self.bits} bits in that order")
 
     def decode(self, code: int) -> float:
         """Value of one E8M0 code as a Python float (NaN for the NaN code)."""
@@ -120,6 +237,32 @@ class FormatInfo:
         return t
 
     @property
+    def max_normal_significand(self) -> float:
+        """max_normal / 2^emax, in [1, 2): 1.5 for FP4, 1.75 for FP8 E4M3."""
+        return math.ldexp(self.max_normal, -self.emax)
+
+    @property
+    def max_normal_odd(self) -> tuple[int, int]:
+        """(P, Q) with max_normal = P * 2^Q and P odd (the rceil rule's exact bound)."""
+        mant, expo = math.frexp(self.max_normal)   # mant in [0.5, 1), exact
+        p, q = int(math.ldexp(mant, 53)), expo - 53
+        while p % 2 == 0:
+            p //= 2
+            q += 1
+        return p, q
+
+    def max_normal_fraction(self, man_bits: int) -> int:
+        """The RCEIL max-normal fraction: the fraction field of max_normal in a binary
+        layout with ``man_bits`` mantissa bits (e.g. 23 for float32). An amax in the same
+        binade as max_normal * 2^k needs scale 2^(k+1) exactly when its fraction field is
+        larger. Raises when max_normal is not exact with that many bits."""
+        frac = math.ldexp(self.max_normal_significand - 1.0, man_bits)
+        if frac != int(frac):
+            raise MXError(f"{self.key}: max_normal {self.max_normal} has no exact "
+                          f"{man_bits}-bit fraction")
+        return int(frac)
+
+    @property
     def max_pow2(self) -> float:
         """Largest power of two representable: the §6.3 divisor, 2^emax."""
         return math.ldexp(1.0, self.emax)
@@ -154,7 +297,7 @@ class FormatInfo:
         return self.key
 
 
-def _load() -> tuple[dict[str, FormatInfo], ScaleInfo, int]:
+def _load() -> tuple[dict[str, FormatInfo], ScaleInfo, int, dict[str, IEEELayout]]:
     with open(_spec_path(), "rb") as f:
         raw = tomllib.load(f)
     fmts = {}
@@ -166,10 +309,26 @@ def _load() -> tuple[dict[str, FormatInfo], ScaleInfo, int]:
         info._check()
         fmts[key] = info
     scale = ScaleInfo(**raw["scale"]["e8m0"])
-    return fmts, scale, int(raw["default_block_size"])
+    scale._check()
+    ieee = {}
+    for key, d in raw["ieee"].items():
+        ieee[key] = IEEELayout(name=key, **d)
+        ieee[key]._check()
+    return fmts, scale, int(raw["default_block_size"]), ieee
 
 
-FORMATS, E8M0, DEFAULT_BLOCK_SIZE = _load()
+FORMATS, E8M0, DEFAULT_BLOCK_SIZE, IEEE_LAYOUTS = _load()
+# The input type every format value is exact in, and the fast kernels compute in.
+FLOAT32 = IEEE_LAYOUTS["float32"]
+
+
+def ieee_layout(dtype) -> IEEELayout:
+    """The :class:`IEEELayout` of a numpy dtype (or its name); MXError for others."""
+    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    if name not in IEEE_LAYOUTS:
+        raise MXError(f"unsupported input dtype {name}; use float32, float64, float16 "
+                      f"or bfloat16 (ml_dtypes.bfloat16)")
+    return IEEE_LAYOUTS[name]
 
 # Names users already know map onto the canonical keys.
 ALIASES = {

@@ -21,7 +21,7 @@ import math
 import numba as nb
 import numpy as np
 
-from mxref.formats import E8M0, FormatInfo
+from mxref.formats import DEFAULT_BLOCK_SIZE, E8M0, FLOAT32, IEEE_LAYOUTS, FormatInfo
 
 _NB = dict(nogil=True, cache=True)
 
@@ -32,11 +32,7 @@ SCALE_MAX = E8M0.max_exp
 
 
 def element_params(fmt: FormatInfo) -> np.ndarray:
-    mant, expo = math.frexp(fmt.max_normal)  # max_normal = mant * 2^expo, mant in [0.5, 1)
-    p, q = int(mant * (1 << 53)), expo - 53
-    while p % 2 == 0:
-        p //= 2
-        q += 1
+    p, q = fmt.max_normal_odd
     mag = fmt.sign_bit - 1
     nan = fmt.nan_codes[0] if fmt.nan_codes else -1
     inf = fmt.inf_codes[0] if fmt.inf_codes else -1
@@ -44,16 +40,14 @@ def element_params(fmt: FormatInfo) -> np.ndarray:
                      fmt.max_code & mag, nan, inf, p, q], dtype=np.int64)
 
 
-# Input layouts ``lay``: (mantissa bits, exponent bias, exponent all-ones, exponent bits).
-INPUT_LAYOUTS = {
-    "float64": (52, 1023, 0x7FF, 11),
-    "float32": (23, 127, 0xFF, 8),
-    "float16": (10, 15, 0x1F, 5),
-    "bfloat16": (7, 127, 0xFF, 8),
-}
+# Input layouts ``lay``: (mantissa bits, exponent bias, exponent all-ones, exponent bits),
+# from specs/formats.toml's [ieee.*] tables.
+INPUT_LAYOUTS = {name: lay.kernel_layout for name, lay in IEEE_LAYOUTS.items()}
 # Exponent of the smallest normal float32 (-126): ``flush_subnormals`` reads anything
 # smaller as zero, whatever the input dtype.
-FP32_EMIN = 1 - INPUT_LAYOUTS["float32"][1]
+FP32_EMIN = FLOAT32.emin
+# The default block size, a compile-time constant so its loops unroll and vectorise.
+BLOCK = DEFAULT_BLOCK_SIZE
 
 
 @nb.njit(**_NB)
@@ -286,8 +280,8 @@ def dequantize_kernel(codes, scales, block, lut, scale_tab, out):
     block size 32 is passed as a constant so the inner loop unrolls and vectorises.
     """
     for r in nb.prange(codes.shape[0]):
-        if block == 32:
-            _dequantize_row(codes[r], scales[r], 32, lut, scale_tab, out[r])
+        if block == BLOCK:
+            _dequantize_row(codes[r], scales[r], BLOCK, lut, scale_tab, out[r])
         else:
             _dequantize_row(codes[r], scales[r], block, lut, scale_tab, out[r])
 

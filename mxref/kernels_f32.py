@@ -60,11 +60,27 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from mxref.kernels import (SCALE_BIAS, SCALE_NAN, element_params, encode_finite,
-                           scale_from_amax, unpack_bits)
+from mxref.formats import FLOAT32
+from mxref.kernels import (BLOCK, SCALE_BIAS, SCALE_MAX, SCALE_MIN, SCALE_NAN, element_params,
+                           encode_finite, scale_from_amax, unpack_bits)
 
 _NB = dict(nogil=True, cache=True, fastmath=False)
-F32_LAYOUT = np.array([23, 127, 0xFF, 8], dtype=np.int64)
+F32_LAYOUT = np.array(FLOAT32.kernel_layout, dtype=np.int64)
+# float32 fields as module globals: numba freezes them into compile-time constants.
+F32_BITS = FLOAT32.bits                 # 32
+F32_MAN = FLOAT32.man_bits              # 23
+F32_BIAS = FLOAT32.bias                 # 127
+F32_EXP_BITS = FLOAT32.exp_bits         # 8
+F32_EXP_ONES = FLOAT32.exp_all_ones     # 0xFF
+F32_FRAC = FLOAT32.frac_mask            # 0x7FFFFF
+F32_HIDDEN = FLOAT32.hidden_bit         # 0x800000, also the smallest normal's pattern
+F32_ABS = FLOAT32.abs_mask              # 0x7FFFFFFF
+F32_INF = FLOAT32.inf_bits              # 0x7F800000
+F32_SIGN_SHIFT = FLOAT32.sign_shift     # 31
+# Rounding shifts are capped here: the significand is below 2^(F32_MAN + 1), so a
+# shift of F32_MAN + 2 or more rounds it to 0 like any larger one.
+SH_CAP = F32_MAN + 2                    # 25
+HALF_CAP = 1 << (F32_MAN + 1)           # 2^(SH_CAP - 1)
 FAST_MAX_SCALE = 1 << 20   # element-only scales above this take the general kernel
 PARALLEL_MIN = 1 << 18     # fewer elements: one thread (a parallel launch is not worth it)
 I32 = np.int32
@@ -101,13 +117,12 @@ def spec_of(fmt, profile) -> tuple[Spec, np.ndarray, np.ndarray]:
     ovf_mag = maxmag
     if fp8_ovf == 1 and bits == 8 and not is_int:
         ovf_mag = inf if inf >= 0 else nan
-    mn = np.float32(fmt.max_normal)
-    mn_bits = int(mn.view(np.uint32))
-    assert float(mn) == fmt.max_normal and (mn_bits >> 23) - 127 == emax
     spec = Spec(bits, m, maxmag, ovf_mag, max(nan, 0), bool(is_int),
                 bool(is_int and int8_range == 1), rounding == 1)
-    bp = np.array([emin, emax, rule, mn_bits & 0x7FFFFF, flush, -124 - emin + m],
-                  dtype=np.int64)
+    # min_fast: below 2^(F32.emin - s) every input is at most a quarter of the smallest
+    # element subnormal 2^(emin - m) when s >= F32.emin + 2 - emin + m (module docstring)
+    bp = np.array([emin, emax, rule, fmt.max_normal_fraction(F32_MAN), flush,
+                   FLOAT32.emin + 2 - emin + m], dtype=np.int64)
     sa = np.array(spec, dtype=np.int64)   # the spec as runtime values, for _block_any
     for a in (bp, sa):
         a.flags.writeable = False
@@ -133,7 +148,7 @@ def _abs_max(typingctx, row, lo, n):
         vty = ir.VectorType(i32, width)
         ptr = builder.bitcast(builder.gep(ary.data, [idx]), vty.as_pointer())
         v = builder.and_(builder.load(ptr, align=4),
-                         ir.Constant(vty, [0x7FFFFFFF] * width))
+                         ir.Constant(vty, [F32_ABS] * width))
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32, [vty]),
                                             f"llvm.vector.reduce.umax.v{width}i32")
         return builder.call(fn, [v])
@@ -168,17 +183,17 @@ def _prefetch(typingctx, row, lo):
 def _mag(xb, T, U, c0, m, away):
     """Unsaturated magnitude code of int32 pattern xb divided by 2^s.
 
-    T = emin + 127 + s and U = c0 + T (c0 = 23 - m) are per-block constants:
+    T = emin + F32_BIAS + s and U = c0 + T (c0 = F32_MAN - m) are per-block constants:
     e2 - emin = E - T and the rounding shift is c0 + max(emin - e2, 0) = max(U - E, c0).
     """
-    E = I32(I32(xb >> 23) & 0xFF)
-    sig = I32(I32(xb & 0x7FFFFF) | 0x800000)
-    sh = min(max(I32(U - E), I32(c0)), I32(25))
+    E = I32(I32(xb >> F32_MAN) & F32_EXP_ONES)
+    sig = I32(I32(xb & F32_FRAC) | F32_HIDDEN)
+    sh = min(max(I32(U - E), I32(c0)), I32(SH_CAP))
     expo = max(I32(E - T), I32(0))
     if away:   # + 2^(sh-1), written as a right shift so it stays 32-bit
-        q = I32(I32(sig + I32(I32(0x1000000) >> I32(I32(25) - sh))) >> sh)
+        q = I32(I32(sig + I32(I32(HALF_CAP) >> I32(I32(SH_CAP) - sh))) >> sh)
     else:      # + 2^(sh-1) - 1 + (lowest kept bit): ties to even
-        q = I32(I32(I32(sig + I32(I32(0xFFFFFF) >> I32(I32(25) - sh)))
+        q = I32(I32(I32(sig + I32(I32(HALF_CAP - 1) >> I32(I32(SH_CAP) - sh)))
                     + I32(I32(sig >> sh) & 1)) >> sh)
     return I32(I32(expo << m) + q)
 
@@ -187,25 +202,26 @@ def _mag(xb, T, U, c0, m, away):
 def _code(mag, xb, bits, maxmag, ovf_mag, is_int, asym, ovf):
     """Saturate (or overflow) the magnitude and attach the sign of xb."""
     if is_int:
-        neg = I32(I32(xb >> 31) & 1)
+        neg = I32(I32(xb >> F32_SIGN_SHIFT) & 1)
         if asym:
             mag = min(mag, I32(maxmag + neg))
         else:
             mag = min(mag, I32(maxmag))
-        return I32(I32(-mag) & 0xFF) if neg else mag
+        return I32(I32(-mag) & ((1 << bits) - 1)) if neg else mag   # two's complement
     if ovf:
         mag = I32(ovf_mag) if mag > maxmag else mag
     else:
         mag = min(mag, I32(maxmag))
-    return I32(I32(I32(xb >> (32 - bits)) & (1 << (bits - 1))) | mag)
+    return I32(I32(I32(xb >> (F32_BITS - bits)) & (1 << (bits - 1))) | mag)
 
 
 @nb.njit(**_NB)
 def _general_element(xb, s, ep, pp):
     """One element through the general integer kernel (blocks with s < min_fast)."""
-    sign, kind, sig, e = unpack_bits(np.uint32(xb), 23, 127, 0xFF, 8, pp[3])
+    sign, kind, sig, e = unpack_bits(np.uint32(xb), F32_MAN, F32_BIAS, F32_EXP_ONES,
+                                     F32_EXP_BITS, pp[3])
     if kind == 1:
-        return encode_finite(sign, sig, e, 23, s, ep, pp)
+        return encode_finite(sign, sig, e, F32_MAN, s, ep, pp)
     return 0 if ep[0] == 1 else (sign << (ep[1] - 1))
 
 
@@ -214,14 +230,14 @@ def _scale(amax, flush, emax, rceil, mn_frac):
     """E8M0 code from the block's largest |bits|; -1: ask the general scale_from_amax
     (rceil with an FP32-subnormal amax). Scalars and selects only, so that a loop over
     blocks vectorises (see _rows32)."""
-    a = I32(0) if flush and amax < 0x800000 else amax
-    ea = a >> 23
-    k = ea - SCALE_BIAS - emax
+    a = I32(0) if flush and amax < F32_HIDDEN else amax
+    ea = a >> F32_MAN
+    k = ea - F32_BIAS - emax
     if rceil:
-        k += 1 if (a & 0x7FFFFF) > mn_frac else 0
-    k = min(max(k, -SCALE_BIAS), SCALE_BIAS) + SCALE_BIAS
-    k = 0 if a == 0 else k
-    k = SCALE_NAN if a >= 0x7F800000 else k
+        k += 1 if (a & F32_FRAC) > mn_frac else 0
+    k = min(max(k, SCALE_MIN), SCALE_MAX) + SCALE_BIAS
+    k = SCALE_MIN + SCALE_BIAS if a == 0 else k
+    k = SCALE_NAN if a >= F32_INF else k
     if rceil:
         k = -1 if ea == 0 and a != 0 else k
     return k
@@ -237,7 +253,7 @@ def _block_any(row, dst, lo, n, ep, pp, bp, sa):
     is_int, asym, away = sa[5] != 0, sa[6] != 0, sa[7] != 0
     amax = I32(0)
     for i in range(n):
-        amax = max(amax, I32(row[lo + i] & 0x7FFFFFFF))
+        amax = max(amax, I32(row[lo + i] & F32_ABS))
     sc = _scale(amax, bp[BP_FLUSH], bp[BP_EMAX], bp[BP_RCEIL], bp[BP_MNFRAC])
     if sc < 0:
         sc = scale_from_amax(np.uint64(amax), F32_LAYOUT, ep, pp)
@@ -245,15 +261,16 @@ def _block_any(row, dst, lo, n, ep, pp, bp, sa):
     if sc == SCALE_NAN:
         for i in range(n):
             dst[lo + i] = 0
-    elif amax == 0 or (bp[BP_FLUSH] and amax < 0x800000):
+    elif amax == 0 or (bp[BP_FLUSH] and amax < F32_HIDDEN):
         for i in range(n):   # zeros (or flushed subnormals): signed zero codes
-            dst[lo + i] = 0 if is_int else (row[lo + i] >> (32 - bits)) & (1 << (bits - 1))
+            dst[lo + i] = 0 if is_int else ((row[lo + i] >> (F32_BITS - bits))
+                                            & (1 << (bits - 1)))
     elif s >= bp[BP_MINFAST]:
-        T = I32(bp[BP_EMIN] + SCALE_BIAS + s)
-        U = I32(23 - m + T)
+        T = I32(bp[BP_EMIN] + F32_BIAS + s)
+        U = I32(F32_MAN - m + T)
         for i in range(n):
             xb = row[lo + i]
-            dst[lo + i] = _code(_mag(xb, T, U, 23 - m, m, away), xb, bits, maxmag, ovf_mag,
+            dst[lo + i] = _code(_mag(xb, T, U, F32_MAN - m, m, away), xb, bits, maxmag, ovf_mag,
                                 is_int, asym, ovf_mag != maxmag)
     else:
         for i in range(n):
@@ -326,7 +343,7 @@ SLOW = -1024   # the T of blocks that _block_any redoes (any T is harmless in _m
 
 @nb.njit(**_NB)
 def _scale_pass(amaxs, srow, tb, nfull, bp):
-    """Scales of a row's full blocks from their maxima, and each block's T = emin + 127 + s
+    """Scales of a row's full blocks from their maxima, and each block's T = emin + F32_BIAS + s
     for the code pass (SLOW where _block_any must redo the block); returns how many are
     SLOW. A loop of selects over the blocks (it vectorises)."""
     flush, emin, emax = bp[BP_FLUSH], bp[BP_EMIN], bp[BP_EMAX]
@@ -336,7 +353,7 @@ def _scale_pass(amaxs, srow, tb, nfull, bp):
         sc = _scale(amaxs[b], flush, emax, rceil, mn_frac)
         fast = sc != SCALE_NAN and sc - SCALE_BIAS >= min_fast
         srow[b] = sc
-        tb[b] = I32(emin + sc) if fast else I32(SLOW)
+        tb[b] = I32(emin + F32_BIAS + (sc - SCALE_BIAS)) if fast else I32(SLOW)
         nslow += 0 if fast else 1
     return nslow
 
@@ -379,38 +396,39 @@ def _rows32(raw, out, scales, r0, r1, block, ep, pp, bp, sa, out_bits, bits, m, 
     flush, emin, emax = bp[BP_FLUSH], bp[BP_EMIN], bp[BP_EMAX]
     rceil, mn_frac, min_fast = bp[BP_RCEIL], bp[BP_MNFRAC], bp[BP_MINFAST]
     buf = np.zeros((K + 3) // 4 * 4 if out_bits != 8 else 0, dtype=np.uint8)
-    n32 = nfull if block == 32 else 0
+    n32 = nfull if block == BLOCK else 0
     amaxs = np.empty(n32, dtype=np.int32)
     tb = np.empty(n32, dtype=np.int32)
     for r in range(r0, r1):
         row = raw[r]
         dst = out[r] if out_bits == 8 else buf
         srow = scales[r]
-        if block == 32:
+        if block == BLOCK:
             for b in range(n32):
-                amaxs[b] = _abs_max(row, b * 32, 32)
+                amaxs[b] = _abs_max(row, b * BLOCK, BLOCK)
             nslow = 0
             for b in range(n32):
                 sc = _scale(amaxs[b], flush, emax, rceil, mn_frac)
                 fast = sc != SCALE_NAN and sc - SCALE_BIAS >= min_fast
                 srow[b] = sc
-                tb[b] = I32(emin + sc) if fast else I32(SLOW)   # T = emin + 127 + s
+                tb[b] = I32(emin + F32_BIAS + (sc - SCALE_BIAS)) if fast else I32(SLOW)
                 nslow += 0 if fast else 1
             nxt = raw[r + 1] if r + 1 < r1 else row
             for b in range(n32):
                 T = tb[b]
-                U = I32(23 - m + T)
-                lo = b * 32
+                U = I32(F32_MAN - m + T)
+                lo = b * BLOCK
                 _prefetch(nxt, lo)        # the next row's block: its max pass then
-                _prefetch(nxt, lo + 16)   # finds it in cache (two 64-byte lines)
-                for i in range(32):
+                _prefetch(nxt, lo + 16)   # finds it in cache (two 64-byte lines of int32)
+                for i in range(BLOCK):
                     xb = row[lo + i]
-                    dst[lo + i] = _code(_mag(xb, T, U, 23 - m, m, away), xb, bits, maxmag,
+                    dst[lo + i] = _code(_mag(xb, T, U, F32_MAN - m, m, away), xb, bits, maxmag,
                                         ovf_mag, is_int, asym, ovf_mag != maxmag)
             if nslow:
                 for b in range(n32):
                     if tb[b] == SLOW:
-                        srow[b] = _block_any(row, dst, b * 32, np.int64(32), ep, pp, bp, sa)
+                        srow[b] = _block_any(row, dst, b * BLOCK, np.int64(BLOCK), ep, pp,
+                                             bp, sa)
         else:
             for b in range(nfull):
                 srow[b] = _block_any(row, dst, b * block, block, ep, pp, bp, sa)
@@ -445,7 +463,7 @@ def _rows_any(raw, out, scales, r0, r1, block, ep, pp, bp, sa, out_bits, bits, m
                     a = max(a, _abs_max(row, j, 8))
             else:
                 for i in range(b * block, (b + 1) * block):
-                    a = max(a, I32(row[i] & 0x7FFFFFFF))
+                    a = max(a, I32(row[i] & F32_ABS))
             amaxs[b] = a
         nslow = _scale_pass(amaxs, scales[r], tb, nfull, bp)
         if r + 1 < r1:
@@ -468,7 +486,7 @@ def _rows_any(raw, out, scales, r0, r1, block, ep, pp, bp, sa, out_bits, bits, m
         for i in range(nfull * block):
             xb = row[i]
             T = te[i]
-            dst[i] = _code(_mag(xb, T, I32(23 - m + T), 23 - m, m, away), xb, bits, maxmag,
+            dst[i] = _code(_mag(xb, T, I32(F32_MAN - m + T), F32_MAN - m, m, away), xb, bits, maxmag,
                            ovf_mag, is_int, asym, ovf_mag != maxmag)
         _finish_row(row, dst, scales[r], tb, nfull, block, nslow, buf, out[r], out_bits, ep,
                     pp, bp, sa)
@@ -477,12 +495,12 @@ def _rows_any(raw, out, scales, r0, r1, block, ep, pp, bp, sa, out_bits, bits, m
 @nb.njit(inline="always")
 def _encode_one(xb, T, U, bits, m, maxmag, ovf_mag, nan_mag, is_int, asym, away):
     """Element-only conversion of one pattern (Inf overflows, NaN -> NaN code or +0)."""
-    mag = _mag(xb, T, U, 23 - m, m, away)
-    if (xb & 0x7F800000) == 0x7F800000:
+    mag = _mag(xb, T, U, F32_MAN - m, m, away)
+    if (xb & F32_INF) == F32_INF:
         mag = I32(maxmag + 1)   # Inf overflows at every scale (NaN is replaced below)
     code = _code(mag, xb, bits, maxmag, ovf_mag, is_int, asym, ovf_mag != maxmag)
-    if (xb & 0x7FFFFFFF) > 0x7F800000:
-        code = I32(I32(I32(xb >> (32 - bits)) & (1 << (bits - 1))) | nan_mag) \
+    if (xb & F32_ABS) > F32_INF:
+        code = I32(I32(I32(xb >> (F32_BITS - bits)) & (1 << (bits - 1))) | nan_mag) \
             if nan_mag != 0 else I32(0)
     return code
 
@@ -525,12 +543,12 @@ def quantize_kernel(spec: Spec, any_block: bool):
 
 @lru_cache(maxsize=None)
 def encode_kernel(spec: Spec):
-    """(xb, out, emin + 127 + s, lo, hi) -> None: element-only conversion for one spec."""
+    """(xb, out, emin + F32_BIAS + s, lo, hi) -> None: element-only conversion for one spec."""
     bits, m, maxmag, ovf_mag, nan_mag, is_int, asym, away = spec
 
     def encode(xb, out, t, lo, hi):
-        T = I32(t)   # emin + 127 + s, as in _rows32
-        U = I32(23 - m + T)
+        T = I32(t)   # emin + F32_BIAS + s, as in _rows32
+        U = I32(F32_MAN - m + T)
         for i in range(lo, hi):
             out[i] = _encode_one(xb[i], T, U, bits, m, maxmag, ovf_mag, nan_mag, is_int,
                                  asym, away)
@@ -588,7 +606,7 @@ def quantize_rows(raw, out, scales, block, fmt, profile, out_bits, ep, pp) -> No
     (codes (N, K) for out_bits 8, else packed rows)."""
     spec, bp, sa = spec_of(fmt, profile)
     raw = raw.view(np.int32)
-    _run(quantize_kernel(spec, block != 32), (raw, out, scales, block, ep, pp, bp, sa,
+    _run(quantize_kernel(spec, block != BLOCK), (raw, out, scales, block, ep, pp, bp, sa,
                                               out_bits), raw.shape[0], raw.size)
 
 
@@ -596,7 +614,7 @@ def encode_flat(xb, out, s, fmt, profile) -> None:
     """Element-only conversion of flat float32 bits at scale 2^s
     (``min_fast_scale <= s <= FAST_MAX_SCALE``)."""
     spec, bp, _ = spec_of(fmt, profile)
-    _run(encode_kernel(spec), (xb.view(np.int32), out, np.int64(bp[BP_EMIN] + SCALE_BIAS + s)),
+    _run(encode_kernel(spec), (xb.view(np.int32), out, np.int64(bp[BP_EMIN] + F32_BIAS + s)),
          xb.size, xb.size)
 
 

@@ -31,11 +31,13 @@ from tqdm import tqdm
 
 from mxref.core import decode, encode
 from mxref.errors import MXError
-from mxref.formats import FormatInfo, get_format
+from mxref.formats import FLOAT32, FormatInfo, get_format
 from mxref.profiles import Profile, get_profile
 
 CHECKS = ("monotonic", "nearest", "nan", "round_trip")
-_NEG_INF, _POS_ZERO, _POS_INF = 0xFF800000, 0x00000000, 0x7F800000
+_POS_ZERO, _POS_INF = 0, FLOAT32.inf_bits          # float32 patterns
+_NEG_INF = FLOAT32.sign_mask | _POS_INF
+_SIGN_SHIFT = FLOAT32.sign_shift
 _NB = dict(nogil=True, cache=True)
 
 
@@ -166,8 +168,8 @@ def check_chunk(bits, codes, carry, val, prev_mag, next_mag, top, even, allowed,
     fb = bits.view(np.float32)
     for i in nb.prange(bits.size):
         x = np.float64(fb[i])
-        if flush and (bits[i] & 0x7F800000) == 0:
-            x = -0.0 if (bits[i] >> 31) == 1 else 0.0
+        if flush and (bits[i] & _POS_INF) == 0:
+            x = -0.0 if (bits[i] >> _SIGN_SHIFT) == 1 else 0.0
         c = codes[i]
         prev = carry if i == 0 else _mono_value(val[codes[i - 1]], fb[i - 1])
         f = 0
@@ -185,7 +187,7 @@ def check_chunk(bits, codes, carry, val, prev_mag, next_mag, top, even, allowed,
 def _ranges(stride: int):
     """(start, step, count, is_nan) runs covering all patterns in value order, NaNs last."""
     n_side = (_POS_INF - _POS_ZERO) // stride + 1
-    n_nan = (0x7FFFFFFF - (_POS_INF + 1)) // stride + 1
+    n_nan = (FLOAT32.abs_mask - (_POS_INF + 1)) // stride + 1
     return [(_NEG_INF, -stride, n_side, False), (_POS_ZERO, stride, n_side, False),
             (_POS_INF + 1, stride, n_nan, True), (_NEG_INF + 1, stride, n_nan, True)]
 

@@ -23,18 +23,22 @@ import numpy as np
 
 import mxref
 from mxref.errors import MXError
+from mxref.formats import DEFAULT_BLOCK_SIZE, FLOAT32
 from verification.prng import Xoshiro256
 
 OPS = ("quantize", "dequantize", "dot", "convert")
 LEVELS = ("1", "2", "exhaustive")
-# float32 layout constants (IEEE binary32; not an MX format constant)
-F32_MAN = 23
-F32_BIAS = 127
-F32_EXP_ONES = 0xFF
-F32_SIGN = 0x80000000
-F32_QNAN = 0x7FC00000
-F32_INF = 0x7F800000
-F32_MAX = 0x7F7FFFFF
+# float32 patterns, derived from specs/formats.toml's [ieee.float32]
+F32_MAN = FLOAT32.man_bits
+F32_BIAS = FLOAT32.bias
+F32_SIGN = FLOAT32.sign_mask
+F32_ABS = FLOAT32.abs_mask                      # also the NaN with every payload bit set
+F32_QNAN = FLOAT32.qnan_bits
+F32_SNAN = FLOAT32.inf_bits | 1                 # the smallest signalling NaN payload
+F32_INF = FLOAT32.inf_bits
+F32_MAX = FLOAT32.max_finite_bits
+F32_MAX_SUB = FLOAT32.frac_mask                 # the largest subnormal
+F32_MIN_SUB_VALUE = 2.0 ** (FLOAT32.emin - FLOAT32.man_bits)
 
 
 @dataclass
@@ -96,7 +100,7 @@ def next_up(bits: np.ndarray) -> np.ndarray:
 def next_down(bits: np.ndarray) -> np.ndarray:
     """The float32 one ulp closer to zero (bits of +-0 stay)."""
     b = np.asarray(bits, np.uint32)
-    mag = b & np.uint32(0x7FFFFFFF)
+    mag = b & np.uint32(F32_ABS)
     return np.where(mag == 0, b, b - np.uint32(1)).astype(np.uint32)
 
 
@@ -132,8 +136,8 @@ class Builder:
         out = np.empty(n, dtype=np.uint32)
         for i in range(n):
             e = top_exp - 1 - self.rng.below(12)
-            e = max(e, -126)
-            efield = min(max(e + F32_BIAS, 1), 254)
+            e = max(e, FLOAT32.emin)
+            efield = min(max(e + F32_BIAS, 1), FLOAT32.exp_all_ones - 1)
             out[i] = (efield << F32_MAN) | (self.rng.u32() >> 9)
         return out | self.signs(n)
 
@@ -246,7 +250,7 @@ def quantize_cases(b: Builder) -> CaseSet:
     cs.add("underflow", x=np.concatenate(rows))
 
     # 7. NaN and Inf at every probed position (payloads and signs vary)
-    specials = [F32_QNAN, F32_QNAN | F32_SIGN, 0x7F800001, 0x7FFFFFFF, F32_INF,
+    specials = [F32_QNAN, F32_QNAN | F32_SIGN, F32_SNAN, F32_ABS, F32_INF,
                 F32_INF | F32_SIGN]
     rows = []
     for p in pos:
@@ -265,21 +269,22 @@ def quantize_cases(b: Builder) -> CaseSet:
     emin_scale = mxref.E8M0.min_exp
     for k in (0, -1, -2, -10):
         v = 2.0 ** (emin_scale + f.emax + k)
-        if v >= 2.0 ** -149:
+        if v >= F32_MIN_SUB_VALUE:
             row = b.background(bs, emin_scale + f.emax + k)
             row[pos[b.rng.below(len(pos))]] = f32_bits([v])[0]
             rows.append(row)
     rows.append(np.array([1] * bs, np.uint32))                       # all min subnormal
-    rows.append(np.array([0x007FFFFF] + [1] * (bs - 1), np.uint32))  # max subnormal
+    rows.append(np.array([F32_MAX_SUB] + [1] * (bs - 1), np.uint32))  # max subnormal
     cs.add("scale_min", x=np.array(rows, np.uint32))
 
     # 10. the largest scale float32 inputs reach (2^127 needs amax >= 2^(127+emax), which
     # float32 holds only for INT8: there max_normal * 2^127 is the exact top scale)
-    top_scale = (int(f32_bits([f.max_normal * 2.0 ** 127])[0]) if f.emax == 0
+    smax = mxref.E8M0.max_exp
+    top_scale = (int(f32_bits([f.max_normal * 2.0 ** smax])[0]) if f.emax == 0
                  else F32_MAX - 1)
     rows = []
-    for top in (F32_MAX, int(f32_bits([2.0 ** 127])[0]), top_scale):
-        row = b.background(bs, 128)
+    for top in (F32_MAX, int(f32_bits([2.0 ** smax])[0]), top_scale):
+        row = b.background(bs, FLOAT32.emax + 1)
         row[pos[b.rng.below(len(pos))]] = top | (b.rng.below(2) << 31)
         rows.append(row)
     cs.add("scale_max", x=np.array(rows, np.uint32))
@@ -287,8 +292,8 @@ def quantize_cases(b: Builder) -> CaseSet:
     # 11. FP32 subnormal inputs next to normal ones (what ocp_ftz flushes)
     rows = []
     for p in pos:
-        row = np.array([b.rng.u32() & 0x807FFFFF for _ in range(bs)], np.uint32)
-        row[p] = f32_bits([2.0 ** -120])[0]
+        row = np.array([b.rng.u32() & (F32_SIGN | F32_MAX_SUB) for _ in range(bs)], np.uint32)
+        row[p] = f32_bits([2.0 ** (FLOAT32.emin + 6)])[0]   # a normal a few binades up
         rows.append(row)
     cs.add("fp32_subnormal", x=np.array(rows, np.uint32))
 
@@ -301,7 +306,9 @@ def quantize_cases(b: Builder) -> CaseSet:
             e = b.randint(-30, 30)
             rows.append(b.background(bs, e if kind == 0 else e + 12))
         elif kind == 2:
-            rows.append(np.array([b.rng.u32() & 0xBFFFFFFF for _ in range(bs)], np.uint32))
+            # the top exponent bit cleared: finite, any sign
+            rows.append(np.array([b.rng.u32() & (F32_SIGN | F32_ABS >> 1) for _ in range(bs)],
+                                 np.uint32))
         else:
             rows.append(np.array(b.rng.u32_list(bs), np.uint32))
     cs.add("random", x=np.array(rows, np.uint32))
@@ -326,10 +333,11 @@ def convert_cases(b: Builder) -> CaseSet:
     p1 = [0, 1, (1 << m) - 1, (1 << m) - 2]
     p2 = sorted(set(p1 + [1 << i for i in range(m)] + [((1 << m) - 1) ^ ((1 << i) - 1)
                                                       for i in range(m)]))
-    exps = list(range(f.emin - f.step_bits - 3, f.emax + 3)) + [-126, -100, 100, 127]
+    exps = list(range(f.emin - f.step_bits - 3, f.emax + 3)) + [FLOAT32.emin, -100, 100,
+                                                                 FLOAT32.emax]
     sig = p2 if b.wide else p1
     vals = [((e + F32_BIAS) << m) | s for e in exps for s in sig]
-    vals += [0, 1, 0x007FFFFF]   # zero and float32 subnormals
+    vals += [0, 1, F32_MAX_SUB]   # zero and float32 subnormals
     v = np.array(vals, np.uint32)
     cs.add("table", x=np.concatenate([v, v | np.uint32(F32_SIGN)]))
     mids = f32_bits(b.mids)
@@ -343,7 +351,7 @@ def convert_cases(b: Builder) -> CaseSet:
     half = f32_bits([f.min_subnormal / 2])
     und = np.concatenate([half, next_up(half), next_down(half), f32_bits([f.min_subnormal / 4])])
     cs.add("underflow", x=np.concatenate([und, und | np.uint32(F32_SIGN)]))
-    cs.add("nan_inf", x=np.array([F32_QNAN, F32_QNAN | F32_SIGN, 0x7F800001, 0xFFFFFFFF,
+    cs.add("nan_inf", x=np.array([F32_QNAN, F32_QNAN | F32_SIGN, F32_SNAN, F32_SIGN | F32_ABS,
                                   F32_INF, F32_INF | F32_SIGN], np.uint32))
     n_rand = 256 if not b.wide else 16384
     cs.add("random", x=np.array(b.rng.u32_list(n_rand), np.uint32))
@@ -371,12 +379,13 @@ def dequantize_cases(b: Builder) -> CaseSet:
     codes = _all_codes_rows(b)
     E = mxref.E8M0
     for cat, scales in (("all_codes", [E.bias, E.bias + 1, E.bias - 3]),
-                        ("scale_extremes", [0x00, 0x01, 0x02, 0xFD, 0xFE]),
+                        ("scale_extremes", [E.min_code, E.min_code + 1, E.min_code + 2,
+                                            E.max_code - 1, E.max_code]),
                         ("nan_scale", [E.nan_code])):
         for sc in scales:
             cs.add(cat, scale=np.full((len(codes), 1), sc, np.uint8), codes=codes)
     n_rand = 64 if not b.wide else 4096
-    sc = np.array([b.rng.below(256) for _ in range(n_rand)], np.uint8)
+    sc = np.array([b.rng.below(mxref.E8M0.n_codes) for _ in range(n_rand)], np.uint8)
     cd = np.array([b.rng.below(b.f.n_codes) for _ in range(n_rand * b.bs)], np.uint8)
     cs.add("random", scale=sc.reshape(-1, 1), codes=cd.reshape(-1, b.bs))
     return cs
@@ -386,7 +395,7 @@ def dequantize_exhaustive(b: Builder) -> CaseSet:
     """Every (scale code, element code) pair: 256 scales x all codes."""
     cs = CaseSet("dequantize")
     codes = _all_codes_rows(b)
-    for sc in range(256):
+    for sc in range(mxref.E8M0.n_codes):
         cs.add("exhaustive", scale=np.full((len(codes), 1), sc, np.uint8), codes=codes)
     return cs
 
@@ -424,7 +433,8 @@ def dot_cases(b: Builder) -> CaseSet:
     add("quantized", mx.scales, mx.codes, mx.scales[perm], mx.codes[perm])
     # scales at the E8M0 edges: products underflow to float32 subnormals/zero or overflow
     n = 8 if not b.wide else 64
-    for cat, lo, hi in (("scale_min", 0, 2), ("scale_max", 0xFC, 0xFE)):
+    for cat, lo, hi in (("scale_min", E.min_code, E.min_code + 2),
+                        ("scale_max", E.max_code - 2, E.max_code)):
         add(cat, rand_scales(n, lo, hi), rand_codes(n), rand_scales(n, lo, hi), rand_codes(n))
     # a NaN scale in one block of one operand
     sa = rand_scales(n)
@@ -452,7 +462,8 @@ STRUCTURED = {"quantize": quantize_cases, "convert": convert_cases,
               "dequantize": dequantize_cases, "dot": dot_cases}
 
 
-def generate(op: str, fmt, level: str = "1", seed: int = 1, block_size: int = 32) -> CaseSet:
+def generate(op: str, fmt, level: str = "1", seed: int = 1,
+             block_size: int = DEFAULT_BLOCK_SIZE) -> CaseSet:
     """The input cases of one suite (deterministic in all arguments)."""
     level = str(level)
     if op not in OPS:
@@ -460,7 +471,8 @@ def generate(op: str, fmt, level: str = "1", seed: int = 1, block_size: int = 32
     if level not in LEVELS:
         raise MXError(f"unknown level {level!r}; choose one of: {', '.join(LEVELS)}")
     if block_size < 2 or block_size > 1024:
-        raise MXError(f"block size {block_size} out of range; use 2..1024 (32 is OCP MX)")
+        raise MXError(f"block size {block_size} out of range; use 2..1024 "
+                      f"({DEFAULT_BLOCK_SIZE} is OCP MX)")
     b = Builder(fmt, level, seed, block_size)
     if level == "exhaustive":
         if op not in EXHAUSTIVE:

@@ -21,6 +21,7 @@ import numpy as np
 
 import mxref
 from mxref.errors import MXError
+from mxref.formats import FLOAT32
 from verification import vectors as V
 
 _HEX_OK = re.compile(r"^[0-9A-Fa-f]*$")
@@ -287,7 +288,8 @@ def read_dut(path: str, s: Suite, dut_format: str | None) -> dict:
 def _is_nan(f, v: np.ndarray, fmt) -> np.ndarray:
     v = v.astype(np.int64)
     if f.kind == "f32":
-        return ((v & 0x7F800000) == 0x7F800000) & ((v & 0x007FFFFF) != 0)
+        inf, frac = FLOAT32.inf_bits, FLOAT32.frac_mask
+        return ((v & inf) == inf) & ((v & frac) != 0)
     if f.kind == "scale":
         return v == mxref.E8M0.nan_code
     inr = v < fmt.n_codes
@@ -297,7 +299,7 @@ def _is_nan(f, v: np.ndarray, fmt) -> np.ndarray:
 def _is_zero(f, v: np.ndarray, fmt) -> np.ndarray:
     v = v.astype(np.int64)
     if f.kind == "f32":
-        return (v & 0x7FFFFFFF) == 0
+        return (v & FLOAT32.abs_mask) == 0
     if f.kind == "scale":
         return np.zeros(v.shape, bool)
     inr = v < fmt.n_codes
@@ -310,8 +312,8 @@ def ordinal(f, v, fmt) -> np.ndarray:
     if f.kind == "scale":
         return v
     if f.kind == "f32":
-        mag = v & 0x7FFFFFFF
-        return np.where(v & 0x80000000, -mag, mag)
+        mag = v & FLOAT32.abs_mask
+        return np.where(v & FLOAT32.sign_mask, -mag, mag)
     if fmt.is_int:
         return np.where(v & fmt.sign_bit, v - fmt.n_codes, v)
     mag = v & (fmt.sign_bit - 1)

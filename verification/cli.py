@@ -15,6 +15,7 @@ import json
 import sys
 
 from mxref.errors import MXError
+from mxref.formats import DEFAULT_BLOCK_SIZE
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1)
     g.add_argument("--profile", default="ocp")
     g.add_argument("--emit", default="hex,bin,npz,jsonl", type=_csv)
-    g.add_argument("--block-size", type=int, default=32)
+    g.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
     g.add_argument("--out", required=True)
     g.add_argument("--force", action="store_true", help="replace an existing --out directory")
 

@@ -17,18 +17,19 @@ from tqdm import tqdm
 
 import mxref
 from mxref.errors import MXError
+from mxref.formats import FLOAT32
 
 
 def second_model_encode(x32: np.ndarray, fmt, profile) -> np.ndarray:
     """Element codes of float32 ``x32`` at unit scale, by candidate distances in float64."""
     f, p = mxref.get_format(fmt), mxref.get_profile(profile)
     bits = x32.view(np.uint32)
-    neg = (bits >> np.uint32(31)).astype(bool)
+    neg = (bits >> np.uint32(FLOAT32.sign_shift)).astype(bool)
     with np.errstate(invalid="ignore"):
         a = np.abs(x32.astype(np.float64))
     is_nan, is_inf = np.isnan(a), np.isinf(a)
     if p.flush_subnormals:
-        a = np.where(a < 2.0 ** -126, 0.0, a)
+        a = np.where(a < 2.0 ** FLOAT32.emin, 0.0, a)
     a = np.where(is_nan | is_inf, 0.0, a)
     # anything from 2^(emax+2) up saturates; capping keeps the step count inside int64
     a = np.minimum(a, 2.0 ** (f.emax + 2))

@@ -10,6 +10,7 @@ Only numpy, hypothesis and mxref are imported (never torch). Example::
 
     from hypothesis import given
     import mxref
+from mxref.formats import IEEE_LAYOUTS, IEEELayout
     from verification.strategies import mx_blocks
 
     @given(mx_blocks("fp4_e2m1"))
@@ -19,53 +20,23 @@ Only numpy, hypothesis and mxref are imported (never torch). Example::
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import mxref
+from mxref.formats import IEEE_LAYOUTS, IEEELayout
 
 __all__ = ["DTYPES", "float_bits", "floats_array", "element_codes", "element_formats",
            "mx_blocks", "mx_tensors", "profiles"]
 
 
-@dataclass(frozen=True)
-class _Layout:
-    """An IEEE binary input type: its numpy dtype, same-width unsigned view, fields."""
-
-    name: str
-    uint: type
-    exp_bits: int
-    man_bits: int
-
-    @property
-    def dtype(self) -> np.dtype:
-        # "bfloat16" is registered with numpy by ml_dtypes, which mxref imports.
-        return np.dtype(self.name)
-
-    @property
-    def bias(self) -> int:
-        return (1 << (self.exp_bits - 1)) - 1
-
-    @property
-    def exp_all_ones(self) -> int:
-        return (1 << self.exp_bits) - 1
-
-    def pack(self, sign: int, efield: int, mfield: int) -> int:
-        return (sign << (self.exp_bits + self.man_bits)) | (efield << self.man_bits) | mfield
+# The IEEE input types (float32, bfloat16, float16, float64) as specs/formats.toml
+# describes them: widths, bias, masks and ``pack(sign, efield, mfield)``.
+DTYPES = dict(IEEE_LAYOUTS)
 
 
-DTYPES = {
-    "float32": _Layout("float32", np.uint32, 8, 23),
-    "bfloat16": _Layout("bfloat16", np.uint16, 8, 7),
-    "float16": _Layout("float16", np.uint16, 5, 10),
-    "float64": _Layout("float64", np.uint64, 11, 52),
-}
-
-
-def _layout(dtype) -> _Layout:
+def _layout(dtype) -> IEEELayout:
     name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
     if name not in DTYPES:
         raise ValueError(f"dtype {dtype!r} not one of {', '.join(DTYPES)}")
@@ -73,7 +44,7 @@ def _layout(dtype) -> _Layout:
 
 
 # --------------------------------------------------------------------------- scalars
-def _mantissas(lay: _Layout, nonzero: bool = False) -> st.SearchStrategy[int]:
+def _mantissas(lay: IEEELayout, nonzero: bool = False) -> st.SearchStrategy[int]:
     m = lay.man_bits
     top = (1 << m) - 1
     edges = [1, top, 1 << (m - 1), (1 << (m - 1)) + 1, top - 1, (1 << (m - 1)) - 1]
@@ -163,7 +134,7 @@ def profiles() -> st.SearchStrategy["mxref.Profile"]:
 
 
 # --------------------------------------------------------------------------- blocks
-def _finite_bits_near(lay: _Layout, efield: int, spread: int) -> st.SearchStrategy[int]:
+def _finite_bits_near(lay: IEEELayout, efield: int, spread: int) -> st.SearchStrategy[int]:
     """Finite patterns with exponent field in [efield - spread, efield]; fields that
     fall at or below 0 become subnormals or zeros (underflow in the block)."""
     def build(sign, drop, mant):
@@ -176,14 +147,14 @@ def _finite_bits_near(lay: _Layout, efield: int, spread: int) -> st.SearchStrate
     return st.builds(build, st.integers(0, 1), st.integers(0, spread), _mantissas(lay))
 
 
-def _exp_fields(lay: _Layout, f) -> st.SearchStrategy[int]:
+def _exp_fields(lay: IEEELayout, f) -> st.SearchStrategy[int]:
     """Exponent fields for a block maximum: anywhere, or where the scale clamps.
 
     The floor rule clamps the scale to 2^-127 when amax < 2^(emax - 127) and, for
     float64 input, to 2^127 when amax >= 2^(127 + emax)."""
     ones = lay.exp_all_ones
-    low_clamp = lay.bias + f.emax - 127          # amax exponent giving scale 2^-127
-    high_clamp = lay.bias + 127 + f.emax         # amax exponent giving scale 2^127
+    low_clamp = lay.bias + f.emax + mxref.E8M0.min_exp   # amax exponent giving scale 2^-127
+    high_clamp = lay.bias + f.emax + mxref.E8M0.max_exp  # amax exponent giving scale 2^127
     edges = {1, 2, ones - 1, ones - 2, lay.bias, lay.bias + f.emax, lay.bias + f.emax + 1}
     edges |= {e for e in (low_clamp - 1, low_clamp, low_clamp + 1, high_clamp - 1,
                           high_clamp, high_clamp + 1) if 1 <= e <= ones - 1}
@@ -198,7 +169,7 @@ def _grid_midpoints(f) -> np.ndarray:
 
 
 @st.composite
-def mx_blocks(draw, fmt, block_size=32, dtype="float32", allow_nan=True, allow_inf=True):
+def mx_blocks(draw, fmt, block_size=mxref.DEFAULT_BLOCK_SIZE, dtype="float32", allow_nan=True, allow_inf=True):
     """One MX block (a 1-d ``dtype`` array of ``block_size`` values) built to stress
     the scale rule of element format ``fmt``.
 
@@ -239,7 +210,7 @@ def mx_blocks(draw, fmt, block_size=32, dtype="float32", allow_nan=True, allow_i
         top = lay.pack(0, e, 0) - below
         top = min(max(top, 1), lay.pack(0, lay.exp_all_ones, 0) - 1)
         rest = draw(st.lists(_finite_bits_near(lay, e, 6), min_size=n - 1, max_size=n - 1))
-        bits = [top | (draw(st.integers(0, 1)) << (lay.exp_bits + lay.man_bits))] + rest
+        bits = [top | (draw(st.integers(0, 1)) << lay.sign_shift)] + rest
     elif scenario == "ties":
         # amax = 2^k * 1.0 fixes the floor-rule scale at X = 2^(k - emax); midpoints
         # of the element grid times X are exact ties (if the dtype can hold them).
@@ -255,8 +226,7 @@ def mx_blocks(draw, fmt, block_size=32, dtype="float32", allow_nan=True, allow_i
     elif scenario == "saturate":
         e = draw(st.integers(lay.bias - 4, lay.bias + 4))
         # mantissa fields whose significand exceeds max_normal / 2^emax
-        sig_max = f.max_normal / 2.0 ** f.emax          # e.g. 1.5 for FP4
-        lo = int(np.ceil((sig_max - 1.0) * (1 << lay.man_bits)))
+        lo = f.max_normal_fraction(lay.man_bits)     # e.g. 1.5 for FP4: the top bit
         mant = st.integers(min(lo, (1 << lay.man_bits) - 1), (1 << lay.man_bits) - 1)
         top = st.builds(lay.pack, st.integers(0, 1), st.just(e), mant)
         bits = draw(st.lists(st.one_of(top, _finite_bits_near(lay, e, 3)),
@@ -274,7 +244,7 @@ def mx_blocks(draw, fmt, block_size=32, dtype="float32", allow_nan=True, allow_i
         top = min(top, lay.pack(0, lay.exp_all_ones, 0) - 1)  # stay finite
         rest = draw(st.lists(_finite_bits_near(lay, top >> lay.man_bits, 6),
                              min_size=n - 1, max_size=n - 1))
-        bits = [top | (draw(st.integers(0, 1)) << (lay.exp_bits + lay.man_bits))] + rest
+        bits = [top | (draw(st.integers(0, 1)) << lay.sign_shift)] + rest
     elif scenario == "zeros":
         sub = draw(st.booleans())
         z = st.builds(lay.pack, st.integers(0, 1), st.just(0), st.just(0))

@@ -28,6 +28,7 @@ import numpy as np
 import mxref
 from mxref.core import MXArray
 from mxref.errors import MXError
+from mxref.formats import DEFAULT_BLOCK_SIZE
 from mxref.outputs import canonical_sha256, check_output, output_dir, sha256_file
 
 MANIFEST_NAME = "manifest.json"
@@ -236,7 +237,8 @@ def manifest(op, fmt, profile, level, seed, block_size, fields, runs, n, files) 
 
 
 def build(out: str, op: str, fmt, level="1", seed: int = 1, profile="ocp",
-          emit=("hex", "bin", "npz", "jsonl"), force: bool = False, block_size: int = 32,
+          emit=("hex", "bin", "npz", "jsonl"), force: bool = False,
+          block_size: int = DEFAULT_BLOCK_SIZE,
           progress: bool = False) -> dict:
     """Generate a suite into directory ``out`` atomically; returns the manifest.
 
