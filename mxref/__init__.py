@@ -7,10 +7,10 @@ from a :class:`Profile`.
 from mxref.errors import MXError
 from mxref.formats import DEFAULT_BLOCK_SIZE, E8M0, FORMATS, FormatInfo, get_format
 from mxref.profiles import PRESETS, Profile, get_profile, with_choices
-from mxref.core import (MXArray, decode, dequantize, encode, quantize, quantize_dequantize,
-                        quantize_packed, scale_values)
-from mxref.pack import (PackedMXArray, pack_codes, pack_llamacpp_mxfp4, packed_row_bytes,
-                        packing_name, unpack_codes, unpack_llamacpp_mxfp4)
+from mxref.core import (MXArray, PackedMXArray, decode, dequantize, encode, quantize,
+                        quantize_dequantize, quantize_packed, scale_values)
+from mxref.pack import (pack_codes, pack_llamacpp_mxfp4, packed_row_bytes, packing_name,
+                        unpack_codes, unpack_llamacpp_mxfp4)
 from mxref.dot import mx_dot, mx_dot_exact, mx_matmul
 
 __version__ = "0.1.0"

@@ -1,7 +1,7 @@
 """``mxref`` command line: formats table, quantize/dequantize .npy <-> .npz, decode, sweep.
 
 Every bad input is a one-line ``mxref: error: ...`` on stderr with exit code 2 and no
-traceback; a failed sweep exits 1.
+traceback; a failed sweep exits 1 (the shared frame: :mod:`mxref.cliframe`).
 """
 from __future__ import annotations
 
@@ -12,10 +12,8 @@ import sys
 
 import numpy as np
 
+from mxref.cliframe import EXIT_FAILED, run_cli
 from mxref.errors import MXError
-
-EXIT_BAD_INPUT = 2
-EXIT_CHECK_FAILED = 1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -185,7 +183,7 @@ def cmd_sweep(args) -> int:
     res = sweep_format(args.format, args.profile, chunk=_parse_count(args.chunk),
                        stride=_parse_count(args.stride), progress=not args.no_progress)
     print(res.summary())
-    return 0 if res.ok else EXIT_CHECK_FAILED
+    return 0 if res.ok else EXIT_FAILED
 
 
 # --------------------------------------------------------------------------- pack
@@ -265,20 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
+    def body():
+        args = build_parser().parse_args(argv)   # usage errors are MXError (_Parser)
         return args.func(args)
-    except MXError as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"mxref: error: {msg}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("mxref: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        # output piped into e.g. `head`: stop quietly, and keep Python from complaining at exit
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+    return run_cli("mxref", body)
 
 
 if __name__ == "__main__":

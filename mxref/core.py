@@ -7,6 +7,9 @@ Conventions (normative text in specs/semantics.md):
 * :class:`MXArray` holds ``codes`` with the blocked axis moved last (shape
   ``[..., K]``) and ``scales`` with shape ``[..., ceil(K / block_size)]``; ``shape``
   and ``axis`` record the original layout, so ``dequantize`` restores it exactly.
+  :class:`PackedMXArray` is the same with the codes packed (:mod:`mxref.pack`).
+
+Layering: this module imports :mod:`mxref.pack` and :mod:`mxref.codes`, never the reverse.
 """
 from __future__ import annotations
 
@@ -17,10 +20,15 @@ import numpy as np
 
 from mxref import kernels as K
 from mxref import kernels_f32 as F
+from mxref.codes import check_codes
 from mxref.errors import MXError
 from mxref.formats import (DEFAULT_BLOCK_SIZE, E8M0, FLOAT32, IEEE_LAYOUTS, FormatInfo,
                            get_format, ieee_layout)
+from mxref.pack import _checked_bits, pack_checked, packing_name, row_bytes, unpack_codes
 from mxref.profiles import Profile, get_profile
+
+__all__ = ["MXArray", "PackedMXArray", "check_codes", "decode", "dequantize", "encode",
+           "quantize", "quantize_dequantize", "quantize_packed", "scale_values"]
 
 def input_bits(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The bit patterns of a float array (no copy when contiguous) and its layout."""
@@ -69,22 +77,6 @@ def decode(codes, fmt, dtype=np.float32) -> np.ndarray:
     return out
 
 
-def check_codes(codes, fmt: FormatInfo, what: str = "element code") -> np.ndarray:
-    codes = np.asarray(codes)
-    if codes.dtype != np.uint8:
-        if not np.issubdtype(codes.dtype, np.integer):
-            raise MXError(f"{what}s must be integers, got {codes.dtype}")
-        if codes.size and (codes.min() < 0 or codes.max() >= fmt.n_codes):
-            raise MXError(f"{what} out of range for {fmt.key}: valid codes are "
-                          f"0..{fmt.n_codes - 1:#x}")
-        codes = codes.astype(np.uint8)
-    elif fmt.bits < 8 and codes.size and codes.max() >= fmt.n_codes:
-        bad = int(codes.max())
-        raise MXError(f"{what} {bad:#x} out of range for {fmt.key}: valid codes are "
-                      f"0..{fmt.n_codes - 1:#x}")
-    return np.ascontiguousarray(codes)
-
-
 def scale_values(codes, dtype=np.float32) -> np.ndarray:
     """Values of E8M0 scale codes: 2^(code-127), NaN for 0xFF (0x00 is the subnormal 2^-127)."""
     return _scale_table(dtype)[np.asarray(codes, dtype=np.uint8)]
@@ -108,8 +100,33 @@ def _decode_table(fmt: FormatInfo, dtype) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- blocks
+class _Blocked:
+    """What :class:`MXArray` and :class:`PackedMXArray` share beyond their first field
+    (``codes`` / ``packed``): the scales and the block layout, and equality on all of it."""
+
+    _payload: str   # name of the first field
+
+    @property
+    def n_blocks(self) -> int:
+        return int(self.scales.size)
+
+    @property
+    def row_length(self) -> int:
+        """K: elements per row along the blocked axis."""
+        return int(self.shape[self.axis])
+
+    def block_layout(self) -> tuple:
+        """(fmt, shape, axis, block_size, profile): how the array was made."""
+        return (self.fmt, self.shape, self.axis, self.block_size, self.profile)
+
+    def __eq__(self, other):
+        return (type(other) is type(self) and self.block_layout() == other.block_layout()
+                and np.array_equal(getattr(self, self._payload), getattr(other, self._payload))
+                and np.array_equal(self.scales, other.scales))
+
+
 @dataclass(frozen=True, eq=False)
-class MXArray:
+class MXArray(_Blocked):
     """An MX-quantized tensor: element codes, E8M0 scale codes, and how they were made."""
 
     codes: np.ndarray      # uint8 [..., K]   blocked axis last
@@ -119,20 +136,33 @@ class MXArray:
     axis: int              # blocked axis in the original shape (non-negative)
     block_size: int
     profile: Profile
-
-    @property
-    def n_blocks(self) -> int:
-        return int(self.scales.size)
-
-    def __eq__(self, other):
-        return (isinstance(other, MXArray) and self.fmt == other.fmt
-                and self.shape == other.shape and self.axis == other.axis
-                and self.block_size == other.block_size and self.profile == other.profile
-                and np.array_equal(self.codes, other.codes)
-                and np.array_equal(self.scales, other.scales))
+    _payload = "codes"
 
     def dequantize(self, dtype=np.float32) -> np.ndarray:
         return dequantize(self, dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class PackedMXArray(_Blocked):
+    """An MXArray whose codes are packed: what :func:`quantize_packed` returns."""
+
+    packed: np.ndarray     # uint8 [..., packed_row_bytes(K)]  blocked axis last
+    scales: np.ndarray     # uint8 [..., ceil(K / block_size)]
+    fmt: FormatInfo
+    shape: tuple           # original shape
+    axis: int              # blocked axis in the original shape (non-negative)
+    block_size: int
+    profile: Profile
+    _payload = "packed"
+
+    @property
+    def packing(self) -> str:
+        return packing_name(self.fmt)
+
+    def unpack(self) -> MXArray:
+        """The equivalent :class:`MXArray` (codes unpacked)."""
+        return MXArray(unpack_codes(self.packed, self.fmt, self.row_length), self.scales,
+                       *self.block_layout())
 
 
 def _normalise_axis(axis: int, ndim: int) -> int:
@@ -201,8 +231,11 @@ def _split_rows(raw2, block_size, align=4):
 def quantize(x, fmt, axis: int = -1, block_size: int = DEFAULT_BLOCK_SIZE,
              profile=None) -> MXArray:
     """MX-quantize ``x`` along ``axis`` (OCP MX v1.0 §6.3 with the profile's choices)."""
-    fmt, profile, x, axis, block_size, mshape, raw2, lay, bits32 = _blocked_rows(
-        x, fmt, axis, block_size, profile)
+    return _quantize_rows(*_blocked_rows(x, fmt, axis, block_size, profile))
+
+
+def _quantize_rows(fmt, profile, x, axis, block_size, mshape, raw2, lay, bits32) -> MXArray:
+    """:func:`quantize` of checked arguments (what :func:`_blocked_rows` returns)."""
     nbk = -(-raw2.shape[1] // block_size)
     codes = np.empty(raw2.shape, dtype=np.uint8)
     scales = np.empty((raw2.shape[0], nbk), dtype=np.uint8)
@@ -220,23 +253,22 @@ def quantize(x, fmt, axis: int = -1, block_size: int = DEFAULT_BLOCK_SIZE,
 
 def quantize_packed(x, fmt, axis: int = -1, block_size: int = DEFAULT_BLOCK_SIZE,
                     profile=None):
-    """``quantize`` fused with ``pack_codes``: a :class:`mxref.pack.PackedMXArray`.
+    """``quantize`` fused with ``pack_codes``: a :class:`PackedMXArray`.
 
     ``packed`` is ``pack_codes(quantize(x).codes)`` and ``scales`` equals
     ``quantize(x).scales`` bit for bit; float32 input never materialises the codes.
     """
-    from mxref.pack import PackedMXArray, pack_codes, packed_row_bytes
-    fmt, profile, x, axis, block_size, mshape, raw2, lay, bits32 = _blocked_rows(
-        x, fmt, axis, block_size, profile)
+    args = _blocked_rows(x, fmt, axis, block_size, profile)   # the format, resolved once
+    fmt, profile, x, axis, block_size, mshape, raw2, lay, bits32 = args
+    bits = _checked_bits(fmt)
     kdim = raw2.shape[1]
     nbk = -(-kdim // block_size)
     if bits32 is None or raw2.size == 0:
-        mx = quantize(x, fmt, axis, block_size, profile)
-        return PackedMXArray(pack_codes(mx.codes, fmt), mx.scales, fmt, mx.shape, axis,
-                             block_size, profile)
+        mx = _quantize_rows(*args)
+        return PackedMXArray(pack_checked(mx.codes, bits), mx.scales, *mx.block_layout())
     ep, pp = _element_args(fmt), _profile_args(profile)
     r, g = _split_rows(bits32, block_size)
-    packed = np.empty((r.shape[0], packed_row_bytes(r.shape[1], fmt)), dtype=np.uint8)
+    packed = np.empty((r.shape[0], row_bytes(r.shape[1], bits)), dtype=np.uint8)
     scales = np.empty((r.shape[0], nbk // g), dtype=np.uint8)
     F.quantize_rows(r, packed, scales, block_size, fmt, profile, fmt.bits, ep, pp)
     return PackedMXArray(packed.reshape(mshape[:-1] + (-1,)),

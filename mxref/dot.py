@@ -32,7 +32,8 @@ from fractions import Fraction
 import numba as nb
 import numpy as np
 
-from mxref.core import MXArray, check_codes
+from mxref.codes import check_codes
+from mxref.core import MXArray
 from mxref.errors import MXError
 from mxref.formats import E8M0, FormatInfo
 

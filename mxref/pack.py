@@ -14,18 +14,18 @@ module fixes the project's layouts, chosen to match what the ecosystem already r
   scale byte first, then byte j = element j (low nibble) | element j+16 (high nibble).
 
 Packing works row-wise on the last axis (the blocked axis of an :class:`MXArray`), so
-every row starts on a byte boundary. All functions are vectorised numpy.
+every row starts on a byte boundary. All functions are vectorised numpy. This module
+sits below :mod:`mxref.core` (which packs in ``quantize_packed`` and holds
+:class:`mxref.PackedMXArray`) and never imports it.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numba as nb
 import numpy as np
 
+from mxref.codes import check_codes
 from mxref.errors import MXError
 from mxref.formats import FormatInfo, get_format
-from mxref.profiles import Profile
 
 LLAMACPP_BLOCK = 32                    # QK_MXFP4 in ggml-common.h
 LLAMACPP_BLOCK_BYTES = 1 + LLAMACPP_BLOCK // 2
@@ -51,7 +51,11 @@ def _check_k(K) -> int:
 
 def packed_row_bytes(K: int, fmt) -> int:
     """Bytes one packed row of ``K`` codes takes (rows are padded, never shared)."""
-    K, bits = _check_k(K), _checked_bits(get_format(fmt))
+    return row_bytes(_check_k(K), _checked_bits(get_format(fmt)))
+
+
+def row_bytes(K: int, bits: int) -> int:
+    """:func:`packed_row_bytes` for a checked K and element width."""
     if bits == 4:
         return (K + 1) // 2
     if bits == 6:
@@ -60,8 +64,6 @@ def packed_row_bytes(K: int, fmt) -> int:
 
 
 def _as_codes(codes, fmt: FormatInfo) -> np.ndarray:
-    # Imported here: core imports pack for quantize_packed.
-    from mxref.core import check_codes
     codes = np.asarray(codes)
     if codes.ndim == 0:
         raise MXError("codes must have at least one dimension (rows are packed along the last)")
@@ -108,12 +110,15 @@ def _pack_rows_kernel(codes, out, bits):
 def pack_codes(codes, fmt) -> np.ndarray:
     """uint8 ``[..., K]`` element codes -> uint8 ``[..., packed_row_bytes(K, fmt)]``."""
     fmt = get_format(fmt)
-    bits = _checked_bits(fmt)
-    codes = _as_codes(codes, fmt)
+    return pack_checked(_as_codes(codes, fmt), _checked_bits(fmt))
+
+
+def pack_checked(codes: np.ndarray, bits: int) -> np.ndarray:
+    """:func:`pack_codes` of codes already checked (C-contiguous uint8, at least 1-d)."""
     if bits == 8:
         return codes.copy()
     K = codes.shape[-1]
-    out = np.empty(codes.shape[:-1] + (packed_row_bytes(K, fmt),), dtype=np.uint8)
+    out = np.empty(codes.shape[:-1] + (row_bytes(K, bits),), dtype=np.uint8)
     if codes.size:
         _pack_rows_kernel(codes.reshape(-1, K), out.reshape(-1, out.shape[-1]), bits)
     return out
@@ -156,30 +161,6 @@ def unpack_codes(packed, fmt, K: int) -> np.ndarray:
     for j in range(4):
         out[..., j] = (w >> (6 * j)) & 0x3F
     return np.ascontiguousarray(out.reshape(lead + (4 * w.shape[-1],))[..., :K])
-
-
-@dataclass(frozen=True, eq=False)
-class PackedMXArray:
-    """An MXArray whose codes are packed: what :func:`mxref.quantize_packed` returns."""
-
-    packed: np.ndarray     # uint8 [..., packed_row_bytes(K)]  blocked axis last
-    scales: np.ndarray     # uint8 [..., ceil(K / block_size)]
-    fmt: FormatInfo
-    shape: tuple           # original shape
-    axis: int              # blocked axis in the original shape (non-negative)
-    block_size: int
-    profile: Profile
-
-    @property
-    def packing(self) -> str:
-        return packing_name(self.fmt)
-
-    def unpack(self):
-        """The equivalent :class:`mxref.MXArray` (codes unpacked)."""
-        from mxref.core import MXArray
-        K = self.shape[self.axis]
-        return MXArray(unpack_codes(self.packed, self.fmt, K), self.scales, self.fmt,
-                       self.shape, self.axis, self.block_size, self.profile)
 
 
 # --------------------------------------------------------------------------- llama.cpp

@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from mxref.errors import MXError
+from mxref.cliframe import run_cli
 from mxref.formats import DEFAULT_BLOCK_SIZE
 
 
@@ -148,21 +148,12 @@ def _exhaustive(a) -> int:
 
 
 def main(argv=None) -> int:
-    a = build_parser().parse_args(argv)
-    try:
-        return {"gen": _gen, "check": _check, "conformance": _conformance,
-                "exhaustive": _exhaustive}[a.cmd](a)
-    except MXError as e:
-        print(f"mxverify {a.cmd}: error: {e}", file=sys.stderr)
-        return 2
-    except (OSError, json.JSONDecodeError) as e:
-        print(f"mxverify {a.cmd}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("mxverify: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return 0
+    a = build_parser().parse_args(argv)   # usage errors: argparse's own exit 2
+    cmd = {"gen": _gen, "check": _check, "conformance": _conformance,
+           "exhaustive": _exhaustive}[a.cmd]
+    # the inputs are files: an unreadable or malformed one is bad input (exit 2)
+    return run_cli(f"mxverify {a.cmd}", lambda: cmd(a),
+                   bad_input=(OSError, json.JSONDecodeError))
 
 
 if __name__ == "__main__":
