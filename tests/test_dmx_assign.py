@@ -207,7 +207,7 @@ def test_repair_layers_moves_the_wrapped_offsets():
 
 
 # ----------------------------------------------------------------------------- dmx search
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402 (a hard dependency: a broken install fails, never skips)
 EMBEDDED = Path(__file__).resolve().parents[1] / "dmx" / "data"  # shipped with the package
 TOKENIZER_DIR = EMBEDDED / "tiny-qwen3"
 WIKI = EMBEDDED / "wikitext-2-raw" / "wiki.valid.raw"

@@ -6,7 +6,9 @@ import pytest
 from dmx import baseline, data, io
 from dmx.errors import DMXError
 from dmx.ladders import get_ladder
-from test_dmx_io import single_threaded, tiny_model_dir, tiny_root  # noqa: F401 (fixtures)
+from tiny_models import tiny_model_dir, tiny_root
+
+pytestmark = pytest.mark.usefixtures("single_threaded")  # tests/conftest.py
 
 
 def _units_and_shapes():

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+import transformers  # a hard dependency: a broken install fails, never skips
 
 from dmx.errors import DMXError  # noqa: E402
 from dmx.layers import dmx_parameters, set_temperature, wrap_model  # noqa: E402

@@ -9,26 +9,15 @@ import pytest
 
 from dmx import data, io, report
 from dmx.cli import main
-from test_dmx_io import single_threaded, tiny_model_dir, tiny_root  # noqa: F401 (fixtures)
+from cli_helpers import fails as _fails
+from tiny_models import tiny_model_dir, tiny_root
+
+pytestmark = pytest.mark.usefixtures("single_threaded")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
 def src(tmp_path_factory):
     return tiny_model_dir(tiny_root(tmp_path_factory), "qwen3")
-
-
-def _fails(capsys, argv, match: str, parent=None):
-    """main(argv) exits 2 with one stderr line containing ``match`` and leaves nothing
-    new in ``parent`` (no OUT, no temp dirs)."""
-    before = sorted(p.name for p in parent.iterdir()) if parent else None
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    lines = [l for l in err.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("dmx: error: "), err
-    assert match in lines[0], lines[0]
-    assert "Traceback" not in err
-    if parent:
-        assert sorted(p.name for p in parent.iterdir()) == before
 
 
 def test_missing_model_dir(capsys, tmp_path):

@@ -27,12 +27,13 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("transformers")
+import transformers  # noqa: F401 (a hard dependency: a broken install fails, never skips)
 
 from dmx.cli import main  # noqa: E402
 from dmx.distributed import DistContext  # noqa: E402
 from dmx.search import SEARCH_LOG_NAME, read_search_log, search  # noqa: E402
-from test_dmx_io import single_threaded  # noqa: E402, F401 (fixture: 1 torch/Numba thread)
+
+pytestmark = pytest.mark.usefixtures("single_threaded")  # tests/conftest.py
 
 MODEL = Path(__file__).resolve().parent / "data" / "stories260K-hf"
 WIKI = Path(__file__).resolve().parents[1] / "dmx" / "data" / "wikitext-2-raw" / "wiki.valid.raw"
@@ -392,8 +393,7 @@ def test_rank_slices_partition_the_global_batch():
 def test_device_map_auto_runs_on_cpu(reference, calib, tmp_path):
     """accelerate places the model (all on the CPU here): the same search as --device cpu,
     bit for bit, and every offset on its layer's device."""
-    pytest.importorskip("accelerate", reason="--device-map needs accelerate (pip install "
-                        "'dmx[multigpu]')")
+    import accelerate  # noqa: F401 (in the test extra: a broken install fails, never skips)
     ref_out, ref = reference
     mapped = search(MODEL, TARGET, calib=[calib], out=tmp_path / "mapped", progress=False,
                     device_map="auto", **KW)

@@ -11,7 +11,9 @@ import torch
 from dmx import data, evaluate, io
 from dmx.cli import main
 from dmx.errors import DMXError
-from test_dmx_io import single_threaded, tiny_model_dir, tiny_root  # noqa: F401 (fixtures)
+from tiny_models import tiny_model_dir, tiny_root
+
+pytestmark = pytest.mark.usefixtures("single_threaded")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 
 from dmx.errors import DMXError
 from dmx.gguf_model import GGUF_MAGIC, RECORD_NAME, WEIGHTS_NAME, convert_gguf, sha256_file
-from test_dmx_cli import _fails
+from cli_helpers import fails as _fails
 
 
 @pytest.mark.parametrize("command", [

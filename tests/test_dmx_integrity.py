@@ -18,7 +18,7 @@ from dmx import io
 from dmx.cli import main
 from dmx.errors import DMXError
 from dmx.integrity import reseal
-from test_export_outdir import build_out
+from tiny_out import build_out
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,14 +1,11 @@
 """dmx.io: OUT written once, loaded back bit-exactly; byte counts, schema, corruption.
 
-``tiny_model_dir`` (also used by the eval / baseline / CLI tests) saves a random tiny
-Llama or Qwen3 with layer widths that are not multiples of 32 (ragged blocks, odd FP4
-rows, padded FP6 rows), with the embedded tiny-qwen3 tokenizer.
+The tiny source models come from tests/tiny_models.py (shared with the eval / baseline /
+CLI tests).
 """
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,37 +13,15 @@ import torch
 
 import mxref
 from dmx import io
-from dmx.data import embedded_model_dir
 from dmx.errors import DMXError
 from dmx.integrity import reseal
 from dmx.layers import apply_formats, wrap_model
 
+from tiny_models import tiny_model_dir, tiny_root
+
+pytestmark = pytest.mark.usefixtures("single_threaded")  # tests/conftest.py
+
 FORMATS = ["fp4_e2m1", "fp6_e2m3", "fp6_e3m2", "fp8_e4m3", "fp8_e5m2"]
-
-
-def tiny_config(arch: str, hidden=48, intermediate=80, layers=2):
-    from transformers import LlamaConfig, Qwen3Config
-    common = dict(vocab_size=4096, hidden_size=hidden, intermediate_size=intermediate,
-                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                  head_dim=hidden // 4, max_position_embeddings=128, rms_norm_eps=1e-5)
-    if arch == "llama":  # untied lm_head
-        return LlamaConfig(tie_word_embeddings=False, **common)
-    return Qwen3Config(tie_word_embeddings=True, **common)
-
-
-def tiny_model_dir(root: Path, arch="qwen3", seed=0, **sizes) -> Path:
-    """A saved random tiny causal LM (+ tokenizer) under ``root``; returns its directory
-    (built once per root: the eval/baseline/CLI tests reuse the session's copies)."""
-    from transformers import AutoModelForCausalLM
-    d = root / f"src-{arch}-{seed}-{'-'.join(f'{k}{v}' for k, v in sorted(sizes.items()))}"
-    if (d / "tokenizer.json").is_file():
-        return d
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, **sizes)).eval()
-    model.save_pretrained(d)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(embedded_model_dir() / f, d / f)
-    return d
 
 
 def _load_plain(d):
@@ -64,27 +39,6 @@ def _mixed(names):
 def _linear_names(model):
     return [n for n, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
-
-
-def tiny_root(tmp_path_factory) -> Path:
-    """One directory per test session for the tiny source models."""
-    root = tmp_path_factory.getbasetemp() / "dmx-tiny-models"
-    root.mkdir(exist_ok=True)
-    return root
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_threaded():
-    """Tiny models: intra-op threads only oversubscribe a busy 2-core machine (see
-    test_dmx_quant.py); results are bit-identical for any thread count."""
-    import numba
-    mxref.quantize(np.zeros(32, np.float32), "fp4_e2m1")  # starts Numba's pool first
-    before = torch.get_num_threads(), numba.get_num_threads()
-    torch.set_num_threads(1)
-    numba.set_num_threads(1)
-    yield
-    torch.set_num_threads(before[0])
-    numba.set_num_threads(before[1])
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,9 @@ from dmx.penalty import average_bits, hinge_penalty, scaling_penalty
 from dmx.quant import fake_quantize
 from verification.strategies import mx_tensors
 
-from test_dmx_quant import CUDA, EXAMPLES, bits, single_threaded, to_torch  # noqa: F401
+from torch_helpers import CUDA, EXAMPLES, bits, to_torch
+
+pytestmark = pytest.mark.usefixtures("single_threaded")  # tests/conftest.py
 
 HUGE_T = 1e4  # sigmoid(20 * 1e4 * 0.5) is exactly 1.0 in float32
 

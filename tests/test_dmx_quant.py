@@ -1,5 +1,4 @@
 """dmx.quant against the golden model: equal bit patterns, never allclose."""
-import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -9,50 +8,12 @@ from hypothesis import strategies as st
 import mxref
 from dmx.errors import DMXError
 from dmx.quant import dequantize_codes, fake_quantize, quantize_codes
+from torch_helpers import CUDA, EXAMPLES, bits, to_numpy, to_torch
 from verification.strategies import element_formats, mx_blocks, mx_tensors, profiles
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                 "float16": torch.float16, "float64": torch.float64}
-INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64,
-            torch.bfloat16: torch.int16, torch.float16: torch.int16}
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-# Half the active Hypothesis profile's examples per property (keeps the default run fast,
-# scales up under HYPOTHESIS_PROFILE=thorough).
-EXAMPLES = max(30, settings.default.max_examples // 2)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_threaded():
-    """These tests use tiny tensors: intra-op threads (torch's and mxref's Numba pool) only
-    add overhead, and on a busy 2-core machine they oversubscribe it (20x slower runs).
-    Results are bit-identical for any thread count."""
-    import numba
-    # mxref's first Numba call starts the OpenMP pool, which resets torch's thread count
-    mxref.quantize(np.zeros(32, np.float32), "fp4_e2m1")
-    before = torch.get_num_threads(), numba.get_num_threads()
-    torch.set_num_threads(1)
-    numba.set_num_threads(1)
-    yield
-    torch.set_num_threads(before[0])
-    numba.set_num_threads(before[1])
-
-
-def to_torch(a: np.ndarray) -> torch.Tensor:
-    a = np.ascontiguousarray(a)
-    if a.dtype == ml_dtypes.bfloat16:
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(a)
-
-
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().cpu().contiguous().view(INT_VIEW[t.dtype])
+pytestmark = pytest.mark.usefixtures("single_threaded")  # tests/conftest.py
 
 
 def reference(x: torch.Tensor, fmt, axis, bs, profile):

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("transformers")
-pytest.importorskip("safetensors")
+import safetensors  # noqa: F401 (hard dependencies: a broken install fails, never skips)
+import transformers  # noqa: F401
 
 import mxref  # noqa: E402
 from dmx import data, io  # noqa: E402

@@ -12,7 +12,9 @@ from dmx.quant import fake_quantize
 from dmx.realfmt import format_max, pow2, real_format_quantize
 from verification.strategies import mx_blocks, mx_tensors
 
-from test_dmx_quant import CUDA, EXAMPLES, bits, single_threaded, to_torch  # noqa: F401
+from torch_helpers import CUDA, EXAMPLES, bits, to_torch
+
+pytestmark = pytest.mark.usefixtures("single_threaded")  # tests/conftest.py
 
 # (format, max_cap): the four ladder rungs use the default cap (E4M3's 448); E5M2's top
 # binade is Inf/NaN, so its real max normal is passed as the cap.

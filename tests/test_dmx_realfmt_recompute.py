@@ -11,7 +11,9 @@ from dmx import data, realfmt
 from dmx.layers import dmx_parameters, wrap_model
 from dmx.realfmt import real_format_linear, real_format_quantize
 
-from test_dmx_quant import bits, single_threaded  # noqa: F401
+from torch_helpers import bits
+
+pytestmark = pytest.mark.usefixtures("single_threaded")  # tests/conftest.py
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 

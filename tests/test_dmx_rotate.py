@@ -24,15 +24,9 @@ from dmx.rotate import (CayleySGD, LearnedRotations, block_hadamard, hadamard_pm
                         rotation_matrix)
 from dmx.rotate.fold import arch_of, fold_norms
 
+pytestmark = pytest.mark.usefixtures("single_threaded")  # tests/conftest.py
+
 STORIES = Path(__file__).parent / "data" / "stories260K-hf"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_threaded():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only oversubscribe a shared machine
-    yield
-    torch.set_num_threads(before)
 
 
 def _load(d, dtype=torch.float64):

@@ -25,8 +25,8 @@ from dmx.data import load_model
 from dmx.layers import apply_formats
 from dmx.rotate import rotate_model
 from dmx.search import read_search_log, search
-from test_dmx_io import single_threaded  # noqa: F401 (autouse: 1 torch/Numba thread)
-from test_dmx_search import calib  # noqa: F401 (fixture: 20,000 characters of wiki.valid)
+
+pytestmark = pytest.mark.usefixtures("single_threaded")  # tests/conftest.py
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "dmx" / "data"
 MODEL = EMBEDDED / "tiny-qwen3"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+import transformers  # a hard dependency: a broken install fails, never skips
 
 from dmx.errors import DMXError  # noqa: E402
 from dmx.layers import dmx_parameters, wrap_model  # noqa: E402
@@ -55,13 +55,6 @@ def _tiny_model_dir(root: Path, kind: str) -> Path:
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     return {kind: _tiny_model_dir(root, kind) for kind in ("llama", "qwen3")}
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(WIKI.read_text(encoding="utf-8")[:20000], encoding="utf-8")
-    return path
 
 
 def _cli(argv) -> int:

@@ -13,7 +13,8 @@ import torch
 
 from dmx import data, io, zeroshot
 from dmx.cli import main
-from test_dmx_io import single_threaded  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("single_threaded")  # tests/conftest.py
 
 TASK = "dmx_tiny_mc"
 ITEMS = [  # label: the right answer; the tiny model gets some of them wrong

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dmx.integrity import reseal
-from test_export_outdir import build_out
+from tiny_out import build_out
 
 REPO = Path(__file__).resolve().parents[1]
 

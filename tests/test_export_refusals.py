@@ -8,7 +8,7 @@ import pytest
 
 from dmx.errors import DMXError
 from dmx.integrity import reseal
-from test_export_outdir import MIXED, WITH_FP6, build_out
+from tiny_out import MIXED, WITH_FP6, build_out
 
 UNFUSED = dict(MIXED, k_proj="fp4_e2m1")          # q/v MXFP8, k MXFP4 in every block
 UNFUSED_FP6 = dict(WITH_FP6, k_proj="fp6_e2m3")   # for Quark (no MXFP8 weights): q/v FP4
@@ -121,7 +121,7 @@ def test_unknown_architecture_for_gguf(fp6, tmp_path):
 
 
 def test_k_not_multiple_of_32(tmp_path, monkeypatch):
-    import test_export_outdir as t
+    import tiny_out as t
     from transformers import Qwen3Config
 
     def odd(arch):   # MLP width 80: down_proj has in_features 80
@@ -155,7 +155,7 @@ def test_failed_read_back_leaves_nothing(fp6, tmp_path, monkeypatch):
 
 def test_nan_blocks_refused(tmp_path, monkeypatch):
     """A weight with NaN becomes an MX NaN block (scale 0xFF), which no engine decodes."""
-    import test_export_outdir as t
+    import tiny_out as t
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import mxref
-from test_export_outdir import MIXED, WITH_FP6, build_out
+from tiny_out import MIXED, WITH_FP6, build_out
 
 
 @pytest.fixture(scope="module")

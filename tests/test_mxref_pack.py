@@ -118,7 +118,7 @@ def test_llamacpp_round_trip(data, lead, nb):
 
 def test_llamacpp_blocks_decode_like_gguf_py():
     """gguf-py's MXFP4 dequantizer (a mirror of ggml's C code) reads our blocks to our values."""
-    quants = pytest.importorskip("gguf.quants", reason="gguf-py is the independent decoder")
+    from gguf import quants   # gguf-py (test extra) is the independent decoder
     from gguf import GGMLQuantizationType
     rng = np.random.default_rng(2)
     x = (rng.standard_normal((16, 128)) * np.exp2(rng.integers(-20, 20, (16, 1)))).astype(np.float32)
