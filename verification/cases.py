@@ -5,11 +5,12 @@ expected outputs always come from mxref (:mod:`verification.vectors`). Cases are
 grouped by category, in a fixed order, so a suite is ``(category, first, count)``
 runs and every vector's category is known without storing it per line.
 
-Deterministic part: the cross product of "where is the block maximum" x "its bit
-pattern" (exact power of two, one ulp below one, max normal, saturating, rounding
-into the next binade) and families of the other elements (exact ties at the block
-scale, near ties, element-subnormal results, saturation, underflow, NaN/Inf at each
-position, all-zero blocks, scales at and beyond 2^-127 and the largest reachable).
+Deterministic part: every block scenario of :data:`verification.scenarios.SCENARIOS`
+(the table the Hypothesis strategies draw from too), in table order: the cross product
+of "where is the block maximum" x "its bit pattern" (the scenarios' ANCHORS) and
+families of the other elements (exact ties at the block scale, near ties,
+element-subnormal results, saturation, underflow, NaN/Inf at each position, all-zero
+blocks, scales at and beyond 2^-127 and the largest reachable).
 Random part: drawn from :class:`verification.prng.Xoshiro256` so the same seed gives
 the same vectors everywhere. Level 1 is small (seconds), level 2 broad; exhaustive
 exists where the input space is small (see :data:`EXHAUSTIVE`).
@@ -25,6 +26,7 @@ import mxref
 from mxref.errors import MXError
 from mxref.formats import DEFAULT_BLOCK_SIZE, FLOAT32
 from verification.prng import Xoshiro256
+from verification.scenarios import ANCHORS, SCENARIOS, element_grid
 
 OPS = ("quantize", "dequantize", "dot", "convert")
 LEVELS = ("1", "2", "exhaustive")
@@ -39,6 +41,8 @@ F32_INF = FLOAT32.inf_bits
 F32_MAX = FLOAT32.max_finite_bits
 F32_MAX_SUB = FLOAT32.frac_mask                 # the largest subnormal
 F32_MIN_SUB_VALUE = 2.0 ** (FLOAT32.emin - FLOAT32.man_bits)
+# NaNs (quiet, smallest signalling payload, every payload bit) and Infs, both signs
+F32_SPECIALS = (F32_QNAN, F32_QNAN | F32_SIGN, F32_SNAN, F32_ABS, F32_INF, F32_INF | F32_SIGN)
 
 
 @dataclass
@@ -113,9 +117,7 @@ class Builder:
         self.rng = Xoshiro256(seed)
         self.bs = block_size
         self.wide = level != "1"
-        grid = np.asarray(self.f.decode_table, dtype=np.float64)
-        self.grid = np.unique(grid[np.isfinite(grid) & (grid >= 0)])  # non-negative values
-        self.mids = (self.grid[:-1] + self.grid[1:]) / 2
+        self.grid, self.mids = element_grid(self.f)   # non-negative values, midpoints
 
     # positions of the block maximum: all of them at level 2, the edges at level 1
     def positions(self) -> list[int]:
@@ -146,29 +148,14 @@ class Builder:
 
 
 # --------------------------------------------------------------------------- quantize
-def _amax_patterns(b: Builder, s: int) -> list[tuple[str, float | int]]:
-    """(name, float32 bits) of block maxima that probe the scale rule at X = 2^s."""
-    f = b.f
-    top = 2.0 ** (f.emax + s)
-    pats = {
-        "pow2": top,                                        # exact 2^emax * X
-        "pow2_minus_ulp": None,                             # one ulp below: floor drops a binade
-        "max_normal": f.max_normal * 2.0 ** s,
-        "next_binade_minus_ulp": None,                      # 2^(emax+1)*X - ulp: saturates
-        "mid_max_next": None,                               # max normal + half an element ulp
-    }
+def anchor_bits(f, s: int) -> list[tuple[str, int]]:
+    """(name, float32 bits) of block maxima that probe the scale rule at X = 2^s: every
+    anchor of the scenario table at each of its ulp offsets."""
     out = []
-    for name, v in pats.items():
-        if name == "pow2_minus_ulp":
-            bits = int(next_down(f32_bits([top]))[0])
-        elif name == "next_binade_minus_ulp":
-            bits = int(next_down(f32_bits([2 * top]))[0])
-        elif name == "mid_max_next":
-            ulp = 2.0 ** (f.emax - f.step_bits + s)
-            bits = int(f32_bits([f.max_normal * 2.0 ** s + ulp / 2])[0])
-        else:
-            bits = int(f32_bits([v])[0])
-        out.append((name, bits))
+    for a in ANCHORS:
+        bits = int(f32_bits([a.value(f, s)])[0])
+        for u in a.ulps:
+            out.append((a.name if u == 0 else f"{a.name}{u:+d}ulp", bits + u))
     return out
 
 
@@ -185,59 +172,63 @@ def _grid_rows(b: Builder, values: np.ndarray, anchor_bits: int, anchor_pos: int
     return np.array(rows, dtype=np.uint32).reshape(-1, b.bs)
 
 
-def quantize_cases(b: Builder) -> CaseSet:
-    cs = CaseSet("quantize")
+def _q_amax_position(b: Builder) -> np.ndarray:
     f, bs = b.f, b.bs
-    pos = b.positions()
-
-    # 1. block maximum: position x bit pattern x sign, at several scales
     rows = []
     for s in b.scale_exps():
-        for _, amax in _amax_patterns(b, s):
-            for p in pos:
+        for _, amax in anchor_bits(f, s):
+            for p in b.positions():
                 for sign in (0, F32_SIGN):
                     row = b.background(bs, f.emax + s - 1)
                     row[p] = amax | sign
                     rows.append(row)
-    cs.add("amax_position", x=np.array(rows, np.uint32))
+    return np.array(rows, np.uint32)
 
-    # 2./3. exact ties and near ties of the element grid at the block scale
-    for cat, shift in (("tie", 0), ("near_tie", 1)):
-        rows = []
-        for s in b.scale_exps():
-            anchor = int(f32_bits([2.0 ** (f.emax + s)])[0])
-            mids = f32_bits(np.ldexp(b.mids, s))
-            if shift:
-                mids = np.concatenate([next_up(mids), next_down(mids)])
-            vals = np.concatenate([mids, mids | np.uint32(F32_SIGN)])
-            for p in pos[:2] if not b.wide else pos[::8]:
-                rows.append(_grid_rows(b, vals, anchor, p))
-        cs.add(cat, x=np.concatenate(rows))
 
-    # 4. element-subnormal results: multiples of the element's smallest subnormal
+def _q_ties(b: Builder, shift: int) -> np.ndarray:
+    f, pos = b.f, b.positions()
+    rows = []
+    for s in b.scale_exps():
+        anchor = int(f32_bits([2.0 ** (f.emax + s)])[0])
+        mids = f32_bits(np.ldexp(b.mids, s))
+        if shift:
+            mids = np.concatenate([next_up(mids), next_down(mids)])
+        vals = np.concatenate([mids, mids | np.uint32(F32_SIGN)])
+        for p in pos[:2] if not b.wide else pos[::8]:
+            rows.append(_grid_rows(b, vals, anchor, p))
+    return np.concatenate(rows)
+
+
+def _q_subnormal_result(b: Builder) -> np.ndarray:
+    """Multiples of half the element's smallest subnormal: on and between subnormals."""
+    f = b.f
     rows = []
     for s in b.scale_exps():
         anchor = int(f32_bits([2.0 ** (f.emax + s)])[0])
         k = np.arange(1, 2 * (1 << f.step_bits) + 1, dtype=np.float64)
-        vals = f32_bits(np.ldexp(k * f.min_subnormal / 2, s))   # on and between subnormals
+        vals = f32_bits(np.ldexp(k * f.min_subnormal / 2, s))
         vals = np.concatenate([vals, vals | np.uint32(F32_SIGN)])
-        rows.append(_grid_rows(b, vals, anchor, pos[-1]))
-    cs.add("subnormal_result", x=np.concatenate(rows))
+        rows.append(_grid_rows(b, vals, anchor, b.positions()[-1]))
+    return np.concatenate(rows)
 
-    # 5. saturation: several elements in (max_normal, 2^(emax+1)) * X
+
+def _q_saturate(b: Builder) -> np.ndarray:
+    f, bs = b.f, b.bs
     rows = []
     for s in b.scale_exps():
         lo = int(f32_bits([f.max_normal * 2.0 ** s])[0])
         hi = int(next_down(f32_bits([2.0 ** (f.emax + 1 + s)]))[0])
-        for p in pos:
+        for p in b.positions():
             row = b.background(bs, f.emax + s)
             for j in range(0, bs, 4):
                 row[j] = (lo + b.rng.below(hi - lo + 1)) | (b.rng.below(2) << 31)
             row[p] = hi | (b.rng.below(2) << 31)
             rows.append(row)
-    cs.add("saturate", x=np.array(rows, np.uint32))
+    return np.array(rows, np.uint32)
 
-    # 6. underflow: below, at and just above half the smallest subnormal
+
+def _q_underflow(b: Builder) -> np.ndarray:
+    f = b.f
     rows = []
     for s in b.scale_exps():
         anchor = int(f32_bits([2.0 ** (f.emax + s)])[0])
@@ -246,25 +237,29 @@ def quantize_cases(b: Builder) -> CaseSet:
                                f32_bits([f.min_subnormal * 2.0 ** (s - 2),
                                          f.min_subnormal * 2.0 ** (s - 30)])])
         vals = np.concatenate([vals, vals | np.uint32(F32_SIGN)])
-        rows.append(_grid_rows(b, vals, anchor, pos[0]))
-    cs.add("underflow", x=np.concatenate(rows))
+        rows.append(_grid_rows(b, vals, anchor, b.positions()[0]))
+    return np.concatenate(rows)
 
-    # 7. NaN and Inf at every probed position (payloads and signs vary)
-    specials = [F32_QNAN, F32_QNAN | F32_SIGN, F32_SNAN, F32_ABS, F32_INF,
-                F32_INF | F32_SIGN]
+
+def _q_nan_inf(b: Builder) -> np.ndarray:
     rows = []
-    for p in pos:
-        for sp in specials:
-            row = b.background(bs, f.emax)
+    for p in b.positions():
+        for sp in F32_SPECIALS:
+            row = b.background(b.bs, b.f.emax)
             row[p] = sp
             rows.append(row)
-    cs.add("nan_inf", x=np.array(rows, np.uint32))
+    return np.array(rows, np.uint32)
 
-    # 8. all-zero blocks: +0, -0, mixed
-    rows = [np.zeros(bs, np.uint32), np.full(bs, F32_SIGN, np.uint32), b.signs(bs)]
-    cs.add("all_zero", x=np.array(rows, np.uint32))
 
-    # 9. scale at and beyond the E8M0 minimum 2^-127
+def _q_all_zero(b: Builder) -> np.ndarray:
+    bs = b.bs
+    return np.array([np.zeros(bs, np.uint32), np.full(bs, F32_SIGN, np.uint32), b.signs(bs)],
+                    np.uint32)
+
+
+def _q_scale_min(b: Builder) -> np.ndarray:
+    """Maxima at and beyond the E8M0 minimum 2^-127, and blocks of subnormals only."""
+    f, bs, pos = b.f, b.bs, b.positions()
     rows = []
     emin_scale = mxref.E8M0.min_exp
     for k in (0, -1, -2, -10):
@@ -275,10 +270,13 @@ def quantize_cases(b: Builder) -> CaseSet:
             rows.append(row)
     rows.append(np.array([1] * bs, np.uint32))                       # all min subnormal
     rows.append(np.array([F32_MAX_SUB] + [1] * (bs - 1), np.uint32))  # max subnormal
-    cs.add("scale_min", x=np.array(rows, np.uint32))
+    return np.array(rows, np.uint32)
 
-    # 10. the largest scale float32 inputs reach (2^127 needs amax >= 2^(127+emax), which
-    # float32 holds only for INT8: there max_normal * 2^127 is the exact top scale)
+
+def _q_scale_max(b: Builder) -> np.ndarray:
+    """The largest scale float32 inputs reach (2^127 needs amax >= 2^(127+emax), which
+    float32 holds only for INT8: there max_normal * 2^127 is the exact top scale)."""
+    f, bs, pos = b.f, b.bs, b.positions()
     smax = mxref.E8M0.max_exp
     top_scale = (int(f32_bits([f.max_normal * 2.0 ** smax])[0]) if f.emax == 0
                  else F32_MAX - 1)
@@ -287,17 +285,22 @@ def quantize_cases(b: Builder) -> CaseSet:
         row = b.background(bs, FLOAT32.emax + 1)
         row[pos[b.rng.below(len(pos))]] = top | (b.rng.below(2) << 31)
         rows.append(row)
-    cs.add("scale_max", x=np.array(rows, np.uint32))
+    return np.array(rows, np.uint32)
 
-    # 11. FP32 subnormal inputs next to normal ones (what ocp_ftz flushes)
+
+def _q_fp32_subnormal(b: Builder) -> np.ndarray:
     rows = []
-    for p in pos:
-        row = np.array([b.rng.u32() & (F32_SIGN | F32_MAX_SUB) for _ in range(bs)], np.uint32)
+    for p in b.positions():
+        row = np.array([b.rng.u32() & (F32_SIGN | F32_MAX_SUB) for _ in range(b.bs)],
+                       np.uint32)
         row[p] = f32_bits([2.0 ** (FLOAT32.emin + 6)])[0]   # a normal a few binades up
         rows.append(row)
-    cs.add("fp32_subnormal", x=np.array(rows, np.uint32))
+    return np.array(rows, np.uint32)
 
-    # 12. weighted random blocks: clustered exponents, wide spread, raw bit patterns
+
+def _q_random(b: Builder) -> np.ndarray:
+    """Weighted random blocks: clustered exponents, wide spread, raw bit patterns."""
+    bs = b.bs
     n_rand = 64 if not b.wide else 2048
     rows = []
     for i in range(n_rand):
@@ -311,7 +314,31 @@ def quantize_cases(b: Builder) -> CaseSet:
                                  np.uint32))
         else:
             rows.append(np.array(b.rng.u32_list(bs), np.uint32))
-    cs.add("random", x=np.array(rows, np.uint32))
+    return np.array(rows, np.uint32)
+
+
+# One builder per scenario of the table (verification.scenarios.SCENARIOS).
+QUANTIZE_BUILDERS = {
+    "amax_position": _q_amax_position,
+    "tie": lambda b: _q_ties(b, 0),
+    "near_tie": lambda b: _q_ties(b, 1),
+    "subnormal_result": _q_subnormal_result,
+    "saturate": _q_saturate,
+    "underflow": _q_underflow,
+    "nan_inf": _q_nan_inf,
+    "all_zero": _q_all_zero,
+    "scale_min": _q_scale_min,
+    "scale_max": _q_scale_max,
+    "fp32_subnormal": _q_fp32_subnormal,
+    "random": _q_random,
+}
+
+
+def quantize_cases(b: Builder) -> CaseSet:
+    """Every scenario of the table, in table order (the PRNG draws in that order)."""
+    cs = CaseSet("quantize")
+    for sc in SCENARIOS:
+        cs.add(sc.name, x=QUANTIZE_BUILDERS[sc.name](b))
     return cs
 
 

@@ -6,11 +6,13 @@ payloads and no bfloat16). Blocks are shaped to stress the MX scale rule: block
 maxima next to powers of two, exact rounding ties at the block scale, saturating
 maxima, underflow, NaN/Inf positions, all-zero blocks and scales at 2^-127 / 2^127.
 
-Only numpy, hypothesis and mxref are imported (never torch). Example::
+Only numpy, hypothesis and mxref are imported (never torch). The block scenarios come
+from :mod:`verification.scenarios`, the table the deterministic suites use too. Example::
 
     from hypothesis import given
     import mxref
 from mxref.formats import IEEE_LAYOUTS, IEEELayout
+from verification.scenarios import ANCHORS, SCENARIO_NAMES, element_grid
     from verification.strategies import mx_blocks
 
     @given(mx_blocks("fp4_e2m1"))
@@ -26,6 +28,7 @@ from hypothesis.extra import numpy as hnp
 
 import mxref
 from mxref.formats import IEEE_LAYOUTS, IEEELayout
+from verification.scenarios import ANCHORS, SCENARIO_NAMES, element_grid
 
 __all__ = ["DTYPES", "float_bits", "floats_array", "element_codes", "element_formats",
            "mx_blocks", "mx_tensors", "profiles"]
@@ -161,34 +164,126 @@ def _exp_fields(lay: IEEELayout, f) -> st.SearchStrategy[int]:
     return st.one_of(st.sampled_from(sorted(edges)), st.integers(1, ones - 1))
 
 
-def _grid_midpoints(f) -> np.ndarray:
-    """Exact midpoints between neighbouring non-negative values of format f (float64)."""
-    t = np.asarray(f.decode_table, dtype=np.float64)
-    pos = np.unique(t[np.isfinite(t) & (t >= 0)])
-    return (pos[:-1] + pos[1:]) / 2
+def _cast_bits(lay: IEEELayout, values) -> list[int]:
+    """Patterns of float64 ``values`` rounded into the input type (Inf/NaN allowed)."""
+    with np.errstate(over="ignore"):
+        arr = np.asarray(values, dtype=np.float64).astype(lay.dtype)
+    return arr.view(lay.uint).astype(np.uint64).tolist()
+
+
+def _finite_magnitude(lay: IEEELayout, bits: int) -> int:
+    """bits with the sign dropped, kept inside [smallest subnormal, largest finite]."""
+    return min(max(bits & lay.abs_mask, 1), lay.max_finite_bits)
+
+
+def _signed(draw, lay: IEEELayout, mags: list[int]) -> list[int]:
+    return [m | (draw(st.integers(0, 1)) << lay.sign_shift) for m in mags]
+
+
+def _on_grid(draw, lay, f, n, values_of_grid, near: bool) -> list[int]:
+    """A block whose maximum 2^k fixes the floor-rule scale at X = 2^(k - emax) and whose
+    other elements are ``values_of_grid`` (element-grid points, times X; exact ties when
+    they are midpoints), or one input ulp either side of them when ``near``."""
+    k = draw(st.integers(-8, 8))
+    x_exp = k - f.emax
+    chosen = draw(st.lists(st.sampled_from(list(values_of_grid)), min_size=n - 1,
+                           max_size=n - 1))
+    # every grid value times X is below 2^(k+1), so floor(log2 amax) stays k
+    mags = [m & lay.abs_mask for m in _cast_bits(lay, np.ldexp(chosen, x_exp))]
+    if near:
+        mags = [_finite_magnitude(lay, m + draw(st.sampled_from([-1, 1]))) if m else m
+                for m in mags]
+    top = _cast_bits(lay, [2.0 ** k])[0]
+    bits = _signed(draw, lay, mags)
+    bits.insert(draw(st.integers(0, n - 1)), top | (draw(st.integers(0, 1)) << lay.sign_shift))
+    return bits
+
+
+def _scenario_block(draw, scenario: str, f, lay: IEEELayout, n: int) -> list[int]:
+    """One block of ``n`` patterns of the named scenario (verification.scenarios)."""
+    ones = lay.exp_all_ones
+    if scenario == "amax_position":
+        anchor = draw(st.sampled_from(ANCHORS))
+        e = draw(_exp_fields(lay, f))               # the block max's binade ...
+        s = e - lay.bias - f.emax                   # ... and the scale the floor rule gives
+        try:
+            value = anchor.value(f, s)
+        except OverflowError:   # float64 inputs: 2^1024 and up
+            value = np.inf
+        top = _cast_bits(lay, [value])[0]
+        ulps = draw(st.sampled_from(sorted(set(anchor.ulps) | {-3, -2, -1, 0, 1, 2, 3})))
+        top = _finite_magnitude(lay, top + ulps)
+        rest = draw(st.lists(_finite_bits_near(lay, top >> lay.man_bits, 6),
+                             min_size=n - 1, max_size=n - 1))
+        rest.insert(draw(st.integers(0, n - 1)), _signed(draw, lay, [top])[0])
+        return rest
+    if scenario in ("tie", "near_tie"):
+        return _on_grid(draw, lay, f, n, element_grid(f)[1], near=scenario == "near_tie")
+    if scenario == "subnormal_result":
+        k = np.arange(1, 2 * (1 << f.step_bits) + 1, dtype=np.float64)
+        return _on_grid(draw, lay, f, n, k * f.min_subnormal / 2, near=False)
+    if scenario == "underflow":
+        half = f.min_subnormal / 2
+        return _on_grid(draw, lay, f, n, [half, half / 2, half * 2.0 ** -29], near=draw(
+            st.booleans()))
+    if scenario == "saturate":
+        e = draw(st.integers(lay.bias - 4, lay.bias + 4))
+        # mantissa fields whose significand exceeds max_normal / 2^emax
+        lo = f.max_normal_fraction(lay.man_bits)     # e.g. 1.5 for FP4: the top bit
+        mant = st.integers(min(lo, lay.frac_mask), lay.frac_mask)
+        top = st.builds(lay.pack, st.integers(0, 1), st.just(e), mant)
+        bits = draw(st.lists(st.one_of(top, _finite_bits_near(lay, e, 3)),
+                             min_size=n, max_size=n))
+        bits[draw(st.integers(0, n - 1))] = draw(top)
+        return bits
+    if scenario == "nan_inf":
+        bits = draw(st.lists(_finite_bits_near(lay, draw(_exp_fields(lay, f)), 8),
+                             min_size=n, max_size=n))
+        bits[draw(st.integers(0, n - 1))] = draw(st.builds(
+            lay.pack, st.integers(0, 1), st.just(ones),
+            st.one_of(st.just(0), _mantissas(lay, nonzero=True))))
+        return bits
+    if scenario == "all_zero":
+        sub = draw(st.booleans())   # optionally with input subnormals among the zeros
+        z = st.builds(lay.pack, st.integers(0, 1), st.just(0), st.just(0))
+        el = st.one_of(z, st.builds(lay.pack, st.integers(0, 1), st.just(0),
+                                    _mantissas(lay, nonzero=True))) if sub else z
+        return draw(st.lists(el, min_size=n, max_size=n))
+    if scenario in ("scale_min", "scale_max"):
+        clamp = lay.bias + f.emax + (mxref.E8M0.min_exp if scenario == "scale_min"
+                                     else mxref.E8M0.max_exp)
+        ends = (1, 2) if scenario == "scale_min" else (ones - 1, ones - 2)
+        fields = sorted({e for e in (clamp - 1, clamp, clamp + 1, *ends) if 1 <= e < ones})
+        e = draw(st.sampled_from(fields))
+        return draw(st.lists(_finite_bits_near(lay, e, draw(st.sampled_from([0, 2, 8]))),
+                             min_size=n, max_size=n))
+    if scenario == "fp32_subnormal":   # the input type's subnormals, maybe one normal
+        bits = draw(st.lists(st.builds(lay.pack, st.integers(0, 1), st.just(0),
+                                       _mantissas(lay, nonzero=True)),
+                             min_size=n, max_size=n))
+        if draw(st.booleans()):
+            bits[draw(st.integers(0, n - 1))] = draw(_finite_bits_near(lay, 7, 6))
+        return bits
+    # random: a maximum at an edge exponent and the rest up to ~40 binades below it
+    e = draw(_exp_fields(lay, f))
+    spread = draw(st.sampled_from([0, 2, 8, 40]))
+    return draw(st.lists(_finite_bits_near(lay, e, spread), min_size=n, max_size=n))
 
 
 @st.composite
-def mx_blocks(draw, fmt, block_size=mxref.DEFAULT_BLOCK_SIZE, dtype="float32", allow_nan=True, allow_inf=True):
+def mx_blocks(draw, fmt, block_size=mxref.DEFAULT_BLOCK_SIZE, dtype="float32",
+              allow_nan=True, allow_inf=True):
     """One MX block (a 1-d ``dtype`` array of ``block_size`` values) built to stress
     the scale rule of element format ``fmt``.
 
-    Scenarios (drawn at random, then mixed with NaN/Inf when allowed):
-
-    * ``spread``: a maximum at an edge exponent (including where the scale clamps to
-      2^-127 or, for float64, 2^127) and the rest up to ~40 binades below it, so
-      some elements underflow to zero or to the input dtype's subnormals;
-    * ``near_pow2``: a maximum a few ulps below, at, or above a power of two
-      (7.9999995 for FP4 in float32 is the floor(log2) trap);
-    * ``ties``: elements exactly at midpoints between element values at the scale the
-      floor rule gives (ties must round to even), when the dtype can hold them;
-    * ``rceil_edge``: a maximum at, or a few ulps from, max_normal * 2^k (the
-      boundary of the rceil rule);
-    * ``saturate``: a maximum whose significand is above max_normal / 2^emax, so the
-      block maximum clamps, with neighbours near it;
-    * ``zeros``: signed zeros, optionally with dtype-subnormals;
-    * ``subnormal``: only dtype-subnormal values (amax below FP32 normal: clamped
-      scale; flushed to zero under ``ocp_ftz``).
+    The scenario is drawn from :data:`verification.scenarios.SCENARIOS`, the table the
+    deterministic suites (:mod:`verification.cases`) are built from too: block maxima at
+    the scenario ANCHORS (a power of two and just below it -- 7.9999995 for FP4 in
+    float32 is the floor(log2) trap --, max_normal * X for the rceil rule, the top of
+    the binade) a few ulps either way, ties and near ties of the element grid at the
+    block scale, element-subnormal results, saturation, underflow, NaN/Inf, signed
+    zeros, the scale clamped at 2^-127 / 2^127, input subnormals and random spreads.
+    Any block then gets a NaN or an Inf with probability ~1/5 when allowed.
 
     >>> from verification.strategies import mx_blocks
     >>> mx_blocks("fp4_e2m1", block_size=8).example().shape
@@ -197,64 +292,8 @@ def mx_blocks(draw, fmt, block_size=mxref.DEFAULT_BLOCK_SIZE, dtype="float32", a
     f = mxref.get_format(fmt)
     lay = _layout(dtype)
     n = block_size
-    scenario = draw(st.sampled_from(["spread", "near_pow2", "ties", "saturate", "zeros",
-                                     "subnormal", "rceil_edge"]))
-    bits: list[int]
-    if scenario == "spread":
-        e = draw(_exp_fields(lay, f))
-        spread = draw(st.sampled_from([0, 2, 8, 40]))
-        bits = draw(st.lists(_finite_bits_near(lay, e, spread), min_size=n, max_size=n))
-    elif scenario == "near_pow2":
-        e = draw(_exp_fields(lay, f))
-        below = draw(st.integers(-3, 3))  # ulps below 2^(e - bias); negative = above
-        top = lay.pack(0, e, 0) - below
-        top = min(max(top, 1), lay.pack(0, lay.exp_all_ones, 0) - 1)
-        rest = draw(st.lists(_finite_bits_near(lay, e, 6), min_size=n - 1, max_size=n - 1))
-        bits = [top | (draw(st.integers(0, 1)) << lay.sign_shift)] + rest
-    elif scenario == "ties":
-        # amax = 2^k * 1.0 fixes the floor-rule scale at X = 2^(k - emax); midpoints
-        # of the element grid times X are exact ties (if the dtype can hold them).
-        k = draw(st.integers(-8, 8))
-        x_exp = k - f.emax
-        mids = _grid_midpoints(f)
-        chosen = draw(st.lists(st.sampled_from(list(mids)), min_size=n - 1, max_size=n - 1))
-        signs = draw(st.lists(st.sampled_from([1.0, -1.0]), min_size=n - 1, max_size=n - 1))
-        # every midpoint times X is below 2^(k+1), so floor(log2 amax) stays k
-        vals = np.array([2.0 ** k] + [s * np.ldexp(m, x_exp) for s, m in zip(signs, chosen)])
-        arr = vals.astype(lay.dtype)
-        bits = arr.view(lay.uint).astype(np.uint64).tolist()
-    elif scenario == "saturate":
-        e = draw(st.integers(lay.bias - 4, lay.bias + 4))
-        # mantissa fields whose significand exceeds max_normal / 2^emax
-        lo = f.max_normal_fraction(lay.man_bits)     # e.g. 1.5 for FP4: the top bit
-        mant = st.integers(min(lo, (1 << lay.man_bits) - 1), (1 << lay.man_bits) - 1)
-        top = st.builds(lay.pack, st.integers(0, 1), st.just(e), mant)
-        bits = draw(st.lists(st.one_of(top, _finite_bits_near(lay, e, 3)),
-                             min_size=n, max_size=n))
-        bits[draw(st.integers(0, n - 1))] = draw(top)
-    elif scenario == "rceil_edge":
-        # amax = max_normal * 2^k exactly (or a few ulps off): the boundary of the
-        # rceil rule, where X = 2^k must not become 2^(k+1)
-        with np.errstate(over="ignore"):
-            edges = np.ldexp(f.max_normal, np.arange(-20, 21)).astype(lay.dtype)
-        edge_bits = edges.view(lay.uint).astype(np.uint64)
-        fields = (edge_bits >> np.uint64(lay.man_bits)) & np.uint64(lay.exp_all_ones)
-        usable = edge_bits[(fields >= 1) & (fields <= lay.exp_all_ones - 1)].tolist()
-        top = draw(st.sampled_from(usable)) + draw(st.sampled_from([0, 0, 0, 1, -1, 2, -2]))
-        top = min(top, lay.pack(0, lay.exp_all_ones, 0) - 1)  # stay finite
-        rest = draw(st.lists(_finite_bits_near(lay, top >> lay.man_bits, 6),
-                             min_size=n - 1, max_size=n - 1))
-        bits = [top | (draw(st.integers(0, 1)) << lay.sign_shift)] + rest
-    elif scenario == "zeros":
-        sub = draw(st.booleans())
-        z = st.builds(lay.pack, st.integers(0, 1), st.just(0), st.just(0))
-        el = st.one_of(z, st.builds(lay.pack, st.integers(0, 1), st.just(0),
-                                    _mantissas(lay, nonzero=True))) if sub else z
-        bits = draw(st.lists(el, min_size=n, max_size=n))
-    else:  # subnormal
-        bits = draw(st.lists(st.builds(lay.pack, st.integers(0, 1), st.just(0),
-                                       _mantissas(lay, nonzero=True)),
-                             min_size=n, max_size=n))
+    names = [s for s in SCENARIO_NAMES if s != "nan_inf" or allow_nan or allow_inf]
+    bits = _scenario_block(draw, draw(st.sampled_from(names)), f, lay, n)
     specials = []
     if allow_nan:
         specials.append(st.builds(lay.pack, st.integers(0, 1), st.just(lay.exp_all_ones),
@@ -262,9 +301,13 @@ def mx_blocks(draw, fmt, block_size=mxref.DEFAULT_BLOCK_SIZE, dtype="float32", a
     if allow_inf:
         specials.append(st.builds(lay.pack, st.integers(0, 1), st.just(lay.exp_all_ones),
                                   st.just(0)))
-    if specials and draw(st.integers(0, 4)) == 0:  # ~1 block in 5 holds NaN/Inf
-        for _ in range(draw(st.integers(1, 2))):
-            bits[draw(st.integers(0, n - 1))] = draw(st.one_of(*specials))
+    if specials:
+        # the nan_inf scenario's special is whichever kind is allowed
+        bits = [draw(st.one_of(*specials)) if (b & lay.abs_mask) >= lay.inf_bits else b
+                for b in bits]
+        if draw(st.integers(0, 4)) == 0:   # ~1 block in 5 holds NaN/Inf
+            for _ in range(draw(st.integers(1, 2))):
+                bits[draw(st.integers(0, n - 1))] = draw(st.one_of(*specials))
     return np.array(bits, dtype=np.uint64).astype(lay.uint).view(lay.dtype)
 
 
