@@ -12,8 +12,7 @@ from mxref.core import (MXArray, PackedMXArray, decode, dequantize, encode, quan
 from mxref.pack import (pack_codes, pack_llamacpp_mxfp4, packed_row_bytes, packing_name,
                         unpack_codes, unpack_llamacpp_mxfp4)
 from mxref.dot import mx_dot, mx_dot_exact, mx_matmul
-
-__version__ = "0.1.0"
+from mxref.version import __version__  # noqa: F401 (mxref.__version__)
 
 __all__ = ["MXError", "DEFAULT_BLOCK_SIZE", "E8M0", "FORMATS", "FormatInfo", "get_format",
            "PRESETS", "Profile", "get_profile", "with_choices", "MXArray", "decode",

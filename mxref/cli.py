@@ -209,7 +209,7 @@ def cmd_pack(args) -> int:
 
 # --------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    from mxref import __version__
+    from mxref.version import __version__
     from mxref.formats import DEFAULT_BLOCK_SIZE
     from mxref.profiles import PRESETS
     p = _Parser(prog="mxref", description="Bit-exact OCP MX v1.0 golden model.")

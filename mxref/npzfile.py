@@ -26,7 +26,7 @@ REQUIRED_KEYS = ("codes", "scales", "shape", "axis", "block_size", "format", "pr
 
 def npz_arrays(mx: MXArray) -> dict:
     """The arrays of the .npz layout of ``mx`` (for ``numpy.savez``)."""
-    from mxref import __version__
+    from mxref.version import __version__
     return dict(codes=np.ascontiguousarray(mx.codes, np.uint8),
                 scales=np.ascontiguousarray(mx.scales, np.uint8),
                 shape=np.array(mx.shape, dtype=np.int64).reshape(-1),

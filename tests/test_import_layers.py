@@ -88,6 +88,17 @@ def test_no_import_circle():
         "sides need into a lower module")
 
 
+def test_mxref_modules_never_import_the_package_facade():
+    """mxref/__init__.py re-exports the API from the modules; a module importing it back
+    (``from mxref import X``) runs up a layer. The command line (cli, __main__) sits above
+    the API and may use it."""
+    edges = _edges(_modules())
+    up = sorted(m for m, targets in edges.items()
+                if m.startswith("mxref.") and m not in ("mxref.cli", "mxref.__main__")
+                and "mxref" in targets)
+    assert up == [], f"import from the defining module instead: {up}"
+
+
 def test_mxref_never_imports_verification_or_torch():
     mods = _modules()
     for m, path in mods.items():
