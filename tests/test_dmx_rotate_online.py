@@ -27,19 +27,13 @@ from dmx.recipe import SearchConfig, config_from_dict
 from dmx.rotate import is_orthogonal, rotate_model, rotate_online
 from dmx.rotate.online import OnlineRotation, parse_online, r4_matrix
 from dmx.search import search
-from test_dmx_rotate import MODELS, _float64_norms, _ids, _logits
-from test_dmx_search import calib  # noqa: F401 (fixture: 20,000 characters of wiki.valid)
+
+from rotate_helpers import MODELS, _float64_norms, _ids, _logits
+
+pytestmark = pytest.mark.usefixtures("single_threaded")  # tests/conftest.py
 
 MODEL = embedded_model_dir()
 FP4 = "fp4_e2m1"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_threaded():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only oversubscribe a shared machine
-    yield
-    torch.set_num_threads(before)
 
 
 def _down_inputs(model, ids) -> list:
