@@ -5,10 +5,10 @@ SmolLM2-135M shape and random weights, bf16 parameters. Modes:
 
 * ``bf16``        -- plain model (the anchor).
 * ``dmx``         -- wrap_model(fp8-fp4 ladder): weights and activations quantized by
-                     DMXLinear as wired in dmx.layers (dmx.realfmt's torch code), float32
+                     DMXLinear as wired in dmx.nn.layers (dmx.quant.realfmt's torch code), float32
                      offsets, soft (training) mode.
 * ``dmx-fused``   -- the same layers with DMXLinear.forward routed through
-                     dmx.fused.dmx_linear (Triton kernels, quantized copies recomputed in
+                     dmx.quant.triton_ops.dmx_linear (Triton kernels, quantized copies recomputed in
                      backward). CUDA + Triton only.
 
 Reports time per step (median of timed steps after warm-up) and peak memory, and each
@@ -49,10 +49,10 @@ def build_model(device, layers=None, seed=0):
 def prepare(base, mode):
     """A fresh copy of the base model set up for ``mode``."""
     model = copy.deepcopy(base)
-    from dmx import fused
+    from dmx.quant import triton_ops as fused
     if mode == "bf16":
         return model
-    from dmx.layers import wrap_model
+    from dmx.nn.layers import wrap_model
     wrap_model(model, ladder="fp8-fp4", quantize_activations=True)
     fused.patch_dmx_linear(mode == "dmx-fused")
     return model
@@ -104,7 +104,7 @@ def run(device="cpu", batch=None, seq=None, steps=None, warmup=None, layers=None
     # CPU: 2 decoder layers (the full 30 take minutes in CPU bf16); the numbers only
     # show the script works, the real measurement is the CUDA run
     layers = layers or (None if cuda else 2)
-    from dmx import fused
+    from dmx.quant import triton_ops as fused
     if modes is None:
         modes = ["bf16", "dmx"] + (["dmx-fused"] if cuda and fused.use_triton(
             torch.empty(1, device=device)) else [])

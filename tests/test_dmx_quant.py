@@ -1,4 +1,4 @@
-"""dmx.quant against the golden model: equal bit patterns, never allclose."""
+"""dmx.quant.fakequant against the golden model: equal bit patterns, never allclose."""
 import ml_dtypes
 import numpy as np
 import pytest
@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import mxref
 from dmx.errors import DMXError
-from dmx.quant import dequantize_codes, fake_quantize, quantize_codes
+from dmx.quant.fakequant import dequantize_codes, fake_quantize, quantize_codes
 from verification.strategies import element_formats, mx_blocks, mx_tensors, profiles
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dmx.integrity import reseal
+from dmx.outdir.integrity import reseal
 from test_export_outdir import build_out
 
 REPO = Path(__file__).resolve().parents[1]

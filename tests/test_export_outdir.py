@@ -1,7 +1,7 @@
 """A tiny OUT directory (docs/CONTRACT.md) for the export tests, and checks of its reader.
 
 ``build_out`` makes a random tiny Llama / Qwen3 from a transformers config (or loads a
-real checkpoint) and writes OUT with ``dmx.io.write_out``, the project's one OUT writer.
+real checkpoint) and writes OUT with ``dmx.outdir.write.write_out``, the project's one OUT writer.
 """
 from __future__ import annotations
 
@@ -57,8 +57,7 @@ def build_out(root: Path, arch: str, formats=MIXED, act_formats=None, seed: int 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from dmx.io import write_out
-
+    from dmx.outdir.write import write_out
     root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     if model_dir is None:
@@ -86,9 +85,9 @@ def qwen_out(tmp_path_factory):
 
 
 def test_reader_decodes_exactly_what_was_packed(qwen_out):
-    from dmx.export.source import load_out
+    from dmx.outdir.read import read_out
 
-    src = load_out(qwen_out)
+    src = read_out(qwen_out)
     assert len(src.layers) == 14 and "model.embed_tokens.weight" in src.tensors
     name = "model.layers.1.mlp.down_proj"
     layer = src.layers[name]
@@ -101,7 +100,7 @@ def test_reader_decodes_exactly_what_was_packed(qwen_out):
 def test_reader_rejects_changed_bytes(tmp_path, qwen_out):
     from safetensors.numpy import load_file, save_file
     from dmx.errors import DMXError
-    from dmx.export.source import load_out
+    from dmx.outdir.read import read_out
 
     bad = tmp_path / "bad"
     shutil.copytree(qwen_out, bad)
@@ -109,4 +108,4 @@ def test_reader_rejects_changed_bytes(tmp_path, qwen_out):
     t["model.layers.0.mlp.up_proj.weight_scale"][0, 0] ^= 1
     save_file(t, str(bad / "model.safetensors"))
     with pytest.raises(DMXError, match="sha256"):
-        load_out(bad)
+        read_out(bad)

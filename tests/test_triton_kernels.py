@@ -1,4 +1,4 @@
-"""Triton kernels against mxref (fixed formats: equal bit patterns) and dmx.realfmt.
+"""Triton kernels against mxref (fixed formats: equal bit patterns) and dmx.quant.realfmt.
 
 On a machine without CUDA the kernels run under Triton's interpreter
 (TRITON_INTERPRET=1, CPU tensors); without Triton the module is skipped. NaN outputs
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    # must be set before the kernels are first defined (dmx.triton_kernels defines them lazily)
+    # must be set before the kernels are first defined (dmx.quant.triton_kernels defines them lazily)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
@@ -21,9 +21,9 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import mxref  # noqa: E402
-from dmx import fused  # noqa: E402
-from dmx import triton_kernels as tk  # noqa: E402
-from dmx.realfmt import real_format_quantize  # noqa: E402
+from dmx.quant import triton_ops as fused  # noqa: E402
+from dmx.quant import triton_kernels as tk  # noqa: E402
+from dmx.quant.realfmt import real_format_quantize  # noqa: E402
 from verification.strategies import element_formats, mx_blocks  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -84,7 +84,7 @@ def test_fixed_format_matches_mxref(fmt, profile):
     for dtype in DTYPES:
         x = adversarial(dtype, hash((fmt, profile)) % 1000).to(DEV)
         if not tk.supports(x, mxref.get_format(fmt), -1, 32, mxref.get_profile(profile)):
-            continue  # declined inputs go to dmx.quant's torch code
+            continue  # declined inputs go to dmx.quant.fakequant's torch code
         for axis in (-1, 0):
             assert_same_bits(run_kernel(x, fmt, axis, 32, profile),
                              mxref_reference(x, fmt, axis, 32, profile),
@@ -115,7 +115,7 @@ def test_unsupported_inputs_are_declined():
     assert not tk.supports(x, f, -1, 32, mxref.get_profile("ocp_ovf"))
     assert not tk.supports(x, f, -1, 32, mxref.get_profile("ocp_ftz"))
     assert not tk.supports(x, f, -1, 24, mxref.get_profile("ocp"))  # not a power of two
-    # the dmx.quant backend declines CPU tensors: they keep the torch path
+    # the dmx.quant.fakequant backend declines CPU tensors: they keep the torch path
     assert fused.triton_fake_quantize_backend(x, f, -1, 32, mxref.get_profile("ocp")) is None
 
 
@@ -137,7 +137,7 @@ def _real_pair(x, eb, mb, cap=448.0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("eb,mb", [(2.0, 1.0), (3.0, 2.0), (4.0, 3.0), (2.0, 3.0)])
 def test_real_format_integer_points_exact(dtype, eb, mb):
-    """At integer (e, m) the forward and dx are bit-identical to dmx.realfmt."""
+    """At integer (e, m) the forward and dx are bit-identical to dmx.quant.realfmt."""
     x = adversarial(torch.float32, 7)
     x = torch.nan_to_num(x, nan=0.0, posinf=3.0, neginf=-3.0).to(dtype).to(DEV)
     (y0, dx0, de0, dm0), (y1, dx1, de1, dm1) = _real_pair(x, eb, mb)
@@ -211,7 +211,7 @@ def test_cpu_fallbacks_use_torch():
 
 @CUDA
 def test_backend_registration_on_cuda():
-    from dmx.quant import fake_quantize
+    from dmx.quant.fakequant import fake_quantize
     fused.install()
     x = adversarial(torch.bfloat16).cuda()
     assert_same_bits(fake_quantize(x, "fp4_e2m1"), mxref_reference(x, "fp4_e2m1"), "backend")
@@ -219,11 +219,11 @@ def test_backend_registration_on_cuda():
 
 @pytest.mark.parametrize("init,temperature", [(0.3, 0.4), (0.98, 2.0), (2.5, 0.4)])
 def test_offset_linear_matches_dmxlinear(monkeypatch, init, temperature):
-    """DMXLinear's soft forward through dmx.fused (format computed in-kernel from the raw
-    offset) against dmx.layers' own torch path: outputs, dx, dW and d offset."""
+    """DMXLinear's soft forward through dmx.quant.triton_ops (format computed in-kernel from the raw
+    offset) against dmx.nn.layers' own torch path: outputs, dx, dW and d offset."""
     if DEV == "cpu":
         monkeypatch.setenv("DMX_TRITON_ON_CPU", "1")
-    from dmx.layers import DMXLinear
+    from dmx.nn.layers import DMXLinear
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 48, bias=False).to(DEV)
     x = torch.randn(2, 5, 64, device=DEV)

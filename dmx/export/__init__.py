@@ -38,16 +38,16 @@ def export(out_dir, to: str, dest, allow_unfused: bool = False, verify: bool = T
     from mxref.outputs import check_output, output_dir
 
     from dmx.export import verify as vfy
-    from dmx.export.source import check_config_fits, load_out
+    from dmx.outdir.read import check_config_fits, read_out
 
     mod = _backend(to)
     dest = Path(dest)
     rules = dict(force=force, marker=is_export_dir, inputs=[out_dir], what="-o/--output",
                  tool="dmx export", error=DMXError)
-    if Path(out_dir).is_dir():   # (a missing OUT is named by load_out below)
+    if Path(out_dir).is_dir():   # (a missing OUT is named by read_out below)
         dest.parent.mkdir(parents=True, exist_ok=True)
         check_output(dest, is_dir=True, **rules)   # before reading OUT: fail fast
-    src = load_out(out_dir)   # every file's hash checked
+    src = read_out(out_dir)   # every file's hash checked
     from dmx.rotate.info import refuse_online_rotations
     refuse_online_rotations(src.manifest, to)   # no runtime applies dmx's online R4
     mod.check(src, allow_unfused)   # what the target cannot hold, named first
@@ -90,7 +90,7 @@ def is_export_dir(path) -> bool:
     sharded Hugging Face directory carrying the dmx manifest (copied for provenance)."""
     from dmx.export.gguf_export import GGUF_NAME
     from dmx.export.hfdir import INDEX
-    from dmx.io import MANIFEST_NAME
+    from dmx.outdir.layout import MANIFEST_NAME
     path = Path(path)
     return (path / GGUF_NAME).is_file() or ((path / INDEX).is_file()
                                             and (path / MANIFEST_NAME).is_file())

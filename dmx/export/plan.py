@@ -34,7 +34,7 @@ def plan_for_target(shapes: dict, ladder, target: str) -> tuple[list[str], dict[
     ladder rung the target cannot store at all raises (excluding layers cannot fix that).
     """
     from dmx.export import TARGETS
-    from dmx.ladders import get_ladder
+    from dmx.quant.ladders import get_ladder
 
     if target == "none":
         return list(shapes), {}

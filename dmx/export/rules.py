@@ -8,9 +8,9 @@ def fused_groups(names) -> dict[str, list[str]]:
     """``{"<parent>.qkv": [names...], "<parent>.gate_up": [...]}``: the projections vLLM
     fuses into one matmul (qkv_proj, gate_up_proj) and loads with the first shard's scheme,
     so mixed formats inside a group crash at load (vllm ``_match_fused_layer``, Quark
-    ``_find_matched_config``, intel/auto-round#2174). Which names fuse is dmx.layers'
+    ``_find_matched_config``, intel/auto-round#2174). Which names fuse is dmx.nn.layers'
     one definition (the search ties the same groups)."""
-    from dmx.layers import fused_key
+    from dmx.nn.layers import fused_key
 
     groups: dict[str, list[str]] = {}
     for name in sorted(names):

@@ -1,14 +1,14 @@
 """Triton kernels for MX fake quantization (one pass over the data each).
 
 * :func:`mx_fake_quantize` -- fixed OCP MX format (FP4/FP6/FP8/INT8 elements), bit-exact
-  with :func:`dmx.quant.fake_quantize` / mxref: floor (or rceil) scale from the exponent
+  with :func:`dmx.quant.fakequant.fake_quantize` / mxref: floor (or rceil) scale from the exponent
   bits, RNE (or ties-away), saturation, NaN/Inf block -> NaN, all-zero block, ragged tail.
 * :func:`real_format_forward` / :func:`real_format_backward` -- the real-valued single
-  format E(e)M(m) of :mod:`dmx.realfmt`: forward, and backward with the gradient to the
+  format E(e)M(m) of :mod:`dmx.quant.realfmt`: forward, and backward with the gradient to the
   input and the two scalar bit counts (e, m) (per-program partial sums, then one tiny
   finalize kernel: deterministic, no atomics).
 
-Triton is imported lazily (``import dmx.triton_kernels`` never needs it); callers check
+Triton is imported lazily (``import dmx.quant.triton_kernels`` never needs it); callers check
 :func:`available` first. Every kernel works under ``TRITON_INTERPRET=1`` on CPU tensors,
 which is how the CPU tests check them.
 
@@ -33,7 +33,7 @@ _LN2 = math.log(2.0)
 CONFIG = {"elems_per_prog": 4096, "num_warps": 4}
 # No multiply-add contraction: each float op rounds on its own, as torch's separate
 # eager kernels do (the fixed-format kernel is exact either way; the real-format
-# kernels then round like dmx.realfmt step by step).
+# kernels then round like dmx.quant.realfmt step by step).
 _OPTS = {"enable_fp_fusion": False}
 
 
@@ -64,7 +64,7 @@ def _kernels():
     @triton.jit
     def floor_log2(a):
         # floor(log2 a) for finite a >= 0, exact for subnormals; a == 0 gives -1 (frexp's
-        # exponent 0 minus 1, as dmx.quant.floor_log2)
+        # exponent 0 minus 1, as dmx.quant.fakequant.floor_log2)
         b = a.to(tl.int32, bitcast=True) & 0x7FFFFFFF
         ef = b >> 23
         mant = b & 0x7FFFFF
@@ -87,7 +87,7 @@ def _kernels():
 
     @triton.jit
     def pow2_real(t):
-        # 2^t like dmx.realfmt.pow2: the integer part from bits, exp2 only on the fraction,
+        # 2^t like dmx.quant.realfmt.pow2: the integer part from bits, exp2 only on the fraction,
         # so the value is exact wherever t is an integer
         n = tl.where(t >= 0, rne_int(t), -rne_int(-t))
         f = t - n
@@ -195,9 +195,9 @@ def _kernels():
     def real_scalars(e_ptr, m_ptr, TD, CAP: tl.constexpr, FROM_OFF: tl.constexpr,
                      P0: tl.constexpr, W: tl.constexpr, E0: tl.constexpr, SE: tl.constexpr,
                      M0: tl.constexpr, SM: tl.constexpr):
-        # dmx.realfmt's format parameters from the real bit counts (e, m). FROM_OFF: e_ptr
+        # dmx.quant.realfmt's format parameters from the real bit counts (e, m). FROM_OFF: e_ptr
         # holds the raw offset b_hat of a two-rung ladder instead, and (e, m) are computed
-        # as dmx.layers does it (clamp_ste, anneal_map at TD = 20 T, linear interpolation
+        # as dmx.nn.layers does it (clamp_ste, anneal_map at TD = 20 T, linear interpolation
         # between the rungs); fe, fm are d b_hat / d e-and-m chain factors for backward.
         if FROM_OFF:
             bh = tl.load(e_ptr).to(tl.float32)
@@ -226,7 +226,7 @@ def _kernels():
 
     @triton.jit
     def real_core(x, m, bias, maxval, emax):
-        # the forward of dmx.realfmt.real_format_quantize on one tile (values in float32)
+        # the forward of dmx.quant.realfmt.real_format_quantize on one tile (values in float32)
         bits = x.to(tl.int32, bitcast=True)
         amax_b = tl.max(bits & 0x7FFFFFFF, axis=1)
         nonfinite = (amax_b >= 0x7F800000)[:, None]
@@ -271,7 +271,7 @@ def _kernels():
                         FROM_OFF: tl.constexpr, P0: tl.constexpr, W: tl.constexpr,
                         E0: tl.constexpr, SE: tl.constexpr, M0: tl.constexpr,
                         SM: tl.constexpr):
-        # Autograd of dmx.realfmt written out (see the derivation in dmx/fused.py):
+        # Autograd of dmx.quant.realfmt written out (see the derivation in dmx/fused.py):
         #   dx = g inside the range (0 where saturated, or u == 0: abs' gradient there),
         #   and four partial sums for the scalar gradients.
         e, m, bias, maxval, emax, capped, nat_a, big_b, fe, fm = real_scalars(
@@ -440,7 +440,7 @@ def _real_consts(cap: float, lad) -> dict:
 
 def real_format_forward(x, e, m, axis: int = -1, block_size: int = 32, cap: float = 448.0,
                         lad=None, td: float = 0.0):
-    """Forward of dmx.realfmt.real_format_quantize; ``e``, ``m``: 0-d float32 tensors on
+    """Forward of dmx.quant.realfmt.real_format_quantize; ``e``, ``m``: 0-d float32 tensors on
     x's device (read by the kernel: no host synchronisation). With ``lad`` (see
     :func:`_real_consts`) ``e`` is the raw offset instead, ``m`` is ignored and ``td`` is the
     anneal slope 20 T."""
