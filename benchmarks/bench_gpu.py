@@ -162,16 +162,13 @@ def sec_env():
 
 def sec_exact(device, quick, dry=False, lean=False):
     from dmx.quant import triton_kernels as tk
-    from dmx.quant.triton_ops import install, use_triton
     from dmx.quant.fakequant import fake_quantize_torch, fake_quantize
     cases = []
     total = {"torch": [0, 0], "triton": [0, 0], "public": [0, 0]}
     combos = [(f, p) for f in sorted(mxref.FORMATS) for p in ("ocp",)]
     combos += [("fp8_e4m3", "rceil"), ("fp4_e2m1", "rceil"), ("fp8_e4m3", "microxcaling"),
                ("fp4_e2m1", "microxcaling"), ("fp6_e3m2", "ocp_ftz"), ("fp8_e5m2", "ocp_ovf")]
-    triton_ok = (device.type == "cuda" or dry) and use_triton(torch.empty(1, device=device))
-    if triton_ok:
-        install()
+    triton_ok = (device.type == "cuda" or dry) and tk.available()
     for fmt, prof in combos:
         for dname, dtype in DTYPES.items():
             if prof != "ocp" and dtype != torch.bfloat16:
@@ -224,8 +221,7 @@ def triton_missing() -> dict | None:
 def sec_realfmt(device, lean=False):
     if triton_missing():
         return triton_missing()
-    from dmx.quant import triton_ops as fused
-    from dmx.quant.realfmt import real_format_quantize
+    from dmx.quant import triton_ops
     out = []
     g = torch.Generator().manual_seed(5)
     points = {1024: [(2.0, 1.0), (3.0, 2.0), (4.0, 3.0), (2.6, 1.6), (3.5, 2.5)],
@@ -241,11 +237,11 @@ def sec_realfmt(device, lean=False):
         gy = torch.randn(x.shape, generator=g).to(dtype).to(device)
         for eb, mb in points[cols]:
             res = []
-            for fn in (real_format_quantize, fused._real_triton):
+            for backend in ("torch", "triton"):
                 xi = x.clone().requires_grad_()
                 e = torch.tensor(eb, device=device, requires_grad=True)
                 m = torch.tensor(mb, device=device, requires_grad=True)
-                y = fn(xi, e, m, -1, 32, 448.0)
+                y = triton_ops.real_format_quantize(xi, e, m, -1, 32, 448.0, backend=backend)
                 y.backward(gy)
                 res.append((y.detach(), xi.grad, float(e.grad), float(m.grad)))
             (y0, dx0, de0, dm0), (y1, dx1, de1, dm1) = res
@@ -301,9 +297,7 @@ def plain_mx_fake_quant(x, ebits_emax, mbits, emin, max_norm, block=32):
 
 def sec_speed(device, shapes, deadline, lean=False):
     from dmx.quant import triton_kernels as tk
-    from dmx.quant.triton_ops import install
     from dmx.quant.fakequant import fake_quantize_torch, fake_quantize
-    install()
     rows = []
     compile_ = torch.compile if device.type == "cuda" else (lambda f: f)  # dry run: eager
     plain_c = compile_(plain_mx_fake_quant)
@@ -418,7 +412,7 @@ def sec_torchao(device, shapes):
 
 
 def sec_realfmt_speed(device):
-    from dmx.quant import triton_ops as fused
+    from dmx.quant import triton_ops
     from dmx.quant.realfmt import real_format_quantize
     rows = []
     shape = (16384, 1536) if device.type == "cuda" else (64, 96)
@@ -428,7 +422,8 @@ def sec_realfmt_speed(device):
     m = torch.tensor(2.3, device=device, requires_grad=True)
     impls = [("dmx.quant.realfmt torch", real_format_quantize)]
     if triton_missing() is None:
-        impls.append(("dmx Triton (dmx.quant.triton_ops)", fused._real_triton))
+        impls.append(("dmx Triton (dmx.quant.triton_ops)",
+                      lambda *a: triton_ops.real_format_quantize(*a, backend="triton")))
     for name, fn in impls:
         def fwd():
             with torch.no_grad():
@@ -716,7 +711,6 @@ def main(argv=None):
     dry = args.cpu_dry_run and not cuda
     if dry:
         os.environ["TRITON_INTERPRET"] = "1"
-        os.environ["DMX_TRITON_ON_CPU"] = "1"
     section("env", 0, deadline)(sec_env)
     RESULTS["sections"]["env"]["dry_run"] = dry
     lean = args.lean

@@ -271,7 +271,7 @@ def _kernels():
                         FROM_OFF: tl.constexpr, P0: tl.constexpr, W: tl.constexpr,
                         E0: tl.constexpr, SE: tl.constexpr, M0: tl.constexpr,
                         SM: tl.constexpr):
-        # Autograd of dmx.quant.realfmt written out (see the derivation in dmx/fused.py):
+        # Autograd of dmx.quant.realfmt written out (see the derivation in dmx/quant/triton_ops.py):
         #   dx = g inside the range (0 where saturated, or u == 0: abs' gradient there),
         #   and four partial sums for the scalar gradients.
         e, m, bias, maxval, emax, capped, nat_a, big_b, fe, fm = real_scalars(
