@@ -10,23 +10,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from dmx.errors import DMXError
 from mxref.errors import MXError
 
-TARGETS = ("compressed-tensors", "quark", "gguf")
+from dmx.errors import DMXError
+from dmx.export.targets import TARGETS, target_module
+
 __all__ = ["TARGETS", "export", "add_export_parser", "main"]
-
-
-def _backend(to: str):
-    if to == "compressed-tensors":
-        from dmx.export import compressed_tensors as mod
-    elif to == "quark":
-        from dmx.export import quark as mod
-    elif to == "gguf":
-        from dmx.export import gguf_export as mod
-    else:
-        raise DMXError(f"unknown export target {to!r}; use one of {', '.join(TARGETS)}")
-    return mod
 
 
 def export(out_dir, to: str, dest, allow_unfused: bool = False, verify: bool = True,
@@ -40,7 +29,7 @@ def export(out_dir, to: str, dest, allow_unfused: bool = False, verify: bool = T
     from dmx.export import verify as vfy
     from dmx.outdir.read import check_config_fits, read_out
 
-    mod = _backend(to)
+    mod = target_module(to)
     dest = Path(dest)
     rules = dict(force=force, marker=is_export_dir, inputs=[out_dir], what="-o/--output",
                  tool="dmx export", error=DMXError)

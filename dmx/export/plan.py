@@ -33,7 +33,7 @@ def plan_for_target(shapes: dict, ladder, target: str) -> tuple[list[str], dict[
     them accept) or "none" (no check). Returns (kept names, {excluded name: reason}); a
     ladder rung the target cannot store at all raises (excluding layers cannot fix that).
     """
-    from dmx.export import TARGETS
+    from dmx.export.targets import TARGETS
     from dmx.quant.ladders import get_ladder
 
     if target == "none":
