@@ -37,7 +37,8 @@ def _say(msg: str) -> None:
 
 
 def _evaluate_out(out: Path, windows, progress: bool) -> dict:
-    from dmx.eval.command import evaluate, save_eval
+    from dmx.eval.command import evaluate
+    from dmx.outdir.evaljson import save_eval
     from dmx.outdir.read import load
     model, tok, _ = load(out)
     res = evaluate(model, tok, progress=progress, windows=windows)

@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import pytest
 
-from dmx import data
-
-from dmx.search import baseline
-
-from dmx import outdir
+from dmx import data, outdir
 from dmx.errors import DMXError
+from dmx.nn.bits import average_bits_of
 from dmx.quant.ladders import get_ladder
+from dmx.search import baseline
 from test_dmx_io import single_threaded, tiny_model_dir, tiny_root  # noqa: F401 (fixtures)
 
 

@@ -1,4 +1,4 @@
-"""dmx.outdir.write: OUT written once, loaded back bit-exactly; byte counts, schema, corruption.
+"""dmx.outdir: OUT written once, loaded back bit-exactly; byte counts, schema, corruption.
 
 ``tiny_model_dir`` (also used by the eval / baseline / CLI tests) saves a random tiny
 Llama or Qwen3 with layer widths that are not multiples of 32 (ragged blocks, odd FP4

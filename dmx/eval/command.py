@@ -11,10 +11,8 @@ Public API:
   is the one-line description printed with the number.
 * ``protocol_line(result) -> str``, e.g. "wiki.test.raw: 396,958 tokens, 1,550 windows x
   256, all tokens scored, ppl 116.01".
-* ``save_eval(out_dir, result)``: adds the result to OUT/eval.json (atomic rewrite;
-  the OUT weights and manifest stay untouched).
-* ``save_task_results(out_dir, entries)``: adds lm-eval task records (dmx.eval.zeroshot) to the
-  same file, under "tasks".
+* Results go into OUT/eval.json through :mod:`dmx.outdir.evaljson` (``save_eval``,
+  ``save_task_results``; the OUT weights and manifest stay untouched).
 * ``add_eval_parser(subparsers)`` / ``run_eval(args)``: the CLI.
 
 Zero-shot tasks (lm-evaluation-harness, `dmx eval --tasks`) run in dmx.eval.zeroshot; the
@@ -22,17 +20,15 @@ harness is the optional extra ``eval``.
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
 from pathlib import Path
 
 from dmx.errors import DMXError
-from dmx.outdir.evaljson import load_eval, save_eval, save_task_results  # noqa: F401 (API)
 
-__all__ = ["perplexity", "evaluate", "protocol_line", "save_eval", "load_eval",
-           "save_task_results", "add_eval_parser", "run_eval", "DEFAULT_SEQLEN"]
+__all__ = ["perplexity", "evaluate", "protocol_line", "add_eval_parser", "run_eval",
+           "DEFAULT_SEQLEN"]
 
 DEFAULT_SEQLEN = 256
 
@@ -184,5 +180,6 @@ def run_eval(args) -> int:
     result["wall_time_s"] = round(time.time() - t0, 3)
     print(f"{label}: {result['protocol']}")
     if args.save:
+        from dmx.outdir.evaljson import save_eval
         print(f"dmx eval: recorded in {save_eval(args.out, result)}")
     return 0

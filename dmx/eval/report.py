@@ -316,7 +316,7 @@ def run_report(args) -> int:
 # ----------------------------------------------------------------------------- lm-eval tasks
 def _task_scores(ev) -> dict:
     """{task: {metric, value, key, protocol}} of one OUT's eval.json: for each task the
-    entry saved last (dmx.eval.command.save_task_results keeps them in that order)."""
+    entry saved last (dmx.outdir.evaljson.save_task_results keeps them in that order)."""
     from dmx.eval.zeroshot import primary_metric
     scores = {}
     for key, e in ((ev or {}).get("tasks") or {}).items():

@@ -129,6 +129,7 @@ def uniform_baseline(model_dir, fmt: str, out, weights_only: bool = False, inclu
     """Write OUT with every quantizable linear in ``fmt`` (after the fixed ``rotate``
     rotation, seeded by ``seed``); returns a summary."""
     from dmx import outdir
+    from dmx.nn.bits import average_bits_of
     t0 = time.time()
     fmt = mxref.get_format(fmt).key
     if mxref.get_format(fmt).bits not in (4, 6, 8):
@@ -219,8 +220,8 @@ def kl_baseline(model_dir, target_bits: float, out, ladder: str = "fp8-fp4",
                 rotate_online=()) -> dict:
     """Write OUT with the KL layer-selection assignment (on the model after the fixed
     ``rotate`` rotation, seeded by ``seed``); returns a summary."""
-    from dmx import data
-    from dmx import outdir
+    from dmx import data, outdir
+    from dmx.nn.bits import average_bits_of
     from dmx.quant.ladders import get_ladder
 
     t0 = time.time()
