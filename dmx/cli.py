@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_eval_parser(sub)
     baseline.add_baseline_parser(sub)
     report.add_report_parser(sub)
-    _add_optional(sub, "export", "dmx.export", "add_export_parser", None,
+    _add_optional(sub, "export", "dmx.export", "add_export_parser", "run_export",
                   "write a deployable checkpoint from an OUT dir")
     demo.add_demo_parser(sub)
     return parser

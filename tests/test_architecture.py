@@ -74,6 +74,8 @@ GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
 
 
 def layer_of(name: str) -> int:
+    if name.endswith(".__main__"):  # ``python -m pkg``: an entry point, on top
+        return len(LAYERS) - 1
     for i, (_, prefixes) in enumerate(LAYERS):
         if any(name == p or name.startswith(p + ".") for p in prefixes):
             return i
@@ -102,8 +104,8 @@ def _upward(graph) -> list[str]:
             if layer_of(dep) > layer_of(name):
                 bad.append(f"{name} ({LAYERS[layer_of(name)][0]}) imports {dep} "
                            f"({LAYERS[layer_of(dep)][0]})")
-            own_init = name.startswith(dep + ".") and MODULES[dep].name == "__init__.py"
-            if own_init and not name.endswith(".__main__"):  # __main__: the entry, on top
+            if name.startswith(dep + ".") and MODULES[dep].name == "__init__.py" \
+                    and not name.endswith(".__main__"):  # __main__: the entry, on top
                 bad.append(f"{name} imports its own package's __init__ ({dep})")
     return sorted(bad)
 

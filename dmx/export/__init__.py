@@ -7,15 +7,12 @@ leaves nothing at DIR.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-
-from mxref.errors import MXError
 
 from dmx.errors import DMXError
 from dmx.export.targets import TARGETS, target_module
 
-__all__ = ["TARGETS", "export", "add_export_parser", "main"]
+__all__ = ["TARGETS", "export", "add_export_parser", "run_export"]
 
 
 def export(out_dir, to: str, dest, allow_unfused: bool = False, verify: bool = True,
@@ -108,22 +105,7 @@ def add_export_parser(subparsers):
 
 
 def run_export(args) -> int:
-    """The CLI action: bad input becomes one line on stderr and exit code 2."""
-    try:
-        export(args.out, args.to, args.output, allow_unfused=args.allow_unfused,
-               verify=args.verify, force=args.force)
-    except MXError as err:   # DMXError and the golden model's own input errors
-        print(f"dmx export: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+    """The CLI action (errors and exit codes: dmx.cli's one frame)."""
+    export(args.out, args.to, args.output, allow_unfused=args.allow_unfused,
+           verify=args.verify, force=args.force)
     return 0
-
-
-def main(argv=None) -> int:
-    """Stand-alone entry (``python -m dmx.export``) until/besides the dmx CLI."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="dmx")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_export_parser(sub)
-    args = parser.parse_args(["export", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
