@@ -240,18 +240,18 @@ def test_killed_writer_temp_dir_removed_by_the_next_run(out, tmp_path, capsys):
 DMX_WRITER = """
 import sys, time
 from pathlib import Path
-from dmx import outdir
+from dmx.outdir import write
 from dmx.cli import main
 src, dest, me, peer = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4]
 bar = dest.parent / "barrier"
-copy = outdir._copy_source_files
+copy = write._copy_source_files
 def copy_then_wait(source, tmp):   # inside the writer, after every check passed
     copy(source, tmp)
     (bar / me).touch()
     t0 = time.time()
     while not (bar / peer).exists() and time.time() - t0 < 120:
         time.sleep(0.01)
-outdir._copy_source_files = copy_then_wait
+write._copy_source_files = copy_then_wait
 sys.exit(main(["baseline", "--model", src, "--method", "uniform", "--format",
                "fp8_e4m3" if me == "a" else "fp4_e2m1", "-o", str(dest)]))
 """
