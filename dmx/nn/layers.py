@@ -7,7 +7,8 @@
   :func:`hard_assignment`, :func:`dmx_parameters`.
 
 Weights are blocked along the input dimension (the last dim of the [out, in] weight),
-activations along their last dim with dynamic per-block scales, block size 32.
+activations along their last dim with dynamic per-block scales, blocks of
+mxref.DEFAULT_BLOCK_SIZE (OCP's k = 32, from specs/formats.toml).
 """
 from __future__ import annotations
 
@@ -18,12 +19,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mxref
+from mxref.formats import DEFAULT_BLOCK_SIZE
 
-from dmx.quant.anneal import abs_ste, anneal_map, clamp_ste
 from dmx.errors import DMXError
-from dmx.quant.ladders import Ladder, get_ladder
+from dmx.quant.anneal import abs_ste, anneal_map, clamp_ste
 from dmx.quant.backends import Backend, as_backend, choose
 from dmx.quant.fakequant import fake_quantize
+from dmx.quant.ladders import Ladder, get_ladder
 from dmx.quant.realfmt import real_format_linear
 
 __all__ = ["MXLinear", "DMXLinear", "wrap_model", "apply_formats", "set_temperature",
@@ -87,7 +89,7 @@ class MXLinear(_LinearView):
     """nn.Linear with MX fake-quantized weight (and input, if ``act_fmt``), fixed formats."""
 
     def __init__(self, linear: nn.Linear, weight_fmt: str, act_fmt: str | None = None,
-                 block_size: int = 32, profile="ocp"):
+                 block_size: int = DEFAULT_BLOCK_SIZE, profile="ocp"):
         super().__init__()
         self.linear = _check_linear(linear)
         self.weight_fmt = mxref.get_format(weight_fmt).key
@@ -135,7 +137,7 @@ class DMXLinear(_LinearView):
     """
 
     def __init__(self, linear: nn.Linear, ladder="fp8-fp4", offset: nn.Parameter | None = None,
-                 quantize_input: bool = True, block_size: int = 32, init="low",
+                 quantize_input: bool = True, block_size: int = DEFAULT_BLOCK_SIZE, init="low",
                  parameterization: str = "clamp", backend=Backend.AUTO):
         super().__init__()
         if parameterization not in ("clamp", "abs"):
@@ -303,7 +305,7 @@ def wrap_model(model: nn.Module, ladder="fp8-fp4", include=None, exclude=("lm_he
 
 
 def apply_formats(model: nn.Module, formats: dict, act_formats: dict | None = None,
-                  block_size: int = 32, profile="ocp") -> dict[str, MXLinear]:
+                  block_size: int = DEFAULT_BLOCK_SIZE, profile="ocp") -> dict[str, MXLinear]:
     """Replace the named linears (nn.Linear, DMXLinear or MXLinear) by MXLinear, in place.
 
     ``formats``: {module name: weight format key}; ``act_formats``: {name: format or None}

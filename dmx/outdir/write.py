@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 import mxref
+from mxref.formats import DEFAULT_BLOCK_SIZE
 from dmx.errors import DMXError
 from dmx.outdir.integrity import seal, validate_manifest
 from dmx.outdir.layout import (EVAL_NAME, FORMAT_VERSION, MANIFEST_NAME, METHODS, WEIGHTS_NAME,
@@ -156,7 +157,7 @@ def write_out(out_dir, model, formats: dict, act_formats: dict | None, source_mo
         raise DMXError(f"act_formats names layers without a weight format: {sorted(unknown)[:5]}")
     formats = {n: mxref.get_format(f).key for n, f in formats.items()}
     profile = mxref.get_profile(meta.pop("profile", "ocp"))
-    block_size = int(meta.pop("block_size", 32))
+    block_size = int(meta.pop("block_size", DEFAULT_BLOCK_SIZE))
 
     state = _plain_state_dict(model)
     tensors: dict = {}

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import mxref
-from mxref.formats import E8M0, FormatInfo
+from mxref.formats import DEFAULT_BLOCK_SIZE, E8M0, FormatInfo
 from mxref.profiles import Profile
 
 from dmx.errors import DMXError
@@ -207,7 +207,7 @@ def _prepare(x, fmt, axis, block_size, profile):
     return fmt, profile, axis, k, u, finite, kexp
 
 
-def fake_quantize_torch(x: torch.Tensor, fmt, axis: int = -1, block_size: int = 32,
+def fake_quantize_torch(x: torch.Tensor, fmt, axis: int = -1, block_size: int = DEFAULT_BLOCK_SIZE,
                          profile="ocp") -> torch.Tensor:
     """The reference torch implementation of :func:`fake_quantize` (no autograd logic)."""
     fmt, profile, axis, k, u, finite, kexp = _prepare(x, fmt, axis, block_size, profile)
@@ -293,7 +293,7 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
-def fake_quantize(x: torch.Tensor, fmt: str, axis: int = -1, block_size: int = 32,
+def fake_quantize(x: torch.Tensor, fmt: str, axis: int = -1, block_size: int = DEFAULT_BLOCK_SIZE,
                   profile="ocp", backend=Backend.AUTO) -> torch.Tensor:
     """MX quantize-dequantize ``x`` along ``axis``; same dtype, shape and device as ``x``.
 
@@ -307,7 +307,7 @@ def fake_quantize(x: torch.Tensor, fmt: str, axis: int = -1, block_size: int = 3
 
 
 # ----------------------------------------------------------------------------- codes
-def quantize_codes(x: torch.Tensor, fmt: str, axis: int = -1, block_size: int = 32,
+def quantize_codes(x: torch.Tensor, fmt: str, axis: int = -1, block_size: int = DEFAULT_BLOCK_SIZE,
                    profile="ocp") -> tuple[torch.Tensor, torch.Tensor]:
     """(codes uint8 [..., K], scales uint8 [..., ceil(K/bs)]) with ``axis`` moved last.
 
@@ -339,7 +339,7 @@ def quantize_codes(x: torch.Tensor, fmt: str, axis: int = -1, block_size: int = 
         return codes, scales.squeeze(-1).to(torch.uint8)
 
 
-def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block_size: int = 32,
+def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block_size: int = DEFAULT_BLOCK_SIZE,
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Values [..., K] of element codes and E8M0 scale codes (blocked axis last).
 

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 import mxref
-from mxref.formats import E8M0
+from mxref.formats import DEFAULT_BLOCK_SIZE, E8M0
 
 from dmx.errors import DMXError
 from dmx.quant.fakequant import (FLOAT_LAYOUT, check_block_size, check_input, compute_dtype,
@@ -134,7 +134,7 @@ def _binade(a: torch.Tensor) -> torch.Tensor:
 
 
 def _real_format_quantize_torch(x: torch.Tensor, exp_bits, man_bits, axis: int = -1,
-                                block_size: int = 32, max_cap: float | None = None
+                                block_size: int = DEFAULT_BLOCK_SIZE, max_cap: float | None = None
                                 ) -> torch.Tensor:
     """The reference formulation: every step a differentiable torch op, so autograd's graph
     of this function *defines* the gradients. Its graph saves about ten tensors of x's size
@@ -247,7 +247,7 @@ class _RealFormat(torch.autograd.Function):
 
 
 def real_format_quantize(x: torch.Tensor, exp_bits, man_bits, axis: int = -1,
-                         block_size: int = 32, max_cap: float | None = None) -> torch.Tensor:
+                         block_size: int = DEFAULT_BLOCK_SIZE, max_cap: float | None = None) -> torch.Tensor:
     """MX fake quantization in the format E(exp_bits) M(man_bits) with real-valued bits.
 
     ``x``: float32/bfloat16/float16/float64 (computed in float32, or float64 for float64
@@ -294,7 +294,7 @@ class _RealFormatLinear(torch.autograd.Function):
 
 
 def real_format_linear(x: torch.Tensor, weight: torch.Tensor, bias, exp_bits, man_bits,
-                       block_size: int = 32, max_cap: float | None = None,
+                       block_size: int = DEFAULT_BLOCK_SIZE, max_cap: float | None = None,
                        quantize_input: bool = True) -> torch.Tensor:
     """F.linear(Q(x), Q(weight), bias), Q = :func:`real_format_quantize` (the weight blocked
     along its input dim, x along its last dim); x unquantized if not ``quantize_input``.

@@ -32,6 +32,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mxref.formats import DEFAULT_BLOCK_SIZE
+
 from dmx.quant import realfmt
 from dmx.quant import triton_kernels as tk
 from dmx.quant.anneal import T_DOC_PER_T_CODE
@@ -73,7 +75,7 @@ class _RealFormat(torch.autograd.Function):
         return dx, de, dm, None, None, None
 
 
-def real_format_quantize(x, exp_bits, man_bits, axis: int = -1, block_size: int = 32,
+def real_format_quantize(x, exp_bits, man_bits, axis: int = -1, block_size: int = DEFAULT_BLOCK_SIZE,
                          max_cap: float | None = None, backend=Backend.AUTO) -> torch.Tensor:
     """Same contract as :func:`dmx.quant.realfmt.real_format_quantize`; Triton on CUDA
     (``backend``: see :mod:`dmx.quant.backends`)."""
@@ -148,7 +150,7 @@ class _DMXOffsetLinearFn(torch.autograd.Function):
         return dx, dw, gb, doff, None, None, None, None, None
 
 
-def dmx_linear(x, weight, bias, exp_bits, man_bits, block_size: int = 32,
+def dmx_linear(x, weight, bias, exp_bits, man_bits, block_size: int = DEFAULT_BLOCK_SIZE,
                max_cap: float | None = None, quantize_input: bool = True,
                backend=Backend.AUTO) -> torch.Tensor:
     """F.linear(Q(x), Q(weight), bias) in the real format E(exp_bits)M(man_bits).
@@ -172,7 +174,7 @@ def ladder_constants(ladder):
             (hi.man_bits - lo.man_bits) / w)
 
 
-def dmx_offset_linear(x, weight, bias, offset, ladder, temperature, block_size=32,
+def dmx_offset_linear(x, weight, bias, offset, ladder, temperature, block_size=DEFAULT_BLOCK_SIZE,
                       quantize_input=True):
     """F.linear(Q(x), Q(w), bias) with the format of DMXLinear's soft mode computed from the
     raw offset inside the kernels (two-rung ladders; Triton)."""
