@@ -2,7 +2,7 @@
 :mod:`dmx.quant.realfmt` and of DMXLinear's soft mode), with the torch code as the fallback.
 
 * :func:`real_format_quantize` -- drop-in for :func:`dmx.quant.realfmt.real_format_quantize`
-  (same arguments): one forward kernel, one backward kernel (+ a one-program finalize)
+  (same arguments, plus ``backend``): one forward kernel, one backward kernel (+ a one-program finalize)
   on CUDA; the torch implementation elsewhere.
 * :func:`dmx_linear` -- quantize input and weight in the real format, then F.linear,
   saving only the *unquantized* input for backward (the quantized copies are recomputed),
