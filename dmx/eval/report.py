@@ -229,7 +229,7 @@ def plot_dynamics(logs, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     from dmx.quant.ladders import get_ladder
-    from dmx.search import read_search_log
+    from dmx.outdir.read import read_search_log
 
     logs = list(logs)[:MAX_DYNAMICS_RUNS]
     fig, axes = plt.subplots(len(logs), 2, figsize=(11, 3.2 * len(logs)), squeeze=False)

@@ -6,11 +6,12 @@ import hashlib
 
 import numpy as np
 
-__all__ = ["MANIFEST_NAME", "WEIGHTS_NAME", "EVAL_NAME", "FORMAT_VERSION", "METHODS",
+__all__ = ["MANIFEST_NAME", "WEIGHTS_NAME", "EVAL_NAME", "SEARCH_LOG_NAME", "FORMAT_VERSION", "METHODS",
            "layer_sha256"]
 
 MANIFEST_NAME = "dmx_manifest.json"
 WEIGHTS_NAME = "model.safetensors"
+SEARCH_LOG_NAME = "search_log.jsonl"   # written by `dmx search` (sealed like the rest)
 EVAL_NAME = "eval.json"   # written into a finished OUT by `dmx eval --save` (not sealed)
 FORMAT_VERSION = 1
 METHODS = ("dmx", "uniform", "kl")

@@ -8,6 +8,7 @@ all read OUT through here, and nothing of OUT is used before it is checked.
   shapes checked) and the unquantized tensors. An export repacks the codes without
   requantizing; :func:`load` decodes them.
 * ``check_config_fits(src)``: config.json describes the tensors of OUT.
+* ``read_search_log(out_dir) -> dict``: the search log `dmx search` wrote into OUT.
 * ``load(out_dir, device="cpu", dtype=torch.float32) -> (model, tokenizer, manifest)``:
   the model rebuilt from config.json, the packed weights decoded through mxref into
   :class:`DecodedMXLinear` layers (the stored values are used as they are), inputs
@@ -24,10 +25,10 @@ import numpy as np
 import mxref
 from dmx.errors import DMXError
 from dmx.outdir.integrity import check_shapes, tensor_shapes, validate_manifest
-from dmx.outdir.layout import MANIFEST_NAME, WEIGHTS_NAME, layer_sha256
+from dmx.outdir.layout import MANIFEST_NAME, SEARCH_LOG_NAME, WEIGHTS_NAME, layer_sha256
 
 __all__ = ["read_manifest", "QuantLayer", "OutModel", "read_out", "check_config_fits", "load",
-           "DecodedMXLinear"]
+           "DecodedMXLinear", "read_search_log"]
 
 _REWRITE = "rewrite OUT with `dmx search`/`dmx baseline`"
 
@@ -168,6 +169,27 @@ def check_config_fits(src: OutModel) -> None:
     metadata written, from config.json): checked before anything is built or written."""
     where = str(src.path / WEIGHTS_NAME)
     check_shapes(src.path, tensor_shapes(src.manifest, src.tensors, src.tensors, where), where)
+
+
+def read_search_log(out_dir) -> dict:
+    """OUT's search_log.jsonl as {"config", "units", "steps": [...], and the final
+    line's keys: "offsets", "raw_formats", "formats", ...}; a DMXError if absent."""
+    path = Path(out_dir) / SEARCH_LOG_NAME
+    if not path.is_file():
+        raise DMXError(f"{out_dir}: no {SEARCH_LOG_NAME} (not a dmx search OUT, or one made "
+                       f"before dmx wrote it)")
+    result: dict = {"steps": []}
+    for number, text in enumerate(path.read_text().splitlines(), 1):
+        try:
+            line = json.loads(text)
+        except ValueError:
+            raise DMXError(f"{path}:{number}: not JSON") from None
+        kind = line.pop("type", None)
+        if kind == "step":
+            result["steps"].append(line)
+        elif kind in ("header", "final"):
+            result.update(line)
+    return result
 
 
 # ----------------------------------------------------------------------------- load

@@ -35,12 +35,11 @@ import time
 from pathlib import Path
 
 from dmx.errors import DMXError
+from dmx.outdir.layout import SEARCH_LOG_NAME
 from dmx.search.recipe import RECIPES, SearchConfig
 
-__all__ = ["add_search_parser", "run_search", "search", "read_search_log", "SEARCH_LOG_NAME",
-           "END_EVAL_WINDOWS"]
+__all__ = ["add_search_parser", "run_search", "search", "END_EVAL_WINDOWS"]
 
-SEARCH_LOG_NAME = "search_log.jsonl"
 END_EVAL_WINDOWS = 4  # calibration windows scored with the soft, raw-hard and repaired model
 
 
@@ -339,27 +338,6 @@ def _search_log_lines(cfg, layers, log, trained, raw_formats, formats, raw_bits,
                   "formats": formats, "raw_bits": raw_bits, "achieved_bits": achieved,
                   "budget_repair": repair, "end_ppl": end_ppl, "rotation": rotation})
     return "".join(json.dumps(line, allow_nan=False) + "\n" for line in lines)
-
-
-def read_search_log(out_dir) -> dict:
-    """OUT's search_log.jsonl as {"config", "units", "steps": [...], and the final
-    line's keys: "offsets", "raw_formats", "formats", ...}; a DMXError if absent."""
-    path = Path(out_dir) / SEARCH_LOG_NAME
-    if not path.is_file():
-        raise DMXError(f"{out_dir}: no {SEARCH_LOG_NAME} (not a dmx search OUT, or one made "
-                       f"before dmx wrote it)")
-    result: dict = {"steps": []}
-    for number, text in enumerate(path.read_text().splitlines(), 1):
-        try:
-            line = json.loads(text)
-        except ValueError:
-            raise DMXError(f"{path}:{number}: not JSON") from None
-        kind = line.pop("type", None)
-        if kind == "step":
-            result["steps"].append(line)
-        elif kind in ("header", "final"):
-            result.update(line)
-    return result
 
 
 # ----------------------------------------------------------------------------- CLI
