@@ -156,3 +156,27 @@ def test_the_checker_sees_circles_and_upward_arrows():
                               "dmx.quant.fakequant (quant) imports dmx.nn.layers (nn)"]
     # function-level imports are read too (dmx.outdir.read imports dmx.nn.layers in load())
     assert "dmx.nn.layers" in _imports("dmx.outdir.read", MODULES["dmx.outdir.read"])
+
+
+# ----------------------------------------------------------------------------- packages
+# The three packages, bottom first (docs/ARCHITECTURE.md): each imports only those below.
+FORBIDDEN = {"mxref": ("torch", "dmx", "verification"), "verification": ("dmx",)}
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_packages_import_only_downwards():
+    bad = []
+    for package, forbidden in FORBIDDEN.items():
+        for path in sorted((DMX.parent / package).rglob("*.py")):
+            for name in sorted(_top_level_imports(path) & set(forbidden)):
+                bad.append(f"{path.relative_to(DMX.parent)} imports {name}")
+    assert not bad, "\n".join(bad)
