@@ -21,6 +21,7 @@ Public API (layout and manifest fields: specs/out_layout.md, docs/CONTRACT.md):
   place (mxref.outputs), so OUT is either complete or absent. An existing OUT is refused
   unless ``force``, which replaces only an earlier OUT (one with dmx_manifest.json) and
   never the source model. The manifest seals every file (dmx.outdir.integrity).
+
 Reading OUT back is :mod:`dmx.outdir.read`; the bit averages come from :mod:`dmx.nn.bits`.
 """
 from __future__ import annotations
