@@ -1,5 +1,6 @@
 """dmx's import graph follows the layers drawn in docs/ARCHITECTURE.md: no circle, and no
-import that runs back up.
+import that runs back up; the three packages import only downwards; dmx does not retype
+the usual format constants (448, 57344, E8M0's -127, block size 32 defaults).
 
 Every module's imports are read with ast (function-level ones too: a lazy import is still
 a dependency). ``from pkg import name`` counts as an import of ``pkg.name`` when that is a
@@ -15,6 +16,7 @@ module, else of ``pkg``. Rules:
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 DMX = Path(__file__).resolve().parent.parent / "dmx"
@@ -44,11 +46,16 @@ def _modules() -> dict[str, Path]:
 MODULES = _modules()
 
 
+@functools.lru_cache(maxsize=None)
+def _tree(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(), str(path))
+
+
 def _imports(name: str, path: Path) -> set[str]:
     """The dmx modules ``name`` imports (anywhere in the file)."""
     is_pkg = path.name == "__init__.py"
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(_tree(path)):
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -180,3 +187,51 @@ def test_packages_import_only_downwards():
             for name in sorted(_top_level_imports(path) & set(forbidden)):
                 bad.append(f"{path.relative_to(DMX.parent)} imports {name}")
     assert not bad, "\n".join(bad)
+
+
+# ----------------------------------------------------------------------------- constants
+# Format constants are written once, in specs/formats.toml; dmx reads them from mxref
+# (FormatInfo, E8M0, DEFAULT_BLOCK_SIZE, the IEEE layouts). The usual retyped ones:
+FORMAT_LITERALS = {448: "E4M3's max normal", 57344: "E5M2's max normal"}
+BLOCK_NAMES = ("block_size", "group_size")
+
+
+def _retyped_constants(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(_tree(path)):
+        where = f"{path.relative_to(DMX.parent)}:{getattr(node, 'lineno', '?')}"
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float) \
+                and node.value in FORMAT_LITERALS:
+            found.append(f"{where}: {node.value} ({FORMAT_LITERALS[node.value]})")
+        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) \
+                and isinstance(node.operand, ast.Constant) and node.operand.value == 127:
+            found.append(f"{where}: -127 (E8M0.min_exp)")
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = node.args.args + node.args.kwonlyargs
+            defaults = [None] * (len(node.args.args) - len(node.args.defaults)) \
+                + list(node.args.defaults) + list(node.args.kw_defaults)
+            for arg, default in zip(args, defaults):
+                if arg.arg in BLOCK_NAMES and isinstance(default, ast.Constant) \
+                        and default.value == 32:
+                    found.append(f"{where}: {arg.arg}=32 (mxref.DEFAULT_BLOCK_SIZE)")
+        elif isinstance(node, ast.keyword) and node.arg in BLOCK_NAMES \
+                and isinstance(node.value, ast.Constant) and node.value.value == 32:
+            found.append(f"{where}: {node.arg}=32 (mxref.DEFAULT_BLOCK_SIZE)")
+    return found
+
+
+def test_dmx_does_not_retype_format_constants():
+    found = [hit for path in MODULES.values() for hit in _retyped_constants(path)]
+    assert not found, "format constants typed in dmx (read them from mxref):\n" + "\n".join(found)
+
+
+def test_the_constant_check_sees_retyped_constants(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def q(x, block_size=32, cap=448.0):\n    return max(x, -127)\n")
+    global DMX
+    saved, DMX = DMX, tmp_path / "dmx"   # (paths are reported relative to DMX's parent)
+    try:
+        hits = _retyped_constants(bad)
+    finally:
+        DMX = saved
+    assert len(hits) == 3, hits
