@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a source checkout without installing
 
 import mxref  # noqa: E402
-from dmx.quant import fake_quantize  # noqa: E402
+from dmx.quant.fakequant import fake_quantize  # noqa: E402
 
 
 def plain_fake_quantize(x: torch.Tensor, fmt: str, block_size: int = 32) -> torch.Tensor:

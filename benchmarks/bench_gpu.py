@@ -4,15 +4,15 @@ search step and a short real search; one summary table at the end.
 Sections (each in its own try/except, results written to JSON as they come; pick a subset
 with --sections, in any order: they run in the order below):
   1. env       -- torch / triton / device.
-  2. exact     -- dmx.quant's torch path on the GPU and the Triton kernel against mxref
+  2. exact     -- dmx.quant.fakequant's torch path on the GPU and the Triton kernel against mxref
                   (computed on the CPU from the same data): every element format, float32 /
                   bfloat16 / float16, random wide-range and adversarial tensors, ragged rows.
                   Non-NaN elements: equal bit patterns; NaN: same positions (payloads are
                   counted separately: torch's own casts disagree on them).
-  3. realfmt   -- Triton real-format forward/backward against dmx.realfmt on the GPU.
+  3. realfmt   -- Triton real-format forward/backward against dmx.quant.realfmt on the GPU.
   4. speed     -- G elements/s, bf16 in/out: device copy, plain-PyTorch MX fake-quant
-                  (eager, torch.compile), dmx.quant torch path (eager, compiled), Triton
-                  kernel, dmx.quant.fake_quantize with the Triton backend.
+                  (eager, torch.compile), dmx.quant.fakequant torch path (eager, compiled), Triton
+                  kernel, dmx.quant.fakequant.fake_quantize with the Triton backend.
   5. step      -- benchmarks/bench_search_step.py's CUDA path (batch 8 x 2048): time and
                   peak memory of the dMX search step next to the bf16 step.
   6. search    -- `dmx search --model DIR` (default recipe, target 6, --search-steps steps
@@ -161,17 +161,14 @@ def sec_env():
 
 
 def sec_exact(device, quick, dry=False, lean=False):
-    from dmx import triton_kernels as tk
-    from dmx.fused import install, use_triton
-    from dmx.quant import _fake_quantize_torch, fake_quantize
+    from dmx.quant import triton_kernels as tk
+    from dmx.quant.fakequant import fake_quantize_torch, fake_quantize
     cases = []
     total = {"torch": [0, 0], "triton": [0, 0], "public": [0, 0]}
     combos = [(f, p) for f in sorted(mxref.FORMATS) for p in ("ocp",)]
     combos += [("fp8_e4m3", "rceil"), ("fp4_e2m1", "rceil"), ("fp8_e4m3", "microxcaling"),
                ("fp4_e2m1", "microxcaling"), ("fp6_e3m2", "ocp_ftz"), ("fp8_e5m2", "ocp_ovf")]
-    triton_ok = (device.type == "cuda" or dry) and use_triton(torch.empty(1, device=device))
-    if triton_ok:
-        install()
+    triton_ok = (device.type == "cuda" or dry) and tk.available()
     for fmt, prof in combos:
         for dname, dtype in DTYPES.items():
             if prof != "ocp" and dtype != torch.bfloat16:
@@ -190,7 +187,7 @@ def sec_exact(device, quick, dry=False, lean=False):
                 xd = x.to(device)
                 row = {"fmt": fmt, "profile": prof, "dtype": dname, "tensor": tname,
                        "numel": x.numel()}
-                impls = {"torch": lambda: _fake_quantize_torch(xd, fmt, -1, 32, prof)}
+                impls = {"torch": lambda: fake_quantize_torch(xd, fmt, -1, 32, prof)}
                 if triton_ok:
                     f, p = mxref.get_format(fmt), mxref.get_profile(prof)
                     if tk.supports(xd, f, -1, 32, p):
@@ -217,15 +214,14 @@ def sec_exact(device, quick, dry=False, lean=False):
 def triton_missing() -> dict | None:
     """{"skipped": why} when the Triton kernels cannot run in this process (a CPU dry run
     without triton installed), else None."""
-    from dmx import triton_kernels as tk
+    from dmx.quant import triton_kernels as tk
     return None if tk.available() else {"skipped": "triton is not installed here"}
 
 
 def sec_realfmt(device, lean=False):
     if triton_missing():
         return triton_missing()
-    from dmx import fused
-    from dmx.realfmt import real_format_quantize
+    from dmx.quant import triton_ops
     out = []
     g = torch.Generator().manual_seed(5)
     points = {1024: [(2.0, 1.0), (3.0, 2.0), (4.0, 3.0), (2.6, 1.6), (3.5, 2.5)],
@@ -241,11 +237,11 @@ def sec_realfmt(device, lean=False):
         gy = torch.randn(x.shape, generator=g).to(dtype).to(device)
         for eb, mb in points[cols]:
             res = []
-            for fn in (real_format_quantize, fused._real_triton):
+            for backend in ("torch", "triton"):
                 xi = x.clone().requires_grad_()
                 e = torch.tensor(eb, device=device, requires_grad=True)
                 m = torch.tensor(mb, device=device, requires_grad=True)
-                y = fn(xi, e, m, -1, 32, 448.0)
+                y = triton_ops.real_format_quantize(xi, e, m, -1, 32, 448.0, backend=backend)
                 y.backward(gy)
                 res.append((y.detach(), xi.grad, float(e.grad), float(m.grad)))
             (y0, dx0, de0, dm0), (y1, dx1, de1, dm1) = res
@@ -300,14 +296,12 @@ def plain_mx_fake_quant(x, ebits_emax, mbits, emin, max_norm, block=32):
 
 
 def sec_speed(device, shapes, deadline, lean=False):
-    from dmx import triton_kernels as tk
-    from dmx.fused import install
-    from dmx.quant import _fake_quantize_torch, fake_quantize
-    install()
+    from dmx.quant import triton_kernels as tk
+    from dmx.quant.fakequant import fake_quantize_torch, fake_quantize
     rows = []
     compile_ = torch.compile if device.type == "cuda" else (lambda f: f)  # dry run: eager
     plain_c = compile_(plain_mx_fake_quant)
-    dmx_c = compile_(_fake_quantize_torch)
+    dmx_c = compile_(fake_quantize_torch)
     prof = mxref.get_profile("ocp")
 
     # kernel configuration sweep on the first shape (elements per program, warps)
@@ -342,16 +336,16 @@ def sec_speed(device, shapes, deadline, lean=False):
             impls += [
                 ("dmx Triton kernel", fmt, lambda fi=f: tk.mx_fake_quantize(x, fi, -1, 32, prof)),
                 ("plain PyTorch torch.compile", fmt, lambda a=args: plain_c(x, *a)),
-                ("dmx.quant.fake_quantize (Triton backend)", fmt,
+                ("dmx.quant.fakequant.fake_quantize (Triton backend)", fmt,
                  lambda fm=fmt: fake_quantize(x, fm)),
             ][0 if have_triton else 1:]  # without triton the public API is the torch path
             if not lean:
                 impls.append(("plain PyTorch eager", fmt,
                               lambda a=args: plain_mx_fake_quant(x, *a)))
             impls += [] if lean else [
-                ("dmx.quant torch path eager", fmt,
-                 lambda fm=fmt: _fake_quantize_torch(x, fm, -1, 32, "ocp")),
-                ("dmx.quant torch path torch.compile", fmt,
+                ("dmx.quant.fakequant torch path eager", fmt,
+                 lambda fm=fmt: fake_quantize_torch(x, fm, -1, 32, "ocp")),
+                ("dmx.quant.fakequant torch path torch.compile", fmt,
                  lambda fm=fmt: dmx_c(x, fm, -1, 32, "ocp")),
             ]
         for name, fmt, fn in impls:
@@ -418,17 +412,18 @@ def sec_torchao(device, shapes):
 
 
 def sec_realfmt_speed(device):
-    from dmx import fused
-    from dmx.realfmt import real_format_quantize
+    from dmx.quant import triton_ops
+    from dmx.quant.realfmt import real_format_quantize
     rows = []
     shape = (16384, 1536) if device.type == "cuda" else (64, 96)
     x = torch.randn(*shape, device=device, dtype=torch.bfloat16)
     gy = torch.randn_like(x)
     e = torch.tensor(3.3, device=device, requires_grad=True)
     m = torch.tensor(2.3, device=device, requires_grad=True)
-    impls = [("dmx.realfmt torch", real_format_quantize)]
+    impls = [("dmx.quant.realfmt torch", real_format_quantize)]
     if triton_missing() is None:
-        impls.append(("dmx Triton (dmx.fused)", fused._real_triton))
+        impls.append(("dmx Triton (dmx.quant.triton_ops)",
+                      lambda *a: triton_ops.real_format_quantize(*a, backend="triton")))
     for name, fn in impls:
         def fwd():
             with torch.no_grad():
@@ -463,10 +458,10 @@ PAPER_STEPS = 400  # the paper protocol's steps (batch 8 x 2048): what the proje
 
 
 def _timed_train_steps(times: list, device):
-    """dmx.train._train_step wrapped to append each step's wall seconds to ``times``
+    """dmx.search.train._train_step wrapped to append each step's wall seconds to ``times``
     (synchronized on CUDA). The CLI below calls train_offsets, which looks the step
     function up in its module, so the search runs unchanged, only timed."""
-    import dmx.train as train
+    import dmx.search.train as train
     inner = train._train_step
 
     def timed(*args, **kwargs):
@@ -560,11 +555,11 @@ def summary_rows() -> list[tuple[str, str, str, str]]:
     rf = s.get("realfmt", {})
     if "cases" in rf:
         bad = sum(r["fwd"]["mismatch"] + r["dx"]["mismatch"] for r in rf["cases"])
-        rows.append(("Triton real format vs dmx.realfmt (fwd + dx bits)",
+        rows.append(("Triton real format vs dmx.quant.realfmt (fwd + dx bits)",
                      f"{bad} mismatching elements in {len(rf['cases'])} cases", "0",
                      "met" if bad == 0 else "**not met**"))
     for r in s.get("speed", {}).get("rows", []):
-        if r["impl"] in ("dmx Triton kernel", "dmx.quant.fake_quantize (Triton backend)") \
+        if r["impl"] in ("dmx Triton kernel", "dmx.quant.fakequant.fake_quantize (Triton backend)") \
                 and "x_compiled_plain" in r:
             rows.append((f"fake-quant {r['fmt']} {r['shape'][0]}x{r['shape'][1]}: {r['impl']}",
                          f"{r['gelem_s']:.1f} G elem/s, {r['x_compiled_plain']:.2f}x compiled "
@@ -647,7 +642,7 @@ def markdown() -> str:
         lines.append("")
     rf = s.get("realfmt", {})
     if "cases" in rf:
-        lines += ["## Triton real-format quantizer vs dmx.realfmt (GPU)", "",
+        lines += ["## Triton real-format quantizer vs dmx.quant.realfmt (GPU)", "",
                   "| dtype | shape | e | m | fwd mismatches | fwd max rel | dx mismatches | "
                   "de torch / triton | dm torch / triton |",
                   "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
@@ -716,7 +711,6 @@ def main(argv=None):
     dry = args.cpu_dry_run and not cuda
     if dry:
         os.environ["TRITON_INTERPRET"] = "1"
-        os.environ["DMX_TRITON_ON_CPU"] = "1"
     section("env", 0, deadline)(sec_env)
     RESULTS["sections"]["env"]["dry_run"] = dry
     lean = args.lean

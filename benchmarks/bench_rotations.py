@@ -17,8 +17,8 @@ MXFP4 W+A model, ``--learned-steps`` steps of 4 calibration windows, then folded
   along the input dim, :func:`dmx.fake_quantize`), and the same for their input activations
   on the evaluation windows;
 * perplexity of the float model (a check: every rotation must leave it unchanged) and of
-  uniform MXFP4 weights + inputs (:func:`dmx.layers.apply_formats`) on the first
-  ``--windows`` windows of the embedded wiki.test.raw (GPTQ protocol, dmx.evaluate).
+  uniform MXFP4 weights + inputs (:func:`dmx.nn.layers.apply_formats`) on the first
+  ``--windows`` windows of the embedded wiki.test.raw (GPTQ protocol, dmx.eval.command).
 
 Then the non-power-of-two widths on real data: the 768-wide input of tiny-qwen3's down_proj
 (weights and their real input activations), and its first 576 columns (SmolLM2's hidden
@@ -42,9 +42,9 @@ sys.path.insert(0, ROOT)  # run from a source checkout without installing
 from dmx.data import (calibration_windows, default_calibration_file,  # noqa: E402
                       default_eval_file, embedded_model_dir, eval_windows,
                       load_model_and_tokenizer)
-from dmx.evaluate import perplexity  # noqa: E402
-from dmx.layers import MXLinear, _set_submodule, apply_formats  # noqa: E402
-from dmx.quant import fake_quantize  # noqa: E402
+from dmx.eval.command import perplexity  # noqa: E402
+from dmx.nn.layers import MXLinear, set_submodule, apply_formats  # noqa: E402
+from dmx.quant.fakequant import fake_quantize  # noqa: E402
 from dmx.rotate import LearnedRotations, rotate_model, rotation_matrix  # noqa: E402
 from dmx.rotate.fold import arch_of, fold_norms  # noqa: E402
 
@@ -194,7 +194,7 @@ def main(argv=None) -> int:
             if name == "learned":  # already quantized: unwrap for the float numbers
                 float_m = copy.deepcopy(m)
                 for n, layer in list(_wrapped(float_m).items()):
-                    _set_submodule(float_m, n, layer.linear)
+                    set_submodule(float_m, n, layer.linear)
             else:
                 float_m = m
             we, ae = weight_error(float_m), activation_error(float_m, windows)

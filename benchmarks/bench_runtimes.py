@@ -34,7 +34,7 @@ CTX, CHUNKS = 256, 16
 def _outs(root: Path) -> dict:
     """name -> OUT directory, built as the integration tests build them."""
     from dmx import data
-    from dmx.baseline import uniform_baseline
+    from dmx.search.baseline import uniform_baseline
     from dmx.search import search
     from runtime_helpers import STORIES
 
@@ -57,7 +57,7 @@ def _outs(root: Path) -> dict:
 def _hf_row(out, dest, text_file, dtype, ref_ppl):
     import torch
     import dmx
-    from dmx.evaluate import evaluate
+    from dmx.eval.command import evaluate
     from transformers import AutoModelForCausalLM
 
     kw = {} if dtype is None else {"dtype": dtype}

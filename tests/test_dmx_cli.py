@@ -7,7 +7,10 @@ import sys
 
 import pytest
 
-from dmx import data, io, report
+from dmx import data
+
+from dmx import outdir
+from dmx.eval import report
 from dmx.cli import main
 from cli_helpers import fails as _fails
 from tiny_models import tiny_model_dir, tiny_root
@@ -76,9 +79,9 @@ def test_existing_out_needs_force(capsys, tmp_path, src):
             "-o", str(out)]
     assert main(argv) == 0
     capsys.readouterr()
-    manifest = (out / io.MANIFEST_NAME).read_text()
+    manifest = (out / outdir.MANIFEST_NAME).read_text()
     _fails(capsys, argv, "already exists; pass --force", tmp_path)
-    assert (out / io.MANIFEST_NAME).read_text() == manifest
+    assert (out / outdir.MANIFEST_NAME).read_text() == manifest
     assert main(argv + ["--force"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 

@@ -30,7 +30,7 @@ import torch
 import transformers  # noqa: F401 (a hard dependency: a broken install fails, never skips)
 
 from dmx.cli import main  # noqa: E402
-from dmx.distributed import DistContext  # noqa: E402
+from dmx.search.distributed import DistContext  # noqa: E402
 from dmx.search import SEARCH_LOG_NAME, read_search_log, search  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_threaded")  # tests/conftest.py
@@ -85,7 +85,7 @@ import contextlib, io, json, sys
 
 from dmx.cli import main
 from dmx.search import search
-from dmx.train import SearchInterrupted
+from dmx.search.train import SearchInterrupted
 
 job = json.loads(sys.argv[1])
 LEARNED = job["learned_kw"]
@@ -339,16 +339,17 @@ def test_two_ranks_gradients_sum_to_the_one_process_gradient(calib, monkeypatch,
     each rank's half of a step here, sum the gradients (what all_reduce does) and compare
     with one process. Target 4.05 < the soft start (4.07): the penalty is active, so
     counting it on both ranks would double its (large) part of the gradient."""
-    import dmx.distributed
+    import dmx.search.distributed
     from dmx import data
-    from dmx.anneal import TemperatureSchedule
-    from dmx.layers import dmx_parameters, wrap_model
-    from dmx.penalty import average_bits, hinge_penalty
-    from dmx.recipe import SearchConfig
-    from dmx.train import _train_step
+    from dmx.quant.anneal import TemperatureSchedule
+    from dmx.nn.layers import dmx_parameters, wrap_model
+    from dmx.nn.bits import average_bits
+    from dmx.search.penalty import hinge_penalty
+    from dmx.search.recipe import SearchConfig
+    from dmx.search.train import _train_step
 
-    monkeypatch.setattr(dmx.distributed, "reduce_sum", lambda ctx, values: values)
-    monkeypatch.setattr(dmx.distributed, "all_reduce_grads", lambda ctx, params: None)
+    monkeypatch.setattr(dmx.search.distributed, "reduce_sum", lambda ctx, values: values)
+    monkeypatch.setattr(dmx.search.distributed, "all_reduce_grads", lambda ctx, params: None)
     model, tok = data.load_model_and_tokenizer(MODEL)
     windows = data.calibration_windows(tok, [str(calib)], 32, 3, 0)
     for p in model.parameters():
@@ -415,12 +416,12 @@ def test_layers_on_other_gpus_run_with_their_gpu_current(monkeypatch):
     """--device-map: Triton launches on the current GPU, so each DMXLinear's forward makes
     its own GPU current and restores the previous one (also when forward raises). No GPU
     here: the layers' devices and torch.cuda's device calls are stand-ins."""
-    import dmx.distributed
-    from dmx.layers import DMXLinear
+    import dmx.search.distributed
+    from dmx.nn.layers import DMXLinear
 
     layers = {f"l{i}": DMXLinear(torch.nn.Linear(32, 32), "fp8-fp4") for i in range(3)}
     where = {id(layers["l0"]): 0, id(layers["l1"]): 1, id(layers["l2"]): 1}
-    monkeypatch.setattr(dmx.distributed, "_weight_device",
+    monkeypatch.setattr(dmx.search.distributed, "_weight_device",
                         lambda layer: torch.device("cuda", where[id(layer)]))
     current, calls = [0], []
     monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
@@ -429,7 +430,7 @@ def test_layers_on_other_gpus_run_with_their_gpu_current(monkeypatch):
         calls.append(torch.device(dev).index if not isinstance(dev, int) else dev)
         current[0] = calls[-1]
     monkeypatch.setattr(torch.cuda, "set_device", set_device)
-    handles = dmx.distributed.pin_layer_devices(layers)
+    handles = dmx.search.distributed.pin_layer_devices(layers)
     assert len(handles) == 6
     x = torch.randn(2, 32)
     layers["l1"](x)
@@ -440,4 +441,4 @@ def test_layers_on_other_gpus_run_with_their_gpu_current(monkeypatch):
     for h in handles:
         h.remove()
     where.update({k: 0 for k in where})
-    assert dmx.distributed.pin_layer_devices(layers) == []  # all on the current GPU
+    assert dmx.search.distributed.pin_layer_devices(layers) == []  # all on the current GPU

@@ -1,4 +1,4 @@
-"""dmx.data windows and dmx.evaluate perplexity (GPTQ protocol), `dmx eval`."""
+"""dmx.data windows and dmx.eval.command perplexity (GPTQ protocol), `dmx eval`."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,11 @@ import os
 import pytest
 import torch
 
-from dmx import data, evaluate, io
+from dmx import data
+
+from dmx.eval import command as evaluate
+
+from dmx import outdir
 from dmx.cli import main
 from dmx.errors import DMXError
 from tiny_models import tiny_model_dir, tiny_root
@@ -117,7 +121,7 @@ def test_dmx_eval_cli_save_and_uniform(tmp_path_factory, tmp_path, capsys):
     assert main(["eval", str(out), "--save", *args]) == 0
     line = capsys.readouterr().out
     assert "windows x 32 (first 3 of" in line and "all tokens scored, ppl" in line
-    saved = json.loads((out / io.EVAL_NAME).read_text())
+    saved = json.loads((out / outdir.EVAL_NAME).read_text())
     res = saved["results"][saved["latest"]]
     assert res["windows"] == 3 and res["seqlen"] == 32
     # the same numbers through --model --uniform (quantized on the fly) as through OUT

@@ -1,4 +1,4 @@
-"""``--model x.gguf`` (dmx.gguf_model): bad files are one-line errors that leave nothing
+"""``--model x.gguf`` (dmx.eval.gguf_model): bad files are one-line errors that leave nothing
 behind, and a finished conversion is reused only while its recorded sha256 still holds.
 
 The real conversion (transformers' GGUF reader -> float32 directory, tying and bit-exact
@@ -12,7 +12,7 @@ import json
 import pytest
 
 from dmx.errors import DMXError
-from dmx.gguf_model import GGUF_MAGIC, RECORD_NAME, WEIGHTS_NAME, convert_gguf, sha256_file
+from dmx.eval.gguf_model import GGUF_MAGIC, RECORD_NAME, WEIGHTS_NAME, convert_gguf, sha256_file
 from cli_helpers import fails as _fails
 
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import dmx
-from dmx import io
+from dmx import outdir
 from dmx.cli import main
 from dmx.errors import DMXError
-from dmx.integrity import reseal
+from dmx.outdir.integrity import reseal
 from tiny_out import build_out
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,9 +58,9 @@ def _tensor_offset(path: Path, key: str) -> int:
 
 
 def test_manifest_seals_every_file(out):
-    m = io.read_manifest(out)
+    m = outdir.read_manifest(out)
     listed = set(m["files"])
-    on_disk = {p.name for p in out.iterdir() if p.is_file()} - {io.MANIFEST_NAME}
+    on_disk = {p.name for p in out.iterdir() if p.is_file()} - {outdir.MANIFEST_NAME}
     assert listed == on_disk and "config.json" in listed and "tokenizer.json" in listed
     assert len(m["manifest_sha256"]) == 64
 
@@ -69,7 +69,7 @@ def test_flipped_embedding_byte_refused_everywhere(out, tmp_path, capsys):
     """One flipped bit in model.embed_tokens.weight (not a packed layer): before, load
     succeeded, eval printed ppl inf with exit 0, export wrote a GGUF."""
     bad = _copy(out, tmp_path)
-    w = bad / io.WEIGHTS_NAME
+    w = bad / outdir.WEIGHTS_NAME
     _flip_byte(w, _tensor_offset(w, "model.embed_tokens.weight") + 1001)
     with pytest.raises(DMXError, match="model.safetensors: sha256 does not match"):
         dmx.load(bad)
@@ -81,7 +81,7 @@ def test_flipped_embedding_byte_refused_everywhere(out, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("edit, match", [
-    (lambda d: _edit_json(d / io.MANIFEST_NAME, lambda m: m["layers"][
+    (lambda d: _edit_json(d / outdir.MANIFEST_NAME, lambda m: m["layers"][
         "model.layers.0.self_attn.o_proj"].update(format="fp8_e5m2")),
      "dmx_manifest.json: its content does not match its manifest_sha256"),
     (lambda d: _edit_json(d / "config.json", lambda c: c.update(hidden_size=96)),
@@ -126,7 +126,7 @@ def test_config_contradicting_the_tensors_refused_before_export(out, tmp_path, c
 
 def test_manifest_missing_a_layer_refused(out, tmp_path, capsys):
     bad = _copy(out, tmp_path)
-    _edit_json(bad / io.MANIFEST_NAME, lambda m: m["layers"].pop(
+    _edit_json(bad / outdir.MANIFEST_NAME, lambda m: m["layers"].pop(
         "model.layers.1.mlp.down_proj"))
     reseal(bad)
     _one_line(capsys, ["export", bad, "--to", "gguf", "-o", tmp_path / "g"],
@@ -142,7 +142,7 @@ def test_force_never_replaces_an_input(out, tmp_path, capsys):
     _one_line(capsys, ["report", src, "-o", src, "--force"], "is also an input")
     _one_line(capsys, ["report", src, "-o", tmp_path, "--force"], "is also an input")
     assert sorted(p.name for p in src.iterdir()) == before
-    io.read_manifest(src)   # still intact
+    outdir.read_manifest(src)   # still intact
 
 
 def test_force_never_replaces_a_foreign_directory(out, tmp_path, capsys):
@@ -152,7 +152,7 @@ def test_force_never_replaces_a_foreign_directory(out, tmp_path, capsys):
     _one_line(capsys, ["export", out, "--to", "gguf", "-o", notes, "--force"],
               "is not an output of dmx export")
     _one_line(capsys, ["report", out, "-o", notes, "--force"], "is not an output of dmx report")
-    src = json.loads((out / io.MANIFEST_NAME).read_text())["source_model"]
+    src = json.loads((out / outdir.MANIFEST_NAME).read_text())["source_model"]
     _one_line(capsys, ["baseline", "--model", src, "--method", "uniform", "--format", "fp4",
                        "-o", notes, "--force"], "is not an output of dmx search/baseline")
     assert (notes / "notes.txt").read_text() == "mine" and (notes / "sub").is_dir()
@@ -198,7 +198,7 @@ def test_load_on_cuda_without_a_gpu_is_a_dmx_error(out):
 
 def test_nan_source_weights_refused_before_the_search(out, tmp_path, capsys):
     src = tmp_path / "nan-model"
-    shutil.copytree(Path(json.loads((out / io.MANIFEST_NAME).read_text())["source_model"]),
+    shutil.copytree(Path(json.loads((out / outdir.MANIFEST_NAME).read_text())["source_model"]),
                     src)
     from safetensors.torch import load_file, save_file
     t = load_file(src / "model.safetensors")
@@ -216,7 +216,7 @@ def test_unwritable_out_fails_before_loading(out, tmp_path, capsys, monkeypatch)
     if parent != Path("/proc"):
         parent.mkdir()
         parent.chmod(0o500)
-    src = json.loads((out / io.MANIFEST_NAME).read_text())["source_model"]
+    src = json.loads((out / outdir.MANIFEST_NAME).read_text())["source_model"]
     _one_line(capsys, ["search", "--model", src, "--target-bits", "6", "-o", parent / "o"],
               "not writable")
 
@@ -231,7 +231,7 @@ def test_killed_writer_temp_dir_removed_by_the_next_run(out, tmp_path, capsys):
     stale = tmp_path / f".o.tmp-{_HOST}-{dead.pid}-x"   # as mxref.outputs names them
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half")
-    src = json.loads((out / io.MANIFEST_NAME).read_text())["source_model"]
+    src = json.loads((out / outdir.MANIFEST_NAME).read_text())["source_model"]
     assert main(["baseline", "--model", src, "--method", "uniform", "--format", "fp8_e4m3",
                  "-o", str(target)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
@@ -240,18 +240,18 @@ def test_killed_writer_temp_dir_removed_by_the_next_run(out, tmp_path, capsys):
 DMX_WRITER = """
 import sys, time
 from pathlib import Path
-from dmx import io
+from dmx.outdir import write
 from dmx.cli import main
 src, dest, me, peer = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4]
 bar = dest.parent / "barrier"
-copy = io._copy_source_files
+copy = write._copy_source_files
 def copy_then_wait(source, tmp):   # inside the writer, after every check passed
     copy(source, tmp)
     (bar / me).touch()
     t0 = time.time()
     while not (bar / peer).exists() and time.time() - t0 < 120:
         time.sleep(0.01)
-io._copy_source_files = copy_then_wait
+write._copy_source_files = copy_then_wait
 sys.exit(main(["baseline", "--model", src, "--method", "uniform", "--format",
                "fp8_e4m3" if me == "a" else "fp4_e2m1", "-o", str(dest)]))
 """
@@ -260,7 +260,7 @@ sys.exit(main(["baseline", "--model", src, "--method", "uniform", "--format",
 def test_two_baselines_to_the_same_out_one_wins(out, tmp_path):
     """Two real `dmx baseline -o same` processes, both past the existence check before
     either renames: before, both exited 0 and one OUT silently replaced the other."""
-    src = json.loads((out / io.MANIFEST_NAME).read_text())["source_model"]
+    src = json.loads((out / outdir.MANIFEST_NAME).read_text())["source_model"]
     dest = tmp_path / "same"
     (tmp_path / "barrier").mkdir()
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
@@ -275,6 +275,6 @@ def test_two_baselines_to_the_same_out_one_wins(out, tmp_path):
     assert len(lines) == 1 and "was written by another process" in lines[0], err
     kept = Path(lines[0].split("kept at ")[1].split(" (")[0])
     fmt = {"a": "fp8_e4m3", "b": "fp4_e2m1"}
-    assert {e["format"] for e in io.read_manifest(dest)["layers"].values()} == {fmt[winner]}
+    assert {e["format"] for e in outdir.read_manifest(dest)["layers"].values()} == {fmt[winner]}
     loser = "b" if winner == "a" else "a"
-    assert {e["format"] for e in io.read_manifest(kept)["layers"].values()} == {fmt[loser]}
+    assert {e["format"] for e in outdir.read_manifest(kept)["layers"].values()} == {fmt[loser]}

@@ -9,12 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mxref
-from dmx.anneal import TemperatureSchedule, anneal_map, clamp_ste
-from dmx.layers import (DMXLinear, MXLinear, apply_formats, dmx_parameters, hard_assignment,
+from dmx.quant.anneal import TemperatureSchedule, anneal_map, clamp_ste
+from dmx.nn.layers import (DMXLinear, MXLinear, apply_formats, dmx_parameters, hard_assignment,
                         set_temperature, wrap_model)
-from dmx.ladders import LADDERS, get_ladder
-from dmx.penalty import average_bits, hinge_penalty, scaling_penalty
-from dmx.quant import fake_quantize
+from dmx.quant.ladders import LADDERS, get_ladder
+from dmx.nn.bits import average_bits
+from dmx.search.penalty import hinge_penalty, scaling_penalty
+from dmx.quant.fakequant import fake_quantize
 from verification.strategies import mx_tensors
 
 from torch_helpers import CUDA, EXAMPLES, bits, to_torch

@@ -1,4 +1,4 @@
-"""dmx.quant against the golden model: equal bit patterns, never allclose."""
+"""dmx.quant.fakequant against the golden model: equal bit patterns, never allclose."""
 import numpy as np
 import pytest
 import torch
@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import mxref
 from dmx.errors import DMXError
-from dmx.quant import dequantize_codes, fake_quantize, quantize_codes
+from dmx.quant.fakequant import dequantize_codes, fake_quantize, quantize_codes
 from torch_helpers import CUDA, EXAMPLES, bits, to_numpy, to_torch
 from verification.strategies import element_formats, mx_blocks, mx_tensors, profiles
 

@@ -20,8 +20,9 @@ import safetensors  # noqa: F401 (hard dependencies: a broken install fails, nev
 import transformers  # noqa: F401
 
 import mxref  # noqa: E402
-from dmx import data, io  # noqa: E402
-from dmx.evaluate import evaluate  # noqa: E402
+from dmx import data  # noqa: E402
+from dmx import outdir
+from dmx.eval.command import evaluate  # noqa: E402
 from dmx.search import search  # noqa: E402
 
 MODEL = Path(__file__).resolve().parent / "data" / "stories260K-hf"
@@ -72,7 +73,7 @@ def test_loaded_logits_equal_searched_model(searched):
     ids = torch.randint(3, 512, (2, 48), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = result["model"](input_ids=ids).logits
-        model, _tok, _manifest = io.load(out)
+        model, _tok, _manifest = outdir.load(out)
         got = model(input_ids=ids).logits
     assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
 
@@ -98,7 +99,7 @@ def test_packed_bytes_are_mxref_encoding_of_the_weights(searched):
 def test_perplexity_close_to_unquantized(searched):
     out, _result, calib = searched
     fp_model, tok = data.load_model_and_tokenizer(MODEL)
-    q_model, q_tok, _ = io.load(out)
+    q_model, q_tok, _ = outdir.load(out)
     fp = evaluate(fp_model, tok, data_file=calib, seqlen=64, max_windows=20, progress=False)
     q = evaluate(q_model, q_tok, data_file=calib, seqlen=64, max_windows=20, progress=False)
     fp_ppl, q_ppl = float(fp["ppl"]), float(q["ppl"])

@@ -1,4 +1,4 @@
-"""dmx.realfmt: bit-exact at the OCP points, sensible gradients in between."""
+"""dmx.quant.realfmt: bit-exact at the OCP points, sensible gradients in between."""
 import math
 
 import numpy as np
@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mxref
-from dmx.quant import fake_quantize
-from dmx.realfmt import format_max, pow2, real_format_quantize
+from dmx.quant.fakequant import fake_quantize
+from dmx.quant.realfmt import format_max, pow2, real_format_quantize
 from verification.strategies import mx_blocks, mx_tensors
 
 from torch_helpers import CUDA, EXAMPLES, bits, to_torch

@@ -1,4 +1,4 @@
-"""The memory-light soft quantizer (dmx.realfmt's autograd Functions) against the reference
+"""The memory-light soft quantizer (dmx.quant.realfmt's autograd Functions) against the reference
 graph it replaced (``_real_format_quantize_torch`` / ``_real_format_linear_torch``, every op
 recorded by autograd): the same forward bits, the same gradients bit for bit, and only the
 input kept for backward."""
@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-import dmx.layers
-from dmx import data, realfmt
-from dmx.layers import dmx_parameters, wrap_model
-from dmx.realfmt import real_format_linear, real_format_quantize
+import dmx.nn.layers
+from dmx import data
+from dmx.quant import realfmt
+from dmx.nn.layers import dmx_parameters, wrap_model
+from dmx.quant.realfmt import real_format_linear, real_format_quantize
 
 from torch_helpers import bits
 
@@ -107,7 +108,7 @@ def test_model_offset_gradients_equal_the_reference_graph(monkeypatch):
     ids = torch.randint(4096, (2, 48), generator=torch.Generator().manual_seed(0))
 
     def offset_grads(linear_fn):
-        monkeypatch.setattr(dmx.layers, "real_format_linear", linear_fn)
+        monkeypatch.setattr(dmx.nn.layers, "real_format_linear", linear_fn)
         model = data.load_model(data.embedded_model_dir())
         for p in model.parameters():
             p.requires_grad_(False)
@@ -156,7 +157,7 @@ def test_linear_keeps_only_its_input_for_backward():
 def test_soft_layer_compiles_fullgraph():
     """Under torch.compile the layer traces the reference graph (autograd.Function's
     torch.autograd.grad replay is not traceable) and the compiler plans the memory."""
-    from dmx.layers import DMXLinear
+    from dmx.nn.layers import DMXLinear
     torch.manual_seed(0)
     layer = DMXLinear(nn.Linear(64, 32), "fp8-fp4", init=1.0).train()
     x = torch.randn(4, 64)

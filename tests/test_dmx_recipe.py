@@ -1,4 +1,4 @@
-"""Search recipes (dmx.recipe.SearchConfig): the default recipe's stability on real models,
+"""Search recipes (dmx.search.recipe.SearchConfig): the default recipe's stability on real models,
 `--recipe paper` against the reference's formulas computed by hand, the manifest's
 round trip of the config, the export-target plan and the --seqlen cap."""
 from __future__ import annotations
@@ -13,10 +13,10 @@ import torch
 from dmx import data
 from dmx.errors import DMXError
 from dmx.export.plan import plan_for_target
-from dmx.layers import dmx_parameters, wrap_model
-from dmx.recipe import RECIPES, SearchConfig, config_from_dict
+from dmx.nn.layers import dmx_parameters, wrap_model
+from dmx.search.recipe import RECIPES, SearchConfig, config_from_dict
 from dmx.search import read_search_log, search
-from dmx.train import batch_indices, train_offsets
+from dmx.search.train import batch_indices, train_offsets
 
 ROOT = Path(__file__).resolve().parents[1]
 STORIES = ROOT / "tests" / "data" / "stories260K-hf"
@@ -206,10 +206,10 @@ def test_paper_recipe_steps_equal_the_reference_formulas(calib):
 
 
 def test_projection_meets_the_budget_with_the_penalty_definition():
-    """project_to_budget's vectorized average equals dmx.penalty.average_bits of the
+    """project_to_budget's vectorized average equals dmx.nn.bits.average_bits of the
     layers afterwards (the one definition), for both weightings and tied layers."""
-    from dmx.assign import project_to_budget
-    from dmx.penalty import average_bits
+    from dmx.search.assign import project_to_budget
+    from dmx.nn.bits import average_bits
 
     model, _ = data.load_model_and_tokenizer(data.embedded_model_dir())
     layers = wrap_model(model, "fp8-fp4", init=0.7)
@@ -235,8 +235,8 @@ def test_projection_with_a_floor_acts_only_outside_the_band():
     """--budget project with a floor (the default recipe's ramp): inside [floor, target]
     the offsets are only boxed (the cross-entropy raises them); under the floor they are
     raised to it, over the target lowered to it, by one common shift."""
-    from dmx.assign import project_to_budget
-    from dmx.penalty import average_bits
+    from dmx.search.assign import project_to_budget
+    from dmx.nn.bits import average_bits
 
     model, _ = data.load_model_and_tokenizer(data.embedded_model_dir())
     layers = wrap_model(model, "fp8-fp4", init=0.0)

@@ -13,11 +13,11 @@ import json
 import pytest
 import torch
 
-from dmx import io
+from dmx import outdir
 from dmx.data import embedded_model_dir
 from dmx.errors import DMXError
-from dmx.layers import apply_formats
-from dmx.quant import fake_quantize
+from dmx.nn.layers import apply_formats
+from dmx.quant.fakequant import fake_quantize
 from dmx.rotate import (CayleySGD, LearnedRotations, block_hadamard, hadamard_pm1,
                         is_orthogonal, patch_config, random_orthogonal, rotate_model,
                         rotation_matrix)
@@ -157,10 +157,10 @@ def _mxfp4_everywhere(model):
 
 def _unwrap(model):
     """The float model inside MXLinear wrappers (the quantization bypassed)."""
-    from dmx.layers import _set_submodule
+    from dmx.nn.layers import set_submodule
     for name, m in list(model.named_modules()):
         if hasattr(m, "linear") and isinstance(m.linear, torch.nn.Linear) and name:
-            _set_submodule(model, name, m.linear)
+            set_submodule(model, name, m.linear)
     return model
 
 
@@ -196,7 +196,7 @@ def test_learned_rotations_stay_orthogonal_and_fold_exactly():
 def test_learned_rotations_train_with_dmx_offsets():
     """The search's setting: DMXLinear layers (soft formats, learnable offsets) wrapped
     first, rotations on top; one backward feeds both, fold leaves the wrappers working."""
-    from dmx.layers import dmx_parameters, hard_assignment, wrap_model
+    from dmx.nn.layers import dmx_parameters, hard_assignment, wrap_model
     model = _load(STORIES, torch.float32)
     layers = wrap_model(model, "fp8-fp4")
     rot = LearnedRotations(model)
@@ -308,11 +308,11 @@ def test_rotated_untied_model_exports_and_reads_back_bit_exact(tmp_path):
              if isinstance(m, torch.nn.Linear) and n != "lm_head"]
     formats = {n: "fp4_e2m1" for n in names}
     config = patch_config(json.loads((src / "config.json").read_text()), info)
-    io.write_out(tmp_path / "out", model, formats, formats, src,
+    outdir.write_out(tmp_path / "out", model, formats, formats, src,
                  {"method": "kl", "rotation": info.to_manifest()},
                  extra_files={"config.json": json.dumps(config)})
     apply_formats(model, formats, formats)
-    loaded, _, manifest = io.load(tmp_path / "out")
+    loaded, _, manifest = outdir.load(tmp_path / "out")
     assert manifest["rotation"]["untied_lm_head"] is True
     assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
     ids = _ids(model)

@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from dmx import io
+from dmx import outdir
 from dmx.cli import main as dmx_main
 from dmx.data import embedded_model_dir, load_model
 from dmx.errors import DMXError
-from dmx.layers import apply_formats
-from dmx.recipe import SearchConfig, config_from_dict
+from dmx.nn.layers import apply_formats
+from dmx.search.recipe import SearchConfig, config_from_dict
 from dmx.rotate import is_orthogonal, rotate_model, rotate_online
 from dmx.rotate.online import OnlineRotation, parse_online, r4_matrix
 from dmx.search import search
@@ -112,7 +112,7 @@ def test_down_proj_quantizer_sees_the_rotated_input_through_swapped_wrappers():
 
 def test_r4_lowers_the_mxfp4_error_of_down_proj_inputs():
     """The point of R4: tiny-qwen3's down_proj inputs have outliers (docs/rotations.md)."""
-    from dmx.quant import fake_quantize
+    from dmx.quant.fakequant import fake_quantize
     model = load_model(MODEL, dtype=torch.float32)
     xs = torch.cat(_down_inputs(model, _ids(model))).reshape(-1, 768)
     rel = {}
@@ -134,7 +134,7 @@ def test_parse_online_and_config():
                                    rotate_kind="kron")
     assert cfg.rotate_online == ("r4",) and cfg.to_dict()["rotate_online"] == ["r4"]
     assert config_from_dict(cfg.to_dict()) == cfg
-    from dmx.search import _resume_command
+    from dmx.search.command import _resume_command
     assert "--rotate-kind kron --rotate-online r4" in _resume_command(cfg, "m", "o", "c",
                                                                       False, {})
 
@@ -167,7 +167,7 @@ def _bits(t):
 
 
 def test_baseline_r4_out_is_marked_and_loads_as_the_fake_quant_model(baseline_out):
-    loaded, _, manifest = io.load(baseline_out)
+    loaded, _, manifest = outdir.load(baseline_out)
     rot = manifest["rotation"]
     assert rot["online"] == ["r4"] and rot["needs_runtime_support"] is True
     assert (rot["r4"], rot["r4_kind"], rot["intermediate_size"]) == (
@@ -197,7 +197,7 @@ def test_search_r4_out_loads_bit_for_bit(tmp_path, calib, rotate):
     assert rot["mode"] == rotate and rot["online"] == ["r4"] and rot["needs_runtime_support"]
     assert rot["r4"] == "blockdiag24xsylvester32"
     assert manifest["search"]["config"]["rotate_online"] == ["r4"]
-    loaded, _, _ = io.load(out)
+    loaded, _, _ = outdir.load(out)
     ids = _ids(loaded)
     assert torch.equal(_bits(_logits(loaded, ids)), _bits(_logits(result["model"], ids)))
 
@@ -215,7 +215,7 @@ def test_exports_refuse_an_out_with_online_rotations(baseline_out, tmp_path, cap
 def test_manifest_r4_mismatch_is_refused_on_load(baseline_out, tmp_path):
     import shutil
 
-    from dmx.integrity import reseal
+    from dmx.outdir.integrity import reseal
     bad = tmp_path / "bad"
     shutil.copytree(baseline_out, bad)
     path = bad / "dmx_manifest.json"
@@ -224,7 +224,7 @@ def test_manifest_r4_mismatch_is_refused_on_load(baseline_out, tmp_path):
     path.write_text(json.dumps(manifest))
     reseal(bad)
     with pytest.raises(DMXError, match="the manifest's R4 is 'blockdiag24xsylvester32'"):
-        io.load(bad)
+        outdir.load(bad)
 
 
 def test_kl_baseline_scores_the_r4_model(tmp_path, calib, capsys):
@@ -232,7 +232,7 @@ def test_kl_baseline_scores_the_r4_model(tmp_path, calib, capsys):
     (the KL loop swaps down_proj in and out): its sensitivities are those of the in-memory
     R4 model, and differ from the unrotated model's."""
     from dmx import data
-    from dmx.baseline import fused_units, kl_sensitivities, quantizable_layers
+    from dmx.search.baseline import fused_units, kl_sensitivities, quantizable_layers
 
     kl = tmp_path / "kl"
     assert dmx_main(["baseline", "--model", str(MODEL), "--method", "kl", "--target-bits",

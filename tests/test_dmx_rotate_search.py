@@ -19,10 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dmx import io
+from dmx import outdir
 from dmx.cli import main as dmx_main
 from dmx.data import load_model
-from dmx.layers import apply_formats
+from dmx.nn.layers import apply_formats
 from dmx.rotate import rotate_model
 from dmx.search import read_search_log, search
 
@@ -56,7 +56,7 @@ def _logits(model):
 
 
 def _assert_loads_bit_for_bit(out, model) -> dict:
-    loaded, _, manifest = io.load(out)
+    loaded, _, manifest = outdir.load(out)
     assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight  # stayed untied
     got, want = _logits(loaded), _logits(model)
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
@@ -157,8 +157,8 @@ def test_bad_rotation_flags_fail_in_one_line(tmp_path, capsys, argv, message):
 
 
 def test_resume_command_carries_the_rotation_flags():
-    from dmx.recipe import SearchConfig
-    from dmx.search import _resume_command
+    from dmx.search.recipe import SearchConfig
+    from dmx.search.command import _resume_command
 
     cfg = SearchConfig.from_recipe("paper", target_bits=5.0, rotate="learned",
                                    rotate_kind="kron", rotation_lr=0.3)

@@ -17,10 +17,10 @@ import torch
 import transformers  # a hard dependency: a broken install fails, never skips
 
 from dmx.errors import DMXError  # noqa: E402
-from dmx.layers import dmx_parameters, wrap_model  # noqa: E402
+from dmx.nn.layers import dmx_parameters, wrap_model  # noqa: E402
 from dmx.search import add_search_parser, read_search_log, run_search, search  # noqa: E402
-from dmx.recipe import SearchConfig  # noqa: E402
-from dmx.train import SearchInterrupted, train_offsets  # noqa: E402
+from dmx.search.recipe import SearchConfig  # noqa: E402
+from dmx.search.train import SearchInterrupted, train_offsets  # noqa: E402
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "dmx" / "data"  # shipped with the package
 TOKENIZER_DIR = EMBEDDED / "tiny-qwen3"
@@ -65,8 +65,7 @@ def _cli(argv) -> int:
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
 def test_search_out_reloads_with_identical_logits(models, calib, tmp_path, kind):
-    from dmx import io
-
+    from dmx import outdir
     out = tmp_path / "out"
     result = search(models[kind], 6.0, calib=[calib], steps=4, out=out, **SMALL)
     assert out.is_dir() and not Path(str(out) + ".partial").exists()
@@ -77,7 +76,7 @@ def test_search_out_reloads_with_identical_logits(models, calib, tmp_path, kind)
     ids = torch.randint(0, 4096, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = result["model"](input_ids=ids).logits
-        loaded = io.load(out)
+        loaded = outdir.load(out)
         got = (loaded[0] if isinstance(loaded, tuple) else loaded)(input_ids=ids).logits
     assert torch.equal(got, expected)
 
@@ -150,9 +149,9 @@ def test_resume_after_interrupt_matches_uninterrupted(models, calib, tmp_path, r
 
 
 def test_ctrl_c_prints_resume_command(models, calib, tmp_path, capsys, monkeypatch):
-    import dmx.train
+    import dmx.search.train
 
-    real_step = dmx.train._train_step
+    real_step = dmx.search.train._train_step
     calls = []
 
     def interrupted_step(*args):
@@ -161,7 +160,7 @@ def test_ctrl_c_prints_resume_command(models, calib, tmp_path, capsys, monkeypat
             raise KeyboardInterrupt
         return real_step(*args)
 
-    monkeypatch.setattr(dmx.train, "_train_step", interrupted_step)
+    monkeypatch.setattr(dmx.search.train, "_train_step", interrupted_step)
     out = tmp_path / "out"
     rc = _cli(["search", "--model", str(models["llama"]), "--target-bits", "5", "--calib",
                str(calib), "--seqlen", "32", "--samples", "8", "--batch-size", "2", "--steps",
@@ -259,7 +258,7 @@ def test_resume_with_other_settings_is_refused(models, calib, tmp_path):
 
 
 def test_batch_order_is_epochs_of_permutations():
-    from dmx.train import batch_indices
+    from dmx.search.train import batch_indices
 
     n, bs = 10, 4
     stream = torch.cat([batch_indices(3, s, n, bs) for s in range(5)])  # 20 = two epochs
@@ -273,7 +272,7 @@ def test_batch_order_is_epochs_of_permutations():
 def test_quantization_bypass_gives_the_unquantized_logits(models):
     """--distill's reference forward must be the original model, bit for bit."""
     from dmx import data
-    from dmx.train import quantization_bypassed
+    from dmx.search.train import quantization_bypassed
 
     model, _ = data.load_model_and_tokenizer(models["qwen3"])
     ids = torch.randint(0, 4096, (2, 24), generator=torch.Generator().manual_seed(2))

@@ -11,7 +11,10 @@ import lm_eval
 import pytest
 import torch
 
-from dmx import data, io, zeroshot
+from dmx import data
+
+from dmx import outdir
+from dmx.eval import zeroshot
 from dmx.cli import main
 
 pytestmark = pytest.mark.usefixtures("single_threaded")  # tests/conftest.py
@@ -81,7 +84,7 @@ def setup(tmp_path_factory):
     out = root / "mxfp4"
     assert main(["baseline", "--model", str(data.embedded_model_dir()), "--method", "uniform",
                  "--format", "fp4_e2m1", "-o", str(out)]) == 0
-    model, tok, _ = io.load(out)
+    model, tok, _ = outdir.load(out)
     hand = [choice_logliks(model, tok, q, c) for q, c, _ in ITEMS]
     return {"out": out, "tasks": write_task(root / "tasks"), "model": model, "tok": tok,
             "hand": hand}
@@ -118,7 +121,7 @@ def test_dmx_eval_tasks_saves_next_to_ppl_and_reports(setup, tmp_path, capsys,
     assert f"lm-eval {lm_eval.__version__}" in printed
     assert re.search(rf"\|{TASK}\s*\|.*\|acc\s*\|.*\|{acc:.4f}\|", printed)  # lm-eval's table
 
-    saved = json.loads((out / io.EVAL_NAME).read_text())
+    saved = json.loads((out / outdir.EVAL_NAME).read_text())
     assert saved["results"][saved["latest"]]["windows"] == 2  # the perplexity stays
     entry = saved["tasks"][f"{TASK}|fewshot=0|limit=None"]
     assert entry["metrics"]["acc"] == pytest.approx(acc)

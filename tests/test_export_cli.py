@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dmx.integrity import reseal
+from dmx.outdir.integrity import reseal
 from tiny_out import build_out
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,14 +33,9 @@ def _cli(*args):
 
 
 def _run(args):
-    """The same parser and action in-process (fast path for the many error cases)."""
-    import argparse
-    from dmx.export import add_export_parser
-
-    parser = argparse.ArgumentParser(prog="dmx")
-    add_export_parser(parser.add_subparsers(dest="command"))
-    ns = parser.parse_args(["export", *map(str, args)])
-    return ns.func(ns)
+    """The same command in-process (fast path for the many error cases)."""
+    from dmx.cli import main
+    return main(["export", *map(str, args)])
 
 
 def _one_line_error(err: str):
@@ -113,7 +108,5 @@ def test_unsupported_layer_format_in_manifest(out, tmp_path, capsys):
 
 
 def test_unknown_target_is_an_argparse_error(out, tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        _run([out, "--to", "onnx", "-o", tmp_path / "x"])
-    assert e.value.code == 2
-    assert "invalid choice: 'onnx'" in capsys.readouterr().err
+    assert _run([out, "--to", "onnx", "-o", tmp_path / "x"]) == 2
+    assert "invalid choice: 'onnx'" in _one_line_error(capsys.readouterr().err)

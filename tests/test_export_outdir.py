@@ -18,9 +18,9 @@ def qwen_out(tmp_path_factory):
 
 
 def test_reader_decodes_exactly_what_was_packed(qwen_out):
-    from dmx.export.source import load_out
+    from dmx.outdir.read import read_out
 
-    src = load_out(qwen_out)
+    src = read_out(qwen_out)
     assert len(src.layers) == 14 and "model.embed_tokens.weight" in src.tensors
     name = "model.layers.1.mlp.down_proj"
     layer = src.layers[name]
@@ -33,7 +33,7 @@ def test_reader_decodes_exactly_what_was_packed(qwen_out):
 def test_reader_rejects_changed_bytes(tmp_path, qwen_out):
     from safetensors.numpy import load_file, save_file
     from dmx.errors import DMXError
-    from dmx.export.source import load_out
+    from dmx.outdir.read import read_out
 
     bad = tmp_path / "bad"
     shutil.copytree(qwen_out, bad)
@@ -41,4 +41,4 @@ def test_reader_rejects_changed_bytes(tmp_path, qwen_out):
     t["model.layers.0.mlp.up_proj.weight_scale"][0, 0] ^= 1
     save_file(t, str(bad / "model.safetensors"))
     with pytest.raises(DMXError, match="sha256"):
-        load_out(bad)
+        read_out(bad)

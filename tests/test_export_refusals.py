@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from dmx.errors import DMXError
-from dmx.integrity import reseal
+from dmx.outdir.integrity import reseal
 from tiny_out import MIXED, WITH_FP6, build_out
 
 UNFUSED = dict(MIXED, k_proj="fp4_e2m1")          # q/v MXFP8, k MXFP4 in every block

@@ -81,9 +81,9 @@ def test_compressed_tensors_round_trip(outs, tmp_path, arch):
 def test_compressed_tensors_activation_groups(outs, tmp_path):
     """One config group per (weight, activation) pair: q/k/v carry dynamic MXFP8 inputs."""
     from dmx.export.compressed_tensors import quantization_config
-    from dmx.export.source import load_out
+    from dmx.outdir.read import read_out
 
-    src = load_out(outs["qwen3"])
+    src = read_out(outs["qwen3"])
     for n in src.layers:
         if n.endswith(("q_proj", "k_proj", "v_proj")):
             src.layers[n].act_format = "fp8_e4m3"
@@ -144,7 +144,7 @@ def _permute(w, n_head):
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
 def test_gguf_round_trip(outs, tmp_path, arch):
     import gguf
-    from dmx.export.source import load_out
+    from dmx.outdir.read import read_out
 
     src, dest = outs[arch], tmp_path / "gguf"
     checks, log = _export(src, "gguf", dest)
@@ -184,7 +184,7 @@ def test_gguf_round_trip(outs, tmp_path, arch):
 
     # attn_output is MXFP4: decode with gguf and compare to mxref; Llama's attn_q/attn_k are
     # Q8_0 here, so check their row order against the converter's permute within Q8_0 error
-    layers = load_out(src).layers
+    layers = read_out(src).layers
     t = {x.name: x for x in r.tensors}
     got = gguf.quants.dequantize(np.asarray(t["blk.1.attn_output.weight"].data), T.MXFP4)
     ref = layers["model.layers.1.self_attn.o_proj"].values()
@@ -200,14 +200,14 @@ def test_gguf_round_trip(outs, tmp_path, arch):
 def test_gguf_llama_mxfp4_attention_is_permuted(tmp_path):
     """MXFP4 q/k: the permuted rows keep their own codes and scales (whole rows move)."""
     import gguf
-    from dmx.export.source import load_out
+    from dmx.outdir.read import read_out
 
     src = build_out(tmp_path, "llama", dict(MIXED, q_proj="fp4_e2m1", k_proj="fp4_e2m1",
                                             v_proj="fp4_e2m1"))
     _export(src, "gguf", tmp_path / "g")
     r = gguf.GGUFReader(str(tmp_path / "g" / "model.gguf"))
     t = {x.name: x for x in r.tensors}
-    layer = load_out(src).layers["model.layers.1.self_attn.k_proj"]
+    layer = read_out(src).layers["model.layers.1.self_attn.k_proj"]
     blocks = np.asarray(t["blk.1.attn_k.weight"].data).reshape(layer.shape[0], -1)
     codes, scales = mxref.unpack_llamacpp_mxfp4(blocks, layer.shape[1])
     assert np.array_equal(codes, _permute(layer.codes, 2))
@@ -261,13 +261,13 @@ def test_gguf_llama_attention_scores_match_hf(tmp_path):
     """The permuted GGUF q/k under llama.cpp's pair-wise RoPE give the attention scores that
     HF's rotate_half RoPE gives with the unpermuted weights: the permutation is the right one."""
     import gguf
-    from dmx.export.source import load_out
+    from dmx.outdir.read import read_out
 
     fp4_attn = dict(MIXED, q_proj="fp4_e2m1", k_proj="fp4_e2m1", v_proj="fp4_e2m1")
     src = build_out(tmp_path, "llama", fp4_attn, seed=3)
     _export(src, "gguf", tmp_path / "g")
     t = {x.name: x for x in gguf.GGUFReader(str(tmp_path / "g" / "model.gguf")).tensors}
-    layers = load_out(src).layers
+    layers = read_out(src).layers
     x = np.random.default_rng(0).standard_normal((5, 64))
     pos = np.arange(5, dtype=np.float64)
 
@@ -294,7 +294,7 @@ def test_transformers_loads_the_compressed_tensors_export(outs, tmp_path):
     weights to bf16, so a float32 load fails in F.linear with a dtype mismatch.)"""
     import torch
     from transformers import AutoModelForCausalLM
-    from dmx.export.source import load_out
+    from dmx.outdir.read import read_out
 
     src, dest = outs["qwen3"], tmp_path / "ct"
     _export(src, "compressed-tensors", dest)
@@ -302,7 +302,7 @@ def test_transformers_loads_the_compressed_tensors_export(outs, tmp_path):
     with torch.no_grad():
         logits = model(torch.arange(8)[None]).logits
     assert torch.isfinite(logits).all()
-    for name, layer in load_out(src).layers.items():
+    for name, layer in read_out(src).layers.items():
         got = model.get_submodule(name).weight.detach().float().numpy()
         assert np.array_equal(got.view(np.uint32), layer.values().view(np.uint32)), name
 
@@ -316,14 +316,14 @@ def test_quark_own_packers_agree(outs, tmp_path):
                "layout re-derived from Quark's source instead")
     import torch
     from safetensors.torch import load_file
-    from dmx.export.source import load_out
+    from dmx.outdir.read import read_out
 
     src, dest = outs["llama-fp6"], tmp_path / "quark"
     _export(src, "quark", dest)
     tensors = {}
     for f in dest.glob("model-*.safetensors"):
         tensors.update(load_file(str(f)))
-    for name, layer in load_out(src).layers.items():
+    for name, layer in read_out(src).layers.items():
         if layer.fmt == "fp8_e4m3":
             continue
         dtype = {"fp4_e2m1": "fp4"}.get(layer.fmt, layer.fmt)

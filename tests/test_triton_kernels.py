@@ -1,4 +1,4 @@
-"""Triton kernels against mxref (fixed formats: equal bit patterns) and dmx.realfmt.
+"""Triton kernels against mxref (fixed formats: equal bit patterns) and dmx.quant.realfmt.
 
 On a machine without CUDA the kernels run under Triton's interpreter
 (TRITON_INTERPRET=1, CPU tensors); without Triton the module is skipped. NaN outputs
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    # must be set before the kernels are first defined (dmx.triton_kernels defines them lazily)
+    # must be set before the kernels are first defined (dmx.quant.triton_kernels defines them lazily)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
@@ -21,9 +21,12 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import mxref  # noqa: E402
-from dmx import fused  # noqa: E402
-from dmx import triton_kernels as tk  # noqa: E402
-from dmx.realfmt import real_format_quantize  # noqa: E402
+from dmx.quant import triton_ops  # noqa: E402
+from dmx.quant.fakequant import fake_quantize  # noqa: E402
+from dmx.quant import triton_kernels as tk  # noqa: E402
+from dmx.errors import DMXError  # noqa: E402
+from dmx.quant.backends import Backend, choose  # noqa: E402
+from dmx.quant.realfmt import real_format_quantize  # noqa: E402
 from verification.strategies import element_formats, mx_blocks  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -84,7 +87,7 @@ def test_fixed_format_matches_mxref(fmt, profile):
     for dtype in DTYPES:
         x = adversarial(dtype, hash((fmt, profile)) % 1000).to(DEV)
         if not tk.supports(x, mxref.get_format(fmt), -1, 32, mxref.get_profile(profile)):
-            continue  # declined inputs go to dmx.quant's torch code
+            continue  # declined inputs go to dmx.quant.fakequant's torch code
         for axis in (-1, 0):
             assert_same_bits(run_kernel(x, fmt, axis, 32, profile),
                              mxref_reference(x, fmt, axis, 32, profile),
@@ -115,8 +118,11 @@ def test_unsupported_inputs_are_declined():
     assert not tk.supports(x, f, -1, 32, mxref.get_profile("ocp_ovf"))
     assert not tk.supports(x, f, -1, 32, mxref.get_profile("ocp_ftz"))
     assert not tk.supports(x, f, -1, 24, mxref.get_profile("ocp"))  # not a power of two
-    # the dmx.quant backend declines CPU tensors: they keep the torch path
-    assert fused.triton_fake_quantize_backend(x, f, -1, 32, mxref.get_profile("ocp")) is None
+    # backend "auto" sends CPU tensors to torch; an explicit "triton" that cannot run an
+    # input says so instead of falling back
+    assert choose(x) is Backend.TORCH
+    with pytest.raises(DMXError, match="backend 'triton' does not support"):
+        fake_quantize(x.to(DEV), "fp8_e4m3", profile="ocp_ovf", backend="triton")
 
 
 # ---------------------------------------------------------------------------- real format
@@ -124,11 +130,11 @@ def _real_pair(x, eb, mb, cap=448.0):
     """(torch result, triton result) with gradients to x, e, m for the same upstream grad."""
     outs = []
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.dtype).to(DEV)
-    for fn in (real_format_quantize, fused._real_triton):
+    for backend in ("torch", "triton"):
         xi = x.clone().requires_grad_()
         e = torch.tensor(eb, device=DEV, requires_grad=True)
         m = torch.tensor(mb, device=DEV, requires_grad=True)
-        y = fn(xi, e, m, -1, 32, cap)
+        y = triton_ops.real_format_quantize(xi, e, m, -1, 32, cap, backend=backend)
         y.backward(g)
         outs.append((y.detach(), xi.grad, e.grad, m.grad))
     return outs
@@ -137,7 +143,7 @@ def _real_pair(x, eb, mb, cap=448.0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("eb,mb", [(2.0, 1.0), (3.0, 2.0), (4.0, 3.0), (2.0, 3.0)])
 def test_real_format_integer_points_exact(dtype, eb, mb):
-    """At integer (e, m) the forward and dx are bit-identical to dmx.realfmt."""
+    """At integer (e, m) the forward and dx are bit-identical to dmx.quant.realfmt."""
     x = adversarial(torch.float32, 7)
     x = torch.nan_to_num(x, nan=0.0, posinf=3.0, neginf=-3.0).to(dtype).to(DEV)
     (y0, dx0, de0, dm0), (y1, dx1, de1, dm1) = _real_pair(x, eb, mb)
@@ -191,7 +197,7 @@ def test_fused_linear_matches_composition():
             wq = real_format_quantize(wi, e, m, -1, 32, 448.0)
             y = torch.nn.functional.linear(xq, wq, bi)
         else:
-            y = fused._dmx_linear_triton(xi, wi, bi, e, m, 32, 448.0, True)
+            y = triton_ops.dmx_linear(xi, wi, bi, e, m, 32, 448.0, True, backend="triton")
         y.square().sum().backward()
         grads.append((y.detach(), xi.grad, wi.grad, bi.grad, e.grad, m.grad))
     for a, b_ in zip(*grads):
@@ -202,44 +208,38 @@ def test_cpu_fallbacks_use_torch():
     """On CPU the public wrappers are the torch implementations (same bits)."""
     x = torch.randn(4, 64, requires_grad=True)
     e, m = torch.tensor(3.0), torch.tensor(2.0)
-    assert torch.equal(fused.real_format_quantize(x, e, m), real_format_quantize(x, e, m))
+    assert torch.equal(triton_ops.real_format_quantize(x, e, m), real_format_quantize(x, e, m))
     w = torch.randn(8, 64)
-    y = fused.dmx_linear(x, w, None, e, m)
+    y = triton_ops.dmx_linear(x, w, None, e, m)
     ref = torch.nn.functional.linear(real_format_quantize(x, e, m), real_format_quantize(w, e, m))
     assert torch.equal(y, ref)
 
 
 @CUDA
-def test_backend_registration_on_cuda():
-    from dmx.quant import fake_quantize
-    fused.install()
+def test_auto_backend_on_cuda():
     x = adversarial(torch.bfloat16).cuda()
+    assert choose(x) is Backend.TRITON
     assert_same_bits(fake_quantize(x, "fp4_e2m1"), mxref_reference(x, "fp4_e2m1"), "backend")
 
 
 @pytest.mark.parametrize("init,temperature", [(0.3, 0.4), (0.98, 2.0), (2.5, 0.4)])
-def test_offset_linear_matches_dmxlinear(monkeypatch, init, temperature):
-    """DMXLinear's soft forward through dmx.fused (format computed in-kernel from the raw
-    offset) against dmx.layers' own torch path: outputs, dx, dW and d offset."""
-    if DEV == "cpu":
-        monkeypatch.setenv("DMX_TRITON_ON_CPU", "1")
-    from dmx.layers import DMXLinear
+def test_offset_linear_matches_dmxlinear(init, temperature):
+    """DMXLinear's soft forward on backend "triton" (dmx.quant.triton_ops: format computed
+    in-kernel from the raw offset) against backend "torch": outputs, dx, dW and d offset."""
+    from dmx.nn.layers import DMXLinear
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 48, bias=False).to(DEV)
     x = torch.randn(2, 5, 64, device=DEV)
     outs = []
-    for patched in (False, True):
-        layer = DMXLinear(torch.nn.Linear(64, 48, bias=False).to(DEV), "fp8-fp4", init=init)
+    for backend in ("torch", "triton"):
+        layer = DMXLinear(torch.nn.Linear(64, 48, bias=False).to(DEV), "fp8-fp4", init=init,
+                          backend=backend)
         layer.linear.weight.data.copy_(lin.weight.data)
         layer.temperature = temperature
         layer.train()
-        fused.patch_dmx_linear(patched)
-        try:
-            xi = x.clone().requires_grad_()
-            y = layer(xi)
-            y.square().sum().backward()
-        finally:
-            fused.patch_dmx_linear(False)
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        y.square().sum().backward()
         outs.append((y.detach(), xi.grad, layer.linear.weight.grad, layer.offset.grad))
     (y0, dx0, dw0, do0), (y1, dx1, dw1, do1) = outs
     # (e, m) agree to float32 rounding (sigmoid/exp approximations), so an element on a

@@ -1,7 +1,7 @@
 """A tiny OUT directory (docs/CONTRACT.md) for the export and integrity tests.
 
 ``build_out`` makes a random tiny Llama / Qwen3 from a transformers config (or loads a
-real checkpoint) and writes OUT with ``dmx.io.write_out``, the project's one OUT writer.
+real checkpoint) and writes OUT with ``dmx.outdir.write.write_out``, the project's one OUT writer.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def build_out(root: Path, arch: str, formats=MIXED, act_formats=None, seed: int 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from dmx.io import write_out
+    from dmx.outdir.write import write_out
 
     root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)

@@ -7,26 +7,12 @@ leaves nothing at DIR.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from dmx.errors import DMXError
-from mxref.errors import MXError
+from dmx.export.targets import TARGETS, target_module
 
-TARGETS = ("compressed-tensors", "quark", "gguf")
-__all__ = ["TARGETS", "export", "add_export_parser", "main"]
-
-
-def _backend(to: str):
-    if to == "compressed-tensors":
-        from dmx.export import compressed_tensors as mod
-    elif to == "quark":
-        from dmx.export import quark as mod
-    elif to == "gguf":
-        from dmx.export import gguf_export as mod
-    else:
-        raise DMXError(f"unknown export target {to!r}; use one of {', '.join(TARGETS)}")
-    return mod
+__all__ = ["TARGETS", "export", "add_export_parser", "run_export"]
 
 
 def export(out_dir, to: str, dest, allow_unfused: bool = False, verify: bool = True,
@@ -38,16 +24,16 @@ def export(out_dir, to: str, dest, allow_unfused: bool = False, verify: bool = T
     from mxref.outputs import check_output, output_dir
 
     from dmx.export import verify as vfy
-    from dmx.export.source import check_config_fits, load_out
+    from dmx.outdir.read import check_config_fits, read_out
 
-    mod = _backend(to)
+    mod = target_module(to)
     dest = Path(dest)
     rules = dict(force=force, marker=is_export_dir, inputs=[out_dir], what="-o/--output",
                  tool="dmx export", error=DMXError)
-    if Path(out_dir).is_dir():   # (a missing OUT is named by load_out below)
+    if Path(out_dir).is_dir():   # (a missing OUT is named by read_out below)
         dest.parent.mkdir(parents=True, exist_ok=True)
         check_output(dest, is_dir=True, **rules)   # before reading OUT: fail fast
-    src = load_out(out_dir)   # every file's hash checked
+    src = read_out(out_dir)   # every file's hash checked
     from dmx.rotate.info import refuse_online_rotations
     refuse_online_rotations(src.manifest, to)   # no runtime applies dmx's online R4
     mod.check(src, allow_unfused)   # what the target cannot hold, named first
@@ -90,7 +76,7 @@ def is_export_dir(path) -> bool:
     sharded Hugging Face directory carrying the dmx manifest (copied for provenance)."""
     from dmx.export.gguf_export import GGUF_NAME
     from dmx.export.hfdir import INDEX
-    from dmx.io import MANIFEST_NAME
+    from dmx.outdir.layout import MANIFEST_NAME
     path = Path(path)
     return (path / GGUF_NAME).is_file() or ((path / INDEX).is_file()
                                             and (path / MANIFEST_NAME).is_file())
@@ -119,22 +105,7 @@ def add_export_parser(subparsers):
 
 
 def run_export(args) -> int:
-    """The CLI action: bad input becomes one line on stderr and exit code 2."""
-    try:
-        export(args.out, args.to, args.output, allow_unfused=args.allow_unfused,
-               verify=args.verify, force=args.force)
-    except MXError as err:   # DMXError and the golden model's own input errors
-        print(f"dmx export: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+    """The CLI action (errors and exit codes: dmx.cli's one frame)."""
+    export(args.out, args.to, args.output, allow_unfused=args.allow_unfused,
+           verify=args.verify, force=args.force)
     return 0
-
-
-def main(argv=None) -> int:
-    """Stand-alone entry (``python -m dmx.export``) until/besides the dmx CLI."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="dmx")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_export_parser(sub)
-    args = parser.parse_args(["export", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)

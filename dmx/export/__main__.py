@@ -1,6 +1,6 @@
-"""``python -m dmx.export OUT --to ... -o DIR`` (same as ``dmx export``)."""
+"""``python -m dmx.export OUT --to ... -o DIR`` is ``dmx export`` (dmx.cli's error frame)."""
 import sys
 
-from dmx.export import main
+from dmx.cli import main
 
-sys.exit(main())
+sys.exit(main(["export", *sys.argv[1:]]))

@@ -22,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 
 import mxref
+from mxref.formats import DEFAULT_BLOCK_SIZE
+
 from dmx.export import hfdir, rules
 from dmx.export.verify import compare
 
@@ -36,7 +38,8 @@ def _args(fmt: str, dynamic: bool):
     import torch
 
     bits = mxref.get_format(fmt).bits
-    return QuantizationArgs(num_bits=bits, type="float", strategy="group", group_size=32,
+    return QuantizationArgs(num_bits=bits, type="float", strategy="group",
+                            group_size=DEFAULT_BLOCK_SIZE,
                             symmetric=True, dynamic=dynamic, scale_dtype=torch.uint8,
                             zp_dtype=torch.uint8)
 

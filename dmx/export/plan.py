@@ -5,6 +5,8 @@ backends import the rules.
 """
 from __future__ import annotations
 
+from mxref.formats import DEFAULT_BLOCK_SIZE
+
 from dmx.errors import DMXError
 
 __all__ = ["supported_formats", "plan_for_target"]
@@ -33,8 +35,8 @@ def plan_for_target(shapes: dict, ladder, target: str) -> tuple[list[str], dict[
     them accept) or "none" (no check). Returns (kept names, {excluded name: reason}); a
     ladder rung the target cannot store at all raises (excluding layers cannot fix that).
     """
-    from dmx.export import TARGETS
-    from dmx.ladders import get_ladder
+    from dmx.export.targets import TARGETS
+    from dmx.quant.ladders import get_ladder
 
     if target == "none":
         return list(shapes), {}
@@ -51,9 +53,9 @@ def plan_for_target(shapes: dict, ladder, target: str) -> tuple[list[str], dict[
                            f"{hint}another --ladder, or --export-target none to search anyway")
     kept, excluded = [], {}
     for name, (_, in_features) in shapes.items():
-        if in_features % 32:
-            excluded[name] = (f"in_features {in_features} is not a multiple of 32 (MX kernels "
-                              f"read whole blocks)")
+        if in_features % DEFAULT_BLOCK_SIZE:
+            excluded[name] = (f"in_features {in_features} is not a multiple of "
+                              f"{DEFAULT_BLOCK_SIZE} (MX kernels read whole blocks)")
         else:
             kept.append(name)
     if not kept:

@@ -34,6 +34,8 @@ import json
 import numpy as np
 
 import mxref
+from mxref.formats import DEFAULT_BLOCK_SIZE, E8M0
+
 from dmx.errors import DMXError
 from dmx.export import hfdir, rules
 from dmx.export.verify import compare
@@ -48,7 +50,8 @@ WEIGHT_DTYPES = ("fp4_e2m1", "fp6_e2m3", "fp6_e3m2")
 
 
 def tensor_spec(fmt: str, dynamic: bool) -> dict:
-    return {"dtype": DTYPE_OF[fmt], "qscheme": "per_group", "group_size": 32, "ch_axis": -1,
+    return {"dtype": DTYPE_OF[fmt], "qscheme": "per_group", "group_size": DEFAULT_BLOCK_SIZE,
+            "ch_axis": -1,
             "scale_format": "e8m0", "scale_type": "float", "is_dynamic": dynamic,
             "symmetric": None, "round_method": "half_even", "mx_element_dtype": None,
             "observer_cls": "PerBlockMXObserver", "is_scale_quant": False}
@@ -126,17 +129,19 @@ def read_back(src, dest) -> list:
     for name, spec in qc["layer_quant_config"].items():
         w = spec["weight"]
         fmt = FMT_OF[w["dtype"]]
-        if (w["qscheme"], w["group_size"], w["scale_format"]) != ("per_group", 32, "e8m0"):
+        if (w["qscheme"], w["group_size"], w["scale_format"]) != ("per_group", DEFAULT_BLOCK_SIZE,
+                                                                   "e8m0"):
             raise ValueError(f"{name}: not an OCP MX weight spec: {w}")
         weight, scale = tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"].numpy()
-        K = scale.shape[1] * 32
+        K = scale.shape[1] * DEFAULT_BLOCK_SIZE
         if fmt == "fp4_e2m1":
             codes = _unpack_quark_fp4(weight.numpy(), K)
         else:
             codes = _unpack_quark_fp6(weight.numpy(), K)
-        # value = element * 2^(scale - 127): element values from the format's code table
+        # value = element * 2^(scale - bias): element values from the format's code table
         elem = mxref.get_format(fmt).decode_table.astype(np.float64)[codes]
-        values = (elem * np.exp2(np.repeat(scale.astype(np.float64) - 127, 32, axis=1)))
+        exps = np.repeat(scale.astype(np.float64) - E8M0.bias, DEFAULT_BLOCK_SIZE, axis=1)
+        values = elem * np.exp2(exps)
         layer = src.layers[name]
         checks.append(compare(name, f"quark {w['dtype']}", layer.values(),
                               values.astype(np.float32),

@@ -1,6 +1,8 @@
 """What each deployment target can hold and serve: checked before a single byte is written."""
 from __future__ import annotations
 
+from mxref.formats import DEFAULT_BLOCK_SIZE
+
 from dmx.errors import DMXError
 
 
@@ -8,9 +10,9 @@ def fused_groups(names) -> dict[str, list[str]]:
     """``{"<parent>.qkv": [names...], "<parent>.gate_up": [...]}``: the projections vLLM
     fuses into one matmul (qkv_proj, gate_up_proj) and loads with the first shard's scheme,
     so mixed formats inside a group crash at load (vllm ``_match_fused_layer``, Quark
-    ``_find_matched_config``, intel/auto-round#2174). Which names fuse is dmx.layers'
+    ``_find_matched_config``, intel/auto-round#2174). Which names fuse is dmx.nn.layers'
     one definition (the search ties the same groups)."""
-    from dmx.layers import fused_key
+    from dmx.nn.layers import fused_key
 
     groups: dict[str, list[str]] = {}
     for name in sorted(names):
@@ -44,10 +46,11 @@ def check_formats(layers, target: str, supported, alternative: str) -> None:
 
 
 def check_whole_blocks(layers, target: str) -> None:
-    """The MX kernels of vLLM and llama.cpp read whole 32-element blocks only."""
+    """The MX kernels of vLLM and llama.cpp read whole blocks (OCP's k) only."""
     for name, layer in layers.items():
-        if layer.shape[1] % 32:
-            raise DMXError(f"{name}: in_features {layer.shape[1]} is not a multiple of 32, "
+        if layer.shape[1] % DEFAULT_BLOCK_SIZE:
+            raise DMXError(f"{name}: in_features {layer.shape[1]} is not a multiple of "
+                           f"{DEFAULT_BLOCK_SIZE}, "
                            f"which {target} needs for MX blocks; rerun `dmx search` with "
                            f"--include patterns that leave this layer in full precision")
 

@@ -47,7 +47,7 @@ def patch_config(config: dict, info: RotationInfo) -> dict:
 
 
 def out_config_files(source_dir, info: RotationInfo) -> dict:
-    """``extra_files`` for ``dmx.io.write_out``: the patched config.json when the rotation
+    """``extra_files`` for ``dmx.outdir.write_out``: the patched config.json when the rotation
     untied lm_head (write_out copies the source's, which would tie it again on load),
     else nothing."""
     if not info.untied_lm_head:

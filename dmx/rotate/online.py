@@ -15,7 +15,7 @@ down_proj sees the rotated input and the rotated weight.
 
 How the online half is attached: a forward pre-hook on each block's MLP makes sure that
 whatever module sits at ``mlp.down_proj`` at call time (plain nn.Linear, MXLinear,
-DMXLinear, dmx.io's DecodedMXLinear) carries a forward pre-hook that rotates its input.
+DMXLinear, dmx.outdir.read's DecodedMXLinear) carries a forward pre-hook that rotates its input.
 Hooking the MLP rather than down_proj itself survives wrap_model / apply_formats swapping
 the module (the KL baseline swaps it for every scored unit); the wrappers call
 ``F.linear`` on ``.linear.weight``, never ``.linear(x)``, so an inner Linear's own hook

@@ -30,7 +30,7 @@ def demo_out(tmp_path_factory):
 def stories_out(tmp_path_factory):
     """stories260K (Llama, real weights) with MXFP4 attention, weights only. Its MLP
     (in_features 172, not a multiple of 32) stays full precision: every target refuses it."""
-    from dmx.baseline import uniform_baseline
+    from dmx.search.baseline import uniform_baseline
 
     out = tmp_path_factory.mktemp("stories") / "mxfp4-attn"
     uniform_baseline(str(STORIES), "fp4_e2m1", out, weights_only=True, include=["self_attn"])

@@ -78,7 +78,7 @@ def dmx_greedy(out, prompt: str, n: int) -> str:
 def dmx_perplexity(out, text_file, ctx: int, chunks: int) -> float:
     """`dmx eval OUT --data text_file --seqlen ctx --max-windows chunks` (all tokens scored)."""
     import dmx
-    from dmx.evaluate import evaluate
+    from dmx.eval.command import evaluate
 
     model, tok, _ = dmx.load(out)
     return evaluate(model, tok, text_file, seqlen=ctx, max_windows=chunks, progress=False)["ppl"]

@@ -66,7 +66,7 @@ def _rel(a, b):
 @pytest.fixture(scope="module")
 def uniform_outs(tmp_path_factory):
     """tiny-qwen3, every linear MXFP4: weights only, and weights + activations."""
-    from dmx.baseline import uniform_baseline
+    from dmx.search.baseline import uniform_baseline
     root = tmp_path_factory.mktemp("uniform")
     outs = {}
     for name, wo in (("w4a16", True), ("w4a4", False)):

@@ -17,7 +17,7 @@ is treated as a constant, so d y / d x is 1 inside the range and 0 where it satu
 
 Exactness: at integer (e, m) every power of two is built from its bit pattern and
 every product is exact, so at the OCP points E2M1, E2M3, E3M2 and E4M3 (cap 448, its
-real max normal) the output equals :func:`dmx.quant.fake_quantize` bit for bit
+real max normal) the output equals :func:`dmx.quant.fakequant.fake_quantize` bit for bit
 (profile ``ocp``); E5M2 matches too with ``max_cap=57344``.
 
 Memory (issue 11): written as plain torch ops, autograd keeps about ten tensors of the
@@ -41,14 +41,14 @@ import torch
 import torch.nn.functional as F
 
 import mxref
-from mxref.formats import E8M0
+from mxref.formats import DEFAULT_BLOCK_SIZE, E8M0
 
 from dmx.errors import DMXError
-from dmx.quant import (_LAYOUT, _check_block_size, _check_input, _normalise_axis, compute_dtype,
-                       exponent_field, floor_log2, from_blocks, pow2_int, to_blocks,
-                       write_nan)
+from dmx.quant.fakequant import (FLOAT_LAYOUT, check_block_size, check_input, compute_dtype,
+                                 exponent_field, floor_log2, from_blocks, normalise_axis,
+                                 pow2_int, to_blocks, write_nan)
 
-__all__ = ["real_format_quantize", "real_format_linear", "format_max", "pow2",
+__all__ = ["real_format_quantize", "real_format_linear", "format_max", "pow2", "as_bits",
            "DEFAULT_MAX_CAP"]
 
 # Brevitas' max_available_float: the E4M3 max normal (its top code 1111.111 is NaN, so
@@ -78,7 +78,7 @@ def format_max(exp_bits: torch.Tensor, man_bits: torch.Tensor, cap: float) -> to
     return torch.where(natural > cap, torch.full_like(natural, cap), natural)
 
 
-def _as_bits(v, dtype, device, what: str, least: float) -> torch.Tensor:
+def as_bits(v, dtype, device, what: str, least: float) -> torch.Tensor:
     v = torch.as_tensor(v, device=device)
     if v.dim() != 0:
         raise DMXError(f"{what} must be a scalar (0-d) tensor, got shape {tuple(v.shape)}")
@@ -92,14 +92,14 @@ def _as_bits(v, dtype, device, what: str, least: float) -> torch.Tensor:
 
 def _checked(x, exp_bits, man_bits, axis, block_size, max_cap):
     """Validated (axis, block_size, e, m, cap): e, m as 0-d tensors in x's compute dtype."""
-    _check_input(x)
-    block_size = _check_block_size(block_size)
-    axis = _normalise_axis(axis, x.dim())
+    check_input(x)
+    block_size = check_block_size(block_size)
+    axis = normalise_axis(axis, x.dim())
     cdt = compute_dtype(x.dtype)
     if exp_bits is None or man_bits is None:
         raise DMXError("exp_bits and man_bits are required")
-    e = _as_bits(exp_bits, cdt, x.device, "exp_bits", 1.0)
-    m = _as_bits(man_bits, cdt, x.device, "man_bits", 0.0)
+    e = as_bits(exp_bits, cdt, x.device, "exp_bits", 1.0)
+    m = as_bits(man_bits, cdt, x.device, "man_bits", 0.0)
     cap = DEFAULT_MAX_CAP if max_cap is None else float(max_cap)
     if not cap > 0:
         raise DMXError(f"max_cap must be positive, got {max_cap!r}")
@@ -130,11 +130,11 @@ def _blocks_and_scale(x: torch.Tensor, e, m, axis: int, block_size: int, cap: fl
 def _binade(a: torch.Tensor) -> torch.Tensor:
     # binade from the exponent bits; zeros and FP32 subnormals read as the lowest binade,
     # below any format's subnormal floor, which the callers then apply
-    return (exponent_field(a.detach()) - _LAYOUT[a.dtype][2]).to(a.dtype)
+    return (exponent_field(a.detach()) - FLOAT_LAYOUT[a.dtype][2]).to(a.dtype)
 
 
 def _real_format_quantize_torch(x: torch.Tensor, exp_bits, man_bits, axis: int = -1,
-                                block_size: int = 32, max_cap: float | None = None
+                                block_size: int = DEFAULT_BLOCK_SIZE, max_cap: float | None = None
                                 ) -> torch.Tensor:
     """The reference formulation: every step a differentiable torch op, so autograd's graph
     of this function *defines* the gradients. Its graph saves about ten tensors of x's size
@@ -247,7 +247,7 @@ class _RealFormat(torch.autograd.Function):
 
 
 def real_format_quantize(x: torch.Tensor, exp_bits, man_bits, axis: int = -1,
-                         block_size: int = 32, max_cap: float | None = None) -> torch.Tensor:
+                         block_size: int = DEFAULT_BLOCK_SIZE, max_cap: float | None = None) -> torch.Tensor:
     """MX fake quantization in the format E(exp_bits) M(man_bits) with real-valued bits.
 
     ``x``: float32/bfloat16/float16/float64 (computed in float32, or float64 for float64
@@ -294,7 +294,7 @@ class _RealFormatLinear(torch.autograd.Function):
 
 
 def real_format_linear(x: torch.Tensor, weight: torch.Tensor, bias, exp_bits, man_bits,
-                       block_size: int = 32, max_cap: float | None = None,
+                       block_size: int = DEFAULT_BLOCK_SIZE, max_cap: float | None = None,
                        quantize_input: bool = True) -> torch.Tensor:
     """F.linear(Q(x), Q(weight), bias), Q = :func:`real_format_quantize` (the weight blocked
     along its input dim, x along its last dim); x unquantized if not ``quantize_input``.
@@ -308,6 +308,6 @@ def real_format_linear(x: torch.Tensor, weight: torch.Tensor, bias, exp_bits, ma
     if torch.compiler.is_compiling():  # the compiler plans what to save (and recompute) itself
         return _real_format_linear_torch(x, weight, bias, exp_bits, man_bits, block_size,
                                          max_cap, quantize_input)
-    _check_input(weight, "weight")
+    check_input(weight, "weight")
     _, block_size, e, m, cap = _checked(x, exp_bits, man_bits, -1, block_size, max_cap)
     return _RealFormatLinear.apply(x, weight, bias, e, m, block_size, cap, bool(quantize_input))

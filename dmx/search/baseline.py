@@ -30,8 +30,8 @@ from pathlib import Path
 
 import mxref
 from dmx.errors import DMXError
-from dmx.ladders import check_target_bits  # noqa: F401 (API: one rule, in dmx.ladders)
-from dmx.layers import fused_units  # noqa: F401 (API: one definition, in dmx.layers)
+from dmx.quant.ladders import check_target_bits  # noqa: F401 (API: one rule, in dmx.quant.ladders)
+from dmx.nn.layers import fused_units  # noqa: F401 (API: one definition, in dmx.nn.layers)
 
 __all__ = ["METHODS", "ROTATIONS", "quantizable_layers", "fused_units", "uniform_baseline",
            "kl_sensitivities", "greedy_promote", "kl_baseline", "check_target_bits",
@@ -48,7 +48,7 @@ DEFAULT_EXCLUDE = ("lm_head", "embed")
 def quantizable_layers(model, include=None, exclude=()) -> list[str]:
     """Names of the linears dMX quantizes (wrap_model's selection: all but lm_head and
     embeddings and ``exclude``, or those matching ``include``), model left as it was."""
-    from dmx.layers import wrap_model
+    from dmx.nn.layers import wrap_model
     layers = wrap_model(model, include=include,  # the one definition of the selection
                         exclude=DEFAULT_EXCLUDE + tuple(exclude or ()))
     for name, layer in layers.items():
@@ -128,12 +128,13 @@ def uniform_baseline(model_dir, fmt: str, out, weights_only: bool = False, inclu
                      rotate_kind: str = "auto", seed: int = 0, rotate_online=()) -> dict:
     """Write OUT with every quantizable linear in ``fmt`` (after the fixed ``rotate``
     rotation, seeded by ``seed``); returns a summary."""
-    from dmx import io
+    from dmx import outdir
+    from dmx.nn.bits import average_bits_of
     t0 = time.time()
     fmt = mxref.get_format(fmt).key
     if mxref.get_format(fmt).bits not in (4, 6, 8):
         raise DMXError(f"--format {fmt}: OUT stores 4-, 6- and 8-bit MX formats only")
-    io.check_new_out(out, force, [model_dir])
+    outdir.check_new_out(out, force, [model_dir])
     _check_rotation(model_dir, rotate, rotate_kind, rotate_online)
     model, rot_meta, extra_files = _load(model_dir, device, rotate, rotate_kind, seed,
                                          rotate_online)
@@ -142,8 +143,8 @@ def uniform_baseline(model_dir, fmt: str, out, weights_only: bool = False, inclu
     meta = {"method": "uniform", "ladder": None, "target_bits": None, "seed": int(seed),
             "baseline": {"format": fmt, "weights_only": bool(weights_only)},
             "wall_time_s": round(time.time() - t0, 3), **rot_meta}
-    io.write_out(out, model, formats, acts, model_dir, meta, force, extra_files=extra_files)
-    bits = io.average_bits_of(formats, acts, _shapes(model, names))
+    outdir.write_out(out, model, formats, acts, model_dir, meta, force, extra_files=extra_files)
+    bits = average_bits_of(formats, acts, _shapes(model, names))
     return {"out": str(out), "formats": formats, "avg_bits": bits,
             "wall_time_s": meta["wall_time_s"]}
 
@@ -159,8 +160,8 @@ def kl_sensitivities(model, units, windows, low_fmt: str, weights_only: bool = F
     import torch
     from tqdm.auto import tqdm
 
-    from dmx.layers import apply_formats
-    from dmx.losses import distill_kl  # the search's KL(reference || quantized), float32
+    from dmx.nn.layers import apply_formats
+    from dmx.search.losses import distill_kl  # the search's KL(reference || quantized), float32
 
     originals = {n: model.get_submodule(n) for u in units for n in u}
     totals = {u: 0.0 for u in units}
@@ -190,7 +191,7 @@ def greedy_promote(units, sensitivity: dict, shapes: dict, ladder, target: float
                    weighting: str = "simple", weights_only: bool = False) -> dict:
     """{name: format}: all units low, then promoted by decreasing sensitivity while the
     average bits stay <= target (see the module docstring)."""
-    from dmx.io import average_bits_of
+    from dmx.nn.bits import average_bits_of
     key = {"simple": "simple", "size": "size_weighted"}[weighting]
     fmt_of = {u: ladder.low.fmt for u in units}
 
@@ -219,15 +220,16 @@ def kl_baseline(model_dir, target_bits: float, out, ladder: str = "fp8-fp4",
                 rotate_online=()) -> dict:
     """Write OUT with the KL layer-selection assignment (on the model after the fixed
     ``rotate`` rotation, seeded by ``seed``); returns a summary."""
-    from dmx import data, io
-    from dmx.ladders import get_ladder
+    from dmx import data, outdir
+    from dmx.nn.bits import average_bits_of
+    from dmx.quant.ladders import get_ladder
 
     t0 = time.time()
     lad = get_ladder(ladder)
     target = check_target_bits(target_bits, lad)
     if weighting not in WEIGHTINGS:
         raise DMXError(f"--weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
-    io.check_new_out(out, force, [model_dir])
+    outdir.check_new_out(out, force, [model_dir])
     for f in calib or ():
         if not Path(f).is_file():
             raise DMXError(f"--calib {f}: no such file")
@@ -249,7 +251,7 @@ def kl_baseline(model_dir, target_bits: float, out, ladder: str = "fp8-fp4",
     shapes = _shapes(model, names)
     formats = greedy_promote(units, sens, shapes, lad, target, weighting, weights_only)
     acts = {n: (None if weights_only else f) for n, f in formats.items()}
-    achieved = io.average_bits_of(formats, acts, shapes)
+    achieved = average_bits_of(formats, acts, shapes)
     meta = {"method": "kl", "ladder": lad.name, "target_bits": target, "seed": int(seed),
             "baseline": {"weighting": weighting, "weights_only": bool(weights_only),
                          "calib": calib_files, "samples": int(windows.shape[0]),
@@ -257,7 +259,7 @@ def kl_baseline(model_dir, target_bits: float, out, ladder: str = "fp8-fp4",
                          "sensitivity": {"+".join(u): s for u, s in
                                          sorted(sens.items(), key=lambda kv: -kv[1])}},
             "wall_time_s": round(time.time() - t0, 3), **rot_meta}
-    io.write_out(out, model, formats, acts, model_dir, meta, force, extra_files=extra_files)
+    outdir.write_out(out, model, formats, acts, model_dir, meta, force, extra_files=extra_files)
     return {"out": str(out), "formats": formats, "avg_bits": achieved, "target_bits": target,
             "sensitivity": sens, "wall_time_s": meta["wall_time_s"]}
 

@@ -1,6 +1,6 @@
 """OUT/eval.json: perplexities (`dmx eval OUT --save`) and lm-eval task results, one file.
 
-Its own module so that dmx.evaluate (perplexity) and dmx.zeroshot (tasks) both write it
+Its own module so that dmx.eval.command (perplexity) and dmx.eval.zeroshot (tasks) both write it
 without importing each other.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ __all__ = ["load_eval", "save_eval", "save_task_results"]
 
 def load_eval(out_dir) -> dict | None:
     """OUT/eval.json, or None when `dmx eval OUT --save` has not run."""
-    from dmx.io import EVAL_NAME
+    from dmx.outdir.layout import EVAL_NAME
     path = Path(out_dir) / EVAL_NAME
     if not path.is_file():
         return None
@@ -37,7 +37,7 @@ def save_eval(out_dir, result: dict) -> Path:
 
 
 def save_task_results(out_dir, entries: dict) -> Path:
-    """Record lm-eval task entries (dmx.zeroshot.task_entries) in OUT/eval.json under
+    """Record lm-eval task entries (dmx.eval.zeroshot.task_entries) in OUT/eval.json under
     "tasks", next to the perplexities; a rerun of the same protocol replaces its entry and
     moves it last (the last entry of a task is the one `dmx report` shows)."""
     data = load_eval(out_dir) or {"results": {}}
@@ -49,7 +49,8 @@ def save_task_results(out_dir, entries: dict) -> Path:
 
 
 def _write_eval(out_dir, data: dict) -> Path:
-    from dmx.io import EVAL_NAME, atomic_write_text
+    from dmx.outdir.layout import EVAL_NAME
+    from dmx.outdir.write import atomic_write_text
     path = Path(out_dir) / EVAL_NAME
     atomic_write_text(path, json.dumps(data, indent=1) + "\n")
     return path

@@ -11,28 +11,24 @@ Public API:
   is the one-line description printed with the number.
 * ``protocol_line(result) -> str``, e.g. "wiki.test.raw: 396,958 tokens, 1,550 windows x
   256, all tokens scored, ppl 116.01".
-* ``save_eval(out_dir, result)``: adds the result to OUT/eval.json (atomic rewrite;
-  the OUT weights and manifest stay untouched).
-* ``save_task_results(out_dir, entries)``: adds lm-eval task records (dmx.zeroshot) to the
-  same file, under "tasks".
+* Results go into OUT/eval.json through :mod:`dmx.outdir.evaljson` (``save_eval``,
+  ``save_task_results``; the OUT weights and manifest stay untouched).
 * ``add_eval_parser(subparsers)`` / ``run_eval(args)``: the CLI.
 
-Zero-shot tasks (lm-evaluation-harness, `dmx eval --tasks`) run in dmx.zeroshot; the
+Zero-shot tasks (lm-evaluation-harness, `dmx eval --tasks`) run in dmx.eval.zeroshot; the
 harness is the optional extra ``eval``.
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
 from pathlib import Path
 
 from dmx.errors import DMXError
-from dmx.evaljson import load_eval, save_eval, save_task_results  # noqa: F401 (API)
 
-__all__ = ["perplexity", "evaluate", "protocol_line", "save_eval", "load_eval",
-           "save_task_results", "add_eval_parser", "run_eval", "DEFAULT_SEQLEN"]
+__all__ = ["perplexity", "evaluate", "protocol_line", "add_eval_parser", "run_eval",
+           "DEFAULT_SEQLEN"]
 
 DEFAULT_SEQLEN = 256
 
@@ -100,7 +96,7 @@ def protocol_line(r: dict) -> str:
 # ----------------------------------------------------------------------------- CLI
 def add_eval_parser(subparsers):
     from dmx.data import JOINS
-    from dmx.zeroshot import add_task_args
+    from dmx.eval.zeroshot import add_task_args
     p = subparsers.add_parser(
         "eval", help="perplexity of an OUT directory or a model (GPTQ protocol)",
         description="Perplexity on a text file, GPTQ protocol: the text tokenized once, "
@@ -145,7 +141,7 @@ def _model_for_args(args):
     if args.out is not None:
         if args.uniform:
             raise DMXError("--uniform goes with --model; an OUT directory has its own formats")
-        from dmx.io import load
+        from dmx.outdir.read import load
         model, tok, _ = load(args.out, device=args.device)
         return model, tok, str(args.out)
     if args.save:
@@ -157,8 +153,8 @@ def _model_for_args(args):
     model, tok = load_model_and_tokenizer(args.model, device=args.device)
     label = str(args.model)
     if fmt:
-        from dmx.baseline import quantizable_layers
-        from dmx.layers import apply_formats
+        from dmx.search.baseline import quantizable_layers
+        from dmx.nn.layers import apply_formats
         names = quantizable_layers(model)
         apply_formats(model, {n: fmt for n in names},
                       {n: None if args.weights_only else fmt for n in names})
@@ -170,7 +166,7 @@ def run_eval(args) -> int:
     t0 = time.time()
     from dmx.threads import apply_threads
     apply_threads(args)
-    from dmx.zeroshot import check_task_args, run_task_eval
+    from dmx.eval.zeroshot import check_task_args, run_task_eval
     check_task_args(args)
     if args.data is not None and not Path(args.data).is_file():
         raise DMXError(f"--data {args.data}: no such file")
@@ -184,5 +180,6 @@ def run_eval(args) -> int:
     result["wall_time_s"] = round(time.time() - t0, 3)
     print(f"{label}: {result['protocol']}")
     if args.save:
+        from dmx.outdir.evaljson import save_eval
         print(f"dmx eval: recorded in {save_eval(args.out, result)}")
     return 0

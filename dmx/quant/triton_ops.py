@@ -1,10 +1,8 @@
-"""Autograd wrappers around the Triton kernels, with the torch code as the fallback.
+"""Autograd wrappers around the Triton real-format kernels (the Triton backend of
+:mod:`dmx.quant.realfmt` and of DMXLinear's soft mode), with the torch code as the fallback.
 
-* :func:`triton_fake_quantize_backend` -- registered with :func:`dmx.quant.register_backend`
-  by :func:`install`: CUDA tensors go to the bit-exact Triton kernel, anything it does not
-  handle (CPU, float64, an unsupported profile) falls through to dmx.quant's torch code.
-* :func:`real_format_quantize` -- drop-in for :func:`dmx.realfmt.real_format_quantize`
-  (same arguments): one forward kernel, one backward kernel (+ a one-program finalize)
+* :func:`real_format_quantize` -- drop-in for :func:`dmx.quant.realfmt.real_format_quantize`
+  (same arguments, plus ``backend``): one forward kernel, one backward kernel (+ a one-program finalize)
   on CUDA; the torch implementation elsewhere.
 * :func:`dmx_linear` -- quantize input and weight in the real format, then F.linear,
   saving only the *unquantized* input for backward (the quantized copies are recomputed),
@@ -13,10 +11,13 @@
   with the format (clamp_ste, anneal map, rung interpolation) computed inside the kernels
   from the raw offset: a layer is then ~6 kernel launches + 3 matmuls per step instead of
   ~70 small torch ops, which is what made the step launch-bound (H200: 473 -> 255 ms).
-* :func:`fused_forward` / :func:`patch_dmx_linear` -- DMXLinear.forward through these in
-  soft mode (opt-in; hard mode keeps the bit-exact fake_quantize).
+* :func:`soft_forward` -- DMXLinear's soft (training) mode on the Triton backend
+  (DMXLinear.forward calls it when :func:`dmx.quant.backends.choose` says TRITON).
 
-Gradients of the real format (what dmx.realfmt's autograd computes, written out; u = x /
+The fixed-format Triton kernel needs no autograd wrapper: :func:`dmx.quant.fake_quantize`
+calls :func:`dmx.quant.triton_kernels.mx_fake_quantize` itself.
+
+Gradients of the real format (what dmx.quant.realfmt's autograd computes, written out; u = x /
 scale, a = |u|, q the rounded magnitude, step = 2^(binade - m)):
   dx = g where the element is inside the range and u != 0 (abs' gradient is 0 at 0), else 0;
   dL/dt = sum g s scale (r - v) step ln2 over unsaturated elements, t = binade - m;
@@ -28,57 +29,34 @@ A block holding NaN/Inf has a constant (NaN) output: it contributes no gradient 
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from dmx import triton_kernels as tk
+from mxref.formats import DEFAULT_BLOCK_SIZE
 
-__all__ = ["install", "triton_fake_quantize_backend", "real_format_quantize", "dmx_linear",
-           "dmx_offset_linear", "fused_forward", "soft_forward", "patch_dmx_linear", "use_triton"]
+from dmx.quant import realfmt
+from dmx.quant import triton_kernels as tk
+from dmx.quant.anneal import T_DOC_PER_T_CODE
+from dmx.quant.backends import Backend, choose
+from dmx.quant.fakequant import check_block_size, check_input
 
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def use_triton(x: torch.Tensor) -> bool:
-    """Triton path for this tensor: CUDA, a dtype the kernels take, Triton importable, and
-    not switched off with DMX_TRITON=0 (the one place that switch is read).
-
-    DMX_TRITON_ON_CPU=1 together with TRITON_INTERPRET=1 sends CPU tensors through the
-    interpreted kernels too (a debugging aid: slow, but it runs every code path here).
-    """
-    if os.environ.get("DMX_TRITON", "1") == "0":
-        return False
-    on_device = x.is_cuda or (x.device.type == "cpu"
-                              and os.environ.get("DMX_TRITON_ON_CPU") == "1"
-                              and os.environ.get("TRITON_INTERPRET") == "1")
-    return on_device and x.dtype in _FLOATS and tk.available()
+__all__ = ["real_format_quantize", "dmx_linear", "dmx_offset_linear", "soft_forward",
+           "ladder_constants"]
 
 
-# ----------------------------------------------------------------------------- fixed format
-def triton_fake_quantize_backend(x, fmt, axis, block_size, profile):
-    """dmx.quant backend: the Triton kernel for CUDA inputs it supports, else None."""
-    if not use_triton(x) or not tk.supports(x, fmt, axis, block_size, profile):
-        return None
-    return tk.mx_fake_quantize(x, fmt, axis, block_size, profile)
-
-
-def install() -> None:
-    """Register the Triton backend with dmx.quant (idempotent)."""
-    from dmx.quant import register_backend
-    register_backend(triton_fake_quantize_backend)
+def _triton(backend, *tensors) -> bool:
+    """Every tensor goes to Triton under ``backend`` (an explicit "triton" that cannot
+    run one of them is a DMXError from :func:`dmx.quant.backends.choose`)."""
+    return all(choose(t, backend) is Backend.TRITON for t in tensors)
 
 
 # ----------------------------------------------------------------------------- real format
 def _real_params(x, exp_bits, man_bits, block_size, max_cap):
-    """Validated (e, m, block_size, cap) as dmx.realfmt checks them."""
-    from dmx import realfmt
-    from dmx.quant import _check_block_size, _check_input
-    _check_input(x)
-    block_size = _check_block_size(block_size)
-    e = realfmt._as_bits(exp_bits, torch.float32, x.device, "exp_bits", 1.0)
-    m = realfmt._as_bits(man_bits, torch.float32, x.device, "man_bits", 0.0)
+    """Validated (e, m, block_size, cap) as dmx.quant.realfmt checks them."""
+    check_input(x)
+    block_size = check_block_size(block_size)
+    e = realfmt.as_bits(exp_bits, torch.float32, x.device, "exp_bits", 1.0)
+    m = realfmt.as_bits(man_bits, torch.float32, x.device, "man_bits", 0.0)
     cap = realfmt.DEFAULT_MAX_CAP if max_cap is None else float(max_cap)
     return e, m, block_size, cap
 
@@ -97,29 +75,16 @@ class _RealFormat(torch.autograd.Function):
         return dx, de, dm, None, None, None
 
 
-def _real_triton(x, e, m, axis=-1, block_size=32, cap=448.0):
-    """The Triton real-format quantizer with autograd (any device Triton runs on)."""
-    return _RealFormat.apply(x, e.detach().float() if not e.requires_grad else e.float(),
-                             m.detach().float() if not m.requires_grad else m.float(),
-                             axis, block_size, cap)
-
-
-def _torch_real_format():
-    # dmx.realfmt's torch implementation; if realfmt ever dispatches to this module, it is
-    # expected to keep its torch body as _real_format_quantize_torch (no recursion then)
-    from dmx import realfmt
-    return getattr(realfmt, "_real_format_quantize_torch", realfmt.real_format_quantize)
-
-
-def real_format_quantize(x, exp_bits, man_bits, axis: int = -1, block_size: int = 32,
-                         max_cap: float | None = None) -> torch.Tensor:
-    """Same contract as :func:`dmx.realfmt.real_format_quantize`; Triton on CUDA."""
-    if not (isinstance(x, torch.Tensor) and use_triton(x)) or x.dim() == 0:
-        return _torch_real_format()(x, exp_bits, man_bits, axis, block_size, max_cap)
+def real_format_quantize(x, exp_bits, man_bits, axis: int = -1, block_size: int = DEFAULT_BLOCK_SIZE,
+                         max_cap: float | None = None, backend=Backend.AUTO) -> torch.Tensor:
+    """Same contract as :func:`dmx.quant.realfmt.real_format_quantize`; Triton on CUDA
+    (``backend``: see :mod:`dmx.quant.backends`)."""
+    if not (isinstance(x, torch.Tensor) and x.dim() and _triton(backend, x)):
+        return realfmt.real_format_quantize(x, exp_bits, man_bits, axis, block_size, max_cap)
     e, m, block_size, cap = _real_params(x, exp_bits, man_bits, block_size, max_cap)
     if block_size & (block_size - 1):  # tl.arange needs a power of two
-        return _torch_real_format()(x, exp_bits, man_bits, axis, block_size, max_cap)
-    return _real_triton(x, e, m, axis, block_size, cap)
+        return realfmt.real_format_quantize(x, exp_bits, man_bits, axis, block_size, max_cap)
+    return _RealFormat.apply(x, e, m, axis, block_size, cap)
 
 
 # ----------------------------------------------------------------------------- fused linear
@@ -185,23 +150,17 @@ class _DMXOffsetLinearFn(torch.autograd.Function):
         return dx, dw, gb, doff, None, None, None, None, None
 
 
-def dmx_linear(x, weight, bias, exp_bits, man_bits, block_size: int = 32,
-               max_cap: float | None = None, quantize_input: bool = True) -> torch.Tensor:
+def dmx_linear(x, weight, bias, exp_bits, man_bits, block_size: int = DEFAULT_BLOCK_SIZE,
+               max_cap: float | None = None, quantize_input: bool = True,
+               backend=Backend.AUTO) -> torch.Tensor:
     """F.linear(Q(x), Q(weight), bias) in the real format E(exp_bits)M(man_bits).
 
     Triton with recomputation on CUDA; elsewhere the torch composition (same values).
     """
-    if not (use_triton(x) and use_triton(weight)):
-        rq = _torch_real_format()
-        wq = rq(weight, exp_bits, man_bits, -1, block_size, max_cap)
-        xq = rq(x, exp_bits, man_bits, -1, block_size, max_cap) if quantize_input else x
-        return F.linear(xq, wq, bias)
+    if not _triton(backend, x, weight):
+        return realfmt.real_format_linear(x, weight, bias, exp_bits, man_bits, block_size,
+                                          max_cap, quantize_input)
     e, m, block_size, cap = _real_params(x, exp_bits, man_bits, block_size, max_cap)
-    return _DMXLinearFn.apply(x, weight, bias, e, m, block_size, cap, quantize_input)
-
-
-def _dmx_linear_triton(x, weight, bias, e, m, block_size=32, cap=448.0, quantize_input=True):
-    """The Triton fused linear on any device Triton runs on (tests use the interpreter)."""
     return _DMXLinearFn.apply(x, weight, bias, e, m, block_size, cap, quantize_input)
 
 
@@ -215,11 +174,10 @@ def ladder_constants(ladder):
             (hi.man_bits - lo.man_bits) / w)
 
 
-def dmx_offset_linear(x, weight, bias, offset, ladder, temperature, block_size=32,
+def dmx_offset_linear(x, weight, bias, offset, ladder, temperature, block_size=DEFAULT_BLOCK_SIZE,
                       quantize_input=True):
     """F.linear(Q(x), Q(w), bias) with the format of DMXLinear's soft mode computed from the
     raw offset inside the kernels (two-rung ladders; Triton)."""
-    from dmx.anneal import T_DOC_PER_T_CODE
     lad = ladder_constants(ladder)
     if lad is None:
         raise ValueError(f"ladder {ladder.name!r} has more than two rungs")
@@ -228,32 +186,14 @@ def dmx_offset_linear(x, weight, bias, offset, ladder, temperature, block_size=3
 
 
 # ----------------------------------------------------------------------------- DMXLinear
-def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
-    """DMXLinear.forward with the soft (training) branch through :func:`dmx_linear`."""
-    if layer.hard_mode or not use_triton(x):
-        return _ORIGINAL_FORWARD[0](layer, x)
-    return soft_forward(layer, x)
-
-
 def soft_forward(layer, x: torch.Tensor) -> torch.Tensor:
-    """DMXLinear's soft (training) mode on the Triton path (the caller checked use_triton);
-    DMXLinear.forward calls this for CUDA inputs."""
+    """DMXLinear's soft (training) mode on the Triton backend (the caller chose it)."""
     if ladder_constants(layer.ladder) is not None:
         return dmx_offset_linear(x, layer.linear.weight, layer.linear.bias, layer.raw_offset(),
                                  layer.ladder, layer.temperature, layer.block_size,
                                  layer.quantize_input)
     b = layer.position()
     e, m = layer.ladder.exp_bits(b), layer.ladder.man_bits(b)
-    return dmx_linear(x, layer.linear.weight, layer.linear.bias, e, m, layer.block_size,
-                      layer.ladder.max_cap, layer.quantize_input)
-
-
-_ORIGINAL_FORWARD: list = []
-
-
-def patch_dmx_linear(enable: bool = True) -> None:
-    """Route DMXLinear.forward through :func:`fused_forward` (enable=False undoes it)."""
-    from dmx.layers import DMXLinear
-    if not _ORIGINAL_FORWARD:
-        _ORIGINAL_FORWARD.append(DMXLinear.forward)
-    DMXLinear.forward = fused_forward if enable else _ORIGINAL_FORWARD[0]
+    e, m, block_size, cap = _real_params(x, e, m, layer.block_size, layer.ladder.max_cap)
+    return _DMXLinearFn.apply(x, layer.linear.weight, layer.linear.bias, e, m, block_size, cap,
+                              layer.quantize_input)

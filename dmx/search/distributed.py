@@ -4,7 +4,7 @@
 
 Every process holds the whole model and the same calibration windows. ``--batch-size`` is
 the GLOBAL batch: each step, every rank takes its own contiguous slice of the step's
-window indices (:func:`dmx.train.batch_indices`, a function of (seed, step) only) and
+window indices (:func:`dmx.search.train.batch_indices`, a function of (seed, step) only) and
 weights its cross-entropy (and KL) by its share of the batch; the penalty is added on rank
 0 only. The offsets' gradients are then summed over the ranks, which gives the gradient of
 the single-process loss on the same global batch (up to float rounding: a sum of per-rank
@@ -330,7 +330,7 @@ def _weight_device(layer) -> torch.device:
 def pin_layer_devices(layers: dict) -> list:
     """Make each CUDA layer's forward run with its own GPU as the current device.
 
-    Triton kernels (dmx.fused, used for CUDA inputs) launch on the *current* device, while
+    Triton kernels (dmx.quant.triton_ops, used for CUDA inputs) launch on the *current* device, while
     ``--device-map`` puts layers on several GPUs (and ``--device cuda:1`` on a GPU that is
     not the current one): a forward pre-hook switches to the layer's GPU and a forward
     hook (also on an exception) switches back. Backward needs nothing: autograd runs each

@@ -2,11 +2,11 @@
 
 Objective per step (paper.md 2.5-2.6): next-token cross-entropy on a calibration batch,
 optionally + the KL divergence from the unquantized model's next-token distribution
-(``distill``). The budget (dmx.recipe): ``hinge`` adds the paper's target-aware penalty
+(``distill``). The budget (dmx.search.recipe): ``hinge`` adds the paper's target-aware penalty
 R_t = max(0, lam (avg_bits - target)); ``project`` shifts the offsets after every step so
-that the soft average equals the target (dmx.assign.project_to_budget). The gradient is
+that the soft average equals the target (dmx.search.assign.project_to_budget). The gradient is
 clipped or normalised to ``max_grad_norm`` (``grad_norm``) before the SGD step. The anneal
-temperature follows :class:`dmx.anneal.TemperatureSchedule`.
+temperature follows :class:`dmx.quant.anneal.TemperatureSchedule`.
 
 Learned rotations (``--rotate learned``, a :class:`dmx.rotate.LearnedRotations`) take one
 Cayley step per step from the same loss, after the offsets' SGD step; their gradients are
@@ -26,12 +26,13 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from dmx.anneal import TemperatureSchedule
+from dmx.quant.anneal import TemperatureSchedule
 from dmx.errors import DMXError
-from dmx.layers import dmx_parameters, set_temperature
-from dmx.penalty import average_bits, hinge_penalty
-from dmx.losses import distill_kl, next_token_ce
-from dmx.recipe import SearchConfig
+from dmx.nn.layers import dmx_parameters, set_temperature
+from dmx.nn.bits import average_bits
+from dmx.search.penalty import hinge_penalty
+from dmx.search.losses import distill_kl, next_token_ce
+from dmx.search.recipe import SearchConfig
 
 __all__ = ["SearchInterrupted", "batch_indices", "quantization_bypassed",
            "hard_bits", "train_offsets", "checkpoint_blocks"]
@@ -134,7 +135,7 @@ def _data_parallel_loss(dist, loss, ce, kl, penalty, share):
     batch, the penalty on rank 0 only (counted once), so the gradients summed over the
     ranks are those of the single-process loss. Also returns the global CE and KL (the
     logged values, the same on every rank)."""
-    from dmx.distributed import reduce_sum
+    from dmx.search.distributed import reduce_sum
 
     local = loss.float() * share
     if dist.is_main:
@@ -156,9 +157,9 @@ def train_offsets(model, layers: dict, windows: torch.Tensor, cfg: SearchConfig,
     ``save(state)``: writes a checkpoint; called every ``checkpoint_every`` steps and on
     Ctrl-C (then :class:`SearchInterrupted` is raised). ``callback(step, record)`` runs after
     each finished step (tests use it to interrupt a run).
-    ``dist``: a :class:`dmx.distributed.DistContext` for data parallel training (torchrun):
+    ``dist``: a :class:`dmx.search.distributed.DistContext` for data parallel training (torchrun):
     each rank runs its slice of every step's global batch and the gradients are summed
-    over the ranks (see dmx.distributed); None or a single process: the plain loop.
+    over the ranks (see dmx.search.distributed); None or a single process: the plain loop.
     ``rotations``: a :class:`dmx.rotate.LearnedRotations` on ``model`` to train with the
     offsets (None: the weights' rotation, if any, is fixed).
     """
@@ -300,7 +301,7 @@ def _train_step(model, layers, windows, cfg: SearchConfig, optimizer, schedule, 
     loss.backward()
     params = optimizer.param_groups[0]["params"]
     if parallel:
-        from dmx.distributed import all_reduce_grads
+        from dmx.search.distributed import all_reduce_grads
 
         all_reduce_grads(dist, params + rot_params)
     grad_norm = _scale_gradients(params, cfg) if cfg.grad_norm != "none" else None
@@ -312,7 +313,7 @@ def _train_step(model, layers, windows, cfg: SearchConfig, optimizer, schedule, 
         rotations.step()
     shift = None
     if cfg.budget == "project":  # the next step's forward meets the budget
-        from dmx.assign import project_to_budget
+        from dmx.search.assign import project_to_budget
         shift = project_to_budget(layers, params, cfg.target_bits, cfg.weighting,
                                   schedule.at(step + 1), cfg.offset_margin,
                                   floor=cfg.budget_floor(step + 1))

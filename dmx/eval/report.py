@@ -31,8 +31,8 @@ MARKERS = {"dmx": "o", "kl": "s", "uniform": "^"}
 def collect(run_dirs) -> list[dict]:
     """Rows of the report, in the order given (every OUT's manifest and file hashes are
     checked)."""
-    from dmx.evaluate import load_eval
-    from dmx.io import read_manifest
+    from dmx.outdir.evaljson import load_eval
+    from dmx.outdir.read import read_manifest
 
     if not run_dirs:
         raise DMXError("pass at least one OUT directory to report on")
@@ -228,8 +228,8 @@ def plot_dynamics(logs, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dmx.ladders import get_ladder
-    from dmx.search import read_search_log
+    from dmx.quant.ladders import get_ladder
+    from dmx.outdir.read import read_search_log
 
     logs = list(logs)[:MAX_DYNAMICS_RUNS]
     fig, axes = plt.subplots(len(logs), 2, figsize=(11, 3.2 * len(logs)), squeeze=False)
@@ -316,8 +316,8 @@ def run_report(args) -> int:
 # ----------------------------------------------------------------------------- lm-eval tasks
 def _task_scores(ev) -> dict:
     """{task: {metric, value, key, protocol}} of one OUT's eval.json: for each task the
-    entry saved last (dmx.evaluate.save_task_results keeps them in that order)."""
-    from dmx.zeroshot import primary_metric
+    entry saved last (dmx.outdir.evaljson.save_task_results keeps them in that order)."""
+    from dmx.eval.zeroshot import primary_metric
     scores = {}
     for key, e in ((ev or {}).get("tasks") or {}).items():
         metric, value = primary_metric(e["metrics"])

@@ -247,6 +247,6 @@ def run_task_eval(args, model, tokenizer, label: str) -> int:
           + (f", limit {args.limit} per task" if args.limit is not None else ""))
     print(results_table(result))
     if args.save:
-        from dmx.evaljson import save_task_results
+        from dmx.outdir.evaljson import save_task_results
         print(f"dmx eval: recorded in {save_task_results(args.out, entries)}")
     return 0

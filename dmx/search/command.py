@@ -2,23 +2,23 @@
 
     dmx search --model DIR --target-bits 6.0 -o OUT [--recipe default|paper]
 
-Every setting that changes the result is one :class:`dmx.recipe.SearchConfig` (a named
+Every setting that changes the result is one :class:`dmx.search.recipe.SearchConfig` (a named
 recipe plus the flags given), written whole into the manifest. Loads the model (weights
 frozen), wraps the linears the export target can hold in DMXLinear, learns the float32
-offsets (dmx.train), puts every layer on a rung (the raw hard assignment), repairs the
-budget (dmx.assign: fit, then the optional fill, reported separately) and writes OUT
-through dmx.io.write_out with ``search_log.jsonl`` (one line per step: loss, penalty,
+offsets (dmx.search.train), puts every layer on a rung (the raw hard assignment), repairs the
+budget (dmx.search.assign: fit, then the optional fill, reported separately) and writes OUT
+through dmx.outdir.write.write_out with ``search_log.jsonl`` (one line per step: loss, penalty,
 soft and hard bits, temperature, every offset). Checkpoints go to OUT.partial/; Ctrl-C
 saves one and prints the ``--resume`` command.
 
 Rotations (``--rotate``, docs/rotations.md): ``hadamard`` folds fixed R1/R2 into the
 weights before wrap_model; ``learned`` parametrizes R1/R2 on the wrapped model
-(dmx.rotate.LearnedRotations), trains them with the offsets (dmx.train) and folds them
+(dmx.rotate.LearnedRotations), trains them with the offsets (dmx.search.train) and folds them
 right after the last step, so the hard assignment, the repair and OUT see plain rotated
 weights. The manifest's ``rotation`` records what was done; an untied lm_head gets its
 config.json (``tie_word_embeddings: false``).
 
-Scale-out: under ``torchrun`` the search is data parallel (dmx.distributed: ``--batch-size``
+Scale-out: under ``torchrun`` the search is data parallel (dmx.search.distributed: ``--batch-size``
 is the global batch, split over the processes; rank 0 writes checkpoints and OUT);
 ``--device-map auto`` spreads one model over the GPUs of one process (accelerate).
 """
@@ -35,12 +35,11 @@ import time
 from pathlib import Path
 
 from dmx.errors import DMXError
-from dmx.recipe import RECIPES, SearchConfig
+from dmx.outdir.layout import SEARCH_LOG_NAME
+from dmx.search.recipe import RECIPES, SearchConfig
 
-__all__ = ["add_search_parser", "run_search", "search", "read_search_log", "SEARCH_LOG_NAME",
-           "END_EVAL_WINDOWS"]
+__all__ = ["add_search_parser", "run_search", "search", "END_EVAL_WINDOWS"]
 
-SEARCH_LOG_NAME = "search_log.jsonl"
 END_EVAL_WINDOWS = 4  # calibration windows scored with the soft, raw-hard and repaired model
 
 
@@ -63,8 +62,7 @@ def _check_paths(model_dir, cfg: SearchConfig, out, force, resume, ckpt_dir):
     for f in cfg.calib or ():
         if not Path(f).is_file():
             raise DMXError(f"--calib {f}: no such file")
-    from dmx.io import check_new_out
-
+    from dmx.outdir.write import check_new_out
     check_new_out(out, force, [model_dir, *(cfg.calib or ())])
     has_ckpt = (Path(ckpt_dir) / "checkpoint.pt").is_file()
     if has_ckpt and not resume and not force:
@@ -137,7 +135,7 @@ def search(model_dir, config, *, out=None, force: bool = False, resume: bool = F
     and how it runs, not what it finds: ``callback(step, record)`` after every step;
     ``device_map`` ("auto", ...) places the model with accelerate over the GPUs;
     ``gradient_checkpointing`` recomputes each decoder block in backward (same
-    gradients). Raises DMXError on bad input and :class:`dmx.train.SearchInterrupted`
+    gradients). Raises DMXError on bad input and :class:`dmx.search.train.SearchInterrupted`
     on Ctrl-C (after saving a checkpoint). Under torchrun (``WORLD_SIZE`` > 1) every
     process runs its share of each step's ``batch_size`` windows and only rank 0 writes.
     """
@@ -154,13 +152,12 @@ def search(model_dir, config, *, out=None, force: bool = False, resume: bool = F
 
         if not torch.cuda.is_available():
             raise DMXError("--device cuda: no CUDA device is available; use --device cpu")
-    from dmx import distributed
-
+    from dmx.search import distributed
     dctx = distributed.setup(device, batch_size=cfg.batch_size, device_map=device_map)
     device = dctx.device  # cuda:LOCAL_RANK under torchrun
     if not dctx.is_main:
         say = lambda msg: None  # noqa: E731  rank 0 speaks
-    from dmx.checkpoint import (check_same_config, default_checkpoint_dir, load_checkpoint,
+    from dmx.search.checkpoint import (check_same_config, default_checkpoint_dir, load_checkpoint,
                                 save_checkpoint)
 
     if out is None:
@@ -174,11 +171,11 @@ def search(model_dir, config, *, out=None, force: bool = False, resume: bool = F
     import torch
 
     from dmx import data
-    from dmx.baseline import select_layers
-    from dmx.layers import hard_assignment, wrap_model
-    from dmx.ladders import get_ladder
-    from dmx.penalty import average_bits
-    from dmx.train import train_offsets
+    from dmx.search.baseline import select_layers
+    from dmx.nn.layers import hard_assignment, wrap_model
+    from dmx.quant.ladders import get_ladder
+    from dmx.nn.bits import average_bits
+    from dmx.search.train import train_offsets
 
     lad = get_ladder(cfg.ladder)
     checked = {"model": str(Path(model_dir).resolve()), **cfg.to_dict()}
@@ -208,7 +205,7 @@ def search(model_dir, config, *, out=None, force: bool = False, resume: bool = F
                               say, cfg.exclude)
     start = "low"
     if cfg.init == "target":  # where the soft average equals the target at the first T
-        from dmx.assign import offset_for_bits
+        from dmx.search.assign import offset_for_bits
         start = offset_for_bits(lad, cfg.target_bits, cfg.t_start)
     layers = distributed.agree(dctx, wrap_model, model, lad, include=cfg.include,
                                quantize_activations=not cfg.weights_only, init=start,
@@ -221,7 +218,7 @@ def search(model_dir, config, *, out=None, force: bool = False, resume: bool = F
         learned = distributed.agree(dctx, LearnedRotations, model, init="hadamard",
                                     seed=cfg.seed, kind=cfg.rotate_kind, lr=cfg.rotation_lr)
     if gradient_checkpointing:
-        from dmx.train import checkpoint_blocks
+        from dmx.search.train import checkpoint_blocks
         checkpoint_blocks(model)
 
     elapsed_before = float(resume_state.get("elapsed_s", 0.0)) if resume_state else 0.0
@@ -254,7 +251,7 @@ def search(model_dir, config, *, out=None, force: bool = False, resume: bool = F
         raw_bits = {"simple": float(average_bits(layers, "simple")),
                     "size_weighted": float(average_bits(layers, "size"))}
     end_ppl["hard_raw"] = _calib_ppl(model, end_windows)
-    from dmx.assign import repair_layers
+    from dmx.search.assign import repair_layers
 
     # the anneal can end the hard choice under (or a step over) the budget: fit, then fill
     repair = repair_layers(layers, lad, cfg.target_bits, cfg.weighting, fill=cfg.fill_budget)
@@ -283,9 +280,8 @@ def search(model_dir, config, *, out=None, force: bool = False, resume: bool = F
         extra_files = out_config_files(model_dir, rotation)  # lm_head untied: config.json
     log_text = _search_log_lines(cfg, layers, log, trained, raw_formats, formats, raw_bits,
                                  achieved, repair, end_ppl, meta.get("rotation"))
-    from dmx import io
-
-    distributed.on_main(dctx, io.write_out, out, model, formats, act_formats, model_dir, meta,
+    from dmx import outdir
+    distributed.on_main(dctx, outdir.write_out, out, model, formats, act_formats, model_dir, meta,
                         force, extra_files={SEARCH_LOG_NAME: log_text, **extra_files})
     if not dctx.is_main:
         pass  # rank 0 wrote OUT and removes the checkpoint
@@ -305,8 +301,8 @@ def _calib_ppl(model, windows) -> float:
     """Perplexity of the model as it is now on ``windows`` (next-token CE, no grad)."""
     import torch
 
-    from dmx.losses import next_token_ce
-    from dmx.train import _forward_logits
+    from dmx.search.losses import next_token_ce
+    from dmx.search.train import _forward_logits
 
     with torch.no_grad():
         ces = [float(next_token_ce(_forward_logits(model, w[None]), w[None])) for w in windows]
@@ -342,27 +338,6 @@ def _search_log_lines(cfg, layers, log, trained, raw_formats, formats, raw_bits,
                   "formats": formats, "raw_bits": raw_bits, "achieved_bits": achieved,
                   "budget_repair": repair, "end_ppl": end_ppl, "rotation": rotation})
     return "".join(json.dumps(line, allow_nan=False) + "\n" for line in lines)
-
-
-def read_search_log(out_dir) -> dict:
-    """OUT's search_log.jsonl as {"config", "units", "steps": [...], and the final
-    line's keys: "offsets", "raw_formats", "formats", ...}; a DMXError if absent."""
-    path = Path(out_dir) / SEARCH_LOG_NAME
-    if not path.is_file():
-        raise DMXError(f"{out_dir}: no {SEARCH_LOG_NAME} (not a dmx search OUT, or one made "
-                       f"before dmx wrote it)")
-    result: dict = {"steps": []}
-    for number, text in enumerate(path.read_text().splitlines(), 1):
-        try:
-            line = json.loads(text)
-        except ValueError:
-            raise DMXError(f"{path}:{number}: not JSON") from None
-        kind = line.pop("type", None)
-        if kind == "step":
-            result["steps"].append(line)
-        elif kind in ("header", "final"):
-            result.update(line)
-    return result
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -488,8 +463,8 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_search(args) -> int:
     """The `dmx search` command: 0 done, 2 bad input (one line, no traceback), 130 Ctrl-C."""
-    from dmx import distributed
-    from dmx.train import SearchInterrupted
+    from dmx.search import distributed
+    from dmx.search.train import SearchInterrupted
 
     settings = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(SearchConfig)
                 if f.name not in ("target_bits", "recipe")}
@@ -525,7 +500,7 @@ def run_search(args) -> int:
         return 130
     except DMXError as err:
         # once the process group is up every rank fails with the same message
-        # (dmx.distributed.agree) and rank 0 says it; before that each says its own
+        # (dmx.search.distributed.agree) and rank 0 says it; before that each says its own
         if main or not distributed.ready():
             where = "" if main else f" (rank {distributed.env_rank()})"
             print(f"dmx search: error{where}: {err}", file=sys.stderr)

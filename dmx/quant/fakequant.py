@@ -13,9 +13,9 @@ element's binade come from the exponent bit field (integer views), never from a
 float ``log2``, which is wrong just below powers of two. Every format constant comes
 from :class:`mxref.FormatInfo`.
 
-Seam for accelerated kernels: :func:`register_backend` adds a function that is
-tried before the torch implementation (the Triton kernels register themselves
-for CUDA tensors); it returns ``None`` for inputs it does not handle.
+Backends: ``backend=`` picks the implementation (:mod:`dmx.quant.backends`: torch, or
+the Triton kernel for CUDA tensors under "auto"); :func:`register_backend` adds an
+implementation tried first under "auto" (it returns ``None`` for inputs it declines).
 """
 from __future__ import annotations
 
@@ -26,19 +26,22 @@ import torch
 import torch.nn.functional as F
 
 import mxref
-from mxref.formats import E8M0, FormatInfo
+from mxref.formats import DEFAULT_BLOCK_SIZE, E8M0, FormatInfo
 from mxref.profiles import Profile
 
 from dmx.errors import DMXError
+from dmx.quant import triton_kernels as tk
+from dmx.quant.backends import Backend, as_backend, choose
 
-__all__ = ["fake_quantize", "quantize_codes", "dequantize_codes", "register_backend",
-           "resolve"]
+__all__ = ["fake_quantize", "fake_quantize_torch", "quantize_codes", "dequantize_codes",
+           "register_backend", "resolve", "check_input", "check_block_size", "normalise_axis",
+           "FLOAT_LAYOUT"]
 
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 # Bit layout of the dtypes we compute in: (integer view, mantissa bits, exponent bias,
 # exponent field mask).
-_LAYOUT = {torch.float32: (torch.int32, 23, 127, 0xFF),
+FLOAT_LAYOUT = {torch.float32: (torch.int32, 23, 127, 0xFF),
            torch.float64: (torch.int64, 52, 1023, 0x7FF)}
 
 
@@ -49,7 +52,7 @@ def pow2_int(n: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     Covers the normal and subnormal range of ``dtype`` (float32 or float64); a
     float ``exp2``/``pow`` is not guaranteed exact on every device.
     """
-    itype, mbits, bias, _ = _LAYOUT[dtype]
+    itype, mbits, bias, _ = FLOAT_LAYOUT[dtype]
     n = n.to(itype)
     normal = (n + bias).clamp(min=1) << mbits
     # subnormal 2^n = 2^(n + bias + mbits - 1) units of the smallest subnormal
@@ -70,13 +73,13 @@ def resolve(fmt, profile) -> tuple[FormatInfo, Profile]:
     return mxref.get_format(fmt), mxref.get_profile(profile)
 
 
-def _check_block_size(block_size) -> int:
+def check_block_size(block_size) -> int:
     if isinstance(block_size, bool) or int(block_size) != block_size or int(block_size) <= 0:
         raise DMXError(f"block size must be a positive integer, got {block_size!r}")
     return int(block_size)
 
 
-def _check_input(x, what: str = "input") -> None:
+def check_input(x, what: str = "input") -> None:
     if not isinstance(x, torch.Tensor):
         raise DMXError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _INPUT_DTYPES:
@@ -86,7 +89,7 @@ def _check_input(x, what: str = "input") -> None:
         raise DMXError(f"cannot block-quantize a 0-d {what}; reshape it to at least 1-d")
 
 
-def _normalise_axis(axis: int, ndim: int) -> int:
+def normalise_axis(axis: int, ndim: int) -> int:
     if not -ndim <= int(axis) < ndim:
         raise DMXError(f"axis {axis} does not exist for a tensor with {ndim} dimensions")
     return int(axis) % ndim
@@ -127,7 +130,7 @@ def flush_input_subnormals(x: torch.Tensor) -> torch.Tensor:
 
 def exponent_field(a: torch.Tensor) -> torch.Tensor:
     """Biased exponent field of each element of a float32/float64 tensor (sign ignored)."""
-    itype, mbits, _, emask = _LAYOUT[a.dtype]
+    itype, mbits, _, emask = FLOAT_LAYOUT[a.dtype]
     return (a.view(itype) >> mbits) & emask
 
 
@@ -139,7 +142,7 @@ def block_scale_exponent(amax: torch.Tensor, fmt: FormatInfo, profile: Profile) 
     [1, 2). Both read exponent and mantissa bits (no float log2). An all-zero block gets the
     smallest exponent (scale code 0x00).
     """
-    itype, mbits, bias, _ = _LAYOUT[amax.dtype]
+    itype, mbits, bias, _ = FLOAT_LAYOUT[amax.dtype]
     # a subnormal amax is rescaled by 2^(mbits+1) (exact) so its exponent field is its own
     shift = mbits + 1
     small = amax < math.ldexp(1.0, 1 - bias)
@@ -162,7 +165,7 @@ def element_grid(u: torch.Tensor, fmt: FormatInfo, rounding: str):
     magnitude code is ((E - emin) << m) + |r|. INT8 is the same grid with emin = 0 and
     m = fraction bits (fixed point).
     """
-    itype, mbits, bias, _ = _LAYOUT[u.dtype]
+    itype, mbits, bias, _ = FLOAT_LAYOUT[u.dtype]
     m = fmt.step_bits
     eb = exponent_field(u).clamp_min(fmt.emin + bias)
     inv = (((2 * bias + m) - eb) << mbits).view(u.dtype)  # biased field of 2^(m - E)
@@ -189,10 +192,10 @@ def _overflow_is_special(fmt: FormatInfo, profile: Profile) -> bool:
 
 def _prepare(x, fmt, axis, block_size, profile):
     """Checked arguments, u = x / 2^k per block ([..., n_blocks, bs]), k and finiteness."""
-    _check_input(x)
+    check_input(x)
     fmt, profile = resolve(fmt, profile)
-    block_size = _check_block_size(block_size)
-    axis = _normalise_axis(axis, x.dim())
+    block_size = check_block_size(block_size)
+    axis = normalise_axis(axis, x.dim())
     if profile.flush_subnormals:
         x = flush_input_subnormals(x)
     xb, k = to_blocks(x.to(compute_dtype(x.dtype)), axis, block_size)
@@ -204,7 +207,7 @@ def _prepare(x, fmt, axis, block_size, profile):
     return fmt, profile, axis, k, u, finite, kexp
 
 
-def _fake_quantize_torch(x: torch.Tensor, fmt, axis: int = -1, block_size: int = 32,
+def fake_quantize_torch(x: torch.Tensor, fmt, axis: int = -1, block_size: int = DEFAULT_BLOCK_SIZE,
                          profile="ocp") -> torch.Tensor:
     """The reference torch implementation of :func:`fake_quantize` (no autograd logic)."""
     fmt, profile, axis, k, u, finite, kexp = _prepare(x, fmt, axis, block_size, profile)
@@ -240,72 +243,71 @@ def write_nan(y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, nan, y)
 
 
-# Accelerated implementations tried first: fn(x, fmt_info, axis, block_size, profile) -> Tensor|None
-_BACKENDS: list[Callable] = []
+# Extra implementations tried first under Backend.AUTO:
+# fn(x, fmt_info, axis, block_size, profile) -> Tensor | None
+_REGISTERED: list[Callable] = []
 
 
 def register_backend(fn: Callable) -> Callable:
-    """Register an accelerated fake-quantize (e.g. a Triton kernel for CUDA tensors).
+    """Register an extra fake-quantize implementation, tried before the built-in ones
+    under ``backend="auto"``.
 
     ``fn(x, fmt: FormatInfo, axis: int, block_size: int, profile: Profile)`` must return
-    the same bits as :func:`_fake_quantize_torch`, or ``None`` to decline the input.
+    the same bits as :func:`fake_quantize_torch`, or ``None`` to decline the input.
     """
-    if fn not in _BACKENDS:
-        _BACKENDS.append(fn)
+    if fn not in _REGISTERED:
+        _REGISTERED.append(fn)
     return fn
 
 
-_GPU_BACKENDS_TRIED = [False]
-
-
-def _ensure_gpu_backends() -> None:
-    """Register the Triton kernels the first time a CUDA tensor comes by: CPU-only users
-    never import them (DMX_TRITON=0 makes the backend decline: dmx.fused.use_triton)."""
-    if _GPU_BACKENDS_TRIED[0]:
-        return
-    _GPU_BACKENDS_TRIED[0] = True
-    from dmx.fused import install
-    install()
-
-
-def _dispatch(x, fmt, axis, block_size, profile):
-    if x.is_cuda:
-        _ensure_gpu_backends()
-    if _BACKENDS:
+def _dispatch(x, fmt, axis, block_size, profile, backend):
+    check_input(x)
+    backend = as_backend(backend)
+    chosen = choose(x, backend)
+    if backend is Backend.AUTO and _REGISTERED:
         fmt_info, prof = resolve(fmt, profile)
-        for fn in _BACKENDS:
+        for fn in _REGISTERED:
             y = fn(x, fmt_info, axis, block_size, prof)
             if y is not None:
                 return y
-    return _fake_quantize_torch(x, fmt, axis, block_size, profile)
+    if chosen is Backend.TRITON:
+        fmt_info, prof = resolve(fmt, profile)
+        if tk.supports(x, fmt_info, axis, block_size, prof):
+            return tk.mx_fake_quantize(x, fmt_info, axis, block_size, prof)
+        if backend is Backend.TRITON:
+            raise DMXError(f"backend 'triton' does not support {fmt_info.key} with profile "
+                           f"{prof.name}, axis {axis} and block size {block_size}; use "
+                           f"backend='torch'")
+    return fake_quantize_torch(x, fmt, axis, block_size, profile)
 
 
 class _StraightThrough(torch.autograd.Function):
     """Forward: the exact MX value. Backward: the identity (straight-through estimator)."""
 
     @staticmethod
-    def forward(ctx, x, fmt, axis, block_size, profile):
-        return _dispatch(x, fmt, axis, block_size, profile)
+    def forward(ctx, x, fmt, axis, block_size, profile, backend):
+        return _dispatch(x, fmt, axis, block_size, profile, backend)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
-def fake_quantize(x: torch.Tensor, fmt: str, axis: int = -1, block_size: int = 32,
-                  profile="ocp") -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, fmt: str, axis: int = -1, block_size: int = DEFAULT_BLOCK_SIZE,
+                  profile="ocp", backend=Backend.AUTO) -> torch.Tensor:
     """MX quantize-dequantize ``x`` along ``axis``; same dtype, shape and device as ``x``.
 
     Bit-identical to ``mxref.dequantize(mxref.quantize(x.numpy(), fmt, axis, block_size,
     profile))`` cast to ``x.dtype`` (float64 inputs: dequantized in float64), including
     NaN/Inf blocks (all NaN), signed zeros, subnormals and a ragged last block. Every
     mxref profile choice is supported. The gradient w.r.t. ``x`` is the identity.
+    ``backend``: "auto", "torch" or "triton" (:mod:`dmx.quant.backends`; same bits).
     """
-    return _StraightThrough.apply(x, fmt, axis, block_size, profile)
+    return _StraightThrough.apply(x, fmt, axis, block_size, profile, backend)
 
 
 # ----------------------------------------------------------------------------- codes
-def quantize_codes(x: torch.Tensor, fmt: str, axis: int = -1, block_size: int = 32,
+def quantize_codes(x: torch.Tensor, fmt: str, axis: int = -1, block_size: int = DEFAULT_BLOCK_SIZE,
                    profile="ocp") -> tuple[torch.Tensor, torch.Tensor]:
     """(codes uint8 [..., K], scales uint8 [..., ceil(K/bs)]) with ``axis`` moved last.
 
@@ -315,7 +317,7 @@ def quantize_codes(x: torch.Tensor, fmt: str, axis: int = -1, block_size: int = 
         fmt, profile, axis, k, u, finite, kexp = _prepare(x, fmt, axis, block_size, profile)
         r, eb, _ = element_grid(u, fmt, profile.rounding)
         itype = eb.dtype
-        mag = ((eb - (fmt.emin + _LAYOUT[u.dtype][2])) << fmt.step_bits) + r.abs().to(itype)
+        mag = ((eb - (fmt.emin + FLOAT_LAYOUT[u.dtype][2])) << fmt.step_bits) + r.abs().to(itype)
         maxmag = fmt.max_code & (fmt.sign_bit - 1)
         negative = torch.signbit(u)
         if fmt.is_int:
@@ -337,7 +339,7 @@ def quantize_codes(x: torch.Tensor, fmt: str, axis: int = -1, block_size: int = 
         return codes, scales.squeeze(-1).to(torch.uint8)
 
 
-def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block_size: int = 32,
+def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block_size: int = DEFAULT_BLOCK_SIZE,
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Values [..., K] of element codes and E8M0 scale codes (blocked axis last).
 
@@ -345,7 +347,7 @@ def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block_
     a NaN scale (0xFF) or a NaN element code gives NaN.
     """
     fmt = mxref.get_format(fmt)
-    block_size = _check_block_size(block_size)
+    block_size = check_block_size(block_size)
     if not isinstance(codes, torch.Tensor) or not isinstance(scales, torch.Tensor):
         raise DMXError("codes and scales must be torch tensors")
     if codes.dtype != torch.uint8 or scales.dtype != torch.uint8:

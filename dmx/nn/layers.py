@@ -7,7 +7,8 @@
   :func:`hard_assignment`, :func:`dmx_parameters`.
 
 Weights are blocked along the input dimension (the last dim of the [out, in] weight),
-activations along their last dim with dynamic per-block scales, block size 32.
+activations along their last dim with dynamic per-block scales, blocks of
+mxref.DEFAULT_BLOCK_SIZE (OCP's k = 32, from specs/formats.toml).
 """
 from __future__ import annotations
 
@@ -18,15 +19,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mxref
+from mxref.formats import DEFAULT_BLOCK_SIZE
 
-from dmx.anneal import abs_ste, anneal_map, clamp_ste
 from dmx.errors import DMXError
-from dmx.ladders import Ladder, get_ladder
-from dmx.quant import fake_quantize
-from dmx.realfmt import real_format_linear
+from dmx.quant.anneal import abs_ste, anneal_map, clamp_ste
+from dmx.quant.backends import Backend, as_backend, choose
+from dmx.quant.fakequant import fake_quantize
+from dmx.quant.ladders import Ladder, get_ladder
+from dmx.quant.realfmt import real_format_linear
 
 __all__ = ["MXLinear", "DMXLinear", "wrap_model", "apply_formats", "set_temperature",
-           "hard_assignment", "dmx_parameters", "FUSED_GROUPS", "fused_key", "fused_units"]
+           "hard_assignment", "dmx_parameters", "FUSED_GROUPS", "fused_key", "fused_units",
+           "linear_of", "set_submodule"]
 
 DEFAULT_TEMPERATURE = 0.4  # code units (paper T_doc = 8), the schedule's start
 
@@ -43,12 +47,14 @@ class _WeightCache:
         self.key = None
         self.value = None
 
-    def get(self, weight: torch.Tensor, fmt: str, block_size: int) -> torch.Tensor:
+    def get(self, weight: torch.Tensor, fmt: str, block_size: int,
+            backend=Backend.AUTO) -> torch.Tensor:
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return fake_quantize(weight, fmt, -1, block_size)
-        key = (fmt, block_size, weight.data_ptr(), weight._version, weight.dtype, weight.device)
+            return fake_quantize(weight, fmt, -1, block_size, backend=backend)
+        key = (fmt, block_size, weight.data_ptr(), weight._version, weight.dtype, weight.device,
+               backend)
         if key != self.key:
-            self.value = fake_quantize(weight, fmt, -1, block_size)
+            self.value = fake_quantize(weight, fmt, -1, block_size, backend=backend)
             self.key = key
         return self.value
 
@@ -83,7 +89,7 @@ class MXLinear(_LinearView):
     """nn.Linear with MX fake-quantized weight (and input, if ``act_fmt``), fixed formats."""
 
     def __init__(self, linear: nn.Linear, weight_fmt: str, act_fmt: str | None = None,
-                 block_size: int = 32, profile="ocp"):
+                 block_size: int = DEFAULT_BLOCK_SIZE, profile="ocp"):
         super().__init__()
         self.linear = _check_linear(linear)
         self.weight_fmt = mxref.get_format(weight_fmt).key
@@ -126,11 +132,13 @@ class DMXLinear(_LinearView):
     b, and b to real (e, m) bits for :func:`real_format_quantize`. In hard mode (``.hard``
     or eval mode) the rung the step map selects is applied with the bit-exact
     :func:`fake_quantize`: the format a layer trains with is the format it deploys with.
+    ``backend`` ("auto", "torch", "triton"; :mod:`dmx.quant.backends`) picks the kernels
+    of both modes: "auto" runs CUDA inputs through Triton (dmx.quant.triton_ops).
     """
 
     def __init__(self, linear: nn.Linear, ladder="fp8-fp4", offset: nn.Parameter | None = None,
-                 quantize_input: bool = True, block_size: int = 32, init="low",
-                 parameterization: str = "clamp"):
+                 quantize_input: bool = True, block_size: int = DEFAULT_BLOCK_SIZE, init="low",
+                 parameterization: str = "clamp", backend=Backend.AUTO):
         super().__init__()
         if parameterization not in ("clamp", "abs"):
             raise DMXError(f"parameterization must be 'clamp' or 'abs', got {parameterization!r}")
@@ -147,6 +155,7 @@ class DMXLinear(_LinearView):
         self.quantize_input = bool(quantize_input)
         self.parameterization = parameterization
         self.block_size = int(block_size)
+        self.backend = as_backend(backend)
         self.temperature = DEFAULT_TEMPERATURE
         self.hard = False
         self.fused_group: str | None = None
@@ -155,7 +164,7 @@ class DMXLinear(_LinearView):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, ladder={self.ladder.name}, "
                 f"quantize_input={self.quantize_input}, block={self.block_size}, "
-                f"offset={self.parameterization}, "
+                f"offset={self.parameterization}, backend={self.backend.value}, "
                 f"T={self.temperature:g}, hard={self.hard}")
 
     @property
@@ -186,14 +195,14 @@ class DMXLinear(_LinearView):
         w = self.linear.weight
         if self.hard_mode:
             fmt = self.hard_format()
-            wq = self._cache.get(w, fmt, self.block_size)
+            wq = self._cache.get(w, fmt, self.block_size, self.backend)
             if self.quantize_input:
-                x = fake_quantize(x, fmt, -1, self.block_size)
+                x = fake_quantize(x, fmt, -1, self.block_size, backend=self.backend)
         else:
-            if x.is_cuda:
-                from dmx import fused  # Triton: one pass per tensor instead of ~70 torch ops
-                if fused.use_triton(x):
-                    return fused.soft_forward(self, x)
+            if choose(x, self.backend) is Backend.TRITON:
+                # one pass per tensor instead of ~70 small torch ops (the step is launch-bound)
+                from dmx.quant import triton_ops
+                return triton_ops.soft_forward(self, x)
             b = self.position()
             e, m = self.ladder.exp_bits(b), self.ladder.man_bits(b)
             cap = self.ladder.max_cap
@@ -215,7 +224,21 @@ def _compile(patterns, what: str):
         raise DMXError(f"bad {what} regex: {err}") from None
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def linear_of(model: nn.Module, name: str) -> nn.Linear:
+    """The nn.Linear at ``name``: the module itself, or the one a wrapper (MXLinear,
+    DMXLinear) holds as ``.linear``."""
+    try:
+        mod = model.get_submodule(name)
+    except AttributeError:
+        raise DMXError(f"formats names {name!r}, which is not a module of the model") from None
+    linear = mod if isinstance(mod, nn.Linear) else getattr(mod, "linear", None)
+    if not isinstance(linear, nn.Linear):
+        raise DMXError(f"formats names {name!r}, a {type(mod).__name__}, not a linear layer")
+    return linear
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at the dotted ``name``."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -244,13 +267,14 @@ def fused_units(names: list[str]) -> list[tuple[str, ...]]:
 def wrap_model(model: nn.Module, ladder="fp8-fp4", include=None, exclude=("lm_head", "embed"),
                quantize_activations: bool = True, tie_fused: bool = True,
                init="low", parameterization: str = "clamp",
-               names=None) -> dict[str, DMXLinear]:
+               names=None, backend=Backend.AUTO) -> dict[str, DMXLinear]:
     """Replace the model's nn.Linear layers by DMXLinear, in place; returns {name: layer}.
 
     ``include``/``exclude``: regexes searched in module names (include None = all);
     ``names``: if given, only these of the selected layers (an export-target plan).
     ``tie_fused``: q/k/v_proj of one block share one offset, and so do gate/up_proj
     (serving engines fuse them into one matmul, so they must deploy in one format).
+    ``backend``: "auto", "torch" or "triton" for every layer (:mod:`dmx.quant.backends`).
     """
     ladder = get_ladder(ladder)
     inc, exc = _compile(include, "include"), _compile(exclude, "exclude") or []
@@ -271,17 +295,17 @@ def wrap_model(model: nn.Module, ladder="fp8-fp4", include=None, exclude=("lm_he
         key = fused_key(name) if tie_fused else None
         layer = DMXLinear(linear, ladder, offset=shared.get(key) if key else None,
                           quantize_input=quantize_activations, init=init,
-                          parameterization=parameterization)
+                          parameterization=parameterization, backend=backend)
         if key:
             shared.setdefault(key, layer.offset)
             layer.fused_group = key
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
         layers[name] = layer
     return layers
 
 
 def apply_formats(model: nn.Module, formats: dict, act_formats: dict | None = None,
-                  block_size: int = 32, profile="ocp") -> dict[str, MXLinear]:
+                  block_size: int = DEFAULT_BLOCK_SIZE, profile="ocp") -> dict[str, MXLinear]:
     """Replace the named linears (nn.Linear, DMXLinear or MXLinear) by MXLinear, in place.
 
     ``formats``: {module name: weight format key}; ``act_formats``: {name: format or None}
@@ -301,7 +325,7 @@ def apply_formats(model: nn.Module, formats: dict, act_formats: dict | None = No
         if not isinstance(linear, nn.Linear):
             raise DMXError(f"apply_formats: {name!r} is a {type(mod).__name__}, not a linear")
         layer = MXLinear(linear, fmt, act_formats.get(name), block_size, profile)
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
         out[name] = layer
     return out
 

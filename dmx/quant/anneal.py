@@ -17,7 +17,7 @@ import math
 import torch
 
 from dmx.errors import DMXError
-from dmx.ladders import get_ladder
+from dmx.quant.ladders import get_ladder
 
 __all__ = ["anneal_map", "TemperatureSchedule", "clamp_ste", "abs_ste", "T_DOC_PER_T_CODE"]
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from mxref.outputs import canonical_sha256, sha256_file
 
 from dmx.errors import DMXError
+from dmx.outdir.layout import EVAL_NAME, MANIFEST_NAME as MANIFEST
 
 _SCHEMA_PATH = Path(__file__).parent / "manifest.schema.json"
 
@@ -45,8 +46,7 @@ __all__ = ["FILES_KEY", "SELF_HASH_KEY", "UNSEALED", "seal", "verify_out", "rese
 
 FILES_KEY = "files"
 SELF_HASH_KEY = "manifest_sha256"
-MANIFEST = "dmx_manifest.json"   # == dmx.io.MANIFEST_NAME (io imports this module)
-UNSEALED = ("eval.json",)        # written into a finished OUT by `dmx eval --save`
+UNSEALED = (EVAL_NAME,)   # written into a finished OUT by `dmx eval --save`
 
 
 def _sealed_files(out: Path) -> list[Path]:
@@ -67,7 +67,7 @@ def seal(out_dir, manifest: dict) -> dict:
 def _edited(path: Path, what: str) -> DMXError:
     return DMXError(f"{path}: {what}; OUT was modified or corrupted after it was written: "
                     f"rewrite it (`dmx search`/`dmx baseline`), or after a deliberate edit "
-                    f"re-record its hashes with dmx.integrity.reseal(OUT)")
+                    f"re-record its hashes with dmx.outdir.integrity.reseal(OUT)")
 
 
 def verify_out(out_dir, manifest: dict) -> None:
@@ -135,8 +135,8 @@ def check_shapes(config_dir, tensor_shapes: dict, where: str) -> None:
     exist in the model config.json describes; checked on the meta device (no memory)."""
     import torch
 
-    from dmx.data import _quiet_transformers
-    _quiet_transformers()
+    from dmx.data import quiet_transformers
+    quiet_transformers()
     from transformers import AutoConfig, AutoModelForCausalLM
     try:
         config = AutoConfig.from_pretrained(str(config_dir))

@@ -13,10 +13,10 @@ anneal can end a step over it. Two tools:
   the target, demote the units whose offsets are closest to their lower boundary until
   it fits) and, optionally, *fill* (promote the units whose offsets are closest to their
   upper boundary while the average stays <= target). A unit is a fused group (q/k/v,
-  gate/up: they move together, :func:`dmx.layers.fused_units`) or a single linear.
-  The average is :func:`dmx.io.average_bits_of` (dmx.penalty's definitions) with the
+  gate/up: they move together, :func:`dmx.nn.layers.fused_units`) or a single linear.
+  The average is :func:`dmx.nn.bits.average_bits_of` (the penalty's definitions) with the
   weighting the penalty used. The ranking is the search's own: the learned offsets.
-  Fill uses the rule of the KL baseline (:func:`dmx.baseline.greedy_promote`: in rank
+  Fill uses the rule of the KL baseline (:func:`dmx.search.baseline.greedy_promote`: in rank
   order, every unit that still fits), so the two differ only in the ranking.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dmx.errors import DMXError
 __all__ = ["offset_for_bits", "project_to_budget", "average_coefficients", "repair_assignment", "repair_layers",
            "set_offsets"]
 
-_EPS = 1e-6  # "average <= target" up to float32 rounding (dmx.penalty averages in float32)
+_EPS = 1e-6  # "average <= target" up to float32 rounding (dmx.nn.bits averages in float32)
 _KEYS = {"simple": "simple", "size": "size_weighted"}
 
 
@@ -38,8 +38,8 @@ def offset_for_bits(ladder, bits: float, temperature: float) -> float:
     rungs exactly: a target at or below the low rung's soft bits gives the low rung)."""
     import torch
 
-    from dmx.anneal import anneal_map
-    from dmx.ladders import get_ladder
+    from dmx.quant.anneal import anneal_map
+    from dmx.quant.ladders import get_ladder
 
     lad = get_ladder(ladder)
     bits = float(bits)
@@ -65,7 +65,7 @@ def offset_for_bits(ladder, bits: float, temperature: float) -> float:
 
 
 class _BitsProbe:
-    """Stands in for a DMXLinear in dmx.penalty.average_bits with a leaf tensor as its
+    """Stands in for a DMXLinear in dmx.nn.bits.average_bits with a leaf tensor as its
     bits, so that autograd reads off each layer's coefficient in the (linear) average."""
 
     def __init__(self, layer):
@@ -80,10 +80,10 @@ class _BitsProbe:
 
 def average_coefficients(layers: dict, weighting: str) -> list[float]:
     """c_i with average_bits(layers) = sum_i c_i * bits_i (the average is linear in the
-    per-layer bits): dmx.penalty's one definition, differentiated."""
+    per-layer bits): dmx.nn.bits' one definition, differentiated."""
     import torch
 
-    from dmx.penalty import average_bits
+    from dmx.nn.bits import average_bits
     probes = [_BitsProbe(layer) for layer in layers.values()]
     avg = average_bits(probes, weighting)
     return [float(g) for g in torch.autograd.grad(avg, [p.bits for p in probes])]
@@ -96,19 +96,19 @@ def project_to_budget(layers: dict, params: list, target: float, weighting: str,
     ``temperature`` equal ``target``, each offset kept within ``margin`` of the ladder's
     ends; returns the shift. In place, no gradient.
 
-    This is how the default recipe holds the budget (dmx.recipe): the soft average is
+    This is how the default recipe holds the budget (dmx.search.recipe): the soft average is
     monotone in the common shift, so bisection finds it; a target the box cannot reach
     leaves every offset at the nearest end. The relative order of the offsets, which is
     what the cross-entropy learned, is unchanged (up to the box). With ``floor`` (below
     ``target``) the projection is onto ``floor <= average <= target`` instead: an average in
     that band is left alone (offsets only kept in the box), so the cross-entropy raises
-    them until the budget binds (dmx.recipe: ``ramp``). The soft bits of all
+    them until the budget binds (dmx.search.recipe: ``ramp``). The soft bits of all
     offsets are computed as one vector per bisection step (DMXLinear.current_bits with
     the clamp parameterization: anneal_map of the clamped offset).
     """
     import torch
 
-    from dmx.anneal import anneal_map
+    from dmx.quant.anneal import anneal_map
 
     first = next(iter(layers.values()))
     lad = first.ladder
@@ -147,7 +147,7 @@ def project_to_budget(layers: dict, params: list, target: float, weighting: str,
 
 
 def _unit_label(unit: tuple[str, ...]) -> str:
-    from dmx.layers import fused_key
+    from dmx.nn.layers import fused_key
 
     return (fused_key(unit[0]) or unit[0]) if len(unit) > 1 else unit[0]
 
@@ -161,7 +161,7 @@ def repair_assignment(formats: dict, offsets: dict, shapes: dict, ladder, target
     ``formats``: {name: format key} (the hard assignment); ``offsets``: {name: raw offset}
     (tied layers have the same one); ``shapes``: {name: (out, in)}; ``quantize_input``:
     a bool for all layers or {name: bool} (a layer whose input is quantized counts in the
-    activation average, as in dmx.penalty). Returns ``{"formats", "moves", "bits_before",
+    activation average, as in dmx.nn.bits). Returns ``{"formats", "moves", "bits_before",
     "bits_after", "target", "weighting", "fill"}``; ``moves`` lists
     ``{"unit", "layers", "offset", "from", "to", "step": "fit"|"fill"}`` in order.
     The fit step ranks by distance above the unit's lower boundary (smallest first), the
@@ -169,9 +169,9 @@ def repair_assignment(formats: dict, offsets: dict, shapes: dict, ladder, target
     ladder with a middle rung, the unit competes again with its next boundary); ties keep
     model order. A unit demoted to fit is not promoted again by fill.
     """
-    from dmx.layers import fused_units
-    from dmx.io import average_bits_of
-    from dmx.ladders import get_ladder
+    from dmx.nn.layers import fused_units
+    from dmx.nn.bits import average_bits_of
+    from dmx.quant.ladders import get_ladder
 
     lad = get_ladder(ladder)
     if weighting not in _KEYS:
@@ -249,7 +249,7 @@ def repair_assignment(formats: dict, offsets: dict, shapes: dict, ladder, target
 def set_offsets(layers: dict, formats: dict) -> list[str]:
     """Put the offset of every DMXLinear whose hard format differs from ``formats[name]``
     on that rung's position, so that the wrapped model (its forward, hard_assignment,
-    dmx.penalty.average_bits) deploys the repaired assignment. Returns the moved names."""
+    dmx.nn.bits.average_bits) deploys the repaired assignment. Returns the moved names."""
     import torch
 
     moved = [n for n, layer in layers.items() if layer.hard_format() != formats[n]]
@@ -268,7 +268,7 @@ def repair_layers(layers: dict, ladder, target: float, weighting: str = "simple"
                   fill: bool = True) -> dict:
     """:func:`repair_assignment` on the wrapped layers of a finished search (their current
     hard formats and raw offsets), applied with :func:`set_offsets`; returns its result
-    without the formats (read them back with dmx.layers.hard_assignment)."""
+    without the formats (read them back with dmx.nn.layers.hard_assignment)."""
     formats = {n: layer.hard_format() for n, layer in layers.items()}
     offsets = {n: float(layer.raw_offset().detach()) for n, layer in layers.items()}
     shapes = {n: (layer.out_features, layer.in_features) for n, layer in layers.items()}

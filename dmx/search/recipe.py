@@ -15,7 +15,7 @@ Named recipes (``--recipe``):
   forward pass at the low rung while the parameter sits far below the ladder, and the
   silent hinge never brings it back (the collapse measured in issue 11). The projection
   instead shifts all offsets by one common amount after each step so that the soft
-  average lies in ``[floor, target]`` (bisection, dmx.assign.project_to_budget): never
+  average lies in ``[floor, target]`` (bisection, dmx.search.assign.project_to_budget): never
   over the target, and never under a floor that rises linearly from the low rung to the
   target over the first ``ramp`` (0.5) of the steps. So, as in the paper, the offsets start
   at MXFP4 and the cross-entropy gradient raises the layers that need bits (the ranking is
@@ -101,7 +101,7 @@ class SearchConfig:
     nesterov: bool = True
     grad_norm: str = "normalize"
     max_grad_norm: float = 1.0
-    # anneal (code units, dmx.anneal)
+    # anneal (code units, dmx.quant.anneal)
     delay: float = 0.6
     t_start: float = 0.4
     t_end: float = 20.0
@@ -146,7 +146,7 @@ class SearchConfig:
         alone may raise the offsets faster, as in the paper's start at the low rung."""
         if self.budget != "project" or self.ramp <= 0:
             return None
-        from dmx.ladders import get_ladder
+        from dmx.quant.ladders import get_ladder
 
         low = get_ladder(self.ladder).low.bits
         frac = min(1.0, step / (self.ramp * self.steps))
@@ -163,7 +163,7 @@ class SearchConfig:
     # ------------------------------------------------------------------ validation
     def checked(self) -> "SearchConfig":
         """Cheap checks, so that bad flags fail before a model is loaded; returns self."""
-        from dmx.ladders import check_target_bits, get_ladder  # one rule for search and KL
+        from dmx.quant.ladders import check_target_bits, get_ladder  # one rule for search and KL
 
         lad = get_ladder(self.ladder)
         for flag, value in (("--steps", self.steps), ("--batch-size", self.batch_size),
