@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import mxref
-from mxref.formats import DEFAULT_BLOCK_SIZE, E8M0, FormatInfo
+from mxref.formats import DEFAULT_BLOCK_SIZE, E8M0, FormatInfo, ieee_layout
 from mxref.profiles import Profile
 
 from dmx.errors import DMXError
@@ -39,10 +39,18 @@ __all__ = ["fake_quantize", "fake_quantize_torch", "quantize_codes", "dequantize
 
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
-# Bit layout of the dtypes we compute in: (integer view, mantissa bits, exponent bias,
-# exponent field mask).
-FLOAT_LAYOUT = {torch.float32: (torch.int32, 23, 127, 0xFF),
-           torch.float64: (torch.int64, 52, 1023, 0x7FF)}
+_INT_VIEW = {16: torch.int16, 32: torch.int32, 64: torch.int64}
+
+
+def _torch_layout(dtype: torch.dtype) -> tuple:
+    """(integer view, mantissa bits, exponent bias, exponent field mask) of a float dtype,
+    from mxref's IEEE layouts (specs/formats.toml [ieee.*])."""
+    lay = ieee_layout(str(dtype).removeprefix("torch."))
+    return _INT_VIEW[lay.bits], lay.man_bits, lay.bias, lay.exp_all_ones
+
+
+# Bit layout of the dtypes we compute in (float32, float64).
+FLOAT_LAYOUT = {d: _torch_layout(d) for d in (torch.float32, torch.float64)}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -149,7 +157,7 @@ def block_scale_exponent(amax: torch.Tensor, fmt: FormatInfo, profile: Profile) 
     a = torch.where(small, amax * math.ldexp(1.0, shift), amax)
     k = exponent_field(a) - bias - fmt.emax - small.to(itype) * shift
     if profile.scale_rule == "rceil":
-        mn_field = int(math.ldexp(fmt.max_normal / 2.0 ** fmt.emax - 1.0, mbits))  # exact
+        mn_field = fmt.max_normal_fraction(mbits)
         k = k + ((a.view(itype) & ((1 << mbits) - 1)) > mn_field).to(itype)
     k = torch.where(amax == 0, torch.full_like(k, E8M0.min_exp), k)
     return k.clamp(E8M0.min_exp, E8M0.max_exp)
@@ -235,11 +243,9 @@ def write_nan(y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     Written as a bit pattern in y's own dtype: propagated NaNs differ by device (x86's
     inf * 0 has the sign bit set; CUDA's float -> bfloat16 cast gives 0x7FFF, the CPU 0x7FC0).
     """
-    ibits = torch.finfo(y.dtype).bits
-    mbits = round(-math.log2(torch.finfo(y.dtype).eps))
-    pattern = ((1 << (ibits - 1)) - 1) ^ ((1 << (mbits - 1)) - 1)  # 0 11..1 10..0
-    itype = {16: torch.int16, 32: torch.int32, 64: torch.int64}[ibits]
-    nan = torch.tensor(pattern, dtype=itype, device=y.device).view(y.dtype)
+    lay = ieee_layout(str(y.dtype).removeprefix("torch."))
+    nan = torch.tensor(lay.qnan_bits, dtype=_INT_VIEW[lay.bits], device=y.device)
+    nan = nan.view(y.dtype)  # 0 11..1 10..0
     return torch.where(mask, nan, y)
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import math
 
-from mxref.formats import E8M0
+from mxref.formats import E8M0, FLOAT32
 
 __all__ = ["available", "mx_fake_quantize", "supports", "real_format_forward",
            "real_format_backward"]
@@ -123,16 +123,15 @@ def _last_axis_2d(x, axis: int):
 def mx_fake_quantize(x, fmt, axis: int, block_size: int, profile):
     """Fixed-format MX fake quantization (no autograd); ``fmt``: mxref FormatInfo,
     ``profile``: mxref Profile. Call :func:`supports` first."""
-    import struct
     import torch
     x2, mshape, axis = _last_axis_2d(x, axis)
     y2 = torch.empty_like(x2)
     n_blocks, K, nbk, even, bpp, grid = _geometry(x2, block_size)
-    mn_field = struct.unpack("<I", struct.pack("<f", fmt.max_normal / 2.0 ** fmt.emax))[0]
+    mn_field = fmt.max_normal_fraction(FLOAT32.man_bits)   # the kernels compute in float32
     _kernels()["mx_fq"][grid](
         _in_view(x2), _out_view(y2), n_blocks, K, nbk, BS=block_size, BPP=bpp, EVEN=even,
         EMAX=fmt.emax, EMIN=fmt.emin, MBITS=fmt.step_bits, MAXNORM=float(fmt.max_normal),
-        IS_INT=fmt.is_int, RCEIL=profile.scale_rule == "rceil", MN_FIELD=mn_field & 0x7FFFFF,
+        IS_INT=fmt.is_int, RCEIL=profile.scale_rule == "rceil", MN_FIELD=mn_field,
         AWAY=profile.rounding == "away", OUT_KIND=_out_kind(x.dtype), NAN_BITS=_nan_bits(x.dtype),
         **_SCALE_RANGE, num_warps=CONFIG["num_warps"], **_OPTS)
     y = y2.reshape(mshape)
