@@ -10,12 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mxref.errors import MXError
+from mxref.cliframe import EXIT_BAD_INPUT, run_cli
 
 from dmx.errors import DMXError
-
-EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -92,7 +89,8 @@ def _sigterm_as_interrupt() -> None:
 def main(argv=None) -> int:
     _quiet_third_party_imports()
     _sigterm_as_interrupt()
-    try:
+
+    def body() -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         if getattr(args, "func", None) is None:
@@ -102,19 +100,10 @@ def main(argv=None) -> int:
             from dmx.eval.gguf_model import resolve_model_path
             args.model = resolve_model_path(args.model)
         return int(args.func(args) or 0)
-    except (DMXError, MXError) as err:
-        msg = " ".join(str(err).split())  # one line, whatever the message held
-        print(f"dmx: error: {msg}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("dmx: interrupted (Ctrl-C); nothing half-written was left behind",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except BrokenPipeError:  # e.g. `dmx report ... | head`
-        return 0
-    except OSError as err:  # disk full, permission denied: not a bug, one line
-        print(f"dmx: error: {err}", file=sys.stderr)
-        return 1
+
+    # the project's one error frame (mxref.cliframe): DMXError -> one line, exit 2; a
+    # broken pipe, Ctrl-C and OS errors the same way as mxref and mxverify
+    return run_cli("dmx", body, interrupt_note=" (Ctrl-C); nothing half-written was left behind")
 
 
 if __name__ == "__main__":
