@@ -6,7 +6,6 @@ with it must end where a search without it ends.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest

@@ -13,7 +13,6 @@ one-line errors.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
