@@ -498,12 +498,14 @@ def run_search(args) -> int:
             print("dmx search: interrupted; OUT was not written (a checkpoint, if any, is in "
                   f"{args.checkpoint_dir or str(args.out) + '.partial'})", file=sys.stderr)
         return 130
-    except DMXError as err:
+    except DMXError as err:  # rank-aware; the rest goes to dmx.cli's frame (mxref.cliframe)
+        from mxref.cliframe import one_line
+
         # once the process group is up every rank fails with the same message
         # (dmx.search.distributed.agree) and rank 0 says it; before that each says its own
         if main or not distributed.ready():
             where = "" if main else f" (rank {distributed.env_rank()})"
-            print(f"dmx search: error{where}: {err}", file=sys.stderr)
+            print(f"dmx search: error{where}: {one_line(err)}", file=sys.stderr)
         return 2
     finally:
         if own_group:
