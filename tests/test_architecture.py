@@ -193,7 +193,7 @@ def test_packages_import_only_downwards():
 # Format constants are written once, in specs/formats.toml; dmx reads them from mxref
 # (FormatInfo, E8M0, DEFAULT_BLOCK_SIZE, the IEEE layouts). The usual retyped ones:
 FORMAT_LITERALS = {448: "E4M3's max normal", 57344: "E5M2's max normal"}
-BLOCK_NAMES = ("block_size", "group_size")
+BLOCK_NAMES = ("block", "block_size", "group_size")
 
 
 def _retyped_constants(path: Path) -> list[str]:

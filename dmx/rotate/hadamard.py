@@ -19,6 +19,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mxref.formats import DEFAULT_BLOCK_SIZE
+
 from dmx.errors import DMXError
 
 __all__ = ["hadamard_pm1", "block_hadamard", "random_orthogonal", "rotation_matrix",
@@ -86,7 +88,7 @@ def hadamard_pm1(n: int) -> tuple[np.ndarray, str] | None:
     return None
 
 
-def block_hadamard(n: int, block: int = 32) -> torch.Tensor:
+def block_hadamard(n: int, block: int = DEFAULT_BLOCK_SIZE) -> torch.Tensor:
     """Block-diagonal orthogonal matrix: n/block normalised Sylvester blocks of order
     ``block`` (a power of two that divides n)."""
     if block < 1 or block & (block - 1) or n % block:
@@ -105,7 +107,7 @@ def random_orthogonal(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def rotation_matrix(n: int, kind: str = "auto", seed: int = 0,
-                    block: int = 32) -> tuple[torch.Tensor, str]:
+                    block: int = DEFAULT_BLOCK_SIZE) -> tuple[torch.Tensor, str]:
     """(orthogonal float64 n x n matrix, a name saying how it was built).
 
     ``kind``: "block" (block-diagonal Sylvester aligned with the ``block``-element MX blocks;
