@@ -205,22 +205,28 @@ def test_paper_recipe_steps_equal_the_reference_formulas(calib):
     torch.testing.assert_close(learned, o, rtol=0, atol=1e-4)
 
 
+def _perturbed_offsets(init: float, noise, seed: int):
+    """tiny-qwen3 wrapped at offset ``init``, T 0.9, each offset moved by ``noise()``."""
+    model, _ = data.load_model_and_tokenizer(data.embedded_model_dir())
+    layers = wrap_model(model, "fp8-fp4", init=init)
+    for layer in layers.values():
+        layer.train()
+        layer.temperature = 0.9
+    params = dmx_parameters(model)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(noise())
+    return layers, params
+
+
 def test_projection_meets_the_budget_with_the_penalty_definition():
     """project_to_budget's vectorized average equals dmx.nn.bits.average_bits of the
     layers afterwards (the one definition), for both weightings and tied layers."""
     from dmx.search.assign import project_to_budget
     from dmx.nn.bits import average_bits
 
-    model, _ = data.load_model_and_tokenizer(data.embedded_model_dir())
-    layers = wrap_model(model, "fp8-fp4", init=0.7)
-    for layer in layers.values():
-        layer.train()
-        layer.temperature = 0.9
-    params = dmx_parameters(model)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in params:
-            p.add_(torch.randn(()) * 0.8)
+    layers, params = _perturbed_offsets(0.7, lambda: torch.randn(()) * 0.8, seed=0)
     for weighting, target in (("simple", 5.3), ("size", 6.1)):
         before = [float(p.detach()) for p in params]
         shift = project_to_budget(layers, params, target, weighting, 0.9, margin=0.5)
@@ -238,16 +244,8 @@ def test_projection_with_a_floor_acts_only_outside_the_band():
     from dmx.search.assign import project_to_budget
     from dmx.nn.bits import average_bits
 
-    model, _ = data.load_model_and_tokenizer(data.embedded_model_dir())
-    layers = wrap_model(model, "fp8-fp4", init=0.0)
-    for layer in layers.values():
-        layer.train()
-        layer.temperature = 0.9
-    params = dmx_parameters(model)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in params:
-            p.add_(torch.rand(()) * 0.3 - 0.9)  # some below the box (-0.5)
+    # some offsets below the box (-0.5)
+    layers, params = _perturbed_offsets(0.0, lambda: torch.rand(()) * 0.3 - 0.9, seed=1)
     before = [float(p.detach()) for p in params]
     assert float(average_bits(layers, "simple")) < 5.0
     assert project_to_budget(layers, params, 5.0, "simple", 0.9, margin=0.5,
