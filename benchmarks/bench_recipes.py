@@ -52,6 +52,10 @@ def _parse(argv=None):
     p.add_argument("--kl-samples", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--rotate", default="none", choices=("none", "hadamard", "learned"),
+                   help="rotation for every run (issue 12): searches get --rotate; uniform and "
+                        "KL baselines get hadamard too (learned: none, there is no loss to "
+                        "learn it from, so the baselines run unrotated and the table says so)")
     p.add_argument("--extra", default="", help="more `dmx search` flags, one string")
     p.add_argument("--stages", default="search,baseline,eval,table")
     p.add_argument("--reuse", action="store_true", help="keep finished OUT dirs")
@@ -122,12 +126,13 @@ def main(argv=None) -> int:
         log = (Path(args.results) / "runs" / "eval-unquantized.log").read_text()
         ppl = [ln for ln in log.splitlines() if "ppl" in ln][-1]
         ref.write_text(json.dumps({"protocol": ppl.strip()}) + "\n")
+    base_rotate = ["--rotate", "hadamard"] if args.rotate == "hadamard" else []
     for fmt in ("fp4_e2m1", "fp8_e4m3"):
         out = work / f"uniform-{fmt}"
         if "baseline" in stages and not (args.reuse and _done(out)):
             _dmx(args, out.name, ["baseline", "--model", args.model, "--method", "uniform",
                                   "--format", fmt, "--device", args.device, "--no-progress",
-                                  "--force", "-o", str(out)])
+                                  "--force", "-o", str(out), *base_rotate])
         evaluate(out)
     # seed-major: every recipe and target gets its first seed before any gets a second;
     # each search is evaluated, then KL at its achieved bits, so a cut-short sweep still
@@ -143,7 +148,7 @@ def main(argv=None) -> int:
                 "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                 "--seed", str(seed), "--device", args.device, "--no-fill-budget",
                 "--checkpoint-every", "0", "--no-progress", "--force", "-o", str(out),
-                *shlex.split(args.extra)])
+                "--rotate", args.rotate, *shlex.split(args.extra)])
         evaluate(out)
         kl = work / f"kl-{recipe}-{target:g}-s{seed}"
         if "baseline" in stages and _done(out) and not (args.reuse and _done(kl)):
@@ -152,7 +157,7 @@ def main(argv=None) -> int:
                 "baseline", "--model", args.model, "--method", "kl", "--target-bits",
                 repr(bits), "--calib", args.calib, "--seqlen", str(args.seqlen),
                 "--samples", str(args.kl_samples), "--seed", str(seed), "--device",
-                args.device, "--no-progress", "--force", "-o", str(kl)])
+                args.device, "--no-progress", "--force", "-o", str(kl), *base_rotate])
         evaluate(kl)
         if "table" in stages:  # after every pair: the table is always current
             _table(args, work, time.time() - t_start)
@@ -185,7 +190,9 @@ def _table(args, work: Path, wall: float) -> None:
              f"{Path(args.eval_file).name}, first {args.max_windows or 'all'} windows of "
              f"{args.eval_seqlen} tokens. Searches ran with --no-fill-budget (what the "
              f"method found; a search over the target is demoted to fit). KL: "
-             f"{args.kl_samples} calibration windows, at each search's achieved bits.", ""]
+             f"{args.kl_samples} calibration windows, at each search's achieved bits.",
+             "", f"Rotation: searches `--rotate {args.rotate}`; baselines (uniform, KL) "
+             + ("`--rotate hadamard`." if args.rotate == "hadamard" else "unrotated."), ""]
     unq = results / "unquantized.json"
     if unq.is_file():
         lines += [f"Unquantized: {json.loads(unq.read_text())['protocol']}", ""]

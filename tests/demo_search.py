@@ -16,6 +16,8 @@ def demo_search(root, **settings):
     calib.write_text(data.default_calibration_file().read_text(encoding="utf-8")[:40000],
                      encoding="utf-8")
     out = root / "dmx-6"
+    # the tests export to vLLM's compressed-tensors too, which serves q/k/v and gate/up fused
+    settings.setdefault("export_target", "compressed-tensors")
     search(str(data.embedded_model_dir()), 6.0, calib=[calib], steps=4, batch_size=2,
            seqlen=64, samples=8, out=out, progress=False, **settings)
     return out

@@ -38,14 +38,19 @@ def test_paper_recipe_is_the_reference_release():
     assert (cfg.lr, cfg.momentum, cfg.nesterov, cfg.grad_norm, cfg.max_grad_norm) == \
         (1.0, 0.99, True, "clip", 1.0)
     assert (cfg.t_start, cfg.t_end, cfg.delay, cfg.fill_budget) == (0.4, 20.0, 0.6, False)
-    assert set(RECIPES) == {"default", "paper", "target-start"}
-    # the default recipe: the paper's start and momentum, the hinge replaced by the
-    # projection onto [floor, target], gradients normalized
+    assert set(RECIPES) == {"default", "paper", "project", "target-start"}
+    # the default recipe: the paper's offsets, start, optimizer and anneal, the hinge
+    # replaced by the bounded budget with a ramp, plus distillation and the fill
     default = SearchConfig.from_recipe("default", target_bits=6.0)
-    assert (default.budget, default.parameterization, default.tie_fused, default.init,
-            default.ramp) == ("project", "clamp", True, "low", 0.5)
-    assert (default.lr, default.momentum, default.grad_norm, default.fill_budget) == \
-        (0.02, 0.99, "normalize", True)
+    same = ("parameterization", "init", "lr", "momentum", "nesterov", "grad_norm",
+            "max_grad_norm", "delay", "t_start", "t_end")
+    assert [getattr(default, k) for k in same] == [getattr(cfg, k) for k in same]
+    assert (default.budget, default.ramp, default.offset_margin, default.distill,
+            default.fill_budget) == ("bound", 0.5, 0.5, True, True)
+    # the earlier defaults, kept for comparison
+    project = SearchConfig.from_recipe("project", target_bits=6.0)
+    assert (project.budget, project.parameterization, project.lr, project.grad_norm,
+            project.distill) == ("project", "clamp", 0.02, "normalize", False)
 
 
 def test_flags_override_the_recipe_and_bad_values_are_refused():
@@ -205,10 +210,10 @@ def test_paper_recipe_steps_equal_the_reference_formulas(calib):
     torch.testing.assert_close(learned, o, rtol=0, atol=1e-4)
 
 
-def _perturbed_offsets(init: float, noise, seed: int):
+def _perturbed_offsets(init: float, noise, seed: int, parameterization: str = "clamp"):
     """tiny-qwen3 wrapped at offset ``init``, T 0.9, each offset moved by ``noise()``."""
     model, _ = data.load_model_and_tokenizer(data.embedded_model_dir())
-    layers = wrap_model(model, "fp8-fp4", init=init)
+    layers = wrap_model(model, "fp8-fp4", init=init, parameterization=parameterization)
     for layer in layers.values():
         layer.train()
         layer.temperature = 0.9
@@ -263,3 +268,60 @@ def test_projection_with_a_floor_acts_only_outside_the_band():
     cfg = SearchConfig.from_recipe("default", target_bits=5.0, steps=20)
     assert [cfg.budget_floor(s) for s in (0, 5, 10, 20)] == pytest.approx([4.0, 4.5, 5, 5])
     assert SearchConfig.from_recipe("target-start", target_bits=5.0).budget_floor(0) is None
+
+
+def test_bound_shrinks_over_the_target_and_keeps_the_bottom_at_the_bottom():
+    """--budget bound over the target: every effective offset |raw| moves down by one
+    common amount, those that would pass the low rung stop there (a soft threshold), the
+    raw signs are kept (abs()'s gradient keeps its direction), and the soft average is the
+    target by dmx.nn.bits' definition."""
+    from dmx.search.assign import bound_to_budget
+    from dmx.nn.bits import average_bits
+
+    layers, params = _perturbed_offsets(0.0, lambda: torch.randn(()) * 1.2, seed=2,
+                                        parameterization="abs")
+    raw = [float(p.detach()) for p in params]
+    assert float(average_bits(layers, "simple").detach()) > 5.0
+    held = bound_to_budget(layers, params, [p.detach().clone() for p in params], 5.0,
+                           "simple", 0.9, margin=0.5, parameterization="abs", floor=4.0)
+    s = held["shift"]
+    assert s < 0 and held["stretch"] == 1.0
+    assert float(average_bits(layers, "simple")) == pytest.approx(5.0, abs=1e-5)
+    for p, r in zip(params, raw):
+        e = min(abs(r), 2.5)
+        assert abs(float(p.detach())) == pytest.approx(max(0.0, e + s), abs=1e-6)
+        assert float(p.detach()) == 0.0 or math.copysign(1, float(p.detach())) == math.copysign(1, r)
+    assert any(float(p.detach()) == 0.0 for p in params), "no offset reached the bottom"
+
+
+def test_bound_under_the_floor_stretches_only_the_layers_that_moved():
+    """--budget bound under the ramp's floor: this step's move is stretched by one factor,
+    so a layer the gradient did not move stays where it is (the projection's uniform
+    shift would lift it); inside [floor, target] nothing changes but the box."""
+    from dmx.search.assign import bound_to_budget
+    from dmx.nn.bits import average_bits
+
+    layers, params = _perturbed_offsets(0.0, lambda: torch.zeros(()), seed=3)
+    before = [p.detach().clone() for p in params]
+    with torch.no_grad():  # one step: a third of the layers moved up a little
+        for i, p in enumerate(params):
+            if i % 3 == 0:
+                p.add_(0.2)
+    moved = [float(p.detach()) for p in params]
+    now = float(average_bits(layers, "simple"))
+    held = bound_to_budget(layers, params, before, 6.0, "simple", 0.9, margin=0.5,
+                           floor=now - 0.01)
+    assert held == {"shift": 0.0, "stretch": 1.0}
+    assert [float(p.detach()) for p in params] == pytest.approx(moved, abs=1e-7)
+    held = bound_to_budget(layers, params, before, 6.0, "simple", 0.9, margin=0.5,
+                           floor=now + 0.2)
+    assert held["shift"] == 0.0 and held["stretch"] > 1.0
+    assert float(average_bits(layers, "simple")) == pytest.approx(now + 0.2, abs=1e-5)
+    for i, p in enumerate(params):
+        want = 0.2 * held["stretch"] if i % 3 == 0 else 0.0
+        assert float(p.detach()) == pytest.approx(want, abs=1e-6)
+    # a floor the longest stretch cannot reach: the rest is one common shift
+    held = bound_to_budget(layers, params, before, 8.0, "simple", 0.9, margin=0.5,
+                           floor=7.0, max_stretch=2.0)
+    assert held["stretch"] == 2.0 and held["shift"] > 0
+    assert float(average_bits(layers, "simple")) == pytest.approx(7.0, abs=1e-5)

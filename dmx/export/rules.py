@@ -32,8 +32,8 @@ def check_fused(layers, target: str, allow_unfused: bool) -> None:
             desc = ", ".join(f"{n.rsplit('.', 1)[1]}={layers[n].fmt}" for n in names)
             raise DMXError(f"{group}: fused shards in different formats "
                            f"({desc}); vLLM ({target}) loads a fused layer with one scheme. "
-                           f"Rerun `dmx search` with tied q/k/v and gate/up (the default), "
-                           f"or pass --allow-unfused for an engine that does not fuse")
+                           f"Rerun `dmx search` with --export-target {target} (it ties q/k/v and "
+                           f"gate/up), or pass --allow-unfused for an engine that does not fuse")
 
 
 def check_formats(layers, target: str, supported, alternative: str) -> None:

@@ -25,7 +25,7 @@ import math
 
 from dmx.errors import DMXError
 
-__all__ = ["offset_for_bits", "project_to_budget", "average_coefficients", "repair_assignment", "repair_layers",
+__all__ = ["offset_for_bits", "project_to_budget", "bound_to_budget", "average_coefficients", "repair_assignment", "repair_layers",
            "set_offsets"]
 
 _EPS = 1e-6  # "average <= target" up to float32 rounding (dmx.nn.bits averages in float32)
@@ -144,6 +144,79 @@ def project_to_budget(layers: dict, params: list, target: float, weighting: str,
         for p, b in zip(params, base):
             p.copy_((b + shift).clamp(lo, hi).to(p.dtype))
     return shift
+
+
+def bound_to_budget(layers: dict, params: list, before: list, target: float, weighting: str,
+                    temperature: float, margin: float, parameterization: str = "clamp",
+                    floor: float | None = None, max_stretch: float = 8.0,
+                    iters: int = 40) -> dict:
+    """``--budget bound``: keep the soft average in ``[floor, target]`` after an SGD step
+    without adding anything to the loss (nothing enters the momentum, so nothing can run
+    away: the collapse of the hinge in issue 11), and without moving the layers the
+    cross-entropy did not choose. In place, no gradient; returns ``{"shift", "stretch"}``.
+
+    Works on the *effective* offsets e (what the forward pass sees before the ladder
+    clamp: the raw offset, or its absolute value with ``parameterization="abs"``; written
+    back with the raw offset's sign, so abs()'s gradient keeps its direction), boxed to
+    ``[low - margin, high + margin]`` (abs: ``[0, high + margin]``).
+
+    * Over the target: every e shrinks by one common amount s towards the low end,
+      ``e -> max(box_low, e - s)`` (a soft threshold: the bounded form of the hinge's
+      uniform push; layers already at the bottom stay there).
+    * Under ``floor`` (the ramp): this step's own move, ``e_after - e_before``, is stretched
+      by a common factor in ``[1, max_stretch]``: the layers the gradient raises rise
+      faster, the others do not move (a uniform shift, the projection's way, would lift
+      them all). Only if the longest stretch is still short is the rest a uniform shift.
+    """
+    import torch
+
+    from dmx.quant.anneal import anneal_map
+
+    first = next(iter(layers.values()))
+    lad = first.ladder
+    use_abs = parameterization == "abs"
+    lo = lad.low.position if use_abs else lad.low.position - float(margin)
+    hi = lad.high.position + float(margin)
+    index = {id(p): i for i, p in enumerate(params)}
+    coef = torch.zeros(len(params), dtype=torch.float64)
+    for layer, c in zip(layers.values(), average_coefficients(layers, weighting)):
+        coef[index[id(layer.offset)]] += c
+    with torch.no_grad():
+        raw = torch.stack([p.detach().double().cpu().reshape(()) for p in params])
+        old = torch.stack([b.detach().double().cpu().reshape(()) for b in before])
+        sign = torch.where(raw < 0, -1.0, 1.0) if use_abs else torch.ones_like(raw)
+        eff = (raw.abs() if use_abs else raw).clamp(lo, hi)
+        eff_old = (old.abs() if use_abs else old).clamp(lo, hi)
+
+        def soft(e: torch.Tensor) -> float:
+            b = e.clamp(lo, hi).clamp(lad.low.position, lad.high.position)
+            return float((coef * lad.element_bits(anneal_map(b, temperature, lad))).sum())
+
+        def bisect(f, a: float, z: float, goal: float) -> float:  # f increasing on [a, z]
+            for _ in range(iters):
+                mid = 0.5 * (a + z)
+                a, z = (mid, z) if f(mid) < goal else (a, mid)
+            return 0.5 * (a + z)
+
+        shift, stretch = 0.0, 1.0
+        now = soft(eff)
+        if now > target:
+            shift = -bisect(lambda s: -soft(eff - s), 0.0, hi - lo, -target)
+            eff = (eff + shift).clamp(lo, hi)
+        elif floor is not None and now < floor:
+            move = eff - eff_old
+            longest = (eff_old + max_stretch * move).clamp(lo, hi)
+            if soft(longest) < floor:
+                stretch, eff = max_stretch, longest
+                shift = bisect(lambda s: soft((eff + s).clamp(lo, hi)), 0.0, hi - lo, floor)
+                eff = (eff + shift).clamp(lo, hi)
+            else:
+                stretch = bisect(lambda a: soft((eff_old + a * move).clamp(lo, hi)),
+                                 1.0, max_stretch, floor)
+                eff = (eff_old + stretch * move).clamp(lo, hi)
+        for p, e, sg in zip(params, eff, sign):
+            p.copy_((sg * e).to(p.dtype).reshape(p.shape))
+    return {"shift": shift, "stretch": stretch}
 
 
 def _unit_label(unit: tuple[str, ...]) -> str:

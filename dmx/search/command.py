@@ -350,32 +350,38 @@ _HELP = {
     "export_target": "before the first step, leave out the layers this target cannot hold "
                      "(any = what compressed-tensors and gguf both accept; quark holds no MXFP8 "
                      "weights, so plan a Quark export with quark; none = no check)",
-    "tie_fused": "q/k/v and gate/up share one offset, as vLLM serves them (default recipe: "
-                 "on; paper: off)",
+    "tie_fused": "q/k/v and gate/up share one offset, as vLLM serves them (default: off, "
+                 "on with --export-target compressed-tensors or quark; tying cost quality "
+                 "on SmolLM2-135M, docs/dmx_search_cli.md)",
     "calib": "calibration text file(s) (default: the embedded wiki.valid.raw)",
     "seqlen": "tokens per calibration window (default 2048, capped at the model's positions)",
     "samples": "calibration windows (default: steps x batch size, capped by the text)",
     "steps": "optimization steps (default 400)",
     "batch_size": "windows per step (default 8)",
     "seed": "seed of the calibration windows and batch order (default 0)",
-    "distill": "add the KL divergence to the unquantized model's predictions",
+    "distill": "add the KL divergence to the unquantized model's predictions (default "
+               "recipe on; paper off)",
     "weighting": "average the budget uses: simple (per layer, default) or size (per weight)",
-    "budget": "how the budget is held: project (after each step, shift all offsets by one "
-              "amount into [floor, target], see --ramp; default recipe) or hinge (the "
-              "paper's lam*max(0, avg-target))",
-    "ramp": "--budget project: the floor of the soft average rises from the low rung to the "
+    "budget": "how the budget is held: bound (after each step: over the target, shrink all "
+              "offsets by one amount; under the --ramp floor, stretch the step; default "
+              "recipe), project (shift all offsets by one amount into [floor, target]) or "
+              "hinge (the paper's lam*max(0, avg-target))",
+    "ramp": "--budget bound/project: the floor of the soft average rises from the low rung to the "
             "target over this fraction of the steps (default 0.5; 0 = at the target always)",
+    "max_stretch": "--budget bound: under the ramp's floor, this step's move is stretched up "
+                   "to this factor (default 8), then what is missing is a common shift",
     "lam": "slope of the hinge penalty (--budget hinge; paper 5)",
-    "parameterization": "offset map: clamp (default recipe) or abs (the reference's |.|)",
+    "parameterization": "offset map: abs (the reference's |.|; default recipe) or clamp",
     "init": "where the offsets start: low (the low rung; default recipe and the reference) "
             "or target (soft average at the target)",
-    "offset_margin": "--budget project keeps offsets within the ladder +- this (default 0.5)",
-    "lr": "SGD learning rate of the offsets (default recipe 0.02 with normalized "
-          "gradients; paper 1.0 with clipping)",
+    "offset_margin": "--budget bound/project keep offsets within the ladder +- this "
+                     "(default 0.5)",
+    "lr": "SGD learning rate of the offsets (default and paper 1.0 with clipping; "
+          "project 0.02 with normalized gradients)",
     "momentum": "SGD momentum (default recipe and paper 0.99)",
     "nesterov": "Nesterov momentum (default on)",
-    "grad_norm": "normalize (the gradient scaled to RMS 1 per offset; default recipe), clip "
-                 "(L2 norm at --max-grad-norm; paper) or none",
+    "grad_norm": "clip (L2 norm at --max-grad-norm; default and paper), normalize (the "
+                 "gradient scaled to RMS 1 per offset) or none",
     "max_grad_norm": "L2 norm for --grad-norm clip (default 1.0)",
     "delay": "fraction of steps at the starting temperature (default 0.6)",
     "t_start": "starting anneal temperature, code units (default 0.4)",
@@ -427,17 +433,19 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
         "search", help="learn a mixed MX format assignment under a bit budget (dMX)",
         description="Learn one MX format per linear layer so that the average element bits "
                     "meet --target-bits, then write the quantized model to OUT. Settings come "
-                    "from --recipe (default, paper or target-start); any flag overrides the recipe. "
+                    "from --recipe (default, paper, project or target-start); any flag "
+                    "overrides the recipe. "
                     "Checkpoints go to OUT.partial/; Ctrl-C saves one (resume with --resume).")
     p.add_argument("--model", required=True, help="local Hugging Face causal-LM directory, or a "
                    ".gguf file (converted once to a cached float32 directory)")
     p.add_argument("--target-bits", type=float, required=True,
                    help="average element bits to reach (MXFP4 = 4, MXFP6 = 6, MXFP8 = 8)")
     p.add_argument("--recipe", choices=tuple(RECIPES), default="default",
-                   help="default (start at MXFP4, budget by projection with a ramp, stable "
-                        "on small and large models), paper (the authors' release: hinge lam "
-                        "5, SGD lr 1 momentum 0.99, abs() offsets, untied, clip 1.0, no fill) "
-                        "or target-start (the default until 2026-12: start at the target)")
+                   help="default (the paper's optimizer from MXFP4 with a bounded budget "
+                        "and distillation: stable on small and large models), paper (the "
+                        "authors' release: hinge lam 5, SGD lr 1 momentum 0.99, abs() "
+                        "offsets, untied, clip 1.0, no fill), project or target-start (earlier "
+                        "defaults, for comparison); see docs/dmx_search_cli.md")
     _add_config_flags(p)
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--device-map", default=None, choices=("auto", "balanced", "sequential"),

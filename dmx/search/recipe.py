@@ -3,37 +3,45 @@
 
 Named recipes (``--recipe``):
 
-* ``paper`` -- the authors' release (Brevitas ``papers/dMX``, docs/reference notes in
-  ../shared/reference/paper.md 2.2-2.6): one offset per linear (untied), the raw offset
-  through ``abs()`` then an STE clamp, SGD lr 1 momentum 0.99 Nesterov, gradient-norm clip
-  1.0 (the Hugging Face trainer's default), the hinge ``lam * max(0, avg - target)`` with
-  lam 5, offsets start at the low rung, T 0.4 -> 20 after a 0.6 delay, no budget fill.
-* ``default`` -- the paper's objective, start and optimizer, with the budget held by
-  *projection* instead of the hinge. Why: with the hinge, the first step over the target
-  gives every offset the same kick, ``lam * share * 2 * F'(b)``, however small the
-  overshoot; momentum 0.99 integrates it into a move of tens of units, the clamp pins the
-  forward pass at the low rung while the parameter sits far below the ladder, and the
-  silent hinge never brings it back (the collapse measured in issue 11). The projection
-  instead shifts all offsets by one common amount after each step so that the soft
-  average lies in ``[floor, target]`` (bisection, dmx.search.assign.project_to_budget): never
-  over the target, and never under a floor that rises linearly from the low rung to the
-  target over the first ``ramp`` (0.5) of the steps. So, as in the paper, the offsets start
-  at MXFP4 and the cross-entropy gradient raises the layers that need bits (the ranking is
-  learned where MXFP4 hurts), while the floor guarantees the budget is reached before the
-  anneal starts, on any model and run length. Offsets stay within ``offset_margin`` of the
-  ladder, the momentum buffer holds only cross-entropy gradients (the projection is not a
-  loss), so nothing can run away. Gradients are normalised to root-mean-square 1 per
-  offset before SGD (lr 0.02, momentum 0.99 Nesterov), so the pace is the same whatever
-  the model's loss scale or size; q/k/v and gate/up share an offset (what vLLM can serve);
-  the fill is on: it only acts when the anneal leaves the hard average below the target,
+* ``default`` -- the paper's offsets and optimizer (abs(), untied, start at MXFP4, SGD lr 1
+  momentum 0.99 Nesterov, clip 1.0, the same anneal) with two changes, both measured on
+  SmolLM2-135M (BENCHMARKS.md "Search recipes"):
+
+  1. *The budget is bounded, not a loss* (``budget="bound"``,
+     dmx.search.assign.bound_to_budget). The hinge's first step over the target gives every
+     offset the same kick, ``lam * share * F'(b)``, however small the overshoot; momentum
+     0.99 integrates it into a move of tens of units and the offsets leave the ladder (the
+     collapse of issue 11). Here, after each SGD step, an average over the target is
+     brought back by shrinking every effective offset by one common amount (a soft
+     threshold: the layers at the low rung stay there), and nothing enters the momentum
+     buffer, so nothing runs away; offsets are kept within ``offset_margin`` of the ladder.
+     An average under a floor that rises from the low rung to the target over the first
+     ``ramp`` (0.5) of the steps is raised by *stretching this step's move* (up to
+     ``max_stretch`` x): the layers the cross-entropy raises rise faster and the others stay
+     put, so the budget is reached before the anneal on any model and run length while the
+     ranking stays the gradient's (the paper's short runs end under the target: 5.5 bits
+     for a 6-bit target in 24 steps).
+  2. *Distillation* (``distill``): the loss adds the KL divergence from the unquantized
+     model's next-token distribution, a lower-variance signal than the one-hot
+     cross-entropy (one extra forward pass without gradient per step).
+
+  The fill is on: it only acts when the anneal leaves the hard average under the target,
   and is reported separately.
+* ``project`` -- the default from 2026-12-05 morning to evening, kept for comparison: the
+  budget held by a *uniform shift* of all offsets into ``[floor, target]``
+  (dmx.search.assign.project_to_budget), clamp offsets, q/k/v and gate/up tied, gradients
+  normalised (lr 0.02). Stable, but it lifted the layers the gradient did not choose and
+  ranked worse than KL on SmolLM2-135M.
 * ``target-start`` -- the default until 2026-12-05, kept for comparison: the projection
   holds the average at the target from step 0 (``ramp`` 0), offsets start at the target,
   lr 0.01 normalised, momentum 0.9. It is stable but ranked layers worse than KL on
   SmolLM2-135M (BENCHMARKS.md).
+* ``paper`` -- the authors' release (Brevitas ``papers/dMX``, ../shared/reference/paper.md
+  2.2-2.6): the default's optimizer and anneal with the hinge ``lam * max(0, avg - target)`` with
+  lam 5, no distillation, no fill.
 
-Rotations (``rotate``: none | hadamard | learned, docs/rotations.md) are off in both
-recipes. The authors' runs learned R1/R2 jointly with the offsets (Cayley SGD, lr 1.5,
+Rotations (``rotate``: none | hadamard | learned, docs/rotations.md) are off in every
+recipe. The authors' runs learned R1/R2 jointly with the offsets (Cayley SGD, lr 1.5,
 Hadamard-initialised): to reproduce them pass ``--recipe paper --rotate learned``. They
 stay off in ``paper`` because a recipe is the offset search the paper describes, and a
 rotation changes the model being searched (it is reported in the manifest either way).
@@ -51,12 +59,13 @@ from dmx.errors import DMXError
 __all__ = ["SearchConfig", "RECIPES", "BUDGETS", "PARAMETERIZATIONS", "GRAD_NORMS", "INITS",
            "WEIGHTINGS", "EXPORT_TARGETS", "ROTATIONS", "config_from_dict"]
 
-BUDGETS = ("project", "hinge")
+BUDGETS = ("project", "bound", "hinge")
 PARAMETERIZATIONS = ("clamp", "abs")
 GRAD_NORMS = ("normalize", "clip", "none")
 INITS = ("low", "target")
 WEIGHTINGS = ("simple", "size")  # the averages the search trains against (macs: report only)
 EXPORT_TARGETS = ("any", "compressed-tensors", "quark", "gguf", "none")
+VLLM_TARGETS = ("compressed-tensors", "quark")  # served fused: --tie-fused unless told not to
 # search rotations: fixed (dmx.rotate.rotate_model) or learned with the offsets
 # (dmx.rotate.LearnedRotations); "random" is a baseline-only comparison
 ROTATIONS = ("none", "hadamard", "learned")
@@ -75,7 +84,7 @@ class SearchConfig:
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
     export_target: str = "any"
-    tie_fused: bool = True
+    tie_fused: bool = False
     # data
     calib: tuple[str, ...] | None = None
     seqlen: int = 2048
@@ -84,22 +93,24 @@ class SearchConfig:
     batch_size: int = 8
     seed: int = 0
     # objective
-    distill: bool = False
+    distill: bool = True
     weighting: str = "simple"
-    budget: str = "project"
+    budget: str = "bound"
     lam: float = 5.0
     # project: the soft average is held in [floor, target], the floor rising linearly from
     # the low rung to the target over this fraction of the steps (0: at the target always)
     ramp: float = 0.5
+    # bound: under the floor, this step's move is stretched up to this factor (then shifted)
+    max_stretch: float = 8.0
     # offsets
-    parameterization: str = "clamp"
+    parameterization: str = "abs"
     init: str = "low"
     offset_margin: float = 0.5
     # optimizer: SGD on the offsets
-    lr: float = 0.02
+    lr: float = 1.0
     momentum: float = 0.99
     nesterov: bool = True
-    grad_norm: str = "normalize"
+    grad_norm: str = "clip"
     max_grad_norm: float = 1.0
     # anneal (code units, dmx.quant.anneal)
     delay: float = 0.6
@@ -128,6 +139,10 @@ class SearchConfig:
             raise DMXError(f"unknown search setting(s): {', '.join(sorted(unknown))}")
         values = {**RECIPES[recipe], **{k: v for k, v in overrides.items() if v is not None}}
         values["recipe"] = recipe
+        if overrides.get("tie_fused") is None and values.get("export_target") in VLLM_TARGETS:
+            # vLLM loads q/k/v and gate/up as one fused matmul with one scheme
+            # (dmx.export.rules.check_fused): plan for it unless told otherwise
+            values["tie_fused"] = True
         if values.get("rotate_online") is not None:
             from dmx.rotate.online import parse_online  # "r4" / ["r4"] -> ("r4",), checked
             values["rotate_online"] = parse_online(values["rotate_online"])
@@ -144,7 +159,7 @@ class SearchConfig:
         average is held at the target exactly). Rising linearly from the low rung's bits,
         it reaches the target after ``ramp * steps`` steps; until then the cross-entropy
         alone may raise the offsets faster, as in the paper's start at the low rung."""
-        if self.budget != "project" or self.ramp <= 0:
+        if self.budget not in ("project", "bound") or self.ramp <= 0:
             return None
         from dmx.quant.ladders import get_ladder
 
@@ -185,6 +200,7 @@ class SearchConfig:
         check_target_bits(self.target_bits, lad)
         for flag, value in (("--lr", self.lr), ("--t-start", self.t_start),
                             ("--t-end", self.t_end), ("--max-grad-norm", self.max_grad_norm),
+                            ("--max-stretch", self.max_stretch),
                             ("--rotation-lr", self.rotation_lr)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise DMXError(f"{flag} must be a positive number, got {value!r}")
@@ -194,6 +210,8 @@ class SearchConfig:
         if self.budget == "project" and self.parameterization != "clamp":
             raise DMXError("--budget project shifts the offsets themselves, which needs "
                            "--parameterization clamp (abs() is not monotone)")
+        if self.max_stretch < 1.0:
+            raise DMXError(f"--max-stretch must be >= 1 (1: never stretch), got {self.max_stretch!r}")
         if not 0.0 <= self.momentum < 1.0:
             raise DMXError(f"--momentum must be in [0, 1), got {self.momentum!r}")
         if not 0.0 <= self.ramp <= 1.0:
@@ -229,11 +247,17 @@ RECIPES: dict[str, dict] = {
     "default": {},
     "paper": dict(budget="hinge", lam=5.0, parameterization="abs", tie_fused=False,
                   init="low", lr=1.0, momentum=0.99, nesterov=True, grad_norm="clip",
-                  max_grad_norm=1.0, delay=0.6, t_start=0.4, t_end=20.0, fill_budget=False),
-    # the default recipe until 2026-12-05: two-sided projection from the target with
-    # small normalized steps (kept for comparison; it ranked worse than KL, BENCHMARKS.md)
-    "target-start": dict(budget="project", ramp=0.0, init="target", lr=0.01, momentum=0.9,
-                         grad_norm="normalize"),
+                  max_grad_norm=1.0, delay=0.6, t_start=0.4, t_end=20.0, distill=False,
+                  fill_budget=False),
+    # the default from 2026-12-05 morning to evening: a uniform shift into [floor, target]
+    # (kept for comparison; it ranked worse than KL, BENCHMARKS.md)
+    "project": dict(budget="project", parameterization="clamp", tie_fused=True, lr=0.02,
+                    grad_norm="normalize", distill=False),
+    # the default until 2026-12-05: the projection from the target with small normalized
+    # steps (kept for comparison; it ranked worse than KL, BENCHMARKS.md)
+    "target-start": dict(budget="project", parameterization="clamp", tie_fused=True,
+                         ramp=0.0, init="target", lr=0.01, momentum=0.9,
+                         grad_norm="normalize", distill=False),
 }
 
 

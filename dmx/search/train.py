@@ -305,21 +305,29 @@ def _train_step(model, layers, windows, cfg: SearchConfig, optimizer, schedule, 
 
         all_reduce_grads(dist, params + rot_params)
     grad_norm = _scale_gradients(params, cfg) if cfg.grad_norm != "none" else None
+    before = [p.detach().clone() for p in params] if cfg.budget == "bound" else None
     optimizer.step()
     rotation = {}
     if rotations is not None:  # the same loss's gradient, unscaled (see the docstring)
         rotation["rotation_grad_norm"] = _l2_norm([p.grad for p in rot_params
                                                    if p.grad is not None])
         rotations.step()
-    shift = None
+    shift = stretch = None
     if cfg.budget == "project":  # the next step's forward meets the budget
         from dmx.search.assign import project_to_budget
         shift = project_to_budget(layers, params, cfg.target_bits, cfg.weighting,
                                   schedule.at(step + 1), cfg.offset_margin,
                                   floor=cfg.budget_floor(step + 1))
+    elif cfg.budget == "bound":  # the same band, held without moving unchosen layers
+        from dmx.search.assign import bound_to_budget
+        held = bound_to_budget(layers, params, before, cfg.target_bits, cfg.weighting,
+                               schedule.at(step + 1), cfg.offset_margin,
+                               cfg.parameterization, floor=cfg.budget_floor(step + 1),
+                               max_stretch=cfg.max_stretch)
+        shift, stretch = held["shift"], held["stretch"]
     return {"step": step, "T": T, "loss": value, "ce": float(ce.detach()),
             "kl": None if kl is None else float(kl.detach()), "penalty": float(penalty.detach()),
             "avg_bits": float(avg.detach()),
             "hard_bits": hard_bits(layers, cfg.weighting), "grad_norm": grad_norm,
-            "shift": shift, "floor": cfg.budget_floor(step), **rotation,
+            "shift": shift, "stretch": stretch, "floor": cfg.budget_floor(step), **rotation,
             **_offset_stats(layers, params)}
