@@ -99,10 +99,11 @@ def test_export_plan_excludes_ragged_layers_and_refuses_unstorable_rungs():
                                                (STORIES, 6.0)])
 def test_default_recipe_does_not_collapse(model_dir, target, calib, tmp_path):
     """The failure the default recipe fixes: under the paper's hinge + momentum 0.99 the
-    offsets left the ladder by tens of units and froze there. Here every step's raw
-    offsets stay within the ladder +- offset_margin, the soft average the forward pass
-    used is the target, and the raw hard assignment (no fill) ends within one unit of
-    it. (The anneal finishes at T 20: the soft and hard model then agree too.)"""
+    offsets left the ladder by tens of units and froze there. Here (the paper's optimizer,
+    the budget bounded instead) every step's effective offsets stay within the ladder +-
+    offset_margin, the soft average the forward pass used never leaves [floor, target],
+    and the raw hard assignment (no fill) ends within a few units of the target. (The
+    anneal finishes at T 20: the soft and hard model then agree too.)"""
     cfg = SearchConfig.from_recipe("default", target_bits=target, steps=16, batch_size=2,
                                    seqlen=32, samples=16, fill_budget=False,
                                    export_target="none", calib=[str(calib)])
@@ -325,3 +326,17 @@ def test_bound_under_the_floor_stretches_only_the_layers_that_moved():
                            floor=7.0, max_stretch=2.0)
     assert held["stretch"] == 2.0 and held["shift"] > 0
     assert float(average_bits(layers, "simple")) == pytest.approx(7.0, abs=1e-5)
+
+
+def test_an_untied_search_says_which_fused_groups_vllm_could_not_load():
+    """The default search is untied: its note names the q/k/v or gate/up groups that mix
+    formats (what `dmx export --to compressed-tensors` would refuse), and none when tied."""
+    from dmx.search.command import _mixed_fused_groups
+
+    block = "model.layers.3"
+    formats = {f"{block}.self_attn.{p}_proj": "fp4_e2m1" for p in "qkvo"}
+    formats.update({f"{block}.mlp.{p}_proj": "fp8_e4m3" for p in ("gate", "up", "down")})
+    assert _mixed_fused_groups(formats) == []
+    formats[f"{block}.self_attn.v_proj"] = "fp8_e4m3"
+    formats[f"{block}.self_attn.o_proj"] = "fp8_e4m3"  # not fused: never named
+    assert _mixed_fused_groups(formats) == [f"{block}.self_attn.qkv"]

@@ -555,3 +555,16 @@ def _print_result(result: dict) -> None:
     print(f"dmx search: calibration ppl on {e['windows']} windows: soft model {e['soft']:.3f}, "
           f"hard {e['hard_raw']:.3f}, after repair {e['hard_repaired']:.3f}")
     print(f"dmx search: wrote {result['out']} in {result['wall_seconds']:.1f} s")
+    mixed = _mixed_fused_groups(result["formats"])
+    if mixed:  # untied search (the default): fine for llama.cpp, not for vLLM's fused layers
+        print(f"dmx search: note: {len(mixed)} fused group(s) (q/k/v, gate/up) mix formats, "
+              f"e.g. {mixed[0]}: `dmx export --to gguf` takes this OUT; for vLLM "
+              f"(compressed-tensors, quark) search with --export-target compressed-tensors")
+
+
+def _mixed_fused_groups(formats: dict) -> list[str]:
+    """The fused groups (the ones vLLM serves as one matmul) whose layers got different formats."""
+    from dmx.export.rules import fused_groups
+
+    return [g for g, names in fused_groups(formats).items()
+            if len({formats[n] for n in names}) > 1]
