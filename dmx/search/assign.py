@@ -108,42 +108,55 @@ def project_to_budget(layers: dict, params: list, target: float, weighting: str,
     """
     import torch
 
-    from dmx.quant.anneal import anneal_map
-
-    first = next(iter(layers.values()))
-    lad = first.ladder
+    lad = next(iter(layers.values())).ladder
     lo, hi = lad.low.position - float(margin), lad.high.position + float(margin)
-    index = {id(p): i for i, p in enumerate(params)}
-    coef = torch.zeros(len(params), dtype=torch.float64)
-    for layer, c in zip(layers.values(), average_coefficients(layers, weighting)):
-        coef[index[id(layer.offset)]] += c
+    soft = _soft_average(layers, params, weighting, temperature, lo, hi)
     with torch.no_grad():
         base = torch.stack([p.detach().double().cpu() for p in params])
-
-        def soft_bits_at(shift: float) -> float:
-            b = (base + shift).clamp(lo, hi).clamp(lad.low.position, lad.high.position)
-            return float((coef * lad.element_bits(anneal_map(b, temperature, lad))).sum())
-
         goal = target
         if floor is not None and floor < target:
-            now = soft_bits_at(0.0)
+            now = soft(base)
             if floor <= now <= target:  # inside the band: only the box applies
                 for p, b in zip(params, base):
                     p.copy_(b.clamp(lo, hi).to(p.dtype))
                 return 0.0
             goal = target if now > target else floor
         # from every offset at the low end of the box to every offset at the high end
-        a, z = lo - float(base.max()), hi - float(base.min())
-        for _ in range(iters):
-            mid = 0.5 * (a + z)
-            if soft_bits_at(mid) < goal:
-                a = mid
-            else:
-                z = mid
-        shift = 0.5 * (a + z)
+        shift = _bisect(lambda a: soft(base + a), lo - float(base.max()),
+                        hi - float(base.min()), goal, iters)
         for p, b in zip(params, base):
             p.copy_((b + shift).clamp(lo, hi).to(p.dtype))
     return shift
+
+
+def _soft_average(layers: dict, params: list, weighting: str, temperature: float,
+                  lo: float, hi: float):
+    """A function of a vector of effective offsets (one per parameter in ``params``, boxed
+    to [lo, hi]) giving the soft average bits at ``temperature``: dmx.nn.bits' definition
+    (its coefficients, :func:`average_coefficients`) on the anneal map of the clamped
+    offsets, as DMXLinear.current_bits computes it, for all offsets at once."""
+    import torch
+
+    from dmx.quant.anneal import anneal_map
+
+    lad = next(iter(layers.values())).ladder
+    index = {id(p): i for i, p in enumerate(params)}
+    coef = torch.zeros(len(params), dtype=torch.float64)
+    for layer, c in zip(layers.values(), average_coefficients(layers, weighting)):
+        coef[index[id(layer.offset)]] += c
+
+    def soft(e) -> float:
+        b = e.clamp(lo, hi).clamp(lad.low.position, lad.high.position)
+        return float((coef * lad.element_bits(anneal_map(b, temperature, lad))).sum())
+    return soft
+
+
+def _bisect(f, a: float, z: float, goal: float, iters: int) -> float:
+    """x in [a, z] with f(x) = goal, for f increasing (to ``iters`` halvings)."""
+    for _ in range(iters):
+        mid = 0.5 * (a + z)
+        a, z = (mid, z) if f(mid) < goal else (a, mid)
+    return 0.5 * (a + z)
 
 
 def bound_to_budget(layers: dict, params: list, before: list, target: float, weighting: str,
@@ -170,49 +183,32 @@ def bound_to_budget(layers: dict, params: list, before: list, target: float, wei
     """
     import torch
 
-    from dmx.quant.anneal import anneal_map
-
-    first = next(iter(layers.values()))
-    lad = first.ladder
+    lad = next(iter(layers.values())).ladder
     use_abs = parameterization == "abs"
     lo = lad.low.position if use_abs else lad.low.position - float(margin)
     hi = lad.high.position + float(margin)
-    index = {id(p): i for i, p in enumerate(params)}
-    coef = torch.zeros(len(params), dtype=torch.float64)
-    for layer, c in zip(layers.values(), average_coefficients(layers, weighting)):
-        coef[index[id(layer.offset)]] += c
+    soft = _soft_average(layers, params, weighting, temperature, lo, hi)
     with torch.no_grad():
         raw = torch.stack([p.detach().double().cpu().reshape(()) for p in params])
         old = torch.stack([b.detach().double().cpu().reshape(()) for b in before])
         sign = torch.where(raw < 0, -1.0, 1.0) if use_abs else torch.ones_like(raw)
         eff = (raw.abs() if use_abs else raw).clamp(lo, hi)
         eff_old = (old.abs() if use_abs else old).clamp(lo, hi)
-
-        def soft(e: torch.Tensor) -> float:
-            b = e.clamp(lo, hi).clamp(lad.low.position, lad.high.position)
-            return float((coef * lad.element_bits(anneal_map(b, temperature, lad))).sum())
-
-        def bisect(f, a: float, z: float, goal: float) -> float:  # f increasing on [a, z]
-            for _ in range(iters):
-                mid = 0.5 * (a + z)
-                a, z = (mid, z) if f(mid) < goal else (a, mid)
-            return 0.5 * (a + z)
-
         shift, stretch = 0.0, 1.0
         now = soft(eff)
         if now > target:
-            shift = -bisect(lambda s: -soft(eff - s), 0.0, hi - lo, -target)
+            shift = _bisect(lambda a: soft(eff + a), lo - hi, 0.0, target, iters)
             eff = (eff + shift).clamp(lo, hi)
         elif floor is not None and now < floor:
             move = eff - eff_old
             longest = (eff_old + max_stretch * move).clamp(lo, hi)
             if soft(longest) < floor:
                 stretch, eff = max_stretch, longest
-                shift = bisect(lambda s: soft((eff + s).clamp(lo, hi)), 0.0, hi - lo, floor)
+                shift = _bisect(lambda a: soft(eff + a), 0.0, hi - lo, floor, iters)
                 eff = (eff + shift).clamp(lo, hi)
             else:
-                stretch = bisect(lambda a: soft((eff_old + a * move).clamp(lo, hi)),
-                                 1.0, max_stretch, floor)
+                stretch = _bisect(lambda a: soft(eff_old + a * move), 1.0, max_stretch,
+                                  floor, iters)
                 eff = (eff_old + stretch * move).clamp(lo, hi)
         for p, e, sg in zip(params, eff, sign):
             p.copy_((sg * e).to(p.dtype).reshape(p.shape))
