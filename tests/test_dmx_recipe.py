@@ -64,6 +64,19 @@ def test_flags_override_the_recipe_and_bad_values_are_refused():
             SearchConfig.from_recipe(recipe, **{"target_bits": 5.0, **bad})
 
 
+def test_a_vllm_export_target_ties_the_fused_groups_unless_told_not_to():
+    """vLLM serves q/k/v and gate/up as one matmul in one format: --export-target
+    compressed-tensors or quark ties them; any/gguf leave the (untied) default; an explicit
+    --tie-fused / --no-tie-fused wins either way."""
+    def tied(**kw):
+        return SearchConfig.from_recipe("default", target_bits=5.0, **kw).tie_fused
+
+    assert tied() is False and tied(export_target="gguf") is False
+    assert tied(export_target="compressed-tensors") is True and tied(export_target="quark")
+    assert tied(export_target="quark", tie_fused=False) is False
+    assert tied(export_target="gguf", tie_fused=True) is True
+
+
 def test_config_round_trips_through_json():
     cfg = SearchConfig.from_recipe("default", target_bits=5.5, include=["mlp", "attn"],
                                    calib=["/a.txt"], samples=7)
