@@ -97,8 +97,8 @@ class SearchConfig:
     weighting: str = "simple"
     budget: str = "bound"
     lam: float = 5.0
-    # project: the soft average is held in [floor, target], the floor rising linearly from
-    # the low rung to the target over this fraction of the steps (0: at the target always)
+    # bound/project: the soft average is held in [floor, target], the floor rising linearly
+    # from the low rung to the target over this fraction of the steps (0: at the target always)
     ramp: float = 0.5
     # bound: under the floor, this step's move is stretched up to this factor (then shifted)
     max_stretch: float = 8.0
