@@ -3,8 +3,10 @@
 Objective per step (paper.md 2.5-2.6): next-token cross-entropy on a calibration batch,
 optionally + the KL divergence from the unquantized model's next-token distribution
 (``distill``). The budget (dmx.search.recipe): ``hinge`` adds the paper's target-aware penalty
-R_t = max(0, lam (avg_bits - target)); ``project`` shifts the offsets after every step so
-that the soft average equals the target (dmx.search.assign.project_to_budget). The gradient is
+R_t = max(0, lam (avg_bits - target)); ``project`` shifts all offsets after every step so
+that the soft average lies in [floor, target] (dmx.search.assign.project_to_budget);
+``bound`` (the default) holds the same band by shrinking all offsets over the target and
+stretching the step under the floor (dmx.search.assign.bound_to_budget). The gradient is
 clipped or normalised to ``max_grad_norm`` (``grad_norm``) before the SGD step. The anneal
 temperature follows :class:`dmx.quant.anneal.TemperatureSchedule`.
 
@@ -284,7 +286,7 @@ def _train_step(model, layers, windows, cfg: SearchConfig, optimizer, schedule, 
         kl = distill_kl(logits, ref_logits)
         loss = loss + kl
     avg = average_bits(layers, cfg.weighting)  # float32 whatever the model dtype
-    lam = cfg.lam if cfg.budget == "hinge" else 0.0  # project: the budget is not a loss
+    lam = cfg.lam if cfg.budget == "hinge" else 0.0  # bound/project: the budget is not a loss
     penalty = hinge_penalty(avg, cfg.target_bits, lam)
     if parallel:
         loss, ce, kl = _data_parallel_loss(dist, loss, ce, kl, penalty, share)
