@@ -341,6 +341,41 @@ def test_bound_under_the_floor_stretches_only_the_layers_that_moved():
     assert float(average_bits(layers, "simple")) == pytest.approx(7.0, abs=1e-5)
 
 
+def test_slope_preconditioning_steps_along_the_gradient_of_the_position():
+    """--precondition slope: each offset's gradient becomes dL/d(position) times the anneal
+    map's slope at the low rung, wherever the offset sits (abs() signs kept), so two layers
+    with the same dL/d(position) get the same step; the plain gradient gives the one higher
+    on the sigmoid's tail a larger one (the lock-in the option removes)."""
+    from dmx.quant.anneal import anneal_map
+    from dmx.search.train import _precondition_by_slope
+
+    layers, params = _perturbed_offsets(0.0, lambda: torch.zeros(()), seed=4,
+                                        parameterization="abs")
+    lad, T = next(iter(layers.values())).ladder, 0.4
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.fill_((-1) ** i * 0.15 * (i % 12))  # 0 .. 1.65, both signs
+    for layer in layers.values():
+        layer.temperature = T
+    pos = [layer.position() for layer in layers.values()]
+    dl_dpos = torch.linspace(-1.0, 1.0, len(pos))  # any per-layer sensitivity
+    sum(g * b for g, b in zip(dl_dpos, pos)).backward()
+    plain = [float(p.grad) for p in params]
+    _precondition_by_slope(params, layers, T)
+    e0 = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    slope0, = torch.autograd.grad(anneal_map(e0, T, lad), e0)
+    index = {id(p): i for i, p in enumerate(params)}
+    want = [0.0] * len(params)
+    for layer, g in zip(layers.values(), dl_dpos):  # tied layers add up
+        want[index[id(layer.offset)]] += float(g)
+    for p, w, g0 in zip(params, want, plain):
+        sign = 1.0 if float(p.detach()) >= 0 else -1.0
+        assert float(p.grad) == pytest.approx(sign * w * float(slope0), rel=1e-4, abs=1e-7)
+        assert abs(float(p.grad)) <= abs(g0) + 1e-7
+    mid = min(range(len(params)), key=lambda i: abs(abs(float(params[i].detach())) - 1.05))
+    assert abs(plain[mid]) > 10 * abs(float(params[mid].grad))  # mid-ladder vs the tail
+
+
 def test_an_untied_search_says_which_fused_groups_vllm_could_not_load():
     """The default search is untied: its note names the q/k/v or gate/up groups that mix
     formats (what `dmx export --to compressed-tensors` would refuse), and none when tied."""

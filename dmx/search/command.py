@@ -383,6 +383,9 @@ _HELP = {
     "grad_norm": "clip (L2 norm at --max-grad-norm; default and paper), normalize (the "
                  "gradient scaled to RMS 1 per offset) or none",
     "max_grad_norm": "L2 norm for --grad-norm clip (default 1.0)",
+    "precondition": "slope: before the anneal, divide each offset's gradient by the anneal "
+                    "map's slope there (relative to the low rung), so layers that rose early "
+                    "do not get a larger gradient for it; none: the plain gradient (paper)",
     "delay": "fraction of steps at the starting temperature (default 0.6)",
     "t_start": "starting anneal temperature, code units (default 0.4)",
     "t_end": "final anneal temperature, code units (default 20)",

@@ -57,12 +57,13 @@ from dataclasses import dataclass
 from dmx.errors import DMXError
 
 __all__ = ["SearchConfig", "RECIPES", "BUDGETS", "PARAMETERIZATIONS", "GRAD_NORMS", "INITS",
-           "WEIGHTINGS", "EXPORT_TARGETS", "ROTATIONS", "config_from_dict"]
+           "WEIGHTINGS", "PRECONDITIONS", "EXPORT_TARGETS", "ROTATIONS", "config_from_dict"]
 
 BUDGETS = ("project", "bound", "hinge")
 PARAMETERIZATIONS = ("clamp", "abs")
 GRAD_NORMS = ("normalize", "clip", "none")
 INITS = ("low", "target")
+PRECONDITIONS = ("none", "slope")
 WEIGHTINGS = ("simple", "size")  # the averages the search trains against (macs: report only)
 EXPORT_TARGETS = ("any", "compressed-tensors", "quark", "gguf", "none")
 VLLM_TARGETS = ("compressed-tensors", "quark")  # served fused: --tie-fused unless told not to
@@ -112,6 +113,10 @@ class SearchConfig:
     nesterov: bool = True
     grad_norm: str = "clip"
     max_grad_norm: float = 1.0
+    # "slope": while the temperature is at t_start, each offset's gradient is divided by
+    # the anneal map's slope at that offset relative to its slope at the low rung, i.e.
+    # the step follows dL/d(position); "none": the plain gradient (the paper's)
+    precondition: str = "none"
     # anneal (code units, dmx.quant.anneal)
     delay: float = 0.6
     t_start: float = 0.4
@@ -192,6 +197,7 @@ class SearchConfig:
         _choice("--budget", self.budget, BUDGETS)
         _choice("--parameterization", self.parameterization, PARAMETERIZATIONS)
         _choice("--grad-norm", self.grad_norm, GRAD_NORMS)
+        _choice("--precondition", self.precondition, PRECONDITIONS)
         _choice("--init", self.init, INITS)
         _choice("--export-target", self.export_target, EXPORT_TARGETS)
         _choice("--rotate", self.rotate, ROTATIONS)
