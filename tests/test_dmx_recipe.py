@@ -286,14 +286,17 @@ def test_projection_with_a_floor_acts_only_outside_the_band():
 
 def test_bound_shrinks_over_the_target_and_keeps_the_bottom_at_the_bottom():
     """--budget bound over the target: every effective offset |raw| moves down by one
-    common amount, those that would pass the low rung stop there (a soft threshold), the
-    raw signs are kept (abs()'s gradient keeps its direction), and the soft average is the
-    target by dmx.nn.bits' definition."""
+    common amount times the number of layers sharing it (tied q/k/v: 3, gate/up: 2, the
+    others 1: its weight in the simple average), those that would pass the low rung stop
+    there (a soft threshold), the raw signs are kept (abs()'s gradient keeps its
+    direction), and the soft average is the target by dmx.nn.bits' definition."""
     from dmx.search.assign import bound_to_budget
     from dmx.nn.bits import average_bits
 
     layers, params = _perturbed_offsets(0.0, lambda: torch.randn(()) * 1.2, seed=2,
                                         parameterization="abs")
+    sharing = {id(p): sum(layer.offset is p for layer in layers.values()) for p in params}
+    assert sorted(set(sharing.values())) == [1, 2, 3]  # tied: the weights are exercised
     raw = [float(p.detach()) for p in params]
     assert float(average_bits(layers, "simple").detach()) > 5.0
     held = bound_to_budget(layers, params, [p.detach().clone() for p in params], 5.0,
@@ -303,7 +306,8 @@ def test_bound_shrinks_over_the_target_and_keeps_the_bottom_at_the_bottom():
     assert float(average_bits(layers, "simple")) == pytest.approx(5.0, abs=1e-5)
     for p, r in zip(params, raw):
         e = min(abs(r), 2.5)
-        assert abs(float(p.detach())) == pytest.approx(max(0.0, e + s), abs=1e-6)
+        assert abs(float(p.detach())) == pytest.approx(max(0.0, e + s * sharing[id(p)]),
+                                                       abs=1e-6)
         assert float(p.detach()) == 0.0 or math.copysign(1, float(p.detach())) == math.copysign(1, r)
     assert any(float(p.detach()) == 0.0 for p in params), "no offset reached the bottom"
 

@@ -129,21 +129,29 @@ def project_to_budget(layers: dict, params: list, target: float, weighting: str,
     return shift
 
 
-def _soft_average(layers: dict, params: list, weighting: str, temperature: float,
-                  lo: float, hi: float):
-    """A function of a vector of effective offsets (one per parameter in ``params``, boxed
-    to [lo, hi]) giving the soft average bits at ``temperature``: dmx.nn.bits' definition
-    (its coefficients, :func:`average_coefficients`) on the anneal map of the clamped
-    offsets, as DMXLinear.current_bits computes it, for all offsets at once."""
+def _offset_coefficients(layers: dict, params: list, weighting: str):
+    """Each offset's weight in the average bits (float64 vector over ``params``): the sum
+    of :func:`average_coefficients` of the layers that share it (a q/k/v group: 3)."""
     import torch
 
-    from dmx.quant.anneal import anneal_map
-
-    lad = next(iter(layers.values())).ladder
     index = {id(p): i for i, p in enumerate(params)}
     coef = torch.zeros(len(params), dtype=torch.float64)
     for layer, c in zip(layers.values(), average_coefficients(layers, weighting)):
         coef[index[id(layer.offset)]] += c
+    return coef
+
+
+def _soft_average(layers: dict, params: list, weighting: str, temperature: float,
+                  lo: float, hi: float, coef=None):
+    """A function of a vector of effective offsets (one per parameter in ``params``, boxed
+    to [lo, hi]) giving the soft average bits at ``temperature``: dmx.nn.bits' definition
+    (its coefficients, :func:`average_coefficients`) on the anneal map of the clamped
+    offsets, as DMXLinear.current_bits computes it, for all offsets at once."""
+    from dmx.quant.anneal import anneal_map
+
+    lad = next(iter(layers.values())).ladder
+    if coef is None:
+        coef = _offset_coefficients(layers, params, weighting)
 
     def soft(e) -> float:
         b = e.clamp(lo, hi).clamp(lad.low.position, lad.high.position)
@@ -173,9 +181,13 @@ def bound_to_budget(layers: dict, params: list, before: list, target: float, wei
     back with the raw offset's sign, so abs()'s gradient keeps its direction), boxed to
     ``[low - margin, high + margin]`` (abs: ``[0, high + margin]``).
 
-    * Over the target: every e shrinks by one common amount s towards the low end,
-      ``e -> max(box_low, e - s)`` (a soft threshold: the bounded form of the hinge's
-      uniform push; layers already at the bottom stay there).
+    * Over the target: every e shrinks towards the low end by one common amount s times
+      its offset's weight in the average relative to the lightest one, w,
+      ``e -> max(box_low, e - s * w)`` (a soft threshold: the bounded form of the hinge's
+      push ``lam * share * F'``, which is proportional to the share too; layers already at
+      the bottom stay there). Untied with ``weighting="simple"`` every w is 1; a tied
+      q/k/v group has w = 3, gate/up 2: it costs that many layers' bits, and its gradient
+      is the sum of as many layers', so without w it would win the budget for its size.
     * Under ``floor`` (the ramp): this step's own move, ``e_after - e_before``, is stretched
       by a common factor in ``[1, max_stretch]``: the layers the gradient raises rise
       faster, the others do not move (a uniform shift, the projection's way, would lift
@@ -187,7 +199,9 @@ def bound_to_budget(layers: dict, params: list, before: list, target: float, wei
     use_abs = parameterization == "abs"
     lo = lad.low.position if use_abs else lad.low.position - float(margin)
     hi = lad.high.position + float(margin)
-    soft = _soft_average(layers, params, weighting, temperature, lo, hi)
+    coef = _offset_coefficients(layers, params, weighting)
+    soft = _soft_average(layers, params, weighting, temperature, lo, hi, coef)
+    weight = coef / coef[coef > 0].min() if bool((coef > 0).any()) else torch.ones_like(coef)
     with torch.no_grad():
         raw = torch.stack([p.detach().double().cpu().reshape(()) for p in params])
         old = torch.stack([b.detach().double().cpu().reshape(()) for b in before])
@@ -196,9 +210,9 @@ def bound_to_budget(layers: dict, params: list, before: list, target: float, wei
         eff_old = (old.abs() if use_abs else old).clamp(lo, hi)
         shift, stretch = 0.0, 1.0
         now = soft(eff)
-        if now > target:
-            shift = _bisect(lambda a: soft(eff + a), lo - hi, 0.0, target, iters)
-            eff = (eff + shift).clamp(lo, hi)
+        if now > target:  # weight >= 1: a = lo - hi puts every offset at the bottom
+            shift = _bisect(lambda a: soft(eff + a * weight), lo - hi, 0.0, target, iters)
+            eff = (eff + shift * weight).clamp(lo, hi)
         elif floor is not None and now < floor:
             move = eff - eff_old
             longest = (eff_old + max_stretch * move).clamp(lo, hi)
