@@ -1,17 +1,40 @@
-"""Quality sweep for issue #5: dMX at several budgets vs uniform MXFP4/MXFP8 and the KL
-heuristic at the same achieved bits, on the embedded tiny-qwen3.
+"""Search sweep (issues 5 and 11): dMX recipes x targets x seeds vs the KL heuristic at the
+same achieved bits and uniform MXFP4/MXFP8, one evaluation protocol for all.
 
-    python benchmarks/bench_search_sweep.py                       # CPU defaults
-    python benchmarks/bench_search_sweep.py --device cuda --steps 400 --batch-size 8
-    python benchmarks/bench_search_sweep.py --jobs 2 --threads 1    # two runs at a time
+    python benchmarks/build_smollm2.py                     # the model (once, cached)
+    python benchmarks/bench_search_sweep.py --recipes default paper --targets 4.5 5 6 \\
+        --seeds 0 1 --steps 24 --seqlen 128 --batch-size 4 --kl-samples 4 --max-windows 40 \\
+        --threads 1 --reuse                                # the SmolLM2-135M protocol
 
-Calibrates on wiki.valid.raw and evaluates on wiki.test.raw (seqlen 256). For every
-target it runs `dmx search`, then `dmx baseline` (uniform fp4/fp8 once, KL at each dMX
-point's achieved bits), `dmx eval` on every OUT, and `dmx report`; the report table,
-the settings, the machine and each step's wall time go to
-benchmarks/results/search_sweep.md (``--results``), the pareto plot next to it
-(``search_pareto.png``). ``--jobs N`` runs the independent commands of a stage (the
-searches, the baselines, the evaluations) N at a time, each in its own process.
+The model is SmolLM2-135M-Instruct in float32 (~/.cache/dmx/smollm2-135m-instruct-f32, built
+by benchmarks/build_smollm2.py); ``--model embedded`` takes the tiny-qwen3 shipped in
+dmx/data/ instead, ``--model DIR`` (or a .gguf file) any other. Every search runs with
+``--no-fill-budget`` unless ``--extra`` says otherwise: what is evaluated is what the method
+found (a search that ends over the target is still demoted to fit, and the table says how
+many units that moved). KL runs at each search's achieved bits with the search's seed (its
+calibration windows). Each command's line and output are kept under ``--results``
+(``runs/<name>.log``), so a sweep can be spread over several sittings (``--reuse`` keeps
+finished OUTs); ``--stages`` picks search, baseline, eval, table. ``--jobs N`` runs N
+independent chains at a time (an anchor: the unquantized model, uniform MXFP4, uniform
+MXFP8; or a search with its evaluation and its KL pair), each command in its own process.
+The table (recipes.md) gives the mean and the spread (min..max) over seeds, the fraction of
+KL's remaining distance to MXFP8 that each recipe closes, the raw bits each recipe landed
+on, the Pareto plot, and dynamics.png (the seed-0 runs) from `dmx report`.
+
+The tiny-qwen3 sweep of issue 5 (benchmarks/results/search_sweep.md) ran an earlier version
+of this script as ``--targets 4.5 5 6 7 --steps 200 --batch-size 4 --init target --lam 0.1
+--kl-samples 16 --threads 1 --jobs 2`` (seed 0, calibration and evaluation windows of 256
+tokens, the full wiki.test.raw). Its search settings are today's ``--recipe paper`` with
+overrides, so the same sweep is now
+
+    python benchmarks/bench_search_sweep.py --model embedded --recipes paper \\
+        --extra "--parameterization clamp --tie-fused --grad-norm none --fill-budget \\
+        --init target --lam 0.1" --targets 4.5 5 6 7 --seeds 0 --steps 200 --batch-size 4 \\
+        --seqlen 256 --max-windows 0 --kl-samples 16 --threads 1 --jobs 2 \\
+        --work /tmp/dmx_search_sweep --results benchmarks/results/search_sweep
+
+(its OUTs are named dmx-paper-T-s0 / kl-paper-T-s0 where they were dmx-T / kl-T, and the
+table's "--no-fill-budget" line does not apply: ``--fill-budget`` in --extra wins).
 """
 from __future__ import annotations
 
@@ -21,230 +44,396 @@ import os
 import platform
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dmx import data  # noqa: E402  (light: no torch; the paths of the embedded assets)
+
+DEFAULT_MODEL = Path.home() / ".cache" / "dmx" / "smollm2-135m-instruct-f32"
+STAGES = ("search", "baseline", "eval", "table")
+# set when a command fails under --jobs: the other chains start no new command
+_STOP = threading.Event()
+# the table is rewritten by whichever chain finishes a pair: one writer at a time
+_TABLE_LOCK = threading.Lock()
+# set by every command that ran since the table was last written (and at the start, so a
+# --stages table invocation writes it)
+_TABLE_STALE = threading.Event()
+_TABLE_STALE.set()
+
+
+def _stages(text: str) -> set[str]:
+    chosen = set(text.split(","))
+    unknown = chosen - set(STAGES)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown stage(s) {','.join(sorted(unknown))}; "
+                                         f"pick from {','.join(STAGES)}")
+    return chosen
+
 
 def _parse(argv=None):
-    from dmx import data
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=str(data.embedded_model_dir()))
+    intro, _, rest = __doc__.partition("\n\n")
+    p = argparse.ArgumentParser(description=intro, epilog=rest,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(DEFAULT_MODEL),
+                   help="model directory or .gguf file; `embedded` = the tiny-qwen3 in "
+                        "dmx/data/ (default: SmolLM2-135M from benchmarks/build_smollm2.py)")
     p.add_argument("--calib", default=str(data.default_calibration_file()))
     p.add_argument("--eval", dest="eval_file", default=str(data.default_eval_file()))
-    p.add_argument("--seqlen", type=int, default=256)
-    p.add_argument("--targets", type=float, nargs="+", default=[4.5, 5.0, 6.0, 7.0])
-    p.add_argument("--ladder", default="fp8-fp4")
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--eval-seqlen", type=int, default=256)
+    p.add_argument("--max-windows", type=int, default=64,
+                   help="evaluate on the first N windows of the test text (0 = all)")
+    p.add_argument("--recipes", nargs="+", default=["default", "paper"])
+    p.add_argument("--targets", type=float, nargs="+", default=[5.0, 6.0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--seqlen", type=int, default=128, help="calibration window length")
+    p.add_argument("--steps", type=int, default=24)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--samples", type=int, default=None)
-    p.add_argument("--recipe", default="default", help="dmx search --recipe: default or paper")
-    p.add_argument("--lr", type=float, default=None, help="dmx search --lr (default: recipe's)")
-    p.add_argument("--lam", type=float, default=None, help="hinge slope (dmx search --lam)")
-    p.add_argument("--init", default=None, help="dmx search --init: low or target")
-    p.add_argument("--extra", default="", help="more `dmx search` flags, one string")
-    p.add_argument("--fill-budget", action=argparse.BooleanOptionalAction, default=None,
-                   help="dmx search --fill-budget (default: the recipe's)")
-    p.add_argument("--distill", action="store_true")
-    p.add_argument("--weighting", default="simple")
-    p.add_argument("--kl-samples", type=int, default=16,
-                   help="calibration windows the KL baseline scores layers on (default 16)")
-    p.add_argument("--max-windows", type=int, default=None,
-                   help="evaluate on the first N windows of the test text only")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (1 is much faster on a crowded machine)")
+    p.add_argument("--kl-samples", type=int, default=4)
+    p.add_argument("--ladder", default=None,
+                   help="formats a layer can take, for the searches and the KL baselines "
+                        "alike (default: dmx's, fp8-fp4)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads of each command")
     p.add_argument("--jobs", type=int, default=1,
-                   help="commands run at a time within a stage, each in its own process")
-    p.add_argument("--stages", default="search,baseline,eval,report",
-                   help="comma-separated subset of search,baseline,eval,report")
-    p.add_argument("--reuse", action="store_true",
-                   help="keep OUT dirs already in --work (their manifest's wall time is "
-                        "reported) instead of recomputing them")
-    p.add_argument("--work", default="/tmp/dmx_search_sweep", help="where the OUT dirs go")
-    p.add_argument("--results", default=str(ROOT / "benchmarks/results/search_sweep.md"))
-    return p.parse_args(argv)
+                   help="independent chains (anchor, or search + eval + KL pair) run at a "
+                        "time, each command in its own process")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--rotate", default="none", choices=("none", "hadamard", "learned"),
+                   help="rotation for every run (issue 12): searches get --rotate; uniform and "
+                        "KL baselines get hadamard too (learned: none, there is no loss to "
+                        "learn it from, so the baselines run unrotated and the table says so)")
+    p.add_argument("--extra", default="",
+                   help="more `dmx search` flags, one string; they come last, so they "
+                        "override the script's (a single flag: --extra=--fill-budget)")
+    p.add_argument("--stages", type=_stages, default=set(STAGES),
+                   help=f"comma-separated subset of {','.join(STAGES)} (default: all)")
+    p.add_argument("--reuse", action="store_true", help="keep finished OUT dirs")
+    p.add_argument("--work", default="/tmp/dmx_recipes", help="where the OUT dirs go")
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "recipes"),
+                   help="directory for recipes.md, the logs and the plots")
+    args = p.parse_args(argv)
+    if args.model == "embedded":
+        args.model = str(data.embedded_model_dir())
+    return args
 
 
-def _dmx(args, argv: list[str]) -> float:
-    """Run one `dmx` command in its own process (``--threads`` torch/Numba threads): its
-    wall seconds. Its stdout is echoed; a failure stops the sweep with its last line."""
+# ----------------------------------------------------------------------------- commands
+class _Stopped(Exception):
+    """A command not started because another chain failed (--jobs)."""
+
+
+def _dmx(args, name: str, argv: list[str]) -> None:
+    """One `dmx` command in its own process; its command line and output go to
+    results/runs/<name>.log (appended: a rerun adds to the record)."""
+    if _STOP.is_set():
+        raise _Stopped(name)
+    logs = Path(args.results) / "runs"
+    logs.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
-    if args.threads:
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-            env[var] = str(args.threads)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        env[var] = str(args.threads)
+    line = "dmx " + shlex.join(argv)
+    print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "dmx", *argv], env=env, capture_output=True,
                           text=True)
-    sys.stdout.write(proc.stdout)
-    sys.stdout.flush()
+    wall = time.time() - t0
+    _TABLE_STALE.set()
+    # progress bars would bury the log; --no-progress does not silence every library's
+    err = "\n".join(ln for ln in proc.stderr.splitlines() if "it/s]" not in ln
+                    and "step/s]" not in ln and "s/step]" not in ln)
+    with open(logs / f"{name}.log", "a") as fh:
+        fh.write(f"$ {line}\n{proc.stdout}{err}\n# exit {proc.returncode}, {wall:.1f} s, "
+                 f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n")
     if proc.returncode:
         last = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
-        raise SystemExit(f"bench_search_sweep: `dmx {shlex.join(argv)}` failed with exit "
-                         f"{proc.returncode}: {last}")
-    return time.time() - t0
+        raise SystemExit(f"bench_search_sweep: `{line}` failed with exit {proc.returncode}: "
+                         f"{last}")
 
 
-def _run_all(args, tasks: list) -> list:
-    """Call the independent ``tasks`` (no-argument callables) ``--jobs`` at a time."""
-    from concurrent.futures import ThreadPoolExecutor
+def _eval_flags(args) -> list[str]:
+    flags = ["--data", args.eval_file, "--seqlen", str(args.eval_seqlen), "--device",
+             args.device, "--no-progress"]
+    if args.max_windows:
+        flags += ["--max-windows", str(args.max_windows)]
+    return flags
 
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        return list(pool.map(lambda task: task(), tasks))
+
+def _baseline_rotate(args) -> list[str]:
+    # a learned rotation needs the search's loss: the baselines then stay unrotated
+    return ["--rotate", "hadamard"] if args.rotate == "hadamard" else []
 
 
-def _reusable(args, out: Path) -> bool:
-    return args.reuse and (out / "dmx_manifest.json").is_file()
+def _ladder(args) -> list[str]:
+    # only when given, so that the logged command lines of older sweeps stay as they were
+    return ["--ladder", args.ladder] if args.ladder else []
+
+
+def _uniform_argv(args, fmt: str, out: Path) -> list[str]:
+    return ["baseline", "--model", args.model, "--method", "uniform", "--format", fmt,
+            "--device", args.device, "--no-progress", "--force", "-o", str(out),
+            *_baseline_rotate(args)]
+
+
+def _search_argv(args, recipe: str, target: float, seed: int, out: Path) -> list[str]:
+    return ["search", "--model", args.model, "--recipe", recipe, "--target-bits",
+            repr(target), "--calib", args.calib, "--seqlen", str(args.seqlen), "--steps",
+            str(args.steps), "--batch-size", str(args.batch_size), "--seed", str(seed),
+            "--device", args.device, "--no-fill-budget", "--checkpoint-every", "0",
+            "--no-progress", "--force", "-o", str(out), "--rotate", args.rotate,
+            *_ladder(args), *shlex.split(args.extra)]
+
+
+def _kl_argv(args, bits: float, seed: int, out: Path) -> list[str]:
+    return ["baseline", "--model", args.model, "--method", "kl", "--target-bits", repr(bits),
+            "--calib", args.calib, "--seqlen", str(args.seqlen), "--samples",
+            str(args.kl_samples), "--seed", str(seed), "--device", args.device,
+            "--no-progress", "--force", "-o", str(out), *_ladder(args),
+            *_baseline_rotate(args)]
+
+
+def _done(out: Path, need_eval: bool = False) -> bool:
+    if not (out / "dmx_manifest.json").is_file():
+        return False
+    return not need_eval or (out / "eval.json").is_file()
 
 
 def _manifest(out: Path) -> dict:
     return json.loads((out / "dmx_manifest.json").read_text())
 
 
-def _search_argv(args, target: float, out: Path) -> list[str]:
-    argv = ["search", "--model", args.model, "--target-bits", repr(target), "--ladder",
-            args.ladder, "--recipe", args.recipe, "--calib", args.calib, "--seqlen",
-            str(args.seqlen), "--steps", str(args.steps), "--batch-size",
-            str(args.batch_size), "--weighting", args.weighting, "--device", args.device,
-            "--seed", str(args.seed), "--checkpoint-every", "0", "--no-progress", "--force",
-            "-o", str(out), *shlex.split(args.extra)]
-    for flag, value in (("--lr", args.lr), ("--lam", args.lam), ("--init", args.init)):
-        if value is not None:
-            argv += [flag, str(value)]
-    if args.samples:
-        argv += ["--samples", str(args.samples)]
-    if args.distill:
-        argv.append("--distill")
-    if args.fill_budget is not None:
-        argv.append("--fill-budget" if args.fill_budget else "--no-fill-budget")
-    return argv
+def _ppl(out: Path) -> float:
+    ev = json.loads((out / "eval.json").read_text())
+    return ev["results"][ev["latest"]]["ppl"]
+
+
+# ----------------------------------------------------------------------------- chains
+# A chain is the commands that must run in order (an OUT, then its evaluation, then the KL
+# pair at its bits); chains are independent of each other, which is what --jobs spreads.
+# Each step returns whether it ran a command, so a chain that only reused OUTs does not
+# rewrite the table.
+def _evaluate(args, out: Path) -> bool:
+    if "eval" in args.stages and _done(out) and not (args.reuse and _done(out, True)):
+        _dmx(args, f"eval-{out.name}", ["eval", str(out), *_eval_flags(args), "--save"])
+        return True
+    return False
+
+
+def _unquantized_chain(args) -> bool:
+    """The unquantized model's perplexity, kept as its protocol line in unquantized.json."""
+    ref = Path(args.results) / "unquantized.json"
+    if "eval" not in args.stages or (args.reuse and ref.is_file()):
+        return False
+    _dmx(args, "eval-unquantized", ["eval", "--model", args.model, *_eval_flags(args)])
+    log = (Path(args.results) / "runs" / "eval-unquantized.log").read_text()
+    ppl = [ln for ln in log.splitlines() if "ppl" in ln][-1]
+    ref.write_text(json.dumps({"protocol": ppl.strip()}) + "\n")
+    return True
+
+
+def _uniform_chain(args, work: Path, fmt: str) -> bool:
+    out = work / f"uniform-{fmt}"
+    ran = False
+    if "baseline" in args.stages and not (args.reuse and _done(out)):
+        _dmx(args, out.name, _uniform_argv(args, fmt, out))
+        ran = True
+    return _evaluate(args, out) or ran
+
+
+def _pair_chain(args, work: Path, recipe: str, target: float, seed: int,
+                t_start: float) -> bool:
+    """One search, its evaluation, KL at the bits it achieved and KL's evaluation; then the
+    table, so that it is always current."""
+    out = work / f"dmx-{recipe}-{target:g}-s{seed}"
+    kl = work / f"kl-{recipe}-{target:g}-s{seed}"
+    ran = False
+    if "search" in args.stages and not (args.reuse and _done(out)):
+        _dmx(args, out.name, _search_argv(args, recipe, target, seed, out))
+        ran = True
+    ran = _evaluate(args, out) or ran
+    if "baseline" in args.stages and _done(out) and not (args.reuse and _done(kl)):
+        _dmx(args, kl.name, _kl_argv(args, _manifest(out)["avg_bits"]["simple"], seed, kl))
+        ran = True
+    ran = _evaluate(args, kl) or ran
+    if ran and "table" in args.stages:
+        _write_table(args, work, time.time() - t_start)
+    return ran
+
+
+def _stop_on_failure(chain):
+    """``chain``, setting _STOP when it fails: in the worker itself, before the pool hands
+    that worker the next chain."""
+    def run():
+        try:
+            return chain()
+        except BaseException:
+            _STOP.set()
+            raise
+    return run
+
+
+def _run_chains(chains: list, jobs: int) -> None:
+    """Run the no-argument callables ``chains``, ``jobs`` at a time, in their order. The
+    first failure stops the sweep: chains not started are dropped, running ones start no
+    further command; once they are done, the first failure (in chain order) is raised."""
+    if jobs <= 1:
+        for chain in chains:
+            chain()
+        return
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(_stop_on_failure(chain)) for chain in chains]
+        try:
+            wait(futures, return_when=FIRST_EXCEPTION)
+        except BaseException:  # Ctrl-C in this thread: the chains stop too
+            _STOP.set()
+            raise
+        finally:
+            if _STOP.is_set():  # drop the chains not started yet
+                for f in futures:
+                    f.cancel()
+    failures = [f.exception() for f in futures if not f.cancelled()]
+    failures = [e for e in failures if e is not None and not isinstance(e, _Stopped)]
+    if failures:
+        raise failures[0]
 
 
 def main(argv=None) -> int:
     args = _parse(argv)
-    t_sweep = time.time()
+    if args.stages & {"search", "baseline", "eval"} and not Path(args.model).exists():
+        print(f"bench_search_sweep: no model at {args.model}; build SmolLM2-135M with "
+              f"`python benchmarks/build_smollm2.py` (or pass --model embedded)",
+              file=sys.stderr)
+        return 2
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    stages = set(args.stages.split(","))
-    # the average the search's penalty and the KL baseline's budget use
-    bits_key = "simple" if args.weighting == "simple" else "size_weighted"
-
-    dmx_outs = [(f"dmx-{t:g}", work / f"dmx-{t:g}", t) for t in args.targets]
-    _run_all(args, [
-        (lambda t=t, out=out: _dmx(args, _search_argv(args, t, out)))
-        for _, out, t in dmx_outs if "search" in stages and not _reusable(args, out)])
-    rows = []  # (label, out_dir, wall seconds of producing it (the manifest's), bits)
-    for label, out, target in dmx_outs:
-        m = _manifest(out)
-        rows.append((label, out, m["wall_time_s"], m["avg_bits"][bits_key]))
-        repair = m.get("search", {}).get("budget_repair") or {}
-        print(f"dMX target {target:g}: achieved {m['avg_bits']['simple']:.3f} bits "
-              f"(size-weighted {m['avg_bits']['size_weighted']:.3f}; hard assignment before "
-              f"the budget repair {repair.get('bits_before', float('nan')):.3f}) in "
-              f"{m['wall_time_s']:.1f} s", flush=True)
-    if stages == {"search"}:
-        return 0
-
-    baselines = []  # (label, out, dmx argv)
-    for fmt in ("fp4_e2m1", "fp8_e4m3"):
-        out = work / f"uniform-{fmt}"
-        baselines.append((f"uniform-{fmt}", out, [
-            "baseline", "--model", args.model, "--method", "uniform", "--format", fmt,
-            "--device", args.device, "--no-progress", "--force", "-o", str(out)]))
-    for label, _, _, achieved in list(rows):
-        out = work / f"kl-{label[4:]}"
-        # the dMX point's achieved bits, exactly (KL never exceeds its target)
-        baselines.append((f"kl-{label[4:]}", out, [
-            "baseline", "--model", args.model, "--method", "kl", "--ladder", args.ladder,
-            "--target-bits", repr(achieved), "--weighting", args.weighting, "--calib",
-            args.calib, "--seqlen", str(args.seqlen), "--samples", str(args.kl_samples),
-            "--seed", str(args.seed), "--device", args.device, "--no-progress", "--force",
-            "-o", str(out)]))
-    _run_all(args, [(lambda a=a: _dmx(args, a)) for _, out, a in baselines
-                    if "baseline" in stages and not _reusable(args, out)])
-    for label, out, _ in baselines:
-        rows.append((label, out, _manifest(out)["wall_time_s"], None))
-
-    eval_flags = ["--data", args.eval_file, "--seqlen", str(args.seqlen), "--device",
-                  args.device, "--no-progress"]
-    if args.max_windows:
-        eval_flags += ["--max-windows", str(args.max_windows)]
-    tasks = [lambda: _reference(args)]  # in this process, alongside the workers
-    if "eval" in stages:
-        tasks += [(lambda out=out: _dmx(args, ["eval", str(out), *eval_flags, "--save"]))
-                  for _, out, _, _ in rows]
-    reference, *walls = _run_all(args, tasks)
-    eval_walls = {label: w for (label, _, _, _), w in zip(rows, walls)}
-    eval_walls["unquantized"] = reference["wall_time_s"]
-    print(f"unquantized: {reference['protocol']}", flush=True)
-
-    report_dir = work / "report"
-    _dmx(args, ["report", *[str(out) for _, out, _, _ in rows], "--reference-ppl",
-                repr(reference["ppl"]), "--force", "-o", str(report_dir)])
-    plot = Path(args.results).with_name("search_pareto.png")
-    shutil.copyfile(report_dir / "pareto.png", plot)
-    _write_results(args, rows, eval_walls, (report_dir / "report.md").read_text(), reference,
-                   time.time() - t_sweep)
-    print(f"wrote {plot}")
+    t_start = time.time()
+    # the anchors first (cheap): unquantized, uniform MXFP4 and MXFP8
+    chains = [lambda: _unquantized_chain(args)]
+    chains += [(lambda fmt=fmt: _uniform_chain(args, work, fmt))
+               for fmt in ("fp4_e2m1", "fp8_e4m3")]
+    # seed-major: every recipe and target gets its first seed before any gets a second;
+    # each search is evaluated, then KL at its achieved bits, so a cut-short sweep still
+    # leaves complete pairs
+    chains += [(lambda r=r, t=t, s=s: _pair_chain(args, work, r, t, s, t_start))
+               for s in args.seeds for t in args.targets for r in args.recipes]
+    _run_chains(chains, args.jobs)
+    # once more at the end if anything ran since: with --jobs an anchor may finish after
+    # the last pair; a --stages table (or a fully reused) sweep wrote no table yet
+    if "table" in args.stages and _TABLE_STALE.is_set():
+        _write_table(args, work, time.time() - t_start)
     return 0
 
 
-def _reference(args) -> dict:
-    """Perplexity of the unquantized model, same protocol (the report's reference line)."""
-    from dmx.data import load_model_and_tokenizer
-    from dmx.eval.command import evaluate
-
-    t0 = time.time()
-    model, tok = load_model_and_tokenizer(args.model, device=args.device)
-    r = evaluate(model, tok, args.eval_file, args.seqlen, args.max_windows, progress=False)
-    r["wall_time_s"] = time.time() - t0
-    return r
+# ----------------------------------------------------------------------------- table
+def _spread(values, spec: str = ".2f") -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:{spec}} (1 seed)"
+    return (f"{statistics.mean(values):{spec}} ({min(values):{spec}}..{max(values):{spec}}, "
+            f"{len(values)} seeds)")
 
 
-def _write_results(args, rows, eval_walls, report: str, reference: dict,
-                   sweep_s: float) -> None:
-    import torch
+def _machine(args) -> str:
+    cpu = f"CPU, {os.cpu_count()} cores ({platform.machine()})"
+    if args.device.startswith("cuda"):
+        import torch  # only here: the table of a CPU sweep needs no torch
 
-    cmd = "python benchmarks/bench_search_sweep.py " + shlex.join(sys.argv[1:])
-    device = (torch.cuda.get_device_name(0) if args.device.startswith("cuda")
-              else f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()})")
-    lines = ["# dMX quality sweep (issue #5)", "",
-             f"Command: `{cmd}`  ", f"Device: {device}; torch {torch.__version__}; "
-             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
-             f"Model {args.model}; calibration {args.calib}; evaluation {args.eval_file}; "
-             f"seqlen {args.seqlen}; ladder {args.ladder}; steps {args.steps}, batch "
-             f"{args.batch_size}, samples {args.samples or args.steps * args.batch_size}, recipe "
-             f"{args.recipe} {args.extra}, lr {args.lr}, lam {args.lam}, init {args.init}, "
-             f"fill-budget {args.fill_budget} (None: the recipe's), "
-             f"distill {args.distill}, weighting {args.weighting}, seed {args.seed}.",
-             f"Whole sweep: {sweep_s / 60:.1f} min wall, {args.jobs} command(s) at a time, "
-             f"{args.threads or 'default'} thread(s) each"
-             f"{' (finished OUTs reused: their own wall times)' if args.reuse else ''}.",
-             f"Unquantized model: {reference['protocol']}.", "",
-             "## Report (`dmx report`)", "",
-             # the report's plot is copied next to this file under another name
-             report.strip().replace("](pareto.png)", "](search_pareto.png)"), "",
-             "## Wall time per step of the sweep", "", "| run | produce (s) | eval (s) |",
-             "|---|---|---|"]
-    for label, _, wall, _ in rows:
-        ev = eval_walls.get(label)
-        lines.append(f"| {label} | {wall:.1f} | {'-' if ev is None else f'{ev:.1f}'} |")
-    lines.append(f"| unquantized | - | {eval_walls['unquantized']:.1f} |")
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(args.results).with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, args.results)
-    print(f"wrote {args.results}")
+        cpu = f"{torch.cuda.get_device_name(0)} (--device {args.device}); host {cpu}"
+    jobs = f", {args.jobs} commands at a time" if args.jobs > 1 else ""
+    return f"Machine: {cpu}, {args.threads} thread(s) per command{jobs}"
+
+
+def _header(args, wall: float) -> list[str]:
+    ladder = f"; ladder {args.ladder}" if args.ladder else ""
+    return ["# Search recipes on a real model (issue 11)", "",
+            f"Command: `python benchmarks/bench_search_sweep.py {shlex.join(sys.argv[1:])}`  ",
+            f"{_machine(args)}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+            f"this invocation {wall / 60:.1f} min.", "",
+            f"Model `{args.model}`{ladder}; calibration {Path(args.calib).name} (windows of "
+            f"{args.seqlen} tokens, {args.steps} steps x {args.batch_size}); evaluation: "
+            f"{Path(args.eval_file).name}, first {args.max_windows or 'all'} windows of "
+            f"{args.eval_seqlen} tokens. Searches ran with --no-fill-budget (what the "
+            f"method found; a search over the target is demoted to fit). KL: "
+            f"{args.kl_samples} calibration windows, at each search's achieved bits.",
+            "", f"Rotation: searches `--rotate {args.rotate}`; baselines (uniform, KL) "
+            + ("`--rotate hadamard`." if args.rotate == "hadamard" else "unrotated."), ""]
+
+
+def _row(args, evaluated: dict, recipe: str, target: float, fp8) -> str | None:
+    """One recipe at one target over the seeds; None when no seed has been evaluated."""
+    raw, achieved, fits, ours, kls, closed = [], [], [], [], [], []
+    for seed in args.seeds:
+        d = evaluated.get(f"dmx-{recipe}-{target:g}-s{seed}")
+        k = evaluated.get(f"kl-{recipe}-{target:g}-s{seed}")
+        if d is None:
+            continue
+        m = _manifest(d)
+        raw.append(m["search"]["raw_bits"]["simple"])
+        achieved.append(m["avg_bits"]["simple"])
+        fits.append(sum(mv["step"] == "fit" for mv in m["search"]["budget_repair"]["moves"]))
+        ours.append(_ppl(d))
+        if k is not None:
+            kls.append(_ppl(k))
+            if fp8 is not None and kls[-1] > fp8:
+                closed.append((kls[-1] - ours[-1]) / (kls[-1] - fp8))
+    if not ours:
+        return None
+    diff = [a - b for a, b in zip(ours, kls)] if len(kls) == len(ours) else []
+    return (f"| {recipe} | {target:g} | {_spread(raw, '.3f')} | {_spread(achieved, '.3f')} | "
+            f"{sum(fits)} | {_spread(ours)} | {_spread(kls)} | {_spread(diff)} | "
+            + (f"{100 * statistics.mean(closed):.0f}% "
+               f"({100 * min(closed):.0f}..{100 * max(closed):.0f}%)" if closed else "-")
+            + " |")
+
+
+def _report(work: Path, evaluated: dict, results: Path) -> str:
+    """`dmx report` of every evaluated OUT (the seed-0 searches first: dynamics.png draws
+    them); the plots are copied into ``results``; the report's markdown less its title."""
+    report = work / "report"
+    order = sorted(evaluated)
+    dyn = [evaluated[n] for n in order if n.startswith("dmx-") and n.endswith("-s0")]
+    others = [evaluated[n] for n in order if not (n.startswith("dmx-") and n.endswith("-s0"))]
+    subprocess.run([sys.executable, "-m", "dmx", "report", *map(str, dyn + others), "--force",
+                    "-o", str(report)], check=True, capture_output=True)
+    for png in ("pareto.png", "dynamics.png"):
+        if (report / png).is_file():
+            shutil.copyfile(report / png, results / png)
+    return (report / "report.md").read_text().split("\n", 1)[1]
+
+
+def _write_table(args, work: Path, wall: float) -> None:
+    with _TABLE_LOCK:
+        _TABLE_STALE.clear()  # before reading: a command that ends meanwhile sets it again
+        results = Path(args.results)
+        results.mkdir(parents=True, exist_ok=True)
+        evaluated = {p.name: p for p in work.iterdir() if _done(p, need_eval=True)}
+        fp8 = _ppl(evaluated["uniform-fp8_e4m3"]) if "uniform-fp8_e4m3" in evaluated else None
+        fp4 = _ppl(evaluated["uniform-fp4_e2m1"]) if "uniform-fp4_e2m1" in evaluated else None
+        lines = _header(args, wall)
+        unq = results / "unquantized.json"
+        if unq.is_file():
+            lines += [f"Unquantized: {json.loads(unq.read_text())['protocol']}", ""]
+        lines += [f"Uniform MXFP4: {fp4 if fp4 is None else f'{fp4:.2f}'}; uniform MXFP8: "
+                  f"{fp8 if fp8 is None else f'{fp8:.2f}'}.", "",
+                  "| recipe | target | raw bits (found) | achieved bits | fit moves | dMX ppl "
+                  "| KL ppl (same bits) | dMX - KL | closed of KL's gap to MXFP8 |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        rows = (_row(args, evaluated, r, t, fp8) for t in args.targets for r in args.recipes)
+        lines += [row for row in rows if row is not None]
+        lines += ["", "![perplexity vs average bits](pareto.png)", "",
+                  "Offset trajectories and soft vs hard bits of the seed-0 runs:", "",
+                  "![dynamics](dynamics.png)", "", "## `dmx report` of all runs", "",
+                  _report(work, evaluated, results)]
+        (results / "recipes.md").write_text("\n".join(lines) + "\n")
+        print(f"wrote {results / 'recipes.md'}")
 
 
 if __name__ == "__main__":
