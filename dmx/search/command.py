@@ -363,7 +363,7 @@ _HELP = {
                "recipe on; paper off)",
     "weighting": "average the budget uses: simple (per layer, default) or size (per weight)",
     "budget": "how the budget is held: bound (after each step: over the target, shrink all "
-              "offsets by one amount; under the --ramp floor, stretch the step; default "
+              "offsets by one amount times their share; under the --ramp floor, stretch the step; default "
               "recipe), project (shift all offsets by one amount into [floor, target]) or "
               "hinge (the paper's lam*max(0, avg-target))",
     "ramp": "--budget bound/project: the floor of the soft average rises from the low rung to the "

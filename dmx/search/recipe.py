@@ -12,8 +12,9 @@ Named recipes (``--recipe``):
      offset the same kick, ``lam * share * F'(b)``, however small the overshoot; momentum
      0.99 integrates it into a move of tens of units and the offsets leave the ladder (the
      collapse of issue 11). Here, after each SGD step, an average over the target is
-     brought back by shrinking every effective offset by one common amount (a soft
-     threshold: the layers at the low rung stay there), and nothing enters the momentum
+     brought back by shrinking every effective offset by one common amount times its
+     share of the average (a soft threshold: the layers at the low rung stay there; a tied
+     q/k/v group shrinks 3x as fast, as the hinge pushes it), and nothing enters the momentum
      buffer, so nothing runs away; offsets are kept within ``offset_margin`` of the ladder.
      An average under a floor that rises from the low rung to the target over the first
      ``ramp`` (0.5) of the steps is raised by *stretching this step's move* (up to
