@@ -363,8 +363,8 @@ _HELP = {
                "recipe on; paper off)",
     "weighting": "average the budget uses: simple (per layer, default) or size (per weight)",
     "budget": "how the budget is held: bound (after each step: over the target, shrink all "
-              "offsets by one amount times their share; under the --ramp floor, stretch the step; default "
-              "recipe), project (shift all offsets by one amount into [floor, target]) or "
+              "offsets by one amount times their share; under the --ramp floor, stretch "
+              "the step; default recipe), project (shift all offsets by one amount into [floor, target]) or "
               "hinge (the paper's lam*max(0, avg-target))",
     "ramp": "--budget bound/project: the floor of the soft average rises from the low rung to the "
             "target over this fraction of the steps (default 0.5; 0 = at the target always)",

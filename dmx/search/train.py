@@ -277,7 +277,8 @@ def _precondition_by_slope(params: list, layers: dict, T: float) -> None:
     to 14x larger for the same sensitivity, and keep the budget (at 4.5 bits on
     SmolLM2-135M, the first step's top 26 held 16 of the 26 final picks). Divided, the
     step follows dL/d(position): how much the loss wants this layer's format, wherever
-    its offset sits."""
+    its offset sits. Measured *worse* there (BENCHMARKS.md "Search recipes", variants),
+    so no recipe uses it: the lock-in is not (only) the slope's."""
     from dmx.quant.anneal import anneal_map
 
     layer = next(iter(layers.values()))
