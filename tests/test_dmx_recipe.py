@@ -349,7 +349,8 @@ def test_slope_preconditioning_steps_along_the_gradient_of_the_position():
     """--precondition slope: each offset's gradient becomes dL/d(position) times the anneal
     map's slope at the low rung, wherever the offset sits (abs() signs kept), so two layers
     with the same dL/d(position) get the same step; the plain gradient gives the one higher
-    on the sigmoid's tail a larger one (the lock-in the option removes)."""
+    on the sigmoid's tail a larger one (the lock-in the option was meant to remove; it
+    measured worse at 4.5 bits, BENCHMARKS.md)."""
     from dmx.quant.anneal import anneal_map
     from dmx.search.train import _precondition_by_slope
 

@@ -25,7 +25,8 @@ import math
 
 from dmx.errors import DMXError
 
-__all__ = ["offset_for_bits", "project_to_budget", "bound_to_budget", "average_coefficients", "repair_assignment", "repair_layers",
+__all__ = ["offset_for_bits", "project_to_budget", "bound_to_budget", "effective_offsets",
+           "average_coefficients", "repair_assignment", "repair_layers",
            "set_offsets"]
 
 _EPS = 1e-6  # "average <= target" up to float32 rounding (dmx.nn.bits averages in float32)
@@ -167,6 +168,17 @@ def _bisect(f, a: float, z: float, goal: float, iters: int) -> float:
     return 0.5 * (a + z)
 
 
+def effective_offsets(params: list, parameterization: str, lo: float, hi: float):
+    """(raw, effective): the offsets as one float64 CPU vector, and what the anneal map sees
+    of them (the raw offset, or its absolute value with ``parameterization="abs"``),
+    clamped to [lo, hi]. No gradient."""
+    import torch
+
+    with torch.no_grad():
+        raw = torch.stack([p.detach().double().cpu().reshape(()) for p in params])
+    return raw, (raw.abs() if parameterization == "abs" else raw).clamp(lo, hi)
+
+
 def bound_to_budget(layers: dict, params: list, before: list, target: float, weighting: str,
                     temperature: float, margin: float, parameterization: str = "clamp",
                     floor: float | None = None, max_stretch: float = 8.0,
@@ -201,13 +213,11 @@ def bound_to_budget(layers: dict, params: list, before: list, target: float, wei
     hi = lad.high.position + float(margin)
     coef = _offset_coefficients(layers, params, weighting)
     soft = _soft_average(layers, params, weighting, temperature, lo, hi, coef)
-    weight = coef / coef[coef > 0].min() if bool((coef > 0).any()) else torch.ones_like(coef)
+    weight = coef / coef.min()  # every layer counts in the average: all coefficients > 0
     with torch.no_grad():
-        raw = torch.stack([p.detach().double().cpu().reshape(()) for p in params])
-        old = torch.stack([b.detach().double().cpu().reshape(()) for b in before])
+        raw, eff = effective_offsets(params, parameterization, lo, hi)
+        _, eff_old = effective_offsets(before, parameterization, lo, hi)
         sign = torch.where(raw < 0, -1.0, 1.0) if use_abs else torch.ones_like(raw)
-        eff = (raw.abs() if use_abs else raw).clamp(lo, hi)
-        eff_old = (old.abs() if use_abs else old).clamp(lo, hi)
         shift, stretch = 0.0, 1.0
         now = soft(eff)
         if now > target:  # weight >= 1: a = lo - hi puts every offset at the bottom

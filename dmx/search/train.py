@@ -280,15 +280,16 @@ def _precondition_by_slope(params: list, layers: dict, T: float) -> None:
     its offset sits. Measured *worse* there (BENCHMARKS.md "Search recipes", variants),
     so no recipe uses it: the lock-in is not (only) the slope's."""
     from dmx.quant.anneal import anneal_map
+    from dmx.search.assign import effective_offsets
 
     layer = next(iter(layers.values()))
-    lad, use_abs = layer.ladder, layer.parameterization == "abs"
+    lad = layer.ladder
     with_grad = [p for p in params if p.grad is not None]
     if not with_grad:
         return
+    _, eff = effective_offsets(with_grad, layer.parameterization, lad.low.position,
+                               lad.high.position)
     with torch.enable_grad():
-        raw = torch.stack([p.detach().double().cpu().reshape(()) for p in with_grad])
-        eff = (raw.abs() if use_abs else raw).clamp(lad.low.position, lad.high.position)
         eff = torch.cat([eff, torch.tensor([lad.low.position], dtype=eff.dtype)])
         eff.requires_grad_(True)
         slope, = torch.autograd.grad(anneal_map(eff, T, lad).sum(), eff)
