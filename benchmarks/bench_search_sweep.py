@@ -33,8 +33,9 @@ overrides, so the same sweep is now
         --seqlen 256 --max-windows 0 --kl-samples 16 --threads 1 --jobs 2 \\
         --work /tmp/dmx_search_sweep --results benchmarks/results/search_sweep
 
-(its OUTs are named dmx-paper-T-s0 / kl-paper-T-s0 where they were dmx-T / kl-T, and the
-table's "--no-fill-budget" line does not apply: ``--fill-budget`` in --extra wins).
+(its OUTs are named dmx-paper-T-s0 / kl-paper-T-s0 where they were dmx-T / kl-T;
+``--fill-budget`` in --extra wins over the script's ``--no-fill-budget``, and the table's
+header says which ran).
 """
 from __future__ import annotations
 
@@ -353,15 +354,21 @@ def _machine(args) -> str:
 
 def _header(args, wall: float) -> list[str]:
     ladder = f"; ladder {args.ladder}" if args.ladder else ""
-    return ["# Search recipes on a real model (issue 11)", "",
+    title = ("# Search recipes on the embedded tiny-qwen3" if args.model == str(data.embedded_model_dir())
+             else f"# Search recipes on {Path(args.model).name}")
+    fill = ("Searches ran with --fill-budget (from --extra: the table gives the repaired "
+            "assignment; the raw bits column is what the method found)"
+            if "--fill-budget" in shlex.split(args.extra) else
+            "Searches ran with --no-fill-budget (what the method found; a search over the "
+            "target is demoted to fit)")
+    return [title, "",
             f"Command: `python benchmarks/bench_search_sweep.py {shlex.join(sys.argv[1:])}`  ",
             f"{_machine(args)}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
             f"this invocation {wall / 60:.1f} min.", "",
             f"Model `{args.model}`{ladder}; calibration {Path(args.calib).name} (windows of "
             f"{args.seqlen} tokens, {args.steps} steps x {args.batch_size}); evaluation: "
             f"{Path(args.eval_file).name}, first {args.max_windows or 'all'} windows of "
-            f"{args.eval_seqlen} tokens. Searches ran with --no-fill-budget (what the "
-            f"method found; a search over the target is demoted to fit). KL: "
+            f"{args.eval_seqlen} tokens. {fill}. KL: "
             f"{args.kl_samples} calibration windows, at each search's achieved bits.",
             "", f"Rotation: searches `--rotate {args.rotate}`; baselines (uniform, KL) "
             + ("`--rotate hadamard`." if args.rotate == "hadamard" else "unrotated."), ""]
