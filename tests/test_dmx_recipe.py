@@ -345,6 +345,59 @@ def test_bound_under_the_floor_stretches_only_the_layers_that_moved():
     assert float(average_bits(layers, "simple")) == pytest.approx(7.0, abs=1e-5)
 
 
+def test_no_ce_steps_on_the_distillation_kl_alone(calib):
+    """--no-ce --distill: the loss is KL(unquantized || quantized) alone. One plain SGD step
+    (no momentum, no clip, no budget) equals -lr * d KL / d offsets computed by hand from a
+    separate unquantized copy of the model; the logged loss is the logged KL (the CE is
+    still logged), and a config with neither loss is refused."""
+    cfg = SearchConfig.from_recipe("paper", target_bits=8.0, steps=1, batch_size=2, seqlen=32,
+                                   samples=2, delay=1.0, distill=True, ce=False, lam=0.0,
+                                   momentum=0.0, grad_norm="none", lr=0.5)
+    model_dir = data.embedded_model_dir()
+
+    def fresh(wrap=True):
+        model, tok = data.load_model_and_tokenizer(model_dir)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+        layers = (wrap_model(model, cfg.ladder, tie_fused=False, parameterization="abs",
+                             include=["layers.0."]) if wrap else None)
+        return model, tok, layers
+
+    model, tok, layers = fresh()
+    windows = data.calibration_windows(tok, [str(calib)], cfg.seqlen, cfg.samples, cfg.seed)
+    start = torch.linspace(0.3, 1.5, len(layers))
+    for p, v in zip(dmx_parameters(model), start):
+        p.data.fill_(float(v))
+    got = train_offsets(model, layers, windows, cfg, progress=False, checkpoint_every=0)
+    learned = torch.stack([p.detach() for p in dmx_parameters(model)])
+
+    ids = windows[batch_indices(cfg.seed, 0, windows.shape[0], cfg.batch_size)]
+    plain, _, _ = fresh(wrap=False)
+    with torch.no_grad():
+        ref = plain(input_ids=ids, use_cache=False).logits
+    quant, _, qlayers = fresh()
+    params = dmx_parameters(quant)
+    for p, v in zip(params, start):
+        p.data.fill_(float(v))
+    for layer in qlayers.values():
+        layer.train()
+        layer.temperature = cfg.t_start
+    logits = quant(input_ids=ids, use_cache=False).logits
+    log_q = torch.log_softmax(logits.float(), -1)
+    log_p = torch.log_softmax(ref.float(), -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    kl.backward()
+    want = start - cfg.lr * torch.stack([p.grad for p in params])
+    assert got[0]["loss"] == pytest.approx(float(kl.detach()), rel=1e-5)
+    assert got[0]["loss"] == pytest.approx(got[0]["kl"], rel=1e-6)
+    assert got[0]["ce"] > got[0]["kl"]  # logged, not in the loss
+    assert float((want - start).abs().max()) > 1e-4  # the step is not vacuous
+    torch.testing.assert_close(learned, want, rtol=0, atol=1e-6)
+    with pytest.raises(DMXError, match="no loss"):
+        SearchConfig.from_recipe("default", target_bits=5.0, ce=False, distill=False)
+
+
 def test_slope_preconditioning_steps_along_the_gradient_of_the_position():
     """--precondition slope: each offset's gradient becomes dL/d(position) times the anneal
     map's slope at the low rung, wherever the offset sits (abs() signs kept), so two layers

@@ -361,6 +361,8 @@ _HELP = {
     "seed": "seed of the calibration windows and batch order (default 0)",
     "distill": "add the KL divergence to the unquantized model's predictions (default "
                "recipe on; paper off)",
+    "ce": "the next-token cross-entropy in the loss (default on; --no-ce --distill: the KL "
+          "to the unquantized model alone)",
     "weighting": "average the budget uses: simple (per layer, default) or size (per weight)",
     "budget": "how the budget is held: bound (after each step: over the target, shrink all "
               "offsets by one amount times their share; under the --ramp floor, stretch "

@@ -96,6 +96,9 @@ class SearchConfig:
     seed: int = 0
     # objective
     distill: bool = True
+    # the next-token cross-entropy in the loss (False: the distillation KL alone, a paired,
+    # lower-variance signal; needs distill)
+    ce: bool = True
     weighting: str = "simple"
     budget: str = "bound"
     lam: float = 5.0
@@ -217,6 +220,9 @@ class SearchConfig:
         if self.budget == "project" and self.parameterization != "clamp":
             raise DMXError("--budget project shifts the offsets themselves, which needs "
                            "--parameterization clamp (abs() is not monotone)")
+        if not (self.ce or self.distill):
+            raise DMXError("--no-ce leaves no loss: add --distill (the KL to the unquantized "
+                           "model) or drop --no-ce")
         if self.max_stretch < 1.0:
             raise DMXError(f"--max-stretch must be >= 1 (1: never stretch), got {self.max_stretch!r}")
         if not 0.0 <= self.momentum < 1.0:

@@ -2,7 +2,8 @@
 
 Objective per step (paper.md 2.5-2.6): next-token cross-entropy on a calibration batch,
 optionally + the KL divergence from the unquantized model's next-token distribution
-(``distill``). The budget (dmx.search.recipe): ``hinge`` adds the paper's target-aware penalty
+(``distill``), or that KL alone (``ce`` off: the paired signal, without the one-hot target's
+variance). The budget (dmx.search.recipe): ``hinge`` adds the paper's target-aware penalty
 R_t = max(0, lam (avg_bits - target)); ``project`` shifts all offsets after every step so
 that the soft average lies in [floor, target] (dmx.search.assign.project_to_budget);
 ``bound`` (the default) holds the same band by shrinking all offsets over the target and
@@ -312,16 +313,17 @@ def _train_step(model, layers, windows, cfg: SearchConfig, optimizer, schedule, 
             ref_logits = _forward_logits(model, ids)
     logits = _forward_logits(model, ids)
     ce = next_token_ce(logits, ids)
-    loss = ce
+    loss = ce if cfg.ce else None  # the CE is logged either way
     if cfg.distill:
         kl = distill_kl(logits, ref_logits)
-        loss = loss + kl
+        loss = kl if loss is None else loss + kl
     avg = average_bits(layers, cfg.weighting)  # float32 whatever the model dtype
     lam = cfg.lam if cfg.budget == "hinge" else 0.0  # bound/project: the budget is not a loss
     penalty = hinge_penalty(avg, cfg.target_bits, lam)
     if parallel:
         loss, ce, kl = _data_parallel_loss(dist, loss, ce, kl, penalty, share)
-        value = float((ce + kl if kl is not None else ce).float() + penalty.detach().to(ce.device))
+        terms = ([ce] if cfg.ce else []) + ([kl] if kl is not None else [])
+        value = float(sum(t.float() for t in terms) + penalty.detach().to(ce.device))
     else:
         loss = loss.float() + penalty.to(loss.device)  # .to: --device-map spreads the layers
         value = float(loss.detach())
