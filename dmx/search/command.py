@@ -302,10 +302,10 @@ def _calib_ppl(model, windows) -> float:
     import torch
 
     from dmx.search.losses import next_token_ce
-    from dmx.search.train import _forward_logits
+    from dmx.search.train import forward_logits
 
     with torch.no_grad():
-        ces = [float(next_token_ce(_forward_logits(model, w[None]), w[None])) for w in windows]
+        ces = [float(next_token_ce(forward_logits(model, w[None]), w[None])) for w in windows]
     return float(math.exp(sum(ces) / len(ces))) if ces else float("nan")
 
 

@@ -37,7 +37,7 @@ from dmx.search.penalty import hinge_penalty
 from dmx.search.losses import distill_kl, next_token_ce
 from dmx.search.recipe import SearchConfig
 
-__all__ = ["SearchInterrupted", "batch_indices", "quantization_bypassed",
+__all__ = ["SearchInterrupted", "batch_indices", "quantization_bypassed", "forward_logits",
            "hard_bits", "train_offsets", "checkpoint_blocks"]
 
 
@@ -129,7 +129,8 @@ def hard_bits(layers: dict, weighting: str = "simple") -> float:
             layer.hard = saved[name]
 
 
-def _forward_logits(model, ids: torch.Tensor) -> torch.Tensor:
+def forward_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token logits of ``ids`` without the KV cache (the search's forward pass)."""
     return model(input_ids=ids, use_cache=False).logits
 
 
@@ -310,8 +311,8 @@ def _train_step(model, layers, windows, cfg: SearchConfig, optimizer, schedule, 
     kl = None
     if cfg.distill:
         with torch.no_grad(), quantization_bypassed(layers):
-            ref_logits = _forward_logits(model, ids)
-    logits = _forward_logits(model, ids)
+            ref_logits = forward_logits(model, ids)
+    logits = forward_logits(model, ids)
     ce = next_token_ce(logits, ids)
     loss = ce if cfg.ce else None  # the CE is logged either way
     if cfg.distill:
