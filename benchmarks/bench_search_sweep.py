@@ -192,8 +192,22 @@ def _search_argv(args, recipe: str, target: float, seed: int, out: Path) -> list
             *_ladder(args), *shlex.split(args.extra)]
 
 
-def _kl_argv(args, bits: float, seed: int, out: Path) -> list[str]:
+# a manifest's averages by --weighting
+_BITS_KEY = {"simple": "simple", "size": "size_weighted"}
+
+
+def _search_budget(manifest: dict) -> tuple[float, str, bool]:
+    """What the KL pair must match: the search's achieved bits under the average it
+    trained against (--weighting), and whether it left the inputs unquantized."""
+    config = manifest["search"]["config"]
+    weighting = config.get("weighting", "simple")
+    return manifest["avg_bits"][_BITS_KEY[weighting]], weighting, bool(config.get("weights_only", False))
+
+
+def _kl_argv(args, seed: int, out: Path, bits: float, weighting: str = "simple",
+             weights_only: bool = False) -> list[str]:
     return ["baseline", "--model", args.model, "--method", "kl", "--target-bits", repr(bits),
+            "--weighting", weighting, *(["--weights-only"] if weights_only else []),
             "--calib", args.calib, "--seqlen", str(args.seqlen), "--samples",
             str(args.kl_samples), "--seed", str(seed), "--device", args.device,
             "--no-progress", "--force", "-o", str(out), *_ladder(args),
@@ -260,7 +274,7 @@ def _pair_chain(args, work: Path, recipe: str, target: float, seed: int,
         ran = True
     ran = _evaluate(args, out) or ran
     if "baseline" in args.stages and _done(out) and not (args.reuse and _done(kl)):
-        _dmx(args, kl.name, _kl_argv(args, _manifest(out)["avg_bits"]["simple"], seed, kl))
+        _dmx(args, kl.name, _kl_argv(args, seed, kl, *_search_budget(_manifest(out))))
         ran = True
     ran = _evaluate(args, kl) or ran
     if ran and "table" in args.stages:
@@ -383,8 +397,9 @@ def _row(args, evaluated: dict, recipe: str, target: float, fp8) -> str | None:
         if d is None:
             continue
         m = _manifest(d)
-        raw.append(m["search"]["raw_bits"]["simple"])
-        achieved.append(m["avg_bits"]["simple"])
+        bits, weighting, _ = _search_budget(m)  # under the average the search trained for
+        raw.append(m["search"]["raw_bits"][_BITS_KEY[weighting]])
+        achieved.append(bits)
         fits.append(sum(mv["step"] == "fit" for mv in m["search"]["budget_repair"]["moves"]))
         ours.append(_ppl(d))
         if k is not None:
