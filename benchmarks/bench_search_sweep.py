@@ -436,7 +436,12 @@ def _write_table(args, work: Path, wall: float) -> None:
         _TABLE_STALE.clear()  # before reading: a command that ends meanwhile sets it again
         results = Path(args.results)
         results.mkdir(parents=True, exist_ok=True)
-        evaluated = {p.name: p for p in work.iterdir() if _done(p, need_eval=True)}
+        # this sweep's runs only (the work dir may hold other sweeps' and variants' OUTs)
+        mine = {"uniform-fp4_e2m1", "uniform-fp8_e4m3"} | {
+            f"{kind}-{r}-{t:g}-s{seed}" for kind in ("dmx", "kl") for r in args.recipes
+            for t in args.targets for seed in args.seeds}
+        evaluated = {p.name: p for p in work.iterdir()
+                     if p.name in mine and _done(p, need_eval=True)}
         fp8 = _ppl(evaluated["uniform-fp8_e4m3"]) if "uniform-fp8_e4m3" in evaluated else None
         fp4 = _ppl(evaluated["uniform-fp4_e2m1"]) if "uniform-fp4_e2m1" in evaluated else None
         lines = _header(args, wall)
