@@ -1,7 +1,7 @@
 """How good is the search's first signal? The offsets' gradients at the search's start
-(every layer at the ladder's low rung, T = t_start), per calibration batch, for the two
-losses the search can train on -- the next-token cross-entropy (``ce``) and the KL
-divergence from the unquantized model (``kl``, ``--distill``) -- against the KL
+(every layer at the ladder's low rung, T = t_start; or at --offsets), per calibration
+batch, for the two losses the search can train on -- the next-token cross-entropy (``ce``)
+and the KL divergence from the unquantized model (``kl``, ``--distill``) -- against the KL
 baseline's per-unit sensitivities (each unit alone at the low rung, a finite difference).
 
     python benchmarks/bench_gradient_signal.py --kl-out OUT_OF_DMX_BASELINE_KL \\
@@ -49,6 +49,9 @@ def _parse(argv=None):
     p.add_argument("--samples", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--t-start", type=float, default=0.4)
+    p.add_argument("--offsets", type=float, nargs="+", default=[0.0],
+                   help="raw offsets every layer is set to, one row pair each (default 0: "
+                        "the low rung, the search's start; 1: mid-ladder)")
     p.add_argument("--top", type=int, default=14)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--eval-top", type=int, default=0,
@@ -117,19 +120,23 @@ def main(argv=None) -> int:
     set_temperature(model, args.t_start)
     params = dmx_parameters(model)
     windows = data.calibration_windows(tok, [args.calib], args.seqlen, args.samples, args.seed)
-    grads = {"ce": [], "kl": []}
+    grads = {(key, b): [] for b in args.offsets for key in ("ce", "kl")}
     t0 = time.time()
-    for step in tqdm(range(args.batches), desc="batches"):
-        ids = windows[batch_indices(args.seed, step, windows.shape[0], args.batch_size)]
-        with torch.no_grad(), quantization_bypassed(layers):
-            ref = forward_logits(model, ids)
-        for key in grads:
+    for b in args.offsets:
+        with torch.no_grad():
             for p in params:
-                p.grad = None
-            logits = forward_logits(model, ids)
-            loss = next_token_ce(logits, ids) if key == "ce" else distill_kl(logits, ref)
-            loss.backward()
-            grads[key].append([-float(p.grad) for p in params])
+                p.fill_(b)
+        for step in tqdm(range(args.batches), desc=f"batches at offset {b:g}"):
+            ids = windows[batch_indices(args.seed, step, windows.shape[0], args.batch_size)]
+            with torch.no_grad(), quantization_bypassed(layers):
+                ref = forward_logits(model, ids)
+            for key in ("ce", "kl"):
+                for p in params:
+                    p.grad = None
+                logits = forward_logits(model, ids)
+                loss = next_token_ce(logits, ids) if key == "ce" else distill_kl(logits, ref)
+                loss.backward()
+                grads[key, b].append([-float(p.grad) for p in params])
     unit_of = {n: u for u in sens for n in u.split("+")}
     units = list(sens)
     missing = set(names) - set(unit_of)
@@ -140,7 +147,7 @@ def main(argv=None) -> int:
         return 2
     kl_top = set(sorted(units, key=lambda u: -sens[u])[:args.top])
     rows = []
-    for key, per_batch in grads.items():
+    for (key, b), per_batch in grads.items():
         g = np.array(per_batch)
         mean, se = g.mean(0), g.std(0, ddof=1) / np.sqrt(len(g))
         per_unit = {u: 0.0 for u in units}
@@ -152,7 +159,7 @@ def main(argv=None) -> int:
         if args.eval_top:
             picked = set(sorted(names, key=lambda n: -mean[names.index(n)])[:args.eval_top])
             oneshot = f"{_oneshot_ppl(args, picked, names, tok):.2f}"
-        rows.append(f"| {key} | {_spearman([per_unit[u] for u in units], [sens[u] for u in units]):.3f} "
+        rows.append(f"| {key} | {b:g} | {_spearman([per_unit[u] for u in units], [sens[u] for u in units]):.3f} "
                     f"| {np.mean(pairs):.3f} | {np.median(np.abs(mean) / (se + 1e-30)):.2f} "
                     f"| {len(top & kl_top)} of {args.top} | {oneshot} |")
     kl_eval = Path(args.kl_out) / "eval.json"
@@ -166,12 +173,12 @@ def main(argv=None) -> int:
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {time.time() - t0:.0f} s. "
         f"Model `{args.model}`, {len(names)} layers (untied), {len(units)} KL units; "
         f"{args.batches} batches x {args.batch_size} windows x {args.seqlen} tokens of "
-        f"{Path(args.calib).name} (seed {args.seed}); every layer at the low rung, "
-        f"T = {args.t_start}.", "",
-        "| loss | Spearman(mean gradient, KL sensitivity) | batch-to-batch Spearman "
+        f"{Path(args.calib).name} (seed {args.seed}); every layer's raw offset set to the "
+        f"row's (0: the low rung, where the search starts), T = {args.t_start}.", "",
+        "| loss | offset | Spearman(mean gradient, KL sensitivity) | batch-to-batch Spearman "
         f"| median abs(mean)/se | top-{args.top} units shared with KL "
         f"| ppl of the one-shot top-{args.eval_top or 'K'} layers |",
-        "|---|---|---|---|---|---|", *rows, "",
+        "|---|---|---|---|---|---|---|", *rows, "",
         f"The KL baseline's own OUT: {kl_ppl}.", ""])
     out = Path(args.results)
     out.parent.mkdir(parents=True, exist_ok=True)
