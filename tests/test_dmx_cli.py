@@ -168,3 +168,20 @@ def test_demo_end_to_end_tiny_settings(capsys, monkeypatch, tmp_path):
                for r in rows)
     kl = next(r for r in rows if r["method"] == "kl")
     assert kl["avg_bits"] <= 6.0
+
+
+@pytest.mark.parametrize("n, labelled", [(3, True), (report.MAX_LABELLED_RUNS + 1, False)])
+def test_pareto_plot_names_points_only_while_they_fit(tmp_path, monkeypatch, n, labelled):
+    """Up to MAX_LABELLED_RUNS runs each point is named (and each method's points joined);
+    a sweep with more draws the points only: 40 overlapping names are unreadable."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    rows = [{"method": ("dmx", "kl")[i % 2], "avg_bits": 5.0 + 0.01 * i, "ppl": 80.0 + i,
+             "run": f"run-{i}"} for i in range(n)]
+    report._plot(rows, None, tmp_path / "pareto.png", "t")
+    assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ax = figures[0].axes[0]
+    assert len(ax.texts) == (n if labelled else 0)
+    assert len(ax.lines) == (2 if labelled else 0)

@@ -160,18 +160,31 @@ def _markdown(rows, reference, title) -> str:
     return "\n".join(lines)
 
 
+# the Pareto plot names and joins the points up to this many runs (then: points only)
+MAX_LABELLED_RUNS = 12
+
+
 def _plot(rows, reference, path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    # many runs (a sweep over seeds and recipes): labels would overlap and a line through
+    # every point zigzags between seeds and recipes, so draw the points only (the means are
+    # the sweep's table)
+    crowded = len(rows) > MAX_LABELLED_RUNS
     for method in sorted({r["method"] for r in rows}):
         pts = sorted((r["avg_bits"], r["ppl"], r["run"]) for r in rows
                      if r["method"] == method and r["ppl"] is not None)
         if not pts:
             continue
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=MARKERS.get(method, "x"),
+        marker = MARKERS.get(method, "x")
+        if crowded:
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, alpha=0.6,
+                       s=22, label=f"{method} ({len(pts)} runs)")
+            continue
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker,
                 linestyle="-" if len(pts) > 1 else "none", label=method)
         for x, y, run in pts:
             ax.annotate(run, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
