@@ -151,6 +151,18 @@ def test_seqlen_is_capped_at_the_models_positions(calib, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- paper recipe
+def _frozen_embedded_model(ladder: str, include=None):
+    """A fresh tiny-qwen3 with frozen weights in eval mode, its ``include`` linears wrapped
+    untied with abs() offsets (None: left plain); returns (model, tokenizer, layers)."""
+    model, tok = data.load_model_and_tokenizer(data.embedded_model_dir())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    layers = None if include is None else wrap_model(model, ladder, tie_fused=False,
+                                                     parameterization="abs", include=include)
+    return model, tok, layers
+
+
 def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x))
 
@@ -163,16 +175,9 @@ def test_paper_recipe_steps_equal_the_reference_formulas(calib):
     gradient comes from autograd (recomputed on a fresh copy of the model)."""
     cfg = SearchConfig.from_recipe("paper", target_bits=4.5, steps=2, batch_size=2,
                                    seqlen=32, samples=4, delay=1.0)
-    model_dir = data.embedded_model_dir()
 
     def fresh():
-        model, tok = data.load_model_and_tokenizer(model_dir)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.eval()
-        layers = wrap_model(model, cfg.ladder, tie_fused=False, parameterization="abs",
-                            include=["layers.0.", "layers.1."])
-        return model, tok, layers
+        return _frozen_embedded_model(cfg.ladder, ["layers.0.", "layers.1."])
 
     model, tok, layers = fresh()
     windows = data.calibration_windows(tok, [str(calib)], cfg.seqlen, cfg.samples, cfg.seed)
@@ -353,16 +358,9 @@ def test_no_ce_steps_on_the_distillation_kl_alone(calib):
     cfg = SearchConfig.from_recipe("paper", target_bits=8.0, steps=1, batch_size=2, seqlen=32,
                                    samples=2, delay=1.0, distill=True, ce=False, lam=0.0,
                                    momentum=0.0, grad_norm="none", lr=0.5)
-    model_dir = data.embedded_model_dir()
 
     def fresh(wrap=True):
-        model, tok = data.load_model_and_tokenizer(model_dir)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.eval()
-        layers = (wrap_model(model, cfg.ladder, tie_fused=False, parameterization="abs",
-                             include=["layers.0."]) if wrap else None)
-        return model, tok, layers
+        return _frozen_embedded_model(cfg.ladder, ["layers.0."] if wrap else None)
 
     model, tok, layers = fresh()
     windows = data.calibration_windows(tok, [str(calib)], cfg.seqlen, cfg.samples, cfg.seed)
