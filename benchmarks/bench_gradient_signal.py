@@ -157,7 +157,7 @@ def main(argv=None) -> int:
         top = set(sorted(units, key=lambda u: -per_unit[u])[:args.top])
         oneshot = "-"
         if args.eval_top:
-            picked = set(sorted(names, key=lambda n: -mean[names.index(n)])[:args.eval_top])
+            picked = {names[i] for i in np.argsort(-mean)[:args.eval_top]}
             oneshot = f"{_oneshot_ppl(args, picked, names, tok):.2f}"
         rows.append(f"| {key} | {b:g} | {_spearman([per_unit[u] for u in units], [sens[u] for u in units]):.3f} "
                     f"| {np.mean(pairs):.3f} | {np.median(np.abs(mean) / (se + 1e-30)):.2f} "

@@ -163,6 +163,22 @@ def _frozen_embedded_model(ladder: str, include=None):
     return model, tok, layers
 
 
+def _set_offsets(model, values) -> list:
+    """Every offset Parameter of ``model`` (model order) set to ``values``; returns them."""
+    params = dmx_parameters(model)
+    with torch.no_grad():
+        for p, v in zip(params, values, strict=True):
+            p.fill_(float(v))
+    return params
+
+
+def _train_from(model, layers, windows, cfg, start):
+    """train_offsets from the offsets ``start``: (the per-step log, the learned offsets)."""
+    params = _set_offsets(model, start)
+    log = train_offsets(model, layers, windows, cfg, progress=False, checkpoint_every=0)
+    return log, torch.stack([p.detach() for p in params])
+
+
 def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x))
 
@@ -183,10 +199,8 @@ def test_paper_recipe_steps_equal_the_reference_formulas(calib):
     windows = data.calibration_windows(tok, [str(calib)], cfg.seqlen, cfg.samples, cfg.seed)
     # start inside the ladder, above the target: the hinge is active, so is the clip
     start = torch.linspace(0.9, 1.6, len(layers))
-    for p, v in zip(dmx_parameters(model), start):
-        p.data.fill_(float(v))
-    got = train_offsets(model, layers, windows, cfg, progress=False, checkpoint_every=0)
-    learned = torch.stack([p.detach() for p in dmx_parameters(model)]).double()
+    got, learned = _train_from(model, layers, windows, cfg, start)
+    learned = learned.double()
 
     # the reference, by hand
     ref_model, _, ref_layers = fresh()
@@ -365,19 +379,14 @@ def test_no_ce_steps_on_the_distillation_kl_alone(calib):
     model, tok, layers = fresh()
     windows = data.calibration_windows(tok, [str(calib)], cfg.seqlen, cfg.samples, cfg.seed)
     start = torch.linspace(0.3, 1.5, len(layers))
-    for p, v in zip(dmx_parameters(model), start):
-        p.data.fill_(float(v))
-    got = train_offsets(model, layers, windows, cfg, progress=False, checkpoint_every=0)
-    learned = torch.stack([p.detach() for p in dmx_parameters(model)])
+    got, learned = _train_from(model, layers, windows, cfg, start)
 
     ids = windows[batch_indices(cfg.seed, 0, windows.shape[0], cfg.batch_size)]
     plain, _, _ = fresh(wrap=False)
     with torch.no_grad():
         ref = plain(input_ids=ids, use_cache=False).logits
     quant, _, qlayers = fresh()
-    params = dmx_parameters(quant)
-    for p, v in zip(params, start):
-        p.data.fill_(float(v))
+    params = _set_offsets(quant, start)
     for layer in qlayers.values():
         layer.train()
         layer.temperature = cfg.t_start
