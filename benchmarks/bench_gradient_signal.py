@@ -33,39 +33,60 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 DEFAULT_MODEL = Path.home() / ".cache" / "dmx" / "smollm2-135m-instruct-f32"
 
 
-def _parse(argv=None):
+def signal_parser(description: str, kl_help: str, results_name: str):
+    """The options every signal benchmark shares: the model, the KL OUT compared with, the
+    search's calibration windows and the sweep's evaluation protocol."""
     from dmx import data
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--kl-out", required=True,
-                   help="OUT of `dmx baseline --method kl` on the same model (its manifest "
-                        "holds the sensitivities)")
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--kl-out", required=True, help=kl_help)
     p.add_argument("--model", default=str(DEFAULT_MODEL))
     p.add_argument("--calib", default=str(data.DATA_DIR / "wikitext-2-raw" / "wiki.valid.raw"))
     p.add_argument("--ladder", default="fp8-fp4")
-    p.add_argument("--batches", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--samples", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--t-start", type=float, default=0.4)
-    p.add_argument("--offsets", type=float, nargs="+", default=[0.0],
-                   help="raw offsets every layer is set to, one row pair each (default 0: "
-                        "the low rung, the search's start; 1: mid-ladder)")
-    p.add_argument("--top", type=int, default=14)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--eval-top", type=int, default=0,
-                   help="score the one-shot top-K assignment of each loss (0: skip)")
     p.add_argument("--eval", dest="eval_file",
                    default=str(data.DATA_DIR / "wikitext-2-raw" / "wiki.test.raw"))
     p.add_argument("--eval-seqlen", type=int, default=256)
     p.add_argument("--max-windows", type=int, default=40)
     p.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"
-                                            / "recipes" / "gradient_signal.md"))
+                                            / "recipes" / results_name))
+    return p
+
+
+def _parse(argv=None):
+    p = signal_parser(__doc__.split("\n\n")[0], "OUT of `dmx baseline --method kl` on the "
+                      "same model (its manifest holds the sensitivities)", "gradient_signal.md")
+    p.add_argument("--batches", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--t-start", type=float, default=0.4)
+    p.add_argument("--offsets", type=float, nargs="+", default=[0.0],
+                   help="raw offsets every layer is set to, one row pair each (default 0: "
+                        "the low rung, the search's start; 1: mid-ladder)")
+    p.add_argument("--top", type=int, default=14)
+    p.add_argument("--eval-top", type=int, default=0,
+                   help="score the one-shot top-K assignment of each loss (0: skip)")
     return p.parse_args(argv)
 
 
-def _spearman(a, b) -> float:
+def frozen_model(args):
+    """(model, tokenizer) of --model with every weight frozen, in eval mode, on
+    --threads threads: what the signal benchmarks wrap and score."""
+    import torch
+
+    from dmx import data
+
+    torch.set_num_threads(args.threads)
+    model, tok = data.load_model_and_tokenizer(args.model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    return model, tok
+
+
+def spearman(a, b) -> float:
     """Rank correlation (no ties among float gradients; numpy only)."""
     import numpy as np
 
@@ -73,7 +94,7 @@ def _spearman(a, b) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def _oneshot_ppl(args, picked: set, names: list, tok) -> float:
+def oneshot_ppl(args, picked: set, names: list, tok) -> float:
     """Perplexity of a fresh copy of the model with ``picked`` in the ladder's high rung
     and the other searched layers in its low one (weights and inputs)."""
     from dmx import data
@@ -89,13 +110,22 @@ def _oneshot_ppl(args, picked: set, names: list, tok) -> float:
     return evaluate(model, tok, windows=windows, progress=False)["ppl"]
 
 
-def main(argv=None) -> int:
-    args = _parse(argv)
+def kl_manifest(args) -> Path | None:
+    """The KL OUT's manifest, or None after a one-line error (--model and --kl-out are
+    the inputs every signal benchmark needs)."""
     manifest = Path(args.kl_out) / "dmx_manifest.json"
     if not Path(args.model).is_dir() or not manifest.is_file():
         print(f"error: need --model DIR (python benchmarks/build_smollm2.py) and a KL OUT "
               f"with dmx_manifest.json (dmx baseline --method kl); got {args.model}, "
               f"{args.kl_out}", file=sys.stderr)
+        return None
+    return manifest
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    manifest = kl_manifest(args)
+    if manifest is None:
         return 2
     import numpy as np
     import torch
@@ -106,12 +136,8 @@ def main(argv=None) -> int:
     from dmx.search.losses import distill_kl, next_token_ce
     from dmx.search.train import batch_indices, forward_logits, quantization_bypassed
 
-    torch.set_num_threads(args.threads)
     sens = json.loads(manifest.read_text())["baseline"]["sensitivity"]
-    model, tok = data.load_model_and_tokenizer(args.model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.eval()
+    model, tok = frozen_model(args)
     layers = wrap_model(model, args.ladder, tie_fused=False, parameterization="abs")
     names = list(layers)
     for layer in layers.values():
@@ -153,13 +179,13 @@ def main(argv=None) -> int:
         per_unit = {u: 0.0 for u in units}
         for n, v in zip(names, mean):
             per_unit[unit_of[n]] += v
-        pairs = [_spearman(g[i], g[j]) for i in range(len(g)) for j in range(i + 1, len(g))]
+        pairs = [spearman(g[i], g[j]) for i in range(len(g)) for j in range(i + 1, len(g))]
         top = set(sorted(units, key=lambda u: -per_unit[u])[:args.top])
         oneshot = "-"
         if args.eval_top:
             picked = {names[i] for i in np.argsort(-mean)[:args.eval_top]}
-            oneshot = f"{_oneshot_ppl(args, picked, names, tok):.2f}"
-        rows.append(f"| {key} | {b:g} | {_spearman([per_unit[u] for u in units], [sens[u] for u in units]):.3f} "
+            oneshot = f"{oneshot_ppl(args, picked, names, tok):.2f}"
+        rows.append(f"| {key} | {b:g} | {spearman([per_unit[u] for u in units], [sens[u] for u in units]):.3f} "
                     f"| {np.mean(pairs):.3f} | {np.median(np.abs(mean) / (se + 1e-30)):.2f} "
                     f"| {len(top & kl_top)} of {args.top} | {oneshot} |")
     kl_eval = Path(args.kl_out) / "eval.json"
