@@ -42,32 +42,27 @@ def _parse(argv=None):
                       "saved, its ppl)", "context_sensitivity.md")
     p.add_argument("--windows", type=int, default=8, help="calibration windows scored (a "
                    "multiple of 4)")
-    p.add_argument("--top", type=int, default=26, help="layers promoted in the one-shot "
-                   "assignments (26 of 210: SmolLM2-135M at 4.5 bits on fp8-fp4)")
+    p.add_argument("--top", type=int, default=0, help="layers promoted in the one-shot "
+                   "assignments (default: as many as the KL OUT promotes, its budget)")
+    p.add_argument("--scores", help="the .json an earlier run wrote: reuse its scores "
+                   "(same model, windows, seed) and only score the one-shot assignments, "
+                   "e.g. at another budget's --kl-out")
     args = p.parse_args(argv)
     if args.windows <= 0 or args.windows % BATCH:
         p.error(f"--windows must be a positive multiple of {BATCH}, got {args.windows}")
     return args
 
 
-def main(argv=None) -> int:
-    args = _parse(argv)
-    manifest = kl_manifest(args)
-    if manifest is None:
-        return 2
+def _score_layers(args, lad, model, tok):
+    """(names, base, in_context, isolated): the two finite differences of every linear."""
     import torch
     from tqdm.auto import tqdm
 
     from dmx import data
     from dmx.nn.layers import wrap_model
-    from dmx.quant.ladders import get_ladder
     from dmx.search.losses import distill_kl
     from dmx.search.train import forward_logits
 
-    lad = get_ladder(args.ladder)
-    kl_layers = json.loads(manifest.read_text())["layers"]
-    kl_set = {n for n, v in kl_layers.items() if v["format"] != lad.low.fmt}
-    model, tok = frozen_model(args)
     layers = wrap_model(model, lad, tie_fused=False, parameterization="abs")
     names = list(layers)
     for layer in layers.values():
@@ -77,7 +72,6 @@ def main(argv=None) -> int:
     windows = data.calibration_windows(tok, [args.calib], args.seqlen, args.samples,
                                        args.seed)[:args.windows]
     starts = range(0, args.windows, BATCH)
-    t0 = time.time()
 
     def bypass(layer):
         layer.forward = layer.linear.forward  # instance attribute: the plain nn.Linear
@@ -108,11 +102,43 @@ def main(argv=None) -> int:
             layers[n].offset.fill_(high)
             in_context[n] = base - kl_now()
             layers[n].offset.fill_(low)
-    scored_s = time.time() - t0
+    return names, base, in_context, isolated
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    manifest = kl_manifest(args)
+    if manifest is None:
+        return 2
+    from dmx.quant.ladders import get_ladder
+
+    lad = get_ladder(args.ladder)
+    kl_layers = json.loads(manifest.read_text())["layers"]
+    kl_set = {n for n, v in kl_layers.items() if v["format"] != lad.low.fmt}
+    top = args.top or len(kl_set)
+    model, tok = frozen_model(args)
+    if args.scores:
+        try:
+            saved = json.loads(Path(args.scores).read_text())
+            base, in_context, isolated = (saved["base_kl"], saved["in_context_gain"],
+                                          saved["isolated_kl"])
+        except (OSError, ValueError, KeyError) as e:
+            print(f"error: --scores {args.scores}: not the .json of an earlier run ({e})",
+                  file=sys.stderr)
+            return 2
+        if saved.get("seed") != args.seed:
+            print(f"error: --scores {args.scores} holds seed {saved.get('seed')}'s scores; "
+                  f"pass --seed {saved.get('seed')}", file=sys.stderr)
+            return 2
+        names, scored = list(isolated), f"scores from {args.scores}"
+    else:
+        t0 = time.time()
+        names, base, in_context, isolated = _score_layers(args, lad, model, tok)
+        scored = f"{time.time() - t0:.0f} s to score"
     rows = []
     for label, score in (("in context: all low, one layer promoted", in_context),
                          ("isolated: one layer low, the rest unquantized", isolated)):
-        picked = set(sorted(names, key=lambda n: -score[n])[:args.top])
+        picked = set(sorted(names, key=lambda n: -score[n])[:top])
         ppl = oneshot_ppl(args, picked, names, tok)
         rows.append(f"| {label} | {ppl:.2f} | {len(picked & kl_set)} of {len(kl_set)} |")
     kl_eval = Path(args.kl_out) / "eval.json"
@@ -126,13 +152,13 @@ def main(argv=None) -> int:
         "# Which context ranks the layers right? In-context vs isolated finite differences",
         "", f"Command: `python benchmarks/bench_context_sensitivity.py "
         f"{' '.join(sys.argv[1:])}`  ",
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {scored_s:.0f} s to score. "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {scored}. "
         f"Model `{args.model}`, {len(names)} linears (untied), ladder {lad.name}; "
         f"{args.windows} windows x {args.seqlen} tokens of {Path(args.calib).name} "
         f"(seed {args.seed}). KL(unquantized || all layers low) = {base:.4f}. "
         f"Spearman(in-context gain, isolated sensitivity) = "
         f"{spearman([in_context[n] for n in names], [isolated[n] for n in names]):.3f}.",
-        "", f"One-shot assignments: the top {args.top} layers of each score in "
+        "", f"One-shot assignments: the top {top} layers of each score in "
         f"{lad.high.fmt}, the rest in {lad.low.fmt} (weights and inputs); ppl on the first "
         f"{args.max_windows} windows x {args.eval_seqlen} of {Path(args.eval_file).name}.", "",
         "| layers ranked by | ppl | layers shared with KL's assignment |",

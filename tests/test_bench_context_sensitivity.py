@@ -62,3 +62,10 @@ def test_scores_match_an_independent_recomputation(tmp_path):
     assert scores["base_kl"] == pytest.approx(base, rel=1e-5, abs=1e-7)
     assert scores["in_context_gain"][name] == pytest.approx(base - promoted, rel=1e-4,
                                                             abs=1e-6)
+    # --scores reuses them: the same one-shot rows, without scoring again
+    again = tmp_path / "again.md"
+    reuse = ["--scores", str(results.with_suffix(".json"))]
+    assert bench.main(argv[:-1] + [str(again)] + reuse) == 0
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert [line for line in again.read_text().splitlines() if line.startswith("| ")] == rows
+    assert "scores from" in again.read_text()
