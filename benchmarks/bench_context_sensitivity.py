@@ -30,9 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gradient_signal import (frozen_model, kl_manifest, oneshot_ppl,  # noqa: E402
-                                   signal_parser, spearman)
+                                   signal_parser, spearman, write_atomically)
 
-DEFAULT_MODEL = Path.home() / ".cache" / "dmx" / "smollm2-135m-instruct-f32"
 BATCH = 4
 
 
@@ -116,8 +115,12 @@ def main(argv=None) -> int:
     kl_layers = json.loads(manifest.read_text())["layers"]
     kl_set = {n for n, v in kl_layers.items() if v["format"] != lad.low.fmt}
     top = args.top or len(kl_set)
-    model, tok = frozen_model(args)
     if args.scores:
+        import torch
+
+        from dmx.data import load_tokenizer
+        torch.set_num_threads(args.threads)
+        tok = load_tokenizer(args.model)  # the one-shot scores load their own models
         try:
             saved = json.loads(Path(args.scores).read_text())
             base, in_context, isolated = (saved["base_kl"], saved["in_context_gain"],
@@ -132,6 +135,7 @@ def main(argv=None) -> int:
             return 2
         names, scored = list(isolated), f"scores from {args.scores}"
     else:
+        model, tok = frozen_model(args)
         t0 = time.time()
         names, base, in_context, isolated = _score_layers(args, lad, model, tok)
         scored = f"{time.time() - t0:.0f} s to score"
@@ -164,11 +168,10 @@ def main(argv=None) -> int:
         "| layers ranked by | ppl | layers shared with KL's assignment |",
         "|---|---|---|", *rows, ""])
     out = Path(args.results)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps(
+    write_atomically(out.with_suffix(".json"), json.dumps(
         {"seed": args.seed, "base_kl": base, "in_context_gain": in_context,
          "isolated_kl": isolated}, indent=1))
+    write_atomically(out, text)
     print(text)
     return 0
 

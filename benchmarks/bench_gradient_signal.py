@@ -206,13 +206,17 @@ def main(argv=None) -> int:
         f"| ppl of the one-shot top-{args.eval_top or 'K'} layers |",
         "|---|---|---|---|---|---|---|", *rows, "",
         f"The KL baseline's own OUT: {kl_ppl}.", ""])
-    out = Path(args.results)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    write_atomically(Path(args.results), text)
     print(text)
     return 0
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """``text`` into ``path`` through a temporary file and a rename: never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":
