@@ -196,18 +196,24 @@ def _search_argv(args, recipe: str, target: float, seed: int, out: Path) -> list
 _BITS_KEY = {"simple": "simple", "size": "size_weighted"}
 
 
-def _search_budget(manifest: dict) -> tuple[float, str, bool]:
+def _search_budget(manifest: dict) -> tuple[float, str, bool, str, bool]:
     """What the KL pair must match: the search's achieved bits under the average it
-    trained against (--weighting), and whether it left the inputs unquantized."""
+    trained against (--weighting), whether it left the inputs unquantized, the layers it
+    could quantize (--export-target) and whether q/k/v and gate/up shared a format."""
     config = manifest["search"]["config"]
     weighting = config.get("weighting", "simple")
-    return manifest["avg_bits"][_BITS_KEY[weighting]], weighting, bool(config.get("weights_only", False))
+    return (manifest["avg_bits"][_BITS_KEY[weighting]], weighting,
+            bool(config.get("weights_only", False)), config.get("export_target", "any"),
+            bool(config.get("tie_fused", False)))
 
 
 def _kl_argv(args, seed: int, out: Path, bits: float, weighting: str = "simple",
-             weights_only: bool = False) -> list[str]:
+             weights_only: bool = False, export_target: str = "any",
+             tie_fused: bool = False) -> list[str]:
     return ["baseline", "--model", args.model, "--method", "kl", "--target-bits", repr(bits),
             "--weighting", weighting, *(["--weights-only"] if weights_only else []),
+            "--export-target", export_target,
+            "--tie-fused" if tie_fused else "--no-tie-fused",
             "--calib", args.calib, "--seqlen", str(args.seqlen), "--samples",
             str(args.kl_samples), "--seed", str(seed), "--device", args.device,
             "--no-progress", "--force", "-o", str(out), *_ladder(args),
@@ -397,7 +403,7 @@ def _row(args, evaluated: dict, recipe: str, target: float, fp8) -> str | None:
         if d is None:
             continue
         m = _manifest(d)
-        bits, weighting, _ = _search_budget(m)  # under the average the search trained for
+        bits, weighting, *_ = _search_budget(m)  # under the average the search trained for
         raw.append(m["search"]["raw_bits"][_BITS_KEY[weighting]])
         achieved.append(bits)
         fits.append(sum(mv["step"] == "fit" for mv in m["search"]["budget_repair"]["moves"]))

@@ -1,5 +1,6 @@
 """The sweep's KL pair matches the search it is compared with: same bits under the same
-average (--weighting), same quantized inputs (--weights-only)."""
+average (--weighting), same quantized inputs (--weights-only), same layers
+(--export-target) and units (--tie-fused)."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,8 +13,8 @@ sweep = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(sweep)
 
 
-def _manifest(weighting=None, weights_only=None):
-    config = {"target_bits": 5.0}
+def _manifest(weighting=None, weights_only=None, **more):
+    config = {"target_bits": 5.0, **more}
     if weighting is not None:
         config["weighting"] = weighting
     if weights_only is not None:
@@ -35,3 +36,15 @@ def test_kl_pair_uses_the_searchs_average_and_inputs(tmp_path):
         assert float(_flag(argv, "--target-bits")) == bits
         assert _flag(argv, "--weighting") == weighting
         assert ("--weights-only" in argv) == weights_only
+
+
+def test_kl_pair_uses_the_searchs_layers_and_units(tmp_path):
+    args = sweep._parse(["--model", str(tmp_path)])
+    for manifest, target, tied in (
+            (_manifest(), "any", False),  # a config written before the fields: the defaults
+            (_manifest(export_target="none", tie_fused=False), "none", False),
+            (_manifest(export_target="compressed-tensors", tie_fused=True),
+             "compressed-tensors", True)):
+        argv = sweep._kl_argv(args, 0, tmp_path / "kl", *sweep._search_budget(manifest))
+        assert _flag(argv, "--export-target") == target
+        assert ("--tie-fused" in argv) == tied and ("--no-tie-fused" in argv) != tied

@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import pytest
 
+from pathlib import Path
+
+from cli_helpers import fails
 from dmx import data, outdir
+from dmx.cli import main
 from dmx.errors import DMXError
 from dmx.nn.bits import average_bits_of
 from dmx.quant.ladders import get_ladder
@@ -11,6 +15,8 @@ from dmx.search import baseline
 from tiny_models import tiny_model_dir, tiny_root
 
 pytestmark = pytest.mark.usefixtures("single_threaded")  # tests/conftest.py
+
+STORIES = Path(__file__).parent / "data" / "stories260K-hf"  # real Llama, 172-wide down_proj
 
 
 def _units_and_shapes():
@@ -78,32 +84,92 @@ def test_impossible_targets(target):
 
 
 def test_kl_baseline_end_to_end(tmp_path_factory, tmp_path):
+    """Default (as dmx search): every linear is its own unit; --tie-fused (or a vLLM
+    export target): q/k/v and gate/up of a block are scored and promoted as one."""
     src = tiny_model_dir(tiny_root(tmp_path_factory), "llama")
+    calib = _calib(tmp_path)
+    runs = {}
+    for name, kw in (("untied", {}), ("tied", {"tie_fused": True})):
+        # export target none: the tiny model is 48 and 80 wide, not whole MX blocks
+        res = baseline.kl_baseline(src, 5.5, tmp_path / name, calib=[calib], samples=2,
+                                   seqlen=32, progress=False, export_target="none", **kw)
+        m = outdir.read_manifest(tmp_path / name)
+        runs[name] = m
+        assert m["method"] == "kl" and m["target_bits"] == 5.5 and m["ladder"] == "fp8-fp4"
+        assert (m["avg_bits"]["simple"] <= 5.5
+                and m["avg_bits"] == {**m["avg_bits"], **res["avg_bits"]})
+        sens = m["baseline"]["sensitivity"]
+        # KL is non-negative; a layer that hardly matters (q/k of this random tiny
+        # model) can score ~-1e-8, float32 rounding of the search's own KL
+        assert all(v >= -1e-6 for v in sens.values()), sens
+        assert max(sens.values()) > 0
+        fmts = {n: e["format"] for n, e in m["layers"].items()}
+        assert set(fmts.values()) == {"fp4_e2m1", "fp8_e4m3"}  # 5.5 fits some but not all high
+        for e in m["layers"].values():
+            assert e["act_format"] == e["format"]
+        # the highest-sensitivity unit got the high rung
+        top = max(sens, key=sens.get).split("+")
+        assert all(fmts[n] == "fp8_e4m3" for n in top)
+    # 2 blocks of 7 linears: 14 units untied, 8 tied (q+k+v, o, gate+up, down per block)
+    assert len(runs["untied"]["baseline"]["sensitivity"]) == 14
+    assert not any("+" in u for u in runs["untied"]["baseline"]["sensitivity"])
+    assert runs["untied"]["baseline"]["tie_fused"] is False
+    m = runs["tied"]
+    assert m["baseline"]["tie_fused"] is True and len(m["baseline"]["sensitivity"]) == 8
+    for unit in m["baseline"]["sensitivity"]:
+        assert len({m["layers"][n]["format"] for n in unit.split("+")}) == 1
+
+
+def test_tie_rule_is_the_searchs():
+    """One rule for search and KL baseline: as told, else tied for the vLLM targets."""
+    from dmx.search.recipe import SearchConfig, tie_fused_for
+    for target in ("any", "gguf", "none", "compressed-tensors", "quark"):
+        vllm = target in ("compressed-tensors", "quark")
+        assert tie_fused_for(target, None) is vllm
+        assert SearchConfig.from_recipe("default", target_bits=5,
+                                        export_target=target).tie_fused is vllm
+        for told in (True, False):
+            assert tie_fused_for(target, told) is told
+            assert SearchConfig.from_recipe("default", target_bits=5, export_target=target,
+                                            tie_fused=told).tie_fused is told
+
+
+def test_baseline_export_target_leaves_ragged_layers_out_and_says_so(tmp_path, capsys):
+    """stories260K's down_proj is 172 wide: no export target holds it. The default
+    (any) leaves it in full precision and says so; none quantizes it too."""
+    src = STORIES
+    for method in ("uniform", "kl"):
+        for target in ("any", "none"):
+            out = tmp_path / f"{method}-{target}"
+            argv = ["baseline", "--model", str(src), "--method", method,
+                    "--export-target", target, "-o", str(out), "--no-progress"]
+            argv += (["--format", "fp4_e2m1"] if method == "uniform" else
+                     ["--target-bits", "5", "--samples", "2", "--seqlen", "32",
+                      "--calib", str(_calib(tmp_path))])
+            assert main(argv) == 0
+            err = capsys.readouterr().err
+            layers = outdir.read_manifest(out)["layers"]
+            down = [n for n in layers if n.endswith("down_proj")]
+            if target == "any":
+                assert not down and "down_proj" in err and "full precision" in err
+            else:
+                assert down and "full precision" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "uniform", "--format", "fp6_e2m3", "--export-target", "compressed-tensors"],
+     "--format fp6_e2m3: compressed-tensors cannot store fp6_e2m3; use --export-target quark"),
+    (["--method", "kl", "--target-bits", "5", "--ladder", "fp8-fp6-fp4",
+      "--export-target", "any"], "ladder fp8-fp6-fp4: compressed-tensors cannot store"),
+    (["--method", "uniform", "--format", "fp4_e2m1", "--tie-fused"],
+     "--tie-fused goes with --method kl"),
+])
+def test_baseline_refuses_what_the_export_target_cannot_hold(argv, message, tmp_path, capsys):
+    fails(capsys, ["baseline", "--model", str(STORIES), *argv, "-o", str(tmp_path / "out")],
+          message, parent=tmp_path)
+
+
+def _calib(tmp_path):
     calib = tmp_path / "calib.txt"
     calib.write_text(data.default_calibration_file().read_text()[:30_000])
-    res = baseline.kl_baseline(src, 5.5, tmp_path / "out", calib=[calib], samples=2, seqlen=32,
-                               progress=False)
-    m = outdir.read_manifest(tmp_path / "out")
-    assert m["method"] == "kl" and m["target_bits"] == 5.5 and m["ladder"] == "fp8-fp4"
-    assert m["avg_bits"]["simple"] <= 5.5 and m["avg_bits"] == {**m["avg_bits"], **res["avg_bits"]}
-    sens = m["baseline"]["sensitivity"]
-    assert len(sens) == 8 and all(v >= 0 for v in sens.values())  # KL is non-negative
-    assert max(sens.values()) > 0
-    fmts = {n: e["format"] for n, e in m["layers"].items()}
-    assert set(fmts.values()) == {"fp4_e2m1", "fp8_e4m3"}  # 5.5 fits some but not all high
-    for e in m["layers"].values():
-        assert e["act_format"] == e["format"]
-    # the highest-sensitivity unit got the high rung
-    top = max(sens, key=sens.get).split("+")
-    assert all(fmts[n] == "fp8_e4m3" for n in top)
-
-
-def test_uniform_baseline(tmp_path_factory, tmp_path):
-    src = tiny_model_dir(tiny_root(tmp_path_factory), "qwen3")
-    res = baseline.uniform_baseline(src, "fp4_e2m1", tmp_path / "u4", weights_only=True)
-    m = outdir.read_manifest(tmp_path / "u4")
-    assert m["method"] == "uniform" and len(m["layers"]) == 14
-    assert all(e["format"] == "fp4_e2m1" and e["act_format"] is None
-               for e in m["layers"].values())
-    assert res["avg_bits"]["simple"] == m["avg_bits"]["simple"] == 4.0
-    assert "lm_head" not in " ".join(m["layers"])
+    return calib

@@ -76,7 +76,7 @@ def test_search_impossible_target_through_frame(capsys, tmp_path, src):
 def test_existing_out_needs_force(capsys, tmp_path, src):
     out = tmp_path / "out"
     argv = ["baseline", "--model", str(src), "--method", "uniform", "--format", "fp8_e4m3",
-            "-o", str(out)]
+            "--export-target", "none", "-o", str(out)]  # the tiny model is 48 wide
     assert main(argv) == 0
     capsys.readouterr()
     manifest = (out / outdir.MANIFEST_NAME).read_text()
@@ -119,7 +119,7 @@ def test_ctrl_c_exits_130(capsys, monkeypatch, tmp_path):
 def test_report_writes_md_json_png(capsys, tmp_path, src):
     for fmt in ("fp4_e2m1", "fp8_e4m3"):
         assert main(["baseline", "--model", str(src), "--method", "uniform", "--format", fmt,
-                     "-o", str(tmp_path / fmt)]) == 0
+                     "--export-target", "none", "-o", str(tmp_path / fmt)]) == 0
     text = tmp_path / "t.txt"
     text.write_text(data.default_eval_file().read_text()[:8_000])
     assert main(["eval", str(tmp_path / "fp8_e4m3"), "--save", "--data", str(text),

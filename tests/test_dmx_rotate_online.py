@@ -236,7 +236,7 @@ def test_kl_baseline_scores_the_r4_model(tmp_path, calib, capsys):
     kl = tmp_path / "kl"
     assert dmx_main(["baseline", "--model", str(MODEL), "--method", "kl", "--target-bits",
                      "5", "--rotate-online", "r4", "--calib", str(calib), "--samples", "2",
-                     "--seqlen", "32", "--no-progress", "-o", str(kl)]) == 0
+                     "--seqlen", "32", "--tie-fused", "--no-progress", "-o", str(kl)]) == 0
     capsys.readouterr()
     manifest = json.loads((kl / "dmx_manifest.json").read_text())
     assert manifest["rotation"]["online"] == ["r4"]

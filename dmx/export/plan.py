@@ -30,27 +30,28 @@ ANY_TARGETS = ("compressed-tensors", "gguf")
 
 
 def plan_for_target(shapes: dict, ladder, target: str) -> tuple[list[str], dict[str, str]]:
-    """Before a search: which of the layers ``shapes`` ({name: (out, in)}) ``target`` can
-    hold in every rung of ``ladder``. ``target``: a backend name, "any" (what all of
-    them accept) or "none" (no check). Returns (kept names, {excluded name: reason}); a
-    ladder rung the target cannot store at all raises (excluding layers cannot fix that).
+    """Before a search or baseline: which of the layers ``shapes`` ({name: (out, in)})
+    ``target`` can hold in every format they may take. ``ladder``: a ladder (name or
+    Ladder: every rung), or one element format key (a uniform baseline's ``--format``).
+    ``target``: a backend name, "any" (what all of them accept) or "none" (no check).
+    Returns (kept names, {excluded name: reason}); a format the target cannot store at
+    all raises (excluding layers cannot fix that).
     """
     from dmx.export.targets import TARGETS
-    from dmx.quant.ladders import get_ladder
 
     if target == "none":
         return list(shapes), {}
+    formats, what, other = _formats_to_store(ladder)
     # "any" = compressed-tensors and gguf: Quark holds no MXFP8 weights, the default ladder's
     # top rung, so a Quark export is planned with --export-target quark
     targets = ANY_TARGETS if target == "any" else (target,)
-    lad = get_ladder(ladder)
     for t in targets:
-        missing = [r.fmt for r in lad.rungs if r.fmt not in supported_formats(t)]
+        missing = [f for f in formats if f not in supported_formats(t)]
         if missing:
-            others = [o for o in TARGETS if all(r.fmt in supported_formats(o) for r in lad.rungs)]
+            others = [o for o in TARGETS if all(f in supported_formats(o) for f in formats)]
             hint = f"--export-target {others[0]}, " if others else ""
-            raise DMXError(f"ladder {lad.name}: {t} cannot store {', '.join(missing)}; use "
-                           f"{hint}another --ladder, or --export-target none to search anyway")
+            raise DMXError(f"{what}: {t} cannot store {', '.join(missing)}; use "
+                           f"{hint}{other}, or --export-target none to quantize anyway")
     kept, excluded = [], {}
     for name, (_, in_features) in shapes.items():
         if in_features % DEFAULT_BLOCK_SIZE:
@@ -60,5 +61,16 @@ def plan_for_target(shapes: dict, ladder, target: str) -> tuple[list[str], dict[
             kept.append(name)
     if not kept:
         raise DMXError(f"no layer can be exported to {target}: every in_features is ragged; "
-                       f"use --export-target none to search anyway")
+                       f"use --export-target none to quantize anyway")
     return kept, excluded
+
+
+def _formats_to_store(ladder) -> tuple[list[str], str, str]:
+    """(element formats, how the message names them, the flag that changes them)."""
+    from dmx.quant.ladders import LADDERS, get_ladder
+    if isinstance(ladder, str) and ladder not in LADDERS:
+        import mxref
+        fmt = mxref.get_format(ladder).key
+        return [fmt], f"--format {fmt}", "another --format"
+    lad = get_ladder(ladder)
+    return [r.fmt for r in lad.rungs], f"ladder {lad.name}", "another --ladder"

@@ -1,8 +1,9 @@
 """Baselines the dMX search is compared with (paper.md 2.7), written as OUT directories.
 
 * uniform: every quantizable linear in one format (weights and inputs, or weights only).
-* kl: KL-divergence layer selection. Each unit -- a linear, or a fused group (q/k/v,
-  gate/up of one block, kept in one format as serving engines need) -- is quantized
+* kl: KL-divergence layer selection. Each unit -- a linear, or with ``--tie-fused`` a
+  fused group (q/k/v, gate/up of one block, kept in one format as vLLM needs; by the
+  search's rule, on for the vLLM export targets) -- is quantized
   alone to the ladder's low rung, everything else unquantized; its sensitivity is the
   mean per-token KL(unquantized || quantized) of next-token distributions on calibration
   windows. Then, starting from every unit on the low rung, units are promoted in order of
@@ -10,6 +11,9 @@
   whenever the promotion keeps the average bits (simple or size-weighted, the search's
   definition) at or below the target; a unit that does not fit is skipped, so the
   budget is met as closely as the units allow, never exceeded.
+
+Both take ``--export-target`` as ``dmx search`` does: the layers that target cannot hold
+stay in full precision, said on stderr with the coverage.
 
 ``--rotate hadamard|random`` folds the same fixed R1/R2 rotations as ``dmx search
 --rotate hadamard`` into the weights first (dmx.rotate.rotate_model, seeded by --seed), so
@@ -25,6 +29,8 @@ Public API: ``quantizable_layers(model, include=None) -> [names]``,
 """
 from __future__ import annotations
 
+import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +38,7 @@ import mxref
 from dmx.errors import DMXError
 from dmx.quant.ladders import check_target_bits  # noqa: F401 (API: one rule, in dmx.quant.ladders)
 from dmx.nn.layers import fused_units  # noqa: F401 (API: one definition, in dmx.nn.layers)
+from dmx.search.recipe import EXPORT_TARGETS, tie_fused_for
 
 __all__ = ["METHODS", "ROTATIONS", "quantizable_layers", "fused_units", "uniform_baseline",
            "kl_sensitivities", "greedy_promote", "kl_baseline", "check_target_bits",
@@ -86,6 +93,17 @@ def _shapes(model, names) -> dict:
     return {n: tuple(model.get_submodule(n).weight.shape) for n in names}
 
 
+def _check_export_target(target: str) -> None:
+    if target not in EXPORT_TARGETS:
+        raise DMXError(f"--export-target must be one of {', '.join(EXPORT_TARGETS)}, "
+                       f"got {target!r}")
+
+
+def _note(msg: str) -> None:
+    """A note on stderr, as dmx search says its own (the layer plan of --export-target)."""
+    print(f"dmx baseline: {msg}", file=sys.stderr)
+
+
 def _check_rotation(model_dir, rotate: str, rotate_kind: str, rotate_online=()) -> None:
     """Bad --rotate/--rotate-kind/--rotate-online (or a model type rotations do not
     support) fail before the weights load."""
@@ -125,23 +143,26 @@ def _load(model_dir, device, rotate: str = "none", rotate_kind: str = "auto", se
 # ----------------------------------------------------------------------------- uniform
 def uniform_baseline(model_dir, fmt: str, out, weights_only: bool = False, include=None,
                      device: str = "cpu", force: bool = False, rotate: str = "none",
-                     rotate_kind: str = "auto", seed: int = 0, rotate_online=()) -> dict:
-    """Write OUT with every quantizable linear in ``fmt`` (after the fixed ``rotate``
-    rotation, seeded by ``seed``); returns a summary."""
+                     rotate_kind: str = "auto", seed: int = 0, rotate_online=(),
+                     export_target: str = "any") -> dict:
+    """Write OUT with every quantizable linear that ``export_target`` can hold in ``fmt``
+    (after the fixed ``rotate`` rotation, seeded by ``seed``); returns a summary."""
     from dmx import outdir
     from dmx.nn.bits import average_bits_of
     t0 = time.time()
     fmt = mxref.get_format(fmt).key
     if mxref.get_format(fmt).bits not in (4, 6, 8):
         raise DMXError(f"--format {fmt}: OUT stores 4-, 6- and 8-bit MX formats only")
+    _check_export_target(export_target)
     outdir.check_new_out(out, force, [model_dir])
     _check_rotation(model_dir, rotate, rotate_kind, rotate_online)
     model, rot_meta, extra_files = _load(model_dir, device, rotate, rotate_kind, seed,
                                          rotate_online)
-    names = quantizable_layers(model, include)
+    names = select_layers(model, include, fmt, export_target, _note)
     formats, acts = _formats_for(names, fmt, weights_only)
     meta = {"method": "uniform", "ladder": None, "target_bits": None, "seed": int(seed),
-            "baseline": {"format": fmt, "weights_only": bool(weights_only)},
+            "baseline": {"format": fmt, "weights_only": bool(weights_only),
+                         "export_target": export_target},
             "wall_time_s": round(time.time() - t0, 3), **rot_meta}
     outdir.write_out(out, model, formats, acts, model_dir, meta, force, extra_files=extra_files)
     bits = average_bits_of(formats, acts, _shapes(model, names))
@@ -217,9 +238,12 @@ def kl_baseline(model_dir, target_bits: float, out, ladder: str = "fp8-fp4",
                 seqlen: int | None = None, seed: int = 0, weights_only: bool = False,
                 include=None, batch_size: int = 4, device: str = "cpu", force: bool = False,
                 progress: bool = True, rotate: str = "none", rotate_kind: str = "auto",
-                rotate_online=()) -> dict:
+                rotate_online=(), export_target: str = "any",
+                tie_fused: bool | None = None) -> dict:
     """Write OUT with the KL layer-selection assignment (on the model after the fixed
-    ``rotate`` rotation, seeded by ``seed``); returns a summary."""
+    ``rotate`` rotation, seeded by ``seed``); returns a summary. ``export_target`` and
+    ``tie_fused`` (None: the search's rule, :func:`dmx.search.recipe.tie_fused_for`)
+    choose the layers and units as ``dmx search`` does, so the two compare like for like."""
     from dmx import data, outdir
     from dmx.nn.bits import average_bits_of
     from dmx.quant.ladders import get_ladder
@@ -229,6 +253,8 @@ def kl_baseline(model_dir, target_bits: float, out, ladder: str = "fp8-fp4",
     target = check_target_bits(target_bits, lad)
     if weighting not in WEIGHTINGS:
         raise DMXError(f"--weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
+    _check_export_target(export_target)
+    tie = tie_fused_for(export_target, tie_fused)
     outdir.check_new_out(out, force, [model_dir])
     for f in calib or ():
         if not Path(f).is_file():
@@ -244,8 +270,8 @@ def kl_baseline(model_dir, target_bits: float, out, ladder: str = "fp8-fp4",
     model, rot_meta, extra_files = _load(model_dir, device, rotate, rotate_kind, seed,
                                          rotate_online)
     windows = windows.to(next(model.parameters()).device)
-    names = quantizable_layers(model, include)
-    units = fused_units(names)
+    names = select_layers(model, include, lad, export_target, _note)
+    units = fused_units(names) if tie else [(n,) for n in names]
     sens = kl_sensitivities(model, units, windows, lad.low.fmt, weights_only, batch_size,
                             progress)
     shapes = _shapes(model, names)
@@ -256,6 +282,7 @@ def kl_baseline(model_dir, target_bits: float, out, ladder: str = "fp8-fp4",
             "baseline": {"weighting": weighting, "weights_only": bool(weights_only),
                          "calib": calib_files, "samples": int(windows.shape[0]),
                          "seqlen": int(seqlen), "low_format": lad.low.fmt,
+                         "export_target": export_target, "tie_fused": tie,
                          "sensitivity": {"+".join(u): s for u, s in
                                          sorted(sens.items(), key=lambda kv: -kv[1])}},
             "wall_time_s": round(time.time() - t0, 3), **rot_meta}
@@ -269,7 +296,8 @@ def add_baseline_parser(subparsers):
     p = subparsers.add_parser(
         "baseline", help="uniform or KL-selection baseline, written as an OUT directory",
         description="Baselines for dMX (paper 2.7). --method uniform: every linear in "
-                    "--format. --method kl: score each layer (fused q/k/v and gate/up as one) "
+                    "--format. --method kl: score each layer (fused q/k/v and gate/up as one "
+                    "with --tie-fused) "
                     "by the KL divergence of next-token distributions when it alone is in the "
                     "ladder's low format, then give the high format to the most sensitive "
                     "layers while the average bits stay <= --target-bits.")
@@ -295,6 +323,14 @@ def add_baseline_parser(subparsers):
     p.add_argument("--weights-only", action="store_true", help="leave the inputs unquantized")
     p.add_argument("--include", action="append", metavar="REGEX",
                    help="quantize only linears whose name matches (repeatable)")
+    p.add_argument("--export-target", choices=EXPORT_TARGETS, default="any",
+                   help="leave out the layers this target cannot hold, as dmx search does "
+                        "(any = what compressed-tensors and gguf both accept, default; none "
+                        "= no check)")
+    p.add_argument("--tie-fused", action=argparse.BooleanOptionalAction, default=None,
+                   help="kl: score and promote q/k/v and gate/up of a block as one unit, as "
+                        "vLLM serves them (default: as dmx search, off, on with "
+                        "--export-target compressed-tensors or quark)")
     p.add_argument("--rotate", choices=ROTATIONS, default="none",
                    help="fold fixed rotations into the weights first, as dmx search --rotate "
                         "does: none (default), hadamard or random (seeded by --seed); see "
@@ -326,9 +362,13 @@ def run_baseline(args) -> int:
             raise DMXError("--method uniform needs --format FMT (e.g. fp4_e2m1 or fp8_e4m3)")
         if args.target_bits is not None:
             raise DMXError("--target-bits goes with --method kl; uniform has its format's bits")
+        if args.tie_fused is not None:
+            raise DMXError("--tie-fused goes with --method kl; uniform gives every layer "
+                           "one format")
         res = uniform_baseline(args.model, args.format, args.out, args.weights_only,
                                args.include, args.device, args.force, args.rotate,
-                               args.rotate_kind, args.seed, args.rotate_online)
+                               args.rotate_kind, args.seed, args.rotate_online,
+                               args.export_target)
     else:
         if args.target_bits is None:
             raise DMXError("--method kl needs --target-bits B (average element bits)")
@@ -338,7 +378,8 @@ def run_baseline(args) -> int:
                           args.calib, args.samples, args.seqlen, args.seed, args.weights_only,
                           args.include, args.batch_size, args.device, args.force,
                           progress=not args.no_progress, rotate=args.rotate,
-                          rotate_kind=args.rotate_kind, rotate_online=args.rotate_online)
+                          rotate_kind=args.rotate_kind, rotate_online=args.rotate_online,
+                          export_target=args.export_target, tie_fused=args.tie_fused)
     counts = Counter(res["formats"].values())
     mix = ", ".join(f"{n} x {fmt}" for fmt, n in sorted(counts.items()))
     b = res["avg_bits"]

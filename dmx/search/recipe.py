@@ -58,7 +58,8 @@ from dataclasses import dataclass
 from dmx.errors import DMXError
 
 __all__ = ["SearchConfig", "RECIPES", "BUDGETS", "PARAMETERIZATIONS", "GRAD_NORMS", "INITS",
-           "WEIGHTINGS", "PRECONDITIONS", "EXPORT_TARGETS", "ROTATIONS", "config_from_dict"]
+           "WEIGHTINGS", "PRECONDITIONS", "EXPORT_TARGETS", "ROTATIONS", "config_from_dict",
+           "tie_fused_for"]
 
 BUDGETS = ("project", "bound", "hinge")
 PARAMETERIZATIONS = ("clamp", "abs")
@@ -71,6 +72,16 @@ VLLM_TARGETS = ("compressed-tensors", "quark")  # served fused: --tie-fused unle
 # search rotations: fixed (dmx.rotate.rotate_model) or learned with the offsets
 # (dmx.rotate.LearnedRotations); "random" is a baseline-only comparison
 ROTATIONS = ("none", "hadamard", "learned")
+
+
+def tie_fused_for(export_target: str, told: bool | None, default: bool = False) -> bool:
+    """Whether q/k/v and gate/up share one format: as told, else always for a vLLM
+    target (vLLM loads each group as one fused matmul with one scheme,
+    dmx.export.rules.check_fused), else ``default`` (the recipe's). The one rule for the
+    search and the KL baseline, so the two compare like for like."""
+    if told is not None:
+        return bool(told)
+    return True if export_target in VLLM_TARGETS else bool(default)
 
 
 @dataclass(frozen=True)
@@ -148,10 +159,9 @@ class SearchConfig:
             raise DMXError(f"unknown search setting(s): {', '.join(sorted(unknown))}")
         values = {**RECIPES[recipe], **{k: v for k, v in overrides.items() if v is not None}}
         values["recipe"] = recipe
-        if overrides.get("tie_fused") is None and values.get("export_target") in VLLM_TARGETS:
-            # vLLM loads q/k/v and gate/up as one fused matmul with one scheme
-            # (dmx.export.rules.check_fused): plan for it unless told otherwise
-            values["tie_fused"] = True
+        values["tie_fused"] = tie_fused_for(values.get("export_target", "any"),
+                                            overrides.get("tie_fused"),
+                                            values.get("tie_fused", False))
         if values.get("rotate_online") is not None:
             from dmx.rotate.online import parse_online  # "r4" / ["r4"] -> ("r4",), checked
             values["rotate_online"] = parse_online(values["rotate_online"])
