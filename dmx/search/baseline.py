@@ -38,7 +38,7 @@ import mxref
 from dmx.errors import DMXError
 from dmx.quant.ladders import check_target_bits  # noqa: F401 (API: one rule, in dmx.quant.ladders)
 from dmx.nn.layers import fused_units  # noqa: F401 (API: one definition, in dmx.nn.layers)
-from dmx.search.recipe import EXPORT_TARGETS, tie_fused_for
+from dmx.search.recipe import EXPORT_TARGETS, WEIGHTINGS, check_choice, tie_fused_for
 
 __all__ = ["METHODS", "ROTATIONS", "quantizable_layers", "fused_units", "uniform_baseline",
            "kl_sensitivities", "greedy_promote", "kl_baseline", "check_target_bits",
@@ -46,7 +46,6 @@ __all__ = ["METHODS", "ROTATIONS", "quantizable_layers", "fused_units", "uniform
 
 METHODS = ("uniform", "kl")
 ROTATIONS = ("none", "hadamard", "random")  # fixed ones (learned needs the search's loop)
-WEIGHTINGS = ("simple", "size")
 
 
 DEFAULT_EXCLUDE = ("lm_head", "embed")
@@ -91,12 +90,6 @@ def _formats_for(names, fmt, weights_only):
 
 def _shapes(model, names) -> dict:
     return {n: tuple(model.get_submodule(n).weight.shape) for n in names}
-
-
-def _check_export_target(target: str) -> None:
-    if target not in EXPORT_TARGETS:
-        raise DMXError(f"--export-target must be one of {', '.join(EXPORT_TARGETS)}, "
-                       f"got {target!r}")
 
 
 def _note(msg: str) -> None:
@@ -153,7 +146,7 @@ def uniform_baseline(model_dir, fmt: str, out, weights_only: bool = False, inclu
     fmt = mxref.get_format(fmt).key
     if mxref.get_format(fmt).bits not in (4, 6, 8):
         raise DMXError(f"--format {fmt}: OUT stores 4-, 6- and 8-bit MX formats only")
-    _check_export_target(export_target)
+    check_choice("--export-target", export_target, EXPORT_TARGETS)
     outdir.check_new_out(out, force, [model_dir])
     _check_rotation(model_dir, rotate, rotate_kind, rotate_online)
     model, rot_meta, extra_files = _load(model_dir, device, rotate, rotate_kind, seed,
@@ -251,9 +244,8 @@ def kl_baseline(model_dir, target_bits: float, out, ladder: str = "fp8-fp4",
     t0 = time.time()
     lad = get_ladder(ladder)
     target = check_target_bits(target_bits, lad)
-    if weighting not in WEIGHTINGS:
-        raise DMXError(f"--weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
-    _check_export_target(export_target)
+    check_choice("--weighting", weighting, WEIGHTINGS)
+    check_choice("--export-target", export_target, EXPORT_TARGETS)
     tie = tie_fused_for(export_target, tie_fused)
     outdir.check_new_out(out, force, [model_dir])
     for f in calib or ():

@@ -59,7 +59,7 @@ from dmx.errors import DMXError
 
 __all__ = ["SearchConfig", "RECIPES", "BUDGETS", "PARAMETERIZATIONS", "GRAD_NORMS", "INITS",
            "WEIGHTINGS", "PRECONDITIONS", "EXPORT_TARGETS", "ROTATIONS", "config_from_dict",
-           "tie_fused_for"]
+           "tie_fused_for", "check_choice"]
 
 BUDGETS = ("project", "bound", "hinge")
 PARAMETERIZATIONS = ("clamp", "abs")
@@ -207,16 +207,16 @@ class SearchConfig:
             raise DMXError(f"--seqlen must be at least 2 (next-token loss), got {self.seqlen}")
         if self.samples is not None:
             _positive_int("--samples", self.samples)
-        _choice("--weighting", self.weighting, WEIGHTINGS)
-        _choice("--budget", self.budget, BUDGETS)
-        _choice("--parameterization", self.parameterization, PARAMETERIZATIONS)
-        _choice("--grad-norm", self.grad_norm, GRAD_NORMS)
-        _choice("--precondition", self.precondition, PRECONDITIONS)
-        _choice("--init", self.init, INITS)
-        _choice("--export-target", self.export_target, EXPORT_TARGETS)
-        _choice("--rotate", self.rotate, ROTATIONS)
+        check_choice("--weighting", self.weighting, WEIGHTINGS)
+        check_choice("--budget", self.budget, BUDGETS)
+        check_choice("--parameterization", self.parameterization, PARAMETERIZATIONS)
+        check_choice("--grad-norm", self.grad_norm, GRAD_NORMS)
+        check_choice("--precondition", self.precondition, PRECONDITIONS)
+        check_choice("--init", self.init, INITS)
+        check_choice("--export-target", self.export_target, EXPORT_TARGETS)
+        check_choice("--rotate", self.rotate, ROTATIONS)
         from dmx.rotate.hadamard import KINDS  # the matrices dmx.rotate can build
-        _choice("--rotate-kind", self.rotate_kind, KINDS)
+        check_choice("--rotate-kind", self.rotate_kind, KINDS)
         check_target_bits(self.target_bits, lad)
         for flag, value in (("--lr", self.lr), ("--t-start", self.t_start),
                             ("--t-end", self.t_end), ("--max-grad-norm", self.max_grad_norm),
@@ -260,7 +260,8 @@ def _positive_int(flag: str, value) -> None:
         raise DMXError(f"{flag} must be a positive integer, got {value!r}")
 
 
-def _choice(flag: str, value, choices) -> None:
+def check_choice(flag: str, value, choices) -> None:
+    """One line naming the flag and its choices when ``value`` is not one of them."""
     if value not in choices:
         raise DMXError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
 
