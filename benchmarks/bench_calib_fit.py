@@ -62,11 +62,9 @@ def search_windows(dmx_out: Path, tokenizer):
 
 
 def _saved_ppl(out: Path):
-    f = out / "eval.json"
-    if not f.is_file():
-        return None
-    ev = json.loads(f.read_text())
-    return ev["results"][ev["latest"]]["ppl"]
+    from dmx.outdir.evaljson import latest_eval
+    result = latest_eval(out)
+    return None if result is None else result["ppl"]
 
 
 def main(argv=None) -> int:

@@ -188,11 +188,9 @@ def main(argv=None) -> int:
         rows.append(f"| {key} | {b:g} | {spearman([per_unit[u] for u in units], [sens[u] for u in units]):.3f} "
                     f"| {np.mean(pairs):.3f} | {np.median(np.abs(mean) / (se + 1e-30)):.2f} "
                     f"| {len(top & kl_top)} of {args.top} | {oneshot} |")
-    kl_eval = Path(args.kl_out) / "eval.json"
-    kl_ppl = "-"
-    if kl_eval.is_file():
-        ev = json.loads(kl_eval.read_text())
-        kl_ppl = ev["results"][ev["latest"]]["protocol"]
+    from dmx.outdir.evaljson import latest_eval
+    kl_result = latest_eval(args.kl_out)
+    kl_ppl = kl_result["protocol"] if kl_result else "-"
     text = "\n".join([
         "# The search's first signal: gradients at the start vs KL sensitivities", "",
         f"Command: `python benchmarks/bench_gradient_signal.py {' '.join(sys.argv[1:])}`  ",

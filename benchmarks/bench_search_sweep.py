@@ -231,8 +231,8 @@ def _manifest(out: Path) -> dict:
 
 
 def _ppl(out: Path) -> float:
-    ev = json.loads((out / "eval.json").read_text())
-    return ev["results"][ev["latest"]]["ppl"]
+    from dmx.outdir.evaljson import latest_eval
+    return latest_eval(out)["ppl"]
 
 
 # ----------------------------------------------------------------------------- chains

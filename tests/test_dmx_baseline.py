@@ -137,11 +137,10 @@ def test_tie_rule_is_the_searchs():
 def test_baseline_export_target_leaves_ragged_layers_out_and_says_so(tmp_path, capsys):
     """stories260K's down_proj is 172 wide: no export target holds it. The default
     (any) leaves it in full precision and says so; none quantizes it too."""
-    src = STORIES
     for method in ("uniform", "kl"):
         for target in ("any", "none"):
             out = tmp_path / f"{method}-{target}"
-            argv = ["baseline", "--model", str(src), "--method", method,
+            argv = ["baseline", "--model", str(STORIES), "--method", method,
                     "--export-target", target, "-o", str(out), "--no-progress"]
             argv += (["--format", "fp4_e2m1"] if method == "uniform" else
                      ["--target-bits", "5", "--samples", "2", "--seqlen", "32",

@@ -31,7 +31,7 @@ MARKERS = {"dmx": "o", "kl": "s", "uniform": "^"}
 def collect(run_dirs) -> list[dict]:
     """Rows of the report, in the order given (every OUT's manifest and file hashes are
     checked)."""
-    from dmx.outdir.evaljson import load_eval
+    from dmx.outdir.evaljson import latest_result, load_eval
     from dmx.outdir.read import read_manifest
 
     if not run_dirs:
@@ -40,7 +40,7 @@ def collect(run_dirs) -> list[dict]:
     for d in run_dirs:
         m = read_manifest(d)
         ev = load_eval(d)
-        result = ev["results"][ev["latest"]] if ev and ev.get("latest") else None
+        result = latest_result(ev)
         mix = Counter(e["format"] for e in m["layers"].values())
         every = m["avg_bits"].get("all_linears") or {}
         search = m.get("search") or {}

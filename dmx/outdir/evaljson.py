@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dmx.errors import DMXError
 
-__all__ = ["load_eval", "save_eval", "save_task_results"]
+__all__ = ["load_eval", "latest_result", "latest_eval", "save_eval", "save_task_results"]
 
 
 def load_eval(out_dir) -> dict | None:
@@ -24,6 +24,17 @@ def load_eval(out_dir) -> dict | None:
     except (OSError, ValueError) as err:
         raise DMXError(f"{path}: unreadable JSON ({err}); rerun `dmx eval {out_dir} --save`") \
             from None
+
+
+def latest_result(ev: dict | None) -> dict | None:
+    """Of a loaded eval.json: the perplexity result recorded last ("ppl", "protocol",
+    ...), or None when there is none."""
+    return ev["results"][ev["latest"]] if ev and ev.get("latest") else None
+
+
+def latest_eval(out_dir) -> dict | None:
+    """The perplexity result `dmx eval OUT --save` recorded last in OUT, or None."""
+    return latest_result(load_eval(out_dir))
 
 
 def save_eval(out_dir, result: dict) -> Path:
