@@ -108,8 +108,10 @@ def _parse(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--rotate", default="none", choices=("none", "hadamard", "learned"),
                    help="rotation for every run (issue 12): searches get --rotate; uniform and "
-                        "KL baselines get hadamard too (learned: none, there is no loss to "
-                        "learn it from, so the baselines run unrotated and the table says so)")
+                        "KL baselines get hadamard too; with learned, each KL pair folds its "
+                        "search's learned rotations (--rotate-from), so the two assignments "
+                        "are compared on one rotated model, and the uniform anchors run "
+                        "unrotated (each search learns its own rotation)")
     p.add_argument("--extra", default="",
                    help="more `dmx search` flags, one string; they come last, so they "
                         "override the script's (a single flag: --extra=--fill-budget)")
@@ -167,8 +169,10 @@ def _eval_flags(args) -> list[str]:
     return flags
 
 
-def _baseline_rotate(args) -> list[str]:
-    # a learned rotation needs the search's loss: the baselines then stay unrotated
+def _baseline_rotate(args, search_out: Path | None = None) -> list[str]:
+    # a learned rotation is the search's own: a KL pair takes it from its search's OUT
+    if args.rotate == "learned" and search_out is not None:
+        return ["--rotate-from", str(search_out)]
     return ["--rotate", "hadamard"] if args.rotate == "hadamard" else []
 
 
@@ -209,7 +213,7 @@ def _search_budget(manifest: dict) -> tuple[float, str, bool, str, bool]:
 
 def _kl_argv(args, seed: int, out: Path, bits: float, weighting: str = "simple",
              weights_only: bool = False, export_target: str = "any",
-             tie_fused: bool = False) -> list[str]:
+             tie_fused: bool = False, search_out: Path | None = None) -> list[str]:
     return ["baseline", "--model", args.model, "--method", "kl", "--target-bits", repr(bits),
             "--weighting", weighting, *(["--weights-only"] if weights_only else []),
             "--export-target", export_target,
@@ -217,7 +221,7 @@ def _kl_argv(args, seed: int, out: Path, bits: float, weighting: str = "simple",
             "--calib", args.calib, "--seqlen", str(args.seqlen), "--samples",
             str(args.kl_samples), "--seed", str(seed), "--device", args.device,
             "--no-progress", "--force", "-o", str(out), *_ladder(args),
-            *_baseline_rotate(args)]
+            *_baseline_rotate(args, search_out)]
 
 
 def _done(out: Path, need_eval: bool = False) -> bool:
@@ -280,7 +284,8 @@ def _pair_chain(args, work: Path, recipe: str, target: float, seed: int,
         ran = True
     ran = _evaluate(args, out) or ran
     if "baseline" in args.stages and _done(out) and not (args.reuse and _done(kl)):
-        _dmx(args, kl.name, _kl_argv(args, seed, kl, *_search_budget(_manifest(out))))
+        _dmx(args, kl.name, _kl_argv(args, seed, kl, *_search_budget(_manifest(out)),
+                                     search_out=out))
         ran = True
     ran = _evaluate(args, kl) or ran
     if ran and "table" in args.stages:
@@ -390,8 +395,16 @@ def _header(args, wall: float) -> list[str]:
             f"{Path(args.eval_file).name}, first {args.max_windows or 'all'} windows of "
             f"{args.eval_seqlen} tokens. {fill}. KL: "
             f"{args.kl_samples} calibration windows, at each search's achieved bits.",
-            "", f"Rotation: searches `--rotate {args.rotate}`; baselines (uniform, KL) "
-            + ("`--rotate hadamard`." if args.rotate == "hadamard" else "unrotated."), ""]
+            "", f"Rotation: searches `--rotate {args.rotate}`; " + _rotation_note(args), ""]
+
+
+def _rotation_note(args) -> str:
+    if args.rotate == "hadamard":
+        return "baselines (uniform, KL) `--rotate hadamard`."
+    if args.rotate == "learned":
+        return ("each KL pair `--rotate-from` its search's OUT (the same learned R1/R2, so "
+                "the two assignments share one rotated model); uniform anchors unrotated.")
+    return "baselines (uniform, KL) unrotated."
 
 
 def _row(args, evaluated: dict, recipe: str, target: float, fp8) -> str | None:

@@ -141,6 +141,48 @@ def test_baseline_rotate_hadamard_is_the_search_rotation(tmp_path, calib, capsys
     capsys.readouterr()
 
 
+def test_baseline_rotate_from_quantizes_the_search_rotated_weights(searched, tmp_path, capsys):
+    """`dmx baseline --rotate-from OUT` folds the matrices the learned search kept: every
+    tensor it leaves in full precision equals the search OUT's bit for bit, and every layer
+    both put in MXFP4 has the same packed codes and scales."""
+    src, result = searched["learned"]
+    saved = load_file(str(src / "rotations.safetensors"))
+    assert sorted(saved) == ["r1"] + sorted(f"r2.{i}" for i in range(len(saved) - 1))
+    out = tmp_path / "u4"
+    assert dmx_main(["baseline", "--model", str(MODEL), "--method", "uniform", "--format",
+                     "fp4_e2m1", "--rotate-from", str(src), "--export-target",
+                     "compressed-tensors", "-o", str(out)]) == 0
+    manifest = json.loads((out / "dmx_manifest.json").read_text())
+    assert manifest["rotation"]["mode"] == "learned"
+    assert manifest["rotation"]["from"] == str(src)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    mine = load_file(str(out / "model.safetensors"))
+    theirs = load_file(str(src / "model.safetensors"))
+    fp4 = [n for n, f in result["formats"].items() if f == "fp4_e2m1"]
+    assert fp4  # a 5-bit search leaves some layers in MXFP4
+    same = [k for k in theirs if not any(k.startswith(n + ".") for n in result["formats"])]
+    same += [k for k in theirs for n in fp4 if k.startswith(n + ".")]
+    assert "lm_head.weight" in same and "model.embed_tokens.weight" in same
+    for key in same:  # bit patterns, whatever the dtype
+        assert torch.equal(mine[key].flatten().view(torch.uint8),
+                           theirs[key].flatten().view(torch.uint8)), key
+    capsys.readouterr()
+
+
+def test_baseline_rotate_from_refuses_what_it_cannot_use(searched, tmp_path, capsys):
+    learned, _ = searched["learned"]
+    cases = [(["--rotate-from", str(searched["hadamard"][0])], "no learned rotations"),
+             (["--rotate-from", str(tmp_path)], "not a dmx OUT"),
+             (["--rotate-from", str(learned), "--rotate", "hadamard"], "drop --rotate")]
+    for extra, message in cases:
+        out = tmp_path / "out"
+        code = dmx_main(["baseline", "--model", str(MODEL), "--method", "uniform", "--format",
+                         "fp4_e2m1", *extra, "-o", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, (extra, err)
+        assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["search", "--target-bits", "5", "--rotation-lr", "0.3"], "--rotate learned"),
     (["search", "--target-bits", "5", "--rotate", "spin"], "--rotate"),

@@ -171,6 +171,14 @@ class LearnedRotations:
             err = max(err, float((x @ x.T - eye).abs().max()))
         return err
 
+    def matrices(self) -> dict:
+        """The current rotation matrices by name ("r1", "r2.<block>"; float32 copies, on
+        the CPU): what :func:`dmx.rotate.save_rotations` writes into OUT."""
+        out = {} if self.r1 is None else {"r1": self.r1.detach().cpu().float().clone()}
+        for i, p in enumerate([] if self.r2 is None else self.r2):
+            out[f"r2.{i}"] = p.detach().cpu().float().clone()
+        return out
+
     def state_dict(self) -> dict:
         return {"rotations": [p.detach().cpu().clone() for p in self.parameters()],
                 "optimizer": self.optimizer.state_dict(), "steps": self.steps}

@@ -19,6 +19,8 @@ stay in full precision, said on stderr with the coverage.
 --rotate hadamard`` into the weights first (dmx.rotate.rotate_model, seeded by --seed), so
 a baseline and a search compare like for like; the manifest records them (``rotation``).
 ``--rotate-online r4`` adds the online R4 (dmx.rotate.online), as ``dmx search`` does.
+``--rotate-from OUT`` folds the learned R1/R2 a ``dmx search --rotate learned`` OUT kept
+(dmx.rotate.saved), so the baseline quantizes the same rotated weights the search did.
 
 Public API: ``quantizable_layers(model, include=None) -> [names]``,
 ``uniform_baseline(model_dir, fmt, out, ...) -> dict``,
@@ -97,9 +99,10 @@ def _note(msg: str) -> None:
     print(f"dmx baseline: {msg}", file=sys.stderr)
 
 
-def _check_rotation(model_dir, rotate: str, rotate_kind: str, rotate_online=()) -> None:
-    """Bad --rotate/--rotate-kind/--rotate-online (or a model type rotations do not
-    support) fail before the weights load."""
+def _check_rotation(model_dir, rotate: str, rotate_kind: str, rotate_online=(),
+                    rotate_from=None) -> None:
+    """Bad --rotate/--rotate-kind/--rotate-online/--rotate-from (or a model type rotations
+    do not support) fail before the weights load."""
     from dmx.rotate.fold import check_model_type
     from dmx.rotate.hadamard import KINDS
     from dmx.rotate.online import parse_online
@@ -111,13 +114,19 @@ def _check_rotation(model_dir, rotate: str, rotate_kind: str, rotate_online=()) 
     if rotate != "hadamard" and rotate_kind != "auto" and not online:
         raise DMXError(f"--rotate-kind {rotate_kind} picks the matrix of --rotate hadamard "
                        f"(and of --rotate-online r4); add one or drop it")
-    if rotate != "none" or online:
+    if rotate_from is not None:
+        if rotate != "none":
+            raise DMXError(f"--rotate-from takes the rotations of {rotate_from}; drop "
+                           f"--rotate {rotate}")
+        from dmx.rotate.saved import read_rotations
+        read_rotations(rotate_from)  # refuses an OUT without learned rotations, in one line
+    if rotate != "none" or online or rotate_from is not None:
         from dmx import data
         check_model_type(data.check_causal_lm_dir(model_dir).get("model_type"))
 
 
 def _load(model_dir, device, rotate: str = "none", rotate_kind: str = "auto", seed: int = 0,
-          rotate_online=()):
+          rotate_online=(), rotate_from=None):
     """The model with frozen weights (baselines never train), rotated as asked; and the
     ``(meta, extra_files)`` additions of write_out that record the rotation."""
     from dmx.data import load_model
@@ -127,17 +136,23 @@ def _load(model_dir, device, rotate: str = "none", rotate_kind: str = "auto", se
     from dmx.rotate import out_config_files, rotate_model, rotate_online as online_r4
     info = None if rotate == "none" else rotate_model(model, rotate, seed=seed,
                                                       kind=rotate_kind)
+    if rotate_from is not None:  # the learned R1/R2 a search OUT kept
+        from dmx.rotate.saved import apply_rotations, read_rotations
+        info = apply_rotations(model, *read_rotations(rotate_from))
     info = online_r4(model, rotate_online, info, kind=rotate_kind, seed=seed)
     if info is None:
         return model, {}, {}
-    return model, {"rotation": info.to_manifest()}, out_config_files(model_dir, info)
+    record = info.to_manifest()
+    if rotate_from is not None:
+        record["from"] = str(rotate_from)
+    return model, {"rotation": record}, out_config_files(model_dir, info)
 
 
 # ----------------------------------------------------------------------------- uniform
 def uniform_baseline(model_dir, fmt: str, out, weights_only: bool = False, include=None,
                      device: str = "cpu", force: bool = False, rotate: str = "none",
                      rotate_kind: str = "auto", seed: int = 0, rotate_online=(),
-                     export_target: str = "any") -> dict:
+                     export_target: str = "any", rotate_from=None) -> dict:
     """Write OUT with every quantizable linear that ``export_target`` can hold in ``fmt``
     (after the fixed ``rotate`` rotation, seeded by ``seed``); returns a summary."""
     from dmx import outdir
@@ -148,9 +163,9 @@ def uniform_baseline(model_dir, fmt: str, out, weights_only: bool = False, inclu
         raise DMXError(f"--format {fmt}: OUT stores 4-, 6- and 8-bit MX formats only")
     check_choice("--export-target", export_target, EXPORT_TARGETS)
     outdir.check_new_out(out, force, [model_dir])
-    _check_rotation(model_dir, rotate, rotate_kind, rotate_online)
+    _check_rotation(model_dir, rotate, rotate_kind, rotate_online, rotate_from)
     model, rot_meta, extra_files = _load(model_dir, device, rotate, rotate_kind, seed,
-                                         rotate_online)
+                                         rotate_online, rotate_from)
     names = select_layers(model, include, fmt, export_target, _note)
     formats, acts = _formats_for(names, fmt, weights_only)
     meta = {"method": "uniform", "ladder": None, "target_bits": None, "seed": int(seed),
@@ -232,7 +247,7 @@ def kl_baseline(model_dir, target_bits: float, out, ladder: str = "fp8-fp4",
                 include=None, batch_size: int = 4, device: str = "cpu", force: bool = False,
                 progress: bool = True, rotate: str = "none", rotate_kind: str = "auto",
                 rotate_online=(), export_target: str = "any",
-                tie_fused: bool | None = None) -> dict:
+                tie_fused: bool | None = None, rotate_from=None) -> dict:
     """Write OUT with the KL layer-selection assignment (on the model after the fixed
     ``rotate`` rotation, seeded by ``seed``); returns a summary. ``export_target`` and
     ``tie_fused`` (None: the search's rule, :func:`dmx.search.recipe.tie_fused_for`)
@@ -251,7 +266,7 @@ def kl_baseline(model_dir, target_bits: float, out, ladder: str = "fp8-fp4",
     for f in calib or ():
         if not Path(f).is_file():
             raise DMXError(f"--calib {f}: no such file")
-    _check_rotation(model_dir, rotate, rotate_kind, rotate_online)
+    _check_rotation(model_dir, rotate, rotate_kind, rotate_online, rotate_from)
     config = data.check_causal_lm_dir(model_dir)
     if seqlen is None:  # the search's 2048, capped by what the model was trained for
         seqlen = min(2048, int(config.get("max_position_embeddings") or 2048))
@@ -260,7 +275,7 @@ def kl_baseline(model_dir, target_bits: float, out, ladder: str = "fp8-fp4",
     windows = data.calibration_windows(data.load_tokenizer(model_dir), calib_files, seqlen,
                                        samples, seed)
     model, rot_meta, extra_files = _load(model_dir, device, rotate, rotate_kind, seed,
-                                         rotate_online)
+                                         rotate_online, rotate_from)
     windows = windows.to(next(model.parameters()).device)
     names = select_layers(model, include, lad, export_target, _note)
     units = fused_units(names) if tie else [(n,) for n in names]
@@ -327,6 +342,10 @@ def add_baseline_parser(subparsers):
                    help="fold fixed rotations into the weights first, as dmx search --rotate "
                         "does: none (default), hadamard or random (seeded by --seed); see "
                         "docs/rotations.md")
+    p.add_argument("--rotate-from", metavar="OUT", default=None,
+                   help="fold the learned rotations of a dmx search --rotate learned OUT "
+                        "into the weights first, so a baseline and that search share one "
+                        "rotated model")
     p.add_argument("--rotate-kind", default="auto",
                    help="the Hadamard of --rotate hadamard: auto (default), block, kron, "
                         "random")
@@ -360,7 +379,7 @@ def run_baseline(args) -> int:
         res = uniform_baseline(args.model, args.format, args.out, args.weights_only,
                                args.include, args.device, args.force, args.rotate,
                                args.rotate_kind, args.seed, args.rotate_online,
-                               args.export_target)
+                               args.export_target, args.rotate_from)
     else:
         if args.target_bits is None:
             raise DMXError("--method kl needs --target-bits B (average element bits)")
@@ -371,7 +390,8 @@ def run_baseline(args) -> int:
                           args.include, args.batch_size, args.device, args.force,
                           progress=not args.no_progress, rotate=args.rotate,
                           rotate_kind=args.rotate_kind, rotate_online=args.rotate_online,
-                          export_target=args.export_target, tie_fused=args.tie_fused)
+                          export_target=args.export_target, tie_fused=args.tie_fused,
+                          rotate_from=args.rotate_from)
     counts = Counter(res["formats"].values())
     mix = ", ".join(f"{n} x {fmt}" for fmt, n in sorted(counts.items()))
     b = res["avg_bits"]

@@ -235,6 +235,7 @@ def search(model_dir, config, *, out=None, force: bool = False, resume: bool = F
     train_s = elapsed_before + time.time() - run_start
     if learned is not None:  # everything below sees plain rotated weights, as OUT will
         orthogonality = learned.orthogonality_error()
+        learned_matrices = learned.matrices()  # kept in OUT: dmx baseline --rotate-from
         from dmx.rotate.online import carry_online
         rotation = carry_online(learned.fold(), rotation)  # R4 (if any) stays recorded
     # the learned offsets, before anything below moves a unit to a rung
@@ -278,6 +279,9 @@ def search(model_dir, config, *, out=None, force: bool = False, resume: bool = F
         if learned is not None:  # max |R R^T - I| of the float32 matrices before the fold
             meta["rotation"]["orthogonality_error"] = orthogonality
         extra_files = out_config_files(model_dir, rotation)  # lm_head untied: config.json
+        if learned is not None:
+            from dmx.rotate.saved import ROTATIONS_NAME, rotations_bytes
+            extra_files[ROTATIONS_NAME] = rotations_bytes(learned_matrices)
     log_text = _search_log_lines(cfg, layers, log, trained, raw_formats, formats, raw_bits,
                                  achieved, repair, end_ppl, meta.get("rotation"))
     from dmx import outdir
