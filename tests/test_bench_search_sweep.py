@@ -48,3 +48,20 @@ def test_kl_pair_uses_the_searchs_layers_and_units(tmp_path):
         argv = sweep._kl_argv(args, 0, tmp_path / "kl", *sweep._search_budget(manifest))
         assert _flag(argv, "--export-target") == target
         assert ("--tie-fused" in argv) == tied and ("--no-tie-fused" in argv) != tied
+
+
+def test_kl_pair_shares_the_searchs_rotation(tmp_path):
+    search = tmp_path / "dmx-default-5-s0"
+    for rotate, want in (("none", []), ("hadamard", ["--rotate", "hadamard"]),
+                         ("learned", ["--rotate-from", str(search)])):
+        args = sweep._parse(["--model", str(tmp_path), "--rotate", rotate])
+        argv = sweep._kl_argv(args, 0, tmp_path / "kl", *sweep._search_budget(_manifest()),
+                              search_out=search)
+        got = [a for a in argv if a.startswith("--rotate")]
+        assert got == want[::2], (rotate, argv)
+        if want:
+            assert _flag(argv, want[0]) == want[1]
+        # the uniform anchors: a learned rotation is each search's own, so they stay unrotated
+        uniform = sweep._uniform_argv(args, "fp4_e2m1", tmp_path / "u")
+        assert ("--rotate-from" in uniform) is False
+        assert ("--rotate" in uniform) == (rotate == "hadamard")
