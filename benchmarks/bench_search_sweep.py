@@ -403,7 +403,10 @@ def _rotation_note(args) -> str:
         return "baselines (uniform, KL) `--rotate hadamard`."
     if args.rotate == "learned":
         return ("each KL pair `--rotate-from` its search's OUT (the same learned R1/R2, so "
-                "the two assignments share one rotated model); uniform anchors unrotated.")
+                "the two assignments share one rotated model); uniform anchors unrotated, "
+                "and the column of KL's gap to MXFP8 closed uses them, though under a "
+                "learned rotation uniform MXFP8 itself scores lower: read it as an upper "
+                "bound.")
     return "baselines (uniform, KL) unrotated."
 
 
