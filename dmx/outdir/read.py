@@ -27,7 +27,7 @@ from dmx.errors import DMXError
 from dmx.outdir.integrity import check_shapes, tensor_shapes, validate_manifest
 from dmx.outdir.layout import MANIFEST_NAME, SEARCH_LOG_NAME, WEIGHTS_NAME, layer_sha256
 
-__all__ = ["read_manifest", "QuantLayer", "OutModel", "read_out", "check_config_fits", "load",
+__all__ = ["read_rotations", "read_manifest", "QuantLayer", "OutModel", "read_out", "check_config_fits", "load",
            "DecodedMXLinear", "read_search_log"]
 
 _REWRITE = "rewrite OUT with `dmx search`/`dmx baseline`"
@@ -290,3 +290,22 @@ def _shares_storage(model, key: str, loaded: dict) -> bool:
     if t is None:
         return False
     return any(k in loaded and sd[k].data_ptr() == t.data_ptr() for k in sd if k != key)
+
+
+def read_rotations(out_dir) -> tuple[dict, dict]:
+    """(matrices, the manifest's rotation record) of a search OUT made with learned rotations;
+    a one-line DMXError when OUT has none to give."""
+    from safetensors.torch import load_file
+
+    from dmx.rotate.saved import ROTATIONS_NAME  # (torch: imported here, as in load)
+    out = Path(out_dir)
+    manifest_path = out / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise DMXError(f"--rotate-from {out}: not a dmx OUT (no {MANIFEST_NAME})")
+    record = json.loads(manifest_path.read_text()).get("rotation") or {}
+    path = out / ROTATIONS_NAME
+    if record.get("mode") != "learned" or not path.is_file():
+        raise DMXError(f"--rotate-from {out}: OUT holds no learned rotations (rotation mode "
+                       f"{record.get('mode', 'none')!r}; only dmx search --rotate learned "
+                       f"writes {ROTATIONS_NAME}); use --rotate hadamard for fixed ones")
+    return load_file(str(path)), record

@@ -38,9 +38,9 @@ r2=True, untie=True, dtype=torch.float32)``
 ``out_config_files(source_dir, info)``: that config.json as ``write_out``'s ``extra_files``
     ({} when nothing was untied).
 ``LearnedRotations.matrices()`` / ``dmx.rotate.saved``: a learned search writes the trained
-    matrices into OUT (``rotations.safetensors``); ``read_rotations(out_dir)`` returns them
-    with the manifest's record and ``apply_rotations(model, matrices, record)`` folds them into
-    an unrotated model (``dmx baseline --rotate-from OUT``).
+    matrices into OUT (``rotations.safetensors``); ``dmx.outdir.read_rotations(out_dir)``
+    returns them with the manifest's record and ``apply_rotations(model, matrices, record)``
+    folds them into an unrotated model (``dmx baseline --rotate-from OUT``).
 ``CayleySGD(params, lr=1.5, momentum=0.0)``: SGD on the orthogonal group by the Cayley
     transform (exactly orthogonal steps, solved in float64).
 ``rotation_matrix(n, kind, seed, block)``, ``hadamard_pm1(n)``, ``block_hadamard(n, block)``,
@@ -57,13 +57,13 @@ from dmx.rotate.hadamard import (KINDS, block_hadamard, hadamard_pm1, is_orthogo
 from dmx.rotate.info import MODES, ONLINE, RotationInfo, out_config_files, patch_config
 from dmx.rotate.learned import CayleySGD, LearnedRotations
 from dmx.rotate.online import parse_online, rotate_online
-from dmx.rotate.saved import ROTATIONS_NAME, apply_rotations, read_rotations
+from dmx.rotate.saved import ROTATIONS_NAME, apply_rotations
 
 __all__ = ["MODES", "ONLINE", "RotationInfo", "rotate_model", "rotate_online", "parse_online",
            "patch_config", "out_config_files", "LearnedRotations",
            "CayleySGD", "rotation_matrix", "hadamard_pm1", "block_hadamard",
            "random_orthogonal", "is_orthogonal", "KINDS", "ROTATIONS_NAME",
-           "apply_rotations", "read_rotations"]
+           "apply_rotations"]
 
 
 def rotate_model(model: nn.Module, mode: str = "hadamard", seed: int = 0, kind: str = "auto",

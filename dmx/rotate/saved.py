@@ -3,13 +3,11 @@
 ``dmx search --rotate learned`` folds its trained R1/R2 into the weights it quantizes, so
 OUT's weights alone cannot give them back. It also writes the matrices themselves
 (``rotations.safetensors``: ``r1``, ``r2.<block>``, float32, exactly the values folded), so
-a baseline can run on the same rotated model (``dmx baseline --rotate-from OUT``): KL
-selection or a uniform format against the search's assignment, the rotation held equal.
+a baseline can run on the same rotated model (``dmx baseline --rotate-from OUT``, which
+reads it with :func:`dmx.outdir.read_rotations`): KL selection or a uniform format against
+the search's assignment, the rotation held equal.
 """
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import torch.nn as nn
 
@@ -17,7 +15,7 @@ from dmx.errors import DMXError
 from dmx.rotate.fold import apply_plan, arch_of, fold_norms, rotation_plan
 from dmx.rotate.info import RotationInfo
 
-__all__ = ["ROTATIONS_NAME", "rotations_bytes", "read_rotations", "apply_rotations"]
+__all__ = ["ROTATIONS_NAME", "rotations_bytes", "apply_rotations"]
 
 ROTATIONS_NAME = "rotations.safetensors"
 
@@ -26,25 +24,6 @@ def rotations_bytes(matrices: dict) -> bytes:
     """The file ``ROTATIONS_NAME`` holds, from ``LearnedRotations.matrices()``."""
     from safetensors.torch import save
     return save({k: v.contiguous() for k, v in matrices.items()})
-
-
-def read_rotations(out_dir) -> tuple[dict, dict]:
-    """(matrices, the manifest's rotation record) of a search OUT made with learned rotations;
-    a one-line DMXError when OUT has none to give."""
-    from safetensors.torch import load_file
-
-    from dmx.outdir import MANIFEST_NAME
-    out = Path(out_dir)
-    manifest_path = out / MANIFEST_NAME
-    if not manifest_path.is_file():
-        raise DMXError(f"--rotate-from {out}: not a dmx OUT (no {MANIFEST_NAME})")
-    record = json.loads(manifest_path.read_text()).get("rotation") or {}
-    path = out / ROTATIONS_NAME
-    if record.get("mode") != "learned" or not path.is_file():
-        raise DMXError(f"--rotate-from {out}: OUT holds no learned rotations (rotation mode "
-                       f"{record.get('mode', 'none')!r}; only dmx search --rotate learned "
-                       f"writes {ROTATIONS_NAME}); use --rotate hadamard for fixed ones")
-    return load_file(str(path)), record
 
 
 def apply_rotations(model: nn.Module, matrices: dict, record: dict | None = None,

@@ -118,7 +118,7 @@ def _check_rotation(model_dir, rotate: str, rotate_kind: str, rotate_online=(),
         if rotate != "none":
             raise DMXError(f"--rotate-from takes the rotations of {rotate_from}; drop "
                            f"--rotate {rotate}")
-        from dmx.rotate.saved import read_rotations
+        from dmx.outdir import read_rotations
         read_rotations(rotate_from)  # refuses an OUT without learned rotations, in one line
     if rotate != "none" or online or rotate_from is not None:
         from dmx import data
@@ -137,7 +137,8 @@ def _load(model_dir, device, rotate: str = "none", rotate_kind: str = "auto", se
     info = None if rotate == "none" else rotate_model(model, rotate, seed=seed,
                                                       kind=rotate_kind)
     if rotate_from is not None:  # the learned R1/R2 a search OUT kept
-        from dmx.rotate.saved import apply_rotations, read_rotations
+        from dmx.outdir import read_rotations
+        from dmx.rotate.saved import apply_rotations
         info = apply_rotations(model, *read_rotations(rotate_from))
     info = online_r4(model, rotate_online, info, kind=rotate_kind, seed=seed)
     if info is None:
