@@ -172,7 +172,7 @@ def test_baseline_rotate_from_quantizes_the_search_rotated_weights(searched, tmp
 def test_baseline_rotate_from_refuses_what_it_cannot_use(searched, tmp_path, capsys):
     learned, _ = searched["learned"]
     cases = [(["--rotate-from", str(searched["hadamard"][0])], "no learned rotations"),
-             (["--rotate-from", str(tmp_path)], "not a dmx OUT"),
+             (["--rotate-from", str(tmp_path)], "no dmx_manifest.json"),
              (["--rotate-from", str(learned), "--rotate", "hadamard"], "drop --rotate")]
     for extra, message in cases:
         out = tmp_path / "out"

@@ -293,16 +293,14 @@ def _shares_storage(model, key: str, loaded: dict) -> bool:
 
 
 def read_rotations(out_dir) -> tuple[dict, dict]:
-    """(matrices, the manifest's rotation record) of a search OUT made with learned rotations;
-    a one-line DMXError when OUT has none to give."""
+    """(matrices, the manifest's rotation record) of a search OUT made with learned rotations,
+    after the manifest's seal is checked (the matrices file included); a one-line DMXError
+    when OUT has none to give."""
     from safetensors.torch import load_file
 
     from dmx.rotate.saved import ROTATIONS_NAME  # (torch: imported here, as in load)
     out = Path(out_dir)
-    manifest_path = out / MANIFEST_NAME
-    if not manifest_path.is_file():
-        raise DMXError(f"--rotate-from {out}: not a dmx OUT (no {MANIFEST_NAME})")
-    record = json.loads(manifest_path.read_text()).get("rotation") or {}
+    record = read_manifest(out).get("rotation") or {}
     path = out / ROTATIONS_NAME
     if record.get("mode") != "learned" or not path.is_file():
         raise DMXError(f"--rotate-from {out}: OUT holds no learned rotations (rotation mode "

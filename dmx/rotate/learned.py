@@ -173,7 +173,7 @@ class LearnedRotations:
 
     def matrices(self) -> dict:
         """The current rotation matrices by name ("r1", "r2.<block>"; float32 copies, on
-        the CPU): what :func:`dmx.rotate.save_rotations` writes into OUT."""
+        the CPU): what ``dmx search`` writes into OUT (:mod:`dmx.rotate.saved`)."""
         out = {} if self.r1 is None else {"r1": self.r1.detach().cpu().float().clone()}
         for i, p in enumerate([] if self.r2 is None else self.r2):
             out[f"r2.{i}"] = p.detach().cpu().float().clone()
