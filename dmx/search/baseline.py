@@ -100,9 +100,10 @@ def _note(msg: str) -> None:
 
 
 def _check_rotation(model_dir, rotate: str, rotate_kind: str, rotate_online=(),
-                    rotate_from=None) -> None:
+                    rotate_from=None):
     """Bad --rotate/--rotate-kind/--rotate-online/--rotate-from (or a model type rotations
-    do not support) fail before the weights load."""
+    do not support) fail before the weights load. Returns what ``--rotate-from`` read
+    (matrices, the manifest's rotation record), or None, so it is read once."""
     from dmx.rotate.fold import check_model_type
     from dmx.rotate.hadamard import KINDS
     from dmx.rotate.online import parse_online
@@ -114,21 +115,24 @@ def _check_rotation(model_dir, rotate: str, rotate_kind: str, rotate_online=(),
     if rotate != "hadamard" and rotate_kind != "auto" and not online:
         raise DMXError(f"--rotate-kind {rotate_kind} picks the matrix of --rotate hadamard "
                        f"(and of --rotate-online r4); add one or drop it")
+    saved = None
     if rotate_from is not None:
         if rotate != "none":
             raise DMXError(f"--rotate-from takes the rotations of {rotate_from}; drop "
                            f"--rotate {rotate}")
         from dmx.outdir import read_rotations
-        read_rotations(rotate_from)  # refuses an OUT without learned rotations, in one line
+        saved = read_rotations(rotate_from)  # refuses an OUT without learned rotations
     if rotate != "none" or online or rotate_from is not None:
         from dmx import data
         check_model_type(data.check_causal_lm_dir(model_dir).get("model_type"))
+    return saved
 
 
 def _load(model_dir, device, rotate: str = "none", rotate_kind: str = "auto", seed: int = 0,
-          rotate_online=(), rotate_from=None):
-    """The model with frozen weights (baselines never train), rotated as asked; and the
-    ``(meta, extra_files)`` additions of write_out that record the rotation."""
+          rotate_online=(), rotate_from=None, saved=None):
+    """The model with frozen weights (baselines never train), rotated as asked (``saved``:
+    what _check_rotation read from ``rotate_from``); and the ``(meta, extra_files)``
+    additions of write_out that record the rotation."""
     from dmx.data import load_model
     model = load_model(model_dir, device=device)
     for p in model.parameters():
@@ -136,10 +140,9 @@ def _load(model_dir, device, rotate: str = "none", rotate_kind: str = "auto", se
     from dmx.rotate import out_config_files, rotate_model, rotate_online as online_r4
     info = None if rotate == "none" else rotate_model(model, rotate, seed=seed,
                                                       kind=rotate_kind)
-    if rotate_from is not None:  # the learned R1/R2 a search OUT kept
-        from dmx.outdir import read_rotations
+    if saved is not None:  # the learned R1/R2 a search OUT kept
         from dmx.rotate.saved import apply_rotations
-        info = apply_rotations(model, *read_rotations(rotate_from))
+        info = apply_rotations(model, *saved)
     info = online_r4(model, rotate_online, info, kind=rotate_kind, seed=seed)
     if info is None:
         return model, {}, {}
@@ -164,9 +167,9 @@ def uniform_baseline(model_dir, fmt: str, out, weights_only: bool = False, inclu
         raise DMXError(f"--format {fmt}: OUT stores 4-, 6- and 8-bit MX formats only")
     check_choice("--export-target", export_target, EXPORT_TARGETS)
     outdir.check_new_out(out, force, [model_dir])
-    _check_rotation(model_dir, rotate, rotate_kind, rotate_online, rotate_from)
+    saved = _check_rotation(model_dir, rotate, rotate_kind, rotate_online, rotate_from)
     model, rot_meta, extra_files = _load(model_dir, device, rotate, rotate_kind, seed,
-                                         rotate_online, rotate_from)
+                                         rotate_online, rotate_from, saved)
     names = select_layers(model, include, fmt, export_target, _note)
     formats, acts = _formats_for(names, fmt, weights_only)
     meta = {"method": "uniform", "ladder": None, "target_bits": None, "seed": int(seed),
@@ -267,7 +270,7 @@ def kl_baseline(model_dir, target_bits: float, out, ladder: str = "fp8-fp4",
     for f in calib or ():
         if not Path(f).is_file():
             raise DMXError(f"--calib {f}: no such file")
-    _check_rotation(model_dir, rotate, rotate_kind, rotate_online, rotate_from)
+    saved = _check_rotation(model_dir, rotate, rotate_kind, rotate_online, rotate_from)
     config = data.check_causal_lm_dir(model_dir)
     if seqlen is None:  # the search's 2048, capped by what the model was trained for
         seqlen = min(2048, int(config.get("max_position_embeddings") or 2048))
@@ -276,7 +279,7 @@ def kl_baseline(model_dir, target_bits: float, out, ladder: str = "fp8-fp4",
     windows = data.calibration_windows(data.load_tokenizer(model_dir), calib_files, seqlen,
                                        samples, seed)
     model, rot_meta, extra_files = _load(model_dir, device, rotate, rotate_kind, seed,
-                                         rotate_online, rotate_from)
+                                         rotate_online, rotate_from, saved)
     windows = windows.to(next(model.parameters()).device)
     names = select_layers(model, include, lad, export_target, _note)
     units = fused_units(names) if tie else [(n,) for n in names]
