@@ -88,6 +88,10 @@ def _parse(argv=None):
                         "dmx/data/ (default: SmolLM2-135M from benchmarks/build_smollm2.py)")
     p.add_argument("--calib", default=str(data.default_calibration_file()))
     p.add_argument("--eval", dest="eval_file", default=str(data.default_eval_file()))
+    p.add_argument("--eval-also", nargs="+", default=[], metavar="FILE",
+                   help="held-out texts every OUT is scored on too (same --eval-seqlen and "
+                        "--max-windows), each with a table of its own: e.g. "
+                        "benchmarks/data/tinystories/eval.txt, out of the calibration's domain")
     p.add_argument("--eval-seqlen", type=int, default=256)
     p.add_argument("--max-windows", type=int, default=64,
                    help="evaluate on the first N windows of the test text (0 = all)")
@@ -161,8 +165,8 @@ def _dmx(args, name: str, argv: list[str]) -> None:
                          f"{last}")
 
 
-def _eval_flags(args) -> list[str]:
-    flags = ["--data", args.eval_file, "--seqlen", str(args.eval_seqlen), "--device",
+def _eval_flags(args, text: str | None = None) -> list[str]:
+    flags = ["--data", text or args.eval_file, "--seqlen", str(args.eval_seqlen), "--device",
              args.device, "--no-progress"]
     if args.max_windows:
         flags += ["--max-windows", str(args.max_windows)]
@@ -224,19 +228,52 @@ def _kl_argv(args, seed: int, out: Path, bits: float, weighting: str = "simple",
             *_baseline_rotate(args, search_out)]
 
 
-def _done(out: Path, need_eval: bool = False) -> bool:
+def _sensitivity_source(args, work: Path, seed: int, weights_only: bool, export_target: str,
+                        tie_fused: bool) -> Path | None:
+    """A finished KL OUT of this sweep whose sensitivities a new KL pair can reuse
+    (`dmx baseline --sensitivities-from`, which checks every setting again): same seed
+    (calibration windows) and the same layers, units and inputs; only the budget differs.
+    None under ``--rotate learned``: each search learns its own rotation."""
+    if args.rotate == "learned":
+        return None
+    want = {"weights_only": weights_only, "export_target": export_target,
+            "tie_fused": tie_fused, "samples": args.kl_samples, "seqlen": args.seqlen}
+    for kl in sorted(work.glob(f"kl-*-s{seed}")):
+        if not _done(kl):
+            continue
+        m = _manifest(kl)
+        got = m.get("baseline") or {}
+        if (m.get("seed") == seed and "sensitivity" in got and "sensitivities_from" not in got
+                and all(got.get(k) == v for k, v in want.items())):
+            return kl
+    return None
+
+
+def _done(out: Path, need_eval: bool = False, args=None, text: str | None = None) -> bool:
+    """OUT is written (and, with ``need_eval``, scored on ``text``: default --eval)."""
     if not (out / "dmx_manifest.json").is_file():
         return False
-    return not need_eval or (out / "eval.json").is_file()
+    return not need_eval or _scored(args, out, text) is not None
 
 
 def _manifest(out: Path) -> dict:
     return json.loads((out / "dmx_manifest.json").read_text())
 
 
-def _ppl(out: Path) -> float:
-    from dmx.outdir.evaljson import latest_eval
-    return latest_eval(out)["ppl"]
+def _texts(args) -> list[str]:
+    """The evaluation texts: --eval (the main table) first, then --eval-also."""
+    return [args.eval_file, *args.eval_also]
+
+
+def _scored(args, out: Path, text: str | None = None) -> dict | None:
+    """OUT's perplexity result on ``text`` (default --eval) under this sweep's protocol."""
+    from dmx.outdir.evaljson import find_result, load_eval
+    return find_result(load_eval(out), text or args.eval_file, args.eval_seqlen,
+                       args.max_windows)
+
+
+def _ppl(args, out: Path, text: str | None = None) -> float:
+    return _scored(args, out, text)["ppl"]
 
 
 # ----------------------------------------------------------------------------- chains
@@ -245,22 +282,39 @@ def _ppl(out: Path) -> float:
 # Each step returns whether it ran a command, so a chain that only reused OUTs does not
 # rewrite the table.
 def _evaluate(args, out: Path) -> bool:
-    if "eval" in args.stages and _done(out) and not (args.reuse and _done(out, True)):
-        _dmx(args, f"eval-{out.name}", ["eval", str(out), *_eval_flags(args), "--save"])
-        return True
-    return False
+    """Score OUT on every evaluation text it lacks (all of them without --reuse); each
+    result is kept in OUT/eval.json under its own protocol."""
+    ran = False
+    for text in _texts(args):
+        if "eval" in args.stages and _done(out) and not (
+                args.reuse and _done(out, True, args, text)):
+            _dmx(args, f"eval-{out.name}", ["eval", str(out), *_eval_flags(args, text),
+                                            "--save"])
+            ran = True
+    return ran
+
+
+def _unquantized_json(args, text: str) -> Path:
+    """Where the unquantized model's protocol line on ``text`` is kept: unquantized.json
+    for --eval, unquantized-<file name>.json for each --eval-also text."""
+    name = "" if text == args.eval_file else f"-{Path(text).name}"
+    return Path(args.results) / f"unquantized{name}.json"
 
 
 def _unquantized_chain(args) -> bool:
-    """The unquantized model's perplexity, kept as its protocol line in unquantized.json."""
-    ref = Path(args.results) / "unquantized.json"
-    if "eval" not in args.stages or (args.reuse and ref.is_file()):
-        return False
-    _dmx(args, "eval-unquantized", ["eval", "--model", args.model, *_eval_flags(args)])
-    log = (Path(args.results) / "runs" / "eval-unquantized.log").read_text()
-    ppl = [ln for ln in log.splitlines() if "ppl" in ln][-1]
-    ref.write_text(json.dumps({"protocol": ppl.strip()}) + "\n")
-    return True
+    """The unquantized model's perplexity on each text, kept as its protocol line."""
+    ran = False
+    for text in _texts(args):
+        ref = _unquantized_json(args, text)
+        if "eval" not in args.stages or (args.reuse and ref.is_file()):
+            continue
+        _dmx(args, "eval-unquantized", ["eval", "--model", args.model,
+                                        *_eval_flags(args, text)])
+        log = (Path(args.results) / "runs" / "eval-unquantized.log").read_text()
+        ppl = [ln for ln in log.splitlines() if "ppl" in ln][-1]
+        ref.write_text(json.dumps({"protocol": ppl.strip()}) + "\n")
+        ran = True
+    return ran
 
 
 def _uniform_chain(args, work: Path, fmt: str) -> bool:
@@ -284,8 +338,12 @@ def _pair_chain(args, work: Path, recipe: str, target: float, seed: int,
         ran = True
     ran = _evaluate(args, out) or ran
     if "baseline" in args.stages and _done(out) and not (args.reuse and _done(kl)):
-        _dmx(args, kl.name, _kl_argv(args, seed, kl, *_search_budget(_manifest(out)),
-                                     search_out=out))
+        budget = _search_budget(_manifest(out))
+        argv = _kl_argv(args, seed, kl, *budget, search_out=out)
+        source = _sensitivity_source(args, work, seed, *budget[2:])
+        if source is not None and source != kl:  # measured once per seed, not per budget
+            argv += ["--sensitivities-from", str(source)]
+        _dmx(args, kl.name, argv)
         ran = True
     ran = _evaluate(args, kl) or ran
     if ran and "table" in args.stages:
@@ -339,6 +397,7 @@ def main(argv=None) -> int:
         return 2
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    _record_invocation(args)
     t_start = time.time()
     # the anchors first (cheap): unquantized, uniform MXFP4 and MXFP8
     chains = [lambda: _unquantized_chain(args)]
@@ -358,6 +417,24 @@ def main(argv=None) -> int:
 
 
 # ----------------------------------------------------------------------------- table
+_INVOCATIONS = "invocations.log"
+
+
+def _record_invocation(args) -> None:
+    """Append this command line to results/invocations.log: a sweep spread over sittings
+    (or a later --stages eval,table) keeps every command that made its table."""
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    with open(results / _INVOCATIONS, "a") as fh:
+        fh.write(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  python "
+                 f"benchmarks/bench_search_sweep.py {shlex.join(sys.argv[1:])}\n")
+
+
+def _invocations(args) -> list[str]:
+    path = Path(args.results) / _INVOCATIONS
+    return path.read_text().splitlines() if path.is_file() else []
+
+
 def _spread(values, spec: str = ".2f") -> str:
     if not values:
         return "-"
@@ -386,14 +463,19 @@ def _header(args, wall: float) -> list[str]:
             if "--fill-budget" in shlex.split(args.extra) else
             "Searches ran with --no-fill-budget (what the method found; a search over the "
             "target is demoted to fit)")
+    made = [f"- {line}" for line in _invocations(args)]
+    also = (f" Held out (tables below): {', '.join(Path(t).name for t in args.eval_also)}."
+            if args.eval_also else "")
     return [title, "",
             f"Command: `python benchmarks/bench_search_sweep.py {shlex.join(sys.argv[1:])}`  ",
             f"{_machine(args)}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
             f"this invocation {wall / 60:.1f} min.", "",
+            *(["Every invocation that wrote into this results directory (invocations.log; "
+               "`--reuse` keeps what earlier ones made):", "", *made, ""] if made else []),
             f"Model `{args.model}`{ladder}; calibration {Path(args.calib).name} (windows of "
             f"{args.seqlen} tokens, {args.steps} steps x {args.batch_size}); evaluation: "
             f"{Path(args.eval_file).name}, first {args.max_windows or 'all'} windows of "
-            f"{args.eval_seqlen} tokens. {fill}. KL: "
+            f"{args.eval_seqlen} tokens.{also} {fill}. KL: "
             f"{args.kl_samples} calibration windows, at each search's achieved bits.",
             "", f"Rotation: searches `--rotate {args.rotate}`; " + _rotation_note(args), ""]
 
@@ -410,8 +492,10 @@ def _rotation_note(args) -> str:
     return "baselines (uniform, KL) unrotated."
 
 
-def _row(args, evaluated: dict, recipe: str, target: float, fp8) -> str | None:
-    """One recipe at one target over the seeds; None when no seed has been evaluated."""
+def _row(args, evaluated: dict, recipe: str, target: float, fp8,
+         text: str | None = None) -> str | None:
+    """One recipe at one target over the seeds, scored on ``text`` (default --eval); None
+    when no seed has been evaluated."""
     raw, achieved, fits, ours, kls, closed = [], [], [], [], [], []
     for seed in args.seeds:
         d = evaluated.get(f"dmx-{recipe}-{target:g}-s{seed}")
@@ -423,34 +507,73 @@ def _row(args, evaluated: dict, recipe: str, target: float, fp8) -> str | None:
         raw.append(m["search"]["raw_bits"][_BITS_KEY[weighting]])
         achieved.append(bits)
         fits.append(sum(mv["step"] == "fit" for mv in m["search"]["budget_repair"]["moves"]))
-        ours.append(_ppl(d))
+        ours.append(_ppl(args, d, text))
         if k is not None:
-            kls.append(_ppl(k))
+            kls.append(_ppl(args, k, text))
             if fp8 is not None and kls[-1] > fp8:
                 closed.append((kls[-1] - ours[-1]) / (kls[-1] - fp8))
     if not ours:
         return None
     diff = [a - b for a, b in zip(ours, kls)] if len(kls) == len(ours) else []
+    ahead = f"{sum(x < 0 for x in diff)} of {len(diff)}" if diff else "-"
     return (f"| {recipe} | {target:g} | {_spread(raw, '.3f')} | {_spread(achieved, '.3f')} | "
-            f"{sum(fits)} | {_spread(ours)} | {_spread(kls)} | {_spread(diff)} | "
+            f"{sum(fits)} | {_spread(ours)} | {_spread(kls)} | {_spread(diff)} | {ahead} | "
             + (f"{100 * statistics.mean(closed):.0f}% "
                f"({100 * min(closed):.0f}..{100 * max(closed):.0f}%)" if closed else "-")
             + " |")
 
 
-def _report(work: Path, evaluated: dict, results: Path) -> str:
-    """`dmx report` of every evaluated OUT (the seed-0 searches first: dynamics.png draws
-    them); the plots are copied into ``results``; the report's markdown less its title."""
-    report = work / "report"
+def _report(args, work: Path, evaluated: dict, results: Path, text: str) -> str:
+    """`dmx report --data text` of every evaluated OUT (the seed-0 searches first:
+    dynamics.png draws them); its plots are copied into ``results`` (pareto.png for --eval,
+    pareto-<file name>.png for an --eval-also text); the report's markdown less its title."""
+    main = text == args.eval_file
+    report = work / ("report" if main else f"report-{Path(text).name}")
     order = sorted(evaluated)
     dyn = [evaluated[n] for n in order if n.startswith("dmx-") and n.endswith("-s0")]
     others = [evaluated[n] for n in order if not (n.startswith("dmx-") and n.endswith("-s0"))]
-    subprocess.run([sys.executable, "-m", "dmx", "report", *map(str, dyn + others), "--force",
-                    "-o", str(report)], check=True, capture_output=True)
-    for png in ("pareto.png", "dynamics.png"):
+    subprocess.run([sys.executable, "-m", "dmx", "report", *map(str, dyn + others),
+                    "--data", text, "--force", "-o", str(report)],
+                   check=True, capture_output=True)
+    copies = {"pareto.png": _pareto_name(args, text)}
+    if main:
+        copies["dynamics.png"] = "dynamics.png"
+    for png, dest in copies.items():
         if (report / png).is_file():
-            shutil.copyfile(report / png, results / png)
+            shutil.copyfile(report / png, results / dest)
     return (report / "report.md").read_text().split("\n", 1)[1]
+
+
+def _pareto_name(args, text: str) -> str:
+    return "pareto.png" if text == args.eval_file else f"pareto-{Path(text).name}.png"
+
+
+def _text_table(args, work: Path, results: Path, text: str, mine: set) -> list[str]:
+    """The anchors and the dMX-vs-KL table of one evaluation text."""
+    evaluated = {p.name: p for p in work.iterdir()
+                 if p.name in mine and _done(p, True, args, text)}
+    fp8 = _ppl(args, evaluated["uniform-fp8_e4m3"], text) \
+        if "uniform-fp8_e4m3" in evaluated else None
+    fp4 = _ppl(args, evaluated["uniform-fp4_e2m1"], text) \
+        if "uniform-fp4_e2m1" in evaluated else None
+    lines = []
+    unq = _unquantized_json(args, text)
+    if unq.is_file():
+        lines += [f"Unquantized: {json.loads(unq.read_text())['protocol']}", ""]
+    lines += [f"Uniform MXFP4: {fp4 if fp4 is None else f'{fp4:.2f}'}; uniform MXFP8: "
+              f"{fp8 if fp8 is None else f'{fp8:.2f}'}.", "",
+              "| recipe | target | raw bits (found) | achieved bits | fit moves | dMX ppl "
+              "| KL ppl (same bits) | dMX - KL | dMX ahead (seeds) "
+              "| closed of KL's gap to MXFP8 |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = (_row(args, evaluated, r, t, fp8, text) for t in args.targets for r in args.recipes)
+    lines += [row for row in rows if row is not None]
+    lines += ["", f"![perplexity vs average bits]({_pareto_name(args, text)})", ""]
+    if evaluated:
+        lines += ["<details><summary><code>dmx report</code> of these runs on "
+                  f"{Path(text).name}</summary>", "",
+                  _report(args, work, evaluated, results, text), "</details>", ""]
+    return lines
 
 
 def _write_table(args, work: Path, wall: float) -> None:
@@ -462,25 +585,15 @@ def _write_table(args, work: Path, wall: float) -> None:
         mine = {"uniform-fp4_e2m1", "uniform-fp8_e4m3"} | {
             f"{kind}-{r}-{t:g}-s{seed}" for kind in ("dmx", "kl") for r in args.recipes
             for t in args.targets for seed in args.seeds}
-        evaluated = {p.name: p for p in work.iterdir()
-                     if p.name in mine and _done(p, need_eval=True)}
-        fp8 = _ppl(evaluated["uniform-fp8_e4m3"]) if "uniform-fp8_e4m3" in evaluated else None
-        fp4 = _ppl(evaluated["uniform-fp4_e2m1"]) if "uniform-fp4_e2m1" in evaluated else None
-        lines = _header(args, wall)
-        unq = results / "unquantized.json"
-        if unq.is_file():
-            lines += [f"Unquantized: {json.loads(unq.read_text())['protocol']}", ""]
-        lines += [f"Uniform MXFP4: {fp4 if fp4 is None else f'{fp4:.2f}'}; uniform MXFP8: "
-                  f"{fp8 if fp8 is None else f'{fp8:.2f}'}.", "",
-                  "| recipe | target | raw bits (found) | achieved bits | fit moves | dMX ppl "
-                  "| KL ppl (same bits) | dMX - KL | closed of KL's gap to MXFP8 |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        rows = (_row(args, evaluated, r, t, fp8) for t in args.targets for r in args.recipes)
-        lines += [row for row in rows if row is not None]
-        lines += ["", "![perplexity vs average bits](pareto.png)", "",
-                  "Offset trajectories and soft vs hard bits of the seed-0 runs:", "",
-                  "![dynamics](dynamics.png)", "", "## `dmx report` of all runs", "",
-                  _report(work, evaluated, results)]
+        lines = _header(args, wall) + _text_table(args, work, results, args.eval_file, mine)
+        lines += ["Offset trajectories and soft vs hard bits of the seed-0 runs:", "",
+                  "![dynamics](dynamics.png)", ""]
+        for text in args.eval_also:
+            lines += [f"## Held out: {Path(text).name} (`{text}`)", "",
+                      "The same OUTs scored on a text no search or baseline calibrated on, "
+                      f"first {args.max_windows or 'all'} windows of {args.eval_seqlen} "
+                      "tokens.", ""]
+            lines += _text_table(args, work, results, text, mine)
         (results / "recipes.md").write_text("\n".join(lines) + "\n")
         print(f"wrote {results / 'recipes.md'}")
 

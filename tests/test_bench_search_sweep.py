@@ -65,3 +65,62 @@ def test_kl_pair_shares_the_searchs_rotation(tmp_path):
         uniform = sweep._uniform_argv(args, "fp4_e2m1", tmp_path / "u")
         assert ("--rotate-from" in uniform) is False
         assert ("--rotate" in uniform) == (rotate == "hadamard")
+
+
+def _scored_out(out: Path, texts: dict) -> Path:
+    """An OUT (its manifest only) scored on {file: ppl} with the sweep's protocol."""
+    from dmx.outdir.evaljson import save_eval
+    out.mkdir()
+    (out / "dmx_manifest.json").write_text("{}")
+    for file, ppl in texts.items():
+        save_eval(out, {"file": file, "seqlen": 256, "windows": 40, "windows_total": 1185,
+                        "join": "file", "ppl": ppl})
+    return out
+
+
+def test_every_out_is_scored_on_each_text_and_read_by_protocol(tmp_path, monkeypatch):
+    args = sweep._parse(["--model", str(tmp_path), "--eval", "/d/wiki.test.raw",
+                         "--eval-also", "/d/eval.txt", "--max-windows", "40", "--reuse"])
+    out = _scored_out(tmp_path / "kl-default-5-s0", {"/d/wiki.test.raw": 70.0})
+    ran = []
+    monkeypatch.setattr(sweep, "_dmx", lambda a, name, argv: ran.append(argv))
+    assert sweep._evaluate(args, out)
+    (argv,) = ran  # --reuse: only the text it lacks
+    assert argv[argv.index("--data") + 1] == "/d/eval.txt" and "--save" in argv
+    # whichever was scored last, each table reads its own text's result
+    _scored_out(tmp_path / "two", {"/d/wiki.test.raw": 70.0, "/d/eval.txt": 20.0})
+    assert sweep._ppl(args, tmp_path / "two") == 70.0
+    assert sweep._ppl(args, tmp_path / "two", "/d/eval.txt") == 20.0
+    # another protocol (every window, another length) is not this sweep's
+    whole = sweep._parse(["--model", str(tmp_path), "--eval", "/d/wiki.test.raw",
+                          "--max-windows", "0"])
+    assert sweep._scored(whole, tmp_path / "two") is None
+    assert not sweep._done(tmp_path / "two", True, whole)
+    ran.clear()
+    assert not sweep._evaluate(args, tmp_path / "two") and ran == []
+
+
+def test_kl_pair_reuses_a_seeds_sensitivities_only_when_they_fit(tmp_path):
+    args = sweep._parse(["--model", str(tmp_path), "--kl-samples", "4", "--seqlen", "128"])
+
+    def kl(name, seed=0, **baseline):
+        out = tmp_path / name
+        out.mkdir()
+        fields = {"weights_only": False, "export_target": "any", "tie_fused": False,
+                  "samples": 4, "seqlen": 128, "sensitivity": {"a": 1.0}, **baseline}
+        (out / "dmx_manifest.json").write_text(
+            __import__("json").dumps({"seed": seed, "baseline": fields}))
+        return out
+
+    kl("kl-default-4.5-s1", seed=1)
+    kl("kl-default-5-s0", tie_fused=True)
+    kl("kl-default-5.5-s0", sensitivities_from="elsewhere")  # reuse the measured one only
+    kl("kl-default-6-s0", samples=16)
+    assert sweep._sensitivity_source(args, tmp_path, 0, False, "any", False) is None
+    good = kl("kl-default-7-s0")
+    assert sweep._sensitivity_source(args, tmp_path, 0, False, "any", False) == good
+    assert sweep._sensitivity_source(args, tmp_path, 0, True, "any", False) is None
+    assert sweep._sensitivity_source(args, tmp_path, 0, False, "any", True) == \
+        tmp_path / "kl-default-5-s0"
+    learned = sweep._parse(["--model", str(tmp_path), "--rotate", "learned"])
+    assert sweep._sensitivity_source(learned, tmp_path, 0, False, "any", False) is None

@@ -172,3 +172,44 @@ def _calib(tmp_path):
     calib = tmp_path / "calib.txt"
     calib.write_text(data.default_calibration_file().read_text()[:30_000])
     return calib
+
+
+def test_kl_sensitivities_reused_across_budgets(tmp_path, capsys):
+    """--sensitivities-from: a second budget from the first one's sensitivities gives the
+    assignment a fresh run gives, and is refused when any setting they depend on differs."""
+    calib = _calib(tmp_path)
+    common = ["baseline", "--model", str(STORIES), "--method", "kl", "--samples", "2",
+              "--seqlen", "32", "--calib", str(calib), "--no-progress"]
+    for name, extra in (("kl5", ["--target-bits", "5"]), ("kl6", ["--target-bits", "6"]),
+                        ("kl6r", ["--target-bits", "6", "--sensitivities-from",
+                                  str(tmp_path / "kl5")])):
+        assert main([*common, *extra, "-o", str(tmp_path / name)]) == 0
+    assert "sensitivities reused from" in capsys.readouterr().err
+    m5, m6, m6r = (outdir.read_manifest(tmp_path / n) for n in ("kl5", "kl6", "kl6r"))
+    assert m6r["baseline"]["sensitivity"] == m5["baseline"]["sensitivity"]
+    assert m6r["baseline"]["sensitivities_from"] == str(tmp_path / "kl5")
+    assert "sensitivities_from" not in m6["baseline"]
+    assert ({n: e["format"] for n, e in m6r["layers"].items()}
+            == {n: e["format"] for n, e in m6["layers"].items()})
+    assert m6r["avg_bits"] == m6["avg_bits"] != m5["avg_bits"]
+    assert main(["baseline", "--model", str(STORIES), "--method", "uniform", "--format",
+                 "fp4_e2m1", "-o", str(tmp_path / "u4")]) == 0
+    capsys.readouterr()
+    reuse = [*common, "--target-bits", "6", "-o", str(tmp_path / "bad")]
+    for more, message in (
+            (["--seed", "1"], "measured with seed 0, this run has 1"),
+            (["--samples", "3"], "measured with samples 2, this run has 3"),
+            (["--export-target", "none"], "measured with export_target 'any'"),
+            (["--weights-only"], "measured with weights_only False"),
+            (["--rotate", "hadamard"], "its model was rotated otherwise"),
+            (["--include", "mlp"], "it scored other units")):
+        fails(capsys, [*reuse, *more, "--sensitivities-from", str(tmp_path / "kl5")], message,
+              parent=tmp_path)
+    fails(capsys, [*reuse, "--sensitivities-from", str(tmp_path / "u4")],
+          "a uniform OUT has no sensitivities", parent=tmp_path)
+    fails(capsys, [*reuse, "--sensitivities-from", str(tmp_path)], "no dmx_manifest.json",
+          parent=tmp_path)
+    fails(capsys, ["baseline", "--model", str(STORIES), "--method", "uniform", "--format",
+                   "fp4_e2m1", "--sensitivities-from", str(tmp_path / "kl5"), "-o",
+                   str(tmp_path / "bad")], "--sensitivities-from goes with --method kl",
+          parent=tmp_path)

@@ -136,6 +136,20 @@ def test_report_writes_md_json_png(capsys, tmp_path, src):
     assert "| fp8_e4m3 | uniform |" in md and "Not evaluated" in md
     capsys.readouterr()
     _fails(capsys, ["report", str(tmp_path / "fp8_e4m3"), "-o", str(rep)], "already exists")
+    # scored on a second text: the report shows the latest, or the one --data names
+    other = tmp_path / "u.txt"
+    other.write_text(data.default_calibration_file().read_text()[:8_000])
+    assert main(["eval", str(tmp_path / "fp8_e4m3"), "--save", "--data", str(other),
+                 "--seqlen", "32", "--max-windows", "2", "--no-progress"]) == 0
+    ppl = {}
+    for name, pick in (("latest", []), ("t", ["--data", str(text)]),
+                       ("u", ["--data", "u.txt"])):
+        assert main(["report", str(tmp_path / "fp8_e4m3"), *pick, "-o",
+                     str(tmp_path / f"rep-{name}")]) == 0
+        (row,) = json.loads((tmp_path / f"rep-{name}" / "report.json").read_text())["runs"]
+        ppl[name] = (row["ppl"], row["eval_key"].split("|")[0])
+    assert ppl["latest"] == ppl["u"] and ppl["u"][1] == "u.txt" and ppl["t"][1] == "t.txt"
+    assert ppl["t"][0] != ppl["u"][0]
 
 
 def test_subprocess_one_line_no_traceback(tmp_path):

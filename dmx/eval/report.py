@@ -2,7 +2,7 @@
 
 Public API:
 
-* ``collect(run_dirs) -> list[dict]``: one row per OUT from its manifest and eval.json
+* ``collect(run_dirs, text=None) -> list[dict]``: one row per OUT from its manifest and eval.json
   (run, method, target bits, achieved average bits simple / size-weighted / storage,
   format mix, perplexity with its protocol, wall time).
 * ``write_report(rows, report_dir, reference=None, force=False, title=...) -> Path``:
@@ -28,10 +28,23 @@ __all__ = ["collect", "write_report", "add_report_parser", "run_report"]
 MARKERS = {"dmx": "o", "kl": "s", "uniform": "^"}
 
 
-def collect(run_dirs) -> list[dict]:
+def _result_on(ev: dict | None, text: str | None) -> tuple[str | None, dict | None]:
+    """(key, result) of the perplexity to report from a loaded eval.json: the latest one,
+    or with ``text`` the latest one scored on that file (None, None when there is none)."""
+    from dmx.outdir.evaljson import latest_result
+    if text is None:
+        return (ev or {}).get("latest"), latest_result(ev)
+    results = (ev or {}).get("results", {})
+    keys = [k for k, r in results.items() if Path(r["file"]).name == Path(text).name]
+    key = ev["latest"] if ev.get("latest") in keys else (keys[-1] if keys else None)
+    return key, results.get(key)
+
+
+def collect(run_dirs, text: str | None = None) -> list[dict]:
     """Rows of the report, in the order given (every OUT's manifest and file hashes are
-    checked)."""
-    from dmx.outdir.evaljson import latest_result, load_eval
+    checked). Each OUT's perplexity is the latest `dmx eval --save` recorded, or with
+    ``text`` the latest one on that evaluation file (an OUT scored on several texts)."""
+    from dmx.outdir.evaljson import load_eval
     from dmx.outdir.read import read_manifest
 
     if not run_dirs:
@@ -40,7 +53,7 @@ def collect(run_dirs) -> list[dict]:
     for d in run_dirs:
         m = read_manifest(d)
         ev = load_eval(d)
-        result = latest_result(ev)
+        eval_key, result = _result_on(ev, text)
         mix = Counter(e["format"] for e in m["layers"].values())
         every = m["avg_bits"].get("all_linears") or {}
         search = m.get("search") or {}
@@ -63,7 +76,7 @@ def collect(run_dirs) -> list[dict]:
             if (Path(d) / "search_log.jsonl").is_file() else None,
             "ppl": None if result is None else result["ppl"],
             "protocol": None if result is None else result["protocol"],
-            "eval_key": None if ev is None else ev.get("latest"),
+            "eval_key": eval_key,
             "tasks": _task_scores(ev),
             # a search that did not record its wall time: its training time is the bulk
             "wall_time_s": m.get("wall_time_s") if m.get("wall_time_s") is not None
@@ -296,6 +309,10 @@ def add_report_parser(subparsers):
     p.add_argument("runs", nargs="+", metavar="OUT", help="OUT directories")
     p.add_argument("--reference-ppl", type=float, default=None,
                    help="perplexity of the unquantized model (drawn as a dashed line)")
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="report the perplexities scored on this text (its file name is "
+                        "matched) where an OUT was scored on several; default: each OUT's "
+                        "latest `dmx eval --save`")
     p.add_argument("--title", default="dmx report: perplexity vs average bits")
     p.add_argument("--force", action="store_true", help="overwrite an existing report dir")
     p.add_argument("-o", "--out", required=True, help="report directory to create")
@@ -307,7 +324,7 @@ def run_report(args) -> int:
     from mxref.outputs import check_output
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     check_output(args.out, is_dir=True, **_out_rules(args.force, args.runs))  # before work
-    rows = collect(args.runs)   # every OUT's hashes checked
+    rows = collect(args.runs, args.data)   # every OUT's hashes checked
     ref = None
     if args.reference_ppl is not None:
         ref = {"label": "--reference-ppl", "ppl": args.reference_ppl,

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from dmx.errors import DMXError
 
-__all__ = ["load_eval", "latest_result", "latest_eval", "save_eval", "save_task_results"]
+__all__ = ["load_eval", "latest_result", "latest_eval", "find_result", "save_eval",
+           "save_task_results"]
 
 
 def load_eval(out_dir) -> dict | None:
@@ -35,6 +36,24 @@ def latest_result(ev: dict | None) -> dict | None:
 def latest_eval(out_dir) -> dict | None:
     """The perplexity result `dmx eval OUT --save` recorded last in OUT, or None."""
     return latest_result(load_eval(out_dir))
+
+
+def find_result(ev: dict | None, file, seqlen: int, max_windows: int | None = None,
+                join: str = "file") -> dict | None:
+    """Of a loaded eval.json: the perplexity result of one protocol (the text's file name,
+    the window length, ``--max-windows``: None or 0 for the whole text, ``--join``), or
+    None when OUT was not scored that way. An OUT scored on several texts keeps them all;
+    "latest" names only the last one."""
+    for result in (ev or {}).get("results", {}).values():
+        if (Path(result["file"]).name != Path(file).name or result["seqlen"] != seqlen
+                or result.get("join", "file") != join):
+            continue
+        want = result["windows_total"]
+        if max_windows:
+            want = min(max_windows, want)
+        if result["windows"] == want:
+            return result
+    return None
 
 
 def save_eval(out_dir, result: dict) -> Path:

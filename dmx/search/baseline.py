@@ -22,6 +22,13 @@ a baseline and a search compare like for like; the manifest records them (``rota
 ``--rotate-from OUT`` folds the learned R1/R2 a ``dmx search --rotate learned`` OUT kept
 (dmx.rotate.saved), so the baseline quantizes the same rotated weights the search did.
 
+``--sensitivities-from KL_OUT`` takes the sensitivities an earlier KL baseline recorded
+instead of measuring them again: a budget sweep pays for the forward passes once. Only
+the promotion depends on the budget, so the result is the one a fresh run gives; every
+setting the sensitivities depend on (model, calibration text, windows, seed, low format,
+inputs quantized or not, layers, units, rotation) must match, or the run is refused with
+the field that differs.
+
 Public API: ``quantizable_layers(model, include=None) -> [names]``,
 ``uniform_baseline(model_dir, fmt, out, ...) -> dict``,
 ``kl_sensitivities(model, units, windows, low_fmt, ...) -> {unit: kl}``,
@@ -251,11 +258,14 @@ def kl_baseline(model_dir, target_bits: float, out, ladder: str = "fp8-fp4",
                 include=None, batch_size: int = 4, device: str = "cpu", force: bool = False,
                 progress: bool = True, rotate: str = "none", rotate_kind: str = "auto",
                 rotate_online=(), export_target: str = "any",
-                tie_fused: bool | None = None, rotate_from=None) -> dict:
+                tie_fused: bool | None = None, rotate_from=None,
+                sensitivities_from=None) -> dict:
     """Write OUT with the KL layer-selection assignment (on the model after the fixed
     ``rotate`` rotation, seeded by ``seed``); returns a summary. ``export_target`` and
     ``tie_fused`` (None: the search's rule, :func:`dmx.search.recipe.tie_fused_for`)
-    choose the layers and units as ``dmx search`` does, so the two compare like for like."""
+    choose the layers and units as ``dmx search`` does, so the two compare like for like.
+    ``sensitivities_from``: an earlier KL OUT whose recorded sensitivities are reused
+    (checked to have been measured under the same settings)."""
     from dmx import data, outdir
     from dmx.nn.bits import average_bits_of
     from dmx.quant.ladders import get_ladder
@@ -278,13 +288,25 @@ def kl_baseline(model_dir, target_bits: float, out, ladder: str = "fp8-fp4",
     # the text is checked before the weights load: bad calibration input fails fast
     windows = data.calibration_windows(data.load_tokenizer(model_dir), calib_files, seqlen,
                                        samples, seed)
+    measured = {"weights_only": bool(weights_only), "calib": calib_files,
+                "samples": int(windows.shape[0]), "seqlen": int(seqlen),
+                "low_format": lad.low.fmt, "export_target": export_target, "tie_fused": tie}
+    earlier = None if sensitivities_from is None else _earlier_kl(
+        sensitivities_from, {"source_model": str(Path(model_dir).resolve()),
+                             "seed": int(seed), **measured})
     model, rot_meta, extra_files = _load(model_dir, device, rotate, rotate_kind, seed,
                                          rotate_online, rotate_from, saved)
     windows = windows.to(next(model.parameters()).device)
-    names = select_layers(model, include, lad, export_target, _note)
+    notes = []  # said after the reuse checks: a refusal is the one line on stderr
+    names = select_layers(model, include, lad, export_target, notes.append)
     units = fused_units(names) if tie else [(n,) for n in names]
-    sens = kl_sensitivities(model, units, windows, lad.low.fmt, weights_only, batch_size,
-                            progress)
+    if earlier is not None:
+        sens = _reuse_sensitivities(sensitivities_from, earlier, units, rot_meta)
+    for note in notes:
+        _note(note)
+    if earlier is None:
+        sens = kl_sensitivities(model, units, windows, lad.low.fmt, weights_only, batch_size,
+                                progress)
     shapes = _shapes(model, names)
     formats = greedy_promote(units, sens, shapes, lad, target, weighting, weights_only)
     acts = {n: (None if weights_only else f) for n, f in formats.items()}
@@ -293,13 +315,51 @@ def kl_baseline(model_dir, target_bits: float, out, ladder: str = "fp8-fp4",
             "baseline": {"weighting": weighting, "weights_only": bool(weights_only),
                          "calib": calib_files, "samples": int(windows.shape[0]),
                          "seqlen": int(seqlen), "low_format": lad.low.fmt,
-                         "export_target": export_target, "tie_fused": tie,
+                         **measured,
                          "sensitivity": {"+".join(u): s for u, s in
-                                         sorted(sens.items(), key=lambda kv: -kv[1])}},
+                                         sorted(sens.items(), key=lambda kv: -kv[1])},
+                         **({} if sensitivities_from is None else
+                            {"sensitivities_from": str(sensitivities_from)})},
             "wall_time_s": round(time.time() - t0, 3), **rot_meta}
     outdir.write_out(out, model, formats, acts, model_dir, meta, force, extra_files=extra_files)
     return {"out": str(out), "formats": formats, "avg_bits": achieved, "target_bits": target,
             "sensitivity": sens, "wall_time_s": meta["wall_time_s"]}
+
+
+def _earlier_kl(out, expect: dict) -> dict:
+    """The manifest of the KL OUT ``--sensitivities-from`` names (its seal checked), after
+    checking the settings its sensitivities were measured under equal ``expect``."""
+    from dmx.outdir import read_manifest
+    flag = f"--sensitivities-from {out}"
+    m = read_manifest(out)
+    if m["method"] != "kl":
+        raise DMXError(f"{flag}: a {m['method']} OUT has no sensitivities; pass an OUT of "
+                       f"`dmx baseline --method kl`")
+    recorded = {"source_model": m["source_model"], "seed": m["seed"], **m["baseline"]}
+    for key, want in expect.items():
+        if recorded.get(key) != want:
+            raise DMXError(f"{flag}: its sensitivities were measured with {key} "
+                           f"{recorded.get(key)!r}, this run has {want!r}; rerun without "
+                           f"--sensitivities-from or match it")
+    return m
+
+
+def _reuse_sensitivities(out, earlier: dict, units, rot_meta: dict) -> dict:
+    """{unit: kl} recorded in ``earlier`` (a KL OUT's manifest), for exactly ``units`` on
+    the same rotated model."""
+    flag = f"--sensitivities-from {out}"
+    if earlier.get("rotation") != rot_meta.get("rotation"):
+        raise DMXError(f"{flag}: its model was rotated otherwise ({earlier.get('rotation')}"
+                       f" vs {rot_meta.get('rotation')}); pass the same --rotate/--rotate-from")
+    recorded = earlier["baseline"]["sensitivity"]
+    keys = {"+".join(u) for u in units}
+    if set(recorded) != keys:
+        diff = sorted(set(recorded) ^ keys)
+        raise DMXError(f"{flag}: it scored other units ({len(diff)} differ, e.g. {diff[0]}); "
+                       f"pass the same --include and --export-target")
+    print(f"dmx baseline kl: {len(units)} sensitivities reused from {out} (no forward "
+          f"passes)", file=sys.stderr)
+    return {u: float(recorded["+".join(u)]) for u in units}
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -357,6 +417,9 @@ def add_baseline_parser(subparsers):
                    help="r4: also a Hadamard on down_proj's input, folded into its weight "
                         "and applied at run time; only dmx eval applies it, so such an OUT "
                         "cannot be exported (docs/rotations.md)")
+    p.add_argument("--sensitivities-from", metavar="KL_OUT", default=None,
+                   help="kl: reuse the sensitivities an earlier KL OUT measured under the "
+                        "same settings (another --target-bits: a budget sweep measures once)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--force", action="store_true", help="overwrite an existing OUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -380,6 +443,9 @@ def run_baseline(args) -> int:
         if args.tie_fused is not None:
             raise DMXError("--tie-fused goes with --method kl; uniform gives every layer "
                            "one format")
+        if args.sensitivities_from is not None:
+            raise DMXError("--sensitivities-from goes with --method kl; uniform measures "
+                           "nothing")
         res = uniform_baseline(args.model, args.format, args.out, args.weights_only,
                                args.include, args.device, args.force, args.rotate,
                                args.rotate_kind, args.seed, args.rotate_online,
@@ -395,7 +461,8 @@ def run_baseline(args) -> int:
                           progress=not args.no_progress, rotate=args.rotate,
                           rotate_kind=args.rotate_kind, rotate_online=args.rotate_online,
                           export_target=args.export_target, tie_fused=args.tie_fused,
-                          rotate_from=args.rotate_from)
+                          rotate_from=args.rotate_from,
+                          sensitivities_from=args.sensitivities_from)
     counts = Counter(res["formats"].values())
     mix = ", ".join(f"{n} x {fmt}" for fmt, n in sorted(counts.items()))
     b = res["avg_bits"]
