@@ -396,8 +396,8 @@ def add_baseline_parser(subparsers):
                    help="quantize only linears whose name matches (repeatable)")
     p.add_argument("--export-target", choices=EXPORT_TARGETS, default="any",
                    help="leave out the layers this target cannot hold, as dmx search does "
-                        "(any = what compressed-tensors and gguf both accept, default; none "
-                        "= no check)")
+                        "(any = the layers compressed-tensors and gguf both accept, default; "
+                        "units stay untied, see --tie-fused; none = no check)")
     p.add_argument("--tie-fused", action=argparse.BooleanOptionalAction, default=None,
                    help="kl: score and promote q/k/v and gate/up of a block as one unit, as "
                         "vLLM serves them (default: as dmx search, off, on with "

@@ -352,8 +352,11 @@ _HELP = {
                "all but lm_head and embeddings)",
     "exclude": "never quantize linears whose name matches this regex (repeatable)",
     "export_target": "before the first step, leave out the layers this target cannot hold "
-                     "(any = what compressed-tensors and gguf both accept; quark holds no MXFP8 "
-                     "weights, so plan a Quark export with quark; none = no check)",
+                     "(any = the layers compressed-tensors and gguf both accept; it does not tie "
+                     "q/k/v and gate/up, which vLLM needs: plan a vLLM export with "
+                     "compressed-tensors, which ties them, or export with --allow-unfused; "
+                     "quark holds no MXFP8 weights, so plan a Quark export with quark; none = "
+                     "no check)",
     "tie_fused": "q/k/v and gate/up share one offset, as vLLM serves them (default: off, "
                  "on with --export-target compressed-tensors or quark; tying cost quality "
                  "on SmolLM2-135M, docs/dmx_search_cli.md)",
