@@ -541,7 +541,9 @@ def _report(args, work: Path, evaluated: dict, results: Path, text: str) -> str:
     for png, dest in copies.items():
         if (report / png).is_file():
             shutil.copyfile(report / png, results / dest)
-    return (report / "report.md").read_text().split("\n", 1)[1]
+    # the report links its own pareto.png: here that is the copy named for this text
+    md = (report / "report.md").read_text().split("\n", 1)[1]
+    return md.replace("](pareto.png)", f"]({copies['pareto.png']})")
 
 
 def _pareto_name(args, text: str) -> str:
