@@ -591,7 +591,7 @@ def _write_table(args, work: Path, wall: float) -> None:
         lines += ["Offset trajectories and soft vs hard bits of the seed-0 runs:", "",
                   "![dynamics](dynamics.png)", ""]
         for text in args.eval_also:
-            lines += [f"## Held out: {Path(text).name} (`{text}`)", "",
+            lines += [f"## Held out: {'/'.join(Path(text).parts[-2:])}", "",
                       "The same OUTs scored on a text no search or baseline calibrated on, "
                       f"first {args.max_windows or 'all'} windows of {args.eval_seqlen} "
                       "tokens.", ""]
