@@ -182,6 +182,9 @@ def test_demo_end_to_end_tiny_settings(capsys, monkeypatch, tmp_path):
                for r in rows)
     kl = next(r for r in rows if r["method"] == "kl")
     assert kl["avg_bits"] <= 6.0
+    from PIL import Image
+    with Image.open(tmp_path / "demo" / "report" / "dynamics.png") as im:
+        assert im.format == "PNG" and im.mode == "P"  # the search's dynamics, 256 colours
 
 
 @pytest.mark.parametrize("n, labelled", [(3, True), (report.MAX_LABELLED_RUNS + 1, False)])
