@@ -285,19 +285,19 @@ def test_projection_with_a_floor_acts_only_outside_the_band():
     # some offsets below the box (-0.5)
     layers, params = _perturbed_offsets(0.0, lambda: torch.rand(()) * 0.3 - 0.9, seed=1)
     before = [float(p.detach()) for p in params]
-    assert float(average_bits(layers, "simple")) < 5.0
+    assert float(average_bits(layers, "simple").detach()) < 5.0
     assert project_to_budget(layers, params, 5.0, "simple", 0.9, margin=0.5,
                              floor=3.9) == 0.0
     assert [float(p.detach()) for p in params] == pytest.approx(
         [max(b, -0.5) for b in before], abs=1e-6)
     shift = project_to_budget(layers, params, 5.0, "simple", 0.9, margin=0.5, floor=4.5)
-    assert shift > 0 and float(average_bits(layers, "simple")) == pytest.approx(4.5, abs=1e-5)
+    assert shift > 0 and float(average_bits(layers, "simple").detach()) == pytest.approx(4.5, abs=1e-5)
     with torch.no_grad():  # now over the budget: the target binds
         for p in params:
             p.add_(2.0)
     shift = project_to_budget(layers, params, 5.0, "simple", 0.9, margin=0.5, floor=4.5)
     assert shift < 0
-    assert float(average_bits(layers, "simple")) == pytest.approx(5.0, abs=1e-5)
+    assert float(average_bits(layers, "simple").detach()) == pytest.approx(5.0, abs=1e-5)
     cfg = SearchConfig.from_recipe("default", target_bits=5.0, steps=20)
     assert [cfg.budget_floor(s) for s in (0, 5, 10, 20)] == pytest.approx([4.0, 4.5, 5, 5])
     assert SearchConfig.from_recipe("target-start", target_bits=5.0).budget_floor(0) is None
@@ -322,7 +322,7 @@ def test_bound_shrinks_over_the_target_and_keeps_the_bottom_at_the_bottom():
                            "simple", 0.9, margin=0.5, parameterization="abs", floor=4.0)
     s = held["shift"]
     assert s < 0 and held["stretch"] == 1.0
-    assert float(average_bits(layers, "simple")) == pytest.approx(5.0, abs=1e-5)
+    assert float(average_bits(layers, "simple").detach()) == pytest.approx(5.0, abs=1e-5)
     for p, r in zip(params, raw):
         e = min(abs(r), 2.5)
         assert abs(float(p.detach())) == pytest.approx(max(0.0, e + s * sharing[id(p)]),
@@ -345,7 +345,7 @@ def test_bound_under_the_floor_stretches_only_the_layers_that_moved():
             if i % 3 == 0:
                 p.add_(0.2)
     moved = [float(p.detach()) for p in params]
-    now = float(average_bits(layers, "simple"))
+    now = float(average_bits(layers, "simple").detach())
     held = bound_to_budget(layers, params, before, 6.0, "simple", 0.9, margin=0.5,
                            floor=now - 0.01)
     assert held == {"shift": 0.0, "stretch": 1.0}
@@ -353,7 +353,7 @@ def test_bound_under_the_floor_stretches_only_the_layers_that_moved():
     held = bound_to_budget(layers, params, before, 6.0, "simple", 0.9, margin=0.5,
                            floor=now + 0.2)
     assert held["shift"] == 0.0 and held["stretch"] > 1.0
-    assert float(average_bits(layers, "simple")) == pytest.approx(now + 0.2, abs=1e-5)
+    assert float(average_bits(layers, "simple").detach()) == pytest.approx(now + 0.2, abs=1e-5)
     for i, p in enumerate(params):
         want = 0.2 * held["stretch"] if i % 3 == 0 else 0.0
         assert float(p.detach()) == pytest.approx(want, abs=1e-6)
@@ -361,7 +361,7 @@ def test_bound_under_the_floor_stretches_only_the_layers_that_moved():
     held = bound_to_budget(layers, params, before, 8.0, "simple", 0.9, margin=0.5,
                            floor=7.0, max_stretch=2.0)
     assert held["stretch"] == 2.0 and held["shift"] > 0
-    assert float(average_bits(layers, "simple")) == pytest.approx(7.0, abs=1e-5)
+    assert float(average_bits(layers, "simple").detach()) == pytest.approx(7.0, abs=1e-5)
 
 
 def test_no_ce_steps_on_the_distillation_kl_alone(calib):
