@@ -1,6 +1,7 @@
 """dmx.search.baseline: uniform and KL-selection baselines; the budget is met, never exceeded."""
 from __future__ import annotations
 
+import os
 import pytest
 
 from pathlib import Path
@@ -180,10 +181,13 @@ def test_kl_sensitivities_reused_across_budgets(tmp_path, capsys):
     calib = _calib(tmp_path)
     common = ["baseline", "--model", str(STORIES), "--method", "kl", "--samples", "2",
               "--seqlen", "32", "--calib", str(calib), "--no-progress"]
+    # the reusing run names the same calibration file by a relative path
+    relative = [*common[:-2], os.path.relpath(calib), "--no-progress"]
     for name, extra in (("kl5", ["--target-bits", "5"]), ("kl6", ["--target-bits", "6"]),
                         ("kl6r", ["--target-bits", "6", "--sensitivities-from",
                                   str(tmp_path / "kl5")])):
-        assert main([*common, *extra, "-o", str(tmp_path / name)]) == 0
+        argv = relative if name == "kl6r" else common
+        assert main([*argv, *extra, "-o", str(tmp_path / name)]) == 0
     assert "sensitivities reused from" in capsys.readouterr().err
     m5, m6, m6r = (outdir.read_manifest(tmp_path / n) for n in ("kl5", "kl6", "kl6r"))
     assert m6r["baseline"]["sensitivity"] == m5["baseline"]["sensitivity"]

@@ -336,8 +336,11 @@ def _earlier_kl(out, expect: dict) -> dict:
         raise DMXError(f"{flag}: a {m['method']} OUT has no sensitivities; pass an OUT of "
                        f"`dmx baseline --method kl`")
     recorded = {"source_model": m["source_model"], "seed": m["seed"], **m["baseline"]}
+    # the same files, however the two command lines spelled their paths
+    same_files = {"calib": lambda files: [str(Path(f).resolve()) for f in files or ()]}
     for key, want in expect.items():
-        if recorded.get(key) != want:
+        norm = same_files.get(key, lambda v: v)
+        if norm(recorded.get(key)) != norm(want):
             raise DMXError(f"{flag}: its sensitivities were measured with {key} "
                            f"{recorded.get(key)!r}, this run has {want!r}; rerun without "
                            f"--sensitivities-from or match it")
