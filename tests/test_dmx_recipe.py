@@ -453,3 +453,35 @@ def test_an_untied_search_says_which_fused_groups_vllm_could_not_load():
     formats[f"{block}.self_attn.v_proj"] = "fp8_e4m3"
     formats[f"{block}.self_attn.o_proj"] = "fp8_e4m3"  # not fused: never named
     assert _mixed_fused_groups(formats) == [f"{block}.self_attn.qkv"]
+
+
+def test_tangent_precondition_removes_the_budgets_common_push():
+    """--precondition tangent: the gradient loses its component along the bound's shrink
+    (weights x the abs() sign), keeps the rest, and only with --budget bound."""
+    from dmx.search.recipe import SearchConfig
+    from dmx.search.train import _project_to_budget_tangent
+
+    layers, params = _perturbed_offsets(1.0, lambda: torch.rand(()) * 0.6 - 0.3, seed=3)
+    params[0].data.neg_()  # abs(): a negative raw offset moves the other way
+    torch.manual_seed(4)
+    grads = [torch.rand(()) - 0.8 for _ in params]  # mostly negative: every layer wants bits
+    for p, g in zip(params, grads):
+        p.grad = g.clone().reshape(p.shape)
+    cfg = SearchConfig.from_recipe("default", target_bits=5.0)
+    _project_to_budget_tangent(params, layers, cfg)
+    # the shrink's direction: each offset by how many layers share it (tiny-qwen3 wraps
+    # q/k/v and gate/up tied: 3 and 2), times the sign of its raw value
+    shares = torch.tensor([sum(layer.offset is p for layer in layers.values())
+                           for p in params], dtype=torch.float64)
+    assert set(shares.tolist()) == {1.0, 2.0, 3.0}
+    sign = torch.tensor([-1.0] + [1.0] * (len(params) - 1), dtype=torch.float64)
+    n = shares * sign
+    new = torch.stack([p.grad.double().reshape(()) for p in params])
+    old = torch.stack([g.double() for g in grads])
+    assert abs(float(new @ n)) < 1e-5 < abs(float(old @ n))
+    # what was removed is a multiple of the shrink direction
+    removed = (old - new) / n
+    assert torch.allclose(removed, removed[0].expand_as(removed), atol=1e-6)
+    with pytest.raises(DMXError, match="--precondition tangent"):
+        SearchConfig.from_recipe("default", target_bits=5.0, budget="hinge",
+                                 precondition="tangent")

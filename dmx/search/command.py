@@ -394,7 +394,11 @@ _HELP = {
     "max_grad_norm": "L2 norm for --grad-norm clip (default 1.0)",
     "precondition": "slope: before the anneal, divide each offset's gradient by the anneal "
                     "map's slope there (relative to the low rung), so layers that rose early "
-                    "do not get a larger gradient for it; none: the plain gradient (paper)",
+                    "do not get a larger gradient for it; tangent: with --budget bound, while the "
+                    "soft average sits at the target, remove from the gradient its common "
+                    "part along the budget (what the bound's shrink takes back each step), "
+                    "so the momentum carries only which layers gain bits against which lose "
+                    "them (an experiment, BENCHMARKS.md); none: the plain gradient (paper)",
     "delay": "fraction of steps at the starting temperature (default 0.6)",
     "t_start": "starting anneal temperature, code units (default 0.4)",
     "t_end": "final anneal temperature, code units (default 20)",

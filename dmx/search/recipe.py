@@ -65,7 +65,7 @@ BUDGETS = ("project", "bound", "hinge")
 PARAMETERIZATIONS = ("clamp", "abs")
 GRAD_NORMS = ("normalize", "clip", "none")
 INITS = ("low", "target")
-PRECONDITIONS = ("none", "slope")
+PRECONDITIONS = ("none", "slope", "tangent")
 WEIGHTINGS = ("simple", "size")  # the averages the search trains against (macs: report only)
 EXPORT_TARGETS = ("any", "compressed-tensors", "quark", "gguf", "none")
 VLLM_TARGETS = ("compressed-tensors", "quark")  # served fused: --tie-fused unless told not to
@@ -212,6 +212,9 @@ class SearchConfig:
         check_choice("--parameterization", self.parameterization, PARAMETERIZATIONS)
         check_choice("--grad-norm", self.grad_norm, GRAD_NORMS)
         check_choice("--precondition", self.precondition, PRECONDITIONS)
+        if self.precondition == "tangent" and self.budget != "bound":
+            raise DMXError(f"--precondition tangent removes what --budget bound takes back; "
+                           f"with --budget {self.budget} pass --budget bound or drop it")
         check_choice("--init", self.init, INITS)
         check_choice("--export-target", self.export_target, EXPORT_TARGETS)
         check_choice("--rotate", self.rotate, ROTATIONS)

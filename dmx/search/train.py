@@ -300,6 +300,35 @@ def _precondition_by_slope(params: list, layers: dict, T: float) -> None:
         p.grad.mul_(float(f))
 
 
+def _project_to_budget_tangent(params: list, layers: dict, cfg: SearchConfig) -> None:
+    """``--precondition tangent``: remove from the offsets' gradient its component along
+    the bound budget's shrink direction (each effective offset by its weight in the
+    average, dmx.search.assign.bound_to_budget), in place.
+
+    Why: at the target, every step's gradient pushes most offsets up (more bits lower the
+    loss) and the bound takes a common amount back after the step. With momentum 0.99 that
+    push accumulates: on SmolLM2-135M the bound took back 0.2-0.5 ladder units per step
+    in the anneal phase (up to 1.1 in 96-step runs), and a step where it did not cancel
+    moved every offset at once (2.7 units changed rung per step, up to 11). Projected, the
+    momentum keeps only the exchange between layers, which is the ranking."""
+    from dmx.search.assign import _offset_coefficients
+
+    with_grad = [p for p in params if p.grad is not None]
+    if len(with_grad) < 2:
+        return
+    weight = _offset_coefficients(layers, params, cfg.weighting)
+    weight = weight[[i for i, p in enumerate(params) if p.grad is not None]]
+    weight = (weight / weight.min()).to(torch.float64)
+    raw = torch.stack([p.detach().double().cpu().reshape(()) for p in with_grad])
+    sign = torch.where(raw < 0, -1.0, 1.0) if cfg.parameterization == "abs" else \
+        torch.ones_like(raw)
+    n = sign * weight  # d(effective offsets)/d(raw) times the shrink's weights
+    g = torch.stack([p.grad.detach().double().cpu().reshape(()) for p in with_grad])
+    g = g - (g @ n) / (n @ n) * n
+    for p, v in zip(with_grad, g):
+        p.grad.copy_(v.to(p.grad.dtype).reshape(p.grad.shape))
+
+
 def _train_step(model, layers, windows, cfg: SearchConfig, optimizer, schedule, step,
                 dist=None, rotations=None) -> dict:
     T = schedule.at(step)
@@ -342,6 +371,8 @@ def _train_step(model, layers, windows, cfg: SearchConfig, optimizer, schedule, 
         all_reduce_grads(dist, params + rot_params)
     if cfg.precondition == "slope" and T <= cfg.t_start:  # before the anneal starts
         _precondition_by_slope(params, layers, T)
+    if cfg.precondition == "tangent" and float(avg.detach()) >= cfg.target_bits - 1e-3:
+        _project_to_budget_tangent(params, layers, cfg)
     grad_norm = _scale_gradients(params, cfg) if cfg.grad_norm != "none" else None
     before = [p.detach().clone() for p in params] if cfg.budget == "bound" else None
     optimizer.step()
