@@ -312,10 +312,7 @@ def kl_baseline(model_dir, target_bits: float, out, ladder: str = "fp8-fp4",
     acts = {n: (None if weights_only else f) for n, f in formats.items()}
     achieved = average_bits_of(formats, acts, shapes)
     meta = {"method": "kl", "ladder": lad.name, "target_bits": target, "seed": int(seed),
-            "baseline": {"weighting": weighting, "weights_only": bool(weights_only),
-                         "calib": calib_files, "samples": int(windows.shape[0]),
-                         "seqlen": int(seqlen), "low_format": lad.low.fmt,
-                         **measured,
+            "baseline": {"weighting": weighting, **measured,
                          "sensitivity": {"+".join(u): s for u, s in
                                          sorted(sens.items(), key=lambda kv: -kv[1])},
                          **({} if sensitivities_from is None else
