@@ -4,6 +4,7 @@ average (--weighting), same quantized inputs (--weights-only), same layers
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +110,7 @@ def test_kl_pair_reuses_a_seeds_sensitivities_only_when_they_fit(tmp_path):
         fields = {"weights_only": False, "export_target": "any", "tie_fused": False,
                   "samples": 4, "seqlen": 128, "sensitivity": {"a": 1.0}, **baseline}
         (out / "dmx_manifest.json").write_text(
-            __import__("json").dumps({"seed": seed, "baseline": fields}))
+            json.dumps({"seed": seed, "baseline": fields}))
         return out
 
     kl("kl-default-4.5-s1", seed=1)

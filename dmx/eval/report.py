@@ -28,23 +28,11 @@ __all__ = ["collect", "write_report", "add_report_parser", "run_report"]
 MARKERS = {"dmx": "o", "kl": "s", "uniform": "^"}
 
 
-def _result_on(ev: dict | None, text: str | None) -> tuple[str | None, dict | None]:
-    """(key, result) of the perplexity to report from a loaded eval.json: the latest one,
-    or with ``text`` the latest one scored on that file (None, None when there is none)."""
-    from dmx.outdir.evaljson import latest_result
-    if text is None:
-        return (ev or {}).get("latest"), latest_result(ev)
-    results = (ev or {}).get("results", {})
-    keys = [k for k, r in results.items() if Path(r["file"]).name == Path(text).name]
-    key = ev["latest"] if ev.get("latest") in keys else (keys[-1] if keys else None)
-    return key, results.get(key)
-
-
 def collect(run_dirs, text: str | None = None) -> list[dict]:
     """Rows of the report, in the order given (every OUT's manifest and file hashes are
     checked). Each OUT's perplexity is the latest `dmx eval --save` recorded, or with
     ``text`` the latest one on that evaluation file (an OUT scored on several texts)."""
-    from dmx.outdir.evaljson import load_eval
+    from dmx.outdir.evaljson import load_eval, result_on_text
     from dmx.outdir.read import read_manifest
 
     if not run_dirs:
@@ -53,7 +41,7 @@ def collect(run_dirs, text: str | None = None) -> list[dict]:
     for d in run_dirs:
         m = read_manifest(d)
         ev = load_eval(d)
-        eval_key, result = _result_on(ev, text)
+        eval_key, result = result_on_text(ev, text)
         mix = Counter(e["format"] for e in m["layers"].values())
         every = m["avg_bits"].get("all_linears") or {}
         search = m.get("search") or {}

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from dmx.errors import DMXError
 
-__all__ = ["load_eval", "latest_result", "latest_eval", "find_result", "save_eval",
-           "save_task_results"]
+__all__ = ["load_eval", "latest_result", "latest_eval", "find_result", "result_on_text",
+           "save_eval", "save_task_results"]
 
 
 def load_eval(out_dir) -> dict | None:
@@ -54,6 +54,17 @@ def find_result(ev: dict | None, file, seqlen: int, max_windows: int | None = No
         if result["windows"] == want:
             return result
     return None
+
+
+def result_on_text(ev: dict | None, text=None) -> tuple[str | None, dict | None]:
+    """(key, result) of a loaded eval.json: the latest perplexity, or with ``text`` the
+    latest one scored on that file, whatever its window protocol ((None, None) if none)."""
+    if text is None:
+        return (ev or {}).get("latest"), latest_result(ev)
+    results = (ev or {}).get("results", {})
+    keys = [k for k, r in results.items() if Path(r["file"]).name == Path(text).name]
+    key = ev["latest"] if ev.get("latest") in keys else (keys[-1] if keys else None)
+    return key, results.get(key)
 
 
 def save_eval(out_dir, result: dict) -> Path:

@@ -311,7 +311,7 @@ def _project_to_budget_tangent(params: list, layers: dict, cfg: SearchConfig) ->
     in the anneal phase (up to 1.1 in 96-step runs), and a step where it did not cancel
     moved every offset at once (2.7 units changed rung per step, up to 11). Projected, the
     momentum keeps only the exchange between layers, which is the ranking."""
-    from dmx.search.assign import _offset_coefficients
+    from dmx.search.assign import _offset_coefficients, effective_offsets
 
     with_grad = [p for p in params if p.grad is not None]
     if len(with_grad) < 2:
@@ -319,7 +319,7 @@ def _project_to_budget_tangent(params: list, layers: dict, cfg: SearchConfig) ->
     weight = _offset_coefficients(layers, params, cfg.weighting)
     weight = weight[[i for i, p in enumerate(params) if p.grad is not None]]
     weight = (weight / weight.min()).to(torch.float64)
-    raw = torch.stack([p.detach().double().cpu().reshape(()) for p in with_grad])
+    raw, _ = effective_offsets(with_grad, cfg.parameterization, -math.inf, math.inf)
     sign = torch.where(raw < 0, -1.0, 1.0) if cfg.parameterization == "abs" else \
         torch.ones_like(raw)
     n = sign * weight  # d(effective offsets)/d(raw) times the shrink's weights
