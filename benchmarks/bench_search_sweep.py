@@ -121,6 +121,10 @@ def _parse(argv=None):
                         "override the script's (a single flag: --extra=--fill-budget)")
     p.add_argument("--stages", type=_stages, default=set(STAGES),
                    help=f"comma-separated subset of {','.join(STAGES)} (default: all)")
+    p.add_argument("--combine", action="store_true",
+                   help="also `dmx combine` every recipe x target's seeds (--fill-budget: "
+                        "the same bits as the searches; raw bits and fill moves are shown) "
+                        "and score the combination against the seeds' KL pairs")
     p.add_argument("--reuse", action="store_true", help="keep finished OUT dirs")
     p.add_argument("--work", default="/tmp/dmx_recipes", help="where the OUT dirs go")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "recipes"),
@@ -351,6 +355,28 @@ def _pair_chain(args, work: Path, recipe: str, target: float, seed: int,
     return ran
 
 
+def _combined_name(args, recipe: str, target: float) -> str:
+    return f"dmx-{recipe}-{target:g}-comb{'.'.join(map(str, args.seeds))}"
+
+
+def _combine_chain(args, work: Path, recipe: str, target: float, t_start: float) -> bool:
+    """`dmx combine` of the seeds' searches of one recipe and target, then its evaluation
+    (after every pair chain: it needs all the seeds)."""
+    out = work / _combined_name(args, recipe, target)
+    searches = [work / f"dmx-{recipe}-{target:g}-s{seed}" for seed in args.seeds]
+    ran = False
+    if not all(_done(s) for s in searches):
+        return False
+    if "search" in args.stages and not (args.reuse and _done(out)):
+        _dmx(args, out.name, ["combine", *map(str, searches), "-o", str(out),
+                              "--fill-budget", "--force"])
+        ran = True
+    ran = _evaluate(args, out) or ran
+    if ran and "table" in args.stages:
+        _write_table(args, work, time.time() - t_start)
+    return ran
+
+
 def _stop_on_failure(chain):
     """``chain``, setting _STOP when it fails: in the worker itself, before the pool hands
     that worker the next chain."""
@@ -409,6 +435,9 @@ def main(argv=None) -> int:
     chains += [(lambda r=r, t=t, s=s: _pair_chain(args, work, r, t, s, t_start))
                for s in args.seeds for t in args.targets for r in args.recipes]
     _run_chains(chains, args.jobs)
+    if args.combine and len(args.seeds) > 1:
+        _run_chains([(lambda r=r, t=t: _combine_chain(args, work, r, t, t_start))
+                     for t in args.targets for r in args.recipes], args.jobs)
     # once more at the end if anything ran since: with --jobs an anchor may finish after
     # the last pair; a --stages table (or a fully reused) sweep wrote no table yet
     if "table" in args.stages and _TABLE_STALE.is_set():
@@ -523,6 +552,32 @@ def _row(args, evaluated: dict, recipe: str, target: float, fp8,
             + " |")
 
 
+def _combined_row(args, evaluated: dict, recipe: str, target: float, fp8,
+                  text: str | None = None) -> str | None:
+    """The seeds' combination (`dmx combine`) against the seeds' KL pairs; None if not
+    evaluated. Raw bits: the mean offsets' nearest rungs; the fill moves are counted."""
+    d = evaluated.get(_combined_name(args, recipe, target))
+    if d is None:
+        return None
+    m = _manifest(d)
+    bits, weighting, *_ = _search_budget(m)
+    raw = m["search"]["raw_bits"][_BITS_KEY[weighting]]
+    moves = m["search"]["budget_repair"]["moves"]
+    ours = _ppl(args, d, text)
+    kls = [_ppl(args, evaluated[k], text) for k in
+           (f"kl-{recipe}-{target:g}-s{seed}" for seed in args.seeds) if k in evaluated]
+    diff = [ours - k for k in kls]
+    closed = [(k - ours) / (k - fp8) for k in kls if fp8 is not None and k > fp8]
+    seeds = ",".join(map(str, args.seeds))
+    return (f"| {recipe}, seeds {seeds} combined | {target:g} | {raw:.3f} "
+            f"(+{sum(mv['step'] == 'fill' for mv in moves)} fill) | {bits:.3f} | "
+            f"{sum(mv['step'] == 'fit' for mv in moves)} | {ours:.2f} (one OUT) | "
+            f"{_spread(kls)} | {_spread(diff)} | "
+            + (f"{sum(x < 0 for x in diff)} of {len(diff)} | " if diff else "- | ")
+            + (f"{100 * statistics.mean(closed):.0f}% ({100 * min(closed):.0f}.."
+               f"{100 * max(closed):.0f}%)" if closed else "-") + " |")
+
+
 def _report(args, work: Path, evaluated: dict, results: Path, text: str) -> str:
     """`dmx report --data text` of every evaluated OUT (the seed-0 searches first:
     dynamics.png draws them); its plots are copied into ``results`` (pareto.png for --eval,
@@ -568,7 +623,8 @@ def _text_table(args, work: Path, results: Path, text: str, mine: set) -> list[s
               "| KL ppl (same bits) | dMX - KL | dMX ahead (seeds) "
               "| closed of KL's gap to MXFP8 |",
               "|---|---|---|---|---|---|---|---|---|---|"]
-    rows = (_row(args, evaluated, r, t, fp8, text) for t in args.targets for r in args.recipes)
+    rows = (row(args, evaluated, r, t, fp8, text) for t in args.targets for r in args.recipes
+            for row in (_row, _combined_row))
     lines += [row for row in rows if row is not None]
     lines += ["", f"![perplexity vs average bits]({_pareto_name(args, text)})", ""]
     if evaluated:
@@ -587,6 +643,7 @@ def _write_table(args, work: Path, wall: float) -> None:
         mine = {"uniform-fp4_e2m1", "uniform-fp8_e4m3"} | {
             f"{kind}-{r}-{t:g}-s{seed}" for kind in ("dmx", "kl") for r in args.recipes
             for t in args.targets for seed in args.seeds}
+        mine |= {_combined_name(args, r, t) for r in args.recipes for t in args.targets}
         lines = _header(args, wall) + _text_table(args, work, results, args.eval_file, mine)
         lines += ["Offset trajectories and soft vs hard bits of the seed-0 runs:", "",
                   "![dynamics](dynamics.png)", ""]

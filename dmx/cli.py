@@ -1,4 +1,4 @@
-"""The ``dmx`` command line: search, eval, baseline, report, export, demo.
+"""The ``dmx`` command line: search, combine, eval, baseline, report, export, demo.
 
 Every bad input ends as one line ``dmx: error: <what is wrong and what to do>`` on stderr
 with exit code 2 and no traceback; Ctrl-C exits 130 with a message. The subcommands'
@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_optional(sub, "search", "dmx.search", "add_search_parser", "run_search",
                   "learn a mixed MX format assignment under a bit budget (dMX)")
+    _add_optional(sub, "combine", "dmx.search.combine", "add_combine_parser", "run_combine",
+                  "average the offsets of several dmx searches (seeds) into one assignment")
     evaluate.add_eval_parser(sub)
     baseline.add_baseline_parser(sub)
     report.add_report_parser(sub)

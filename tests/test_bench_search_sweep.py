@@ -125,3 +125,35 @@ def test_kl_pair_reuses_a_seeds_sensitivities_only_when_they_fit(tmp_path):
         tmp_path / "kl-default-5-s0"
     learned = sweep._parse(["--model", str(tmp_path), "--rotate", "learned"])
     assert sweep._sensitivity_source(learned, tmp_path, 0, False, "any", False) is None
+
+
+def test_combined_seeds_are_made_once_all_seeds_are_searched_and_scored_against_kl(
+        tmp_path, monkeypatch):
+    args = sweep._parse(["--model", str(tmp_path), "--eval", "/d/wiki.test.raw",
+                         "--max-windows", "40", "--reuse", "--combine", "--seeds", "0", "1",
+                         "--stages", "search,eval"])
+    ran = []
+    monkeypatch.setattr(sweep, "_dmx", lambda a, name, argv: ran.append(argv))
+    _scored_out(tmp_path / "dmx-default-5-s0", {"/d/wiki.test.raw": 70.0})
+    assert not sweep._combine_chain(args, tmp_path, "default", 5.0, 0.0) and ran == []
+    _scored_out(tmp_path / "dmx-default-5-s1", {"/d/wiki.test.raw": 72.0})
+    assert sweep._combine_chain(args, tmp_path, "default", 5.0, 0.0)
+    (argv,) = ran  # the OUT is not there yet (the stub wrote nothing): no evaluation
+    assert argv[:3] == ["combine", str(tmp_path / "dmx-default-5-s0"),
+                        str(tmp_path / "dmx-default-5-s1")]
+    assert "--fill-budget" in argv and _flag(argv, "-o") == str(tmp_path / "dmx-default-5-comb0.1")
+    # its row: raw bits and fill moves apart, the difference to each seed's KL pair
+    comb = _scored_out(tmp_path / "dmx-default-5-comb0.1", {"/d/wiki.test.raw": 66.0})
+    manifest = _manifest(weighting="simple")
+    manifest["search"].update(raw_bits={"simple": 4.9, "size_weighted": 5.0},
+                              budget_repair={"moves": [{"step": "fill"}] * 3})
+    (comb / "dmx_manifest.json").write_text(json.dumps(manifest))
+    kls = {f"kl-default-5-s{s}": _scored_out(tmp_path / f"kl-default-5-s{s}",
+                                             {"/d/wiki.test.raw": p})
+           for s, p in ((0, 68.0), (1, 65.0))}
+    row = sweep._combined_row(args, {"dmx-default-5-comb0.1": comb, **kls}, "default", 5.0,
+                              50.0)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "default, seeds 0,1 combined" and cells[2] == "4.900 (+3 fill)"
+    assert cells[3] == "4.990" and cells[5] == "66.00 (one OUT)"
+    assert cells[7] == "-0.50 (-2.00..1.00, 2 seeds)" and cells[8] == "1 of 2"

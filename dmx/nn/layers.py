@@ -22,7 +22,7 @@ import mxref
 from mxref.formats import DEFAULT_BLOCK_SIZE
 
 from dmx.errors import DMXError
-from dmx.quant.anneal import abs_ste, anneal_map, clamp_ste
+from dmx.quant.anneal import abs_ste, anneal_map, clamp_ste, hard_rung
 from dmx.quant.backends import Backend, as_backend, choose
 from dmx.quant.fakequant import fake_quantize
 from dmx.quant.ladders import Ladder, get_ladder
@@ -188,8 +188,7 @@ class DMXLinear(_LinearView):
 
     def hard_format(self) -> str:
         """mxref key of the rung this layer deploys with (the hard step map of the offset)."""
-        b = anneal_map(self.raw_offset().detach().float(), 1.0, self.ladder, hard=True)
-        return self.ladder.rung_at(float(b)).fmt
+        return hard_rung(self.raw_offset(), self.ladder).fmt
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.linear.weight

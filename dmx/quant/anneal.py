@@ -19,7 +19,7 @@ import torch
 from dmx.errors import DMXError
 from dmx.quant.ladders import get_ladder
 
-__all__ = ["anneal_map", "TemperatureSchedule", "clamp_ste", "abs_ste", "T_DOC_PER_T_CODE"]
+__all__ = ["anneal_map", "hard_rung", "TemperatureSchedule", "clamp_ste", "abs_ste", "T_DOC_PER_T_CODE"]
 
 T_DOC_PER_T_CODE = 20.0  # the paper's T = 20 * (Brevitas code temperature)
 
@@ -61,6 +61,14 @@ def anneal_map(b_hat: torch.Tensor, T: float, ladder, hard: bool = False) -> tor
             b = b + width * torch.sigmoid(
                 T_DOC_PER_T_CODE * T * ((b_hat - lo.position) / width - 0.5))
     return b
+
+
+def hard_rung(b_hat, ladder):
+    """The rung a raw offset deploys with: the hard map (T -> inf) at ``b_hat`` (a float or
+    0-d tensor; float32, as the search's offsets)."""
+    ladder = get_ladder(ladder)
+    b_hat = torch.as_tensor(b_hat).detach().to(torch.float32)
+    return ladder.rung_at(float(anneal_map(b_hat, 1.0, ladder, hard=True)))
 
 
 class TemperatureSchedule:

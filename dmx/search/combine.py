@@ -1,0 +1,209 @@
+"""``dmx combine``: one assignment from several dMX searches that differ only in ``--seed``.
+
+A short search is path-dependent: its first noisy steps lock choices in and the end of the
+anneal churns (BENCHMARKS.md, issue 11), so on SmolLM2-135M two seeds of the same 24-step
+search share only 35-37 of the 52 units they promote at 5 bits. Averaging independent
+seeds' learned offsets is bagging: the noise of each path averages out, the preference
+the seeds share stays.
+
+The rule, in the search's own terms:
+
+1. Every input's learned offsets b_hat (its ``search_log.jsonl`` final line, before the
+   budget repair), each clamped to the ladder's positions as the forward pass clamps it,
+   are averaged per layer (tied layers share one offset, so their mean is shared too).
+2. Every unit goes to the rung nearest its mean: the hard anneal map
+   (:func:`dmx.quant.anneal.hard_rung`), as a search's raw assignment.
+3. The budget is repaired with the search's rule, ranking by the mean
+   (:func:`dmx.search.assign.repair_assignment`): fit (demote while over the target), then
+   fill (promote while it fits) unless ``--no-fill-budget``. Both assignments are kept in
+   the manifest (``search.raw_bits``, ``search.budget_repair``), as a search keeps them.
+
+Inputs must be sealed ``dmx search`` OUTs of one model, with every search setting equal but
+the seed (the recipe, budget, calibration, steps, layers...): averaging offsets learned
+for different budgets or data would rank nothing in particular. Searches with a rotation
+are refused: each seed rotates its own weights (R1 is seeded by ``--seed``), so their
+offsets rank different weights.
+
+Public API: ``combine_searches(outs, out, fill=None, force=False, device="cpu") -> dict``,
+``add_combine_parser(subparsers)`` / ``run_combine(args)``.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from dmx.errors import DMXError
+
+__all__ = ["combine_searches", "mean_offsets", "add_combine_parser", "run_combine"]
+
+
+def _read_search(out) -> tuple[dict, dict]:
+    """(manifest, search log) of a sealed `dmx search` OUT, or a one-line refusal."""
+    from dmx.outdir import read_manifest, read_search_log
+
+    m = read_manifest(out)  # the seal is checked: the offsets are the ones it wrote
+    if m["method"] != "dmx" or "config" not in (m.get("search") or {}):
+        raise DMXError(f"{out}: a `dmx {m['method']}` OUT; combine takes OUTs written by "
+                       f"`dmx search`")
+    if (m["search"].get("combined") or None) is not None:
+        raise DMXError(f"{out}: already a combination; combine the searches it was made from")
+    log = read_search_log(out)
+    if not isinstance(log.get("offsets"), dict):
+        raise DMXError(f"{out}: its search log has no final offsets; rerun the search")
+    return m, log
+
+
+def _comparable(m: dict) -> dict:
+    """What must be equal across the inputs, by the name a user would look for."""
+    from dmx.search.recipe import config_from_dict
+
+    cfg = config_from_dict(m["search"]["config"]).to_dict()
+    cfg.pop("seed")
+    if cfg.get("calib") is not None:  # the same file, however it was spelled
+        cfg["calib"] = [str(Path(f).resolve()) for f in cfg["calib"]]
+    layers = {n: (tuple(e["shape"]), e.get("act_format") is not None)
+              for n, e in m["layers"].items()}
+    return {"source model": str(Path(m["source_model"]).resolve()),
+            "profile": m["profile"], "block size": m["block_size"],
+            "layers (names, shapes, inputs quantized)": layers,
+            **{f"search setting '{k}'": v for k, v in cfg.items()}}
+
+
+def _check_inputs(outs: list, manifests: list) -> None:
+    if len(outs) < 2:
+        raise DMXError("combine needs at least two OUT directories (searches of different "
+                       "--seed)")
+    paths = [str(Path(o).resolve()) for o in outs]
+    for i, p in enumerate(paths):
+        if p in paths[:i]:
+            raise DMXError(f"{outs[i]} is given twice; pass each search once")
+    first = _comparable(manifests[0])
+    for out, m in zip(outs[1:], manifests[1:]):
+        other = _comparable(m)
+        for key, value in first.items():
+            if other.get(key) != value:
+                shown = "" if key.startswith("layers") else f" ({value!r} vs {other.get(key)!r})"
+                raise DMXError(f"{out} differs from {outs[0]} in {key}{shown}; combine "
+                               f"searches that differ only in --seed")
+    seeds = [int(m["search"]["config"]["seed"]) for m in manifests]
+    for i, s in enumerate(seeds):
+        if s in seeds[:i]:
+            raise DMXError(f"{outs[i]} and {outs[seeds.index(s)]} both have --seed {s}: the "
+                           f"same search twice; combine searches of different seeds")
+    cfg = manifests[0]["search"]["config"]
+    if cfg.get("rotate", "none") != "none" or cfg.get("rotate_online"):
+        raise DMXError(f"the searches used --rotate {cfg.get('rotate')}"
+                       f"{' --rotate-online' if cfg.get('rotate_online') else ''}: each seed "
+                       f"rotates its own weights, so their offsets rank different weights; "
+                       f"combine searches made with --rotate none")
+
+
+def mean_offsets(logs: list, ladder) -> dict:
+    """{layer: mean over the searches of its final b_hat, clamped to the ladder's span}."""
+    lo, hi = ladder.low.position, ladder.high.position
+    names = list(logs[0]["offsets"])
+    return {n: sum(min(hi, max(lo, float(log["offsets"][n]))) for log in logs) / len(logs)
+            for n in names}
+
+
+def combine_searches(outs, out, fill: bool | None = None, force: bool = False,
+                     device: str = "cpu") -> dict:
+    """Write OUT with the assignment of the mean offsets of the searches ``outs`` (see the
+    module docstring); ``fill``: None takes the searches' own --fill-budget. Returns a
+    summary."""
+    from dmx import data, outdir
+    from dmx.nn.bits import average_bits_of
+    from dmx.nn.layers import fused_units
+    from dmx.quant.anneal import hard_rung
+    from dmx.quant.ladders import get_ladder
+    from dmx.search.assign import repair_assignment
+
+    t0 = time.time()
+    outs = [str(o) for o in outs]
+    read = [_read_search(o) for o in outs]
+    manifests, logs = [m for m, _ in read], [log for _, log in read]
+    _check_inputs(outs, manifests)
+    first = manifests[0]
+    cfg = first["search"]["config"]
+    source = first["source_model"]
+    outdir.check_new_out(out, force, [Path(o) for o in outs] + [Path(source)])
+    if not Path(source).is_dir():
+        raise DMXError(f"the searches' source model {source} is not there; combine on the "
+                       f"machine that has it")
+    lad = get_ladder(first["ladder"])
+    fill = bool(cfg.get("fill_budget", True)) if fill is None else bool(fill)
+    names = list(first["layers"])
+    mean = mean_offsets(logs, lad)
+    if set(mean) != set(names):
+        raise DMXError(f"{outs[0]}: its search log's offsets do not name its layers; rerun "
+                       f"the search")
+    raw = {n: hard_rung(mean[n], lad).fmt for n in names}
+    shapes = {n: tuple(first["layers"][n]["shape"]) for n in names}
+    quant_in = {n: first["layers"][n].get("act_format") is not None for n in names}
+    units = fused_units(names) if cfg.get("tie_fused") else [(n,) for n in names]
+    weighting = cfg.get("weighting", "simple")
+    repair = repair_assignment(raw, mean, shapes, lad, float(first["target_bits"]), weighting,
+                               quant_in, fill, units=units)
+    formats = repair.pop("formats")
+    acts = {n: (formats[n] if quant_in[n] else None) for n in names}
+    raw_bits = average_bits_of(raw, {n: (raw[n] if quant_in[n] else None) for n in names},
+                               shapes)
+    achieved = average_bits_of(formats, acts, shapes)
+    seeds = [int(m["search"]["config"]["seed"]) for m in manifests]
+    model, _ = data.load_model_and_tokenizer(source, device=device)
+    meta = {"method": "dmx", "ladder": lad.name, "target_bits": float(first["target_bits"]),
+            "seed": seeds[0], "wall_time_s": None,
+            "search": {"config": cfg, "raw_bits": raw_bits, "achieved_bits": achieved,
+                       "budget_repair": repair,
+                       "raw_formats_differ": sorted(n for n in names if formats[n] != raw[n]),
+                       "combined": {"inputs": [{"out": str(Path(o).resolve()), "seed": s,
+                                                "manifest_sha256": m["manifest_sha256"]}
+                                               for o, s, m in zip(outs, seeds, manifests)],
+                                    "seeds": seeds, "fill": fill,
+                                    "rule": "mean of the clamped final offsets; nearest "
+                                            "rung; fit/fill ranked by the mean",
+                                    "offsets": mean},
+                       "train_seconds": sum(float(m["search"].get("train_seconds") or 0)
+                                            for m in manifests)}}
+    meta["wall_time_s"] = round(time.time() - t0, 3)
+    outdir.write_out(out, model, formats, acts, source, meta, force)
+    return {"out": str(out), "formats": formats, "raw_formats": raw, "raw_bits": raw_bits,
+            "achieved_bits": achieved, "budget_repair": repair, "seeds": seeds,
+            "offsets": mean}
+
+
+def add_combine_parser(subparsers):
+    from dmx.threads import add_threads_arg
+
+    p = subparsers.add_parser(
+        "combine", help="average the learned offsets of several dmx searches (seeds) into "
+                        "one assignment",
+        description="Average the learned offsets of several `dmx search` OUTs that differ "
+                    "only in --seed, put every layer on the rung nearest its mean, repair "
+                    "the budget by the mean (fit, then fill unless --no-fill-budget), and "
+                    "write the result as a new OUT (docs/dmx_search.md, 'Combining seeds').")
+    p.add_argument("outs", nargs="+", metavar="OUT",
+                   help="OUT directories written by `dmx search` (two or more)")
+    p.add_argument("-o", "--out", required=True, help="the OUT directory to write")
+    p.add_argument("--fill-budget", action="store_true", default=None, dest="fill",
+                   help="promote units by the mean while the budget allows (default: as the "
+                        "searches were run)")
+    p.add_argument("--no-fill-budget", action="store_false", dest="fill",
+                   help="leave the mean's assignment under the target if it lands there")
+    p.add_argument("--device", default="cpu", help="where the weights are packed (cpu)")
+    p.add_argument("--force", action="store_true", help="replace an existing OUT")
+    add_threads_arg(p)
+    return p
+
+
+def run_combine(args) -> int:
+    from dmx.threads import apply_threads
+
+    apply_threads(args)
+    res = combine_searches(args.outs, args.out, args.fill, args.force, args.device)
+    moves = res["budget_repair"]["moves"]
+    print(f"dmx combine: seeds {', '.join(map(str, res['seeds']))} -> {res['out']}: "
+          f"{res['achieved_bits']['simple']:.3f} bits (mean's nearest rungs "
+          f"{res['raw_bits']['simple']:.3f}; {sum(m['step'] == 'fit' for m in moves)} fit, "
+          f"{sum(m['step'] == 'fill' for m in moves)} fill moves)")
+    return 0

@@ -1,0 +1,142 @@
+"""`dmx combine`: the assignment of several dMX searches' mean offsets, and its refusals.
+
+The expected assignment is recomputed here from the searches' logs with the rule the
+docs state (clamp to [0, 2], mean, strictly above 1 goes to MXFP8, then promote the
+closest to the boundary while the simple average fits), not with dmx.search.assign.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from cli_helpers import fails
+from dmx.cli import main
+from dmx.outdir import read_manifest, read_search_log
+from dmx.outdir.read import load
+from dmx.search import search
+from tiny_models import tiny_model_dir, tiny_root
+
+pytestmark = pytest.mark.usefixtures("single_threaded")
+
+SMALL = dict(seqlen=32, samples=12, batch_size=2, progress=False, export_target="none")
+TARGET = 6.0
+
+
+@pytest.fixture(scope="module")
+def searches(tmp_path_factory, calib):
+    """Three 4-step searches of one tiny Llama (seeds 0, 1, 2) and one of 5 steps."""
+    src = tiny_model_dir(tiny_root(tmp_path_factory), "llama")
+    root = tmp_path_factory.mktemp("combine")
+    outs = {s: root / f"s{s}" for s in (0, 1, 2)}
+    for seed, out in outs.items():
+        search(src, TARGET, calib=[calib], steps=4, seed=seed, out=out, **SMALL)
+    outs["steps5"] = root / "steps5"
+    search(src, TARGET, calib=[calib], steps=5, seed=3, out=outs["steps5"], **SMALL)
+    return src, outs
+
+
+def _expected(outs, fill: bool) -> tuple[dict, list]:
+    """The documented rule, by hand: (formats, mean offsets in model order)."""
+    logs = [read_search_log(o)["offsets"] for o in outs]
+    names = list(logs[0])
+    mean = [sum(min(2.0, max(0.0, float(log[n]))) for log in logs) / len(logs) for n in names]
+    bits = {n: (8 if m > 1.0 else 4) for n, m in zip(names, mean)}
+    if fill:  # closest to the boundary first; every unit that still fits
+        for m, n in sorted((1.0 - m, n) for n, m in zip(names, mean) if bits[n] == 4):
+            trial = dict(bits, **{n: 8})
+            if sum(trial.values()) / len(trial) <= TARGET + 1e-6:
+                bits = trial
+    return {n: ("fp8_e4m3" if b == 8 else "fp4_e2m1") for n, b in bits.items()}, mean
+
+
+@pytest.mark.parametrize("fill", [True, False])
+def test_combined_formats_follow_the_mean_offsets(searches, tmp_path, capsys, fill):
+    src, outs = searches
+    inputs = [outs[s] for s in (0, 1, 2)]
+    out = tmp_path / "comb"
+    flag = "--fill-budget" if fill else "--no-fill-budget"
+    assert main(["combine", *map(str, inputs), "-o", str(out), flag]) == 0
+    assert "seeds 0, 1, 2" in capsys.readouterr().out
+    m = read_manifest(out)
+    expected, mean = _expected(inputs, fill)
+    assert {n: e["format"] for n, e in m["layers"].items()} == expected
+    assert all(e["act_format"] == e["format"] for e in m["layers"].values())
+    combined = m["search"]["combined"]
+    assert combined["seeds"] == [0, 1, 2] and combined["fill"] is fill
+    assert list(combined["offsets"].values()) == mean
+    assert [i["manifest_sha256"] for i in combined["inputs"]] == \
+        [read_manifest(o)["manifest_sha256"] for o in inputs]
+    assert m["avg_bits"]["simple"] <= TARGET + 1e-6
+    if not fill:
+        assert m["search"]["budget_repair"]["moves"] == [] or all(
+            mv["step"] == "fit" for mv in m["search"]["budget_repair"]["moves"])
+
+
+def test_combined_out_runs_as_its_formats(searches, tmp_path):
+    """The OUT holds the source weights in the combined formats: its logits equal the
+    source model's with those formats applied, bit for bit."""
+    from dmx.data import load_model_and_tokenizer
+    from dmx.nn.layers import apply_formats
+
+    src, outs = searches
+    out = tmp_path / "comb"
+    assert main(["combine", str(outs[0]), str(outs[1]), "-o", str(out)]) == 0
+    formats = {n: e["format"] for n, e in read_manifest(out)["layers"].items()}
+    ref, _ = load_model_and_tokenizer(src)
+    apply_formats(ref, formats, formats)
+    got, _, _ = load(out)
+    ids = torch.randint(0, 4096, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = ref(input_ids=ids).logits
+        b = got(input_ids=ids).logits
+    assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def test_default_fill_is_the_searches_own(searches, tmp_path):
+    _, outs = searches
+    out = tmp_path / "comb"
+    assert main(["combine", str(outs[0]), str(outs[2]), "-o", str(out)]) == 0
+    cfg = read_manifest(outs[0])["search"]["config"]
+    assert read_manifest(out)["search"]["combined"]["fill"] is cfg["fill_budget"]
+
+
+def test_refusals(searches, tmp_path, capsys):
+    src, outs = searches
+    a, b = str(outs[0]), str(outs[1])
+    o = ["-o", str(tmp_path / "comb")]
+    fails(capsys, ["combine", a, *o], "at least two", tmp_path)
+    fails(capsys, ["combine", a, a, *o], "given twice", tmp_path)
+    fails(capsys, ["combine", a, str(outs["steps5"]), *o], "search setting 'steps'", tmp_path)
+    twin = tmp_path / "twin"
+    shutil.copytree(outs[0], twin)
+    fails(capsys, ["combine", a, str(twin), *o], "both have --seed 0", tmp_path)
+    assert main(["baseline", "--model", str(src), "--method", "uniform", "--format",
+                 "fp8_e4m3", "-o", str(tmp_path / "uni"), "--export-target", "none"]) == 0
+    capsys.readouterr()
+    fails(capsys, ["combine", a, str(tmp_path / "uni"), *o], "written by `dmx search`",
+          tmp_path)
+    tampered = tmp_path / "tampered"
+    shutil.copytree(outs[1], tampered)
+    log = tampered / "search_log.jsonl"
+    lines = log.read_text().splitlines()
+    final = json.loads(lines[-1])
+    first = next(iter(final["offsets"]))
+    final["offsets"][first] = 2.0 - float(final["offsets"][first])
+    log.write_text("\n".join(lines[:-1] + [json.dumps(final)]) + "\n")
+    fails(capsys, ["combine", a, str(tampered), *o], "search_log.jsonl", tmp_path)
+    (tmp_path / "comb").mkdir()
+    fails(capsys, ["combine", a, b, *o], "--force", tmp_path)
+
+
+def test_rotated_searches_are_refused(tmp_path_factory, calib, tmp_path, capsys):
+    src = tiny_model_dir(tiny_root(tmp_path_factory), "llama", hidden=64, intermediate=128)
+    outs = []
+    for seed in (0, 1):
+        outs.append(tmp_path / f"rot{seed}")
+        search(src, TARGET, calib=[calib], steps=2, seed=seed, out=outs[-1],
+               rotate="hadamard", **SMALL)
+    fails(capsys, ["combine", *map(str, outs), "-o", str(tmp_path / "comb")],
+          "--rotate hadamard", tmp_path)
