@@ -70,6 +70,11 @@ def test_combined_formats_follow_the_mean_offsets(searches, tmp_path, capsys, fi
     assert [i["manifest_sha256"] for i in combined["inputs"]] == \
         [read_manifest(o)["manifest_sha256"] for o in inputs]
     assert m["avg_bits"]["simple"] <= TARGET + 1e-6
+    # its cost is the searches' and its own; the report names it
+    assert m["wall_time_s"] >= sum(read_manifest(o)["wall_time_s"] for o in inputs)
+    from dmx.eval.report import collect
+    (row,) = collect([out])
+    assert row["recipe"] == "default, 3 seeds combined" and row["raw_bits"] is not None
     if not fill:
         assert m["search"]["budget_repair"]["moves"] == [] or all(
             mv["step"] == "fit" for mv in m["search"]["budget_repair"]["moves"])

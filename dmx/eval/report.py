@@ -56,7 +56,7 @@ def collect(run_dirs, text: str | None = None) -> list[dict]:
             "layers": len(m["layers"]),
             "quantized": sorted(m["layers"]),
             "formats": dict(sorted(mix.items())),
-            "recipe": (search.get("config") or {}).get("recipe"),
+            "recipe": _recipe_label(search),
             "raw_bits": (search.get("raw_bits") or {}).get("simple"),
             "repair": _repair_summary(search.get("budget_repair")),
             "end_ppl": search.get("end_ppl"),
@@ -76,6 +76,15 @@ def collect(run_dirs, text: str | None = None) -> list[dict]:
 
 def _fmt(v, spec):
     return "-" if v is None else format(v, spec)
+
+
+def _recipe_label(search: dict) -> str | None:
+    """The recipe of a search OUT; a `dmx combine` OUT says how many seeds it averaged."""
+    recipe = (search.get("config") or {}).get("recipe")
+    combined = search.get("combined")
+    if recipe is not None and combined:
+        return f"{recipe}, {len(combined['seeds'])} seeds combined"
+    return recipe
 
 
 def _repair_summary(repair) -> dict | None:

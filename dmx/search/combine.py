@@ -165,7 +165,11 @@ def combine_searches(outs, out, fill: bool | None = None, force: bool = False,
                                     "offsets": mean},
                        "train_seconds": sum(float(m["search"].get("train_seconds") or 0)
                                             for m in manifests)}}
-    meta["wall_time_s"] = round(time.time() - t0, 3)
+    # the cost of the result: every search's wall time, and the combination's own
+    own = time.time() - t0
+    meta["search"]["combined"]["combine_seconds"] = round(own, 3)
+    meta["wall_time_s"] = round(own + sum(float(m.get("wall_time_s") or 0)
+                                          for m in manifests), 3)
     outdir.write_out(out, model, formats, acts, source, meta, force)
     return {"out": str(out), "formats": formats, "raw_formats": raw, "raw_bits": raw_bits,
             "achieved_bits": achieved, "budget_repair": repair, "seeds": seeds,
