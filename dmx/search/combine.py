@@ -45,7 +45,7 @@ def _read_search(out) -> tuple[dict, dict]:
     if m["method"] != "dmx" or "config" not in (m.get("search") or {}):
         raise DMXError(f"{out}: a `dmx {m['method']}` OUT; combine takes OUTs written by "
                        f"`dmx search`")
-    if (m["search"].get("combined") or None) is not None:
+    if m["search"].get("combined"):
         raise DMXError(f"{out}: already a combination; combine the searches it was made from")
     log = read_search_log(out)
     if not isinstance(log.get("offsets"), dict):
@@ -152,7 +152,7 @@ def combine_searches(outs, out, fill: bool | None = None, force: bool = False,
     seeds = [int(m["search"]["config"]["seed"]) for m in manifests]
     model, _ = data.load_model_and_tokenizer(source, device=device)
     meta = {"method": "dmx", "ladder": lad.name, "target_bits": float(first["target_bits"]),
-            "seed": seeds[0], "wall_time_s": None,
+            "seed": seeds[0],
             "search": {"config": cfg, "raw_bits": raw_bits, "achieved_bits": achieved,
                        "budget_repair": repair,
                        "raw_formats_differ": sorted(n for n in names if formats[n] != raw[n]),
