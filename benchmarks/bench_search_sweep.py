@@ -535,7 +535,7 @@ def _row(args, evaluated: dict, recipe: str, target: float, fp8,
         bits, weighting, *_ = _search_budget(m)  # under the average the search trained for
         raw.append(m["search"]["raw_bits"][_BITS_KEY[weighting]])
         achieved.append(bits)
-        fits.append(sum(mv["step"] == "fit" for mv in m["search"]["budget_repair"]["moves"]))
+        fits.append(_moves(m, "fit"))
         ours.append(_ppl(args, d, text))
         if k is not None:
             kls.append(_ppl(args, k, text))
@@ -544,12 +544,21 @@ def _row(args, evaluated: dict, recipe: str, target: float, fp8,
     if not ours:
         return None
     diff = [a - b for a, b in zip(ours, kls)] if len(kls) == len(ours) else []
-    ahead = f"{sum(x < 0 for x in diff)} of {len(diff)}" if diff else "-"
     return (f"| {recipe} | {target:g} | {_spread(raw, '.3f')} | {_spread(achieved, '.3f')} | "
-            f"{sum(fits)} | {_spread(ours)} | {_spread(kls)} | {_spread(diff)} | {ahead} | "
-            + (f"{100 * statistics.mean(closed):.0f}% "
-               f"({100 * min(closed):.0f}..{100 * max(closed):.0f}%)" if closed else "-")
-            + " |")
+            f"{sum(fits)} | {_spread(ours)} | {_spread(kls)} | {_vs_kl(diff, closed)}")
+
+
+def _moves(manifest: dict, step: str) -> int:
+    """How many units the budget repair moved in ``step`` ("fit" or "fill")."""
+    return sum(mv["step"] == step for mv in manifest["search"]["budget_repair"]["moves"])
+
+
+def _vs_kl(diff: list, closed: list) -> str:
+    """The last cells of a row: dMX - KL, the seeds ahead, the share of KL's gap closed."""
+    ahead = f"{sum(x < 0 for x in diff)} of {len(diff)}" if diff else "-"
+    gap = (f"{100 * statistics.mean(closed):.0f}% ({100 * min(closed):.0f}.."
+           f"{100 * max(closed):.0f}%)" if closed else "-")
+    return f"{_spread(diff)} | {ahead} | {gap} |"
 
 
 def _combined_row(args, evaluated: dict, recipe: str, target: float, fp8,
@@ -562,7 +571,6 @@ def _combined_row(args, evaluated: dict, recipe: str, target: float, fp8,
     m = _manifest(d)
     bits, weighting, *_ = _search_budget(m)
     raw = m["search"]["raw_bits"][_BITS_KEY[weighting]]
-    moves = m["search"]["budget_repair"]["moves"]
     ours = _ppl(args, d, text)
     kls = [_ppl(args, evaluated[k], text) for k in
            (f"kl-{recipe}-{target:g}-s{seed}" for seed in args.seeds) if k in evaluated]
@@ -570,12 +578,8 @@ def _combined_row(args, evaluated: dict, recipe: str, target: float, fp8,
     closed = [(k - ours) / (k - fp8) for k in kls if fp8 is not None and k > fp8]
     seeds = ",".join(map(str, args.seeds))
     return (f"| {recipe}, seeds {seeds} combined | {target:g} | {raw:.3f} "
-            f"(+{sum(mv['step'] == 'fill' for mv in moves)} fill) | {bits:.3f} | "
-            f"{sum(mv['step'] == 'fit' for mv in moves)} | {ours:.2f} (one OUT) | "
-            f"{_spread(kls)} | {_spread(diff)} | "
-            + (f"{sum(x < 0 for x in diff)} of {len(diff)} | " if diff else "- | ")
-            + (f"{100 * statistics.mean(closed):.0f}% ({100 * min(closed):.0f}.."
-               f"{100 * max(closed):.0f}%)" if closed else "-") + " |")
+            f"(+{_moves(m, 'fill')} fill) | {bits:.3f} | {_moves(m, 'fit')} | "
+            f"{ours:.2f} (one OUT) | {_spread(kls)} | {_vs_kl(diff, closed)}")
 
 
 def _report(args, work: Path, evaluated: dict, results: Path, text: str) -> str:

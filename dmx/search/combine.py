@@ -53,11 +53,16 @@ def _read_search(out) -> tuple[dict, dict]:
     return m, log
 
 
-def _comparable(m: dict) -> dict:
-    """What must be equal across the inputs, by the name a user would look for."""
+def _config(m: dict):
+    """The search's SearchConfig (a field an older manifest lacks: its recipe's value)."""
     from dmx.search.recipe import config_from_dict
 
-    cfg = config_from_dict(m["search"]["config"]).to_dict()
+    return config_from_dict(m["search"]["config"])
+
+
+def _comparable(m: dict) -> dict:
+    """What must be equal across the inputs, by the name a user would look for."""
+    cfg = _config(m).to_dict()
     cfg.pop("seed")
     if cfg.get("calib") is not None:  # the same file, however it was spelled
         cfg["calib"] = [str(Path(f).resolve()) for f in cfg["calib"]]
@@ -85,15 +90,15 @@ def _check_inputs(outs: list, manifests: list) -> None:
                 shown = "" if key.startswith("layers") else f" ({value!r} vs {other.get(key)!r})"
                 raise DMXError(f"{out} differs from {outs[0]} in {key}{shown}; combine "
                                f"searches that differ only in --seed")
-    seeds = [int(m["search"]["config"]["seed"]) for m in manifests]
+    seeds = [_config(m).seed for m in manifests]
     for i, s in enumerate(seeds):
         if s in seeds[:i]:
             raise DMXError(f"{outs[i]} and {outs[seeds.index(s)]} both have --seed {s}: the "
                            f"same search twice; combine searches of different seeds")
-    cfg = manifests[0]["search"]["config"]
-    if cfg.get("rotate", "none") != "none" or cfg.get("rotate_online"):
-        raise DMXError(f"the searches used --rotate {cfg.get('rotate')}"
-                       f"{' --rotate-online' if cfg.get('rotate_online') else ''}: each seed "
+    cfg = _config(manifests[0])
+    if cfg.rotate != "none" or cfg.rotate_online:
+        raise DMXError(f"the searches used --rotate {cfg.rotate}"
+                       f"{' --rotate-online' if cfg.rotate_online else ''}: each seed "
                        f"rotates its own weights, so their offsets rank different weights; "
                        f"combine searches made with --rotate none")
 
@@ -124,14 +129,14 @@ def combine_searches(outs, out, fill: bool | None = None, force: bool = False,
     manifests, logs = [m for m, _ in read], [log for _, log in read]
     _check_inputs(outs, manifests)
     first = manifests[0]
-    cfg = first["search"]["config"]
+    cfg = _config(first)
     source = first["source_model"]
     outdir.check_new_out(out, force, [Path(o) for o in outs] + [Path(source)])
     if not Path(source).is_dir():
         raise DMXError(f"the searches' source model {source} is not there; combine on the "
                        f"machine that has it")
     lad = get_ladder(first["ladder"])
-    fill = bool(cfg.get("fill_budget", True)) if fill is None else bool(fill)
+    fill = cfg.fill_budget if fill is None else bool(fill)
     names = list(first["layers"])
     mean = mean_offsets(logs, lad)
     if set(mean) != set(names):
@@ -140,20 +145,19 @@ def combine_searches(outs, out, fill: bool | None = None, force: bool = False,
     raw = {n: hard_rung(mean[n], lad).fmt for n in names}
     shapes = {n: tuple(first["layers"][n]["shape"]) for n in names}
     quant_in = {n: first["layers"][n].get("act_format") is not None for n in names}
-    units = fused_units(names) if cfg.get("tie_fused") else [(n,) for n in names]
-    weighting = cfg.get("weighting", "simple")
-    repair = repair_assignment(raw, mean, shapes, lad, float(first["target_bits"]), weighting,
+    units = fused_units(names) if cfg.tie_fused else [(n,) for n in names]
+    repair = repair_assignment(raw, mean, shapes, lad, cfg.target_bits, cfg.weighting,
                                quant_in, fill, units=units)
     formats = repair.pop("formats")
     acts = {n: (formats[n] if quant_in[n] else None) for n in names}
     raw_bits = average_bits_of(raw, {n: (raw[n] if quant_in[n] else None) for n in names},
                                shapes)
     achieved = average_bits_of(formats, acts, shapes)
-    seeds = [int(m["search"]["config"]["seed"]) for m in manifests]
+    seeds = [_config(m).seed for m in manifests]
     model, _ = data.load_model_and_tokenizer(source, device=device)
-    meta = {"method": "dmx", "ladder": lad.name, "target_bits": float(first["target_bits"]),
+    meta = {"method": "dmx", "ladder": lad.name, "target_bits": cfg.target_bits,
             "seed": seeds[0],
-            "search": {"config": cfg, "raw_bits": raw_bits, "achieved_bits": achieved,
+            "search": {"config": cfg.to_dict(), "raw_bits": raw_bits, "achieved_bits": achieved,
                        "budget_repair": repair,
                        "raw_formats_differ": sorted(n for n in names if formats[n] != raw[n]),
                        "combined": {"inputs": [{"out": str(Path(o).resolve()), "seed": s,
