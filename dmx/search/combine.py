@@ -34,7 +34,8 @@ from pathlib import Path
 
 from dmx.errors import DMXError
 
-__all__ = ["combine_searches", "mean_offsets", "add_combine_parser", "run_combine"]
+__all__ = ["combine_searches", "mean_offsets", "summary_line", "add_combine_parser",
+           "run_combine"]
 
 
 def _read_search(out) -> tuple[dict, dict]:
@@ -209,9 +210,14 @@ def run_combine(args) -> int:
 
     apply_threads(args)
     res = combine_searches(args.outs, args.out, args.fill, args.force, args.device)
-    moves = res["budget_repair"]["moves"]
-    print(f"dmx combine: seeds {', '.join(map(str, res['seeds']))} -> {res['out']}: "
-          f"{res['achieved_bits']['simple']:.3f} bits (mean's nearest rungs "
-          f"{res['raw_bits']['simple']:.3f}; {sum(m['step'] == 'fit' for m in moves)} fit, "
-          f"{sum(m['step'] == 'fill' for m in moves)} fill moves)")
+    print(f"dmx combine: {summary_line(res)}")
     return 0
+
+
+def summary_line(res: dict) -> str:
+    """What a combination did, in one line (dmx combine, dmx search --seeds)."""
+    moves = res["budget_repair"]["moves"]
+    return (f"seeds {', '.join(map(str, res['seeds']))} -> {res['out']}: "
+            f"{res['achieved_bits']['simple']:.3f} bits (mean's nearest rungs "
+            f"{res['raw_bits']['simple']:.3f}; {sum(m['step'] == 'fit' for m in moves)} fit, "
+            f"{sum(m['step'] == 'fill' for m in moves)} fill moves)")

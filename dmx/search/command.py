@@ -38,7 +38,8 @@ from dmx.errors import DMXError
 from dmx.outdir.layout import SEARCH_LOG_NAME
 from dmx.search.recipe import RECIPES, SearchConfig
 
-__all__ = ["add_search_parser", "run_search", "search", "END_EVAL_WINDOWS"]
+__all__ = ["add_search_parser", "run_search", "search", "search_seeds", "seed_out_dir",
+           "END_EVAL_WINDOWS"]
 
 END_EVAL_WINDOWS = 4  # calibration windows scored with the soft, raw-hard and repaired model
 
@@ -64,7 +65,7 @@ def _check_paths(model_dir, cfg: SearchConfig, out, force, resume, ckpt_dir):
             raise DMXError(f"--calib {f}: no such file")
     from dmx.outdir.write import check_new_out
     check_new_out(out, force, [model_dir, *(cfg.calib or ())])
-    has_ckpt = (Path(ckpt_dir) / "checkpoint.pt").is_file()
+    has_ckpt = ckpt_dir is not None and (Path(ckpt_dir) / "checkpoint.pt").is_file()
     if has_ckpt and not resume and not force:
         raise DMXError(f"an interrupted search left a checkpoint in {ckpt_dir}; add --resume "
                        f"to continue it or --force to start over")
@@ -114,7 +115,9 @@ def _resume_command(cfg: SearchConfig, model_dir, out, ckpt_dir, explicit_ckpt_d
         elif value is not None:
             flags += [flag, str(value)]
     for flag, value in run_flags.items():
-        if value not in (None, False):
+        if isinstance(value, (list, tuple)):
+            flags += [flag, *map(str, value)]
+        elif value not in (None, False):
             flags += [flag] if value is True else [flag, str(value)]
     if explicit_ckpt_dir:
         flags += ["--checkpoint-dir", str(ckpt_dir)]
@@ -301,6 +304,98 @@ def search(model_dir, config, *, out=None, force: bool = False, resume: bool = F
             "rotation": meta.get("rotation"), **summary}
 
 
+def seed_out_dir(out, seed: int) -> Path:
+    """Where ``dmx search --seeds`` keeps the search of one seed: ``OUT.seeds/seed-<s>``, a
+    sibling of OUT (as OUT.partial), so OUT stays one plain OUT."""
+    out = Path(out)
+    return out.with_name(out.name + ".seeds") / f"seed-{int(seed)}"
+
+
+def _kept_seed_out(seed_out: Path, model_dir, cfg: SearchConfig) -> bool:
+    """True when ``seed_out`` already holds this very search (same model, every setting
+    equal: a rerun would find the same); False when there is nothing there yet. A
+    different search there is refused: --force reruns it."""
+    from dmx.outdir import read_manifest
+    from dmx.outdir.layout import MANIFEST_NAME
+    from dmx.search.recipe import config_from_dict
+
+    if not (seed_out / MANIFEST_NAME).is_file():
+        return False
+    m = read_manifest(seed_out)  # sealed: what it holds is what the search wrote
+    theirs = (m.get("search") or {}).get("config")
+    same_model = Path(m["source_model"]).resolve() == Path(model_dir).resolve()
+    if m["method"] == "dmx" and theirs and same_model and config_from_dict(theirs) == cfg:
+        return True
+    raise DMXError(f"{seed_out} holds another search (other model or settings); pass "
+                   f"--force to rerun seed {cfg.seed} there, or choose another -o")
+
+
+def search_seeds(model_dir, config, seeds, *, out=None, force: bool = False,
+                 resume: bool = False, progress: bool = True, device: str = "cpu",
+                 checkpoint_dir=None, checkpoint_every: int = 50,
+                 gradient_checkpointing: bool = False, recipe: str = "default", say=None,
+                 report=None, **settings) -> dict:
+    """``dmx search --seeds``: the search once per seed into ``OUT.seeds/seed-<s>``
+    (:func:`seed_out_dir`), then their offsets combined into OUT (dmx.search.combine:
+    mean offset, nearest rung, budget repair by the mean). A seed whose OUT already holds
+    the same search is kept, so rerunning an interrupted command continues it (a seed
+    interrupted mid-way continues from its checkpoint with --resume). ``report(seed,
+    result_or_None)`` after each seed (None: kept). Returns combine_searches' summary
+    plus ``seed_outs``."""
+    from dmx.outdir.write import check_new_out
+    from dmx.search import distributed
+    from dmx.search.checkpoint import CHECKPOINT_NAME, default_checkpoint_dir
+    from dmx.search.combine import combine_searches
+
+    say = say or (lambda msg: print(f"dmx search: {msg}", file=sys.stderr))
+    seeds = [int(s) for s in seeds]
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+        raise DMXError(f"--seeds needs two or more different seeds, got "
+                       f"{' '.join(map(str, seeds)) or 'none'}")
+    if settings.get("seed") is not None:
+        raise DMXError("give --seed (one search) or --seeds (several, combined), not both")
+    if distributed.env_world()[0] > 1:
+        raise DMXError("--seeds runs its searches one after another in one process; under "
+                       "torchrun run one search per --seed and join them with `dmx combine`")
+    if out is None:
+        raise DMXError("-o/--out is required: the directory to write the combined model to")
+    cfg = make_config(config, recipe, **settings)
+    if cfg.rotate != "none" or cfg.rotate_online:  # refused by combine: say it before the work
+        raise DMXError("--seeds with --rotate: each seed rotates its own weights, so their "
+                       "offsets rank different weights; search with --rotate none")
+    _check_paths(model_dir, cfg, out, force, False, None)  # before the first search
+    cfg = _resolve_data(cfg, model_dir, say)
+    seed_outs = [seed_out_dir(out, s) for s in seeds]
+    # every seed's OUT is checked before the first search: a conflict is not found an hour in
+    kept = [not force and _kept_seed_out(p, model_dir, cfg.replace(seed=s))
+            for s, p in zip(seeds, seed_outs)]
+    seed_outs[0].parent.mkdir(exist_ok=True)
+    t0 = time.time()
+    for i, (seed, seed_out) in enumerate(zip(seeds, seed_outs)):
+        seed_cfg = cfg.replace(seed=seed)
+        if kept[i]:
+            say(f"seed {seed} ({i + 1} of {len(seeds)}): kept {seed_out} (the same search)")
+            if report:
+                report(seed, None)
+            continue
+        ckpt = (Path(checkpoint_dir) / f"seed-{seed}" if checkpoint_dir
+                else default_checkpoint_dir(seed_out))
+        say(f"seed {seed} ({i + 1} of {len(seeds)}) -> {seed_out}")
+        result = search(model_dir, seed_cfg, out=seed_out, force=force,
+                        resume=resume and (ckpt / CHECKPOINT_NAME).is_file(),
+                        progress=progress, device=device, checkpoint_dir=ckpt,
+                        checkpoint_every=checkpoint_every,
+                        gradient_checkpointing=gradient_checkpointing, say=say)
+        if not checkpoint_dir:
+            shutil.rmtree(ckpt, ignore_errors=True)
+        if report:
+            report(seed, result)
+    check_new_out(out, force, [model_dir, *seed_outs])
+    combined = combine_searches(seed_outs, out, fill=None, force=force, device=device)
+    return {**combined, "seed_outs": [str(p) for p in seed_outs], "config": cfg,
+            "wall_seconds": time.time() - t0}
+
+
 def _calib_ppl(model, windows) -> float:
     """Perplexity of the model as it is now on ``windows`` (next-token CE, no grad)."""
     import torch
@@ -463,6 +558,11 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
                         "offsets, untied, clip 1.0, no fill), project or target-start (earlier "
                         "defaults, for comparison); see docs/dmx_search_cli.md")
     _add_config_flags(p)
+    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help="run the search once per seed (kept in OUT.seeds/seed-<s>) and "
+                        "write the combination of their offsets to OUT, as `dmx combine` "
+                        "(docs/dmx_search.md, 'Combining seeds'); N times the time. A rerun "
+                        "keeps the seeds already done")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--device-map", default=None, choices=("auto", "balanced", "sequential"),
                    help="spread the model over the GPUs with accelerate (for models that do "
@@ -502,6 +602,20 @@ def run_search(args) -> int:
         from dmx.threads import apply_threads
         apply_threads(args)
         cfg = make_config(args.target_bits, args.recipe, **settings)
+        if getattr(args, "seeds", None):
+            if args.device_map:
+                raise DMXError("--seeds runs on one device; drop --device-map, or run one "
+                               "search per --seed and join them with `dmx combine`")
+            run_flags["--seeds"] = list(args.seeds)
+            result = search_seeds(args.model, cfg, args.seeds, out=args.out, force=args.force,
+                                  resume=args.resume, device=args.device,
+                                  progress=not getattr(args, "no_progress", False),
+                                  checkpoint_dir=args.checkpoint_dir,
+                                  checkpoint_every=args.checkpoint_every,
+                                  gradient_checkpointing=args.gradient_checkpointing,
+                                  seed=settings["seed"], report=_print_seed)
+            _print_combined(result)
+            return 0
         result = search(args.model, cfg, out=args.out, force=args.force, resume=args.resume,
                         progress=not getattr(args, "no_progress", False), device=args.device,
                         device_map=args.device_map, checkpoint_dir=args.checkpoint_dir,
@@ -509,6 +623,8 @@ def run_search(args) -> int:
                         gradient_checkpointing=args.gradient_checkpointing)
     except SearchInterrupted as stop:
         ckpt_dir = stop.checkpoint.parent if hasattr(stop.checkpoint, "parent") else ""
+        if "--seeds" in run_flags:  # the whole command again: the seeds done are kept
+            ckpt_dir = args.checkpoint_dir
         command = _resume_command(cfg, args.model, args.out, ckpt_dir,
                                   bool(args.checkpoint_dir), run_flags)
         world = distributed.env_world()[0]
@@ -539,13 +655,17 @@ def run_search(args) -> int:
     return 0
 
 
-def _print_result(result: dict) -> None:
+def _mix_line(formats: dict) -> str:
     from collections import Counter
 
-    counts = Counter(result["formats"].values())
+    counts = Counter(formats.values())
     mix = ", ".join(f"{n} x {fmt}" for fmt, n in sorted(counts.items()))
+    return f"dmx search: {len(formats)} layers -> {mix}"
+
+
+def _print_result(result: dict) -> None:
     a, raw = result["achieved_bits"], result["raw_bits"]
-    print(f"dmx search: {len(result['formats'])} layers -> {mix}")
+    print(_mix_line(result["formats"]))
     print(f"dmx search: found by the search (raw hard assignment): {raw['simple']:.3f} bits "
           f"(size-weighted {raw['size_weighted']:.3f}); after the budget repair "
           f"{a['simple']:.3f} (size-weighted {a['size_weighted']:.3f}); target "
@@ -576,6 +696,24 @@ def _print_result(result: dict) -> None:
         print(f"dmx search: note: {len(mixed)} fused group(s) (q/k/v, gate/up) mix formats, "
               f"e.g. {mixed[0]}: `dmx export --to gguf` takes this OUT; for vLLM "
               f"(compressed-tensors, quark) search with --export-target compressed-tensors")
+
+
+def _print_seed(seed: int, result: dict | None) -> None:
+    """One line per seed of ``--seeds`` (None: its OUT was kept from an earlier run)."""
+    if result is None:
+        return
+    raw, a = result["raw_bits"]["simple"], result["achieved_bits"]["simple"]
+    print(f"dmx search: seed {seed}: {raw:.3f} bits found, {a:.3f} after the repair; "
+          f"{result['out']} in {result['wall_seconds']:.1f} s")
+
+
+def _print_combined(result: dict) -> None:
+    from dmx.search.combine import summary_line
+
+    print(_mix_line(result["formats"]))
+    print(f"dmx search: {summary_line(result)}; target {result['config'].target_bits:g}; "
+          f"the seeds' OUTs are in {Path(result['seed_outs'][0]).parent}; "
+          f"{result['wall_seconds']:.1f} s")
 
 
 def _mixed_fused_groups(formats: dict) -> list[str]:

@@ -1,0 +1,129 @@
+"""`dmx search --seeds`: one search per seed, kept in OUT.seeds/, combined into OUT.
+
+The combined OUT must be exactly what `dmx combine` writes from the same seed OUTs (same
+formats, same packed bytes by their sha256), a rerun must keep the seeds already done, and
+bad requests are refused in one line before the first search, with nothing written.
+"""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from dmx.cli import main
+from dmx.outdir import read_manifest
+from dmx.search.command import seed_out_dir
+from tiny_models import tiny_model_dir, tiny_root
+
+pytestmark = pytest.mark.usefixtures("single_threaded")
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    return tiny_model_dir(tiny_root(tmp_path_factory), "llama")
+
+
+def _argv(src, calib, out, *extra, steps=3):
+    return ["search", "--model", str(src), "--target-bits", "6", "--calib", str(calib),
+            "--seqlen", "32", "--samples", "12", "--batch-size", "2", "--steps", str(steps),
+            "--export-target", "none", "--no-progress", *extra, "-o", str(out)]
+
+
+def _refused(capsys, argv, match, parent):
+    before = sorted(p.name for p in parent.iterdir())
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("dmx search: error: "), err
+    assert match in lines[0], lines[0]
+    assert sorted(p.name for p in parent.iterdir()) == before  # nothing written
+
+
+def test_seeds_are_searched_kept_and_combined(src, calib, tmp_path, capsys):
+    out = tmp_path / "comb"
+    assert main(_argv(src, calib, out, "--seeds", "0", "2")) == 0
+    said = capsys.readouterr()
+    assert "seeds 0, 2 ->" in said.out and "seed 2:" in said.out
+    seed_outs = [seed_out_dir(out, s) for s in (0, 2)]
+    assert [p.relative_to(tmp_path).as_posix() for p in seed_outs] == \
+        ["comb.seeds/seed-0", "comb.seeds/seed-2"]
+    assert [read_manifest(p)["search"]["config"]["seed"] for p in seed_outs] == [0, 2]
+    assert not list(tmp_path.glob("*.partial")) and not list(out.parent.glob("**/*.partial"))
+
+    # the same as `dmx combine` of those OUTs, byte for byte in the packed weights
+    ref = tmp_path / "ref"
+    assert main(["combine", *map(str, seed_outs), "-o", str(ref)]) == 0
+    m, r = read_manifest(out), read_manifest(ref)
+    assert {n: (e["format"], e["sha256"]) for n, e in m["layers"].items()} == \
+        {n: (e["format"], e["sha256"]) for n, e in r["layers"].items()}
+    assert m["search"]["combined"]["seeds"] == [0, 2]
+    assert m["search"]["combined"]["offsets"] == r["search"]["combined"]["offsets"]
+    assert m["search"]["combined"]["fill"] is True  # the default recipe's fill
+
+    # a rerun keeps the seeds already searched (nothing rewritten) and combines again
+    shas = [read_manifest(p)["manifest_sha256"] for p in seed_outs]
+    created = [read_manifest(p)["created"] for p in seed_outs]
+    shutil.rmtree(out)
+    assert main(_argv(src, calib, out, "--seeds", "0", "2")) == 0
+    err = capsys.readouterr().err
+    assert err.count(": kept ") == 2, err
+    assert [read_manifest(p)["manifest_sha256"] for p in seed_outs] == shas
+    assert [read_manifest(p)["created"] for p in seed_outs] == created
+    assert read_manifest(out)["layers"] == m["layers"]
+
+    # another search where a seed's OUT would go: refused before any work
+    shutil.rmtree(out)
+    _refused(capsys, _argv(src, calib, out, "--seeds", "0", "2", steps=4),
+             "holds another search", tmp_path)
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--seeds", "3"], "two or more different seeds"),
+    (["--seeds", "1", "1"], "two or more different seeds"),
+    (["--seed", "1", "--seeds", "0", "2"], "not both"),
+    (["--seeds", "0", "1", "--rotate", "hadamard"], "--rotate none"),
+])
+def test_seeds_refusals(src, calib, tmp_path, capsys, extra, match):
+    _refused(capsys, _argv(src, calib, tmp_path / "o", *extra), match, tmp_path)
+
+
+def test_seeds_refuse_an_existing_out_before_searching(src, calib, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("not an OUT")
+    _refused(capsys, _argv(src, calib, out, "--seeds", "0", "1"), "-o/--out", tmp_path)
+    assert (out / "keep.txt").read_text() == "not an OUT"
+
+
+def test_ctrl_c_in_a_later_seed_resumes_with_the_whole_command(src, calib, tmp_path, capsys,
+                                                                monkeypatch):
+    import shlex
+
+    import dmx.search.train
+
+    real_step = dmx.search.train._train_step
+    calls = []
+
+    def interrupted_step(*args):
+        calls.append(1)
+        if len(calls) == 5:  # seed 0 ran steps 1-3; seed 2 is stopped in its second step
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(dmx.search.train, "_train_step", interrupted_step)
+    out = tmp_path / "comb"
+    assert main(_argv(src, calib, out, "--seeds", "0", "2")) == 130
+    err = capsys.readouterr().err
+    command = shlex.split(err.strip().splitlines()[-1])
+    assert command[:2] == ["dmx", "search"] and "--resume" in command
+    assert command[command.index("--seeds") + 1:][:2] == ["0", "2"] and "--seed" not in command
+    assert not out.exists() and (seed_out_dir(out, 0)).is_dir()
+    assert not seed_out_dir(out, 2).exists()
+
+    monkeypatch.setattr(dmx.search.train, "_train_step", real_step)
+    assert main(command[1:]) == 0
+    err = capsys.readouterr().err
+    assert ": kept " in err and err.count(": kept ") == 1  # seed 0; seed 2 resumed
+    assert read_manifest(seed_out_dir(out, 2))["search"]["steps_run"] == 3
+    assert read_manifest(out)["search"]["combined"]["seeds"] == [0, 2]
+    assert not list(tmp_path.glob("**/*.partial"))
