@@ -342,7 +342,6 @@ def search_seeds(model_dir, config, seeds, *, out=None, force: bool = False,
     interrupted mid-way continues from its checkpoint with --resume). ``report(seed,
     result_or_None)`` after each seed (None: kept). Returns combine_searches' summary
     plus ``seed_outs``."""
-    from dmx.outdir.write import check_new_out
     from dmx.search import distributed
     from dmx.search.checkpoint import CHECKPOINT_NAME, default_checkpoint_dir
     from dmx.search.combine import combine_searches
@@ -390,7 +389,6 @@ def search_seeds(model_dir, config, seeds, *, out=None, force: bool = False,
             shutil.rmtree(ckpt, ignore_errors=True)
         if report:
             report(seed, result)
-    check_new_out(out, force, [model_dir, *seed_outs])
     combined = combine_searches(seed_outs, out, fill=None, force=force, device=device)
     return {**combined, "seed_outs": [str(p) for p in seed_outs], "config": cfg,
             "wall_seconds": time.time() - t0}
