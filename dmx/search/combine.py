@@ -25,7 +25,9 @@ are refused: each seed rotates its own weights (R1 is seeded by ``--seed``), so 
 offsets rank different weights.
 
 Public API: ``combine_searches(outs, out, fill=None, force=False, device="cpu") -> dict``,
-``add_combine_parser(subparsers)`` / ``run_combine(args)``.
+``summary_line(result)``, ``add_combine_parser(subparsers)`` / ``run_combine(args)``.
+``dmx search --seeds`` (dmx.search.command.search_seeds) runs the searches and calls
+``combine_searches``.
 """
 from __future__ import annotations
 
