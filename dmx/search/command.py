@@ -340,7 +340,7 @@ def search_seeds(model_dir, config, seeds, *, out=None, force: bool = False,
     mean offset, nearest rung, budget repair by the mean). A seed whose OUT already holds
     the same search is kept, so rerunning an interrupted command continues it (a seed
     interrupted mid-way continues from its checkpoint with --resume). ``report(seed,
-    result_or_None)`` after each seed (None: kept). Returns combine_searches' summary
+    result)`` after each seed searched (not after one kept). Returns combine_searches' summary
     plus ``seed_outs``."""
     from dmx.search import distributed
     from dmx.search.checkpoint import CHECKPOINT_NAME, default_checkpoint_dir
@@ -365,28 +365,23 @@ def search_seeds(model_dir, config, seeds, *, out=None, force: bool = False,
     _check_paths(model_dir, cfg, out, force, False, None)  # before the first search
     cfg = _resolve_data(cfg, model_dir, say)
     seed_outs = [seed_out_dir(out, s) for s in seeds]
+    seed_cfgs = [cfg.replace(seed=s) for s in seeds]
     # every seed's OUT is checked before the first search: a conflict is not found an hour in
-    kept = [not force and _kept_seed_out(p, model_dir, cfg.replace(seed=s))
-            for s, p in zip(seeds, seed_outs)]
+    kept = [not force and _kept_seed_out(p, model_dir, c) for p, c in zip(seed_outs, seed_cfgs)]
     seed_outs[0].parent.mkdir(exist_ok=True)
     t0 = time.time()
-    for i, (seed, seed_out) in enumerate(zip(seeds, seed_outs)):
-        seed_cfg = cfg.replace(seed=seed)
+    for i, (seed, seed_out, seed_cfg) in enumerate(zip(seeds, seed_outs, seed_cfgs)):
         if kept[i]:
             say(f"seed {seed} ({i + 1} of {len(seeds)}): kept {seed_out} (the same search)")
-            if report:
-                report(seed, None)
             continue
-        ckpt = (Path(checkpoint_dir) / f"seed-{seed}" if checkpoint_dir
-                else default_checkpoint_dir(seed_out))
+        # None: search() uses (and removes when done) its default, seed_out's OUT.partial
+        ckpt = Path(checkpoint_dir) / f"seed-{seed}" if checkpoint_dir else None
+        has_ckpt = ((ckpt or default_checkpoint_dir(seed_out)) / CHECKPOINT_NAME).is_file()
         say(f"seed {seed} ({i + 1} of {len(seeds)}) -> {seed_out}")
         result = search(model_dir, seed_cfg, out=seed_out, force=force,
-                        resume=resume and (ckpt / CHECKPOINT_NAME).is_file(),
-                        progress=progress, device=device, checkpoint_dir=ckpt,
-                        checkpoint_every=checkpoint_every,
+                        resume=resume and has_ckpt, progress=progress, device=device,
+                        checkpoint_dir=ckpt, checkpoint_every=checkpoint_every,
                         gradient_checkpointing=gradient_checkpointing, say=say)
-        if not checkpoint_dir:
-            shutil.rmtree(ckpt, ignore_errors=True)
         if report:
             report(seed, result)
     combined = combine_searches(seed_outs, out, fill=None, force=force, device=device)
@@ -696,10 +691,8 @@ def _print_result(result: dict) -> None:
               f"(compressed-tensors, quark) search with --export-target compressed-tensors")
 
 
-def _print_seed(seed: int, result: dict | None) -> None:
-    """One line per seed of ``--seeds`` (None: its OUT was kept from an earlier run)."""
-    if result is None:
-        return
+def _print_seed(seed: int, result: dict) -> None:
+    """One line per seed ``--seeds`` searched."""
     raw, a = result["raw_bits"]["simple"], result["achieved_bits"]["simple"]
     print(f"dmx search: seed {seed}: {raw:.3f} bits found, {a:.3f} after the repair; "
           f"{result['out']} in {result['wall_seconds']:.1f} s")
