@@ -127,3 +127,67 @@ def test_ctrl_c_in_a_later_seed_resumes_with_the_whole_command(src, calib, tmp_p
     assert read_manifest(seed_out_dir(out, 2))["search"]["steps_run"] == 3
     assert read_manifest(out)["search"]["combined"]["seeds"] == [0, 2]
     assert not list(tmp_path.glob("**/*.partial"))
+
+
+def test_jobs_run_the_seeds_side_by_side_with_the_same_result(src, calib, tmp_path, capsys):
+    """--jobs 2: the two seeds in two spawned processes; every seed OUT and the combination
+    equal the one-after-another run's, bit for bit in the packed weights."""
+    def layers(out):
+        return {n: (e["format"], e["sha256"]) for n, e in read_manifest(out)["layers"].items()}
+
+    seq, par = tmp_path / "seq", tmp_path / "par"
+    assert main(_argv(src, calib, seq, "--seeds", "0", "2")) == 0
+    capsys.readouterr()
+    assert main(_argv(src, calib, par, "--seeds", "0", "2", "--jobs", "2", "--threads",
+                      "1")) == 0
+    said = capsys.readouterr()
+    assert "2 searches, 2 at a time, 1 CPU thread(s) each" in said.err
+    assert "seed 0:" in said.out and "seed 2:" in said.out
+    for s in (0, 2):
+        assert layers(seed_out_dir(par, s)) == layers(seed_out_dir(seq, s))
+    assert layers(par) == layers(seq)
+    assert read_manifest(par)["search"]["combined"]["offsets"] == \
+        read_manifest(seq)["search"]["combined"]["offsets"]
+    assert not list(tmp_path.glob("**/*.partial"))
+
+
+def test_jobs_without_seeds_is_refused(src, calib, tmp_path, capsys):
+    _refused(capsys, _argv(src, calib, tmp_path / "o", "--jobs", "2"), "--jobs goes with --seeds",
+             tmp_path)
+    _refused(capsys, _argv(src, calib, tmp_path / "o", "--seeds", "0", "1", "--jobs", "0"),
+             "--jobs must be a positive integer", tmp_path)
+
+
+def _fake_search(*, outcome, callback, say, **_):
+    """A stand-in for dmx.search.search in a seed_pool worker (module level: picklable)."""
+    from dmx.errors import DMXError
+    from dmx.search.seed_pool import SUMMARY_KEYS
+    from dmx.search.train import SearchInterrupted
+
+    if outcome == "stop":
+        raise SearchInterrupted(2, "/ckpt/seed-1")
+    if outcome == "bad":
+        raise DMXError("bad calibration text")
+    callback(1, {})
+    return {k: outcome for k in SUMMARY_KEYS}
+
+
+def test_seed_pool_reports_where_ctrl_c_stopped_each_seed_and_passes_errors_on():
+    from dmx.errors import DMXError
+    from dmx.search.seed_pool import run_seed_searches
+    from dmx.search.train import SearchInterrupted
+
+    reported = []
+    done = run_seed_searches(_fake_search, [(0, {"outcome": "a"}), (1, {"outcome": "b"})],
+                             jobs=2, threads=1, steps=1, progress=False,
+                             report=lambda s, r: reported.append((s, r["out"])))
+    assert {s: r["out"] for s, r in done.items()} == {0: "a", 1: "b"}
+    assert sorted(reported) == [(0, "a"), (1, "b")]
+
+    with pytest.raises(SearchInterrupted, match=r"seed 1 after step 2 \(checkpoint "
+                                                r"/ckpt/seed-1\); seeds 0 finished"):
+        run_seed_searches(_fake_search, [(0, {"outcome": "a"}), (1, {"outcome": "stop"})],
+                          jobs=2, threads=1, steps=1, progress=False)
+    with pytest.raises(DMXError, match="bad calibration text"):
+        run_seed_searches(_fake_search, [(0, {"outcome": "bad"}), (1, {"outcome": "a"})],
+                          jobs=2, threads=1, steps=1, progress=False)

@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import shlex
 import shutil
 import sys
@@ -334,14 +335,17 @@ def search_seeds(model_dir, config, seeds, *, out=None, force: bool = False,
                  resume: bool = False, progress: bool = True, device: str = "cpu",
                  checkpoint_dir=None, checkpoint_every: int = 50,
                  gradient_checkpointing: bool = False, recipe: str = "default", say=None,
-                 report=None, **settings) -> dict:
+                 report=None, jobs: int = 1, threads: int | None = None,
+                 **settings) -> dict:
     """``dmx search --seeds``: the search once per seed into ``OUT.seeds/seed-<s>``
     (:func:`seed_out_dir`), then their offsets combined into OUT (dmx.search.combine:
     mean offset, nearest rung, budget repair by the mean). A seed whose OUT already holds
     the same search is kept, so rerunning an interrupted command continues it (a seed
     interrupted mid-way continues from its checkpoint with --resume). ``report(seed,
-    result)`` after each seed searched (not after one kept). Returns combine_searches' summary
-    plus ``seed_outs``."""
+    result)`` after each seed searched (not after one kept). ``jobs`` > 1 runs that many
+    seeds at a time, each in a process of its own with ``threads`` CPU threads (default:
+    the cores shared out), by dmx.search.seed_pool. Returns combine_searches' summary plus
+    ``seed_outs``."""
     from dmx.search import distributed
     from dmx.search.checkpoint import CHECKPOINT_NAME, default_checkpoint_dir
     from dmx.search.combine import combine_searches
@@ -368,8 +372,11 @@ def search_seeds(model_dir, config, seeds, *, out=None, force: bool = False,
     seed_cfgs = [cfg.replace(seed=s) for s in seeds]
     # every seed's OUT is checked before the first search: a conflict is not found an hour in
     kept = [not force and _kept_seed_out(p, model_dir, c) for p, c in zip(seed_outs, seed_cfgs)]
+    if int(jobs) != jobs or jobs < 1:
+        raise DMXError(f"--jobs must be a positive integer, got {jobs!r}")
     seed_outs[0].parent.mkdir(exist_ok=True)
     t0 = time.time()
+    tasks = []  # (seed, search() keyword arguments) of the seeds not kept
     for i, (seed, seed_out, seed_cfg) in enumerate(zip(seeds, seed_outs, seed_cfgs)):
         if kept[i]:
             say(f"seed {seed} ({i + 1} of {len(seeds)}): kept {seed_out} (the same search)")
@@ -378,12 +385,23 @@ def search_seeds(model_dir, config, seeds, *, out=None, force: bool = False,
         ckpt = Path(checkpoint_dir) / f"seed-{seed}" if checkpoint_dir else None
         has_ckpt = ((ckpt or default_checkpoint_dir(seed_out)) / CHECKPOINT_NAME).is_file()
         say(f"seed {seed} ({i + 1} of {len(seeds)}) -> {seed_out}")
-        result = search(model_dir, seed_cfg, out=seed_out, force=force,
-                        resume=resume and has_ckpt, progress=progress, device=device,
-                        checkpoint_dir=ckpt, checkpoint_every=checkpoint_every,
-                        gradient_checkpointing=gradient_checkpointing, say=say)
-        if report:
-            report(seed, result)
+        tasks.append((seed, dict(model_dir=model_dir, config=seed_cfg, out=seed_out,
+                                 force=force, resume=resume and has_ckpt, device=device,
+                                 checkpoint_dir=ckpt, checkpoint_every=checkpoint_every,
+                                 gradient_checkpointing=gradient_checkpointing)))
+    if jobs > 1 and len(tasks) > 1:
+        from dmx.search.seed_pool import run_seed_searches
+
+        per_job = threads or max(1, (os.cpu_count() or 1) // min(jobs, len(tasks)))
+        say(f"{len(tasks)} searches, {min(jobs, len(tasks))} at a time, {per_job} CPU "
+            f"thread(s) each")
+        run_seed_searches(search, [(s, {**kw, "progress": False}) for s, kw in tasks],
+                          jobs, per_job, cfg.steps, progress=progress, report=report)
+    else:
+        for seed, kwargs in tasks:
+            result = search(progress=progress, say=say, **kwargs)
+            if report:
+                report(seed, result)
     combined = combine_searches(seed_outs, out, fill=None, force=force, device=device)
     return {**combined, "seed_outs": [str(p) for p in seed_outs], "config": cfg,
             "wall_seconds": time.time() - t0}
@@ -556,6 +574,10 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
                         "write the combination of their offsets to OUT, as `dmx combine` "
                         "(docs/dmx_search.md, 'Combining seeds'); N times the time. A rerun "
                         "keeps the seeds already done")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="with --seeds: run N searches at a time, each in a process of its "
+                        "own with --threads CPU threads (default: the cores shared out); "
+                        "each holds its own copy of the model")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--device-map", default=None, choices=("auto", "balanced", "sequential"),
                    help="spread the model over the GPUs with accelerate (for models that do "
@@ -595,18 +617,24 @@ def run_search(args) -> int:
         from dmx.threads import apply_threads
         apply_threads(args)
         cfg = make_config(args.target_bits, args.recipe, **settings)
+        jobs = getattr(args, "jobs", None)
+        if jobs is not None and not getattr(args, "seeds", None):
+            raise DMXError("--jobs goes with --seeds (several searches at a time); one "
+                           "search uses --threads")
         if getattr(args, "seeds", None):
             if args.device_map:
                 raise DMXError("--seeds runs on one device; drop --device-map, or run one "
                                "search per --seed and join them with `dmx combine`")
             run_flags["--seeds"] = list(args.seeds)
+            run_flags["--jobs"] = jobs
             result = search_seeds(args.model, cfg, args.seeds, out=args.out, force=args.force,
                                   resume=args.resume, device=args.device,
                                   progress=not getattr(args, "no_progress", False),
                                   checkpoint_dir=args.checkpoint_dir,
                                   checkpoint_every=args.checkpoint_every,
                                   gradient_checkpointing=args.gradient_checkpointing,
-                                  seed=settings["seed"], report=_print_seed)
+                                  seed=settings["seed"], report=_print_seed,
+                                  jobs=1 if jobs is None else jobs, threads=getattr(args, "threads", None))
             _print_combined(result)
             return 0
         result = search(args.model, cfg, out=args.out, force=args.force, resume=args.resume,
@@ -623,8 +651,7 @@ def run_search(args) -> int:
         world = distributed.env_world()[0]
         if world > 1:  # any number of processes can resume it (the batch is global)
             command = f"torchrun --standalone --nproc-per-node {world} -m " + command
-        print(f"dmx search: interrupted after step {stop.step}; checkpoint saved to "
-              f"{stop.checkpoint}. Continue with:\n  {command}", file=sys.stderr)
+        print(f"dmx search: {stop}. Continue with:\n  {command}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:  # before the first step or while OUT was being written
         if main:
