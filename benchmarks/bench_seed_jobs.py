@@ -1,0 +1,98 @@
+"""`dmx search --seeds` one after another vs `--jobs N` side by side, in one run.
+
+    python benchmarks/bench_seed_jobs.py                       # SmolLM2-135M if built, 2 seeds
+    python benchmarks/bench_seed_jobs.py --model embedded --steps 40
+
+Both commands get the same cores: sequential with ``--threads C`` (C = the cores), parallel
+with ``--jobs N --threads C/N``. Each is a fresh `python -m dmx search` process (model load,
+the searches, the calibration perplexity at the end, the combination), timed wall to wall.
+The two combined OUTs are compared layer by layer (the searches are the same; only the thread
+count of their float sums differs). Output: benchmarks/results/seed_jobs.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOLLM2 = Path.home() / ".cache" / "dmx" / "smollm2-135m-instruct-f32"
+EMBEDDED = ROOT / "dmx" / "data" / "tiny-qwen3"
+
+
+def _run(argv: list[str]) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "dmx", "search", *argv], cwd=ROOT,
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"bench_seed_jobs: `dmx search {' '.join(argv)}` failed:\n{proc.stderr[-2000:]}")
+    return wall
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="model dir; `embedded` = tiny-qwen3 "
+                    "(default: SmolLM2-135M from benchmarks/build_smollm2.py, else embedded)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--seqlen", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--cores", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    args = ap.parse_args()
+    model = (EMBEDDED if args.model == "embedded" else Path(args.model) if args.model
+             else SMOLLM2 if SMOLLM2.is_dir() else EMBEDDED)
+    jobs = min(len(args.seeds), args.cores)
+    common = ["--model", str(model), "--target-bits", "6", "--steps", str(args.steps),
+              "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size),
+              "--export-target", "none", "--checkpoint-every", "0", "--no-progress",
+              "--seeds", *map(str, args.seeds)]
+    work = Path(tempfile.mkdtemp(prefix="dmx-seed-jobs-"))
+    try:
+        seq = _run([*common, "--threads", str(args.cores), "-o", str(work / "seq")])
+        par = _run([*common, "--jobs", str(jobs), "--threads", str(max(1, args.cores // jobs)),
+                    "-o", str(work / "par")])
+        from dmx.outdir import read_manifest
+        a, b = ({n: e["format"] for n, e in read_manifest(work / d)["layers"].items()}
+                for d in ("seq", "par"))
+        differ = sum(a[n] != b[n] for n in a)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    load = os.getloadavg()[0]
+    lines = [
+        "# `dmx search --seeds`: one after another vs `--jobs`",
+        "",
+        f"`python benchmarks/bench_seed_jobs.py{''.join(' ' + a for a in sys.argv[1:])}`",
+        f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {args.cores} cores; load "
+        f"average {load:.2f} at the end). Model {model.name}, seeds "
+        f"{' '.join(map(str, args.seeds))}, {args.steps} steps x {args.batch_size} x "
+        f"{args.seqlen} each; wall time of the whole command (model load per process, "
+        "searches, combination).",
+        "",
+        "| command | wall s |",
+        "|---|---|",
+        f"| `--threads {args.cores}` (one after another) | {seq:.1f} |",
+        f"| `--jobs {jobs} --threads {max(1, args.cores // jobs)}` | {par:.1f} |",
+        "",
+        f"Speed-up of `--jobs`: **{seq / par:.2f}x**. Layers whose format differs between "
+        f"the two combined OUTs: {differ} of {len(a)} (the searches are the same; only the "
+        "thread count of their float sums differs).",
+        "",
+    ]
+    out = Path(args.results) / "seed_jobs.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(out)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
