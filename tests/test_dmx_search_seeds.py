@@ -168,6 +168,9 @@ def _fake_search(*, outcome, callback, say, **_):
         raise SearchInterrupted(2, "/ckpt/seed-1")
     if outcome == "bad":
         raise DMXError("bad calibration text")
+    if outcome == "die":  # as the kernel's OOM killer would end it
+        import os
+        os._exit(9)
     callback(1, {})
     return {k: outcome for k in SUMMARY_KEYS}
 
@@ -190,4 +193,7 @@ def test_seed_pool_reports_where_ctrl_c_stopped_each_seed_and_passes_errors_on()
                           jobs=2, threads=1, steps=1, progress=False)
     with pytest.raises(DMXError, match="bad calibration text"):
         run_seed_searches(_fake_search, [(0, {"outcome": "bad"}), (1, {"outcome": "a"})],
+                          jobs=2, threads=1, steps=1, progress=False)
+    with pytest.raises(DMXError, match="a search process died .* rerun with fewer --jobs"):
+        run_seed_searches(_fake_search, [(0, {"outcome": "die"}), (1, {"outcome": "a"})],
                           jobs=2, threads=1, steps=1, progress=False)

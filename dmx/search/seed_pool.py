@@ -25,7 +25,9 @@ import signal
 import sys
 import threading
 from concurrent.futures import ProcessPoolExecutor, as_completed, wait
+from concurrent.futures.process import BrokenProcessPool
 
+from dmx.errors import DMXError
 from dmx.search.train import SearchInterrupted
 
 __all__ = ["run_seed_searches", "SUMMARY_KEYS"]
@@ -113,6 +115,10 @@ def run_seed_searches(fn, tasks: list[tuple[int, dict]], jobs: int, threads: int
                                      None)
             stop.args = (f"interrupted: {where or 'before any search started'}{finished}",)
             raise stop from None
+        except BrokenProcessPool:
+            raise DMXError(f"a search process died (out of memory? each of the {jobs} holds "
+                           f"the model); rerun with fewer --jobs: the seeds finished "
+                           f"({', '.join(map(str, sorted(done))) or 'none'}) are kept") from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         queue.put(None)
