@@ -86,7 +86,10 @@ def _parse(argv=None):
     p.add_argument("--model", default=str(DEFAULT_MODEL),
                    help="model directory or .gguf file; `embedded` = the tiny-qwen3 in "
                         "dmx/data/ (default: SmolLM2-135M from benchmarks/build_smollm2.py)")
-    p.add_argument("--calib", default=str(data.default_calibration_file()))
+    p.add_argument("--calib", nargs="+", metavar="FILE",
+                   default=[str(data.default_calibration_file())],
+                   help="calibration text(s) of every search and KL baseline (several: "
+                        "windows drawn from their concatenation, a mix by their sizes)")
     p.add_argument("--eval", dest="eval_file", default=str(data.default_eval_file()))
     p.add_argument("--eval-also", nargs="+", default=[], metavar="FILE",
                    help="held-out texts every OUT is scored on too (same --eval-seqlen and "
@@ -197,7 +200,7 @@ def _uniform_argv(args, fmt: str, out: Path) -> list[str]:
 
 def _search_argv(args, recipe: str, target: float, seed: int, out: Path) -> list[str]:
     return ["search", "--model", args.model, "--recipe", recipe, "--target-bits",
-            repr(target), "--calib", args.calib, "--seqlen", str(args.seqlen), "--steps",
+            repr(target), "--calib", *args.calib, "--seqlen", str(args.seqlen), "--steps",
             str(args.steps), "--batch-size", str(args.batch_size), "--seed", str(seed),
             "--device", args.device, "--no-fill-budget", "--checkpoint-every", "0",
             "--no-progress", "--force", "-o", str(out), "--rotate", args.rotate,
@@ -226,7 +229,7 @@ def _kl_argv(args, seed: int, out: Path, bits: float, weighting: str = "simple",
             "--weighting", weighting, *(["--weights-only"] if weights_only else []),
             "--export-target", export_target,
             "--tie-fused" if tie_fused else "--no-tie-fused",
-            "--calib", args.calib, "--seqlen", str(args.seqlen), "--samples",
+            "--calib", *args.calib, "--seqlen", str(args.seqlen), "--samples",
             str(args.kl_samples), "--seed", str(seed), "--device", args.device,
             "--no-progress", "--force", "-o", str(out), *_ladder(args),
             *_baseline_rotate(args, search_out)]
@@ -501,7 +504,8 @@ def _header(args, wall: float) -> list[str]:
             f"this invocation {wall / 60:.1f} min.", "",
             *(["Every invocation that wrote into this results directory (invocations.log; "
                "`--reuse` keeps what earlier ones made):", "", *made, ""] if made else []),
-            f"Model `{args.model}`{ladder}; calibration {Path(args.calib).name} (windows of "
+            f"Model `{args.model}`{ladder}; calibration "
+            f"{' + '.join(Path(c).name for c in args.calib)} (windows of "
             f"{args.seqlen} tokens, {args.steps} steps x {args.batch_size}); evaluation: "
             f"{Path(args.eval_file).name}, first {args.max_windows or 'all'} windows of "
             f"{args.eval_seqlen} tokens.{also} {fill}. KL: "

@@ -157,3 +157,18 @@ def test_combined_seeds_are_made_once_all_seeds_are_searched_and_scored_against_
     assert cells[0] == "default, seeds 0,1 combined" and cells[2] == "4.900 (+3 fill)"
     assert cells[3] == "4.990" and cells[5] == "66.00 (one OUT)"
     assert cells[7] == "-0.50 (-2.00..1.00, 2 seeds)" and cells[8] == "1 of 2"
+
+
+def test_search_and_kl_pair_calibrate_on_the_same_files(tmp_path):
+    def calib(argv):
+        i = argv.index("--calib") + 1
+        j = next(k for k in range(i, len(argv)) if argv[k].startswith("--"))
+        return argv[i:j]
+
+    files = [str(tmp_path / "wiki.txt"), str(tmp_path / "stories.txt")]
+    args = sweep._parse(["--model", str(tmp_path), "--calib", *files])
+    search = sweep._search_argv(args, "default", 5.0, 0, tmp_path / "dmx")
+    kl = sweep._kl_argv(args, 0, tmp_path / "kl", *sweep._search_budget(_manifest()))
+    assert calib(search) == calib(kl) == files
+    one = sweep._parse(["--model", str(tmp_path)])  # the default: one file
+    assert len(calib(sweep._search_argv(one, "default", 5.0, 0, tmp_path / "dmx"))) == 1
