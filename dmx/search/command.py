@@ -357,6 +357,8 @@ def search_seeds(model_dir, config, seeds, *, out=None, force: bool = False,
                        f"{' '.join(map(str, seeds)) or 'none'}")
     if settings.get("seed") is not None:
         raise DMXError("give --seed (one search) or --seeds (several, combined), not both")
+    if int(jobs) != jobs or jobs < 1:
+        raise DMXError(f"--jobs must be a positive integer, got {jobs!r}")
     if distributed.env_world()[0] > 1:
         raise DMXError("--seeds runs its searches one after another in one process; under "
                        "torchrun run one search per --seed and join them with `dmx combine`")
@@ -372,8 +374,6 @@ def search_seeds(model_dir, config, seeds, *, out=None, force: bool = False,
     seed_cfgs = [cfg.replace(seed=s) for s in seeds]
     # every seed's OUT is checked before the first search: a conflict is not found an hour in
     kept = [not force and _kept_seed_out(p, model_dir, c) for p, c in zip(seed_outs, seed_cfgs)]
-    if int(jobs) != jobs or jobs < 1:
-        raise DMXError(f"--jobs must be a positive integer, got {jobs!r}")
     seed_outs[0].parent.mkdir(exist_ok=True)
     t0 = time.time()
     tasks = []  # (seed, search() keyword arguments) of the seeds not kept
@@ -634,7 +634,8 @@ def run_search(args) -> int:
                                   checkpoint_every=args.checkpoint_every,
                                   gradient_checkpointing=args.gradient_checkpointing,
                                   seed=settings["seed"], report=_print_seed,
-                                  jobs=1 if jobs is None else jobs, threads=getattr(args, "threads", None))
+                                  jobs=1 if jobs is None else jobs,
+                                  threads=getattr(args, "threads", None))
             _print_combined(result)
             return 0
         result = search(args.model, cfg, out=args.out, force=args.force, resume=args.resume,
