@@ -33,7 +33,7 @@ from dmx.search.train import SearchInterrupted
 __all__ = ["run_seed_searches", "SUMMARY_KEYS"]
 
 # what a worker sends back of a search's result (the model and its log stay in the worker)
-SUMMARY_KEYS = ("out", "formats", "raw_bits", "achieved_bits", "target_bits", "wall_seconds")
+SUMMARY_KEYS = ("out", "raw_bits", "achieved_bits", "wall_seconds")
 
 _steps_done = None  # the worker's queue to the parent's progress bar
 
@@ -111,10 +111,9 @@ def run_seed_searches(fn, tasks: list[tuple[int, dict]], jobs: int, threads: int
                                                       if r["checkpoint"] else "")
                 for s, r in sorted(stops.items()))
             finished = f"; seeds {', '.join(map(str, sorted(done)))} finished" if done else ""
-            stop = SearchInterrupted(min((r["step"] for r in stops.values()), default=0),
-                                     None)
-            stop.args = (f"interrupted: {where or 'before any search started'}{finished}",)
-            raise stop from None
+            raise SearchInterrupted(
+                min((r["step"] for r in stops.values()), default=0), None,
+                f"interrupted: {where or 'before any search started'}{finished}") from None
         except BrokenProcessPool:
             raise DMXError(f"a search process died (out of memory? each of the {jobs} holds "
                            f"the model); rerun with fewer --jobs: the seeds finished "

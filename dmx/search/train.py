@@ -44,8 +44,9 @@ __all__ = ["SearchInterrupted", "batch_indices", "quantization_bypassed", "forwa
 class SearchInterrupted(Exception):
     """Ctrl-C during the search; the state after the last finished step is in ``checkpoint``."""
 
-    def __init__(self, step: int, checkpoint):
-        super().__init__(f"interrupted after step {step}; checkpoint saved to {checkpoint}")
+    def __init__(self, step: int, checkpoint, message: str | None = None):
+        super().__init__(message or f"interrupted after step {step}; checkpoint saved to "
+                                    f"{checkpoint}")
         self.step = step
         self.checkpoint = checkpoint
 
