@@ -2,10 +2,11 @@
 of its own (spawned: a fresh interpreter, so torch and Numba start their own thread pools),
 with ``threads`` CPU threads each.
 
-Why processes: the searches are independent and a short search of a small model does not
-keep a machine's cores busy (on SmolLM2-135M two 1-thread searches side by side take about
-the time of one, BENCHMARKS.md "Search step"); threads in one process would share torch's
-and Numba's pools and serialize on the GIL between kernels.
+Why processes: the searches are independent and a search of a small model does not keep
+several cores busy (benchmarks/bench_seed_jobs.py: 1.15x for SmolLM2-135M on 2 idle cores
+with `--jobs 2 --threads 1` against `--threads 2`, 2.9x for tiny-qwen3 on a loaded box);
+threads in one process would share torch's and Numba's pools and serialize on the GIL
+between kernels.
 
 Ctrl-C reaches every process of the terminal's group. An idle worker ignores it (it would
 otherwise die and break the pool); a running search saves its checkpoint and returns where
