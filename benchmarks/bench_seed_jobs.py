@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from dmx.outdir import atomic_write_text, read_manifest
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2 = Path.home() / ".cache" / "dmx" / "smollm2-135m-instruct-f32"
 EMBEDDED = ROOT / "dmx" / "data" / "tiny-qwen3"
@@ -49,6 +51,7 @@ def main() -> int:
     model = (EMBEDDED if args.model == "embedded" else Path(args.model) if args.model
              else SMOLLM2 if SMOLLM2.is_dir() else EMBEDDED)
     jobs = min(len(args.seeds), args.cores)
+    per_job = max(1, args.cores // jobs)  # the same cores for both commands
     common = ["--model", str(model), "--target-bits", "6", "--steps", str(args.steps),
               "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size),
               "--export-target", "none", "--checkpoint-every", "0", "--no-progress",
@@ -56,19 +59,18 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="dmx-seed-jobs-"))
     try:
         seq = _run([*common, "--threads", str(args.cores), "-o", str(work / "seq")])
-        par = _run([*common, "--jobs", str(jobs), "--threads", str(max(1, args.cores // jobs)),
+        par = _run([*common, "--jobs", str(jobs), "--threads", str(per_job),
                     "-o", str(work / "par")])
-        from dmx.outdir import read_manifest
-        a, b = ({n: e["format"] for n, e in read_manifest(work / d)["layers"].items()}
-                for d in ("seq", "par"))
-        differ = sum(a[n] != b[n] for n in a)
+        seq_fmt, par_fmt = ({n: e["format"] for n, e in
+                             read_manifest(work / d)["layers"].items()} for d in ("seq", "par"))
+        differ = sum(seq_fmt[n] != par_fmt[n] for n in seq_fmt)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     load = os.getloadavg()[0]
     lines = [
         "# `dmx search --seeds`: one after another vs `--jobs`",
         "",
-        f"`python benchmarks/bench_seed_jobs.py{''.join(' ' + a for a in sys.argv[1:])}`",
+        f"`python benchmarks/bench_seed_jobs.py{''.join(' ' + arg for arg in sys.argv[1:])}`",
         f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {args.cores} cores; load "
         f"average {load:.2f} at the end). Model {model.name}, seeds "
         f"{' '.join(map(str, args.seeds))}, {args.steps} steps x {args.batch_size} x "
@@ -78,18 +80,16 @@ def main() -> int:
         "| command | wall s |",
         "|---|---|",
         f"| `--threads {args.cores}` (one after another) | {seq:.1f} |",
-        f"| `--jobs {jobs} --threads {max(1, args.cores // jobs)}` | {par:.1f} |",
+        f"| `--jobs {jobs} --threads {per_job}` | {par:.1f} |",
         "",
         f"Speed-up of `--jobs`: **{seq / par:.2f}x**. Layers whose format differs between "
-        f"the two combined OUTs: {differ} of {len(a)} (the searches are the same; only the "
+        f"the two combined OUTs: {differ} of {len(seq_fmt)} (the searches are the same; only the "
         "thread count of their float sums differs).",
         "",
     ]
     out = Path(args.results) / "seed_jobs.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(out)
+    atomic_write_text(out, "\n".join(lines))
     print("\n".join(lines))
     return 0
 
