@@ -210,11 +210,10 @@ def main(argv=None) -> int:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """``text`` into ``path`` through a temporary file and a rename: never half-written."""
+    """``text`` into ``path``, never half-written (dmx.outdir.atomic_write_text)."""
+    from dmx.outdir import atomic_write_text
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write_text(path, text)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import numba
 import numpy as np
 
 import mxref
+from mxref.outputs import atomic_write
 
 FORMATS = {"MXFP4": "fp4_e2m1", "MXFP6": "fp6_e2m3", "MXFP8": "fp8_e4m3"}
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -157,10 +158,8 @@ def markdown(res: dict, text: str) -> str:
 
 
 def write_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """``text`` into ``path``, never half-written (mxref.outputs: the project's one writer)."""
+    atomic_write(path, lambda fh: fh.write(text), force=True, text=True)
 
 
 def main(argv=None) -> int:

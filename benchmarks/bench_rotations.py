@@ -43,6 +43,7 @@ from dmx.data import (calibration_windows, default_calibration_file,  # noqa: E4
                       default_eval_file, embedded_model_dir, eval_windows,
                       load_model_and_tokenizer)
 from dmx.eval.command import perplexity  # noqa: E402
+from dmx.outdir import atomic_write_text  # noqa: E402
 from dmx.nn.layers import MXLinear, set_submodule, apply_formats  # noqa: E402
 from dmx.quant.fakequant import fake_quantize  # noqa: E402
 from dmx.rotate import LearnedRotations, rotate_model, rotation_matrix  # noqa: E402
@@ -215,10 +216,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines) + "\n"
     print("\n".join(wide))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, args.out)
+    atomic_write_text(args.out, text)  # never half-written
     print(f"wrote {args.out}")
     return 0
 
