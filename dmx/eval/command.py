@@ -2,9 +2,12 @@
 
 Public API:
 
-* ``perplexity(model, windows, batch_size=8, progress=True) -> {"ppl", "nll", "scored"}``:
-  every next-token prediction of every window scored (seqlen - 1 per window), float32
-  cross-entropy summed over all of them, ppl = exp(sum / count).
+* ``perplexity(model, windows, batch_size=8, progress=True) -> {"ppl", "nll", "scored",
+  "nll_se", "ppl_ci95", "window_nll"}``: every next-token prediction of every window scored
+  (seqlen - 1 per window), float32 cross-entropy, ppl = exp(mean). ``window_nll`` is each
+  window's mean NLL (recorded in eval.json, so that two runs scored on the same windows
+  can be compared window by window: :mod:`dmx.eval.paired`); ``nll_se`` and ``ppl_ci95``
+  are the sampling error over windows.
 * ``evaluate(model, tokenizer, data_file=None, seqlen=256, max_windows=None, join="file",
   batch_size=8, progress=True) -> dict``: windows from :func:`dmx.data.eval_windows`
   (default text: the embedded wiki.test.raw) and their perplexity; ``result["protocol"]``
@@ -26,6 +29,7 @@ import time
 from pathlib import Path
 
 from dmx.errors import DMXError
+from dmx.eval.paired import nll_summary
 
 __all__ = ["perplexity", "evaluate", "protocol_line", "add_eval_parser", "run_eval",
            "DEFAULT_SEQLEN"]
@@ -42,19 +46,17 @@ def perplexity(model, windows, batch_size: int = 8, progress: bool = True) -> di
     if batch_size < 1:
         raise DMXError(f"--batch-size must be a positive integer, got {batch_size}")
     device = next(model.parameters()).device
-    nll, scored = 0.0, 0
+    window_nll = []  # each window's mean next-token NLL: the unit of dmx.eval.paired
     with torch.no_grad():
         for i in tqdm(range(0, windows.shape[0], batch_size), desc="dmx eval", unit="batch",
                       disable=not progress, dynamic_ncols=True):
             ids = windows[i:i + batch_size].to(device)
             logits = model(input_ids=ids, use_cache=False).logits
-            # float32 softmax whatever the model dtype; summed in float64 across batches
+            # float32 softmax whatever the model dtype; each window summed in float64
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
-                                   reduction="sum")
-            nll += float(loss)
-            scored += ids[:, 1:].numel()
-    mean = nll / scored
-    return {"ppl": math.exp(mean) if mean < 700 else math.inf, "nll": mean, "scored": scored}
+                                   reduction="none").view(ids.shape[0], -1)
+            window_nll += (loss.double().sum(1) / loss.shape[1]).tolist()
+    return {**nll_summary(window_nll, windows.shape[1] - 1), "window_nll": window_nll}
 
 
 def evaluate(model, tokenizer, data_file=None, seqlen: int = DEFAULT_SEQLEN,
@@ -178,7 +180,9 @@ def run_eval(args) -> int:
                       args.batch_size, progress=not args.no_progress)
     result["model"] = label
     result["wall_time_s"] = round(time.time() - t0, 3)
-    print(f"{label}: {result['protocol']}")
+    ci = result.get("ppl_ci95")
+    print(f"{label}: {result['protocol']}"
+          + (f" (95 % interval over the windows {ci[0]:.2f}-{ci[1]:.2f})" if ci else ""))
     if args.save:
         from dmx.outdir.evaljson import save_eval
         print(f"dmx eval: recorded in {save_eval(args.out, result)}")

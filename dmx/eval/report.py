@@ -5,6 +5,9 @@ Public API:
 * ``collect(run_dirs, text=None) -> list[dict]``: one row per OUT from its manifest and eval.json
   (run, method, target bits, achieved average bits simple / size-weighted / storage,
   format mix, perplexity with its protocol, wall time).
+* ``compare_against(rows, against) -> None``: adds to every row ``paired``, its
+  perplexity difference from the run ``against`` window by window (dmx.eval.paired: a 95 %
+  interval and "lower" / "higher" / "tie"), or ``paired_missing`` saying why not.
 * ``write_report(rows, report_dir, reference=None, force=False, title=...) -> Path``:
   report.md, report.json and pareto.png (perplexity vs average bits, one series per
   method, points labelled), written into a temp dir and renamed into place (--force
@@ -23,7 +26,7 @@ from pathlib import Path
 
 from dmx.errors import DMXError
 
-__all__ = ["collect", "write_report", "add_report_parser", "run_report"]
+__all__ = ["collect", "compare_against", "write_report", "add_report_parser", "run_report"]
 
 MARKERS = {"dmx": "o", "kl": "s", "uniform": "^"}
 
@@ -63,6 +66,9 @@ def collect(run_dirs, text: str | None = None) -> list[dict]:
             "search_log": str(Path(d) / "search_log.jsonl")
             if (Path(d) / "search_log.jsonl").is_file() else None,
             "ppl": None if result is None else result["ppl"],
+            "ppl_ci95": None if result is None else result.get("ppl_ci95"),
+            # per-window losses (dmx eval since 2026-12-06): for --against; not in report.json
+            "window_nll": None if result is None else result.get("window_nll"),
             "protocol": None if result is None else result["protocol"],
             "eval_key": eval_key,
             "tasks": _task_scores(ev),
@@ -72,6 +78,38 @@ def collect(run_dirs, text: str | None = None) -> list[dict]:
             "model": m["source_model"],
         })
     return rows
+
+
+def compare_against(rows, against: dict) -> None:
+    """Each row's paired comparison with ``against`` (a row of :func:`collect`), in place."""
+    from dmx.eval.paired import paired
+    for r in rows:
+        r["paired"], r["paired_missing"] = None, None
+        if r["path"] == against["path"]:
+            r["paired_missing"] = "the reference run"
+        elif r["eval_key"] is None or against["eval_key"] is None:
+            r["paired_missing"] = "not evaluated"
+        elif r["eval_key"] != against["eval_key"]:
+            r["paired_missing"] = "scored on other windows"
+        elif r["window_nll"] is None or against["window_nll"] is None:
+            r["paired_missing"] = "no per-window losses: rerun `dmx eval OUT --save`"
+        else:
+            r["paired"] = paired(against["window_nll"], r["window_nll"])
+
+
+def _paired_cell(r) -> str:
+    p = r.get("paired")
+    if p is None:
+        return f"- ({r['paired_missing']})" if r.get("paired_missing") else "-"
+    lo, hi = p["delta_ppl_ci95"]
+    return f"{p['delta_ppl']:+.2f} ({lo:+.2f}..{hi:+.2f}) {p['verdict']}"
+
+
+def _ppl_cell(r) -> str:
+    if r["ppl"] is None:
+        return "-"
+    ci = r.get("ppl_ci95")
+    return f"{r['ppl']:.2f}" + ("" if not ci else f" ({ci[0]:.2f}-{ci[1]:.2f})")
 
 
 def _fmt(v, spec):
@@ -134,7 +172,7 @@ def _search_markdown(rows) -> list[str]:
     return lines
 
 
-def _markdown(rows, reference, title) -> str:
+def _markdown(rows, reference, title, against=None) -> str:
     lines = [f"# {title}", ""]
     keys = {r["eval_key"] for r in rows if r["eval_key"]}
     if reference:
@@ -153,17 +191,27 @@ def _markdown(rows, reference, title) -> str:
               "elements); storage = bytes of packed weights + E8M0 scales per weight.", ""]
     lines += ["All linears: the same average over every linear of the model (lm_head and "
               "layers left out counted at their stored bits, e.g. 32 for float32).", ""]
+    lines += ["ppl: in brackets, its 95 % interval over the scored windows (other windows of "
+              "the same text would move it that much; runs evaluated before per-window "
+              "losses were recorded show none).", ""]
+    if against is not None:
+        lines += [f"vs {against['run']}: each run's perplexity minus {against['run']}'s on "
+                  "the same windows, with its 95 % interval from the per-window differences "
+                  "(paired: much tighter than the two intervals); \"tie\" when it includes "
+                  "0. Window noise only: a search's seed moves it too.", ""]
     lines += _layer_set_warning(rows)
+    extra = f" | vs {against['run']}" if against is not None else ""
     lines += ["| run | method | target | avg bits | size-weighted | storage bits/w "
-              "| all linears | formats | ppl | wall s |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              f"| all linears | formats | ppl | wall s{extra} |",
+              "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if extra else "")]
     for r in rows:
         mix = ", ".join(f"{n}x {f}" for f, n in r["formats"].items())
         lines.append(f"| {r['run']} | {r['method']} | {_fmt(r['target_bits'], 'g')} | "
                      f"{r['avg_bits']:.3f} | {r['avg_bits_size_weighted']:.3f} | "
                      f"{r['storage_bits_per_weight']:.3f} | "
                      f"{_fmt(r['all_linears_bits'], '.3f')} | {mix} | "
-                     f"{_fmt(r['ppl'], '.2f')} | {_fmt(r['wall_time_s'], '.1f')} |")
+                     f"{_ppl_cell(r)} | {_fmt(r['wall_time_s'], '.1f')}"
+                     + (f" | {_paired_cell(r)}" if extra else "") + " |")
     lines += ["", "![perplexity vs average bits](pareto.png)", ""]
     lines += _search_markdown(rows)
     lines += _tasks_markdown(rows)
@@ -213,16 +261,19 @@ def _plot(rows, reference, path: Path, title: str) -> None:
 
 
 def write_report(rows, report_dir, reference=None, force: bool = False,
-                 title: str = "dmx report: perplexity vs average bits") -> Path:
+                 title: str = "dmx report: perplexity vs average bits", against=None) -> Path:
     """Write report.md/json and pareto.png into ``report_dir`` atomically (mxref.outputs:
-    ``force`` replaces only an earlier report, never one of the OUT directories)."""
+    ``force`` replaces only an earlier report, never one of the OUT directories).
+    ``against``: the row the others were compared with (:func:`compare_against`)."""
     from mxref.outputs import output_dir
     dest = Path(report_dir)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with output_dir(dest, **_out_rules(force, [r["path"] for r in rows])) as tmp:
-        (tmp / "report.md").write_text(_markdown(rows, reference, title))
-        (tmp / "report.json").write_text(json.dumps({"reference": reference, "runs": rows},
-                                                    indent=1) + "\n")
+        (tmp / "report.md").write_text(_markdown(rows, reference, title, against))
+        runs = [{k: v for k, v in r.items() if k != "window_nll"} for r in rows]
+        (tmp / "report.json").write_text(json.dumps(
+            {"reference": reference, "against": None if against is None else against["path"],
+             "runs": runs}, indent=1) + "\n")
         _plot(rows, reference, tmp / "pareto.png", title)
         if any(r["search_log"] for r in rows):
             plot_dynamics([r["search_log"] for r in rows if r["search_log"]],
@@ -323,6 +374,10 @@ def add_report_parser(subparsers):
                    help="report the perplexities scored on this text (its file name is "
                         "matched) where an OUT was scored on several; default: each OUT's "
                         "latest `dmx eval --save`")
+    p.add_argument("--against", default=None, metavar="OUT",
+                   help="compare every run with this OUT window by window (same text and "
+                        "windows): the perplexity difference with a 95 %% interval, and "
+                        "whether it is a tie")
     p.add_argument("--title", default="dmx report: perplexity vs average bits")
     p.add_argument("--force", action="store_true", help="overwrite an existing report dir")
     p.add_argument("-o", "--out", required=True, help="report directory to create")
@@ -335,14 +390,24 @@ def run_report(args) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     check_output(args.out, is_dir=True, **_out_rules(args.force, args.runs))  # before work
     rows = collect(args.runs, args.data)   # every OUT's hashes checked
+    against = None
+    if args.against is not None:
+        match = [r for r in rows if Path(r["path"]).resolve() == Path(args.against).resolve()]
+        against = match[0] if match else collect([args.against], args.data)[0]
+        if against["window_nll"] is None:
+            raise DMXError(f"--against {args.against}: its eval.json has no per-window "
+                           f"losses on this text; rerun `dmx eval {args.against} --save`"
+                           + (f" --data {args.data}" if args.data else ""))
+        compare_against(rows, against)
     ref = None
     if args.reference_ppl is not None:
         ref = {"label": "--reference-ppl", "ppl": args.reference_ppl,
                "protocol": f"ppl {args.reference_ppl:.2f}"}
-    dest = write_report(rows, args.out, ref, args.force, args.title)
+    dest = write_report(rows, args.out, ref, args.force, args.title, against)
     for r in rows:
         print(f"{r['run']:>24}  {r['method']:<8} bits {r['avg_bits']:.3f}  "
-              f"ppl {_fmt(r['ppl'], '.2f')}")
+              f"ppl {_ppl_cell(r)}"
+              + (f"  vs {against['run']}: {_paired_cell(r)}" if against is not None else ""))
     sets = {tuple(r["quantized"]) for r in rows}
     if len(sets) > 1:
         print("dmx report: warning: the runs quantize different sets of linears; compare "
