@@ -283,6 +283,25 @@ def _ppl(args, out: Path, text: str | None = None) -> float:
     return _scored(args, out, text)["ppl"]
 
 
+def _window_nll(args, out: Path, text: str | None = None) -> list | None:
+    """OUT's per-window losses on the text (None: scored before dmx eval recorded them)."""
+    return _scored(args, out, text).get("window_nll")
+
+
+def _window_cell(ours: list, theirs: list) -> str:
+    """Window noise of "dMX - KL": the per-window losses of each side averaged over its
+    OUTs (seeds), then compared window by window (dmx.eval.paired): the difference of the
+    two mean-loss perplexities with its 95 % interval, and the verdict. "-" when an OUT was
+    scored before per-window losses were recorded (rerun `dmx eval OUT --save`)."""
+    from dmx.eval.paired import paired
+    if not ours or not theirs or any(w is None for w in ours + theirs):
+        return "-"
+    mean = lambda runs: [sum(col) / len(col) for col in zip(*runs)]  # noqa: E731
+    p = paired(mean(theirs), mean(ours))
+    lo, hi = p["delta_ppl_ci95"]
+    return f"{p['delta_ppl']:+.2f} ({lo:+.2f}..{hi:+.2f}) {p['verdict']}"
+
+
 # ----------------------------------------------------------------------------- chains
 # A chain is the commands that must run in order (an OUT, then its evaluation, then the KL
 # pair at its bits); chains are independent of each other, which is what --jobs spreads.
@@ -530,6 +549,7 @@ def _row(args, evaluated: dict, recipe: str, target: float, fp8,
     """One recipe at one target over the seeds, scored on ``text`` (default --eval); None
     when no seed has been evaluated."""
     raw, achieved, fits, ours, kls, closed = [], [], [], [], [], []
+    our_w, kl_w = [], []
     for seed in args.seeds:
         d = evaluated.get(f"dmx-{recipe}-{target:g}-s{seed}")
         k = evaluated.get(f"kl-{recipe}-{target:g}-s{seed}")
@@ -543,13 +563,16 @@ def _row(args, evaluated: dict, recipe: str, target: float, fp8,
         ours.append(_ppl(args, d, text))
         if k is not None:
             kls.append(_ppl(args, k, text))
+            our_w.append(_window_nll(args, d, text))
+            kl_w.append(_window_nll(args, k, text))
             if fp8 is not None and kls[-1] > fp8:
                 closed.append((kls[-1] - ours[-1]) / (kls[-1] - fp8))
     if not ours:
         return None
     diff = [a - b for a, b in zip(ours, kls)] if len(kls) == len(ours) else []
     return (f"| {recipe} | {target:g} | {_spread(raw, '.3f')} | {_spread(achieved, '.3f')} | "
-            f"{sum(fits)} | {_spread(ours)} | {_spread(kls)} | {_vs_kl(diff, closed)}")
+            f"{sum(fits)} | {_spread(ours)} | {_spread(kls)} | {_vs_kl(diff, closed)} "
+            f"{_window_cell(our_w, kl_w)} |")
 
 
 def _moves(manifest: dict, step: str) -> int:
@@ -576,14 +599,16 @@ def _combined_row(args, evaluated: dict, recipe: str, target: float, fp8,
     bits, weighting, *_ = _search_budget(m)
     raw = m["search"]["raw_bits"][_BITS_KEY[weighting]]
     ours = _ppl(args, d, text)
-    kls = [_ppl(args, evaluated[k], text) for k in
-           (f"kl-{recipe}-{target:g}-s{seed}" for seed in args.seeds) if k in evaluated]
+    kl_outs = [evaluated[k] for k in (f"kl-{recipe}-{target:g}-s{seed}" for seed in args.seeds)
+               if k in evaluated]
+    kls = [_ppl(args, k, text) for k in kl_outs]
     diff = [ours - k for k in kls]
     closed = [(k - ours) / (k - fp8) for k in kls if fp8 is not None and k > fp8]
     seeds = ",".join(map(str, args.seeds))
     return (f"| {recipe}, seeds {seeds} combined | {target:g} | {raw:.3f} "
             f"(+{_moves(m, 'fill')} fill) | {bits:.3f} | {_moves(m, 'fit')} | "
-            f"{ours:.2f} (one OUT) | {_spread(kls)} | {_vs_kl(diff, closed)}")
+            f"{ours:.2f} (one OUT) | {_spread(kls)} | {_vs_kl(diff, closed)} "
+            f"{_window_cell([_window_nll(args, d, text)], [_window_nll(args, k, text) for k in kl_outs])} |")
 
 
 def _report(args, work: Path, evaluated: dict, results: Path, text: str) -> str:
@@ -629,12 +654,17 @@ def _text_table(args, work: Path, results: Path, text: str, mine: set) -> list[s
               f"{fp8 if fp8 is None else f'{fp8:.2f}'}.", "",
               "| recipe | target | raw bits (found) | achieved bits | fit moves | dMX ppl "
               "| KL ppl (same bits) | dMX - KL | dMX ahead (seeds) "
-              "| closed of KL's gap to MXFP8 |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| closed of KL's gap to MXFP8 | window noise of dMX - KL |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = (row(args, evaluated, r, t, fp8, text) for t in args.targets for r in args.recipes
             for row in (_row, _combined_row))
     lines += [row for row in rows if row is not None]
-    lines += ["", f"![perplexity vs average bits]({_pareto_name(args, text)})", ""]
+    lines += ["", "Window noise: each side's per-window losses averaged over its OUTs, then "
+              "compared window by window (dmx.eval.paired; the difference of the two mean-loss "
+              "perplexities with its 95 % interval over the scored windows, \"tie\" when it "
+              "includes 0). It is the evaluation's own noise only; the seeds' spread is the "
+              "dMX - KL column. \"-\": scored before per-window losses were recorded.", "",
+              f"![perplexity vs average bits]({_pareto_name(args, text)})", ""]
     if evaluated:
         lines += ["<details><summary><code>dmx report</code> of these runs on "
                   f"{Path(text).name}</summary>", "",

@@ -68,14 +68,16 @@ def test_kl_pair_shares_the_searchs_rotation(tmp_path):
         assert ("--rotate" in uniform) == (rotate == "hadamard")
 
 
-def _scored_out(out: Path, texts: dict) -> Path:
-    """An OUT (its manifest only) scored on {file: ppl} with the sweep's protocol."""
+def _scored_out(out: Path, texts: dict, window_nll=None) -> Path:
+    """An OUT (its manifest only) scored on {file: ppl} with the sweep's protocol (and
+    these per-window losses, if given)."""
     from dmx.outdir.evaljson import save_eval
     out.mkdir()
     (out / "dmx_manifest.json").write_text("{}")
     for file, ppl in texts.items():
         save_eval(out, {"file": file, "seqlen": 256, "windows": 40, "windows_total": 1185,
-                        "join": "file", "ppl": ppl})
+                        "join": "file", "ppl": ppl,
+                        **({} if window_nll is None else {"window_nll": window_nll})})
     return out
 
 
@@ -157,6 +159,20 @@ def test_combined_seeds_are_made_once_all_seeds_are_searched_and_scored_against_
     assert cells[0] == "default, seeds 0,1 combined" and cells[2] == "4.900 (+3 fill)"
     assert cells[3] == "4.990" and cells[5] == "66.00 (one OUT)"
     assert cells[7] == "-0.50 (-2.00..1.00, 2 seeds)" and cells[8] == "1 of 2"
+    assert cells[10] == "-"  # scored before per-window losses were recorded
+
+
+def test_window_noise_cell_compares_the_seeds_mean_losses_window_by_window():
+    """dMX's and KL's per-window losses, each averaged over its seeds, then paired."""
+    from dmx.eval.paired import paired
+    kl = [[4.0, 4.5, 3.0, 5.0], [4.2, 4.3, 3.2, 5.2]]
+    ours = [[3.9, 4.3, 3.0, 4.9], [4.0, 4.2, 3.0, 5.1]]
+    p = paired([4.1, 4.4, 3.1, 5.1], [3.95, 4.25, 3.0, 5.0])
+    lo, hi = p["delta_ppl_ci95"]
+    assert sweep._window_cell(ours, kl) == (f"{p['delta_ppl']:+.2f} ({lo:+.2f}..{hi:+.2f}) "
+                                            f"{p['verdict']}")
+    assert p["verdict"] == "lower"  # 0.1 to 0.15 nats better on every window
+    assert sweep._window_cell(ours, [kl[0], None]) == "-"
 
 
 def test_search_and_kl_pair_calibrate_on_the_same_files(tmp_path):
