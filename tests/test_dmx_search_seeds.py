@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import shutil
 
+import sys
+
 import pytest
 
 from dmx.cli import main
@@ -143,6 +145,8 @@ def test_jobs_run_the_seeds_side_by_side_with_the_same_result(src, calib, tmp_pa
     said = capsys.readouterr()
     assert "2 searches, 2 at a time, 1 CPU thread(s) each" in said.err
     assert "seed 0:" in said.out and "seed 2:" in said.out
+    if sys.platform.startswith("linux"):  # measured in each worker, said with its seed
+        assert said.out.count("its process peaked at") == 2
     for s in (0, 2):
         assert layers(seed_out_dir(par, s)) == layers(seed_out_dir(seq, s))
     assert layers(par) == layers(seq)
@@ -185,6 +189,8 @@ def test_seed_pool_reports_where_ctrl_c_stopped_each_seed_and_passes_errors_on()
                              jobs=2, threads=1, steps=1, progress=False,
                              report=lambda s, r: reported.append((s, r["out"])))
     assert {s: r["out"] for s, r in done.items()} == {0: "a", 1: "b"}
+    if sys.platform.startswith("linux"):  # each worker's own peak: at least an interpreter
+        assert all(r["peak_rss_bytes"] > 2 ** 20 for r in done.values())
     assert sorted(reported) == [(0, "a"), (1, "b")]
 
     with pytest.raises(SearchInterrupted, match=r"seed 1 after step 2 \(checkpoint "
@@ -194,6 +200,7 @@ def test_seed_pool_reports_where_ctrl_c_stopped_each_seed_and_passes_errors_on()
     with pytest.raises(DMXError, match="bad calibration text"):
         run_seed_searches(_fake_search, [(0, {"outcome": "bad"}), (1, {"outcome": "a"})],
                           jobs=2, threads=1, steps=1, progress=False)
-    with pytest.raises(DMXError, match="a search process died .* rerun with fewer --jobs"):
+    with pytest.raises(DMXError, match=r"a search process died .* GiB available now\); "
+                                       r"rerun with fewer --jobs"):
         run_seed_searches(_fake_search, [(0, {"outcome": "die"}), (1, {"outcome": "a"})],
                           jobs=2, threads=1, steps=1, progress=False)

@@ -722,8 +722,10 @@ def _print_result(result: dict) -> None:
 def _print_seed(seed: int, result: dict) -> None:
     """One line per seed ``--seeds`` searched."""
     raw, a = result["raw_bits"]["simple"], result["achieved_bits"]["simple"]
+    peak = result.get("peak_rss_bytes")  # --jobs: the worker process's peak memory
+    mem = f"; its process peaked at {peak / 2 ** 30:.1f} GiB" if peak else ""
     print(f"dmx search: seed {seed}: {raw:.3f} bits found, {a:.3f} after the repair; "
-          f"{result['out']} in {result['wall_seconds']:.1f} s")
+          f"{result['out']} in {result['wall_seconds']:.1f} s{mem}")
 
 
 def _print_combined(result: dict) -> None:

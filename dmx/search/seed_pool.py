@@ -17,7 +17,13 @@ so ``--resume`` continues every seed where it was.
 The search function is passed in (``fn``), not imported, so this module depends on nothing
 of the search's (no import circle with dmx.search.command).
 
-Public API: ``run_seed_searches(fn, tasks, jobs, threads, steps, progress, report)``.
+Memory: every process holds its own copy of the model and its search. Each worker reports
+its peak resident memory with its result (``peak_rss_bytes``), printed with the seed's line,
+so the next choice of ``--jobs`` rests on a measured number; a worker the kernel kills (out
+of memory) ends the command with one line naming that number and the memory available.
+
+Public API: ``run_seed_searches(fn, tasks, jobs, threads, steps, progress, report)``,
+``peak_rss_bytes()``, ``available_memory_bytes()``.
 """
 from __future__ import annotations
 
@@ -31,12 +37,38 @@ from concurrent.futures.process import BrokenProcessPool
 from dmx.errors import DMXError
 from dmx.search.train import SearchInterrupted
 
-__all__ = ["run_seed_searches", "SUMMARY_KEYS"]
+__all__ = ["run_seed_searches", "SUMMARY_KEYS", "peak_rss_bytes", "available_memory_bytes"]
 
 # what a worker sends back of a search's result (the model and its log stay in the worker)
 SUMMARY_KEYS = ("out", "raw_bits", "achieved_bits", "wall_seconds")
 
 _steps_done = None  # the worker's queue to the parent's progress bar
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident memory so far (None where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux counts KiB
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the kernel can give without swapping (Linux MemAvailable; None elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _gib(n: int | None) -> str:
+    return "?" if n is None else f"{n / 2 ** 30:.1f} GiB"
 
 
 def _start_worker(threads: int, queue) -> None:
@@ -62,7 +94,8 @@ def _search_one(fn, seed: int, kwargs: dict) -> dict:
         return {"interrupted": True, "step": 0, "checkpoint": None}
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    return {k: result[k] for k in SUMMARY_KEYS}
+    # the process's peak so far: with more seeds than --jobs a worker runs several searches
+    return {**{k: result[k] for k in SUMMARY_KEYS}, "peak_rss_bytes": peak_rss_bytes()}
 
 
 def _count_steps(queue, bar) -> None:
@@ -75,7 +108,8 @@ def run_seed_searches(fn, tasks: list[tuple[int, dict]], jobs: int, threads: int
     """Run ``fn(**kwargs)`` for every ``(seed, kwargs)`` of ``tasks``, ``jobs`` at a time in
     spawned processes of ``threads`` CPU threads each; ``report(seed, summary)`` as each
     finishes. Returns {seed: summary} (:data:`SUMMARY_KEYS`). Errors in a search (DMXError)
-    are raised here once the running searches are done; Ctrl-C raises SearchInterrupted."""
+    are raised here once the running searches are done; Ctrl-C raises SearchInterrupted.
+    Each summary also has ``peak_rss_bytes``, its worker's peak resident memory."""
     from tqdm.auto import tqdm
 
     ctx = multiprocessing.get_context("spawn")
@@ -116,8 +150,11 @@ def run_seed_searches(fn, tasks: list[tuple[int, dict]], jobs: int, threads: int
                 min((r["step"] for r in stops.values()), default=0), None,
                 f"interrupted: {where or 'before any search started'}{finished}") from None
         except BrokenProcessPool:
+            peaks = [r["peak_rss_bytes"] for r in done.values() if r.get("peak_rss_bytes")]
+            held = (f"a finished search held up to {_gib(max(peaks))}; " if peaks else "")
             raise DMXError(f"a search process died (out of memory? each of the {jobs} holds "
-                           f"the model); rerun with fewer --jobs: the seeds finished "
+                           f"the model and its search; {held}{_gib(available_memory_bytes())} "
+                           f"available now); rerun with fewer --jobs: the seeds finished "
                            f"({', '.join(map(str, sorted(done))) or 'none'}) are kept") from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
