@@ -112,6 +112,10 @@ def test_eval_records_window_losses_and_report_against(capsys, tmp_path_factory,
                  "--against", str(tmp_path / "fp8_e4m3"), "-o", str(tmp_path / "r2")]) == 0
     (row, _) = json.loads((tmp_path / "r2" / "report.json").read_text())["runs"]
     assert row["paired"] is None and row["paired_missing"] == "scored on other windows"
+    # the report never replaces the --against OUT, even when it is not among the runs
+    _fails(capsys, ["report", str(tmp_path / "fp4_e2m1"), "--against", str(tmp_path / "fp8_e4m3"),
+                    "--force", "-o", str(tmp_path / "fp8_e4m3")], "fp8_e4m3")
+    assert (tmp_path / "fp8_e4m3" / "dmx_manifest.json").is_file()
     # an --against run saved before per-window losses: one line, what to do
     ev = json.loads((tmp_path / "fp8_e4m3" / "eval.json").read_text())
     for r in ev["results"].values():

@@ -268,7 +268,8 @@ def write_report(rows, report_dir, reference=None, force: bool = False,
     from mxref.outputs import output_dir
     dest = Path(report_dir)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with output_dir(dest, **_out_rules(force, [r["path"] for r in rows])) as tmp:
+    inputs = [r["path"] for r in rows] + ([against["path"]] if against is not None else [])
+    with output_dir(dest, **_out_rules(force, inputs)) as tmp:
         (tmp / "report.md").write_text(_markdown(rows, reference, title, against))
         runs = [{k: v for k, v in r.items() if k != "window_nll"} for r in rows]
         (tmp / "report.json").write_text(json.dumps(
@@ -388,7 +389,8 @@ def add_report_parser(subparsers):
 def run_report(args) -> int:
     from mxref.outputs import check_output
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    check_output(args.out, is_dir=True, **_out_rules(args.force, args.runs))  # before work
+    inputs = [*args.runs, *([args.against] if args.against else [])]
+    check_output(args.out, is_dir=True, **_out_rules(args.force, inputs))  # before work
     rows = collect(args.runs, args.data)   # every OUT's hashes checked
     against = None
     if args.against is not None:
