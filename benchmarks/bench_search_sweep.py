@@ -68,6 +68,14 @@ _TABLE_LOCK = threading.Lock()
 # --stages table invocation writes it)
 _TABLE_STALE = threading.Event()
 _TABLE_STALE.set()
+# one lock per seed: that seed's KL pairs run one at a time (see _pair_chain)
+_SEED_LOCKS: dict[int, threading.Lock] = {}
+_SEED_LOCKS_LOCK = threading.Lock()
+
+
+def _seed_lock(seed: int) -> threading.Lock:
+    with _SEED_LOCKS_LOCK:
+        return _SEED_LOCKS.setdefault(seed, threading.Lock())
 
 
 def _stages(text: str) -> set[str]:
@@ -366,10 +374,13 @@ def _pair_chain(args, work: Path, recipe: str, target: float, seed: int,
     if "baseline" in args.stages and _done(out) and not (args.reuse and _done(kl)):
         budget = _search_budget(_manifest(out))
         argv = _kl_argv(args, seed, kl, *budget, search_out=out)
-        source = _sensitivity_source(args, work, seed, *budget[2:])
-        if source is not None and source != kl:  # measured once per seed, not per budget
-            argv += ["--sensitivities-from", str(source)]
-        _dmx(args, kl.name, argv)
+        # one seed's KL pairs one at a time: a second budget's pair waits for the first's
+        # sensitivities instead of measuring them again beside it (--jobs)
+        with _seed_lock(seed):
+            source = _sensitivity_source(args, work, seed, *budget[2:])
+            if source is not None and source != kl:  # measured once per seed, not per budget
+                argv += ["--sensitivities-from", str(source)]
+            _dmx(args, kl.name, argv)
         ran = True
     ran = _evaluate(args, kl) or ran
     if ran and "table" in args.stages:

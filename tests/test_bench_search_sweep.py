@@ -188,3 +188,42 @@ def test_search_and_kl_pair_calibrate_on_the_same_files(tmp_path):
     assert calib(search) == calib(kl) == files
     one = sweep._parse(["--model", str(tmp_path)])  # the default: one file
     assert len(calib(sweep._search_argv(one, "default", 5.0, 0, tmp_path / "dmx"))) == 1
+
+
+def test_a_seeds_kl_pairs_run_one_at_a_time_and_the_second_reuses_the_first(
+        tmp_path, monkeypatch):
+    """--jobs: two budgets' chains of one seed reach their KL pair together; the second
+    waits and reuses the first's sensitivities instead of measuring them beside it."""
+    import threading
+    import time as _time
+
+    args = sweep._parse(["--model", str(tmp_path), "--kl-samples", "4", "--seqlen", "128",
+                         "--stages", "baseline", "--jobs", "2"])
+    for t in (5, 6):
+        out = tmp_path / f"dmx-default-{t}-s0"
+        out.mkdir()
+        (out / "dmx_manifest.json").write_text(json.dumps(_manifest(target_bits=float(t))))
+    calls, running, overlap = [], [0], []
+
+    def fake_dmx(a, name, argv):
+        running[0] += 1
+        overlap.append(running[0])
+        calls.append(argv)
+        _time.sleep(0.3)  # measuring sensitivities
+        out = Path(_flag(argv, "-o"))
+        out.mkdir()
+        (out / "dmx_manifest.json").write_text(json.dumps({"seed": 0, "baseline": {
+            "weights_only": False, "export_target": "any", "tie_fused": False, "samples": 4,
+            "seqlen": 128, "sensitivity": {"a": 1.0}}}))
+        running[0] -= 1
+
+    monkeypatch.setattr(sweep, "_dmx", fake_dmx)
+    chains = [threading.Thread(target=sweep._pair_chain,
+                               args=(args, tmp_path, "default", float(t), 0, 0.0))
+              for t in (5, 6)]
+    for c in chains:
+        c.start()
+    for c in chains:
+        c.join()
+    assert max(overlap) == 1 and len(calls) == 2
+    assert ["--sensitivities-from" in argv for argv in calls] == [False, True]
