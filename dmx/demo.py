@@ -120,13 +120,21 @@ def run_demo(out="runs/demo", quick: bool = False, force: bool = False,
         for r in rows:
             r["path"] = str(dest / r["run"])  # where it will be once renamed
         reference = {"label": model_dir.name, "ppl": ref["ppl"], "protocol": ref["protocol"]}
+        # every run against KL, window by window: is the search's lead beyond the noise?
+        kl_row = next(r for r in rows if r["run"] == f"kl-{tag}")
+        report.compare_against(rows, kl_row)
         report.write_report(rows, tmp / "report", reference,
-                            title=f"dmx demo: {model_dir.name}, target {tag} bits")
+                            title=f"dmx demo: {model_dir.name}, target {tag} bits",
+                            against=kl_row)
     print()
     print(f"{'run':>16}  {'method':<8} {'avg bits':>8}  {'ppl':>8}")
     print(f"{'unquantized':>16}  {'-':<8} {'32':>8}  {ref['ppl']:8.2f}")
     for r in rows:
         print(f"{r['run']:>16}  {r['method']:<8} {r['avg_bits']:8.3f}  {r['ppl']:8.2f}")
+    for r in rows:
+        if r["method"] == "dmx" and r.get("paired"):
+            from dmx.eval.paired import paired_line
+            _say(f"{r['run']} vs {kl_row['run']}: {paired_line(r['paired'])}")
     _say(f"wrote {dest}/ (OUT dirs + report/report.md, report/pareto.png, "
          f"report/dynamics.png) in {time.time() - t0:.0f} s")
     return rows

@@ -168,7 +168,7 @@ def test_demo_end_to_end_tiny_settings(capsys, monkeypatch, tmp_path):
     the real sizes are in dmx.demo.demo_settings."""
     from dmx import demo
     tiny = {"search_steps": 2, "search_batch": 1, "calib_seqlen": 32, "kl_samples": 1,
-            "eval_seqlen": 32, "eval_windows": 1}
+            "eval_seqlen": 32, "eval_windows": 2}
     monkeypatch.setattr(demo, "demo_settings", lambda quick=False: tiny)
     assert main(["demo", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
     out = capsys.readouterr().out
@@ -182,6 +182,11 @@ def test_demo_end_to_end_tiny_settings(capsys, monkeypatch, tmp_path):
                for r in rows)
     kl = next(r for r in rows if r["method"] == "kl")
     assert kl["avg_bits"] <= 6.0
+    # the search against KL on the same windows, with its interval: said and reported
+    found = next(r for r in rows if r["method"] == "dmx")
+    assert found["paired"]["windows"] == 2 and kl["paired_missing"] == "the reference run"
+    assert "dmx-6 vs kl-6: " in out and " over 2 windows): " in out
+    assert "| vs kl-6 |" in (tmp_path / "demo" / "report" / "report.md").read_text()
     from PIL import Image
     with Image.open(tmp_path / "demo" / "report" / "dynamics.png") as im:
         assert im.format == "PNG" and im.mode == "P"  # the search's dynamics, 256 colours

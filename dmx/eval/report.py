@@ -93,6 +93,8 @@ def compare_against(rows, against: dict) -> None:
             r["paired_missing"] = "scored on other windows"
         elif r["window_nll"] is None or against["window_nll"] is None:
             r["paired_missing"] = "no per-window losses: rerun `dmx eval OUT --save`"
+        elif min(len(r["window_nll"]), len(against["window_nll"])) < 2:
+            r["paired_missing"] = "fewer than 2 windows scored"
         else:
             r["paired"] = paired(against["window_nll"], r["window_nll"])
 
