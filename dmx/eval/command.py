@@ -23,7 +23,6 @@ harness is the optional extra ``eval``.
 """
 from __future__ import annotations
 
-import math
 import sys
 import time
 from pathlib import Path

@@ -722,8 +722,9 @@ def _print_result(result: dict) -> None:
 def _print_seed(seed: int, result: dict) -> None:
     """One line per seed ``--seeds`` searched."""
     raw, a = result["raw_bits"]["simple"], result["achieved_bits"]["simple"]
+    from dmx.search.seed_pool import gib
     peak = result.get("peak_rss_bytes")  # --jobs: the worker process's peak memory
-    mem = f"; its process peaked at {peak / 2 ** 30:.1f} GiB" if peak else ""
+    mem = f"; its process peaked at {gib(peak)}" if peak else ""
     print(f"dmx search: seed {seed}: {raw:.3f} bits found, {a:.3f} after the repair; "
           f"{result['out']} in {result['wall_seconds']:.1f} s{mem}")
 

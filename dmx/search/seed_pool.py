@@ -23,7 +23,7 @@ so the next choice of ``--jobs`` rests on a measured number; a worker the kernel
 of memory) ends the command with one line naming that number and the memory available.
 
 Public API: ``run_seed_searches(fn, tasks, jobs, threads, steps, progress, report)``,
-``peak_rss_bytes()``, ``available_memory_bytes()``.
+``peak_rss_bytes()``, ``available_memory_bytes()``, ``gib(n)``.
 """
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ from concurrent.futures.process import BrokenProcessPool
 from dmx.errors import DMXError
 from dmx.search.train import SearchInterrupted
 
-__all__ = ["run_seed_searches", "SUMMARY_KEYS", "peak_rss_bytes", "available_memory_bytes"]
+__all__ = ["run_seed_searches", "SUMMARY_KEYS", "peak_rss_bytes", "available_memory_bytes",
+           "gib"]
 
 # what a worker sends back of a search's result (the model and its log stay in the worker)
 SUMMARY_KEYS = ("out", "raw_bits", "achieved_bits", "wall_seconds")
@@ -67,7 +68,8 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-def _gib(n: int | None) -> str:
+def gib(n: int | None) -> str:
+    """Bytes as "1.2 GiB" ("?" for None): how the memory lines say it."""
     return "?" if n is None else f"{n / 2 ** 30:.1f} GiB"
 
 
@@ -151,9 +153,9 @@ def run_seed_searches(fn, tasks: list[tuple[int, dict]], jobs: int, threads: int
                 f"interrupted: {where or 'before any search started'}{finished}") from None
         except BrokenProcessPool:
             peaks = [r["peak_rss_bytes"] for r in done.values() if r.get("peak_rss_bytes")]
-            held = (f"a finished search held up to {_gib(max(peaks))}; " if peaks else "")
+            held = (f"a finished search held up to {gib(max(peaks))}; " if peaks else "")
             raise DMXError(f"a search process died (out of memory? each of the {jobs} holds "
-                           f"the model and its search; {held}{_gib(available_memory_bytes())} "
+                           f"the model and its search; {held}{gib(available_memory_bytes())} "
                            f"available now); rerun with fewer --jobs: the seeds finished "
                            f"({', '.join(map(str, sorted(done))) or 'none'}) are kept") from None
     finally:
