@@ -301,13 +301,11 @@ def _window_cell(ours: list, theirs: list) -> str:
     OUTs (seeds), then compared window by window (dmx.eval.paired): the difference of the
     two mean-loss perplexities with its 95 % interval, and the verdict. "-" when an OUT was
     scored before per-window losses were recorded (rerun `dmx eval OUT --save`)."""
-    from dmx.eval.paired import paired
+    from dmx.eval.paired import paired, paired_cell
     if not ours or not theirs or any(w is None for w in ours + theirs):
         return "-"
     mean = lambda runs: [sum(col) / len(col) for col in zip(*runs)]  # noqa: E731
-    p = paired(mean(theirs), mean(ours))
-    lo, hi = p["delta_ppl_ci95"]
-    return f"{p['delta_ppl']:+.2f} ({lo:+.2f}..{hi:+.2f}) {p['verdict']}"
+    return paired_cell(paired(mean(theirs), mean(ours)))
 
 
 # ----------------------------------------------------------------------------- chains

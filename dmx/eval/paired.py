@@ -26,7 +26,7 @@ from statistics import NormalDist
 
 from dmx.errors import DMXError
 
-__all__ = ["nll_summary", "paired", "t_quantile", "paired_line"]
+__all__ = ["nll_summary", "paired", "t_quantile", "paired_line", "paired_cell"]
 
 
 def t_quantile(p: float, df: int) -> float:
@@ -95,6 +95,12 @@ def paired(a, b) -> dict:
     return {"windows": len(d), "delta_nll": mean_d, "delta_nll_se": se, "ppl_a": ppl_a,
             "ppl_b": ppl_b, "delta_ppl": ppl_b - ppl_a, "delta_ppl_ci95": [lo, hi],
             "verdict": verdict}
+
+
+def paired_cell(p: dict) -> str:
+    """The table form, e.g. "+0.43 (-0.12..+0.98) tie"."""
+    lo, hi = p["delta_ppl_ci95"]
+    return f"{p['delta_ppl']:+.2f} ({lo:+.2f}..{hi:+.2f}) {p['verdict']}"
 
 
 def paired_line(p: dict) -> str:

@@ -100,11 +100,11 @@ def compare_against(rows, against: dict) -> None:
 
 
 def _paired_cell(r) -> str:
+    from dmx.eval.paired import paired_cell
     p = r.get("paired")
     if p is None:
         return f"- ({r['paired_missing']})" if r.get("paired_missing") else "-"
-    lo, hi = p["delta_ppl_ci95"]
-    return f"{p['delta_ppl']:+.2f} ({lo:+.2f}..{hi:+.2f}) {p['verdict']}"
+    return paired_cell(p)
 
 
 def _ppl_cell(r) -> str:
