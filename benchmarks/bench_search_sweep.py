@@ -315,11 +315,13 @@ def _window_cell(ours: list, theirs: list) -> str:
 # rewrite the table.
 def _evaluate(args, out: Path) -> bool:
     """Score OUT on every evaluation text it lacks (all of them without --reuse); each
-    result is kept in OUT/eval.json under its own protocol."""
+    result is kept in OUT/eval.json under its own protocol. A result saved before `dmx
+    eval` recorded per-window losses is scored again, so the window-noise cells fill."""
     ran = False
     for text in _texts(args):
         if "eval" in args.stages and _done(out) and not (
-                args.reuse and _done(out, True, args, text)):
+                args.reuse and _done(out, True, args, text)
+                and _window_nll(args, out, text) is not None):
             _dmx(args, f"eval-{out.name}", ["eval", str(out), *_eval_flags(args, text),
                                             "--save"])
             ran = True

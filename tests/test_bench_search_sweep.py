@@ -84,7 +84,8 @@ def _scored_out(out: Path, texts: dict, window_nll=None) -> Path:
 def test_every_out_is_scored_on_each_text_and_read_by_protocol(tmp_path, monkeypatch):
     args = sweep._parse(["--model", str(tmp_path), "--eval", "/d/wiki.test.raw",
                          "--eval-also", "/d/eval.txt", "--max-windows", "40", "--reuse"])
-    out = _scored_out(tmp_path / "kl-default-5-s0", {"/d/wiki.test.raw": 70.0})
+    out = _scored_out(tmp_path / "kl-default-5-s0", {"/d/wiki.test.raw": 70.0},
+                      window_nll=[4.2, 4.3])
     ran = []
     monkeypatch.setattr(sweep, "_dmx", lambda a, name, argv: ran.append(argv))
     assert sweep._evaluate(args, out)
@@ -100,7 +101,12 @@ def test_every_out_is_scored_on_each_text_and_read_by_protocol(tmp_path, monkeyp
     assert sweep._scored(whole, tmp_path / "two") is None
     assert not sweep._done(tmp_path / "two", True, whole)
     ran.clear()
-    assert not sweep._evaluate(args, tmp_path / "two") and ran == []
+    assert sweep._evaluate(args, tmp_path / "two")  # saved before per-window losses: again
+    assert sorted(a[a.index("--data") + 1] for a in ran) == ["/d/eval.txt", "/d/wiki.test.raw"]
+    ran.clear()
+    _scored_out(tmp_path / "three", {"/d/wiki.test.raw": 70.0, "/d/eval.txt": 20.0},
+                window_nll=[4.2, 4.3])
+    assert not sweep._evaluate(args, tmp_path / "three") and ran == []
 
 
 def test_kl_pair_reuses_a_seeds_sensitivities_only_when_they_fit(tmp_path):
