@@ -158,6 +158,9 @@ class DMXLinear(_LinearView):
         self.backend = as_backend(backend)
         self.temperature = DEFAULT_TEMPERATURE
         self.hard = False
+        # soft mode only: -1 applies this step's quantization errors mirrored (v - (Q(v) - v));
+        # set per step by the search under --error-signs random (dmx.search.train)
+        self.error_sign = 1.0
         self.fused_group: str | None = None
         self._cache = _WeightCache()
 
@@ -198,7 +201,7 @@ class DMXLinear(_LinearView):
             if self.quantize_input:
                 x = fake_quantize(x, fmt, -1, self.block_size, backend=self.backend)
         else:
-            if choose(x, self.backend) is Backend.TRITON:
+            if choose(x, self.backend) is Backend.TRITON and self.error_sign == 1.0:
                 # one pass per tensor instead of ~70 small torch ops (the step is launch-bound)
                 from dmx.quant import triton_ops
                 return triton_ops.soft_forward(self, x)
@@ -207,7 +210,7 @@ class DMXLinear(_LinearView):
             cap = self.ladder.max_cap
             # Q(x), Q(w) and their graphs are recomputed in backward, one layer at a time
             return real_format_linear(x, w, self.linear.bias, e, m, self.block_size, cap,
-                                      self.quantize_input)
+                                      self.quantize_input, self.error_sign)
         return F.linear(x, wq, self.linear.bias)
 
 

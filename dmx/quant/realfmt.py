@@ -265,11 +265,21 @@ def real_format_quantize(x: torch.Tensor, exp_bits, man_bits, axis: int = -1,
     return _RealFormat.apply(x, e, m, axis, block_size, cap)
 
 
-def _real_format_linear_torch(x, weight, bias, e, m, block_size, cap, quantize_input):
-    """The reference graph of DMXLinear's soft mode: F.linear(Q(x), Q(weight), bias)."""
-    wq = _real_format_quantize_torch(weight, e, m, -1, block_size, cap)
+def _signed_error(v, vq, error_sign: float):
+    """``v + error_sign * (vq - v)``: the quantization error of ``v`` applied with a sign
+    (``vq`` itself for +1, the mirror image ``2 v - vq`` for -1; DMXLinear.error_sign)."""
+    return vq if error_sign == 1.0 else v + error_sign * (vq - v)
+
+
+def _real_format_linear_torch(x, weight, bias, e, m, block_size, cap, quantize_input,
+                              error_sign=1.0):
+    """The reference graph of DMXLinear's soft mode: F.linear(Q(x), Q(weight), bias)
+    (each quantization error times ``error_sign``)."""
+    wq = _signed_error(weight, _real_format_quantize_torch(weight, e, m, -1, block_size, cap),
+                       error_sign)
     if quantize_input:
-        x = _real_format_quantize_torch(x, e, m, -1, block_size, cap)
+        x = _signed_error(x, _real_format_quantize_torch(x, e, m, -1, block_size, cap),
+                          error_sign)
     return F.linear(x, wq, bias)
 
 
@@ -278,26 +288,30 @@ class _RealFormatLinear(torch.autograd.Function):
     quantized copies nor the quantizers' intermediates outlive the forward pass."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, e, m, block_size, cap, quantize_input):
+    def forward(ctx, x, weight, bias, e, m, block_size, cap, quantize_input, error_sign):
         ctx.save_for_backward(x, weight, bias, e, m)
-        ctx.cfg = (block_size, cap, quantize_input)
+        ctx.cfg = (block_size, cap, quantize_input, error_sign)
         with torch.no_grad():
-            wq = _quantize_rows(weight, e, m, block_size, cap, "weight")
-            xq = _quantize_rows(x, e, m, block_size, cap, "input") if quantize_input else x
+            wq = _signed_error(weight, _quantize_rows(weight, e, m, block_size, cap, "weight"),
+                               error_sign)
+            xq = (_signed_error(x, _quantize_rows(x, e, m, block_size, cap, "input"),
+                                error_sign) if quantize_input else x)
             return F.linear(xq, wq, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
         grads = _replay_grads(ctx, _real_format_linear_torch, ctx.saved_tensors, ctx.cfg, gy)
-        return grads + (None, None, None)
+        return grads + (None, None, None, None)
 
 
 def real_format_linear(x: torch.Tensor, weight: torch.Tensor, bias, exp_bits, man_bits,
                        block_size: int = DEFAULT_BLOCK_SIZE, max_cap: float | None = None,
-                       quantize_input: bool = True) -> torch.Tensor:
+                       quantize_input: bool = True, error_sign: float = 1.0) -> torch.Tensor:
     """F.linear(Q(x), Q(weight), bias), Q = :func:`real_format_quantize` (the weight blocked
     along its input dim, x along its last dim); x unquantized if not ``quantize_input``.
+    ``error_sign`` -1 applies each quantization error mirrored, ``v - (Q(v) - v)``
+    (``--error-signs random``, dmx.search.train).
 
     What DMXLinear's soft mode computes. Backward keeps only x (the weight is the layer's
     own) and recomputes both quantizations and their graph one layer at a time, so a
@@ -307,7 +321,8 @@ def real_format_linear(x: torch.Tensor, weight: torch.Tensor, bias, exp_bits, ma
     """
     if torch.compiler.is_compiling():  # the compiler plans what to save (and recompute) itself
         return _real_format_linear_torch(x, weight, bias, exp_bits, man_bits, block_size,
-                                         max_cap, quantize_input)
+                                         max_cap, quantize_input, float(error_sign))
     check_input(weight, "weight")
     _, block_size, e, m, cap = _checked(x, exp_bits, man_bits, -1, block_size, max_cap)
-    return _RealFormatLinear.apply(x, weight, bias, e, m, block_size, cap, bool(quantize_input))
+    return _RealFormatLinear.apply(x, weight, bias, e, m, block_size, cap, bool(quantize_input),
+                                   float(error_sign))

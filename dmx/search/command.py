@@ -505,6 +505,10 @@ _HELP = {
                     "part along the budget (what the bound's shrink takes back each step), "
                     "so the momentum carries only which layers gain bits against which lose "
                     "them (an experiment, BENCHMARKS.md); none: the plain gradient (paper)",
+    "error_signs": "random: every step, each offset's layers apply their quantization errors "
+                   "with a random sign (Q(v) or v - (Q(v) - v)), so the cross terms between "
+                   "layers' errors average out of the gradient (an experiment, BENCHMARKS.md); "
+                   "fixed: always Q(v) (default, paper)",
     "delay": "fraction of steps at the starting temperature (default 0.6)",
     "t_start": "starting anneal temperature, code units (default 0.4)",
     "t_end": "final anneal temperature, code units (default 20)",

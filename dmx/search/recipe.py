@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from dmx.errors import DMXError
 
 __all__ = ["SearchConfig", "RECIPES", "BUDGETS", "PARAMETERIZATIONS", "GRAD_NORMS", "INITS",
-           "WEIGHTINGS", "PRECONDITIONS", "EXPORT_TARGETS", "ROTATIONS", "config_from_dict",
+           "WEIGHTINGS", "PRECONDITIONS", "ERROR_SIGNS", "EXPORT_TARGETS", "ROTATIONS", "config_from_dict",
            "tie_fused_for", "check_choice"]
 
 BUDGETS = ("project", "bound", "hinge")
@@ -66,6 +66,7 @@ PARAMETERIZATIONS = ("clamp", "abs")
 GRAD_NORMS = ("normalize", "clip", "none")
 INITS = ("low", "target")
 PRECONDITIONS = ("none", "slope", "tangent")
+ERROR_SIGNS = ("fixed", "random")
 WEIGHTINGS = ("simple", "size")  # the averages the search trains against (macs: report only)
 EXPORT_TARGETS = ("any", "compressed-tensors", "quark", "gguf", "none")
 VLLM_TARGETS = ("compressed-tensors", "quark")  # served fused: --tie-fused unless told not to
@@ -132,6 +133,11 @@ class SearchConfig:
     # the anneal map's slope at that offset relative to its slope at the low rung, i.e.
     # the step follows dL/d(position); "none": the plain gradient (the paper's)
     precondition: str = "none"
+    # "random": every step, each offset's layers apply their quantization errors with a
+    # random sign (+1: Q(v), -1: v - (Q(v) - v)), seeded by (seed, step), so that the
+    # gradient's cross terms between layers' errors average out and each offset sees its
+    # own error's effect; "fixed": always Q(v) (the paper's)
+    error_signs: str = "fixed"
     # anneal (code units, dmx.quant.anneal)
     delay: float = 0.6
     t_start: float = 0.4
@@ -212,6 +218,7 @@ class SearchConfig:
         check_choice("--parameterization", self.parameterization, PARAMETERIZATIONS)
         check_choice("--grad-norm", self.grad_norm, GRAD_NORMS)
         check_choice("--precondition", self.precondition, PRECONDITIONS)
+        check_choice("--error-signs", self.error_signs, ERROR_SIGNS)
         if self.precondition == "tangent" and self.budget != "bound":
             raise DMXError(f"--precondition tangent removes what --budget bound takes back; "
                            f"with --budget {self.budget} pass --budget bound or drop it")

@@ -38,7 +38,7 @@ from dmx.search.losses import distill_kl, next_token_ce
 from dmx.search.recipe import SearchConfig
 
 __all__ = ["SearchInterrupted", "batch_indices", "quantization_bypassed", "forward_logits",
-           "hard_bits", "train_offsets", "checkpoint_blocks"]
+           "hard_bits", "train_offsets", "checkpoint_blocks", "error_signs"]
 
 
 class SearchInterrupted(Exception):
@@ -330,10 +330,43 @@ def _project_to_budget_tangent(params: list, layers: dict, cfg: SearchConfig) ->
         p.grad.copy_(v.to(p.grad.dtype).reshape(p.grad.shape))
 
 
+def error_signs(layers: dict, seed: int, step: int) -> dict:
+    """``--error-signs random``: one sign (+1 or -1) per offset for this step, a function of
+    (seed, step) only (resumed runs and data-parallel ranks draw the same), given to each
+    layer as ``error_sign``; tied layers share their offset's sign. Returns {name: sign}.
+
+    Why: the loss's gradient with respect to one offset holds, besides that layer's own
+    error's effect, cross terms with every other layer's error. At a low budget (every layer
+    MXFP4 but a few) those cross terms are large and specific to the calibration tokens:
+    exact one-layer swaps measured in the search's own context made a 4.5-bit assignment
+    worse on held-out text (BENCHMARKS.md). With independent random signs a cross term
+    s_i s_j (...) has mean zero over the steps while the layer's own term (s_i^2 = 1) stays."""
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + 7_919 * int(step) + 1)
+    by_offset, signs = {}, {}
+    for name, layer in layers.items():
+        key = id(layer.offset)
+        if key not in by_offset:
+            by_offset[key] = 1.0 if torch.rand((), generator=g) < 0.5 else -1.0
+        layer.error_sign = signs[name] = by_offset[key]
+    return signs
+
+
 def _train_step(model, layers, windows, cfg: SearchConfig, optimizer, schedule, step,
                 dist=None, rotations=None) -> dict:
     T = schedule.at(step)
     set_temperature(model, T)
+    if cfg.error_signs == "random":
+        error_signs(layers, cfg.seed, step)
+    try:
+        return _signed_step(model, layers, windows, cfg, optimizer, schedule, step, T, dist,
+                            rotations)
+    finally:  # the soft model outside a step (its scoring, the checkpoints) is Q(v)
+        for layer in layers.values():
+            layer.error_sign = 1.0
+
+
+def _signed_step(model, layers, windows, cfg: SearchConfig, optimizer, schedule, step, T,
+                 dist, rotations) -> dict:
     ids = windows[batch_indices(cfg.seed, step, windows.shape[0], cfg.batch_size)]
     parallel = dist is not None and dist.enabled
     if parallel:  # this rank's slice of the global batch, and its share of it
