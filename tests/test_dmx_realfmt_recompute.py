@@ -68,11 +68,12 @@ def test_quantizer_values_and_gradients_equal_the_reference_graph(dtype, shape, 
             assert torch.equal(bits(a), bits(b))
 
 
+@pytest.mark.parametrize("error_sign", [1.0, -1.0])
 @pytest.mark.parametrize("quantize_input", [True, False])
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_values_and_gradients_equal_the_reference_graph(monkeypatch, quantize_input,
-                                                              with_bias, dtype):
+                                                              with_bias, dtype, error_sign):
     # pieces of 2 blocks: every tensor below is quantized in several pieces
     monkeypatch.setattr(realfmt, "_PIECE_ELEMENTS", 64)
     for seed, (xshape, out) in enumerate([((6, 96), 40), ((2, 5, 70), 24), ((3, 4, 64), 8)]):
@@ -87,11 +88,12 @@ def test_linear_values_and_gradients_equal_the_reference_graph(monkeypatch, quan
             args = [xv, w, e, m] + ([b] if with_bias else [])
 
             def new(x, w, e, m, b=None):
-                return real_format_linear(x, w, b, e, m, 32, None, quantize_input)
+                return real_format_linear(x, w, b, e, m, 32, None, quantize_input,
+                                          error_sign)
 
             def ref(x, w, e, m, b=None):
                 return realfmt._real_format_linear_torch(x, w, b, e, m, 32, None,
-                                                         quantize_input)
+                                                         quantize_input, error_sign)
 
             g = torch.randn(xv.shape[:-1] + (out,)).to(dtype)
             y_new, d_new = _grads(new, args, g)
@@ -99,6 +101,24 @@ def test_linear_values_and_gradients_equal_the_reference_graph(monkeypatch, quan
             assert torch.equal(bits(y_new), bits(y_ref))
             for a, r in zip(d_new, d_ref):  # x, w, e, m (, bias)
                 assert torch.equal(bits(a), bits(r))
+
+
+@pytest.mark.parametrize("quantize_input", [True, False])
+def test_mirrored_error_is_the_quantization_error_subtracted(quantize_input):
+    """error_sign -1 (--error-signs random): F.linear(x - (Q(x) - x), w - (Q(w) - w)), each
+    Q the real-format quantizer on its own; +1 is F.linear(Q(x), Q(w)) exactly."""
+    x = _input((4, 96), torch.float32, 3, specials=False)
+    w = _input((8, 96), torch.float32, 4, specials=False)
+    e, m = torch.tensor(2.6), torch.tensor(1.3)
+    q = lambda v: real_format_quantize(v, e, m, -1, 32)  # noqa: E731
+    xs = x - (q(x) - x) if quantize_input else x
+    want = torch.nn.functional.linear(xs, w - (q(w) - w))
+    got = real_format_linear(x, w, None, e, m, 32, None, quantize_input, -1.0)
+    assert torch.equal(bits(got), bits(want))
+    plain = torch.nn.functional.linear(q(x) if quantize_input else x, q(w))
+    assert torch.equal(bits(real_format_linear(x, w, None, e, m, 32, None, quantize_input)),
+                       bits(plain))
+    assert not torch.equal(bits(got), bits(plain))
 
 
 def test_model_offset_gradients_equal_the_reference_graph(monkeypatch):

@@ -485,3 +485,54 @@ def test_tangent_precondition_removes_the_budgets_common_push():
     with pytest.raises(DMXError, match="--precondition tangent"):
         SearchConfig.from_recipe("default", target_bits=5.0, budget="hinge",
                                  precondition="tangent")
+
+
+def test_random_error_signs_step_equals_the_mirrored_models_gradient(calib):
+    """--error-signs random: one SGD step equals the gradient of the cross-entropy of the
+    model whose layers apply their quantization errors with the signs error_signs() draws
+    for (seed, step) (recomputed on a fresh copy), and every layer is back to +1 after."""
+    from dmx.search.losses import next_token_ce
+    from dmx.search.train import error_signs
+
+    cfg = SearchConfig.from_recipe("paper", target_bits=8.0, steps=1, batch_size=2, seqlen=32,
+                                   samples=2, delay=1.0, lam=0.0, momentum=0.0,
+                                   grad_norm="none", lr=0.5, error_signs="random")
+    model, tok, layers = _frozen_embedded_model(cfg.ladder, ["layers.0.", "layers.1."])
+    windows = data.calibration_windows(tok, [str(calib)], cfg.seqlen, cfg.samples, cfg.seed)
+    start = torch.linspace(0.3, 1.5, len(layers))
+    _, learned = _train_from(model, layers, windows, cfg, start)
+    assert all(layer.error_sign == 1.0 for layer in layers.values())
+
+    quant, _, qlayers = _frozen_embedded_model(cfg.ladder, ["layers.0.", "layers.1."])
+    params = _set_offsets(quant, start)
+    signs = error_signs(qlayers, cfg.seed, 0)
+    assert set(signs.values()) == {1.0, -1.0}  # 14 layers: both signs drawn
+    for layer in qlayers.values():
+        layer.train()
+        layer.temperature = cfg.t_start
+    ids = windows[batch_indices(cfg.seed, 0, windows.shape[0], cfg.batch_size)]
+    next_token_ce(quant(input_ids=ids, use_cache=False).logits, ids).backward()
+    want = start - cfg.lr * torch.stack([p.grad for p in params])
+    assert float((want - start).abs().max()) > 1e-4
+    torch.testing.assert_close(learned, want, rtol=0, atol=1e-6)
+    # all signs +1 gives another step: the signs are used
+    fixed, _, flayers = _frozen_embedded_model(cfg.ladder, ["layers.0.", "layers.1."])
+    _, plain = _train_from(fixed, flayers, windows, cfg.replace(error_signs="fixed"), start)
+    assert float((plain - learned).abs().max()) > 1e-5
+
+
+def test_error_signs_are_a_function_of_seed_and_step_shared_by_tied_layers():
+    from dmx.search.train import error_signs
+
+    model = data.load_model(data.embedded_model_dir())
+    layers = wrap_model(model, "fp8-fp4", tie_fused=True)
+    a, b = error_signs(layers, 3, 5), error_signs(layers, 3, 5)
+    assert a == b and set(a.values()) <= {1.0, -1.0}
+    assert error_signs(layers, 3, 6) != a and error_signs(layers, 4, 5) != a
+    by_offset = {}
+    for name, layer in layers.items():
+        assert layer.error_sign == error_signs(layers, 4, 5)[name]
+        by_offset.setdefault(id(layer.offset), set()).add(a[name])
+    assert all(len(s) == 1 for s in by_offset.values())  # q/k/v, gate/up: one sign each
+    many = [s for step in range(200) for s in error_signs(layers, 0, step).values()]
+    assert 0.4 < many.count(1.0) / len(many) < 0.6
