@@ -68,6 +68,9 @@ def _parse(argv=None):
     p.add_argument("--top", type=int, default=14)
     p.add_argument("--eval-top", type=int, default=0,
                    help="score the one-shot top-K assignment of each loss (0: skip)")
+    p.add_argument("--error-signs", choices=("fixed", "random"), default="fixed",
+                   help="random: batch s applies each layer's quantization errors with the "
+                        "signs `dmx search --error-signs random` draws at step s")
     return p.parse_args(argv)
 
 
@@ -134,7 +137,8 @@ def main(argv=None) -> int:
     from dmx import data
     from dmx.nn.layers import dmx_parameters, set_temperature, wrap_model
     from dmx.search.losses import distill_kl, next_token_ce
-    from dmx.search.train import batch_indices, forward_logits, quantization_bypassed
+    from dmx.search.train import (batch_indices, error_signs, forward_logits,
+                                  quantization_bypassed)
 
     sens = json.loads(manifest.read_text())["baseline"]["sensitivity"]
     model, tok = frozen_model(args)
@@ -156,6 +160,8 @@ def main(argv=None) -> int:
             ids = windows[batch_indices(args.seed, step, windows.shape[0], args.batch_size)]
             with torch.no_grad(), quantization_bypassed(layers):
                 ref = forward_logits(model, ids)
+            if args.error_signs == "random":
+                error_signs(layers, args.seed, step)
             for key in ("ce", "kl"):
                 for p in params:
                     p.grad = None
