@@ -29,8 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gradient_signal import (frozen_model, kl_manifest, oneshot_ppl,  # noqa: E402
-                                   signal_parser, spearman, write_atomically)
+from bench_gradient_signal import (frozen_model, kl_manifest, kl_scored,  # noqa: E402
+                                   oneshot_ppl, signal_parser, spearman, write_atomically)
 
 BATCH = 4
 
@@ -145,11 +145,8 @@ def main(argv=None) -> int:
         picked = set(sorted(names, key=lambda n: -score[n])[:top])
         ppl = oneshot_ppl(args, picked, names, tok)
         rows.append(f"| {label} | {ppl:.2f} | {len(picked & kl_set)} of {len(kl_set)} |")
-    kl_eval = Path(args.kl_out) / "eval.json"
-    kl_ppl = "no eval.json"
-    if kl_eval.is_file():
-        ev = json.loads(kl_eval.read_text())
-        kl_ppl = f"{ev['results'][ev['latest']]['ppl']:.2f}"
+    kl_result = kl_scored(args)
+    kl_ppl = f"{kl_result['ppl']:.2f}" if kl_result else "not scored on this protocol"
     rows.append(f"| the KL baseline's assignment (fused units, greedy to the budget) | "
                 f"{kl_ppl} | {len(kl_set)} of {len(kl_set)} |")
     text = "\n".join([

@@ -113,6 +113,14 @@ def oneshot_ppl(args, picked: set, names: list, tok) -> float:
     return evaluate(model, tok, windows=windows, progress=False)["ppl"]
 
 
+def kl_scored(args) -> dict | None:
+    """The KL OUT's saved result on the one-shot assignments' protocol (--eval,
+    --eval-seqlen, --max-windows), or None: an OUT scored on several texts keeps them all."""
+    from dmx.outdir.evaljson import find_result, load_eval
+    return find_result(load_eval(args.kl_out), args.eval_file, args.eval_seqlen,
+                       args.max_windows)
+
+
 def kl_manifest(args) -> Path | None:
     """The KL OUT's manifest, or None after a one-line error (--model and --kl-out are
     the inputs every signal benchmark needs)."""
@@ -194,9 +202,8 @@ def main(argv=None) -> int:
         rows.append(f"| {key} | {b:g} | {spearman([per_unit[u] for u in units], [sens[u] for u in units]):.3f} "
                     f"| {np.mean(pairs):.3f} | {np.median(np.abs(mean) / (se + 1e-30)):.2f} "
                     f"| {len(top & kl_top)} of {args.top} | {oneshot} |")
-    from dmx.outdir.evaljson import latest_eval
-    kl_result = latest_eval(args.kl_out)
-    kl_ppl = kl_result["protocol"] if kl_result else "-"
+    kl_result = kl_scored(args)
+    kl_ppl = kl_result["protocol"] if kl_result else "not scored on this protocol"
     text = "\n".join([
         "# The search's first signal: gradients at the start vs KL sensitivities", "",
         f"Command: `python benchmarks/bench_gradient_signal.py {' '.join(sys.argv[1:])}`  ",

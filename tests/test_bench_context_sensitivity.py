@@ -69,3 +69,20 @@ def test_scores_match_an_independent_recomputation(tmp_path):
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert [line for line in again.read_text().splitlines() if line.startswith("| ")] == rows
     assert "scores from" in again.read_text()
+
+
+def test_the_kl_outs_row_is_its_result_on_the_one_shot_protocol(tmp_path):
+    """An OUT scored on two texts: the table's KL row is the result on --eval's protocol,
+    whichever text was scored last (eval.json's "latest")."""
+    from dmx.outdir.evaljson import save_eval
+
+    out = tmp_path / "kl"
+    out.mkdir()
+    for file, ppl in (("/d/wiki.test.raw", 92.14), ("/d/eval.txt", 21.24)):
+        save_eval(out, {"file": file, "seqlen": 256, "windows": 40, "windows_total": 1185,
+                        "join": "file", "ppl": ppl})
+    args = bench._parse(["--kl-out", str(out), "--eval", "/d/wiki.test.raw"])
+    assert bench.kl_scored(args)["ppl"] == 92.14
+    args = bench._parse(["--kl-out", str(out), "--eval", "/d/wiki.test.raw",
+                         "--max-windows", "0"])  # the whole text: not what it was scored on
+    assert bench.kl_scored(args) is None
