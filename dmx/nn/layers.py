@@ -201,6 +201,7 @@ class DMXLinear(_LinearView):
             if self.quantize_input:
                 x = fake_quantize(x, fmt, -1, self.block_size, backend=self.backend)
         else:
+            # the Triton kernels apply no error sign: a signed step takes the torch path
             if choose(x, self.backend) is Backend.TRITON and self.error_sign == 1.0:
                 # one pass per tensor instead of ~70 small torch ops (the step is launch-bound)
                 from dmx.quant import triton_ops

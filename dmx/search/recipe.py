@@ -58,8 +58,8 @@ from dataclasses import dataclass
 from dmx.errors import DMXError
 
 __all__ = ["SearchConfig", "RECIPES", "BUDGETS", "PARAMETERIZATIONS", "GRAD_NORMS", "INITS",
-           "WEIGHTINGS", "PRECONDITIONS", "ERROR_SIGNS", "EXPORT_TARGETS", "ROTATIONS", "config_from_dict",
-           "tie_fused_for", "check_choice"]
+           "WEIGHTINGS", "PRECONDITIONS", "ERROR_SIGNS", "EXPORT_TARGETS", "ROTATIONS",
+           "config_from_dict", "tie_fused_for", "check_choice"]
 
 BUDGETS = ("project", "bound", "hinge")
 PARAMETERIZATIONS = ("clamp", "abs")
@@ -136,7 +136,9 @@ class SearchConfig:
     # "random": every step, each offset's layers apply their quantization errors with a
     # random sign (+1: Q(v), -1: v - (Q(v) - v)), seeded by (seed, step), so that the
     # gradient's cross terms between layers' errors average out and each offset sees its
-    # own error's effect; "fixed": always Q(v) (the paper's)
+    # own error's effect; "fixed": always Q(v) (the paper's). Measured on SmolLM2-135M:
+    # seeds combined level with KL at 4.5 bits, 2-6 ppl worse at 5 and 6 (BENCHMARKS.md),
+    # so no recipe uses it
     error_signs: str = "fixed"
     # anneal (code units, dmx.quant.anneal)
     delay: float = 0.6
