@@ -340,7 +340,9 @@ def error_signs(layers: dict, seed: int, step: int) -> dict:
     MXFP4 but a few) those cross terms are large and specific to the calibration tokens:
     exact one-layer swaps measured in the search's own context made a 4.5-bit assignment
     worse on held-out text (BENCHMARKS.md). With independent random signs a cross term
-    s_i s_j (...) has mean zero over the steps while the layer's own term (s_i^2 = 1) stays."""
+    s_i s_j (...) has mean zero over the steps while the layer's own term (s_i^2 = 1) stays;
+    what remains of it in each step is noise, which combining seeds averages out (at 4.5
+    bits on SmolLM2-135M; at 5 and 6 bits the noise cost more than it removed)."""
     g = torch.Generator().manual_seed(int(seed) * 1_000_003 + 7_919 * int(step) + 1)
     by_offset, signs = {}, {}
     for name, layer in layers.items():
