@@ -320,8 +320,7 @@ def _evaluate(args, out: Path) -> bool:
     ran = False
     for text in _texts(args):
         if "eval" in args.stages and _done(out) and not (
-                args.reuse and _done(out, True, args, text)
-                and _window_nll(args, out, text) is not None):
+                args.reuse and (_scored(args, out, text) or {}).get("window_nll") is not None):
             _dmx(args, f"eval-{out.name}", ["eval", str(out), *_eval_flags(args, text),
                                             "--save"])
             ran = True

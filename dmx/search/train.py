@@ -360,15 +360,15 @@ def _train_step(model, layers, windows, cfg: SearchConfig, optimizer, schedule, 
     if cfg.error_signs == "random":
         error_signs(layers, cfg.seed, step)
     try:
-        return _signed_step(model, layers, windows, cfg, optimizer, schedule, step, T, dist,
-                            rotations)
+        return _step(model, layers, windows, cfg, optimizer, schedule, step, T, dist,
+                     rotations)
     finally:  # the soft model outside a step (its scoring, the checkpoints) is Q(v)
         for layer in layers.values():
             layer.error_sign = 1.0
 
 
-def _signed_step(model, layers, windows, cfg: SearchConfig, optimizer, schedule, step, T,
-                 dist, rotations) -> dict:
+def _step(model, layers, windows, cfg: SearchConfig, optimizer, schedule, step, T, dist,
+          rotations) -> dict:
     ids = windows[batch_indices(cfg.seed, step, windows.shape[0], cfg.batch_size)]
     parallel = dist is not None and dist.enabled
     if parallel:  # this rank's slice of the global batch, and its share of it
