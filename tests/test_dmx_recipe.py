@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -536,3 +537,44 @@ def test_error_signs_are_a_function_of_seed_and_step_shared_by_tied_layers():
     assert all(len(s) == 1 for s in by_offset.values())  # q/k/v, gate/up: one sign each
     many = [s for step in range(200) for s in error_signs(layers, 0, step).values()]
     assert 0.4 < many.count(1.0) / len(many) < 0.6
+
+
+def test_error_signs_until_signs_the_first_share_of_the_steps_only(monkeypatch):
+    """--error-signs-until 0.5 of 4 steps: steps 0 and 1 apply the drawn signs, 2 and 3
+    apply Q(v) (every sign +1), and the layers are back at +1 after every step."""
+    from dmx.search import train
+
+    model = data.load_model(data.embedded_model_dir())
+    layers = wrap_model(model, "fp8-fp4")
+    cfg = SearchConfig.from_recipe("default", target_bits=6.0, steps=4, error_signs="random",
+                                   error_signs_until=0.5)
+    seen = {}
+    monkeypatch.setattr(train, "_step", lambda *a, **k: seen.setdefault(
+        a[6], {n: l.error_sign for n, l in layers.items()}))
+    for step in range(4):
+        train._train_step(model, layers, None, cfg, None, _Schedule(), step)
+        assert all(layer.error_sign == 1.0 for layer in layers.values())
+    for step in (0, 1):
+        assert seen[step] == train.error_signs(layers, cfg.seed, step)
+        assert -1.0 in seen[step].values()
+    for step in (2, 3):
+        assert set(seen[step].values()) == {1.0}
+    assert [train.signed_step(cfg, s) for s in range(4)] == [True, True, False, False]
+    assert not train.signed_step(cfg.replace(error_signs="fixed", error_signs_until=1.0), 0)
+
+
+class _Schedule:
+    """The temperature at every step (what _train_step asks of a schedule)."""
+
+    def at(self, step):
+        return 0.4
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(error_signs_until=0.5), "add --error-signs random"),
+    (dict(error_signs="random", error_signs_until=0.0), "fraction in (0, 1]"),
+    (dict(error_signs="random", error_signs_until=1.5), "fraction in (0, 1]"),
+])
+def test_error_signs_until_refuses_what_would_do_nothing(settings, message):
+    with pytest.raises(DMXError, match=re.escape(message)):
+        SearchConfig.from_recipe("default", target_bits=6.0, **settings)

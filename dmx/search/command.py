@@ -509,6 +509,8 @@ _HELP = {
                    "with a random sign (Q(v) or v - (Q(v) - v)), so the cross terms between "
                    "layers' errors average out of the gradient (an experiment, BENCHMARKS.md); "
                    "fixed: always Q(v) (default, paper)",
+    "error_signs_until": "--error-signs random: the fraction of the steps that draw random "
+                         "signs, the later ones use Q(v) (default 1.0: all)",
     "delay": "fraction of steps at the starting temperature (default 0.6)",
     "t_start": "starting anneal temperature, code units (default 0.4)",
     "t_end": "final anneal temperature, code units (default 20)",

@@ -140,6 +140,9 @@ class SearchConfig:
     # seeds combined level with KL at 4.5 bits, 2-6 ppl worse at 5 and 6 (BENCHMARKS.md),
     # so no recipe uses it
     error_signs: str = "fixed"
+    # --error-signs random: the fraction of the steps that draw random signs (the rest use
+    # Q(v)): random while the layers are chosen, the true errors for the last moves
+    error_signs_until: float = 1.0
     # anneal (code units, dmx.quant.anneal)
     delay: float = 0.6
     t_start: float = 0.4
@@ -251,6 +254,12 @@ class SearchConfig:
             raise DMXError(f"--momentum must be in [0, 1), got {self.momentum!r}")
         if not 0.0 <= self.ramp <= 1.0:
             raise DMXError(f"--ramp must be a fraction in [0, 1], got {self.ramp!r}")
+        if not 0.0 < self.error_signs_until <= 1.0:
+            raise DMXError(f"--error-signs-until must be a fraction in (0, 1], got "
+                           f"{self.error_signs_until!r}")
+        if self.error_signs != "random" and self.error_signs_until != 1.0:
+            raise DMXError("--error-signs-until is the share of steps with random signs; add "
+                           "--error-signs random or drop it")
         if not 0.0 <= self.delay <= 1.0:
             raise DMXError(f"--delay must be a fraction in [0, 1], got {self.delay!r}")
         # a rotation setting that would silently do nothing is a mistake in the command

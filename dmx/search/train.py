@@ -38,7 +38,8 @@ from dmx.search.losses import distill_kl, next_token_ce
 from dmx.search.recipe import SearchConfig
 
 __all__ = ["SearchInterrupted", "batch_indices", "quantization_bypassed", "forward_logits",
-           "hard_bits", "train_offsets", "checkpoint_blocks", "error_signs"]
+           "hard_bits", "train_offsets", "checkpoint_blocks", "error_signs",
+           "signed_step"]
 
 
 class SearchInterrupted(Exception):
@@ -353,11 +354,17 @@ def error_signs(layers: dict, seed: int, step: int) -> dict:
     return signs
 
 
+def signed_step(cfg: SearchConfig, step: int) -> bool:
+    """Whether step ``step`` draws random error signs: with ``--error-signs random``, the
+    first ``error_signs_until`` of the steps."""
+    return cfg.error_signs == "random" and step < cfg.error_signs_until * cfg.steps
+
+
 def _train_step(model, layers, windows, cfg: SearchConfig, optimizer, schedule, step,
                 dist=None, rotations=None) -> dict:
     T = schedule.at(step)
     set_temperature(model, T)
-    if cfg.error_signs == "random":
+    if signed_step(cfg, step):
         error_signs(layers, cfg.seed, step)
     try:
         return _step(model, layers, windows, cfg, optimizer, schedule, step, T, dist,
