@@ -143,7 +143,7 @@ def test_jobs_run_the_seeds_side_by_side_with_the_same_result(src, calib, tmp_pa
     assert main(_argv(src, calib, par, "--seeds", "0", "2", "--jobs", "2", "--threads",
                       "1")) == 0
     said = capsys.readouterr()
-    assert "2 searches, 2 at a time, 1 CPU thread(s) each" in said.err
+    assert "2 searches, up to 2 at a time (as memory allows), 1 CPU thread(s) each" in said.err
     assert "seed 0:" in said.out and "seed 2:" in said.out
     if sys.platform.startswith("linux"):  # measured in each worker, said with its seed
         assert said.out.count("its process peaked at") == 2
@@ -175,6 +175,17 @@ def _fake_search(*, outcome, callback, say, **_):
     if outcome == "die":  # as the kernel's OOM killer would end it
         import os
         os._exit(9)
+    if isinstance(outcome, tuple):  # ("meet", dir, me, other, s): one step, then wait (up
+        import time                 # to s seconds) for the other search to start; when it ran
+        from pathlib import Path
+
+        _, where, me, other, limit = outcome
+        t0 = time.time()
+        (Path(where) / f"started-{me}").touch()
+        callback(1, {})
+        while time.time() < t0 + limit and not (Path(where) / f"started-{other}").exists():
+            time.sleep(0.05)
+        return {**{k: "timed" for k in SUMMARY_KEYS}, "wall_seconds": (t0, time.time())}
     callback(1, {})
     return {k: outcome for k in SUMMARY_KEYS}
 
@@ -204,3 +215,36 @@ def test_seed_pool_reports_where_ctrl_c_stopped_each_seed_and_passes_errors_on()
                                        r"rerun with fewer --jobs"):
         run_seed_searches(_fake_search, [(0, {"outcome": "die"}), (1, {"outcome": "a"})],
                           jobs=2, threads=1, steps=1, progress=False)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the peak memory a worker "
+                    "reports is read with getrusage, in bytes on Linux only here")
+def test_seed_pool_starts_only_the_searches_the_memory_holds(tmp_path):
+    """--jobs is an upper bound: one search starts alone; after its first step, with memory
+    for no second one, the other waits for it to end (and the pool says why); with plenty,
+    the second starts while the first still runs."""
+    from dmx.search.seed_pool import jobs_that_fit, run_seed_searches
+
+    def tasks(where, limit):
+        where.mkdir()
+        return [(0, {"outcome": ("meet", str(where), 0, 1, limit)}),
+                (1, {"outcome": ("meet", str(where), 1, 0, limit)})]
+
+    said = []
+    done = run_seed_searches(_fake_search, tasks(tmp_path / "plenty", 60), jobs=2, threads=1,
+                             steps=1, progress=False, say=said.append, memory=lambda: 2 ** 40)
+    (a0, a1), (b0, b1) = done[0]["wall_seconds"], done[1]["wall_seconds"]
+    assert b0 < a1 and a1 - a0 < 50 and said == []  # side by side, nothing to say
+
+    # 1 MiB available: the first search waits its 2 s for a second that does not start
+    done = run_seed_searches(_fake_search, tasks(tmp_path / "tight", 2), jobs=2, threads=1,
+                             steps=1, progress=False, say=said.append, memory=lambda: 2 ** 20)
+    (a0, a1), (b0, b1) = done[0]["wall_seconds"], done[1]["wall_seconds"]
+    assert a1 - a0 >= 2 and b0 >= a1  # one after the other
+    assert len(said) == 1 and said[0].startswith("--jobs 2: one search holds ") and \
+        said[0].endswith("after its first step and 0.0 GiB is available: running 1 at a time")
+
+    assert jobs_that_fit(4, peak=10, available=25) == 3  # 1 + floor(0.9 * 25 / 10)
+    assert jobs_that_fit(4, peak=10, available=5) == 1
+    assert jobs_that_fit(4, peak=10, available=None) == 4  # the OS does not say: as asked
+    assert jobs_that_fit(2, peak=1, available=100) == 2

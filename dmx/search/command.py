@@ -393,10 +393,10 @@ def search_seeds(model_dir, config, seeds, *, out=None, force: bool = False,
         from dmx.search.seed_pool import run_seed_searches
 
         per_job = threads or max(1, (os.cpu_count() or 1) // min(jobs, len(tasks)))
-        say(f"{len(tasks)} searches, {min(jobs, len(tasks))} at a time, {per_job} CPU "
-            f"thread(s) each")
+        say(f"{len(tasks)} searches, up to {min(jobs, len(tasks))} at a time (as memory "
+            f"allows), {per_job} CPU thread(s) each")
         run_seed_searches(search, [(s, {**kw, "progress": False}) for s, kw in tasks],
-                          jobs, per_job, cfg.steps, progress=progress, report=report)
+                          jobs, per_job, cfg.steps, progress=progress, report=report, say=say)
     else:
         for seed, kwargs in tasks:
             result = search(progress=progress, say=say, **kwargs)

@@ -17,13 +17,17 @@ so ``--resume`` continues every seed where it was.
 The search function is passed in (``fn``), not imported, so this module depends on nothing
 of the search's (no import circle with dmx.search.command).
 
-Memory: every process holds its own copy of the model and its search. Each worker reports
-its peak resident memory with its result (``peak_rss_bytes``), printed with the seed's line,
-so the next choice of ``--jobs`` rests on a measured number; a worker the kernel kills (out
-of memory) ends the command with one line naming that number and the memory available.
+Memory: every process holds its own copy of the model and its search, so ``--jobs`` is an
+upper bound: one search starts alone, and after its first step (its peak memory measured)
+only as many more start as the memory available then holds (:func:`jobs_that_fit`; the
+command says so when that is fewer). Each worker also reports its peak resident memory with
+its result (``peak_rss_bytes``), printed with the seed's line; a worker the kernel kills
+anyway (out of memory) ends the command with one line naming the peak and the memory
+available.
 
-Public API: ``run_seed_searches(fn, tasks, jobs, threads, steps, progress, report)``,
-``peak_rss_bytes()``, ``available_memory_bytes()``, ``gib(n)``.
+Public API: ``run_seed_searches(fn, tasks, jobs, threads, steps, progress, report, say,
+memory)``, ``jobs_that_fit(jobs, peak, available)``, ``peak_rss_bytes()``,
+``available_memory_bytes()``, ``gib(n)``.
 """
 from __future__ import annotations
 
@@ -31,14 +35,14 @@ import multiprocessing
 import signal
 import sys
 import threading
-from concurrent.futures import ProcessPoolExecutor, as_completed, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
 from dmx.errors import DMXError
 from dmx.search.train import SearchInterrupted
 
 __all__ = ["run_seed_searches", "SUMMARY_KEYS", "peak_rss_bytes", "available_memory_bytes",
-           "gib"]
+           "gib", "jobs_that_fit", "MEMORY_SHARE"]
 
 # what a worker sends back of a search's result (the model and its log stay in the worker)
 SUMMARY_KEYS = ("out", "raw_bits", "achieved_bits", "wall_seconds")
@@ -83,10 +87,12 @@ def _start_worker(threads: int, queue) -> None:
 
 
 def _search_one(fn, seed: int, kwargs: dict) -> dict:
-    """One seed's search in a worker: its summary, or where Ctrl-C stopped it."""
+    """One seed's search in a worker: its summary, or where Ctrl-C stopped it. After each
+    step it sends the parent the worker's peak memory so far (the progress bar's tick and
+    the measurement :func:`run_seed_searches` sizes the pool by)."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        result = fn(callback=lambda step, record: _steps_done.put(1),
+        result = fn(callback=lambda step, record: _steps_done.put(peak_rss_bytes() or 0),
                     say=lambda msg: print(f"dmx search: seed {seed}: {msg}", flush=True,
                                           file=sys.stderr),
                     **kwargs)
@@ -100,47 +106,102 @@ def _search_one(fn, seed: int, kwargs: dict) -> dict:
     return {**{k: result[k] for k in SUMMARY_KEYS}, "peak_rss_bytes": peak_rss_bytes()}
 
 
-def _count_steps(queue, bar) -> None:
-    while queue.get() is not None:
-        bar.update(1)
+class _StepCounter:
+    """The parent's end of the workers' queue: ticks the progress bar and keeps the largest
+    peak memory a worker has reported after a step (``first_peak`` is set once one has)."""
+
+    def __init__(self, queue, bar):
+        self.queue, self.bar, self.peak = queue, bar, 0
+        self.first_peak = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (peak := self.queue.get()) is not None:
+            self.bar.update(1)
+            if peak:
+                self.peak = max(self.peak, peak)
+                self.first_peak.set()
+
+    def stop(self) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout=5)
+
+
+# share of the memory available after the first search's first step that further searches
+# may take: the rest is headroom for the page cache, the parent and the peaks' spread
+MEMORY_SHARE = 0.9
+
+
+def jobs_that_fit(jobs: int, peak: int, available: int | None) -> int:
+    """How many searches may run at once, at most ``jobs``: the one measured (its peak
+    ``peak`` bytes, already outside ``available``) and as many more as fit in
+    :data:`MEMORY_SHARE` of ``available`` (all ``jobs`` where the OS does not say)."""
+    if available is None or peak <= 0:
+        return jobs
+    return max(1, min(jobs, 1 + int(MEMORY_SHARE * available // peak)))
 
 
 def run_seed_searches(fn, tasks: list[tuple[int, dict]], jobs: int, threads: int,
-                      steps: int, progress: bool = True, report=None) -> dict:
-    """Run ``fn(**kwargs)`` for every ``(seed, kwargs)`` of ``tasks``, ``jobs`` at a time in
-    spawned processes of ``threads`` CPU threads each; ``report(seed, summary)`` as each
-    finishes. Returns {seed: summary} (:data:`SUMMARY_KEYS`). Errors in a search (DMXError)
-    are raised here once the running searches are done; Ctrl-C raises SearchInterrupted.
-    Each summary also has ``peak_rss_bytes``, its worker's peak resident memory."""
+                      steps: int, progress: bool = True, report=None, say=None,
+                      memory=available_memory_bytes) -> dict:
+    """Run ``fn(**kwargs)`` for every ``(seed, kwargs)`` of ``tasks``, at most ``jobs`` at a
+    time in spawned processes of ``threads`` CPU threads each; ``report(seed, summary)`` as
+    each finishes. Returns {seed: summary} (:data:`SUMMARY_KEYS`). Errors in a search
+    (DMXError) are raised here once the running searches are done; Ctrl-C raises
+    SearchInterrupted. Each summary also has ``peak_rss_bytes``, its worker's peak memory.
+
+    Memory: ``jobs`` is an upper bound. Where the OS says how much memory is available
+    (``memory()``), one search starts alone; after its first step the pool starts only as
+    many more as fit (:func:`jobs_that_fit`), and ``say``s so when that is fewer than
+    ``jobs``. The others start one step later for it, instead of a worker dying of memory
+    mid-search."""
     from tqdm.auto import tqdm
 
+    staged = jobs > 1 and len(tasks) > 1 and memory() is not None  # one alone, then sized
+    limit = 1 if staged else jobs
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    bar = tqdm(total=steps * len(tasks), desc=f"dmx search: {len(tasks)} seeds, {jobs} at a "
-               f"time", unit="step", disable=not progress, dynamic_ncols=True)
-    counter = threading.Thread(target=_count_steps, args=(queue, bar), daemon=True)
-    counter.start()
-    done, stops = {}, {}
+    bar = tqdm(total=steps * len(tasks), desc=f"dmx search: {len(tasks)} seeds, up to {jobs} "
+               f"at a time", unit="step", disable=not progress, dynamic_ncols=True)
+    counter = _StepCounter(queue, bar)
+    done, stops, waiting, running = {}, {}, list(tasks), {}
     pool = ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=ctx,
                                initializer=_start_worker, initargs=(threads, queue))
-    futures = {pool.submit(_search_one, fn, seed, kwargs): seed for seed, kwargs in tasks}
+
+    def size_the_pool(peak: int) -> int:
+        nonlocal staged
+        staged, available = False, memory()
+        fit = jobs_that_fit(jobs, peak, available)
+        if fit < jobs and say:
+            say(f"--jobs {jobs}: one search holds {gib(peak)} after its first step and "
+                f"{gib(available)} is available: running {fit} at a time")
+        return fit
+
     try:
         try:
-            for fut in as_completed(futures):
-                seed, result = futures[fut], fut.result()
-                if result.get("interrupted"):  # Ctrl-C reached the worker first
-                    stops[seed] = result
-                    raise KeyboardInterrupt
-                done[seed] = result
-                if report:
-                    report(seed, result)
+            while waiting or running:
+                while waiting and len(running) < limit:
+                    seed, kwargs = waiting.pop(0)
+                    running[pool.submit(_search_one, fn, seed, kwargs)] = seed
+                finished, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
+                if staged and counter.first_peak.is_set():
+                    limit = size_the_pool(counter.peak)
+                for fut in finished:
+                    seed, result = running.pop(fut), fut.result()
+                    if result.get("interrupted"):  # Ctrl-C reached the worker first
+                        stops[seed] = result
+                        raise KeyboardInterrupt
+                    done[seed] = result
+                    if staged:  # it ended with no step reported (e.g. resumed at its end)
+                        limit = size_the_pool(result.get("peak_rss_bytes") or 0)
+                    if report:
+                        report(seed, result)
         except KeyboardInterrupt:
             # the running searches got the same SIGINT: they save a checkpoint and return
-            for fut in futures:
-                fut.cancel()
-            wait(futures)
-            for fut, seed in futures.items():
-                if not fut.cancelled() and fut.exception() is None:
+            wait(running)
+            for fut, seed in running.items():
+                if fut.exception() is None:
                     result = fut.result()
                     (stops if result.get("interrupted") else done)[seed] = result
             where = "; ".join(
@@ -153,14 +214,14 @@ def run_seed_searches(fn, tasks: list[tuple[int, dict]], jobs: int, threads: int
                 f"interrupted: {where or 'before any search started'}{finished}") from None
         except BrokenProcessPool:
             peaks = [r["peak_rss_bytes"] for r in done.values() if r.get("peak_rss_bytes")]
-            held = (f"a finished search held up to {gib(max(peaks))}; " if peaks else "")
-            raise DMXError(f"a search process died (out of memory? each of the {jobs} holds "
+            peaks += [counter.peak] if counter.peak else []
+            held = (f"a search held up to {gib(max(peaks))}; " if peaks else "")
+            raise DMXError(f"a search process died (out of memory? each of the {limit} holds "
                            f"the model and its search; {held}{gib(available_memory_bytes())} "
                            f"available now); rerun with fewer --jobs: the seeds finished "
                            f"({', '.join(map(str, sorted(done))) or 'none'}) are kept") from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        queue.put(None)
-        counter.join(timeout=5)
+        counter.stop()
         bar.close()
     return done
