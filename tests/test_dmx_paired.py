@@ -31,17 +31,35 @@ def test_nll_summary_recomputed_independently():
     rng = np.random.default_rng(0)
     w = list(rng.normal(4.0, 0.3, size=40))
     s = P.nll_summary(w, tokens_per_window=255)
-    se = np.std(w, ddof=1) / math.sqrt(40)
+    assert s["nll_se_lags"] == 3  # Newey-West's rule for 40 windows
+    c = np.asarray(w) - np.mean(w)
+    gamma = [np.dot(c[k:], c[:40 - k]) / 40 for k in range(4)]  # autocovariances, lags 0..3
+    long_run = gamma[0] + 2 * sum((1 - k / 4) * gamma[k] for k in (1, 2, 3))
+    se = math.sqrt(long_run / 40 * 40 / 39)
     assert s["nll"] == pytest.approx(np.mean(w), rel=1e-12) and s["scored"] == 40 * 255
     assert s["ppl"] == pytest.approx(math.exp(np.mean(w)), rel=1e-12)
     assert s["nll_se"] == pytest.approx(se, rel=1e-12)
     lo, hi = s["ppl_ci95"]
     assert lo < s["ppl"] < hi
     assert math.log(hi) - np.mean(w) == pytest.approx(T975[39] * se, rel=2e-3)
+    two = P.nll_summary([4.0, 4.5], 10)  # no lags: the usual standard error
+    assert two["nll_se_lags"] == 0 and two["nll_se"] == pytest.approx(0.25, rel=1e-12)
     one = P.nll_summary([4.0], 10)
     assert one["nll_se"] is None and one["ppl_ci95"] is None
     with pytest.raises(DMXError, match="no windows"):
         P.nll_summary([], 10)
+
+
+def test_nll_summary_widens_for_alike_neighbouring_windows():
+    """Windows whose NLLs follow an AR(1) with rho 0.5 (neighbours alike): the interval is
+    wider than the independent-windows one, by about what Newey-West's 3 lags allow."""
+    rng = np.random.default_rng(2)
+    w = [4.0]
+    for _ in range(399):
+        w.append(4.0 + 0.5 * (w[-1] - 4.0) + rng.normal(0, 0.3))
+    s = P.nll_summary(w, 255)
+    plain = np.std(w, ddof=1) / math.sqrt(len(w))
+    assert s["nll_se_lags"] == 5 and 1.35 < s["nll_se"] / plain < 1.75  # long-run: 1.73x
 
 
 def test_paired_sees_a_shift_the_unpaired_intervals_cannot():
