@@ -141,7 +141,8 @@ class SearchConfig:
     # so no recipe uses it
     error_signs: str = "fixed"
     # --error-signs random: the fraction of the steps that draw random signs (the rest use
-    # Q(v)): random while the layers are chosen, the true errors for the last moves
+    # Q(v)): random while the layers are chosen, the true errors for the last moves.
+    # Measured at 0.5: as bad as 1.0 at 5 and 6 bits (BENCHMARKS.md)
     error_signs_until: float = 1.0
     # anneal (code units, dmx.quant.anneal)
     delay: float = 0.6
