@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 import time
@@ -34,12 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 NAME = re.compile(r"^dmx-(?P<recipe>[\w.]+?)-(?P<bits>\d+(?:\.\d+)?)-(?:s(?P<seed>\d+)|"
                   r"comb(?P<seeds>[\d.]+))$")
-
-
-def verdict(a: np.ndarray, mean_d: float, se: float, t: float) -> str:
-    ppl_a = math.exp(a.mean())
-    lo, hi = ppl_a * math.expm1(mean_d - t * se), ppl_a * math.expm1(mean_d + t * se)
-    return "lower" if hi < 0 else "higher" if lo > 0 else "tie"
 
 
 def window_nll(out: Path) -> dict:
@@ -62,7 +55,7 @@ def pairs(work: Path):
 
 
 def main(argv=None) -> int:
-    from dmx.eval.paired import newey_west_se, paired, t_quantile
+    from dmx.eval.paired import difference_interval, newey_west_se, paired
     from dmx.outdir import atomic_write_text
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -86,12 +79,12 @@ def main(argv=None) -> int:
                 continue
             d = b - a
             plain = paired(a.tolist(), b.tolist())
-            nw = newey_west_se(d.tolist(), args.lags) * math.sqrt(len(d) / (len(d) - 1))
-            t = t_quantile(0.975, len(d) - 1)
+            nw = newey_west_se(d.tolist(), args.lags)
             acf = [float(np.corrcoef(d[:-k], d[k:])[0, 1]) for k in range(1, args.lags + 1)]
             by_text.setdefault(text, []).append(dict(
                 pair=f"{out.name} - {kl.name}", acf=acf, factor=nw / plain["delta_nll_se"],
-                plain=plain["verdict"], nw=verdict(a, float(d.mean()), nw, t)))
+                plain=plain["verdict"],
+                nw=difference_interval(plain["ppl_a"], plain["delta_nll"], nw, len(d))[1]))
     if not by_text:
         print(f"no dmx/kl pairs with per-window losses in {args.work}", file=sys.stderr)
         return 2

@@ -22,13 +22,13 @@ def test_newey_west_se_matches_the_plain_one_without_autocorrelation_and_grows_w
     """dmx.eval.paired.newey_west_se (what the benchmark measures with)."""
     rng = np.random.default_rng(0)
     iid = rng.standard_normal(4000)
-    plain = iid.std(ddof=0) / math.sqrt(len(iid))
+    plain = iid.std(ddof=1) / math.sqrt(len(iid))
     assert math.isclose(newey_west_se(iid.tolist(), 0), plain, rel_tol=1e-9)  # no lags
     assert 0.9 < newey_west_se(iid.tolist(), 3) / plain < 1.1
     ar = np.zeros(4000)  # AR(1), rho 0.8: the long-run sd is sqrt((1+rho)/(1-rho)) = 3x
     for i in range(1, len(ar)):
         ar[i] = 0.8 * ar[i - 1] + rng.standard_normal()
-    ratio = newey_west_se(ar.tolist(), 30) / (ar.std(ddof=0) / math.sqrt(len(ar)))
+    ratio = newey_west_se(ar.tolist(), 30) / (ar.std(ddof=1) / math.sqrt(len(ar)))
     assert 2.3 < ratio < 3.3
 
 

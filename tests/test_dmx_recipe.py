@@ -549,6 +549,7 @@ def test_error_signs_until_signs_the_first_share_of_the_steps_only(monkeypatch):
     cfg = SearchConfig.from_recipe("default", target_bits=6.0, steps=4, error_signs="random",
                                    error_signs_until=0.5)
     seen = {}
+    # _step(model, layers, windows, cfg, optimizer, schedule, step, ...): record the signs
     monkeypatch.setattr(train, "_step", lambda *a, **k: seen.setdefault(
         a[6], {n: l.error_sign for n, l in layers.items()}))
     for step in range(4):

@@ -32,7 +32,7 @@ from statistics import NormalDist
 from dmx.errors import DMXError
 
 __all__ = ["nll_summary", "paired", "t_quantile", "paired_line", "paired_cell",
-           "newey_west_se", "newey_west_lags"]
+           "newey_west_se", "newey_west_lags", "difference_interval"]
 
 
 def t_quantile(p: float, df: int) -> float:
@@ -70,16 +70,16 @@ def newey_west_lags(n: int) -> int:
 
 
 def newey_west_se(values, lags: int) -> float:
-    """The standard error of the mean of ``values`` allowing autocorrelation up to ``lags``
-    (Bartlett weights 1 - k / (lags + 1), so never negative); ``lags`` 0 is the plain
-    (ddof 0) standard error."""
+    """The standard error of the mean of ``values`` (at least 2) allowing autocorrelation
+    up to ``lags`` (Bartlett weights 1 - k / (lags + 1), so never negative), times the
+    small-sample factor sqrt(n / (n - 1)): ``lags`` 0 is the usual (ddof 1) one."""
     n = len(values)
     mean = math.fsum(values) / n
     c = [v - mean for v in values]
     s = math.fsum(x * x for x in c) / n
     for k in range(1, lags + 1):
         s += 2 * (1 - k / (lags + 1)) * math.fsum(c[i] * c[i - k] for i in range(k, n)) / n
-    return math.sqrt(max(s, 0.0) / n)
+    return math.sqrt(max(s, 0.0) / (n - 1))
 
 
 def _exp(x: float) -> float:
@@ -90,14 +90,13 @@ def nll_summary(window_nll, tokens_per_window: int) -> dict:
     """{"ppl", "nll", "scored", "nll_se", "nll_se_lags", "ppl_ci95"} of windows that each
     score ``tokens_per_window`` tokens, in text order (``nll_se``/``ppl_ci95`` None for a
     single window). ``nll_se`` is Newey-West's with ``nll_se_lags`` lags (consecutive
-    windows are alike), with the small-sample factor sqrt(n / (n - 1))."""
+    windows are alike)."""
     n = len(window_nll)
     if not n:
         raise DMXError("no windows to score")
     mean = math.fsum(window_nll) / n
     lags = newey_west_lags(n)
-    # times sqrt(n / (n - 1)): with 0 lags, the usual (ddof 1) standard error
-    se = newey_west_se(window_nll, lags) * math.sqrt(n / (n - 1)) if n > 1 else None
+    se = newey_west_se(window_nll, lags) if n > 1 else None
     out = {"ppl": _exp(mean), "nll": mean, "scored": n * tokens_per_window,
            "nll_se": se, "nll_se_lags": lags if n > 1 else None, "ppl_ci95": None}
     if se is not None:
@@ -120,12 +119,19 @@ def paired(a, b) -> dict:
     d = [y - x for x, y in zip(a, b)]
     mean_d, se = _mean_se(d)
     ppl_a, ppl_b = _exp(math.fsum(a) / len(a)), _exp(math.fsum(b) / len(b))
-    t = t_quantile(0.975, len(d) - 1)
-    lo, hi = (ppl_a * math.expm1(mean_d - t * se), ppl_a * math.expm1(mean_d + t * se))
-    verdict = "lower" if hi < 0 else "higher" if lo > 0 else "tie"
+    (lo, hi), verdict = difference_interval(ppl_a, mean_d, se, len(d))
     return {"windows": len(d), "delta_nll": mean_d, "delta_nll_se": se, "ppl_a": ppl_a,
             "ppl_b": ppl_b, "delta_ppl": ppl_b - ppl_a, "delta_ppl_ci95": [lo, hi],
             "verdict": verdict}
+
+
+def difference_interval(ppl_a: float, mean_d: float, se: float, windows: int):
+    """((lo, hi), verdict): the 95 % interval of ``ppl(b) - ppl(a)`` for a mean per-window
+    NLL difference ``mean_d`` with standard error ``se`` over ``windows`` windows (Student
+    t, A's perplexity held fixed), and "lower" / "higher" when it excludes 0, else "tie"."""
+    t = t_quantile(0.975, windows - 1)
+    lo, hi = ppl_a * math.expm1(mean_d - t * se), ppl_a * math.expm1(mean_d + t * se)
+    return (lo, hi), "lower" if hi < 0 else "higher" if lo > 0 else "tie"
 
 
 def paired_cell(p: dict) -> str:
