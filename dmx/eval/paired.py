@@ -54,15 +54,6 @@ def t_quantile(p: float, df: int) -> float:
     return z + g1 / df + g2 / df ** 2 + g3 / df ** 3 + g4 / df ** 4
 
 
-def _mean_se(values) -> tuple[float, float | None]:
-    n = len(values)
-    mean = math.fsum(values) / n
-    if n < 2:
-        return mean, None
-    var = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(var / n)
-
-
 def newey_west_lags(n: int) -> int:
     """Newey and West's (1994) rule of thumb, floor(4 (n / 100)^(2/9)) lags for n values
     (3 for 40 windows, 7 for 1,550), at most n - 2."""
@@ -117,7 +108,7 @@ def paired(a, b) -> dict:
         raise DMXError("a paired comparison needs at least 2 windows; score more "
                        "(--max-windows)")
     d = [y - x for x, y in zip(a, b)]
-    mean_d, se = _mean_se(d)
+    mean_d, se = math.fsum(d) / len(d), newey_west_se(d, 0)  # independent differences
     ppl_a, ppl_b = _exp(math.fsum(a) / len(a)), _exp(math.fsum(b) / len(b))
     (lo, hi), verdict = difference_interval(ppl_a, mean_d, se, len(d))
     return {"windows": len(d), "delta_nll": mean_d, "delta_nll_se": se, "ppl_a": ppl_a,
