@@ -64,15 +64,18 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"
                                             / "window_independence.md"))
     args = p.parse_args(argv)
-    by_text, single = {}, {}
+    by_text, single, read = {}, {}, {}
     for out, kl in pairs(Path(args.work)):
         for run in (out, kl):
-            for text, x in window_nll(run).items():
+            if run.name in read:  # a KL OUT pairs with several searches: read it once
+                continue
+            read[run.name] = window_nll(run)
+            for text, x in read[run.name].items():
                 if len(x) >= args.lags + 3:
                     single.setdefault(text, {})[run.name] = (
                         float(np.corrcoef(x[:-1], x[1:])[0, 1]),
                         newey_west_se(x.tolist(), args.lags) / newey_west_se(x.tolist(), 0))
-        a_all, b_all = window_nll(kl), window_nll(out)
+        a_all, b_all = read[kl.name], read[out.name]
         for text in sorted(set(a_all) & set(b_all)):
             a, b = a_all[text], b_all[text]
             if len(a) != len(b) or len(a) < args.lags + 3:
@@ -82,7 +85,8 @@ def main(argv=None) -> int:
             nw = newey_west_se(d.tolist(), args.lags)
             acf = [float(np.corrcoef(d[:-k], d[k:])[0, 1]) for k in range(1, args.lags + 1)]
             by_text.setdefault(text, []).append(dict(
-                pair=f"{out.name} - {kl.name}", acf=acf, factor=nw / plain["delta_nll_se"],
+                pair=f"{out.name} - {kl.name}", windows=len(d), acf=acf,
+                factor=nw / plain["delta_nll_se"],
                 plain=plain["verdict"],
                 nw=difference_interval(plain["ppl_a"], plain["delta_nll"], nw, len(d))[1]))
     if not by_text:
@@ -98,9 +102,10 @@ def main(argv=None) -> int:
         acf = np.mean([r["acf"] for r in rows], axis=0)
         f = np.array([r["factor"] for r in rows])
         changed = [r for r in rows if r["plain"] != r["nw"]]
-        n = len(window_nll(Path(args.work) / rows[0]["pair"].split(" - ")[0])[text])
-        lines.append(f"| {text.split('|')[0]} | {len(rows)} | {n} | {', '.join(f'{x:+.3f}' for x in acf)} | "
-                     f"{f.mean():.3f} ({f.min():.3f}..{f.max():.3f}) | {len(changed)} of "
+        n = rows[0]["windows"]
+        lines.append(f"| {text.split('|')[0]} | {len(rows)} | {n} | "
+                     f"{', '.join(f'{x:+.3f}' for x in acf)} | {f.mean():.3f} "
+                     f"({f.min():.3f}..{f.max():.3f}) | {len(changed)} of "
                      f"{len(rows)}" + "".join(f"; {r['pair']}: {r['plain']} -> {r['nw']}"
                                                for r in changed) + " |")
     lines += ["", "Each run's own window NLLs (one perplexity's interval):", "",
