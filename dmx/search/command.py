@@ -476,6 +476,9 @@ _HELP = {
                "recipe on; paper off)",
     "ce": "the next-token cross-entropy in the loss (default on; --no-ce --distill: the KL "
           "to the unquantized model alone)",
+    "attn_distill": "weight of the KL between the unquantized and the quantized model's "
+                    "attention probabilities in the loss (default 0: off; an experiment, "
+                    "BENCHMARKS.md)",
     "weighting": "average the budget uses: simple (per layer, default) or size (per weight)",
     "budget": "how the budget is held: bound (after each step: over the target, shrink all "
               "offsets by one amount times their share; under the --ramp floor, stretch "

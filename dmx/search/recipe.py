@@ -111,6 +111,12 @@ class SearchConfig:
     # the next-token cross-entropy in the loss (False: the distillation KL alone, a paired,
     # lower-variance signal; needs distill)
     ce: bool = True
+    # weight of an attention term in the loss: KL(unquantized || quantized) of every
+    # attention row, averaged over layers, heads and queries (dmx.search.losses.attention_kl;
+    # 0: off, the paper's). Why: a k_proj's error acts through the softmax of q.k, which the
+    # output's gradient at the all-low start under-ranks (BENCHMARKS.md); the term gives
+    # q/k_proj a direct path. Needs eager attention (set for the search, then restored)
+    attn_distill: float = 0.0
     weighting: str = "simple"
     budget: str = "bound"
     lam: float = 5.0
@@ -255,6 +261,10 @@ class SearchConfig:
             raise DMXError(f"--momentum must be in [0, 1), got {self.momentum!r}")
         if not 0.0 <= self.ramp <= 1.0:
             raise DMXError(f"--ramp must be a fraction in [0, 1], got {self.ramp!r}")
+        if not (isinstance(self.attn_distill, (int, float)) and math.isfinite(self.attn_distill)
+                and self.attn_distill >= 0):
+            raise DMXError(f"--attn-distill must be a weight >= 0 (0: off), got "
+                           f"{self.attn_distill!r}")
         if not 0.0 < self.error_signs_until <= 1.0:
             raise DMXError(f"--error-signs-until must be a fraction in (0, 1], got "
                            f"{self.error_signs_until!r}")

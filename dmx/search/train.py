@@ -34,12 +34,12 @@ from dmx.errors import DMXError
 from dmx.nn.layers import dmx_parameters, set_temperature
 from dmx.nn.bits import average_bits
 from dmx.search.penalty import hinge_penalty
-from dmx.search.losses import distill_kl, next_token_ce
+from dmx.search.losses import attention_kl, distill_kl, next_token_ce
 from dmx.search.recipe import SearchConfig
 
 __all__ = ["SearchInterrupted", "batch_indices", "quantization_bypassed", "forward_logits",
-           "hard_bits", "train_offsets", "checkpoint_blocks", "error_signs",
-           "signed_step"]
+           "forward_outputs", "eager_attention", "hard_bits", "train_offsets",
+           "checkpoint_blocks", "error_signs", "signed_step"]
 
 
 class SearchInterrupted(Exception):
@@ -136,19 +136,40 @@ def forward_logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, use_cache=False).logits
 
 
-def _data_parallel_loss(dist, loss, ce, kl, penalty, share):
-    """This rank's part of the global loss: its CE (+ KL) weighted by its share of the
-    batch, the penalty on rank 0 only (counted once), so the gradients summed over the
-    ranks are those of the single-process loss. Also returns the global CE and KL (the
-    logged values, the same on every rank)."""
+def forward_outputs(model, ids: torch.Tensor, attentions: bool = False):
+    """(logits, attention probabilities per layer or None) of ``ids`` without the KV cache."""
+    out = model(input_ids=ids, use_cache=False, output_attentions=attentions)
+    return out.logits, (tuple(out.attentions) if attentions else None)
+
+
+@contextlib.contextmanager
+def eager_attention(model, needed: bool):
+    """Attention computed by the model's eager code while ``needed`` (--attn-distill: the
+    fused kernels do not return the probabilities), then the model's own again."""
+    before = getattr(model.config, "_attn_implementation", None)
+    if not needed or before == "eager":
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
+def _data_parallel_loss(dist, loss, logged: dict, penalty, share):
+    """This rank's part of the global loss: its CE (+ KL, + attention KL) weighted by its
+    share of the batch, the penalty on rank 0 only (counted once), so the gradients summed
+    over the ranks are those of the single-process loss. Also returns the global value of
+    each term in ``logged`` (None stays None; the logged values, the same on every rank)."""
     from dmx.search.distributed import reduce_sum
 
     local = loss.float() * share
     if dist.is_main:
         local = local + penalty.to(local.device)
-    sums = reduce_sum(dist, [ce.detach() * share] + ([] if kl is None else
-                                                      [kl.detach() * share]))
-    return local, sums[0], (sums[1] if kl is not None else None)
+    present = [k for k, v in logged.items() if v is not None]
+    sums = reduce_sum(dist, [logged[k].detach() * share for k in present])
+    return local, {**logged, **dict(zip(present, sums))}
 
 
 def train_offsets(model, layers: dict, windows: torch.Tensor, cfg: SearchConfig,
@@ -202,29 +223,31 @@ def train_offsets(model, layers: dict, windows: torch.Tensor, cfg: SearchConfig,
     bar = tqdm(total=cfg.steps, initial=start, desc="dmx search", unit="step",
                disable=not progress, dynamic_ncols=True)
     step = start
-    try:
-        while step < cfg.steps:
-            record = _train_step(model, layers, windows, cfg, optimizer, schedule, step, dist,
-                                 rotations)
-            log.append(record)
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['ce']:.3f}", pen=f"{record['penalty']:.3f}",
-                            bits=f"{record['avg_bits']:.2f}", hard=f"{record['hard_bits']:.2f}",
-                            T=f"{record['T']:.2f}", refresh=False)
-            # the last step saves too: a crash while OUT is written then resumes straight
-            # to writing it
-            if save is not None and ((checkpoint_every and step % checkpoint_every == 0)
-                                     or step == cfg.steps):
-                save(state_now(step))
-            if callback is not None:
-                callback(step, record)
-    except KeyboardInterrupt:
-        bar.close()
-        if save is None:
-            raise
-        # ``step`` counts finished steps: the checkpoint resumes exactly after the last one
-        raise SearchInterrupted(step, save(state_now(step))) from None
+    with eager_attention(model, cfg.attn_distill > 0):
+        try:
+            while step < cfg.steps:
+                record = _train_step(model, layers, windows, cfg, optimizer, schedule, step,
+                                     dist, rotations)
+                log.append(record)
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['ce']:.3f}", pen=f"{record['penalty']:.3f}",
+                                bits=f"{record['avg_bits']:.2f}",
+                                hard=f"{record['hard_bits']:.2f}", T=f"{record['T']:.2f}",
+                                refresh=False)
+                # the last step saves too: a crash while OUT is written then resumes straight
+                # to writing it
+                if save is not None and ((checkpoint_every and step % checkpoint_every == 0)
+                                         or step == cfg.steps):
+                    save(state_now(step))
+                if callback is not None:
+                    callback(step, record)
+        except KeyboardInterrupt:
+            bar.close()
+            if save is None:
+                raise
+            # ``step`` counts finished steps: the checkpoint resumes exactly after the last one
+            raise SearchInterrupted(step, save(state_now(step))) from None
     bar.close()
     return log
 
@@ -380,22 +403,30 @@ def _step(model, layers, windows, cfg: SearchConfig, optimizer, schedule, step, 
     parallel = dist is not None and dist.enabled
     if parallel:  # this rank's slice of the global batch, and its share of it
         ids, share = dist.rank_slice(ids, cfg.batch_size)
-    kl = None
-    if cfg.distill:
+    kl = attn = None
+    attend = cfg.attn_distill > 0
+    if cfg.distill or attend:
         with torch.no_grad(), quantization_bypassed(layers):
-            ref_logits = forward_logits(model, ids)
-    logits = forward_logits(model, ids)
+            ref_logits, ref_att = forward_outputs(model, ids, attend)
+    logits, att = forward_outputs(model, ids, attend)
     ce = next_token_ce(logits, ids)
     loss = ce if cfg.ce else None  # the CE is logged either way
     if cfg.distill:
         kl = distill_kl(logits, ref_logits)
         loss = kl if loss is None else loss + kl
+    if attend:
+        attn = attention_kl(att, ref_att)
+        weighted = cfg.attn_distill * attn
+        loss = weighted if loss is None else loss + weighted
     avg = average_bits(layers, cfg.weighting)  # float32 whatever the model dtype
     lam = cfg.lam if cfg.budget == "hinge" else 0.0  # bound/project: the budget is not a loss
     penalty = hinge_penalty(avg, cfg.target_bits, lam)
     if parallel:
-        loss, ce, kl = _data_parallel_loss(dist, loss, ce, kl, penalty, share)
+        loss, logged = _data_parallel_loss(dist, loss, {"ce": ce, "kl": kl, "attn": attn},
+                                           penalty, share)
+        ce, kl, attn = logged["ce"], logged["kl"], logged["attn"]
         terms = ([ce] if cfg.ce else []) + ([kl] if kl is not None else [])
+        terms += [cfg.attn_distill * attn] if attn is not None else []
         value = float(sum(t.float() for t in terms) + penalty.detach().to(ce.device))
     else:
         loss = loss.float() + penalty.to(loss.device)  # .to: --device-map spreads the layers
@@ -438,7 +469,9 @@ def _step(model, layers, windows, cfg: SearchConfig, optimizer, schedule, step, 
                                max_stretch=cfg.max_stretch)
         shift, stretch = held["shift"], held["stretch"]
     return {"step": step, "T": T, "loss": value, "ce": float(ce.detach()),
-            "kl": None if kl is None else float(kl.detach()), "penalty": float(penalty.detach()),
+            "kl": None if kl is None else float(kl.detach()),
+            "attn_kl": None if attn is None else float(attn.detach()),
+            "penalty": float(penalty.detach()),
             "avg_bits": float(avg.detach()),
             "hard_bits": hard_bits(layers, cfg.weighting), "grad_norm": grad_norm,
             "shift": shift, "stretch": stretch, "floor": cfg.budget_floor(step), **rotation,
