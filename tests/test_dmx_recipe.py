@@ -579,3 +579,93 @@ class _Schedule:
 def test_error_signs_until_refuses_what_would_do_nothing(settings, message):
     with pytest.raises(DMXError, match=re.escape(message)):
         SearchConfig.from_recipe("default", target_bits=6.0, **settings)
+
+
+def test_attention_kl_is_the_rowwise_kl_averaged_over_layers():
+    """attention_kl: KL(p || q) of each query's row, mean over batch, heads and queries,
+    then over the layers; 0 for equal inputs; masked keys (0 in both) add nothing, and a
+    q that underflowed to 0 where p is not gives a large finite value, not inf or nan."""
+    from dmx.search.losses import attention_kl
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.full((5, 5), float("-inf")).triu(1)  # causal: key j > query i hidden
+    p = [torch.softmax(torch.randn(2, 3, 5, 5, generator=g) + mask, -1) for _ in range(2)]
+    q = [torch.softmax(torch.randn(2, 3, 5, 5, generator=g) + mask, -1) for _ in range(2)]
+    by_hand = []
+    for pl, ql in zip(p, q):
+        rows = []
+        for b in range(2):
+            for h in range(3):
+                for i in range(5):
+                    rows.append(sum(float(pl[b, h, i, j]) * math.log(float(pl[b, h, i, j])
+                                                                      / float(ql[b, h, i, j]))
+                                    for j in range(i + 1)))
+        by_hand.append(sum(rows) / len(rows))
+    assert float(attention_kl(q, p)) == pytest.approx(sum(by_hand) / 2, rel=1e-5)
+    assert float(attention_kl(p, p)) == pytest.approx(0.0, abs=1e-6)
+    broken = [t.clone() for t in q]
+    broken[0][0, 0, 4] = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0])
+    assert math.isfinite(float(attention_kl(broken, p))) and attention_kl(broken, p) > 1.0
+    with pytest.raises(ValueError, match="same, non-zero number of layers"):
+        attention_kl(q[:1], p)
+
+
+def test_attn_distill_steps_on_ce_plus_the_weighted_attention_kl(calib):
+    """--attn-distill W (here with --no-distill): one plain SGD step equals -lr * d(CE +
+    W * attention KL)/d offsets, the attention KL computed by hand from the probabilities
+    a separate unquantized copy and a quantized copy return; the search runs eager
+    attention and gives the model its own implementation back afterwards."""
+    cfg = SearchConfig.from_recipe("paper", target_bits=8.0, steps=1, batch_size=2, seqlen=32,
+                                   samples=2, delay=1.0, distill=False, attn_distill=2.0,
+                                   lam=0.0, momentum=0.0, grad_norm="none", lr=0.5)
+
+    def fresh(wrap=True):
+        return _frozen_embedded_model(cfg.ladder, ["layers.0."] if wrap else None)
+
+    model, tok, layers = fresh()
+    before = model.config._attn_implementation
+    assert before != "eager"  # else the test would not see the switch
+    windows = data.calibration_windows(tok, [str(calib)], cfg.seqlen, cfg.samples, cfg.seed)
+    start = torch.linspace(0.3, 1.5, len(layers))
+    got, learned = _train_from(model, layers, windows, cfg, start)
+    assert model.config._attn_implementation == before
+
+    ids = windows[batch_indices(cfg.seed, 0, windows.shape[0], cfg.batch_size)]
+    plain, _, _ = fresh(wrap=False)
+    plain.set_attn_implementation("eager")
+    with torch.no_grad():
+        ref = plain(input_ids=ids, use_cache=False, output_attentions=True).attentions
+    quant, _, qlayers = fresh()
+    quant.set_attn_implementation("eager")
+    params = _set_offsets(quant, start)
+    for layer in qlayers.values():
+        layer.train()
+        layer.temperature = cfg.t_start
+    out = quant(input_ids=ids, use_cache=False, output_attentions=True)
+    ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(),
+                                           ids[:, 1:].flatten())
+    per_layer = []
+    for p, q in zip(ref, out.attentions):
+        keep = p > 0  # the keys the causal mask leaves
+        terms = torch.where(keep, p * (torch.log(p.where(keep, 1.0))
+                                       - torch.log(q.where(keep, 1.0))), 0.0)
+        per_layer.append(terms.sum(-1).mean())
+    attn = torch.stack(per_layer).mean()
+    (ce + 2.0 * attn).backward()
+    want = start - cfg.lr * torch.stack([p.grad for p in params])
+    assert got[0]["attn_kl"] == pytest.approx(float(attn.detach()), rel=1e-5)
+    assert got[0]["kl"] is None
+    assert got[0]["loss"] == pytest.approx(float((ce + 2.0 * attn).detach()), rel=1e-5)
+    assert float((want - start).abs().max()) > 1e-4
+    torch.testing.assert_close(learned, want, rtol=0, atol=1e-6)
+    # the attention term moved the step: without it the same step differs
+    other, _, other_layers = fresh()
+    _, plain_step = _train_from(other, other_layers, windows, cfg.replace(attn_distill=0.0),
+                                start)
+    assert float((plain_step - learned).abs().max()) > 1e-6
+
+
+@pytest.mark.parametrize("weight", [-1.0, float("nan"), float("inf")])
+def test_attn_distill_refuses_a_weight_that_is_not_finite_and_non_negative(weight):
+    with pytest.raises(DMXError, match=re.escape("--attn-distill must be a weight >= 0")):
+        SearchConfig.from_recipe("default", target_bits=6.0, attn_distill=weight)
