@@ -123,7 +123,9 @@ def _recipe_label(search: dict) -> str | None:
     recipe = (search.get("config") or {}).get("recipe")
     combined = search.get("combined")
     if recipe is not None and combined:
-        return f"{recipe}, {len(combined['seeds'])} seeds combined"
+        fused = combined.get("kl")
+        with_kl = f", fused with {len(fused['inputs'])} KL" if fused else ""
+        return f"{recipe}, {len(combined['seeds'])} seeds combined{with_kl}"
     return recipe
 
 

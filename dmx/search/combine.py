@@ -115,10 +115,11 @@ def mean_offsets(logs: list, ladder) -> dict:
 
 
 def combine_searches(outs, out, fill: bool | None = None, force: bool = False,
-                     device: str = "cpu") -> dict:
+                     device: str = "cpu", kl=None) -> dict:
     """Write OUT with the assignment of the mean offsets of the searches ``outs`` (see the
-    module docstring); ``fill``: None takes the searches' own --fill-budget. Returns a
-    summary."""
+    module docstring); ``fill``: None takes the searches' own --fill-budget. ``kl``: KL
+    baseline OUTs whose sensitivities are fused with the mean offsets
+    (dmx.search.rank_fusion) instead. Returns a summary."""
     from dmx import data, outdir
     from dmx.nn.bits import average_bits_of
     from dmx.nn.layers import fused_units
@@ -139,6 +140,9 @@ def combine_searches(outs, out, fill: bool | None = None, force: bool = False,
         raise DMXError(f"the searches' source model {source} is not there; combine on the "
                        f"machine that has it")
     lad = get_ladder(first["ladder"])
+    if kl and fill is False:
+        raise DMXError("--kl assigns by greedy promotion, which fills the budget as closely "
+                       "as the units allow; drop --no-fill-budget")
     fill = cfg.fill_budget if fill is None else bool(fill)
     names = list(first["layers"])
     mean = mean_offsets(logs, lad)
@@ -149,9 +153,14 @@ def combine_searches(outs, out, fill: bool | None = None, force: bool = False,
     shapes = {n: tuple(first["layers"][n]["shape"]) for n in names}
     quant_in = {n: first["layers"][n].get("act_format") is not None for n in names}
     units = fused_units(names) if cfg.tie_fused else [(n,) for n in names]
-    repair = repair_assignment(raw, mean, shapes, lad, cfg.target_bits, cfg.weighting,
-                               quant_in, fill, units=units)
-    formats = repair.pop("formats")
+    fusion = None
+    if kl:
+        formats, fusion = _fused_assignment(kl, first, cfg, units, mean, shapes, lad)
+        repair = None
+    else:
+        repair = repair_assignment(raw, mean, shapes, lad, cfg.target_bits, cfg.weighting,
+                                   quant_in, fill, units=units)
+        formats = repair.pop("formats")
     acts = {n: (formats[n] if quant_in[n] else None) for n in names}
     raw_bits = average_bits_of(raw, {n: (raw[n] if quant_in[n] else None) for n in names},
                                shapes)
@@ -169,7 +178,8 @@ def combine_searches(outs, out, fill: bool | None = None, force: bool = False,
                                     "seeds": seeds, "fill": fill,
                                     "rule": "mean of the clamped final offsets; nearest "
                                             "rung; fit/fill ranked by the mean",
-                                    "offsets": mean},
+                                    "offsets": mean,
+                                    **({} if fusion is None else {"kl": fusion})},
                        "train_seconds": sum(float(m["search"].get("train_seconds") or 0)
                                             for m in manifests)}}
     # the cost of the result: every search's wall time, and the combination's own
@@ -180,7 +190,24 @@ def combine_searches(outs, out, fill: bool | None = None, force: bool = False,
     outdir.write_out(out, model, formats, acts, source, meta, force)
     return {"out": str(out), "formats": formats, "raw_formats": raw, "raw_bits": raw_bits,
             "achieved_bits": achieved, "budget_repair": repair, "seeds": seeds,
-            "offsets": mean}
+            "offsets": mean, "kl": fusion}
+
+
+def _fused_assignment(kl_outs, first: dict, cfg, units, mean: dict, shapes: dict, lad):
+    """({name: format}, what the manifest records) of the rank fusion of the searches'
+    mean offsets with the KL OUTs' sensitivities (dmx.search.rank_fusion)."""
+    from dmx.search.baseline import greedy_promote
+    from dmx.search.rank_fusion import RULE, fused_order, kl_sensitivities_of
+
+    sens, inputs = kl_sensitivities_of(kl_outs, first, cfg, units)
+    order, score = fused_order({u: mean[u[0]] for u in units}, sens)
+    # greedy_promote promotes by decreasing value: hand it the fused order as values
+    rank = {u: float(len(order) - i) for i, u in enumerate(order)}
+    formats = greedy_promote(units, rank, shapes, lad, cfg.target_bits, cfg.weighting,
+                             cfg.weights_only)
+    return formats, {"inputs": inputs, "rule": RULE,
+                     "scores": {"+".join(u): score[u] for u in order},
+                     "sensitivity_sum": {"+".join(u): sens[u] for u in units}}
 
 
 def add_combine_parser(subparsers):
@@ -201,6 +228,11 @@ def add_combine_parser(subparsers):
                         "searches were run)")
     p.add_argument("--no-fill-budget", action="store_false", dest="fill",
                    help="leave the mean's assignment under the target if it lands there")
+    p.add_argument("--kl", nargs="+", metavar="KL_OUT", default=None,
+                   help="`dmx baseline --method kl` OUTs of the same model and layers (e.g. "
+                        "one per calibration seed): rank the units by the mean of two "
+                        "percentile ranks, the searches' mean offset and the summed KL "
+                        "sensitivity, and promote greedily in that order (docs/dmx_search.md)")
     p.add_argument("--device", default="cpu", help="where the weights are packed (cpu)")
     p.add_argument("--force", action="store_true", help="replace an existing OUT")
     add_threads_arg(p)
@@ -211,13 +243,18 @@ def run_combine(args) -> int:
     from dmx.threads import apply_threads
 
     apply_threads(args)
-    res = combine_searches(args.outs, args.out, args.fill, args.force, args.device)
+    res = combine_searches(args.outs, args.out, args.fill, args.force, args.device, args.kl)
     print(f"dmx combine: {summary_line(res)}")
     return 0
 
 
 def summary_line(res: dict) -> str:
     """What a combination did, in one line (dmx combine, dmx search --seeds)."""
+    if res.get("kl"):
+        return (f"seeds {', '.join(map(str, res['seeds']))} fused with {len(res['kl']['inputs'])}"
+                f" KL baseline(s) -> {res['out']}: {res['achieved_bits']['simple']:.3f} bits "
+                f"(the mean's nearest rungs alone {res['raw_bits']['simple']:.3f}; promoted "
+                f"greedily by the fused rank)")
     moves = res["budget_repair"]["moves"]
     return (f"seeds {', '.join(map(str, res['seeds']))} -> {res['out']}: "
             f"{res['achieved_bits']['simple']:.3f} bits (mean's nearest rungs "

@@ -1,0 +1,125 @@
+"""``dmx combine --kl``: rank the units by dMX's combined offsets *and* KL's sensitivities.
+
+On SmolLM2-135M (BENCHMARKS.md, issue 11) the two rankings are good in different places:
+KL's finite differences (each unit alone in the low format, everything else exact) rank
+the early k_proj that a short search under-ranks at 4.5 bits, and the searches' mean
+offsets rank better where many layers move (5 and 6 bits). Each is a noisy estimate of
+one ordering; the mean of their percentile ranks keeps what both agree on and lets each
+break the other's near-ties.
+
+The rule:
+
+1. every unit's dMX score is its mean offset over the searches (dmx.search.combine), its
+   KL score the sum of its sensitivities over the KL OUTs given (KL's own combination of
+   several calibration seeds);
+2. each score becomes a percentile rank in [0, 1] over the units (equal scores share
+   their average rank: many units sit exactly at the ladder's bottom after a search);
+3. the fused score is the mean of the two ranks; the units are ordered by it, highest
+   first (equal fused scores by the dMX mean, then model order);
+4. the assignment is KL's greedy promotion in that order
+   (:func:`dmx.search.baseline.greedy_promote`): all units low, each promoted while the
+   average bits stay at or below the target, so the budget is met as closely as the units
+   allow, never exceeded.
+
+Public API: ``percentile_ranks(values) -> {key: rank}``, ``fused_order(mean, sens) ->
+([unit], {unit: score})``, ``kl_sensitivities_of(kl_outs, search_manifest, cfg, units)
+-> (sums, inputs)``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from dmx.errors import DMXError
+
+__all__ = ["RULE", "percentile_ranks", "fused_order", "kl_sensitivities_of"]
+
+RULE = ("mean of the percentile ranks of the searches' mean offset and of the KL OUTs' "
+        "summed sensitivity (ties: average rank); greedy promotion in that order")
+
+
+def percentile_ranks(values: dict) -> dict:
+    """{key: rank in [0, 1]}: 0 for the smallest value, 1 for the largest; equal values
+    share the mean of the ranks they span. A single key ranks 0.5."""
+    keys = list(values)
+    if len(keys) == 1:
+        return {keys[0]: 0.5}
+    ordered = sorted(keys, key=lambda k: values[k])
+    rank, i = {}, 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and values[ordered[j + 1]] == values[ordered[i]]:
+            j += 1
+        for k in ordered[i:j + 1]:
+            rank[k] = (i + j) / 2 / (len(keys) - 1)
+        i = j + 1
+    return rank
+
+
+def fused_order(mean: dict, sens: dict) -> tuple[list, dict]:
+    """(the units -- the keys of ``mean`` and ``sens``, in model order -- by decreasing
+    fused score, ties by decreasing ``mean``, then model order; {unit: fused score})."""
+    if set(mean) != set(sens):
+        raise DMXError("fused_order: the two rankings name different units")
+    rm, rs = percentile_ranks(mean), percentile_ranks(sens)
+    units = list(mean)
+    score = {u: (rm[u] + rs[u]) / 2 for u in units}
+    order = sorted(range(len(units)), key=lambda i: (-score[units[i]], -mean[units[i]], i))
+    return [units[i] for i in order], score
+
+
+def _label(unit) -> str:
+    return "+".join(unit)
+
+
+def kl_sensitivities_of(kl_outs, search: dict, cfg, units) -> tuple[dict, list]:
+    """({unit: summed sensitivity}, [the inputs as the manifest records them]) of the KL
+    OUTs ``kl_outs``, after checking that each scored the searches' units: the same source
+    model, ladder, layers (names, shapes, inputs quantized or not), units (tied or not) and
+    no rotation. ``search``: one search's manifest; ``cfg``: its SearchConfig."""
+    from dmx.outdir import read_manifest
+
+    kl_outs = [str(k) for k in kl_outs]
+    paths = [str(Path(k).resolve()) for k in kl_outs]
+    for i, p in enumerate(paths):
+        if p in paths[:i]:
+            raise DMXError(f"--kl {kl_outs[i]} is given twice; pass each KL baseline once")
+    want_layers = {n: (tuple(e["shape"]), e.get("act_format") is not None)
+                   for n, e in search["layers"].items()}
+    sums = {u: 0.0 for u in units}
+    inputs = []
+    for k in kl_outs:
+        m = read_manifest(k)
+        if m["method"] != "kl" or "sensitivity" not in (m.get("baseline") or {}):
+            raise DMXError(f"--kl {k}: a `dmx {m['method']}` OUT; --kl takes OUTs written by "
+                           f"`dmx baseline --method kl`")
+        if str(Path(m["source_model"]).resolve()) != str(Path(search["source_model"]).resolve()):
+            raise DMXError(f"--kl {k}: a baseline of {m['source_model']}, the searches are of "
+                           f"{search['source_model']}; use a KL baseline of the same model")
+        if m["ladder"] != search["ladder"]:
+            raise DMXError(f"--kl {k}: ladder {m['ladder']}, the searches' is "
+                           f"{search['ladder']}; run the baseline with --ladder "
+                           f"{search['ladder']}")
+        if m.get("rotation"):
+            raise DMXError(f"--kl {k}: measured on rotated weights; use a baseline with "
+                           f"--rotate none, as the searches")
+        layers = {n: (tuple(e["shape"]), e.get("act_format") is not None)
+                  for n, e in m["layers"].items()}
+        if layers != want_layers:
+            raise DMXError(f"--kl {k}: it quantizes other layers than the searches (or leaves "
+                           f"other inputs unquantized); run it with the searches' "
+                           f"--include/--exclude/--export-target/--weights-only")
+        if bool(m["baseline"].get("tie_fused")) != bool(cfg.tie_fused):
+            theirs, ours = (("fused groups", "single linears") if cfg.tie_fused is False
+                            else ("single linears", "fused groups"))
+            raise DMXError(f"--kl {k}: it scored {theirs}, the searches' units are {ours}; "
+                           f"run it with {'--tie-fused' if cfg.tie_fused else '--no-tie-fused'}")
+        sens = m["baseline"]["sensitivity"]
+        missing = [_label(u) for u in units if _label(u) not in sens]
+        if missing:
+            raise DMXError(f"--kl {k}: no sensitivity for {missing[0]}; run the baseline "
+                           f"again with the searches' layers")
+        for u in units:
+            sums[u] += float(sens[_label(u)])
+        inputs.append({"out": str(Path(k).resolve()), "seed": m["seed"],
+                       "manifest_sha256": m["manifest_sha256"]})
+    return sums, inputs
