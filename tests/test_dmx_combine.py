@@ -145,3 +145,93 @@ def test_rotated_searches_are_refused(tmp_path_factory, calib, tmp_path, capsys)
                rotate="hadamard", **SMALL)
     fails(capsys, ["combine", *map(str, outs), "-o", str(tmp_path / "comb")],
           "--rotate hadamard", tmp_path)
+
+
+# ----------------------------------------------------------------------------- --kl
+@pytest.fixture(scope="module")
+def kl_outs(searches, tmp_path_factory, calib):
+    """Two KL baselines of the searches' model (calibration seeds 0 and 1) and one with
+    fused units."""
+    src, _ = searches
+    root = tmp_path_factory.mktemp("kl")
+    outs = {}
+    for name, extra in (("s0", ["--seed", "0"]), ("s1", ["--seed", "1"]),
+                        ("tied", ["--seed", "0", "--tie-fused"])):
+        outs[name] = root / name
+        assert main(["baseline", "--model", str(src), "--method", "kl", "--target-bits",
+                     str(TARGET), "--calib", str(calib), "--samples", "2", "--seqlen", "32",
+                     "--export-target", "none", "-o", str(outs[name]), *extra]) == 0
+    return outs
+
+
+def _rank(values: list) -> list:
+    """Percentile ranks by counting: (smaller + (equal - 1) / 2) / (n - 1)."""
+    n = len(values)
+    return [(sum(w < v for w in values) + (sum(w == v for w in values) - 1) / 2) / (n - 1)
+            for v in values]
+
+
+def test_kl_fusion_follows_the_documented_rule(searches, kl_outs, tmp_path, capsys):
+    """--kl: the mean of the two percentile ranks (the searches' mean offset, the KL OUTs'
+    summed sensitivity), ordered by it (ties: the mean offset, then model order), then
+    every unit promoted to MXFP8 in that order while the simple average fits."""
+    _, outs = searches
+    inputs, kls = [outs[s] for s in (0, 1, 2)], [kl_outs["s0"], kl_outs["s1"]]
+    out = tmp_path / "fused"
+    assert main(["combine", *map(str, inputs), "--kl", *map(str, kls), "-o", str(out)]) == 0
+    assert "fused with 2 KL baseline(s)" in capsys.readouterr().out
+    _, mean = _expected(inputs, fill=True)
+    names = list(read_search_log(inputs[0])["offsets"])
+    sens = [sum(read_manifest(k)["baseline"]["sensitivity"][n] for k in kls) for n in names]
+    score = [(a + b) / 2 for a, b in zip(_rank(mean), _rank(sens))]
+    order = sorted(range(len(names)), key=lambda i: (-score[i], -mean[i], i))
+    bits = {n: 4 for n in names}
+    for i in order:
+        trial = dict(bits, **{names[i]: 8})
+        if sum(trial.values()) / len(trial) <= TARGET + 1e-6:
+            bits = trial
+    expected = {n: ("fp8_e4m3" if b == 8 else "fp4_e2m1") for n, b in bits.items()}
+    m = read_manifest(out)
+    assert {n: e["format"] for n, e in m["layers"].items()} == expected
+    fused = m["search"]["combined"]["kl"]
+    assert [i["manifest_sha256"] for i in fused["inputs"]] == \
+        [read_manifest(k)["manifest_sha256"] for k in kls]
+    assert [fused["scores"][n] for n in names] == pytest.approx(score, abs=1e-12)
+    assert m["search"]["budget_repair"] is None
+    from dmx.eval.report import collect
+    (row,) = collect([out])
+    assert row["recipe"] == "default, 3 seeds combined, fused with 2 KL"
+
+
+def test_kl_fusion_refusals(searches, kl_outs, tmp_path, capsys):
+    src, outs = searches
+    a, b = str(outs[0]), str(outs[1])
+    o = ["-o", str(tmp_path / "fused")]
+    k0 = str(kl_outs["s0"])
+    fails(capsys, ["combine", a, b, "--kl", k0, k0, *o], "given twice", tmp_path)
+    fails(capsys, ["combine", a, b, "--kl", a, *o], "written by `dmx baseline --method kl`",
+          tmp_path)
+    fails(capsys, ["combine", a, b, "--kl", str(kl_outs["tied"]), *o],
+          "run it with --no-tie-fused", tmp_path)
+    fails(capsys, ["combine", a, b, "--kl", k0, "--no-fill-budget", *o],
+          "drop --no-fill-budget", tmp_path)
+    assert main(["baseline", "--model", str(src), "--method", "kl", "--target-bits",
+                 str(TARGET), "--samples", "2", "--seqlen", "32", "--export-target", "none",
+                 "--include", "mlp", "-o", str(tmp_path / "kl-mlp")]) == 0
+    capsys.readouterr()
+    fails(capsys, ["combine", a, b, "--kl", str(tmp_path / "kl-mlp"), *o],
+          "quantizes other layers", tmp_path)
+
+
+def test_percentile_ranks_share_ties_and_span_zero_to_one():
+    from dmx.search.rank_fusion import fused_order, percentile_ranks
+
+    assert percentile_ranks({"a": 3.0, "b": 1.0, "c": 2.0}) == {"a": 1.0, "b": 0.0, "c": 0.5}
+    # three units at the ladder's bottom share ranks 0, 1/4, 2/4: 1/4 each
+    got = percentile_ranks({"a": 0.0, "b": 0.0, "c": 0.0, "d": 1.5, "e": 0.7})
+    assert got == {"a": 0.25, "b": 0.25, "c": 0.25, "d": 1.0, "e": 0.75}
+    assert percentile_ranks({"only": 5.0}) == {"only": 0.5}
+    # fused: c is second on both, a first on one and last on the other; equal fused
+    # scores go by the mean offset
+    order, score = fused_order({"a": 2.0, "b": 0.0, "c": 1.0}, {"a": 0.1, "b": 0.9, "c": 0.5})
+    assert score == {"a": 0.5, "b": 0.5, "c": 0.5} and order == ["a", "c", "b"]
