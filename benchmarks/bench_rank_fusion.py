@@ -1,0 +1,189 @@
+"""dMX's combined offsets fused with KL's sensitivities (`dmx combine --kl`), against KL,
+KL's own combination of seeds and the dMX combination, on a sweep's work dir.
+
+    python benchmarks/bench_rank_fusion.py --work /work/dmx_unrot2 --targets 4.5 5 6 \\
+        --sets 0.1.2 3.4.5 6.7.8 [--threads 1] [--jobs 2] [--results DIR]
+
+The work dir holds what `bench_search_sweep.py --combine --eval-also ...` left there:
+``dmx-default-<bits>-s<seed>`` searches, ``dmx-default-<bits>-comb<set>`` combinations and
+``kl-default-<bits>-s<seed>`` KL baselines, each scored with `dmx eval --save` on the
+texts below. Per budget and seed set this runs the product commands
+
+    dmx combine dmx-default-<bits>-s<a> ... --kl kl-default-<bits>-s<a> ... -o fused-<bits>-<set>
+    dmx eval fused-<bits>-<set> --data <text> --seqlen 256 --max-windows 40 --save
+
+(skipped when fused-<bits>-<set> is already scored: rerunning continues), and scores KL's
+own combination of the same seeds -- the units with the largest summed sensitivity, as
+many in MXFP8 as each KL OUT has -- fake-quantized (dmx.nn.layers.apply_formats; no
+command writes it), cached in --results/klsum/. Every comparison is paired window by
+window (dmx.eval.paired): against KL, each side's window losses averaged over its OUTs
+(the sweep's rule), so "fused - KL" of one set is against its 3 KL seeds together. The
+pooled row averages the fused OUTs of every set against every KL seed.
+Writes --results/rank_fusion.md (and prints it); the commands' logs go to --results/runs/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = Path.home() / ".cache" / "dmx" / "smollm2-135m-instruct-f32"
+TEXTS = {"WikiText": ROOT / "dmx" / "data" / "wikitext-2-raw" / "wiki.test.raw",
+         "TinyStories": ROOT / "benchmarks" / "data" / "tinystories" / "eval.txt"}
+SEQLEN, WINDOWS = 256, 40
+
+
+def _parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", required=True, type=Path)
+    p.add_argument("--targets", nargs="+", default=["4.5", "5", "6"])
+    p.add_argument("--sets", nargs="+", default=["0.1.2", "3.4.5", "6.7.8"])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--results", type=Path,
+                   default=ROOT / "benchmarks" / "results" / "recipes-fusion")
+    return p.parse_args(argv)
+
+
+def _dmx(args, name: str, argv: list) -> None:
+    """One `dmx` command in its own process, logged to --results/runs/<name>.log."""
+    logs = args.results / "runs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **{v: str(args.threads) for v in
+                            ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")}}
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "dmx", *map(str, argv)], env=env,
+                          capture_output=True, text=True, cwd=ROOT)
+    with open(logs / f"{name}.log", "a") as f:
+        f.write(f"$ dmx {' '.join(map(str, argv))}\n{proc.stdout}{proc.stderr}"
+                f"[exit {proc.returncode}, {time.time() - t0:.0f} s]\n")
+    if proc.returncode:
+        raise SystemExit(f"dmx {argv[0]} failed ({name}): {proc.stderr.strip()[-300:]}")
+
+
+def _result(out: Path, text: Path) -> dict | None:
+    from dmx.outdir.evaljson import find_result, load_eval
+    return find_result(load_eval(out), text, SEQLEN, WINDOWS)
+
+
+def fuse(args, bits: str, seeds: list) -> Path:
+    """`dmx combine --kl` of one budget and seed set, scored on both texts."""
+    w, tag = args.work, ".".join(seeds)
+    out = w / f"fused-{bits}-{tag}"
+    if not (out / "dmx_manifest.json").is_file():
+        _dmx(args, f"fused-{bits}-{tag}",
+             ["combine", *[w / f"dmx-default-{bits}-s{s}" for s in seeds], "--kl",
+              *[w / f"kl-default-{bits}-s{s}" for s in seeds], "-o", out, "--force",
+              "--threads", args.threads])
+    for name, text in TEXTS.items():
+        if _result(out, text) is None:
+            _dmx(args, f"eval-fused-{bits}-{tag}-{name}",
+                 ["eval", out, "--data", text, "--seqlen", SEQLEN, "--max-windows", WINDOWS,
+                  "--save", "--no-progress", "--threads", args.threads])
+    return out
+
+
+def kl_summed(args, bits: str, seeds: list) -> dict:
+    """{text: {"ppl", "window_nll"}} of KL's own combination of ``seeds`` (cached)."""
+    import torch
+
+    from dmx import data
+    from dmx.eval.command import evaluate
+    from dmx.nn.layers import apply_formats
+    from dmx.outdir import read_manifest
+    from dmx.threads import set_threads
+
+    cache = args.results / "klsum" / f"{bits}-{'.'.join(seeds)}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())["results"]
+    set_threads(args.threads)
+    kls = [read_manifest(args.work / f"kl-default-{bits}-s{s}") for s in seeds]
+    names = sorted(kls[0]["layers"])
+    total = {n: sum(m["baseline"]["sensitivity"][n] for m in kls) for n in names}
+    k = sum(e["format"] == "fp8_e4m3" for e in kls[0]["layers"].values())
+    picks = set(sorted(names, key=lambda n: -total[n])[:k])
+    model, tok = data.load_model_and_tokenizer(MODEL)
+    formats = {n: ("fp8_e4m3" if n in picks else "fp4_e2m1") for n in names}
+    apply_formats(model, formats, formats)
+    results = {}
+    with torch.no_grad():
+        for name, text in TEXTS.items():
+            r = evaluate(model, tok, windows=data.eval_windows(tok, text, SEQLEN, WINDOWS,
+                                                               "file"), progress=False)
+            results[name] = {"ppl": r["ppl"], "window_nll": r["window_nll"]}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"picks": sorted(picks), "results": results}))
+    return results
+
+
+def _nll(outs: list, text: Path) -> list:
+    """The window losses of ``outs`` averaged window by window (the sweep's pooling)."""
+    return list(np.mean([_result(o, text)["window_nll"] for o in outs], axis=0))
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    from dmx.eval.paired import paired, paired_line
+
+    t0 = time.time()
+    jobs = [(b, s.split(".")) for b in args.targets for s in args.sets]
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        fused = dict(zip([(b, ".".join(s)) for b, s in jobs],
+                         pool.map(lambda j: fuse(args, *j), jobs)))
+    summed = {(b, ".".join(s)): kl_summed(args, b, s) for b, s in jobs}
+    rows = []
+    for b in args.targets:
+        for name, text in TEXTS.items():
+            every_kl = []
+            for tag in args.sets:
+                seeds = tag.split(".")
+                kls = [args.work / f"kl-default-{b}-s{s}" for s in seeds]
+                every_kl += kls
+                comb = args.work / f"dmx-default-{b}-comb{tag}"
+                f = _nll([fused[b, tag]], text)
+                cells = [paired_line(paired(_nll(kls, text), f)),
+                         paired_line(paired(summed[b, tag][name]["window_nll"], f)),
+                         paired_line(paired(_nll([comb], text), f)),
+                         paired_line(paired(_nll(kls, text), _nll([comb], text)))]
+                ppl = (f"{_result(fused[b, tag], text)['ppl']:.2f} | "
+                       f"{np.mean([_result(k, text)['ppl'] for k in kls]):.2f} | "
+                       f"{summed[b, tag][name]['ppl']:.2f} | {_result(comb, text)['ppl']:.2f}")
+                rows.append(f"| {b} | {name} | {tag} | {ppl} | " + " | ".join(cells) + " |")
+            pooled_f = _nll([fused[b, t] for t in args.sets], text)
+            pooled_c = _nll([args.work / f"dmx-default-{b}-comb{t}" for t in args.sets], text)
+            rows.append(f"| {b} | {name} | pooled | - | - | - | - | "
+                        f"{paired_line(paired(_nll(every_kl, text), pooled_f))} | - | "
+                        f"{paired_line(paired(pooled_c, pooled_f))} | "
+                        f"{paired_line(paired(_nll(every_kl, text), pooled_c))} |")
+    text = "\n".join([
+        "# dMX combined and fused with KL (`dmx combine --kl`) against KL", "",
+        f"Command: `python benchmarks/bench_rank_fusion.py {' '.join(sys.argv[1:])}`  ",
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {time.time() - t0:.0f} s. "
+        f"Work dir `{args.work}`; evaluation: the first {WINDOWS} windows x {SEQLEN} of each "
+        f"text, every token scored. fused = `dmx combine` of the set's searches `--kl` the "
+        f"set's KL baselines; KL = the set's KL seeds (ppl: their mean; paired: their window "
+        f"losses averaged); KL summed = KL's own combination of the set's seeds "
+        f"(fake-quantized); dMX comb = `dmx combine` of the set's searches alone. Paired "
+        f"differences (95 % interval over the windows; tie when it includes 0): the first "
+        f"minus the second.", "",
+        "| bits | text | seeds | fused ppl | KL ppl (mean) | KL summed ppl | dMX comb ppl "
+        "| fused − KL | fused − KL summed | fused − dMX comb | dMX comb − KL |",
+        "|---|---|---|---|---|---|---|---|---|---|---|", *rows, ""])
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "rank_fusion.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
