@@ -19,7 +19,9 @@ command writes it), cached in --results/klsum/. Every comparison is paired windo
 window (dmx.eval.paired): against KL, each side's window losses averaged over its OUTs
 (the sweep's rule), so "fused - KL" of one set is against its 3 KL seeds together. The
 pooled row averages the fused OUTs of every set against every KL seed.
-Writes --results/rank_fusion.md (and prints it); the commands' logs go to --results/runs/.
+``--kl-count N`` fuses with the first N KL seeds of each set only (the cheaper recipe).
+Writes --results/rank_fusion.md (rank_fusion-klN.md) and prints it; the commands' logs go
+to --results/runs/.
 """
 from __future__ import annotations
 
@@ -48,6 +50,9 @@ def _parse(argv=None):
     p.add_argument("--work", required=True, type=Path)
     p.add_argument("--targets", nargs="+", default=["4.5", "5", "6"])
     p.add_argument("--sets", nargs="+", default=["0.1.2", "3.4.5", "6.7.8"])
+    p.add_argument("--kl-count", type=int, default=None,
+                   help="fuse with the first N of each set's KL baselines only (default: "
+                        "all); the fused OUTs are then fused-<bits>-<set>-kl<N>")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--results", type=Path,
@@ -79,15 +84,17 @@ def _result(out: Path, text: Path) -> dict | None:
 def fuse(args, bits: str, seeds: list) -> Path:
     """`dmx combine --kl` of one budget and seed set, scored on both texts."""
     w, tag = args.work, ".".join(seeds)
-    out = w / f"fused-{bits}-{tag}"
+    kl_seeds = seeds[:args.kl_count] if args.kl_count else seeds
+    suffix = f"-kl{args.kl_count}" if args.kl_count else ""
+    out = w / f"fused-{bits}-{tag}{suffix}"
     if not (out / "dmx_manifest.json").is_file():
-        _dmx(args, f"fused-{bits}-{tag}",
+        _dmx(args, out.name,
              ["combine", *[w / f"dmx-default-{bits}-s{s}" for s in seeds], "--kl",
-              *[w / f"kl-default-{bits}-s{s}" for s in seeds], "-o", out, "--force",
+              *[w / f"kl-default-{bits}-s{s}" for s in kl_seeds], "-o", out, "--force",
               "--threads", args.threads])
     for name, text in TEXTS.items():
         if _result(out, text) is None:
-            _dmx(args, f"eval-fused-{bits}-{tag}-{name}",
+            _dmx(args, f"eval-{out.name}-{name}",
                  ["eval", out, "--data", text, "--seqlen", SEQLEN, "--max-windows", WINDOWS,
                   "--save", "--no-progress", "--threads", args.threads])
     return out
@@ -165,14 +172,15 @@ def main(argv=None) -> int:
                         f"{paired_line(paired(_nll(every_kl, text), pooled_f))} | - | "
                         f"{paired_line(paired(pooled_c, pooled_f))} | "
                         f"{paired_line(paired(_nll(every_kl, text), pooled_c))} |")
+    only = f" (the first {args.kl_count} only)" if args.kl_count else ""
     text = "\n".join([
         "# dMX combined and fused with KL (`dmx combine --kl`) against KL", "",
         f"Command: `python benchmarks/bench_rank_fusion.py {' '.join(sys.argv[1:])}`  ",
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {time.time() - t0:.0f} s. "
         f"Work dir `{args.work}`; evaluation: the first {WINDOWS} windows x {SEQLEN} of each "
         f"text, every token scored. fused = `dmx combine` of the set's searches `--kl` the "
-        f"set's KL baselines; KL = the set's KL seeds (ppl: their mean; paired: their window "
-        f"losses averaged); KL summed = KL's own combination of the set's seeds "
+        f"set's KL baselines{only}; KL = the set's KL seeds (ppl: their mean; paired: "
+        f"their window losses averaged); KL summed = KL's own combination of the set's seeds "
         f"(fake-quantized); dMX comb = `dmx combine` of the set's searches alone. Paired "
         f"differences (95 % interval over the windows; tie when it includes 0): the first "
         f"minus the second.", "",
@@ -180,7 +188,8 @@ def main(argv=None) -> int:
         "| fused − KL | fused − KL summed | fused − dMX comb | dMX comb − KL |",
         "|---|---|---|---|---|---|---|---|---|---|---|", *rows, ""])
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "rank_fusion.md").write_text(text)
+    (args.results / f"rank_fusion{'-kl%d' % args.kl_count if args.kl_count else ''}.md"
+     ).write_text(text)
     print(text)
     return 0
 
