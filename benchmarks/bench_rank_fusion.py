@@ -168,8 +168,11 @@ def main(argv=None) -> int:
                 rows.append(f"| {b} | {name} | {tag} | {ppl} | " + " | ".join(cells) + " |")
             pooled_f = _nll([fused[b, t] for t in args.sets], text)
             pooled_c = _nll([args.work / f"dmx-default-{b}-comb{t}" for t in args.sets], text)
+            pooled_s = list(np.mean([summed[b, t][name]["window_nll"] for t in args.sets],
+                                    axis=0))
             rows.append(f"| {b} | {name} | pooled | - | - | - | - | "
-                        f"{paired_line(paired(_nll(every_kl, text), pooled_f))} | - | "
+                        f"{paired_line(paired(_nll(every_kl, text), pooled_f))} | "
+                        f"{paired_line(paired(pooled_s, pooled_f))} | "
                         f"{paired_line(paired(pooled_c, pooled_f))} | "
                         f"{paired_line(paired(_nll(every_kl, text), pooled_c))} |")
     only = f" (the first {args.kl_count} only)" if args.kl_count else ""

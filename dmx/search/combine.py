@@ -24,7 +24,12 @@ for different budgets or data would rank nothing in particular. Searches with a 
 are refused: each seed rotates its own weights (R1 is seeded by ``--seed``), so their
 offsets rank different weights.
 
-Public API: ``combine_searches(outs, out, fill=None, force=False, device="cpu") -> dict``,
+With ``--kl KL_OUT ...`` steps 2 and 3 are replaced: the units are ranked by the mean of
+two percentile ranks, the searches' mean offset and the KL OUTs' summed sensitivity, and
+promoted greedily in that order, KL's rule (dmx.search.rank_fusion).
+
+Public API: ``combine_searches(outs, out, fill=None, force=False, device="cpu", kl=None)
+-> dict``,
 ``summary_line(result)``, ``add_combine_parser(subparsers)`` / ``run_combine(args)``.
 ``dmx search --seeds`` (dmx.search.command.search_seeds) runs the searches and calls
 ``combine_searches``.
@@ -219,7 +224,9 @@ def add_combine_parser(subparsers):
         description="Average the learned offsets of several `dmx search` OUTs that differ "
                     "only in --seed, put every layer on the rung nearest its mean, repair "
                     "the budget by the mean (fit, then fill unless --no-fill-budget), and "
-                    "write the result as a new OUT (docs/dmx_search.md, 'Combining seeds').")
+                    "write the result as a new OUT (docs/dmx_search.md, 'Combining seeds'). "
+                    "With --kl, rank by the mean offsets and KL baselines' sensitivities "
+                    "together instead ('Fusing seeds with KL').")
     p.add_argument("outs", nargs="+", metavar="OUT",
                    help="OUT directories written by `dmx search` (two or more)")
     p.add_argument("-o", "--out", required=True, help="the OUT directory to write")
