@@ -248,3 +248,50 @@ def test_seed_pool_starts_only_the_searches_the_memory_holds(tmp_path):
     assert jobs_that_fit(4, peak=10, available=5) == 1
     assert jobs_that_fit(4, peak=10, available=None) == 4  # the OS does not say: as asked
     assert jobs_that_fit(2, peak=1, available=100) == 2
+
+
+def test_fuse_kl_writes_what_combine_kl_writes_and_keeps_it_on_a_rerun(src, calib, tmp_path,
+                                                                         capsys):
+    """--seeds --fuse-kl: a KL baseline per seed in OUT.seeds/kl-<s> (calibration seed =
+    the search's), then OUT = `dmx combine seed-0 seed-1 --kl kl-0 kl-1`, byte for byte in
+    the packed weights; a rerun keeps searches and baselines; another baseline there is
+    refused before any work."""
+    out = tmp_path / "fused"
+    argv = _argv(src, calib, out, "--seeds", "0", "1", "--fuse-kl", "--kl-samples", "2")
+    assert main(argv) == 0
+    said = capsys.readouterr()
+    assert "KL baseline of seed 1 (2 of 2)" in said.err
+    seed_outs = [seed_out_dir(out, s) for s in (0, 1)]
+    kl_outs = [tmp_path / "fused.seeds" / f"kl-{s}" for s in (0, 1)]
+    kls = [read_manifest(k) for k in kl_outs]
+    assert [k["method"] for k in kls] == ["kl", "kl"] and [k["seed"] for k in kls] == [0, 1]
+    assert all(k["baseline"]["samples"] == 2 and k["baseline"]["seqlen"] == 32 for k in kls)
+    ref = tmp_path / "ref"
+    assert main(["combine", *map(str, seed_outs), "--kl", *map(str, kl_outs),
+                 "-o", str(ref)]) == 0
+    m, r = read_manifest(out), read_manifest(ref)
+    assert {n: (e["format"], e["sha256"]) for n, e in m["layers"].items()} == \
+        {n: (e["format"], e["sha256"]) for n, e in r["layers"].items()}
+    assert m["search"]["combined"]["kl"]["scores"] == r["search"]["combined"]["kl"]["scores"]
+    assert [i["manifest_sha256"] for i in m["search"]["combined"]["kl"]["inputs"]] == \
+        [k["manifest_sha256"] for k in kls]
+
+    shas = [k["manifest_sha256"] for k in kls]
+    shutil.rmtree(out)
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert err.count(": kept ") == 4, err  # two searches, two baselines
+    assert [read_manifest(k)["manifest_sha256"] for k in kl_outs] == shas
+
+    shutil.rmtree(out)
+    _refused(capsys, _argv(src, calib, out, "--seeds", "0", "1", "--fuse-kl", "--kl-samples",
+                           "3"), "holds another KL baseline", tmp_path)
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--fuse-kl"], "--fuse-kl goes with --seeds"),
+    (["--seeds", "0", "1", "--kl-samples", "4"], "add --fuse-kl"),
+    (["--seeds", "0", "1", "--fuse-kl", "--kl-samples", "0"], "--kl-samples must be a positive"),
+])
+def test_fuse_kl_refusals(src, calib, tmp_path, capsys, extra, match):
+    _refused(capsys, _argv(src, calib, tmp_path / "out", *extra), match, tmp_path)

@@ -259,13 +259,14 @@ def kl_baseline(model_dir, target_bits: float, out, ladder: str = "fp8-fp4",
                 progress: bool = True, rotate: str = "none", rotate_kind: str = "auto",
                 rotate_online=(), export_target: str = "any",
                 tie_fused: bool | None = None, rotate_from=None,
-                sensitivities_from=None) -> dict:
+                sensitivities_from=None, exclude=()) -> dict:
     """Write OUT with the KL layer-selection assignment (on the model after the fixed
     ``rotate`` rotation, seeded by ``seed``); returns a summary. ``export_target`` and
     ``tie_fused`` (None: the search's rule, :func:`dmx.search.recipe.tie_fused_for`)
     choose the layers and units as ``dmx search`` does, so the two compare like for like.
     ``sensitivities_from``: an earlier KL OUT whose recorded sensitivities are reused
-    (checked to have been measured under the same settings)."""
+    (checked to have been measured under the same settings). ``exclude``: regexes of
+    linears left out, as the search's --exclude (`dmx search --seeds --fuse-kl`)."""
     from dmx import data, outdir
     from dmx.nn.bits import average_bits_of
     from dmx.quant.ladders import get_ladder
@@ -298,7 +299,7 @@ def kl_baseline(model_dir, target_bits: float, out, ladder: str = "fp8-fp4",
                                          rotate_online, rotate_from, saved)
     windows = windows.to(next(model.parameters()).device)
     notes = []  # said after the reuse checks: a refusal is the one line on stderr
-    names = select_layers(model, include, lad, export_target, notes.append)
+    names = select_layers(model, include, lad, export_target, notes.append, exclude)
     units = fused_units(names) if tie else [(n,) for n in names]
     if earlier is not None:
         sens = _reuse_sensitivities(sensitivities_from, earlier, units, rot_meta)

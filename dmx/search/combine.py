@@ -148,7 +148,8 @@ def combine_searches(outs, out, fill: bool | None = None, force: bool = False,
     if kl and fill is False:
         raise DMXError("--kl assigns by greedy promotion, which fills the budget as closely "
                        "as the units allow; drop --no-fill-budget")
-    fill = cfg.fill_budget if fill is None else bool(fill)
+    # --kl: KL's greedy promotion fills the budget whatever the searches did
+    fill = True if kl else (cfg.fill_budget if fill is None else bool(fill))
     names = list(first["layers"])
     mean = mean_offsets(logs, lad)
     if set(mean) != set(names):

@@ -336,7 +336,7 @@ def search_seeds(model_dir, config, seeds, *, out=None, force: bool = False,
                  checkpoint_dir=None, checkpoint_every: int = 50,
                  gradient_checkpointing: bool = False, recipe: str = "default", say=None,
                  report=None, jobs: int = 1, threads: int | None = None,
-                 **settings) -> dict:
+                 fuse_kl: bool = False, kl_samples: int = 16, **settings) -> dict:
     """``dmx search --seeds``: the search once per seed into ``OUT.seeds/seed-<s>``
     (:func:`seed_out_dir`), then their offsets combined into OUT (dmx.search.combine:
     mean offset, nearest rung, budget repair by the mean). A seed whose OUT already holds
@@ -344,8 +344,12 @@ def search_seeds(model_dir, config, seeds, *, out=None, force: bool = False,
     interrupted mid-way continues from its checkpoint with --resume). ``report(seed,
     result)`` after each seed searched (not after one kept). ``jobs`` > 1 runs that many
     seeds at a time, each in a process of its own with ``threads`` CPU threads (default:
-    the cores shared out), by dmx.search.seed_pool. Returns combine_searches' summary plus
-    ``seed_outs``."""
+    the cores shared out), by dmx.search.seed_pool. ``fuse_kl``: then one KL baseline per
+    seed (calibration seed = the search's, ``kl_samples`` windows of the search's text and
+    --seqlen, the search's layers and units) into ``OUT.seeds/kl-<s>`` (kept on a rerun when
+    it holds the same baseline), and the combination fused with them (`dmx combine --kl`,
+    dmx.search.rank_fusion). Returns combine_searches' summary plus ``seed_outs`` (and
+    ``kl_outs``)."""
     from dmx.search import distributed
     from dmx.search.checkpoint import CHECKPOINT_NAME, default_checkpoint_dir
     from dmx.search.combine import combine_searches
@@ -374,6 +378,12 @@ def search_seeds(model_dir, config, seeds, *, out=None, force: bool = False,
     seed_cfgs = [cfg.replace(seed=s) for s in seeds]
     # every seed's OUT is checked before the first search: a conflict is not found an hour in
     kept = [not force and _kept_seed_out(p, model_dir, c) for p, c in zip(seed_outs, seed_cfgs)]
+    if fuse_kl:
+        if int(kl_samples) != kl_samples or kl_samples < 1:
+            raise DMXError(f"--kl-samples must be a positive integer, got {kl_samples!r}")
+        kl_outs = [kl_out_dir(out, s) for s in seeds]
+        kl_kept = [not force and _kept_kl_out(p, model_dir, c, kl_samples)
+                   for p, c in zip(kl_outs, seed_cfgs)]
     seed_outs[0].parent.mkdir(exist_ok=True)
     t0 = time.time()
     tasks = []  # (seed, search() keyword arguments) of the seeds not kept
@@ -402,9 +412,62 @@ def search_seeds(model_dir, config, seeds, *, out=None, force: bool = False,
             result = search(progress=progress, say=say, **kwargs)
             if report:
                 report(seed, result)
-    combined = combine_searches(seed_outs, out, fill=None, force=force, device=device)
+    if fuse_kl:
+        from dmx.search.baseline import kl_baseline
+
+        for i, (seed, kl_out) in enumerate(zip(seeds, kl_outs)):
+            if kl_kept[i]:
+                say(f"KL baseline of seed {seed}: kept {kl_out} (the same baseline)")
+                continue
+            say(f"KL baseline of seed {seed} ({i + 1} of {len(seeds)}) -> {kl_out}")
+            kl_baseline(model_dir, cfg.target_bits, kl_out, **_kl_settings(cfg, kl_samples),
+                        seed=seed, device=device, force=True, progress=progress)
+    combined = combine_searches(seed_outs, out, fill=None, force=force, device=device,
+                                kl=kl_outs if fuse_kl else None)
     return {**combined, "seed_outs": [str(p) for p in seed_outs], "config": cfg,
-            "wall_seconds": time.time() - t0}
+            "wall_seconds": time.time() - t0,
+            **({"kl_outs": [str(p) for p in kl_outs]} if fuse_kl else {})}
+
+
+def kl_out_dir(out, seed: int) -> Path:
+    """Where ``dmx search --seeds --fuse-kl`` keeps the KL baseline of one seed:
+    ``OUT.seeds/kl-<s>``, next to the seed's search."""
+    return seed_out_dir(out, seed).with_name(f"kl-{int(seed)}")
+
+
+def _kl_settings(cfg: SearchConfig, samples: int) -> dict:
+    """kl_baseline's settings that make it score the search's units on its text."""
+    return dict(ladder=cfg.ladder, weighting=cfg.weighting, calib=list(cfg.calib),
+                samples=samples, seqlen=cfg.seqlen, weights_only=cfg.weights_only,
+                include=cfg.include, exclude=cfg.exclude, export_target=cfg.export_target,
+                tie_fused=cfg.tie_fused)
+
+
+def _kept_kl_out(kl_out: Path, model_dir, cfg: SearchConfig, samples: int) -> bool:
+    """True when ``kl_out`` already holds the KL baseline --fuse-kl would write (same
+    model, budget, seed and every setting its sensitivities depend on); False when there is
+    nothing there yet. Anything else there is refused: --force rewrites it."""
+    from dmx.outdir import read_manifest
+    from dmx.outdir.layout import MANIFEST_NAME
+
+    if not (kl_out / MANIFEST_NAME).is_file():
+        return False
+    m = read_manifest(kl_out)
+    b = m.get("baseline") or {}
+    want = _kl_settings(cfg, samples)
+    same = (m["method"] == "kl" and m["seed"] == cfg.seed and not m.get("rotation")
+            and Path(m["source_model"]).resolve() == Path(model_dir).resolve()
+            and m["ladder"] == cfg.ladder and m["target_bits"] == cfg.target_bits
+            and [str(Path(f).resolve()) for f in b.get("calib", [])]
+            == [str(Path(f).resolve()) for f in want["calib"]]
+            and (b.get("samples"), b.get("seqlen"), b.get("weights_only"),
+                 b.get("export_target"), b.get("tie_fused"), b.get("weighting"))
+            == (samples, cfg.seqlen, cfg.weights_only, cfg.export_target, cfg.tie_fused,
+                cfg.weighting))
+    if same:
+        return True
+    raise DMXError(f"{kl_out} holds another KL baseline (other model or settings); pass "
+                   f"--force to rerun it, or choose another -o")
 
 
 def _calib_ppl(model, windows) -> float:
@@ -587,6 +650,12 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
                    help="with --seeds: run N searches at a time, each in a process of its "
                         "own with --threads CPU threads (default: the cores shared out); "
                         "each holds its own copy of the model")
+    p.add_argument("--fuse-kl", action="store_true",
+                   help="with --seeds: also one KL baseline per seed (OUT.seeds/kl-<s>) and "
+                        "fuse the combination with them, as `dmx combine --kl` (the best "
+                        "measured on SmolLM2-135M; docs/dmx_search.md)")
+    p.add_argument("--kl-samples", type=int, default=None, metavar="N",
+                   help="with --fuse-kl: calibration windows per KL baseline (default 16)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--device-map", default=None, choices=("auto", "balanced", "sequential"),
                    help="spread the model over the GPUs with accelerate (for models that do "
@@ -630,12 +699,22 @@ def run_search(args) -> int:
         if jobs is not None and not getattr(args, "seeds", None):
             raise DMXError("--jobs goes with --seeds (several searches at a time); one "
                            "search uses --threads")
+        fuse_kl = getattr(args, "fuse_kl", False)
+        kl_samples = getattr(args, "kl_samples", None)
+        if (fuse_kl or kl_samples is not None) and not getattr(args, "seeds", None):
+            raise DMXError("--fuse-kl goes with --seeds (it fuses several searches with "
+                           "their KL baselines); for one search run `dmx baseline --method "
+                           "kl` and `dmx combine --kl`")
+        if kl_samples is not None and not fuse_kl:
+            raise DMXError("--kl-samples sizes the KL baselines of --fuse-kl; add --fuse-kl")
         if getattr(args, "seeds", None):
             if args.device_map:
                 raise DMXError("--seeds runs on one device; drop --device-map, or run one "
                                "search per --seed and join them with `dmx combine`")
             run_flags["--seeds"] = list(args.seeds)
             run_flags["--jobs"] = jobs
+            run_flags["--fuse-kl"] = fuse_kl
+            run_flags["--kl-samples"] = kl_samples
             result = search_seeds(args.model, cfg, args.seeds, out=args.out, force=args.force,
                                   resume=args.resume, device=args.device,
                                   progress=not getattr(args, "no_progress", False),
@@ -644,7 +723,8 @@ def run_search(args) -> int:
                                   gradient_checkpointing=args.gradient_checkpointing,
                                   seed=settings["seed"], report=_print_seed,
                                   jobs=1 if jobs is None else jobs,
-                                  threads=getattr(args, "threads", None))
+                                  threads=getattr(args, "threads", None), fuse_kl=fuse_kl,
+                                  kl_samples=16 if kl_samples is None else kl_samples)
             _print_combined(result)
             return 0
         result = search(args.model, cfg, out=args.out, force=args.force, resume=args.resume,
