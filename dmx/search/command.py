@@ -444,8 +444,9 @@ def _kl_settings(cfg: SearchConfig, samples: int) -> dict:
 
 
 def _kept_kl_out(kl_out: Path, model_dir, cfg: SearchConfig, samples: int) -> bool:
-    """True when ``kl_out`` already holds the KL baseline --fuse-kl would write (same
-    model, budget, seed and every setting its sensitivities depend on); False when there is
+    """True when ``kl_out`` already holds the KL sensitivities --fuse-kl would measure (same
+    model, seed and every setting they depend on; its own budget may differ, the fusion
+    does not use its assignment); False when there is
     nothing there yet. Anything else there is refused: --force rewrites it."""
     from dmx.outdir import read_manifest
     from dmx.outdir.layout import MANIFEST_NAME
@@ -457,7 +458,7 @@ def _kept_kl_out(kl_out: Path, model_dir, cfg: SearchConfig, samples: int) -> bo
     want = _kl_settings(cfg, samples)
     same = (m["method"] == "kl" and m["seed"] == cfg.seed and not m.get("rotation")
             and Path(m["source_model"]).resolve() == Path(model_dir).resolve()
-            and m["ladder"] == cfg.ladder and m["target_bits"] == cfg.target_bits
+            and m["ladder"] == cfg.ladder  # not the budget: the fusion uses the sensitivities
             and [str(Path(f).resolve()) for f in b.get("calib", [])]
             == [str(Path(f).resolve()) for f in want["calib"]]
             and (b.get("samples"), b.get("seqlen"), b.get("weights_only"),
