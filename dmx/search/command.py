@@ -445,9 +445,9 @@ def _kl_settings(cfg: SearchConfig, samples: int) -> dict:
 
 def _kept_kl_out(kl_out: Path, model_dir, cfg: SearchConfig, samples: int) -> bool:
     """True when ``kl_out`` already holds the KL sensitivities --fuse-kl would measure (same
-    model, seed and every setting they depend on; its own budget may differ, the fusion
-    does not use its assignment); False when there is
-    nothing there yet. Anything else there is refused: --force rewrites it."""
+    model, seed and every setting they depend on; its own budget may differ: the fusion
+    does not use its assignment); False when there is nothing there yet. Anything else
+    there is refused: --force rewrites it."""
     from dmx.outdir import read_manifest
     from dmx.outdir.layout import MANIFEST_NAME
 
