@@ -13,8 +13,8 @@ texts below. Per budget and seed set this runs the product commands
     dmx eval fused-<bits>-<set> --data <text> --seqlen 256 --max-windows 40 --save
 
 (skipped when fused-<bits>-<set> is already scored: rerunning continues), and scores KL's
-own combination of the same seeds -- the units with the largest summed sensitivity, as
-many in MXFP8 as each KL OUT has -- fake-quantized (dmx.nn.layers.apply_formats; no
+own combination of the same seeds -- KL's greedy promotion by the summed sensitivities,
+at the KL OUTs' budget -- fake-quantized (dmx.nn.layers.apply_formats; no
 command writes it), cached in --results/klsum/. Every comparison is paired window by
 window (dmx.eval.paired): against KL, each side's window losses averaged over its OUTs
 (the sweep's rule), so "fused - KL" of one set is against its 3 KL seeds together. The
@@ -108,6 +108,8 @@ def kl_summed(args, bits: str, seeds: list) -> dict:
     from dmx.eval.command import evaluate
     from dmx.nn.layers import apply_formats
     from dmx.outdir import read_manifest
+    from dmx.quant.ladders import get_ladder
+    from dmx.search.baseline import greedy_promote
     from dmx.threads import set_threads
 
     cache = args.results / "klsum" / f"{bits}-{'.'.join(seeds)}.json"
@@ -116,11 +118,13 @@ def kl_summed(args, bits: str, seeds: list) -> dict:
     set_threads(args.threads)
     kls = [read_manifest(args.work / f"kl-default-{bits}-s{s}") for s in seeds]
     names = sorted(kls[0]["layers"])
-    total = {n: sum(m["baseline"]["sensitivity"][n] for m in kls) for n in names}
-    k = sum(e["format"] == "fp8_e4m3" for e in kls[0]["layers"].values())
-    picks = set(sorted(names, key=lambda n: -total[n])[:k])
+    total = {(n,): sum(m["baseline"]["sensitivity"][n] for m in kls) for n in names}
+    shapes = {n: tuple(e["shape"]) for n, e in kls[0]["layers"].items()}
+    # KL's own rule on the summed sensitivities, at the budget the KL OUTs were made for
+    formats = greedy_promote(list(total), total, shapes, get_ladder(kls[0]["ladder"]),
+                             kls[0]["target_bits"])
+    picks = {n for n, f in formats.items() if f != get_ladder(kls[0]["ladder"]).low.fmt}
     model, tok = data.load_model_and_tokenizer(MODEL)
-    formats = {n: ("fp8_e4m3" if n in picks else "fp4_e2m1") for n in names}
     apply_formats(model, formats, formats)
     results = {}
     with torch.no_grad():

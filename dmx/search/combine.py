@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 from dmx.errors import DMXError
+from dmx.search.rank_fusion import layer_signature
 
 __all__ = ["combine_searches", "mean_offsets", "summary_line", "add_combine_parser",
            "run_combine"]
@@ -74,8 +75,7 @@ def _comparable(m: dict) -> dict:
     cfg.pop("seed")
     if cfg.get("calib") is not None:  # the same file, however it was spelled
         cfg["calib"] = [str(Path(f).resolve()) for f in cfg["calib"]]
-    layers = {n: (tuple(e["shape"]), e.get("act_format") is not None)
-              for n, e in m["layers"].items()}
+    layers = layer_signature(m)
     return {"source model": str(Path(m["source_model"]).resolve()),
             "profile": m["profile"], "block size": m["block_size"],
             "layers (names, shapes, inputs quantized)": layers,

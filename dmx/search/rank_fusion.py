@@ -22,8 +22,8 @@ The rule:
    allow, never exceeded.
 
 Public API: ``percentile_ranks(values) -> {key: rank}``, ``fused_order(mean, sens) ->
-([unit], {unit: score})``, ``kl_sensitivities_of(kl_outs, search_manifest, cfg, units)
--> (sums, inputs)``.
+([unit], {unit: score})``, ``layer_signature(manifest)``,
+``kl_sensitivities_of(kl_outs, search_manifest, cfg, units) -> (sums, inputs)``.
 """
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ from pathlib import Path
 
 from dmx.errors import DMXError
 
-__all__ = ["RULE", "percentile_ranks", "fused_order", "kl_sensitivities_of"]
+__all__ = ["RULE", "percentile_ranks", "fused_order", "layer_signature",
+           "kl_sensitivities_of"]
 
 RULE = ("mean of the percentile ranks of the searches' mean offset and of the KL OUTs' "
         "summed sensitivity (ties: average rank); greedy promotion in that order")
@@ -67,6 +68,13 @@ def fused_order(mean: dict, sens: dict) -> tuple[list, dict]:
     return [units[i] for i in order], score
 
 
+def layer_signature(m: dict) -> dict:
+    """{layer: (shape, inputs quantized)} of an OUT's manifest: what two OUTs must share to
+    rank the same units (the searches combined, the KL baselines fused with them)."""
+    return {n: (tuple(e["shape"]), e.get("act_format") is not None)
+            for n, e in m["layers"].items()}
+
+
 def _label(unit) -> str:
     return "+".join(unit)
 
@@ -83,8 +91,7 @@ def kl_sensitivities_of(kl_outs, search: dict, cfg, units) -> tuple[dict, list]:
     for i, p in enumerate(paths):
         if p in paths[:i]:
             raise DMXError(f"--kl {kl_outs[i]} is given twice; pass each KL baseline once")
-    want_layers = {n: (tuple(e["shape"]), e.get("act_format") is not None)
-                   for n, e in search["layers"].items()}
+    want_layers = layer_signature(search)
     sums = {u: 0.0 for u in units}
     inputs = []
     for k in kl_outs:
@@ -102,9 +109,7 @@ def kl_sensitivities_of(kl_outs, search: dict, cfg, units) -> tuple[dict, list]:
         if m.get("rotation"):
             raise DMXError(f"--kl {k}: measured on rotated weights; use a baseline with "
                            f"--rotate none, as the searches")
-        layers = {n: (tuple(e["shape"]), e.get("act_format") is not None)
-                  for n, e in m["layers"].items()}
-        if layers != want_layers:
+        if layer_signature(m) != want_layers:
             raise DMXError(f"--kl {k}: it quantizes other layers than the searches (or leaves "
                            f"other inputs unquantized); run it with the searches' "
                            f"--include/--exclude/--export-target/--weights-only")
