@@ -455,12 +455,11 @@ def _kept_kl_out(kl_out: Path, model_dir, cfg: SearchConfig, samples: int) -> bo
         return False
     m = read_manifest(kl_out)
     b = m.get("baseline") or {}
-    want = _kl_settings(cfg, samples)
     same = (m["method"] == "kl" and m["seed"] == cfg.seed and not m.get("rotation")
             and Path(m["source_model"]).resolve() == Path(model_dir).resolve()
             and m["ladder"] == cfg.ladder  # not the budget: the fusion uses the sensitivities
             and [str(Path(f).resolve()) for f in b.get("calib", [])]
-            == [str(Path(f).resolve()) for f in want["calib"]]
+            == [str(Path(f).resolve()) for f in cfg.calib]
             and (b.get("samples"), b.get("seqlen"), b.get("weights_only"),
                  b.get("export_target"), b.get("tie_fused"), b.get("weighting"))
             == (samples, cfg.seqlen, cfg.weights_only, cfg.export_target, cfg.tie_fused,

@@ -133,7 +133,7 @@ def hard_bits(layers: dict, weighting: str = "simple") -> float:
 
 def forward_logits(model, ids: torch.Tensor) -> torch.Tensor:
     """Next-token logits of ``ids`` without the KV cache (the search's forward pass)."""
-    return model(input_ids=ids, use_cache=False).logits
+    return forward_outputs(model, ids)[0]
 
 
 def forward_outputs(model, ids: torch.Tensor, attentions: bool = False):
