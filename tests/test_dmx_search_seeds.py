@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from dmx.cli import main
+from dmx.errors import DMXError
 from dmx.outdir import read_manifest
 from dmx.search.command import seed_out_dir
 from tiny_models import tiny_model_dir, tiny_root
@@ -295,3 +296,21 @@ def test_fuse_kl_writes_what_combine_kl_writes_and_keeps_it_on_a_rerun(src, cali
 ])
 def test_fuse_kl_refusals(src, calib, tmp_path, capsys, extra, match):
     _refused(capsys, _argv(src, calib, tmp_path / "out", *extra), match, tmp_path)
+
+
+def test_fuse_kl_keeps_a_baseline_whose_text_held_fewer_windows(src, calib, tmp_path):
+    """A text too short for --kl-samples records the windows it had; the same request on a
+    rerun is the same baseline and is kept, not refused as "another baseline"."""
+    from dmx.search.baseline import kl_baseline
+    from dmx.search.command import _kept_kl_out, _kl_settings, make_config
+
+    cfg = make_config(6.0, "default", calib=[str(calib)], seqlen=32, export_target="none",
+                      seed=0)
+    out = tmp_path / "kl-0"
+    kl_baseline(src, cfg.target_bits, out, **_kl_settings(cfg, 100_000), seed=0,
+                progress=False)
+    b = read_manifest(out)["baseline"]
+    assert b["samples"] < 100_000 and b["samples_requested"] == 100_000
+    assert _kept_kl_out(out, src, cfg, 100_000)
+    with pytest.raises(DMXError, match="holds another KL baseline"):
+        _kept_kl_out(out, src, cfg, b["samples"] - 1)

@@ -314,6 +314,9 @@ def kl_baseline(model_dir, target_bits: float, out, ladder: str = "fp8-fp4",
     achieved = average_bits_of(formats, acts, shapes)
     meta = {"method": "kl", "ladder": lad.name, "target_bits": target, "seed": int(seed),
             "baseline": {"weighting": weighting, **measured,
+                         # what was asked: a short text records fewer "samples", and a
+                         # rerun asking the same is the same baseline (--fuse-kl keeps it)
+                         "samples_requested": int(samples),
                          "sensitivity": {"+".join(u): s for u, s in
                                          sorted(sens.items(), key=lambda kv: -kv[1])},
                          **({} if sensitivities_from is None else

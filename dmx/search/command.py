@@ -460,7 +460,7 @@ def _kept_kl_out(kl_out: Path, model_dir, cfg: SearchConfig, samples: int) -> bo
             and m["ladder"] == cfg.ladder  # not the budget: the fusion uses the sensitivities
             and [str(Path(f).resolve()) for f in b.get("calib", [])]
             == [str(Path(f).resolve()) for f in cfg.calib]
-            and (b.get("samples"), b.get("seqlen"), b.get("weights_only"),
+            and (b.get("samples_requested", b.get("samples")), b.get("seqlen"), b.get("weights_only"),
                  b.get("export_target"), b.get("tie_fused"), b.get("weighting"))
             == (samples, cfg.seqlen, cfg.weights_only, cfg.export_target, cfg.tie_fused,
                 cfg.weighting))
