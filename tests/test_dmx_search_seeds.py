@@ -314,3 +314,9 @@ def test_fuse_kl_keeps_a_baseline_whose_text_held_fewer_windows(src, calib, tmp_
     assert _kept_kl_out(out, src, cfg, 100_000)
     with pytest.raises(DMXError, match="holds another KL baseline"):
         _kept_kl_out(out, src, cfg, b["samples"] - 1)
+    # other layers asked for: refused before any search runs, not at the combine step
+    assert b["include"] is None and b["exclude"] == []
+    with pytest.raises(DMXError, match="holds another KL baseline"):
+        _kept_kl_out(out, src, cfg.replace(exclude=("mlp",)), 100_000)
+    with pytest.raises(DMXError, match="holds another KL baseline"):
+        _kept_kl_out(out, src, cfg.replace(include=("self_attn",)), 100_000)

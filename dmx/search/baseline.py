@@ -317,6 +317,9 @@ def kl_baseline(model_dir, target_bits: float, out, ladder: str = "fp8-fp4",
                          # what was asked: a short text records fewer "samples", and a
                          # rerun asking the same is the same baseline (--fuse-kl keeps it)
                          "samples_requested": int(samples),
+                         # the layer selection asked for (the layers chosen are `layers`)
+                         "include": None if include is None else list(include),
+                         "exclude": list(exclude or ()),
                          "sensitivity": {"+".join(u): s for u, s in
                                          sorted(sens.items(), key=lambda kv: -kv[1])},
                          **({} if sensitivities_from is None else

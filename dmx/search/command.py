@@ -463,7 +463,10 @@ def _kept_kl_out(kl_out: Path, model_dir, cfg: SearchConfig, samples: int) -> bo
             and (b.get("samples_requested", b.get("samples")), b.get("seqlen"), b.get("weights_only"),
                  b.get("export_target"), b.get("tie_fused"), b.get("weighting"))
             == (samples, cfg.seqlen, cfg.weights_only, cfg.export_target, cfg.tie_fused,
-                cfg.weighting))
+                cfg.weighting)
+            # the layers: recorded since 2026-12-07 (older baselines: checked by combine)
+            and all(b[k] == (None if v is None else list(v)) for k, v in
+                    (("include", cfg.include), ("exclude", cfg.exclude)) if k in b))
     if same:
         return True
     raise DMXError(f"{kl_out} holds another KL baseline (other model or settings); pass "
