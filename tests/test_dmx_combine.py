@@ -209,6 +209,8 @@ def test_kl_fusion_refusals(searches, kl_outs, tmp_path, capsys):
     o = ["-o", str(tmp_path / "fused")]
     k0 = str(kl_outs["s0"])
     fails(capsys, ["combine", a, b, "--kl", k0, k0, *o], "given twice", tmp_path)
+    fails(capsys, ["combine", "--kl", k0, a, b, *o], "put the searches first", tmp_path)
+    fails(capsys, ["combine", *o], "pass two or more OUTs", tmp_path)
     fails(capsys, ["combine", a, b, "--kl", a, *o], "written by `dmx baseline --method kl`",
           tmp_path)
     fails(capsys, ["combine", a, b, "--kl", str(kl_outs["tied"]), *o],

@@ -228,7 +228,9 @@ def add_combine_parser(subparsers):
                     "write the result as a new OUT (docs/dmx_search.md, 'Combining seeds'). "
                     "With --kl, rank by the mean offsets and KL baselines' sensitivities "
                     "together instead ('Fusing seeds with KL').")
-    p.add_argument("outs", nargs="+", metavar="OUT",
+    # "*", not "+": `--kl A B` before the searches takes them all, and run_combine says
+    # so (argparse's own line would only say that OUT is missing)
+    p.add_argument("outs", nargs="*", metavar="OUT",
                    help="OUT directories written by `dmx search` (two or more)")
     p.add_argument("-o", "--out", required=True, help="the OUT directory to write")
     p.add_argument("--fill-budget", action="store_true", default=None, dest="fill",
@@ -250,6 +252,11 @@ def add_combine_parser(subparsers):
 def run_combine(args) -> int:
     from dmx.threads import apply_threads
 
+    if not args.outs:
+        raise DMXError("no search OUTs given" + (
+            f": --kl took all {len(args.kl)} paths after it; put the searches first: dmx "
+            "combine OUT OUT ... --kl KL_OUT ... -o OUT" if args.kl else
+            "; pass two or more OUTs of `dmx search`"))
     apply_threads(args)
     res = combine_searches(args.outs, args.out, args.fill, args.force, args.device, args.kl)
     print(f"dmx combine: {summary_line(res)}")
