@@ -60,8 +60,12 @@ def _parse(argv=None):
     return p.parse_args(argv)
 
 
+RAN = []  # what this run computed (dmx commands, KL sums); the rest was read from earlier runs
+
+
 def _dmx(args, name: str, argv: list) -> None:
     """One `dmx` command in its own process, logged to --results/runs/<name>.log."""
+    RAN.append(name)
     logs = args.results / "runs"
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **{v: str(args.threads) for v in
@@ -116,6 +120,7 @@ def kl_summed(args, bits: str, seeds: list) -> dict:
     if cache.is_file():
         return json.loads(cache.read_text())["results"]
     set_threads(args.threads)
+    RAN.append(cache.name)
     kls = [read_manifest(args.work / f"kl-default-{bits}-s{s}") for s in seeds]
     names = sorted(kls[0]["layers"])
     total = {(n,): sum(m["baseline"]["sensitivity"][n] for m in kls) for n in names}
@@ -183,7 +188,8 @@ def main(argv=None) -> int:
     text = "\n".join([
         "# dMX combined and fused with KL (`dmx combine --kl`) against KL", "",
         f"Command: `python benchmarks/bench_rank_fusion.py {' '.join(sys.argv[1:])}`  ",
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {time.time() - t0:.0f} s. "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {time.time() - t0:.0f} s"
+        f"{'' if RAN else ' (every result read from earlier runs: their time is in runs/)'}. "
         f"Work dir `{args.work}`; evaluation: the first {WINDOWS} windows x {SEQLEN} of each "
         f"text, every token scored. fused = `dmx combine` of the set's searches `--kl` the "
         f"set's KL baselines{only}; KL = the set's KL seeds (ppl: their mean; paired: "
