@@ -61,7 +61,8 @@ def _load_npy(path: str) -> np.ndarray:
         raise MXError(f"{path} does not exist")
     try:
         x = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError) as e:
+        # EOFError: numpy's answer to an empty (0-byte) file; it was a traceback
         raise MXError(f"{path} is not a readable .npy file ({e})") from None
     if not isinstance(x, np.ndarray):
         raise MXError(f"{path} is an .npz archive; pass a single-array .npy file")
@@ -94,9 +95,17 @@ def _check_out(args, suffix: str) -> None:
 
 
 def _write_out(args, suffix: str, write) -> None:
+    from mxref.cliframe import one_line
     from mxref.outputs import atomic_write
-    atomic_write(args.output, write, force=args.force, marker=_out_kind(suffix),
-                 inputs=[args.input], what="-o/--output", tool="mxref")
+    try:
+        atomic_write(args.output, write, force=args.force, marker=_out_kind(suffix),
+                     inputs=[args.input], what="-o/--output", tool="mxref")
+    except OSError as e:
+        # still exit 1 (an OS error, not bad input), but say which file: a full disk
+        # surfaced as numpy's bare "262144 requested and 25568 written"
+        raise OSError(f"could not write -o/--output {args.output} ({one_line(e)}); nothing "
+                      f"was written there: check free space and permissions, or choose "
+                      f"another -o/--output") from None
 
 
 def cmd_quantize(args) -> int:
@@ -152,16 +161,17 @@ def _fmt_value(v: float) -> str:
 def cmd_decode(args) -> int:
     from mxref.formats import E8M0, get_format
     codes = [_parse_code(c) for c in args.codes]
+    # every line is built (and every code range-checked) before any is printed: a bad
+    # code after good ones used to leave a partial table on stdout next to the exit 2
     if args.format.lower() in ("e8m0", "scale"):
-        for c in codes:
-            v = E8M0.decode(c)
-            print(f"{c:#04x}  {format(c, '08b')}  {_fmt_value(v)}")
-        return 0
-    fmt = get_format(args.format)
-    widths = (1, fmt.bits - 1) if fmt.is_int else (1, fmt.exp_bits, fmt.man_bits)
-    for c in codes:
-        v = fmt.decode_code(c)   # range-checked, one-line error
-        print(f"{c:#04x}  {_bit_fields(c, widths)}  {_fmt_value(v)}")
+        lines = [f"{c:#04x}  {format(c, '08b')}  {_fmt_value(E8M0.decode(c))}"
+                 for c in codes]
+    else:
+        fmt = get_format(args.format)
+        widths = (1, fmt.bits - 1) if fmt.is_int else (1, fmt.exp_bits, fmt.man_bits)
+        lines = [f"{c:#04x}  {_bit_fields(c, widths)}  {_fmt_value(fmt.decode_code(c))}"
+                 for c in codes]   # decode_code: range-checked, one-line error
+    print("\n".join(lines))
     return 0
 
 
@@ -171,11 +181,15 @@ def _parse_count(text: str) -> int:
     try:
         if "^" in t:
             b, e = t.split("^")
-            return int(b) ** int(e)
-        return int(t, 0)
+            b, e = int(b), int(e)
+        else:
+            return int(t, 0)
     except ValueError:
         raise MXError(f"{text!r} is not a count; write e.g. 16777216, 2^24 or 0x1000000") \
             from None
+    if abs(b) > 1 and e > 64:   # 10^999999999 computed for minutes (and GBs) before any check
+        raise MXError(f"{text!r} is too large; no count here is above 2^64")
+    return b ** e
 
 
 def cmd_sweep(args) -> int:

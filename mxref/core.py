@@ -34,6 +34,11 @@ def input_bits(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The bit patterns of a float array (no copy when contiguous) and its layout."""
     x = np.asarray(x)
     lay = ieee_layout(x.dtype)
+    if not x.dtype.isnative:
+        # a big-endian array ('>f4', e.g. np.save on another machine or np.load of one)
+        # has the same dtype name; viewed as native uints its bits come out byte-swapped,
+        # so every value was silently quantized as a different number. Swap to native.
+        x = x.astype(x.dtype.newbyteorder("="))
     x = np.ascontiguousarray(x)
     return x.view(lay.uint), np.array(lay.kernel_layout, dtype=np.int64)
 
@@ -173,9 +178,17 @@ def _normalise_axis(axis: int, ndim: int) -> int:
     return int(axis) % ndim
 
 
+_MAX_BLOCK_SIZE = 2 ** 63 - 1   # int64, as the kernels and the .npz store it
+
+
 def _check_block_size(block_size) -> int:
     if int(block_size) != block_size or int(block_size) <= 0:
         raise MXError(f"block size must be a positive integer, got {block_size}")
+    if int(block_size) > _MAX_BLOCK_SIZE:
+        # the kernels and the .npz hold it as int64: a larger one was a numba typing
+        # traceback (float32) or a wrong "code out of range" error (float64)
+        raise MXError(f"block size {block_size} is larger than 2^63-1; to get one block "
+                      f"per row, pass the row length")
     return int(block_size)
 
 

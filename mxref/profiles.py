@@ -44,7 +44,9 @@ class Profile:
         for fname, table in (("scale_rule", SCALE_RULES), ("rounding", ROUNDINGS),
                              ("fp8_overflow", FP8_OVERFLOWS), ("int8_range", INT8_RANGES)):
             v = getattr(self, fname)
-            if v not in table:
+            # isinstance first: a list or dict (e.g. from an edited .npz profile JSON) is
+            # unhashable, and `in table` raised a TypeError traceback instead of this line
+            if not isinstance(v, str) or v not in table:
                 raise MXError(f"profile field {fname}={v!r} is not one of {', '.join(table)}")
         if not isinstance(self.flush_subnormals, bool):
             raise MXError("profile field flush_subnormals must be true or false")

@@ -35,6 +35,7 @@ from mxref.formats import FLOAT32, FormatInfo, get_format
 from mxref.profiles import Profile, get_profile
 
 CHECKS = ("monotonic", "nearest", "nan", "round_trip")
+MAX_CHUNK = 1 << 28   # patterns per step: ~4 GiB of buffers
 _POS_ZERO, _POS_INF = 0, FLOAT32.inf_bits          # float32 patterns
 _NEG_INF = FLOAT32.sign_mask | _POS_INF
 _SIGN_SHIFT = FLOAT32.sign_shift
@@ -200,7 +201,15 @@ def sweep_format(fmt, profile=None, chunk: int = 1 << 24, stride: int = 1,
         raise MXError(f"chunk must be an integer >= 2, got {chunk}")
     if int(stride) != stride or stride < 1:
         raise MXError(f"stride must be a positive integer, got {stride}")
-    chunk, stride = int(chunk), int(stride)
+    if chunk > MAX_CHUNK:
+        # chunk only sets the memory of one step (~16 bytes a pattern), never the result;
+        # 2^31 and more were OOM-killed (no message) while allocating their buffers
+        raise MXError(f"chunk {chunk} is too large: at most 2^{MAX_CHUNK.bit_length() - 1} "
+                      f"({MAX_CHUNK}) patterns, ~16 bytes each; the result does not "
+                      f"depend on it")
+    # every stride past 2^31 visits the same 4 patterns (the first of each run); one past
+    # int64 was a numba typing traceback, so use 2^32 for all of them
+    chunk, stride = int(chunk), min(int(stride), 1 << 32)
     t = check_tables(fmt, profile)
     saturate = not (profile.fp8_overflow == "ovf" and fmt.bits == 8 and not fmt.is_int)
     nan_code = (fmt.nan_codes[0] if fmt.nan_codes else None)

@@ -301,3 +301,106 @@ def test_two_quantizes_to_the_same_npz_one_wins(tmp_path):
     err = next(e for rc, e in res.values() if rc == 2)
     assert "\n" not in err and "kept at" in err, err
     assert str(load_npz(str(out)).fmt.key) == ("fp4_e2m1" if winner == "a" else "fp8_e4m3")
+
+
+# ---------------------------------------------------------------- CLI audit (new-user pass)
+def test_empty_npy_file_is_one_line(tmp_path, capsys):
+    """A 0-byte input: numpy raises EOFError, which was a traceback (exit 1)."""
+    empty = tmp_path / "empty.npy"
+    empty.write_bytes(b"")
+    out = tmp_path / "q.npz"
+    assert_bad_input(["quantize", str(empty), "-f", "fp4", "-o", str(out)], capsys,
+                     "is not a readable .npy file")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("dtype", [">f4", ">f8", ">f2"])
+def test_big_endian_npy_quantizes_its_values(tmp_path, capsys, dtype):
+    """A big-endian .npy (same dtype name, float32 etc.) was read byte-swapped: silently
+    wrong codes and scales (0..63 quantized to all zeros)."""
+    x = np.arange(64, dtype=dtype).reshape(2, 32)
+    src, out = tmp_path / "be.npy", tmp_path / "be.npz"
+    np.save(src, x)
+    assert run(["quantize", str(src), "-f", "fp4", "-o", str(out)], capsys)[0] == 0
+    got = load_npz(str(out))
+    assert got == mxref.quantize(x.astype(dtype.replace(">", "<")), "fp4")
+    # by hand: block 0 has amax 31 -> X = 2^(4-2); 0, 1, 2, 3 scale to 0, 0.25, 0.5, 0.75,
+    # which round (ties to even) to codes 0, 0, 1 (0.5), 2 (1.0)
+    assert got.scales[0, 0] == 127 + 2 and list(got.codes[0, :4]) == [0, 0, 1, 2]
+    assert mxref.encode(np.array([1.0, 3.0], dtype=dtype), "fp4").tolist() == [2, 5]
+
+
+def test_block_size_beyond_int64_is_one_line(npy, tmp_path, capsys):
+    """Before: a numba TypingError traceback (float32 input)."""
+    _, path = npy
+    out = tmp_path / "q.npz"
+    assert_bad_input(["quantize", path, "-f", "fp4", "--block-size", str(2 ** 64), "-o",
+                      str(out)], capsys, "block size")
+    assert not out.exists()
+    # the largest int64 is still a block size (one block per row)
+    assert run(["quantize", path, "-f", "fp4", "--block-size", str(2 ** 63 - 1), "-o",
+                str(out)], capsys)[0] == 0
+    assert load_npz(str(out)).scales.shape == (3, 1)
+
+
+@pytest.mark.parametrize("field,value", [("rounding", ["rne"]), ("scale_rule", {})])
+def test_npz_profile_field_of_wrong_type_is_one_line(npy, tmp_path, capsys, field, value):
+    """An edited profile JSON with a list/dict value: `in table` raised TypeError
+    (unhashable), a traceback."""
+    x, _ = npy
+    good = str(tmp_path / "good.npz")
+    save_npz(good, mxref.quantize(x, "fp4_e2m1"))
+    d = {k: v for k, v in np.load(good).items()}
+    prof = json.loads(str(d["profile"]))
+    prof[field] = value
+    d["profile"] = np.str_(json.dumps(prof))
+    bad = str(tmp_path / "bad.npz")
+    _write_npz(bad, **d)
+    for cmd in (["dequantize", bad, "-o", str(tmp_path / "y.npy")],
+                ["pack", bad, "-o", str(tmp_path / "p.npz")]):
+        assert_bad_input(cmd, capsys, f"profile field {field}=")
+    assert sorted(os.listdir(tmp_path)) == ["bad.npz", "good.npz", "x.npy"]
+
+
+def test_decode_prints_nothing_when_a_code_is_bad(capsys):
+    """Before: the valid codes' lines were printed, then the error (a partial table)."""
+    for argv in (["decode", "-f", "fp6_e2m3", "0x01", "0x40"],
+                 ["decode", "-f", "e8m0", "0x7f", "0x100"]):
+        rc, out, err = run(argv, capsys)
+        assert rc == 2 and out == "" and "out of range" in err, (rc, out, err)
+
+
+def test_sweep_stride_beyond_int64(capsys):
+    """--stride past int64 was a numba TypingError traceback; any stride past 2^31 checks
+    the first pattern of each of the 4 runs."""
+    rc, out, _ = run(["sweep", "-f", "fp4", "--stride", str(10 ** 30), "--no-progress"],
+                     capsys)
+    assert rc == 0 and "4 float32 inputs" in out
+
+
+def test_sweep_huge_chunk_is_one_line(capsys):
+    """--chunk 2^31 or more was OOM-killed while allocating (no message at all)."""
+    assert_bad_input(["sweep", "-f", "fp4", "--chunk", "2^32"], capsys,
+                     "chunk 4294967296 is too large")
+
+
+def test_sweep_count_with_a_huge_exponent_is_refused_at_once(capsys):
+    """10^99999999 was computed (minutes, and GBs) before any check."""
+    assert_bad_input(["sweep", "-f", "fp4", "--stride", "10^99999999"], capsys,
+                     "no count here is above 2^64")
+
+
+def test_write_failure_names_the_output(npy, tmp_path, capsys, monkeypatch):
+    """A full disk surfaced as numpy's bare "262144 requested and 25568 written" (exit 1):
+    the line now names the output and what to do; nothing is left behind."""
+    _, path = npy
+
+    def full_disk(*args, **kwargs):
+        raise OSError("262144 requested and 25568 written")
+
+    monkeypatch.setattr(np, "savez", full_disk)
+    out = tmp_path / "q.npz"
+    rc, _, err = run(["quantize", path, "-f", "fp4", "-o", str(out)], capsys)
+    assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"could not write -o/--output {out}" in err and "262144 requested" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["x.npy"]
