@@ -255,3 +255,136 @@ def test_two_gens_to_the_same_out_one_wins(tmp_path):
     err = next(e for rc, e in res.values() if rc == 2)
     assert "\n" not in err and "was written by another process" in err and "kept at" in err
     assert json.load(open(out / "manifest.json"))["seed"] == (1 if winner == "a" else 2)
+
+
+# ------------------------------------------------------------------ CLI audit (2026-12-07)
+def _flipped_dut(suite, tmp_path, vector=7):
+    L = _lines(suite)
+    L[vector] = L[vector][:4] + "%X" % (int(L[vector][4], 16) ^ 1) + L[vector][5:]
+    return _dut(tmp_path, "flip.hex", "\n".join(L) + "\n")
+
+
+@pytest.mark.parametrize("change", [
+    lambda m: m.update(files=[]),
+    lambda m: m["files"].update({"vectors.hex": "x"}),
+    lambda m: m["files"]["vectors.hex"].update(sha256=5),
+    lambda m: m.update(profile=None),
+    lambda m: m.update(layout="x"),
+    lambda m: m.update(category_counts=[1]),
+], ids=["files_list", "files_entry_str", "sha256_int", "profile_null", "layout_str",
+        "category_counts_list"])
+def test_manifest_with_wrong_types_is_one_line_not_a_traceback(suite, tmp_path, capsys,
+                                                               change):
+    """Before: AttributeError/TypeError tracebacks (exit 1) for a hand-edited manifest."""
+    d = _edited_suite(suite, tmp_path, change, keep_self_hash=False)
+    rc, err = _run(["check", "--vectors", d, "--dut", os.path.join(suite, "expected.hex")],
+                   capsys)
+    assert rc == 2 and "\n" not in err and "the suite is inconsistent" in err, err
+
+
+def test_junit_fails_when_the_manifest_has_no_category_counts(suite, tmp_path, capsys):
+    """Before: a failing DUT got a JUnit file with tests="0" failures="0" (a CI pass)."""
+    d = _edited_suite(suite, tmp_path, lambda m: m.pop("category_counts"),
+                      keep_self_hash=False)
+    rep = tmp_path / "r.xml"
+    rc, _ = _run(["check", "--vectors", d, "--dut", _flipped_dut(suite, tmp_path),
+                  "--report", str(rep)], capsys)
+    assert rc == 1
+    assert 'failures="1"' in rep.read_text() and "<failure " in rep.read_text()
+
+
+def test_category_counts_disagreeing_with_runs_blame_the_suite(suite, tmp_path, capsys):
+    """Before: exit 1 with a JUnit file whose one testcase ("foo") passed."""
+    d = _edited_suite(suite, tmp_path, lambda m: m.update(category_counts={"foo": 1}),
+                      keep_self_hash=False)
+    rep = tmp_path / "r.xml"
+    rc, err = _run(["check", "--vectors", d, "--dut", _flipped_dut(suite, tmp_path),
+                    "--report", str(rep)], capsys)
+    assert rc == 2 and "category_counts do not match category_runs" in err
+    assert not rep.exists()
+
+
+def test_transposed_npz_dut_is_bad_input_not_a_failing_dut(suite, tmp_path, capsys):
+    """Before: [count, N] arrays were reshaped to [N, count]: a correct DUT 'FAIL'ed."""
+    import numpy as np
+    _, arrays = _expected_fields(suite)
+    p = tmp_path / "dut.npz"
+    np.savez(p, **{k: np.ascontiguousarray(v.T) for k, v in arrays.items()})
+    rc, err = _run(["check", "--vectors", suite, "--dut", str(p)], capsys)
+    assert rc == 2 and "has shape [1, " in err and "\n" not in err, err
+    np.savez(p, **{k: v.reshape(-1) for k, v in arrays.items()})   # flat is fine
+    assert _run(["check", "--vectors", suite, "--dut", str(p)], capsys)[0] == 0
+
+
+def test_report_named_twice_is_refused_before_the_check(suite, tmp_path, capsys):
+    """Before: the check ran, printed its verdict and wrote r.json, then exited 2."""
+    rep = tmp_path / "r.json"
+    rc = main(["check", "--vectors", suite, "--dut", os.path.join(suite, "expected.hex"),
+               "--report", str(rep), "--report", str(tmp_path / "." / "r.json")])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "given twice" in err and out == "" and not rep.exists()
+
+
+@pytest.mark.parametrize("argv", [["conformance", "--against", ""],
+                                  ["conformance", "--against", "ml_dtypes", "--format", ","]])
+def test_conformance_with_an_empty_list_is_bad_input(argv, capsys):
+    """Before: nothing compared, an empty matrix and exit 0."""
+    rc, err = _run(argv, capsys)
+    assert rc == 2 and "is empty" in err
+
+
+@pytest.mark.parametrize("seed", ["-1", str(1 << 64)])
+def test_seed_outside_64_bits_is_refused(tmp_path, capsys, seed):
+    """Before: taken modulo 2^64 (-1 gave seed 2^64-1's vectors), recorded as given."""
+    with pytest.raises(SystemExit) as e:
+        main(["gen", "--format", "fp4", "--op", "convert", "--seed", seed,
+              "--out", str(tmp_path / "v")])
+    assert e.value.code == 2 and "0 .. 2^64-1" in capsys.readouterr().err
+    assert not (tmp_path / "v").exists()
+
+
+def test_bad_integer_option_names_the_type_int(capsys):
+    with pytest.raises(SystemExit):
+        main(["exhaustive", "--format", "fp4", "--limit", "abc"])
+    assert "invalid int value: 'abc'" in capsys.readouterr().err   # was "invalid _int value"
+
+
+def test_hex_dut_with_a_utf8_bom_is_text(suite, tmp_path, capsys):
+    """Before: 'not a text file (non-ASCII bytes); use --dut-format bin'."""
+    p = _dut(tmp_path, "bom.hex", b"\xef\xbb\xbf" + "\n".join(_lines(suite)).encode() + b"\n")
+    assert _run(["check", "--vectors", suite, "--dut", p], capsys)[0] == 0
+
+
+@pytest.mark.parametrize("make, msg", [
+    (lambda L: ["xx" + L[0][2:]] + L[1:], "dut.hex:1: 'x' is an unknown (X/Z) value"),
+    (lambda L: [L[0], "0x" + L[1]] + L[2:], "dut.hex:2: '0x' prefix"),
+])
+def test_hex_dut_x_values_and_0x_prefixes_are_named(suite, tmp_path, capsys, make, msg):
+    """Before: both were "invalid hex digit 'x'; each line must be 66 hex digits"."""
+    p = _dut(tmp_path, "dut.hex", "\n".join(make(_lines(suite))) + "\n")
+    rc, err = _run(["check", "--vectors", suite, "--dut", p], capsys)
+    assert rc == 2 and msg in err and "\n" not in err, err
+
+
+def test_hex_file_checked_as_npz_says_it_is_not_a_zip(suite, capsys):
+    """Before: numpy's 'pickled (object) data ... allow_pickle' advice."""
+    rc, err = _run(["check", "--vectors", suite, "--dut", os.path.join(suite, "expected.hex"),
+                    "--dut-format", "npz"], capsys)
+    assert rc == 2 and "not an .npz (zip) file" in err and "pickle" not in err, err
+
+
+def test_hex_dut_can_be_a_pipe_and_a_directory_is_named(suite, tmp_path, capsys):
+    """Before: a FIFO (`vvp ... | mxverify check --dut /dev/stdin`) was 'DUT file not
+    found', and so was a directory."""
+    import threading
+    fifo = tmp_path / "dut.fifo"
+    os.mkfifo(fifo)
+    text = open(os.path.join(suite, "expected.hex")).read()
+    writer = threading.Thread(target=lambda: fifo.write_text(text), daemon=True)
+    writer.start()
+    rc, err = _run(["check", "--vectors", suite, "--dut", str(fifo), "--dut-format", "hex"],
+                   capsys)
+    writer.join(timeout=10)
+    assert rc == 0, err
+    rc, err = _run(["check", "--vectors", suite, "--dut", str(tmp_path)], capsys)
+    assert rc == 2 and "is a directory" in err

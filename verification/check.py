@@ -51,7 +51,8 @@ class Suite:
     def category_of(self) -> np.ndarray:
         out = np.empty(self.n, dtype=object)
         for r in self.man["category_runs"]:
-            out[r["first"]:r["first"] + r["count"]] = r["category"]
+            # str() as in the counts: an int category must not fall out of the histograms
+            out[r["first"]:r["first"] + r["count"]] = str(r["category"])
         return out
 
 
@@ -73,6 +74,7 @@ def load_suite(d: str) -> Suite:
         raise BadInput(f"{mpath}:1: not an {V.SCHEMA} manifest (missing: "
                        f"{', '.join(missing) or 'schema'}); regenerate the suite")
     _check_self_hash(man, mpath)
+    _check_manifest_types(man, mpath)
     for name, info in sorted(man["files"].items()):
         p = os.path.join(d, name)
         if not os.path.isfile(p):
@@ -100,6 +102,21 @@ def _suite_broken(mpath: str, what: str) -> BadInput:
     return BadInput(f"{mpath}: the suite is inconsistent ({what}); the manifest was edited or "
                     f"the suite is damaged, so the DUT is not checked: regenerate the suite "
                     f"with 'mxverify gen'")
+
+
+def _check_manifest_types(man: dict, mpath: str) -> None:
+    """The manifest's containers must have the types gen writes: a manifest without a
+    self hash (older suites) may have been edited by hand, and a wrong type there (files
+    as a list, a profile of null, a sha256 that is a number) used to end in a Python
+    traceback instead of the one-line bad-input error."""
+    files = man["files"]
+    if not isinstance(files, dict) or not all(
+            isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("sha256"), str)
+            for k, v in files.items()):
+        raise _suite_broken(mpath, "'files' must map each file name to its sha256 and size")
+    for key in ("profile", "layout", "category_counts"):   # the last two are optional
+        if (key == "profile" or man.get(key) is not None) and not isinstance(man.get(key), dict):
+            raise _suite_broken(mpath, f"'{key}' must be a JSON object")
 
 
 def _check_self_hash(man: dict, mpath: str) -> None:
@@ -132,6 +149,12 @@ def _check_consistent(s: Suite, mpath: str) -> None:
         pos += count
     if pos != n or n < 0:
         raise _suite_broken(mpath, f"n_vectors {n} but category_runs cover {pos}")
+    # the JUnit report has one testcase per category of category_counts while failures
+    # are attributed through category_runs: if the two disagreed, a failing DUT could get
+    # a JUnit file with failures="0" (a CI pass), so they must agree
+    counts = s.man.get("category_counts")
+    if counts is not None and counts != _run_counts(runs):
+        raise _suite_broken(mpath, "category_counts do not match category_runs")
     recorded = (s.man.get("layout") or {}).get("fields")
     if recorded is not None and recorded != [f.to_dict() for f in s.fields]:
         raise _suite_broken(mpath, f"its field layout is not that of op {s.man['op']} with "
@@ -146,17 +169,27 @@ def _check_consistent(s: Suite, mpath: str) -> None:
                                            f"{rec}-byte records is {n * rec}")
 
 
+def _run_counts(runs) -> dict:
+    """Vectors per category from (category, first, count) runs."""
+    counts: dict = {}
+    for c, _, k in runs:
+        counts[c] = counts.get(c, 0) + k
+    return counts
+
+
 def _parse_hex(path: str, fields: list, n_expected: int | None) -> dict:
     """Read hex vector lines (fields joined by '_' or not; '//' comments and blanks skipped)."""
     digits = sum(f.count * f.hex_digits for f in fields)
     rows = []
     with open(path, "rb") as fh:
         raw = fh.read()
+    if raw.startswith(b"\xef\xbb\xbf"):   # a UTF-8 byte-order mark (Windows editors):
+        raw = raw[3:]                         # still a text file, not a binary dump
     try:
         text = raw.decode("ascii")
     except UnicodeDecodeError:
         raise BadInput(f"{path}: not a text file (non-ASCII bytes); use --dut-format bin "
-                       f"for binary dumps") from None
+                       f"or npz for binary dumps") from None
     for lineno, line in enumerate(text.splitlines(), 1):
         s = line.split("//", 1)[0].strip()
         if not s:
@@ -164,6 +197,19 @@ def _parse_hex(path: str, fields: list, n_expected: int | None) -> dict:
         s = s.replace("_", "")
         if not _HEX_OK.match(s):
             bad = next(c for c in s if c not in "0123456789abcdefABCDEF")
+            # C-style 0x prefixes: the line is valid once they are dropped (a bare "0x" can
+            # also be $fwrite's "%02h" of a byte whose low nibble is X, hence the check)
+            unprefixed = re.sub(r"(^|_)0[xX](?=[0-9A-Fa-f])", r"\1",
+                                line.split("//", 1)[0].strip()).replace("_", "")
+            if _HEX_OK.match(unprefixed) and len(unprefixed) == digits:
+                raise BadInput(f"{path}:{lineno}: '0x' prefix; write each value as bare hex "
+                               f"digits ({digits} per line, fields "
+                               f"{', '.join(f.name for f in fields)}), as expected.hex does")
+            if bad in "xXzZ":   # what $fwrite("%h") prints for an X/Z bit: a DUT problem
+                raise BadInput(f"{path}:{lineno}: {bad!r} is an unknown (X/Z) value the "
+                               f"simulation wrote: the DUT drove X or Z on an output for "
+                               f"this vector (unreset or undriven logic); fix that, then "
+                               f"check again")
             raise BadInput(f"{path}:{lineno}: invalid hex digit {bad!r}; each line must be "
                            f"{digits} hex digits (fields {', '.join(f.name for f in fields)})")
         if len(s) != digits:
@@ -218,6 +264,13 @@ def _fit(path: str, f, a: np.ndarray) -> np.ndarray:
 
 def _parse_npz(path: str, fields: list, n: int) -> dict:
     from mxref.npzfile import read_npz
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"PK\x03\x04" and magic != b"PK\x05\x06":
+        # not a zip at all (a hex or bin dump named or flagged npz): say that, rather than
+        # numpy's advice about pickled data and allow_pickle
+        raise BadInput(f"{path}: not an .npz (zip) file; write it with numpy.savez, or pass "
+                       f"--dut-format hex|bin for a hex or binary dump")
     try:
         z = read_npz(path, ".npz (write it with numpy.savez)")
     except MXError as e:
@@ -234,6 +287,13 @@ def _parse_npz(path: str, fields: list, n: int) -> dict:
         if a.size != n * f.count:
             raise BadInput(f"{path}: key {f.name!r} has {a.size} values, expected "
                            f"{n} x {f.count}; the DUT output has the wrong vector count")
+        # the right number of values is not enough: a [count, N] (transposed) array was
+        # reshaped to [N, count] and every element landed in the wrong vector, so a correct
+        # DUT was reported as failing thousands of elements
+        if a.shape not in ((n, f.count), (n * f.count,)):
+            raise BadInput(f"{path}: key {f.name!r} has shape {list(a.shape)}, expected "
+                           f"[{n}, {f.count}] (vectors x values, or flat in that order); "
+                           f"transpose or reshape it before saving")
         out[f.name] = _fit(path, f, a).reshape(n, f.count)
     return out
 
@@ -268,13 +328,21 @@ def read_inputs(s: Suite) -> dict:
 
 
 def read_dut(path: str, s: Suite, dut_format: str | None) -> dict:
-    if not os.path.isfile(path):
+    # a pipe (`vvp ... | mxverify check --dut /dev/stdin`, `<(...)`) exists but is not a
+    # regular file: it used to be reported as "not found"; hex is read in one pass, so a
+    # pipe works for it, while bin needs the file's size and npz needs to seek
+    if not os.path.exists(path):
         raise BadInput(f"{path}: DUT file not found")
+    if os.path.isdir(path):
+        raise BadInput(f"{path}: is a directory; --dut takes the DUT's output file")
     fmt = dut_format or {".hex": "hex", ".txt": "hex", ".mem": "hex", ".bin": "bin",
                          ".npz": "npz"}.get(os.path.splitext(path)[1].lower())
     if fmt is None:
         raise BadInput(f"{path}: cannot tell the DUT file format from its name; pass "
                        f"--dut-format hex|bin|npz")
+    if fmt != "hex" and not os.path.isfile(path):
+        raise BadInput(f"{path}: not a regular file (a pipe?); a {fmt} DUT output must be "
+                       f"a file: write it to one, or stream hex with --dut-format hex")
     if fmt == "hex":
         return _parse_hex(path, s.outs, s.n)
     if fmt == "bin":
@@ -391,7 +459,11 @@ def compare(s: Suite, dut: dict, nan: str = "any", zero_sign: str = "strict",
                 "steps": int(ordinal(f, [gv], s.fmt)[0] - ordinal(f, [ev], s.fmt)[0])
                 if in_fmt else None,
                 "class": cls})
-    counts = s.man.get("category_counts", {})
+    # from category_runs, which also attribute every failure above: the histograms and
+    # the JUnit testcases can then never miss a failing category (a manifest without
+    # category_counts used to give a JUnit file with no testcase at all for a failing DUT)
+    counts = _run_counts((str(r["category"]), 0, int(r["count"]))
+                         for r in s.man["category_runs"])
     return {
         "verdict": "pass" if n_bad == 0 else "fail",
         "vectors": s.n, "failing_vectors": int(bad_vectors.sum()), "mismatches": n_bad,

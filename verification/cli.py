@@ -5,13 +5,15 @@
     mxverify conformance --against ml_dtypes,gfloat,torchao --level 1
     mxverify exhaustive --format fp4_e2m1 --input float32 --limit 16777216
 
-Exit status: 0 success, 1 mismatches / disagreements found, 2 bad input (one line on
-stderr, no traceback). docs/verification.md describes every file and field.
+Exit status: 0 success, 1 mismatches found (check, exhaustive), 2 bad input (one line
+on stderr, no traceback). conformance exits 0 with disagreements: the other libraries'
+differences are its result, each named with its cause. docs/verification.md describes every file and field.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from mxref.cliframe import run_cli
@@ -32,6 +34,22 @@ def _int(s: str) -> int:
     return int(s, 0)
 
 
+_int.__name__ = "int"   # argparse names the type in its error: "invalid int value", not "_int"
+
+
+def _seed(s: str) -> int:
+    """A 64-bit unsigned seed: the PRNG takes the seed modulo 2^64, so -1 or 2^64 + 1 would
+    silently give another seed's vectors while the manifest records a seed that a 64-bit
+    testbench PRNG cannot hold."""
+    v = int(s)
+    if not 0 <= v < 1 << 64:
+        raise argparse.ArgumentTypeError(f"{s}: the seed must be in 0 .. 2^64-1")
+    return v
+
+
+_seed.__name__ = "seed"   # argparse: "invalid seed value: 'abc'"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from verification.cases import LEVELS, OPS
     p = _Parser(prog="mxverify", description=__doc__.split("\n\n")[0])
@@ -41,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--format", required=True)
     g.add_argument("--op", required=True, choices=OPS)
     g.add_argument("--level", default="1", choices=LEVELS)
-    g.add_argument("--seed", type=int, default=1)
+    g.add_argument("--seed", type=_seed, default=1)
     g.add_argument("--profile", default="ocp")
     g.add_argument("--emit", default="hex,bin,npz,jsonl", type=_csv)
     g.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
@@ -63,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--against", default="ml_dtypes,torchao,gfloat", type=_csv)
     k.add_argument("--format", default="all", type=_csv)
     k.add_argument("--level", default="1", choices=("1", "2"))
-    k.add_argument("--seed", type=int, default=1)
+    k.add_argument("--seed", type=_seed, default=1)
     k.add_argument("--json", dest="json_out")
     k.add_argument("--force", action="store_true", help="overwrite an existing --json file")
 
@@ -114,6 +132,14 @@ def _check(a) -> int:
     for r in a.report:
         if not (r.endswith(".json") or r.endswith(".xml")):
             raise C.BadInput(f"--report {r}: name it *.json or *.xml")
+    # the same report named twice was written once and then refused (exit 2) after the
+    # whole check had run and printed its verdict: refuse it before any work
+    seen = set()
+    for r in a.report:
+        real = os.path.realpath(r)
+        if real in seen:
+            raise C.BadInput(f"--report {r} is given twice; name each report once")
+        seen.add(real)
     inputs = [a.vectors, a.dut]   # a report may never replace the suite or the DUT file
     _refuse_existing(a.report, a.force, inputs)
     if a.max_errors < 0:

@@ -200,6 +200,13 @@ def run(against=LIBRARIES, formats="all", level="1", seed=1, progress=True) -> d
         raise MXError(f"--against {','.join(bad)}: choose from {','.join(LIBRARIES)}")
     fmts = list(mxref.FORMATS) if formats in ("all", ["all"]) else list(formats)
     fmts = [mxref.get_format(f) for f in fmts]
+    # an empty list (--against '' or --format ',', e.g. an unset shell variable) compared
+    # nothing and exited 0 with an empty matrix, which reads as "all agree"
+    if not against:
+        raise MXError(f"--against is empty; name one or more of {','.join(LIBRARIES)}")
+    if not fmts:
+        raise MXError(f"--format is empty; name one or more of {','.join(mxref.FORMATS)} "
+                      f"or all")
     rows, causes, skipped = [], {}, []
     for lib in against:
         try:
