@@ -5,7 +5,9 @@ Public API (all errors are one-line :class:`dmx.errors.DMXError`):
 * ``load_model_and_tokenizer(model_dir, device="cpu", dtype=None, device_map=None)
   -> (model, tokenizer)``: a local Hugging Face causal LM in eval mode (``dtype`` None =
   the checkpoint's dtype; ``device_map`` e.g. "auto": placed over the GPUs by accelerate).
-* ``load_tokenizer(model_dir)`` / ``check_causal_lm_dir(model_dir) -> config``.
+* ``load_tokenizer(model_dir)`` / ``check_causal_lm_dir(model_dir, quantized_ok=False)
+  -> config``: a dmx OUT directory is refused (transformers would load its packed layers
+  as random weights), and so is an already quantized checkpoint unless ``quantized_ok``.
 * ``calibration_windows(tokenizer, files, seqlen, samples, seed) -> LongTensor [n, seqlen]``:
   the files concatenated, tokenized whole, ``samples`` distinct non-overlapping windows
   drawn with ``seed`` (capped, with a note, at what the text holds).
@@ -54,12 +56,35 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()  # "Loading weights" bars: dmx prints its own progress
 
 
-def check_causal_lm_dir(model_dir) -> dict:
-    """The config.json of a local causal-LM directory; a clear error when it is not one."""
+def _refuse_out_dir(path: Path) -> None:
+    """A dmx OUT holds packed MX weights (``<layer>.weight_packed``) and no ``<layer>.weight``:
+    transformers loads it without error, every quantized linear left at its random init
+    (`dmx eval --model OUT` printed ppl ~9000; `dmx baseline --model OUT` wrote an OUT of
+    random weights). Refuse it by its manifest, before loading. A `dmx export` checkpoint
+    (compressed-tensors, Quark) carries the manifest too, but transformers reads it."""
+    from dmx.outdir.layout import MANIFEST_NAME
+    if not (path / MANIFEST_NAME).is_file() or (path / "model.safetensors.index.json").is_file():
+        return
+    try:
+        source = json.loads((path / MANIFEST_NAME).read_text()).get("source_model")
+    except (OSError, ValueError, AttributeError):
+        source = None
+    src = f" (this one was made from {source})" if isinstance(source, str) else ""
+    raise DMXError(f"--model {path}: is a dmx OUT directory (packed MX weights, which "
+                   f"transformers would load as random weights); evaluate it with `dmx eval "
+                   f"{path}`, and give --model the unquantized source model{src}")
+
+
+def check_causal_lm_dir(model_dir, quantized_ok: bool = False) -> dict:
+    """The config.json of a local causal-LM directory; a clear error when it is not one.
+    ``quantized_ok``: accept a checkpoint transformers dequantizes itself (a
+    compressed-tensors or Quark export: `dmx eval --model`); search, baselines and
+    --uniform need full-precision nn.Linear weights to quantize."""
     path = Path(model_dir)
     if not path.is_dir():
         raise DMXError(f"--model {model_dir}: no such directory; pass a local Hugging Face "
                        f"model directory or a .gguf file (no hub downloads)")
+    _refuse_out_dir(path)
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise DMXError(f"--model {model_dir}: no config.json; pass a Hugging Face model "
@@ -72,6 +97,14 @@ def check_causal_lm_dir(model_dir) -> dict:
     if archs and not any(str(a).endswith("ForCausalLM") for a in archs):
         raise DMXError(f"--model {model_dir}: architectures {archs} is not a causal LM; dmx "
                        f"needs a *ForCausalLM model (e.g. LlamaForCausalLM, Qwen3ForCausalLM)")
+    qc = config.get("quantization_config")
+    if qc and not quantized_ok:
+        # its linears are packed (compressed-tensors) or not nn.Linear at all: dmx baseline
+        # crashed with a traceback ("'Linear' object has no attribute 'weight'")
+        method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
+        raise DMXError(f"--model {model_dir}: an already quantized checkpoint "
+                       f"(quantization_config, quant_method {method}); dmx quantizes "
+                       f"full-precision weights: pass the unquantized model it came from")
     return config
 
 
@@ -117,11 +150,12 @@ def _check_no_offload(model, model_dir) -> None:
                        f"to CPU or disk: use more or larger GPUs")
 
 
-def load_model(model_dir, device="cpu", dtype=None, device_map=None):
+def load_model(model_dir, device="cpu", dtype=None, device_map=None, quantized_ok=False):
     """A local causal LM in eval mode on ``device`` (``dtype`` None = the checkpoint's).
     ``device_map`` (e.g. "auto"): placed by accelerate over the visible GPUs (the CPU when
-    there are none) instead of moved to ``device``; CPU/disk offload is refused."""
-    check_causal_lm_dir(model_dir)
+    there are none) instead of moved to ``device``; CPU/disk offload is refused.
+    ``quantized_ok``: see :func:`check_causal_lm_dir`."""
+    check_causal_lm_dir(model_dir, quantized_ok)
     quiet_transformers()
     from transformers import AutoModelForCausalLM
     placement = {}
@@ -160,20 +194,27 @@ def _check_finite(model, model_dir) -> None:
     import torch
     with torch.no_grad():
         for name, t in model.state_dict().items():
-            if t.is_floating_point() and t.device.type != "meta" and not bool(
-                    torch.isfinite(t).all()):
+            if not t.is_floating_point() or t.device.type == "meta":
+                continue
+            if t.element_size() == 1:
+                # float8 (an MXFP8 layer of a compressed-tensors export, `dmx eval --model`):
+                # torch has no isfinite for it, which was a traceback; float32 holds every value
+                t = t.float()
+            if not bool(torch.isfinite(t).all()):
                 bad = int((~torch.isfinite(t)).sum())
                 raise DMXError(f"--model {model_dir}: weight {name} holds {bad} NaN/Inf "
                                f"value(s); the checkpoint is corrupted: re-download or "
                                f"re-convert it")
 
 
-def load_model_and_tokenizer(model_dir, device="cpu", dtype=None, device_map=None):
+def load_model_and_tokenizer(model_dir, device="cpu", dtype=None, device_map=None,
+                             quantized_ok=False):
     """(model in eval mode on ``device``, tokenizer) of a local causal-LM directory
-    (the tokenizer first: it is quick, and a missing one fails before the weights load)."""
-    check_causal_lm_dir(model_dir)
+    (the tokenizer first: it is quick, and a missing one fails before the weights load).
+    ``quantized_ok``: see :func:`check_causal_lm_dir`."""
+    check_causal_lm_dir(model_dir, quantized_ok)
     tokenizer = load_tokenizer(model_dir)
-    return load_model(model_dir, device, dtype, device_map), tokenizer
+    return load_model(model_dir, device, dtype, device_map, quantized_ok), tokenizer
 
 
 def read_text(files) -> str:

@@ -23,7 +23,7 @@ DMX = Path(__file__).resolve().parent.parent / "dmx"
 
 # Bottom to top; a module belongs to the first entry that is it or a package above it.
 LAYERS = (
-    ("base", ("dmx.errors", "dmx.threads", "dmx.data")),
+    ("base", ("dmx.errors", "dmx.threads", "dmx.data", "dmx.outdir.layout")),
     ("quant", ("dmx.quant", "dmx.rotate")),
     ("nn", ("dmx.nn",)),
     ("outdir", ("dmx.outdir",)),

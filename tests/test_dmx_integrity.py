@@ -278,3 +278,151 @@ def test_two_baselines_to_the_same_out_one_wins(out, tmp_path):
     assert {e["format"] for e in outdir.read_manifest(dest)["layers"].values()} == {fmt[winner]}
     loser = "b" if winner == "a" else "a"
     assert {e["format"] for e in outdir.read_manifest(kept)["layers"].values()} == {fmt[loser]}
+
+
+# ----------------------------------------------------------------------------- audit 2026-12
+def _eval_text(tmp_path) -> Path:
+    from dmx import data
+    text = tmp_path / "t.txt"
+    text.write_text(data.default_eval_file().read_text()[:4_000])
+    return text
+
+
+def _no_new_entries(tmp_path, before):
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_out_passed_as_model_refused(out, tmp_path, capsys):
+    """An OUT holds weight_packed, no weight: transformers loaded it with those linears at
+    their random init, so `dmx eval --model OUT` printed a perplexity of random weights and
+    `dmx baseline --model OUT` wrote an OUT of them, both exit 0."""
+    before = sorted(p.name for p in tmp_path.iterdir())
+    line = _one_line(capsys, ["eval", "--model", out, "--max-windows", "1", "--seqlen", "16"],
+                     "is a dmx OUT directory")
+    assert f"dmx eval {out}" in line
+    src = json.loads((out / outdir.MANIFEST_NAME).read_text())["source_model"]
+    assert src in line
+    _one_line(capsys, ["baseline", "--model", out, "--method", "uniform", "--format",
+                       "fp4_e2m1", "-o", tmp_path / "b"], "is a dmx OUT directory")
+    _no_new_entries(tmp_path, before)
+
+
+def test_quantized_checkpoint_as_model(out, tmp_path, capsys):
+    """A compressed-tensors export: `dmx eval --model` scores it (transformers dequantizes
+    it), but baseline and --uniform need full-precision linears: before, `dmx baseline`
+    died with a traceback ('Linear' object has no attribute 'weight')."""
+    dmx.export.export(out, "compressed-tensors", tmp_path / "ct", log=lambda *a: None)
+    text = _eval_text(tmp_path)
+    assert main(["eval", "--model", str(tmp_path / "ct"), "--data", str(text),
+                 "--max-windows", "1", "--seqlen", "16", "--no-progress"]) == 0
+    capsys.readouterr()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    _one_line(capsys, ["baseline", "--model", tmp_path / "ct", "--method", "uniform",
+                       "--format", "fp4_e2m1", "--export-target", "none", "-o", tmp_path / "b"],
+              "already quantized checkpoint (quantization_config, quant_method "
+              "compressed-tensors)")
+    _one_line(capsys, ["eval", "--model", tmp_path / "ct", "--uniform", "fp8_e4m3",
+                       "--data", text, "--max-windows", "1", "--seqlen", "16"],
+              "already quantized checkpoint")
+    _no_new_entries(tmp_path, before)
+
+
+def test_export_dir_is_not_an_out(out, tmp_path, capsys):
+    """A compressed-tensors/Quark export carries the manifest (provenance); reading it as
+    an OUT said "config.json: sha256 does not match ... OUT was modified or corrupted"."""
+    dmx.export.export(out, "compressed-tensors", tmp_path / "ct", log=lambda *a: None)
+    for argv in (["eval", tmp_path / "ct"], ["report", tmp_path / "ct", "-o", tmp_path / "r"],
+                 ["export", tmp_path / "ct", "--to", "gguf", "-o", tmp_path / "g"]):
+        line = _one_line(capsys, argv, "a `dmx export` checkpoint")
+        assert "corrupted" not in line and "dmx eval --model" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct"]
+
+
+@pytest.mark.parametrize("content, match", [
+    ("[]", "a JSON list, not an object"),
+    ('{"latest": "x", "results": {}}', "latest ('x') names no entry of results"),
+    ('{"results": {"k": {"ppl": 3}}}', "results['k'].file is missing"),
+    ('{"results": {}, "tasks": {"a": {"task": "arc"}}}', "tasks['a'].metrics is missing"),
+])
+def test_damaged_eval_json_one_line(out, tmp_path, capsys, content, match):
+    """eval.json is not sealed: a hand-edited one made `dmx report` (and `dmx eval --save`)
+    die with a KeyError/TypeError traceback."""
+    o = _copy(out, tmp_path)
+    (o / "eval.json").write_text(content)
+    line = _one_line(capsys, ["report", o, "-o", tmp_path / "r"], match)
+    assert f"delete it and rerun `dmx eval {o} --save`" in line
+    _one_line(capsys, ["report", out, "--against", o, "-o", tmp_path / "r"], match)
+    # refused before the evaluation runs (nothing printed), and the file is left as it was
+    assert main(["eval", str(o), "--save", "--data", str(_eval_text(tmp_path)),
+                 "--max-windows", "1", "--seqlen", "16", "--no-progress"]) == 2
+    res = capsys.readouterr()
+    assert match in res.err and "Traceback" not in res.err and res.out == ""
+    assert (o / "eval.json").read_text() == content
+    assert not (tmp_path / "r").exists()
+
+
+def test_unreadable_eval_json_advice_does_not_loop(out, tmp_path, capsys):
+    """The advice was "rerun `dmx eval OUT --save`", which failed on the same file."""
+    o = _copy(out, tmp_path)
+    (o / "eval.json").write_text("{")
+    line = _one_line(capsys, ["report", o, "-o", tmp_path / "r"], "unreadable JSON")
+    assert "delete it and rerun" in line
+
+
+def test_output_parent_that_cannot_be_made(out, tmp_path, capsys):
+    """export and report create missing parents of -o: a file in the way gave exit 1 and
+    "[Errno 17] File exists", and a refused command left the parents it had made."""
+    (tmp_path / "f").write_text("x")
+    for argv in (["export", out, "--to", "gguf", "-o", tmp_path / "f" / "e"],
+                 ["report", out, "-o", tmp_path / "f" / "a" / "r"]):
+        _one_line(capsys, argv, f"{tmp_path / 'f'}: not a directory")
+    # refused after the parents were made: they are removed again
+    _one_line(capsys, ["report", tmp_path / "nope", "-o", tmp_path / "new" / "a" / "r"],
+              "no such directory")
+    _one_line(capsys, ["export", out, "--to", "quark", "-o", tmp_path / "new2" / "e"],
+              "MXFP8 weights")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+    # a successful one keeps them
+    assert main(["report", str(out), "-o", str(tmp_path / "new" / "a" / "r")]) == 0
+    assert (tmp_path / "new" / "a" / "r" / "report.md").is_file()
+
+
+def test_unfused_refusal_names_the_command_that_wrote_out():
+    """A KL baseline with q/k/v in different formats was told to rerun `dmx search`."""
+    from types import SimpleNamespace
+
+    from dmx.export.rules import check_fused
+    layers = {f"model.layers.0.self_attn.{p}": SimpleNamespace(fmt=f, act_format=None)
+              for p, f in (("q_proj", "fp4_e2m1"), ("k_proj", "fp4_e2m1"),
+                           ("v_proj", "fp8_e4m3"))}
+    with pytest.raises(DMXError, match=r"Rerun `dmx baseline --method kl` with "
+                                       r"--export-target compressed-tensors"):
+        check_fused(layers, "compressed-tensors", False, "kl")
+    with pytest.raises(DMXError, match=r"Rerun `dmx search` with --export-target quark"):
+        check_fused(layers, "quark", False, "dmx")
+
+
+def test_report_data_no_run_was_scored_on(out, tmp_path, capsys):
+    """`--data` naming a text no run was scored on wrote a report of empty cells, exit 0."""
+    o = _copy(out, tmp_path)
+    assert main(["eval", str(o), "--save", "--data", str(_eval_text(tmp_path)),
+                 "--max-windows", "1", "--seqlen", "16", "--no-progress"]) == 0
+    capsys.readouterr()
+    _one_line(capsys, ["report", o, "--data", "other.txt", "-o", tmp_path / "r"],
+              "none of the runs was scored on a file named other.txt")
+    assert not (tmp_path / "r").exists()
+    assert main(["report", str(o), "--data", "t.txt", "-o", str(tmp_path / "r")]) == 0
+
+
+def test_eval_with_nothing_to_evaluate(capsys):
+    """Neither OUT nor --model was answered "... (not both)"."""
+    line = _one_line(capsys, ["eval"], "either an OUT directory or --model")
+    assert "nothing to evaluate" in line and "not both" not in line
+
+
+@pytest.mark.parametrize("value", ["-5", "nan", "0.5"])
+def test_report_reference_ppl_must_be_a_perplexity(out, tmp_path, capsys, value):
+    """-5 was drawn as the reference line, nan written into report.json (invalid JSON)."""
+    _one_line(capsys, ["report", out, f"--reference-ppl={value}", "-o", tmp_path / "r"],
+              "not a perplexity")
+    assert not (tmp_path / "r").exists()

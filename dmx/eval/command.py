@@ -137,8 +137,10 @@ def add_eval_parser(subparsers):
 def _model_for_args(args):
     """(model, tokenizer, label) for `dmx eval`, after the cheap checks."""
     from dmx.data import load_model_and_tokenizer
-    if (args.out is None) == (args.model is None):
+    if args.out is not None and args.model is not None:
         raise DMXError("pass either an OUT directory or --model DIR (not both)")
+    if args.out is None and args.model is None:   # said "(not both)" when neither was given
+        raise DMXError("nothing to evaluate: pass either an OUT directory or --model DIR")
     if args.out is not None:
         if args.uniform:
             raise DMXError("--uniform goes with --model; an OUT directory has its own formats")
@@ -151,7 +153,10 @@ def _model_for_args(args):
     if args.uniform:
         import mxref
         fmt = mxref.get_format(args.uniform).key
-    model, tok = load_model_and_tokenizer(args.model, device=args.device)
+    # a compressed-tensors/Quark export loads through transformers, which dequantizes it
+    # itself; --uniform needs full-precision nn.Linear weights to quantize
+    model, tok = load_model_and_tokenizer(args.model, device=args.device,
+                                          quantized_ok=not fmt)
     label = str(args.model)
     if fmt:
         from dmx.search.baseline import quantizable_layers
@@ -172,6 +177,9 @@ def run_eval(args) -> int:
     if args.data is not None and not Path(args.data).is_file():
         raise DMXError(f"--data {args.data}: no such file")
     model, tok, label = _model_for_args(args)
+    if args.save:   # a damaged eval.json is refused before the evaluation, not after it
+        from dmx.outdir.evaljson import load_eval
+        load_eval(args.out)
     if args.tasks is not None:
         return run_task_eval(args, model, tok, label)
     seqlen = DEFAULT_SEQLEN if args.seqlen is None else args.seqlen

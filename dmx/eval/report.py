@@ -270,10 +270,11 @@ def write_report(rows, report_dir, reference=None, force: bool = False,
     ``force`` replaces only an earlier report, never one of the OUT directories).
     ``against``: the row the others were compared with (:func:`compare_against`)."""
     from mxref.outputs import output_dir
+
+    from dmx.outdir.write import parents_made
     dest = Path(report_dir)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     inputs = [r["path"] for r in rows] + ([against["path"]] if against is not None else [])
-    with output_dir(dest, **_out_rules(force, inputs)) as tmp:
+    with parents_made(dest, "-o/--out"), output_dir(dest, **_out_rules(force, inputs)) as tmp:
         (tmp / "report.md").write_text(_markdown(rows, reference, title, against))
         runs = [{k: v for k, v in r.items() if k != "window_nll"} for r in rows]
         (tmp / "report.json").write_text(json.dumps(
@@ -391,11 +392,31 @@ def add_report_parser(subparsers):
 
 
 def run_report(args) -> int:
+    from dmx.outdir.write import parents_made
+    # the parents of -o are made for the report and removed again if it fails
+    with parents_made(args.out, "-o/--out"):
+        return _run_report(args)
+
+
+def _run_report(args) -> int:
+    import math
+
     from mxref.outputs import check_output
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    ref_ppl = args.reference_ppl
+    if ref_ppl is not None and not (math.isfinite(ref_ppl) and ref_ppl >= 1):
+        # a perplexity is exp(mean NLL) >= 1: -5 or nan was drawn as the reference line
+        # (nan also made report.json invalid JSON)
+        raise DMXError(f"--reference-ppl {ref_ppl}: not a perplexity (a finite number >= 1); "
+                       f"pass the unquantized model's, e.g. from `dmx eval --model DIR`")
     inputs = [*args.runs, *([args.against] if args.against else [])]
     check_output(args.out, is_dir=True, **_out_rules(args.force, inputs))  # before work
     rows = collect(args.runs, args.data)   # every OUT's hashes checked
+    if args.data is not None and all(r["eval_key"] is None for r in rows):
+        # a --data no run was scored on (a typo, another file name) wrote a report of
+        # empty ppl cells, exit 0, nothing said
+        raise DMXError(f"--data {args.data}: none of the runs was scored on a file named "
+                       f"{Path(args.data).name}; run `dmx eval OUT --data {args.data} --save` "
+                       f"first, or leave out --data")
     against = None
     if args.against is not None:
         match = [r for r in rows if Path(r["path"]).resolve() == Path(args.against).resolve()]
@@ -418,6 +439,10 @@ def run_report(args) -> int:
     if len(sets) > 1:
         print("dmx report: warning: the runs quantize different sets of linears; compare "
               "the all-linears column of report.md")
+    keys = sorted({r["eval_key"] for r in rows if r["eval_key"]})
+    if len(keys) > 1:   # said in report.md only, while the table above mixed them
+        print(f"dmx report: warning: the runs were evaluated with different protocols "
+              f"({', '.join(keys)}); their perplexities are not comparable")
     print(f"dmx report: wrote {dest}/report.md, report.json, pareto.png"
           + (", accuracy.png" if any(r["tasks"] for r in rows) else "")
           + (", dynamics.png" if any(r["search_log"] for r in rows) else ""))

@@ -21,18 +21,28 @@ def export(out_dir, to: str, dest, allow_unfused: bool = False, verify: bool = T
 
     ``write_options`` go to the target's writer (e.g. ``max_shard_bytes``).
     """
+    from dmx.outdir.read import read_out
+    from dmx.outdir.write import parents_made
+
+    mod = target_module(to)
+    dest = Path(dest)
+    if not Path(out_dir).is_dir():   # named by read_out, before any directory is made
+        read_out(out_dir)
+    # the parents of DIR are made for the export and removed again if it fails
+    with parents_made(dest, "-o/--output"):
+        return _export(out_dir, mod, to, dest, allow_unfused, verify, force, log,
+                       write_options)
+
+
+def _export(out_dir, mod, to, dest, allow_unfused, verify, force, log, write_options):
     from mxref.outputs import check_output, output_dir
 
     from dmx.export import verify as vfy
     from dmx.outdir.read import check_config_fits, read_out
 
-    mod = target_module(to)
-    dest = Path(dest)
     rules = dict(force=force, marker=is_export_dir, inputs=[out_dir], what="-o/--output",
                  tool="dmx export", error=DMXError)
-    if Path(out_dir).is_dir():   # (a missing OUT is named by read_out below)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        check_output(dest, is_dir=True, **rules)   # before reading OUT: fail fast
+    check_output(dest, is_dir=True, **rules)   # before reading OUT: fail fast
     src = read_out(out_dir)   # every file's hash checked
     from dmx.rotate.info import refuse_online_rotations
     refuse_online_rotations(src.manifest, to)   # no runtime applies dmx's online R4

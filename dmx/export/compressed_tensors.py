@@ -29,7 +29,8 @@ from dmx.export.verify import compare
 
 TARGET = "compressed-tensors"
 FORMAT_OF = {"fp4_e2m1": "mxfp4-pack-quantized", "fp8_e4m3": "mxfp8-quantized"}
-ALTERNATIVE = ("use --to quark (MXFP4/MXFP6/MXFP8 E4M3) or rerun `dmx search` with the "
+# Quark holds MXFP4 and MXFP6 weights; it refuses MXFP8 ones (dmx/export/quark.py)
+ALTERNATIVE = ("use --to quark (MXFP4/MXFP6 weights) or rerun `dmx search` with the "
                "fp8-fp4 ladder")
 
 

@@ -22,17 +22,21 @@ def fused_groups(names) -> dict[str, list[str]]:
     return groups
 
 
-def check_fused(layers, target: str, allow_unfused: bool) -> None:
-    """Refuse q/k/v or gate/up of one block in different (weight, activation) formats."""
+def check_fused(layers, target: str, allow_unfused: bool, method: str = "dmx") -> None:
+    """Refuse q/k/v or gate/up of one block in different (weight, activation) formats.
+    ``method``: the manifest's, so the message names the command that wrote OUT (a KL
+    baseline was told to rerun `dmx search`)."""
     if allow_unfused:
         return
+    rerun = ("`dmx baseline --method kl`" if method == "kl" else
+             "`dmx baseline`" if method == "uniform" else "`dmx search`")
     for group, names in fused_groups(layers).items():
         kinds = {(layers[n].fmt, layers[n].act_format) for n in names}
         if len(kinds) > 1:
             desc = ", ".join(f"{n.rsplit('.', 1)[1]}={layers[n].fmt}" for n in names)
             raise DMXError(f"{group}: fused shards in different formats "
                            f"({desc}); vLLM ({target}) loads a fused layer with one scheme. "
-                           f"Rerun `dmx search` with --export-target {target} (it ties q/k/v and "
+                           f"Rerun {rerun} with --export-target {target} (it ties q/k/v and "
                            f"gate/up), or pass --allow-unfused for an engine that does not fuse")
 
 
@@ -70,6 +74,6 @@ def check_finite(layers, target: str) -> None:
 def check_vllm(src, target: str, supported, alternative: str, allow_unfused: bool) -> None:
     """Everything a vLLM checkpoint (compressed-tensors or Quark) must satisfy."""
     check_formats(src.layers, target, supported, alternative)
-    check_fused(src.layers, target, allow_unfused)
+    check_fused(src.layers, target, allow_unfused, src.manifest.get("method", "dmx"))
     check_whole_blocks(src.layers, target)
     check_finite(src.layers, target)

@@ -15,16 +15,73 @@ __all__ = ["load_eval", "latest_result", "latest_eval", "find_result", "result_o
 
 
 def load_eval(out_dir) -> dict | None:
-    """OUT/eval.json, or None when `dmx eval OUT --save` has not run."""
+    """OUT/eval.json, or None when `dmx eval OUT --save` has not run; a one-line DMXError
+    when it is unreadable or not shaped as `dmx eval --save` writes it (:func:`_check`)."""
     from dmx.outdir.layout import EVAL_NAME
     path = Path(out_dir) / EVAL_NAME
     if not path.is_file():
         return None
+    # eval.json is not sealed (only results, nothing the model is built from): deleting it
+    # is always safe. "rerun `dmx eval --save`" alone could not help: that rerun reads it too
+    fix = f"delete it and rerun `dmx eval {out_dir} --save`"
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise DMXError(f"{path}: unreadable JSON ({err}); rerun `dmx eval {out_dir} --save`") \
-            from None
+        raise DMXError(f"{path}: unreadable JSON ({err}); {fix}") from None
+    problem = _check(data)
+    if problem:
+        raise DMXError(f"{path}: not as `dmx eval --save` writes it ({problem}); {fix}")
+    return data
+
+
+_NUMBER = (int, float)
+# the fields every reader (dmx report, find_result, --against) indexes without .get();
+# later additions (window_nll, ppl_ci95, nll_se...) are optional: older files lack them
+_RESULT_FIELDS = {"file": str, "seqlen": int, "windows": int, "windows_total": int,
+                  "ppl": _NUMBER, "protocol": str}
+_TASK_FIELDS = {"task": str, "metrics": dict, "protocol": str}
+
+
+def _bad_type(v, t) -> bool:
+    return isinstance(v, bool) or not isinstance(v, t)
+
+
+def _check(data) -> str | None:
+    """What makes a loaded eval.json unusable (a hand edit, another tool's file), or None.
+    Before this, `dmx report` and `dmx eval --save` died with a KeyError/TypeError
+    traceback on such a file."""
+    if not isinstance(data, dict):
+        return f"a JSON {type(data).__name__}, not an object"
+    results = data.get("results", {})
+    if not isinstance(results, dict):
+        return "field results is not an object"
+    for key, r in results.items():
+        if not isinstance(r, dict):
+            return f"results[{key!r}] is not an object"
+        for name, t in _RESULT_FIELDS.items():
+            if _bad_type(r.get(name), t):
+                kind = getattr(t, "__name__", "number")
+                return f"results[{key!r}].{name} is missing or not a {kind}"
+        w = r.get("window_nll")
+        if w is not None and (not isinstance(w, list) or any(_bad_type(x, _NUMBER) for x in w)):
+            return f"results[{key!r}].window_nll is not a list of numbers"
+        ci = r.get("ppl_ci95")
+        if ci is not None and (not isinstance(ci, list) or len(ci) != 2
+                               or any(_bad_type(x, _NUMBER) for x in ci)):
+            return f"results[{key!r}].ppl_ci95 is not two numbers"
+    latest = data.get("latest")
+    if latest is not None and latest not in results:
+        return f"field latest ({latest!r}) names no entry of results"
+    tasks = data.get("tasks", {})
+    if not isinstance(tasks, dict):
+        return "field tasks is not an object"
+    for key, e in tasks.items():
+        if not isinstance(e, dict):
+            return f"tasks[{key!r}] is not an object"
+        for name, t in _TASK_FIELDS.items():
+            if _bad_type(e.get(name), t):
+                return f"tasks[{key!r}].{name} is missing or not a {t.__name__}"
+    return None
 
 
 def latest_result(ev: dict | None) -> dict | None:

@@ -31,6 +31,9 @@ __all__ = ["read_rotations", "read_manifest", "QuantLayer", "OutModel", "read_ou
            "DecodedMXLinear", "read_search_log"]
 
 _REWRITE = "rewrite OUT with `dmx search`/`dmx baseline`"
+# what a sharded `dmx export` (compressed-tensors, Quark) writes; an OUT never has it
+# (one model.safetensors). dmx.export.hfdir.INDEX, not imported: export imports this module
+EXPORT_INDEX_NAME = "model.safetensors.index.json"
 
 
 def read_manifest(out_dir, verify: bool = True) -> dict:
@@ -44,6 +47,14 @@ def read_manifest(out_dir, verify: bool = True) -> dict:
     if not path.is_file():
         raise DMXError(f"{out_dir}: no {MANIFEST_NAME}; pass an OUT directory written by "
                        f"`dmx search` or `dmx baseline`")
+    if (out / EXPORT_INDEX_NAME).is_file():
+        # a compressed-tensors/Quark export copies the manifest for provenance; its hash
+        # check then failed on config.json with "OUT was modified or corrupted", which
+        # sent the user to rewrite an OUT that was fine
+        raise DMXError(f"{out_dir}: a `dmx export` checkpoint (sharded, with "
+                       f"{EXPORT_INDEX_NAME}), not an OUT directory; pass the OUT it was "
+                       f"exported from, or score it as a model with `dmx eval --model "
+                       f"{out_dir}`")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as err:

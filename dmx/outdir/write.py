@@ -26,6 +26,7 @@ Reading OUT back is :mod:`dmx.outdir.read`; the bit averages come from :mod:`dmx
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import shutil
@@ -41,7 +42,7 @@ from dmx.outdir.integrity import seal, validate_manifest
 from dmx.outdir.layout import (EVAL_NAME, FORMAT_VERSION, MANIFEST_NAME, METHODS, WEIGHTS_NAME,
                                layer_sha256)
 
-__all__ = ["write_out", "atomic_write_text", "check_new_out"]
+__all__ = ["write_out", "atomic_write_text", "check_new_out", "parents_made"]
 
 # Files copied from the source model: everything a tokenizer or generate() needs, no weights.
 _COPY_NAMES = {"config.json", "generation_config.json", "special_tokens_map.json",
@@ -61,6 +62,44 @@ def check_new_out(out_dir, force: bool, inputs=()) -> Path:
     ``force`` over an earlier OUT; never one of ``inputs``; a writable parent)."""
     from mxref.outputs import check_output
     return check_output(out_dir, is_dir=True, **_out_rules(force, inputs))
+
+
+@contextlib.contextmanager
+def parents_made(dest, what: str):
+    """Create the missing parent directories of ``dest`` (`dmx export` and `dmx report`
+    create them; search and baseline refuse a missing parent) for the ``with`` body; if the
+    body fails, remove those it created (if still empty), so a refused command leaves
+    nothing behind. A parent that cannot be made (a file in the way, no permission) is a
+    one-line DMXError: ``mkdir(parents=True)`` raised "[Errno 17] File exists", exit 1,
+    and left the directories it had made after a later error."""
+    parent = Path(dest).parent
+    made = []
+    for d in (parent, *parent.parents):
+        if d.is_dir():
+            break
+        if d.exists() or d.is_symlink():
+            raise DMXError(f"{d}: not a directory, so {what} {dest} cannot be created "
+                           f"under it; choose another {what}")
+        made.append(d)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        _remove_empty(made)
+        raise DMXError(f"{parent}: cannot create the parent directory of {what} {dest} "
+                       f"({err.strerror or err}); choose another {what}") from None
+    try:
+        yield parent
+    except BaseException:
+        _remove_empty(made)
+        raise
+
+
+def _remove_empty(dirs) -> None:
+    for d in dirs:   # deepest first
+        try:
+            d.rmdir()
+        except OSError:   # not empty (something else wrote there) or already gone
+            return
 
 
 def _out_rules(force: bool, inputs) -> dict:
