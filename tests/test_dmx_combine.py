@@ -225,6 +225,31 @@ def test_kl_fusion_refusals(searches, kl_outs, tmp_path, capsys):
           "quantizes other layers", tmp_path)
 
 
+def test_inputs_are_never_replaced_or_written_into(searches, kl_outs, tmp_path, capsys):
+    """`-o KL_OUT --force` replaced a --kl input with the combination, and -o inside an
+    input OUT was written there (the same command with --force was then refused)."""
+    _, outs = searches
+    a, b, k0 = str(outs[0]), str(outs[1]), str(kl_outs["s0"])
+    before = {p: sorted(x.name for x in p.iterdir()) for p in (outs[0], kl_outs["s0"])}
+    fails(capsys, ["combine", a, b, "--kl", k0, "-o", k0, "--force"], "also an input",
+          tmp_path)
+    fails(capsys, ["combine", a, b, "-o", str(outs[0] / "comb")], "inside the input",
+          outs[0])
+    fails(capsys, ["combine", a, b, "--kl", k0, "-o", str(kl_outs["s0"] / "comb")],
+          "inside the input", kl_outs["s0"])
+    assert {p: sorted(x.name for x in p.iterdir()) for p in before} == before
+    assert read_manifest(k0)["method"] == "kl"  # sealed and still the KL baseline
+
+
+def test_refusals_name_the_command_that_wrote_the_out(searches, kl_outs, tmp_path, capsys):
+    """They said "a `dmx kl` OUT" and "a `dmx dmx` OUT", commands that do not exist."""
+    _, outs = searches
+    a, b, k0 = str(outs[0]), str(outs[1]), str(kl_outs["s0"])
+    o = ["-o", str(tmp_path / "comb")]
+    fails(capsys, ["combine", a, k0, *o], "an OUT of `dmx baseline --method kl`", tmp_path)
+    fails(capsys, ["combine", a, b, "--kl", a, *o], "an OUT of `dmx search`", tmp_path)
+
+
 def test_percentile_ranks_share_ties_and_span_zero_to_one():
     from dmx.search.rank_fusion import fused_order, percentile_ranks
 

@@ -174,7 +174,8 @@ BAD = {
     "steps 0": (["--steps", "0"], "--steps"),
     "target below ladder": (["--target-bits", "3.5"], "impossible"),
     "target above ladder": (["--target-bits", "7", "--ladder", "fp6-fp4"], "impossible"),
-    "no linear matched": (["--include", "no_such_layer"], "no nn.Linear"),
+    "no linear matched": (["--include", "no_such_layer"],
+                          "--include 'no_such_layer' matches no linear layer"),
     "missing model": (["--model", "/nonexistent/model"], "/nonexistent/model"),
 }
 
@@ -213,6 +214,49 @@ def test_bad_input_exits_2(models, calib, tmp_path, capsys, case):
     else:
         argv += extra
     _assert_bad(capsys, argv, needle, out)
+
+
+# refused before the model loads (they were found only after the weights and the text had
+# loaded, or after the whole search: --checkpoint-dir -o trained, then found OUT taken)
+EARLY_BAD = {
+    "invalid include regex": (["--include", "(["], "--include '([' is not a valid regular"),
+    "invalid exclude regex": (["--exclude", "*x"], "--exclude '*x' is not a valid regular"),
+    "rung the target cannot store": (["--export-target", "quark"], "quark cannot store"),
+    "checkpoints in OUT": (["--checkpoint-dir", "{out}"], "--checkpoint-dir"),
+    "checkpoints inside OUT": (["--checkpoint-dir", "{out}/ck"], "--checkpoint-dir"),
+    "checkpoint dir is a file": (["--checkpoint-dir", "{tmp}/file"], "not a directory"),
+    "checkpoints in the model": (["--checkpoint-dir", "{model}/ck"],
+                                 "inside the input directory"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EARLY_BAD))
+def test_bad_input_is_refused_before_the_model_loads(models, calib, tmp_path, capsys,
+                                                     monkeypatch, case):
+    import dmx.data
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(dmx.data, "load_model_and_tokenizer", no_load)
+    (tmp_path / "file").write_text("not a directory")
+    extra, needle = EARLY_BAD[case]
+    out = tmp_path / "out"
+    fill = dict(out=out, tmp=tmp_path, model=models["llama"])
+    argv = _base_argv(models["llama"], calib, out) + [a.format(**fill) for a in extra]
+    _assert_bad(capsys, argv, needle, out)
+    assert not (models["llama"] / "ck").exists()
+
+
+def test_out_inside_the_model_dir_is_refused(models, calib, tmp_path, capsys):
+    """It was written into the model directory, and the same command with --force was
+    then refused ("is part of the input"): refused the first time, nothing written."""
+    model = tmp_path / "model"
+    shutil.copytree(models["llama"], model)
+    before = sorted(p.name for p in model.iterdir())
+    out = model / "out"
+    _assert_bad(capsys, _base_argv(model, calib, out), "inside the input directory", out)
+    assert sorted(p.name for p in model.iterdir()) == before
 
 
 @pytest.mark.parametrize("text", ["", "too short to fill one window"])

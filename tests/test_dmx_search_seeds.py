@@ -85,6 +85,7 @@ def test_seeds_are_searched_kept_and_combined(src, calib, tmp_path, capsys):
     (["--seeds", "1", "1"], "two or more different seeds"),
     (["--seed", "1", "--seeds", "0", "2"], "not both"),
     (["--seeds", "0", "1", "--rotate", "hadamard"], "--rotate none"),
+    (["--seeds", "-1", "0"], "--seed must be a non-negative integer"),
 ])
 def test_seeds_refusals(src, calib, tmp_path, capsys, extra, match):
     _refused(capsys, _argv(src, calib, tmp_path / "o", *extra), match, tmp_path)
@@ -122,6 +123,9 @@ def test_ctrl_c_in_a_later_seed_resumes_with_the_whole_command(src, calib, tmp_p
     assert command[command.index("--seeds") + 1:][:2] == ["0", "2"] and "--seed" not in command
     assert not out.exists() and (seed_out_dir(out, 0)).is_dir()
     assert not seed_out_dir(out, 2).exists()
+    # without --resume: refused before any work, naming seed 2's checkpoint
+    _refused(capsys, _argv(src, calib, out, "--seeds", "0", "2"),
+             "seed 2 left a checkpoint", tmp_path)
 
     monkeypatch.setattr(dmx.search.train, "_train_step", real_step)
     assert main(command[1:]) == 0

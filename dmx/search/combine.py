@@ -46,14 +46,22 @@ __all__ = ["combine_searches", "mean_offsets", "summary_line", "add_combine_pars
            "run_combine"]
 
 
+def writer_of(m: dict) -> str:
+    """The command that wrote an OUT, from its manifest's method: the refusals said
+    "a `dmx kl` OUT" and "a `dmx dmx` OUT", commands that do not exist."""
+    method = m.get("method")
+    return "dmx search" if method == "dmx" else f"dmx baseline --method {method}"
+
+
 def _read_search(out) -> tuple[dict, dict]:
     """(manifest, search log) of a sealed `dmx search` OUT, or a one-line refusal."""
     from dmx.outdir import read_manifest, read_search_log
 
     m = read_manifest(out)  # the seal is checked: the offsets are the ones it wrote
     if m["method"] != "dmx" or "config" not in (m.get("search") or {}):
-        raise DMXError(f"{out}: a `dmx {m['method']}` OUT; combine takes OUTs written by "
-                       f"`dmx search`")
+        hint = "; pass KL baselines with --kl" if m["method"] == "kl" else ""
+        raise DMXError(f"{out}: an OUT of `{writer_of(m)}`; combine takes OUTs written by "
+                       f"`dmx search`{hint}")
     if m["search"].get("combined"):
         raise DMXError(f"{out}: already a combination; combine the searches it was made from")
     log = read_search_log(out)
@@ -140,7 +148,13 @@ def combine_searches(outs, out, fill: bool | None = None, force: bool = False,
     first = manifests[0]
     cfg = _config(first)
     source = first["source_model"]
-    outdir.check_new_out(out, force, [Path(o) for o in outs] + [Path(source)])
+    # every input: the --kl baselines too (`-o KL_OUT --force` replaced a KL input with the
+    # combination), and never a path inside one (an OUT written into a search's OUT or the
+    # model directory, which the same command with --force then refused)
+    inputs = [Path(o) for o in outs] + [Path(k) for k in kl or ()] + [Path(source)]
+    from dmx.search.command import refuse_inside
+    refuse_inside("-o/--out", out, inputs)
+    outdir.check_new_out(out, force, inputs)
     if not Path(source).is_dir():
         raise DMXError(f"the searches' source model {source} is not there; combine on the "
                        f"machine that has it")

@@ -65,11 +65,56 @@ def _check_paths(model_dir, cfg: SearchConfig, out, force, resume, ckpt_dir):
         if not Path(f).is_file():
             raise DMXError(f"--calib {f}: no such file")
     from dmx.outdir.write import check_new_out
+    # OUT (and its OUT.partial) inside the model directory: check_new_out refuses only an
+    # existing path inside an input, so the first run wrote into the model directory and
+    # the same command with --force was then refused ("is part of the input")
+    refuse_inside("-o/--out", out, [model_dir])
     check_new_out(out, force, [model_dir, *(cfg.calib or ())])
+    if ckpt_dir is not None:
+        _check_checkpoint_dir(Path(ckpt_dir), out, model_dir)
+    # a ladder rung the export target cannot store: refused here, before the model loads
+    # (select_layers says the same, but only after the weights and the text were read)
+    from dmx.export.plan import plan_for_target
+    plan_for_target({"probe": (32, 32)}, cfg.ladder, cfg.export_target)  # one 32-wide layer
     has_ckpt = ckpt_dir is not None and (Path(ckpt_dir) / "checkpoint.pt").is_file()
     if has_ckpt and not resume and not force:
         raise DMXError(f"an interrupted search left a checkpoint in {ckpt_dir}; add --resume "
                        f"to continue it or --force to start over")
+
+
+def refuse_inside(what: str, path, inputs) -> None:
+    """``path`` must not lie inside one of the ``inputs`` directories (a model, a search
+    OUT): a command writes next to its inputs, never into them."""
+    p = os.path.realpath(path)
+    for inp in inputs:
+        i = os.path.realpath(inp)
+        if Path(inp).is_dir() and p.startswith(i.rstrip(os.sep) + os.sep):
+            raise DMXError(f"{what} {path} is inside the input directory {inp}; choose a "
+                           f"path outside it")
+
+
+def _check_checkpoint_dir(ckpt_dir: Path, out, model_dir) -> None:
+    """Before the model loads: where the checkpoints go must be a directory of its own.
+    Without this, --checkpoint-dir equal to -o trained to the end and then failed ("OUT
+    already exists") with OUT blocked by the checkpoint, and a file in the way failed at
+    the first save with "[Errno 17] File exists" (exit 1)."""
+    from dmx.search.checkpoint import default_checkpoint_dir
+
+    o, c = os.path.realpath(out), os.path.realpath(ckpt_dir)
+    if c == o or c.startswith(o.rstrip(os.sep) + os.sep):
+        raise DMXError(f"--checkpoint-dir {ckpt_dir} is -o/--out {out} or inside it: OUT is "
+                       f"written whole when the search ends; put the checkpoints elsewhere "
+                       f"(default: {default_checkpoint_dir(out)})")
+    if c == os.path.realpath(model_dir):
+        raise DMXError(f"--checkpoint-dir {ckpt_dir} is the model directory; put the "
+                       f"checkpoints elsewhere")
+    refuse_inside("--checkpoint-dir", ckpt_dir, [model_dir])
+    for d in (ckpt_dir, *ckpt_dir.parents):
+        if d.is_dir():
+            break
+        if d.exists() or d.is_symlink():
+            raise DMXError(f"checkpoint directory {ckpt_dir}: {d} exists and is not a "
+                           f"directory; remove it or pass another --checkpoint-dir")
 
 
 def _resolve_data(cfg: SearchConfig, model_dir, say) -> SearchConfig:
@@ -378,6 +423,15 @@ def search_seeds(model_dir, config, seeds, *, out=None, force: bool = False,
     seed_cfgs = [cfg.replace(seed=s) for s in seeds]
     # every seed's OUT is checked before the first search: a conflict is not found an hour in
     kept = [not force and _kept_seed_out(p, model_dir, c) for p, c in zip(seed_outs, seed_cfgs)]
+    for seed, seed_out, done in zip(seeds, seed_outs, kept):
+        # a seed's leftover checkpoint without --resume was refused only when that seed's
+        # turn came, after the earlier seeds' searches
+        ckpt = Path(checkpoint_dir) / f"seed-{seed}" if checkpoint_dir else None
+        if not (done or resume or force) and \
+                ((ckpt or default_checkpoint_dir(seed_out)) / CHECKPOINT_NAME).is_file():
+            raise DMXError(f"an interrupted search of seed {seed} left a checkpoint in "
+                           f"{ckpt or default_checkpoint_dir(seed_out)}; add --resume to "
+                           f"continue it or --force to start over")
     if fuse_kl:
         if int(kl_samples) != kl_samples or kl_samples < 1:
             raise DMXError(f"--kl-samples must be a positive integer, got {kl_samples!r}")

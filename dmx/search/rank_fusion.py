@@ -97,8 +97,9 @@ def kl_sensitivities_of(kl_outs, search: dict, cfg, units) -> tuple[dict, list]:
     for k in kl_outs:
         m = read_manifest(k)
         if m["method"] != "kl" or "sensitivity" not in (m.get("baseline") or {}):
-            raise DMXError(f"--kl {k}: a `dmx {m['method']}` OUT; --kl takes OUTs written by "
-                           f"`dmx baseline --method kl`")
+            from dmx.search.combine import writer_of  # not "a `dmx dmx` OUT"
+            raise DMXError(f"--kl {k}: an OUT of `{writer_of(m)}`; --kl takes OUTs written "
+                           f"by `dmx baseline --method kl`")
         if str(Path(m["source_model"]).resolve()) != str(Path(search["source_model"]).resolve()):
             raise DMXError(f"--kl {k}: a baseline of {m['source_model']}, the searches are of "
                            f"{search['source_model']}; use a KL baseline of the same model")

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 
 from dmx.errors import DMXError
@@ -225,6 +226,9 @@ class SearchConfig:
             raise DMXError(f"--seqlen must be at least 2 (next-token loss), got {self.seqlen}")
         if self.samples is not None:
             _positive_int("--samples", self.samples)
+        # a negative seed named its --seeds folder "seed--1"; torch takes seeds >= 0 anyway
+        if int(self.seed) != self.seed or self.seed < 0:
+            raise DMXError(f"--seed must be a non-negative integer, got {self.seed}")
         check_choice("--weighting", self.weighting, WEIGHTINGS)
         check_choice("--budget", self.budget, BUDGETS)
         check_choice("--parameterization", self.parameterization, PARAMETERIZATIONS)
@@ -240,6 +244,16 @@ class SearchConfig:
         from dmx.rotate.hadamard import KINDS  # the matrices dmx.rotate can build
         check_choice("--rotate-kind", self.rotate_kind, KINDS)
         check_target_bits(self.target_bits, lad)
+        # an invalid regex was only found by wrap_model, after the model and the calibration
+        # text had loaded, as "bad include regex: ..." without the pattern or the flag
+        for flag, patterns in (("--include", self.include), ("--exclude", self.exclude)):
+            for pattern in patterns or ():
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise DMXError(f"{flag} {pattern!r} is not a valid regular expression "
+                                   f"({err}); fix it (Python re syntax, searched in layer "
+                                   f"names such as model.layers.0.mlp.down_proj)") from None
         for flag, value in (("--lr", self.lr), ("--t-start", self.t_start),
                             ("--t-end", self.t_end), ("--max-grad-norm", self.max_grad_norm),
                             ("--max-stretch", self.max_stretch),
