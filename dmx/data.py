@@ -217,6 +217,16 @@ def load_model_and_tokenizer(model_dir, device="cpu", dtype=None, device_map=Non
     return load_model(model_dir, device, dtype, device_map, quantized_ok), tokenizer
 
 
+def check_text_files(flag: str, files) -> None:
+    """Each of ``files`` is an existing file (checked before a model loads); a directory is
+    named as one, not as missing."""
+    for f in files or ():
+        if Path(f).is_dir():
+            raise DMXError(f"{flag} {f}: is a directory; pass a text file")
+        if not Path(f).is_file():
+            raise DMXError(f"{flag} {f}: no such file")
+
+
 def read_text(files) -> str:
     """The files' text, concatenated with a newline between files (UTF-8)."""
     if isinstance(files, (str, Path)):

@@ -118,7 +118,7 @@ def cmd_quantize(args) -> int:
     arrays = npz_arrays(mx)
     _write_out(args, ".npz", lambda f: np.savez(f, **arrays))
     print(f"{args.input} {x.dtype}{list(x.shape)} -> {args.output}: {mx.fmt.key}, "
-          f"{mx.n_blocks} blocks of {mx.block_size} along axis {mx.axis}, "
+          f"{mx.n_blocks} block{'' if mx.n_blocks == 1 else 's'} of {mx.block_size} along axis {mx.axis}, "
           f"profile {mx.profile.name} ({mx.profile.hash})")
     return 0
 

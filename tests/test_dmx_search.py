@@ -227,6 +227,7 @@ EARLY_BAD = {
     "checkpoint dir is a file": (["--checkpoint-dir", "{tmp}/file"], "not a directory"),
     "checkpoints in the model": (["--checkpoint-dir", "{model}/ck"],
                                  "inside the input directory"),
+    "calibration text is a directory": (["--calib", "{tmp}"], "is a directory; pass a text"),
 }
 
 

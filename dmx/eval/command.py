@@ -174,8 +174,9 @@ def run_eval(args) -> int:
     apply_threads(args)
     from dmx.eval.zeroshot import check_task_args, run_task_eval
     check_task_args(args)
-    if args.data is not None and not Path(args.data).is_file():
-        raise DMXError(f"--data {args.data}: no such file")
+    if args.data is not None:
+        from dmx.data import check_text_files
+        check_text_files("--data", [args.data])
     model, tok, label = _model_for_args(args)
     if args.save:   # a damaged eval.json is refused before the evaluation, not after it
         from dmx.outdir.evaljson import load_eval

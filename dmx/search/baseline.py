@@ -307,9 +307,7 @@ def kl_baseline(model_dir, target_bits: float, out, ladder: str = "fp8-fp4",
     check_choice("--export-target", export_target, EXPORT_TARGETS)
     tie = tie_fused_for(export_target, tie_fused)
     outdir.check_new_out(out, force, [model_dir])
-    for f in calib or ():
-        if not Path(f).is_file():
-            raise DMXError(f"--calib {f}: no such file")
+    data.check_text_files("--calib", calib)
     saved = _check_rotation(model_dir, rotate, rotate_kind, rotate_online, rotate_from)
     config = data.check_causal_lm_dir(model_dir)
     if seqlen is None:  # the search's 2048, capped by what the model was trained for

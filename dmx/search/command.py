@@ -61,9 +61,8 @@ def _check_paths(model_dir, cfg: SearchConfig, out, force, resume, ckpt_dir):
     if not Path(model_dir).is_dir():
         raise DMXError(f"--model {model_dir}: no such directory; pass a local Hugging Face "
                        f"model directory or a .gguf file")
-    for f in cfg.calib or ():
-        if not Path(f).is_file():
-            raise DMXError(f"--calib {f}: no such file")
+    from dmx.data import check_text_files
+    check_text_files("--calib", cfg.calib)
     from dmx.outdir.write import check_new_out
     # OUT (and its OUT.partial) inside the model directory: check_new_out refuses only an
     # existing path inside an input, so the first run wrote into the model directory and
