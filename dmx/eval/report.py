@@ -69,7 +69,7 @@ def collect(run_dirs, text: str | None = None) -> list[dict]:
             "ppl_ci95": None if result is None else result.get("ppl_ci95"),
             # per-window losses (dmx eval since 2026-12-06): for --against; not in report.json
             "window_nll": None if result is None else result.get("window_nll"),
-            "protocol": None if result is None else result["protocol"],
+            "protocol": None if result is None else result.get("protocol"),
             "eval_key": eval_key,
             "tasks": _task_scores(ev),
             # a search that did not record its wall time: its training time is the bulk
@@ -185,8 +185,9 @@ def _markdown(rows, reference, title, against=None) -> str:
         lines += ["**Warning:** the runs were evaluated with different protocols "
                   f"({', '.join(sorted(keys))}); their perplexities are not comparable.", ""]
     elif keys:
-        proto = next(r["protocol"] for r in rows if r["protocol"])
-        lines += [f"Perplexity protocol: {proto.rsplit(', ppl', 1)[0]}.", ""]
+        proto = next((r["protocol"] for r in rows if r["protocol"]), None)
+        if proto:   # (a result written without its protocol line has none to show)
+            lines += [f"Perplexity protocol: {proto.rsplit(', ppl', 1)[0]}.", ""]
     missing = [r["run"] for r in rows if r["ppl"] is None]
     if missing:
         lines += [f"Not evaluated (run `dmx eval OUT --save`): {', '.join(missing)}.", ""]

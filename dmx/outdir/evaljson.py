@@ -38,7 +38,7 @@ _NUMBER = (int, float)
 # the fields every reader (dmx report, find_result, --against) indexes without .get();
 # later additions (window_nll, ppl_ci95, nll_se...) are optional: older files lack them
 _RESULT_FIELDS = {"file": str, "seqlen": int, "windows": int, "windows_total": int,
-                  "ppl": _NUMBER, "protocol": str}
+                  "ppl": _NUMBER}
 _TASK_FIELDS = {"task": str, "metrics": dict, "protocol": str}
 
 
@@ -62,6 +62,8 @@ def _check(data) -> str | None:
             if _bad_type(r.get(name), t):
                 kind = getattr(t, "__name__", "number")
                 return f"results[{key!r}].{name} is missing or not a {kind}"
+        if r.get("protocol") is not None and not isinstance(r["protocol"], str):
+            return f"results[{key!r}].protocol is not a str"
         w = r.get("window_nll")
         if w is not None and (not isinstance(w, list) or any(_bad_type(x, _NUMBER) for x in w)):
             return f"results[{key!r}].window_nll is not a list of numbers"

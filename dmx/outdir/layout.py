@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 
 __all__ = ["MANIFEST_NAME", "WEIGHTS_NAME", "EVAL_NAME", "SEARCH_LOG_NAME", "FORMAT_VERSION", "METHODS",
-           "layer_sha256"]
+           "layer_sha256", "writer_of"]
 
 MANIFEST_NAME = "dmx_manifest.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -17,6 +17,13 @@ FORMAT_VERSION = 1
 METHODS = ("dmx", "uniform", "kl")
 # dmx/outdir/manifest.schema.json is a symlink to specs/manifest.schema.json in the
 # repository (one source of truth); a built wheel carries it as a file (package data).
+
+
+def writer_of(m: dict) -> str:
+    """The command that wrote an OUT, from its manifest's method: the refusals said
+    "a `dmx kl` OUT" and "a `dmx dmx` OUT", commands that do not exist."""
+    method = m.get("method")
+    return "dmx search" if method == "dmx" else f"dmx baseline --method {method}"
 
 
 def layer_sha256(packed: np.ndarray, scales: np.ndarray) -> str:

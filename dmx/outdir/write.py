@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -42,7 +43,7 @@ from dmx.outdir.integrity import seal, validate_manifest
 from dmx.outdir.layout import (EVAL_NAME, FORMAT_VERSION, MANIFEST_NAME, METHODS, WEIGHTS_NAME,
                                layer_sha256)
 
-__all__ = ["write_out", "atomic_write_text", "check_new_out", "parents_made"]
+__all__ = ["write_out", "atomic_write_text", "check_new_out", "parents_made", "refuse_inside"]
 
 # Files copied from the source model: everything a tokenizer or generate() needs, no weights.
 _COPY_NAMES = {"config.json", "generation_config.json", "special_tokens_map.json",
@@ -100,6 +101,17 @@ def _remove_empty(dirs) -> None:
             d.rmdir()
         except OSError:   # not empty (something else wrote there) or already gone
             return
+
+
+def refuse_inside(what: str, path, inputs) -> None:
+    """``path`` must not lie inside one of the ``inputs`` directories (a model, a search
+    OUT): a command writes next to its inputs, never into them."""
+    p = os.path.realpath(path)
+    for inp in inputs:
+        i = os.path.realpath(inp)
+        if Path(inp).is_dir() and p.startswith(i.rstrip(os.sep) + os.sep):
+            raise DMXError(f"{what} {path} is inside the input directory {inp}; choose a "
+                           f"path outside it")
 
 
 def _out_rules(force: bool, inputs) -> dict:

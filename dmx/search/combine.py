@@ -40,17 +40,11 @@ import time
 from pathlib import Path
 
 from dmx.errors import DMXError
+from dmx.outdir.layout import writer_of
 from dmx.search.rank_fusion import layer_signature
 
 __all__ = ["combine_searches", "mean_offsets", "summary_line", "add_combine_parser",
            "run_combine"]
-
-
-def writer_of(m: dict) -> str:
-    """The command that wrote an OUT, from its manifest's method: the refusals said
-    "a `dmx kl` OUT" and "a `dmx dmx` OUT", commands that do not exist."""
-    method = m.get("method")
-    return "dmx search" if method == "dmx" else f"dmx baseline --method {method}"
 
 
 def _read_search(out) -> tuple[dict, dict]:
@@ -152,7 +146,7 @@ def combine_searches(outs, out, fill: bool | None = None, force: bool = False,
     # combination), and never a path inside one (an OUT written into a search's OUT or the
     # model directory, which the same command with --force then refused)
     inputs = [Path(o) for o in outs] + [Path(k) for k in kl or ()] + [Path(source)]
-    from dmx.search.command import refuse_inside
+    from dmx.outdir.write import refuse_inside
     refuse_inside("-o/--out", out, inputs)
     outdir.check_new_out(out, force, inputs)
     if not Path(source).is_dir():

@@ -63,7 +63,7 @@ def _check_paths(model_dir, cfg: SearchConfig, out, force, resume, ckpt_dir):
                        f"model directory or a .gguf file")
     from dmx.data import check_text_files
     check_text_files("--calib", cfg.calib)
-    from dmx.outdir.write import check_new_out
+    from dmx.outdir.write import check_new_out, refuse_inside
     # OUT (and its OUT.partial) inside the model directory: check_new_out refuses only an
     # existing path inside an input, so the first run wrote into the model directory and
     # the same command with --force was then refused ("is part of the input")
@@ -81,17 +81,6 @@ def _check_paths(model_dir, cfg: SearchConfig, out, force, resume, ckpt_dir):
                        f"to continue it or --force to start over")
 
 
-def refuse_inside(what: str, path, inputs) -> None:
-    """``path`` must not lie inside one of the ``inputs`` directories (a model, a search
-    OUT): a command writes next to its inputs, never into them."""
-    p = os.path.realpath(path)
-    for inp in inputs:
-        i = os.path.realpath(inp)
-        if Path(inp).is_dir() and p.startswith(i.rstrip(os.sep) + os.sep):
-            raise DMXError(f"{what} {path} is inside the input directory {inp}; choose a "
-                           f"path outside it")
-
-
 def _check_checkpoint_dir(ckpt_dir: Path, out, model_dir) -> None:
     """Before the model loads: where the checkpoints go must be a directory of its own.
     Without this, --checkpoint-dir equal to -o trained to the end and then failed ("OUT
@@ -107,6 +96,7 @@ def _check_checkpoint_dir(ckpt_dir: Path, out, model_dir) -> None:
     if c == os.path.realpath(model_dir):
         raise DMXError(f"--checkpoint-dir {ckpt_dir} is the model directory; put the "
                        f"checkpoints elsewhere")
+    from dmx.outdir.write import refuse_inside
     refuse_inside("--checkpoint-dir", ckpt_dir, [model_dir])
     for d in (ckpt_dir, *ckpt_dir.parents):
         if d.is_dir():

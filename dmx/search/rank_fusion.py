@@ -97,7 +97,7 @@ def kl_sensitivities_of(kl_outs, search: dict, cfg, units) -> tuple[dict, list]:
     for k in kl_outs:
         m = read_manifest(k)
         if m["method"] != "kl" or "sensitivity" not in (m.get("baseline") or {}):
-            from dmx.search.combine import writer_of  # not "a `dmx dmx` OUT"
+            from dmx.outdir.layout import writer_of  # not "a `dmx dmx` OUT"
             raise DMXError(f"--kl {k}: an OUT of `{writer_of(m)}`; --kl takes OUTs written "
                            f"by `dmx baseline --method kl`")
         if str(Path(m["source_model"]).resolve()) != str(Path(search["source_model"]).resolve()):
