@@ -28,8 +28,8 @@ def check_fused(layers, target: str, allow_unfused: bool, method: str = "dmx") -
     baseline was told to rerun `dmx search`)."""
     if allow_unfused:
         return
-    rerun = ("`dmx baseline --method kl`" if method == "kl" else
-             "`dmx baseline`" if method == "uniform" else "`dmx search`")
+    from dmx.outdir.layout import writer_of
+    rerun = f"`{writer_of({'method': method})}`"
     for group, names in fused_groups(layers).items():
         kinds = {(layers[n].fmt, layers[n].act_format) for n in names}
         if len(kinds) > 1:

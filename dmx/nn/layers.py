@@ -267,7 +267,11 @@ def fused_units(names: list[str]) -> list[tuple[str, ...]]:
     return [tuple(v) for v in units.values()]
 
 
-def wrap_model(model: nn.Module, ladder="fp8-fp4", include=None, exclude=("lm_head", "embed"),
+# lm_head and the embeddings: never quantized by dMX (the selection's default exclusion)
+NEVER_QUANTIZED = ("lm_head", "embed")
+
+
+def wrap_model(model: nn.Module, ladder="fp8-fp4", include=None, exclude=NEVER_QUANTIZED,
                quantize_activations: bool = True, tie_fused: bool = True,
                init="low", parameterization: str = "clamp",
                names=None, backend=Backend.AUTO) -> dict[str, DMXLinear]:
@@ -289,9 +293,17 @@ def wrap_model(model: nn.Module, ladder="fp8-fp4", include=None, exclude=("lm_he
                and (inc is None or any(p.search(n) for p in inc))
                and not any(p.search(n) for p in exc)
                and (names is None or n in names)]
-    if not targets:
-        raise DMXError(f"wrap_model matched no nn.Linear layers (include={include!r}, "
-                       f"exclude={exclude!r})")
+    if not targets:   # said in the flags' terms, with a name the patterns are matched against
+        given = " ".join([*(f"--include {p!r}" for p in include or ()),
+                          *(f"--exclude {p!r}" for p in exclude or ()
+                            if p not in NEVER_QUANTIZED)])
+        never = _compile(NEVER_QUANTIZED, "exclude")
+        example = next((n for n, m in model.named_modules() if type(m) is nn.Linear and n
+                        and not any(p.search(n) for p in never)), None)
+        named = f"; its linears are named like {example}" if example else ""
+        raise DMXError(f"{given or 'the selection'} matches no linear layer to quantize "
+                       f"(lm_head and embeddings are never quantized){named}: fix the "
+                       f"patterns (Python regexes, searched in the names)")
     shared: dict[str, nn.Parameter] = {}
     layers: dict[str, DMXLinear] = {}
     for name, linear in targets:

@@ -46,6 +46,20 @@ def _bad_type(v, t) -> bool:
     return isinstance(v, bool) or not isinstance(v, t)
 
 
+def _entries_problem(section: str, entries, fields: dict) -> str | None:
+    """What is wrong with one section of eval.json ({key: entry}), or None."""
+    if not isinstance(entries, dict):
+        return f"field {section} is not an object"
+    for key, e in entries.items():
+        if not isinstance(e, dict):
+            return f"{section}[{key!r}] is not an object"
+        for name, t in fields.items():
+            if _bad_type(e.get(name), t):
+                kind = getattr(t, "__name__", "number")
+                return f"{section}[{key!r}].{name} is missing or not a {kind}"
+    return None
+
+
 def _check(data) -> str | None:
     """What makes a loaded eval.json unusable (a hand edit, another tool's file), or None.
     Before this, `dmx report` and `dmx eval --save` died with a KeyError/TypeError
@@ -53,15 +67,10 @@ def _check(data) -> str | None:
     if not isinstance(data, dict):
         return f"a JSON {type(data).__name__}, not an object"
     results = data.get("results", {})
-    if not isinstance(results, dict):
-        return "field results is not an object"
-    for key, r in results.items():
-        if not isinstance(r, dict):
-            return f"results[{key!r}] is not an object"
-        for name, t in _RESULT_FIELDS.items():
-            if _bad_type(r.get(name), t):
-                kind = getattr(t, "__name__", "number")
-                return f"results[{key!r}].{name} is missing or not a {kind}"
+    problem = _entries_problem("results", results, _RESULT_FIELDS)
+    if problem:
+        return problem
+    for key, r in results.items():   # the optional fields, when present
         if r.get("protocol") is not None and not isinstance(r["protocol"], str):
             return f"results[{key!r}].protocol is not a str"
         w = r.get("window_nll")
@@ -74,16 +83,7 @@ def _check(data) -> str | None:
     latest = data.get("latest")
     if latest is not None and latest not in results:
         return f"field latest ({latest!r}) names no entry of results"
-    tasks = data.get("tasks", {})
-    if not isinstance(tasks, dict):
-        return "field tasks is not an object"
-    for key, e in tasks.items():
-        if not isinstance(e, dict):
-            return f"tasks[{key!r}] is not an object"
-        for name, t in _TASK_FIELDS.items():
-            if _bad_type(e.get(name), t):
-                return f"tasks[{key!r}].{name} is missing or not a {t.__name__}"
-    return None
+    return _entries_problem("tasks", data.get("tasks", {}), _TASK_FIELDS)
 
 
 def latest_result(ev: dict | None) -> dict | None:

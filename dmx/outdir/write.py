@@ -43,7 +43,8 @@ from dmx.outdir.integrity import seal, validate_manifest
 from dmx.outdir.layout import (EVAL_NAME, FORMAT_VERSION, MANIFEST_NAME, METHODS, WEIGHTS_NAME,
                                layer_sha256)
 
-__all__ = ["write_out", "atomic_write_text", "check_new_out", "parents_made", "refuse_inside"]
+__all__ = ["write_out", "atomic_write_text", "check_new_out", "parents_made", "refuse_inside",
+           "dirs_to_make", "is_inside"]
 
 # Files copied from the source model: everything a tokenizer or generate() needs, no weights.
 _COPY_NAMES = {"config.json", "generation_config.json", "special_tokens_map.json",
@@ -74,14 +75,7 @@ def parents_made(dest, what: str):
     one-line DMXError: ``mkdir(parents=True)`` raised "[Errno 17] File exists", exit 1,
     and left the directories it had made after a later error."""
     parent = Path(dest).parent
-    made = []
-    for d in (parent, *parent.parents):
-        if d.is_dir():
-            break
-        if d.exists() or d.is_symlink():
-            raise DMXError(f"{d}: not a directory, so {what} {dest} cannot be created "
-                           f"under it; choose another {what}")
-        made.append(d)
+    made = dirs_to_make(parent, f"{what} {dest}", f"choose another {what}")
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -103,13 +97,33 @@ def _remove_empty(dirs) -> None:
             return
 
 
+def dirs_to_make(path, what: str, fix: str) -> list[Path]:
+    """The directories ``path`` needs created (itself and missing parents), deepest first;
+    a one-line DMXError when a non-directory stands in the way (mkdir would fail with
+    "[Errno 17] File exists", exit 1). ``what`` names the path, ``fix`` what to do."""
+    missing = []
+    for d in (Path(path), *Path(path).parents):
+        if d.is_dir():
+            break
+        if d.exists() or d.is_symlink():
+            raise DMXError(f"{d}: not a directory, so {what} cannot be created under it; "
+                           f"{fix}")
+        missing.append(d)
+    return missing
+
+
+def is_inside(path, directory) -> bool:
+    """``path`` is ``directory`` or lies under it (links resolved)."""
+    p, d = os.path.realpath(path), os.path.realpath(directory)
+    return p == d or p.startswith(d.rstrip(os.sep) + os.sep)
+
+
 def refuse_inside(what: str, path, inputs) -> None:
     """``path`` must not lie inside one of the ``inputs`` directories (a model, a search
-    OUT): a command writes next to its inputs, never into them."""
-    p = os.path.realpath(path)
+    OUT): a command writes next to its inputs, never into them (``path`` equal to an
+    input is check_new_out's refusal)."""
     for inp in inputs:
-        i = os.path.realpath(inp)
-        if Path(inp).is_dir() and p.startswith(i.rstrip(os.sep) + os.sep):
+        if Path(inp).is_dir() and is_inside(path, inp) and not is_inside(inp, path):
             raise DMXError(f"{what} {path} is inside the input directory {inp}; choose a "
                            f"path outside it")
 

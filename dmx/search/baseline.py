@@ -46,6 +46,7 @@ from pathlib import Path
 import mxref
 from dmx.errors import DMXError
 from dmx.quant.ladders import check_target_bits  # noqa: F401 (API: one rule, in dmx.quant.ladders)
+from dmx.nn.layers import NEVER_QUANTIZED
 from dmx.nn.layers import fused_units  # noqa: F401 (API: one definition, in dmx.nn.layers)
 from dmx.search.recipe import EXPORT_TARGETS, WEIGHTINGS, check_choice, tie_fused_for
 
@@ -57,47 +58,18 @@ METHODS = ("uniform", "kl")
 ROTATIONS = ("none", "hadamard", "random")  # fixed ones (learned needs the search's loop)
 
 
-DEFAULT_EXCLUDE = ("lm_head", "embed")
+DEFAULT_EXCLUDE = NEVER_QUANTIZED
 
 
 def quantizable_layers(model, include=None, exclude=()) -> list[str]:
     """Names of the linears dMX quantizes (wrap_model's selection: all but lm_head and
     embeddings and ``exclude``, or those matching ``include``), model left as it was."""
     from dmx.nn.layers import wrap_model
-    _check_some_linear_matches(model, include, exclude)
     layers = wrap_model(model, include=include,  # the one definition of the selection
                         exclude=DEFAULT_EXCLUDE + tuple(exclude or ()))
     for name, layer in layers.items():
         model.set_submodule(name, layer.linear)   # undo: plain nn.Linear again
     return list(layers)
-
-
-def _check_some_linear_matches(model, include, exclude) -> None:
-    """--include/--exclude that select no linear: say so in the flags' terms, with the
-    names they are matched against (wrap_model's own message, "wrap_model matched no
-    nn.Linear layers (include=..., exclude=...)", named a function, not what to do). The
-    same rule as wrap_model (re.search in the module names, lm_head and embeddings
-    always out); a pattern that is not a regex is left to wrap_model's message."""
-    import re
-
-    import torch.nn as nn
-    try:
-        inc = [re.compile(p) for p in include] if include else None
-        exc = [re.compile(p) for p in DEFAULT_EXCLUDE + tuple(exclude or ())]
-    except re.error:
-        return
-    linears = [n for n, m in model.named_modules() if type(m) is nn.Linear and n]
-    if any((inc is None or any(p.search(n) for p in inc)) and not any(p.search(n) for p in exc)
-           for n in linears):
-        return
-    given = " ".join([*(f"--include {p!r}" for p in include or ()),
-                      *(f"--exclude {p!r}" for p in exclude or ())])
-    example = next((n for n in linears if not any(p.search(n) for p in exc[:2])),
-                   linears[0] if linears else None)
-    named = f"; its linears are named like {example}" if example else ""
-    raise DMXError(f"{given or 'the default selection'} matches no linear layer to quantize "
-                   f"(lm_head and embeddings are never quantized){named}: fix the patterns "
-                   f"(Python regexes, searched in the names)")
 
 
 def select_layers(model, include, ladder, export_target: str = "any", say=print,

@@ -86,24 +86,18 @@ def _check_checkpoint_dir(ckpt_dir: Path, out, model_dir) -> None:
     Without this, --checkpoint-dir equal to -o trained to the end and then failed ("OUT
     already exists") with OUT blocked by the checkpoint, and a file in the way failed at
     the first save with "[Errno 17] File exists" (exit 1)."""
+    from dmx.outdir.write import dirs_to_make, is_inside
     from dmx.search.checkpoint import default_checkpoint_dir
 
-    o, c = os.path.realpath(out), os.path.realpath(ckpt_dir)
-    if c == o or c.startswith(o.rstrip(os.sep) + os.sep):
+    if is_inside(ckpt_dir, out):
         raise DMXError(f"--checkpoint-dir {ckpt_dir} is -o/--out {out} or inside it: OUT is "
                        f"written whole when the search ends; put the checkpoints elsewhere "
                        f"(default: {default_checkpoint_dir(out)})")
-    if c == os.path.realpath(model_dir):
-        raise DMXError(f"--checkpoint-dir {ckpt_dir} is the model directory; put the "
-                       f"checkpoints elsewhere")
-    from dmx.outdir.write import refuse_inside
-    refuse_inside("--checkpoint-dir", ckpt_dir, [model_dir])
-    for d in (ckpt_dir, *ckpt_dir.parents):
-        if d.is_dir():
-            break
-        if d.exists() or d.is_symlink():
-            raise DMXError(f"checkpoint directory {ckpt_dir}: {d} exists and is not a "
-                           f"directory; remove it or pass another --checkpoint-dir")
+    if is_inside(ckpt_dir, model_dir):
+        raise DMXError(f"--checkpoint-dir {ckpt_dir} is inside the input directory "
+                       f"{model_dir} (the model); put the checkpoints elsewhere")
+    dirs_to_make(ckpt_dir, f"--checkpoint-dir {ckpt_dir}",
+                 "remove it or pass another --checkpoint-dir")
 
 
 def _resolve_data(cfg: SearchConfig, model_dir, say) -> SearchConfig:
