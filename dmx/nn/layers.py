@@ -293,9 +293,9 @@ def wrap_model(model: nn.Module, ladder="fp8-fp4", include=None, exclude=NEVER_Q
                and (inc is None or any(p.search(n) for p in inc))
                and not any(p.search(n) for p in exc)
                and (names is None or n in names)]
-    if not targets and wrapped and not any(
+    if not targets and wrapped and not any(   # every linear left is inside a wrapper
             type(m) is nn.Linear and n and not any(n.startswith(w) for w in wrapped)
-            for n, m in model.named_modules()):   # every linear is inside a wrapper
+            and not any(p.search(n) for p in exc) for n, m in model.named_modules()):
         raise DMXError("the model's linears are already wrapped (DMXLinear/MXLinear), and "
                        "are not wrapped again; start from a freshly loaded model")
     if not targets:   # said in the flags' terms, with a name the patterns are matched against
