@@ -237,9 +237,12 @@ def read_text(files) -> str:
         if not p.is_file():
             raise DMXError(f"{f}: no such text file")
         try:
-            parts.append(p.read_text(encoding="utf-8"))
+            text = p.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
             raise DMXError(f"{f}: not a readable UTF-8 text file ({err})") from None
+        if "\x00" in text:   # valid UTF-8, but a binary file (20,000 NULs were accepted)
+            raise DMXError(f"{f}: holds NUL bytes, so it is not a text file; pass plain text")
+        parts.append(text)
     return "\n".join(parts)
 
 

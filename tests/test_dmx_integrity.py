@@ -379,6 +379,8 @@ def test_output_parent_that_cannot_be_made(out, tmp_path, capsys):
     # refused after the parents were made: they are removed again
     _one_line(capsys, ["report", tmp_path / "nope", "-o", tmp_path / "new" / "a" / "r"],
               "no such directory")
+    _one_line(capsys, ["report", tmp_path / "f", "-o", tmp_path / "new" / "a" / "r"],
+              "a file, not a directory")   # it exists: not "no such directory"
     _one_line(capsys, ["export", out, "--to", "quark", "-o", tmp_path / "new2" / "e"],
               "MXFP8 weights")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]

@@ -260,14 +260,16 @@ def test_out_inside_the_model_dir_is_refused(models, calib, tmp_path, capsys):
     assert sorted(p.name for p in model.iterdir()) == before
 
 
-@pytest.mark.parametrize("text", ["", "too short to fill one window"])
-def test_empty_or_short_calibration_exits_2(models, tmp_path, capsys, text):
+@pytest.mark.parametrize("text, needle", [("", "calibration text"),
+                                          ("too short to fill one window", "calibration text"),
+                                          ("\x00" * 20000, "holds NUL bytes")])
+def test_empty_short_or_binary_calibration_exits_2(models, tmp_path, capsys, text, needle):
     calib = tmp_path / "calib.txt"
     calib.write_text(text, encoding="utf-8")
     out = tmp_path / "out"
     rc = _cli(_base_argv(models["llama"], calib, out))
     line = _one_error_line(capsys.readouterr().err)
-    assert rc == 2 and "calibration text" in line, line
+    assert rc == 2 and needle in line, line
     assert not out.exists()
 
 

@@ -41,7 +41,8 @@ def read_manifest(out_dir, verify: bool = True) -> dict:
     checking the manifest's own hash and every file's (dmx.outdir.integrity.verify_out)."""
     out = Path(out_dir)
     if not out.is_dir():
-        raise DMXError(f"{out_dir}: no such directory; pass an OUT directory written by "
+        what = "a file, not a directory" if Path(out_dir).exists() else "no such directory"
+        raise DMXError(f"{out_dir}: {what}; pass an OUT directory written by "
                        f"`dmx search` or `dmx baseline`")
     path = out / MANIFEST_NAME
     if not path.is_file():
