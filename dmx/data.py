@@ -291,6 +291,12 @@ def calibration_windows(tokenizer, files, seqlen: int, samples: int, seed: int =
     names = ", ".join(str(f) for f in ([files] if isinstance(files, (str, Path)) else files))
     if not text.strip():
         raise DMXError(f"calibration text {names} is empty; pass a text file with content")
+    many = [] if isinstance(files, (str, Path)) else list(files)
+    empty = [str(f) for f in many if len(many) > 1
+             and not Path(f).read_text(encoding="utf-8").strip()]
+    if empty:  # likely a slip (a truncated or wrong file); the others still calibrate
+        print(f"dmx: note: calibration text {', '.join(empty)} is empty; the windows come "
+              f"from the other file(s)", file=sys.stderr)
     ids = tokenize_whole(tokenizer, text)
     if ids.numel() < seqlen:
         raise DMXError(f"calibration text {names} has {ids.numel()} tokens, fewer than one "

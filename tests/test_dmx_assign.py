@@ -282,3 +282,21 @@ def test_resume_command_names_recipe_and_what_differs_from_it():
     plain = _resume_command(SearchConfig.from_recipe("paper", target_bits=5.0), "m", "out",
                             "out.partial", False, {})
     assert "--init" not in plain and "fill-budget" not in plain and "--lr" not in plain
+
+
+def test_repair_moves_line_counts_every_move_and_shows_the_first_few():
+    """`dmx search` prints the repair in one short line: per step and direction how many
+    units moved, the first few by name, and where the rest are (it printed all 105 moves
+    of a SmolLM2 search on one line)."""
+    from dmx.search.command import repair_moves_line
+
+    moves = ([{"unit": f"l{i}", "from": "fp8_e4m3", "to": "fp4_e2m1", "step": "fit"}
+              for i in range(3)]
+             + [{"unit": f"m{i}", "from": "fp4_e2m1", "to": "fp8_e4m3", "step": "fill"}
+                for i in range(7)])
+    line = repair_moves_line(moves)
+    assert line.startswith("fit 3 x fp8_e4m3->fp4_e2m1, fill 7 x fp4_e2m1->fp8_e4m3: ")
+    assert "l0 fp8_e4m3->fp4_e2m1, l1" in line and "m0 fp4" in line and "m1 fp4" not in line
+    assert line.endswith("... (6 more in the manifest's search.budget_repair)")
+    short = repair_moves_line(moves[:2])
+    assert "more" not in short and short.count("->") == 3

@@ -73,6 +73,20 @@ def test_calibration_windows_seeded(tok, tmp_path):
     assert any(torch.equal(stream[i:i + 64], a[0]) for i in starts)  # a piece of the text
 
 
+def test_an_empty_calibration_file_beside_others_gets_a_note(tok, tmp_path, capsys):
+    """--calib a.txt empty.txt calibrates on a.txt, and says that empty.txt added nothing
+    (it was accepted silently: a truncated or wrong file went unnoticed)."""
+    full, empty = tmp_path / "a.txt", tmp_path / "empty.txt"
+    full.write_text(data.default_calibration_file().read_text()[:20_000])
+    empty.write_text("\n  \n")
+    data.calibration_windows(tok, [full], 64, 4)
+    assert "empty" not in capsys.readouterr().err
+    windows = data.calibration_windows(tok, [full, empty], 64, 4)
+    assert windows.shape == (4, 64)
+    err = capsys.readouterr().err
+    assert f"calibration text {empty} is empty" in err and str(full) not in err
+
+
 def test_calibration_windows_bad_input(tok, tmp_path, capsys):
     empty = tmp_path / "e.txt"
     empty.write_text("")

@@ -80,3 +80,23 @@ def test_spoiled_conversion_is_not_reused(tmp_path, spoil):
         convert_gguf(source, tmp_path / "out", say=lambda msg: None)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [RECORD_NAME, WEIGHTS_NAME]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "out"]
+
+
+def test_a_gguf_transformers_builds_wrong_is_one_line_without_its_load_report(tmp_path, capfd):
+    """transformers' GGUF reader gives a Qwen3 its config default head_dim (128), not the
+    file's key_length (tiny-qwen3: 64), so it builds other shapes from a dmx-exported GGUF
+    and prints a 13-line LOAD REPORT table before raising. dmx quiets transformers and
+    words the reason itself (the report the error points at is not shown)."""
+    from dmx.cli import main
+    from dmx.data import embedded_model_dir
+
+    out, gguf_dir = tmp_path / "u4", tmp_path / "u4-gguf"
+    assert main(["baseline", "--model", str(embedded_model_dir()), "--method", "uniform",
+                 "--format", "fp4_e2m1", "--no-progress", "-o", str(out)]) == 0
+    assert main(["export", str(out), "--to", "gguf", "-o", str(gguf_dir)]) == 0
+    capfd.readouterr()
+    assert main(["eval", "--model", str(gguf_dir / "model.gguf"), "--max-windows", "2"]) == 2
+    err = capfd.readouterr().err
+    assert "LOAD REPORT" not in err and "MISMATCH" not in err and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("dmx: error: ")]
+    assert len(errors) == 1 and "head_dim" in errors[0] and "above report" not in errors[0]

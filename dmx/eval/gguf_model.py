@@ -83,6 +83,9 @@ def _load_gguf(p: Path):
     """(model, tokenizer) from transformers' GGUF reader, dequantized to float32."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dmx.data import quiet_transformers
+    quiet_transformers()  # its load report (a 13-line table) would bury dmx's one line
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
         model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name,
@@ -92,6 +95,11 @@ def _load_gguf(p: Path):
                        f"pip install gguf") from None
     except Exception as err:  # transformers raises many types for unsupported files
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "ignore_mismatched_sizes" in msg:  # its words point at the report quieted above
+            msg = ("its tensor shapes differ from the model transformers builds from the "
+                   "GGUF's metadata: its GGUF reader takes some settings from its own "
+                   "defaults, e.g. Qwen3's head_dim 128 instead of the file's key_length; "
+                   "llama.cpp runs it, or pass the Hugging Face directory")
         raise DMXError(f"--model {p}: transformers cannot load this GGUF ({msg})") from None
     return model.eval(), tokenizer
 

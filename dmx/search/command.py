@@ -813,6 +813,20 @@ def _mix_line(formats: dict) -> str:
     return f"dmx search: {len(formats)} layers -> {mix}"
 
 
+def repair_moves_line(moves: list, shown: int = 4) -> str:
+    """The budget repair's moves in one short line: how many units each step moved and
+    where, and the first few of them (a search of SmolLM2 can move a hundred units; the
+    manifest's search.budget_repair keeps every move)."""
+    from collections import Counter
+
+    kinds = Counter((m["step"], m["from"], m["to"]) for m in moves)
+    counts = ", ".join(f"{step} {n} x {a}->{b}" for (step, a, b), n in kinds.items())
+    first = ", ".join(f"{m['unit']} {m['from']}->{m['to']}" for m in moves[:shown])
+    more = (f", ... ({len(moves) - shown} more in the manifest's search.budget_repair)"
+            if len(moves) > shown else "")
+    return f"{counts}: {first}{more}"
+
+
 def _print_result(result: dict) -> None:
     a, raw = result["achieved_bits"], result["raw_bits"]
     print(_mix_line(result["formats"]))
@@ -823,10 +837,9 @@ def _print_result(result: dict) -> None:
           f"{result['config'].recipe}")
     repair = result.get("budget_repair")
     if repair and repair["moves"]:
-        moved = ", ".join(f"{m['unit']} {m['from']}->{m['to']} ({m['step']})"
-                          for m in repair["moves"])
         print(f"dmx search: budget repair ({repair['weighting']} average "
-              f"{repair['bits_before']:.3f} -> {repair['bits_after']:.3f}): {moved}")
+              f"{repair['bits_before']:.3f} -> {repair['bits_after']:.3f}): "
+              f"{repair_moves_line(repair['moves'])}")
     rot = result.get("rotation")
     if rot:
         untied = "; lm_head untied from the embeddings" if rot["untied_lm_head"] else ""
