@@ -59,8 +59,9 @@ def cmd_formats(args) -> int:
 def _load_npy(path: str) -> np.ndarray:
     if not os.path.exists(path):
         raise MXError(f"{path} does not exist")
+    from mxref.npzfile import numpy_source
     try:
-        x = np.load(path, allow_pickle=False)
+        x = np.load(numpy_source(path), allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
         # EOFError: numpy's answer to an empty (0-byte) file; it was a traceback
         raise MXError(f"{path} is not a readable .npy file ({e})") from None

@@ -58,6 +58,22 @@ def _scalar_str(z, key: str) -> str:
     return str(v)
 
 
+def numpy_source(path: str):
+    """What ``np.load`` can read from ``path``: the path itself for a regular file, the
+    bytes read now for a pipe or a device (``... | mxref dequantize /dev/stdin``), since
+    numpy seeks in what it loads."""
+    import io
+    import stat
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return path   # np.load words the OSError
+    if regular:
+        return path
+    with open(path, "rb") as f:
+        return io.BytesIO(f.read())
+
+
 def read_npz(path: str, what: str = ".npz file") -> dict:
     """Every array of an .npz, read now (numpy reads lazily: a corrupted member would fail
     later with a zipfile/zlib traceback); any damage is one MXError naming the file."""
@@ -65,7 +81,7 @@ def read_npz(path: str, what: str = ".npz file") -> dict:
     if not os.path.exists(path):
         raise MXError(f"{path} does not exist")
     try:
-        z = np.load(path, allow_pickle=False)
+        z = np.load(numpy_source(path), allow_pickle=False)
         if not isinstance(z, np.lib.npyio.NpzFile):
             raise MXError(f"{path} holds a single array, not an {what}")
         with z:

@@ -177,6 +177,9 @@ def check_output(dest, *, force: bool = False, is_dir: bool, marker=None, inputs
     dest = Path(dest)
     _refuse_inputs(dest, inputs, what, error)
     parent = dest.parent if str(dest.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise error(f"{parent}: is a file, so {what} {dest} cannot be written under it; "
+                    f"pick another path")
     if not parent.is_dir():
         raise error(f"{parent}: the parent directory of {what} {dest} does not exist; "
                     f"create it first")
