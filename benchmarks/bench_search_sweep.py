@@ -45,6 +45,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -71,6 +72,22 @@ _TABLE_STALE.set()
 # one lock per seed: that seed's KL pairs run one at a time (see _pair_chain)
 _SEED_LOCKS: dict[int, threading.Lock] = {}
 _SEED_LOCKS_LOCK = threading.Lock()
+
+
+# the `dmx` processes running now: a sweep that is stopped (SIGTERM, or SIGINT sent to it
+# alone) ends them, which would otherwise keep computing for an hour with nobody to read them
+_DMX_COMMAND = [sys.executable, "-m", "dmx"]
+_CHILDREN: set = set()
+_CHILDREN_LOCK = threading.Lock()
+
+
+def _stop_children(signum, frame):
+    _STOP.set()
+    with _CHILDREN_LOCK:
+        for proc in _CHILDREN:
+            proc.terminate()   # dmx search saves its checkpoint on SIGTERM, then exits
+    raise SystemExit(f"bench_search_sweep: stopped by {signal.Signals(signum).name}; "
+                     f"the running dmx commands were ended (--reuse continues)")
 
 
 def _seed_lock(seed: int) -> threading.Lock:
@@ -164,8 +181,18 @@ def _dmx(args, name: str, argv: list[str]) -> None:
     line = "dmx " + shlex.join(argv)
     print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "dmx", *argv], env=env, capture_output=True,
-                          text=True)
+    proc = subprocess.Popen([*_DMX_COMMAND, *argv], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with _CHILDREN_LOCK:
+        _CHILDREN.add(proc)
+        if _STOP.is_set():  # stopped between the check above and the start
+            proc.terminate()
+    try:
+        stdout, stderr = proc.communicate()
+    finally:
+        with _CHILDREN_LOCK:
+            _CHILDREN.discard(proc)
+    proc = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     wall = time.time() - t0
     _TABLE_STALE.set()
     # progress bars would bury the log; --no-progress does not silence every library's
@@ -455,6 +482,8 @@ def main(argv=None) -> int:
         return 2
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop_children)
     _record_invocation(args)
     t_start = time.time()
     # the anchors first (cheap): unquantized, uniform MXFP4 and MXFP8

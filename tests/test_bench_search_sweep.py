@@ -233,3 +233,44 @@ def test_a_seeds_kl_pairs_run_one_at_a_time_and_the_second_reuses_the_first(
         c.join()
     assert max(overlap) == 1 and len(calls) == 2
     assert ["--sensitivities-from" in argv for argv in calls] == [False, True]
+
+
+def test_a_stopped_sweep_ends_the_dmx_commands_it_started(tmp_path, monkeypatch):
+    """SIGTERM (or SIGINT sent to the sweep alone) used to leave its `dmx search` children
+    computing with nobody to read them; the handler ends them and stops the chains."""
+    import signal
+    import sys
+    import threading
+    import time as _time
+
+    import pytest
+
+    args = sweep._parse(["--model", str(tmp_path), "--results", str(tmp_path / "res")])
+    monkeypatch.setattr(sweep, "_DMX_COMMAND",
+                        [sys.executable, "-c", "import time; time.sleep(120)"])
+    failed = []
+
+    def chain():
+        try:
+            sweep._dmx(args, "long", ["search"])
+        except SystemExit as err:   # the child's non-zero exit
+            failed.append(str(err))
+
+    worker = threading.Thread(target=chain)
+    worker.start()
+    try:
+        for _ in range(200):
+            if sweep._CHILDREN:
+                break
+            _time.sleep(0.05)
+        (child,) = list(sweep._CHILDREN)
+        t0 = _time.time()
+        with pytest.raises(SystemExit, match="stopped by SIGTERM"):
+            sweep._stop_children(signal.SIGTERM, None)
+        worker.join(timeout=30)
+        assert not worker.is_alive() and _time.time() - t0 < 30
+        assert child.poll() is not None and failed and not sweep._CHILDREN
+        with pytest.raises(sweep._Stopped):   # the other chains start nothing new
+            sweep._dmx(args, "next", ["search"])
+    finally:
+        sweep._STOP.clear()
