@@ -104,12 +104,26 @@ def fuse(args, bits: str, seeds: list) -> Path:
     return out
 
 
-def kl_summed(args, bits: str, seeds: list) -> dict:
-    """{text: {"ppl", "window_nll"}} of KL's own combination of ``seeds`` (cached)."""
+def score_on_texts(model, tok, windows: int) -> dict:
+    """{text name: {"ppl", "window_nll"}} of a (fake-quantized) model on the first
+    ``windows`` windows of SEQLEN tokens of each of TEXTS, as `dmx eval` scores them."""
     import torch
 
     from dmx import data
     from dmx.eval.command import evaluate
+
+    results = {}
+    with torch.no_grad():
+        for name, text in TEXTS.items():
+            r = evaluate(model, tok, windows=data.eval_windows(tok, text, SEQLEN, windows,
+                                                               "file"), progress=False)
+            results[name] = {"ppl": r["ppl"], "window_nll": r["window_nll"]}
+    return results
+
+
+def kl_summed(args, bits: str, seeds: list) -> dict:
+    """{text: {"ppl", "window_nll"}} of KL's own combination of ``seeds`` (cached)."""
+    from dmx import data
     from dmx.nn.layers import apply_formats
     from dmx.outdir import read_manifest
     from dmx.quant.ladders import get_ladder
@@ -131,12 +145,7 @@ def kl_summed(args, bits: str, seeds: list) -> dict:
     picks = {n for n, f in formats.items() if f != get_ladder(kls[0]["ladder"]).low.fmt}
     model, tok = data.load_model_and_tokenizer(MODEL)
     apply_formats(model, formats, formats)
-    results = {}
-    with torch.no_grad():
-        for name, text in TEXTS.items():
-            r = evaluate(model, tok, windows=data.eval_windows(tok, text, SEQLEN, WINDOWS,
-                                                               "file"), progress=False)
-            results[name] = {"ppl": r["ppl"], "window_nll": r["window_nll"]}
+    results = score_on_texts(model, tok, WINDOWS)
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps({"picks": sorted(picks), "results": results}))
     return results

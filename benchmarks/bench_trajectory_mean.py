@@ -1,0 +1,184 @@
+"""A search's offsets averaged over its last steps (trajectory averaging, as in stochastic
+weight averaging) against the final offsets the search deploys, on a sweep's work dir.
+
+    python benchmarks/bench_trajectory_mean.py --work /work/dmx_traj --targets 4.5 5 6 \\
+        --seeds 0 1 2 [--fractions 0.25 0.5] [--threads 1] [--jobs 2] [--results DIR]
+
+Why: `dmx combine` of three seeds beats each of its searches on every seed set
+(BENCHMARKS.md, "Seeds combined"), and the end of a 24-step anneal churns. If part of a
+single search's noise is that churn, the mean of its own last steps' offsets should rank
+the units better at no extra cost (the per-step offsets are in search_log.jsonl).
+
+The work dir holds ``dmx-default-<bits>-s<seed>`` searches of `bench_search_sweep.py`
+(scored there with `dmx eval --save` on the texts below). For each search and fraction f
+this takes the clamped raw offsets b_hat of the last ceil(f x steps) step lines, puts every
+layer on the rung nearest its mean (the hard anneal map) and repairs the budget ranked by
+the mean (fit, then fill: dmx.search.assign.repair_assignment, as `dmx combine` does),
+fake-quantizes the model with that assignment (dmx.nn.layers.apply_formats; no command
+writes it) and scores it on both texts (40 x 256 windows). Each result is compared window
+by window with the search's own OUT (dmx.eval.paired). Cached in --results/cache/.
+Writes --results/trajectory_mean.md and prints it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_rank_fusion import SEQLEN, TEXTS, score_on_texts  # noqa: E402  (one protocol)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", required=True, type=Path)
+    p.add_argument("--targets", nargs="+", default=["4.5", "5", "6"])
+    p.add_argument("--seeds", nargs="+", default=["0", "1", "2"])
+    p.add_argument("--fractions", nargs="+", type=float, default=[0.25, 0.5])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--max-windows", type=int, default=40,
+                   help="windows of 256 tokens scored per text (the sweep's --max-windows)")
+    p.add_argument("--results", type=Path,
+                   default=ROOT / "benchmarks" / "results" / "recipes-trajectory")
+    return p.parse_args(argv)
+
+
+def trajectory_mean(log: dict, fraction: float, ladder) -> dict:
+    """{layer: mean of its clamped b_hat over the last ceil(fraction x steps) steps}."""
+    lo, hi = ladder.low.position, ladder.high.position
+    steps = log["steps"]
+    last = steps[-max(1, math.ceil(fraction * len(steps))):]
+    units = log["units"]
+    if any(len(s["offsets"]) != len(units) for s in last):
+        raise SystemExit("a step line's offsets do not match the units (tied search?)")
+    return {u: float(np.mean([min(hi, max(lo, s["offsets"][i])) for s in last]))
+            for i, u in enumerate(units)}
+
+
+def _result(out: Path, text: Path, windows: int) -> dict | None:
+    from dmx.outdir.evaljson import find_result, load_eval
+    return find_result(load_eval(out), text, SEQLEN, windows)
+
+
+def score(out: Path, fraction: float, cache: Path, threads: int, windows: int) -> dict:
+    """Assignment of the trajectory mean and its scores (cached)."""
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    from dmx import data
+    from dmx.nn.layers import apply_formats
+    from dmx.outdir import read_manifest, read_search_log
+    from dmx.quant.anneal import hard_rung
+    from dmx.quant.ladders import get_ladder
+    from dmx.search.assign import repair_assignment
+    from dmx.search.recipe import config_from_dict
+    from dmx.threads import set_threads
+
+    if threads:   # a worker process of its own (inline, the caller's setting stands)
+        set_threads(threads)
+    t0 = time.time()
+    m, log = read_manifest(out), read_search_log(out)
+    cfg = config_from_dict(m["search"]["config"])
+    if cfg.tie_fused:
+        raise SystemExit(f"{out}: a tied search; this probe handles untied units only")
+    lad = get_ladder(m["ladder"])
+    names = list(m["layers"])
+    mean = trajectory_mean(log, fraction, lad)
+    raw = {n: hard_rung(mean[n], lad).fmt for n in names}
+    shapes = {n: tuple(m["layers"][n]["shape"]) for n in names}
+    quant_in = {n: m["layers"][n].get("act_format") is not None for n in names}
+    repair = repair_assignment(raw, mean, shapes, lad, cfg.target_bits, cfg.weighting,
+                               quant_in, True, units=[(n,) for n in names])
+    formats = repair["formats"]
+    acts = {n: (formats[n] if quant_in[n] else None) for n in names}
+    model, tok = data.load_model_and_tokenizer(m["source_model"])
+    apply_formats(model, formats, acts)
+    results = score_on_texts(model, tok, windows)
+    final = {n: e["format"] for n, e in m["layers"].items()}
+    record = {"out": str(out), "fraction": fraction, "steps": len(log["steps"]),
+              "bits_before": repair["bits_before"], "bits_after": repair["bits_after"],
+              "moves": len(repair["moves"]),
+              "differ_from_final": sorted(n for n in names if formats[n] != final[n]),
+              "results": results, "seconds": round(time.time() - t0, 1)}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(record))
+    return record
+
+
+def main(argv=None) -> int:
+    from dmx.eval.paired import paired, paired_line
+    from dmx.threads import set_threads
+
+    args = _parse(argv)
+    t0 = time.time()
+    jobs = []
+    for bits in args.targets:
+        for seed in args.seeds:
+            out = args.work / f"dmx-default-{bits}-s{seed}"
+            if not (out / "dmx_manifest.json").is_file():
+                raise SystemExit(f"{out}: no search there; run bench_search_sweep.py first")
+            for f in args.fractions:
+                jobs.append((bits, seed, f, out,
+                             args.results / "cache" / f"{out.name}-f{f:g}-w{args.max_windows}.json"))
+    calls = ([j[3] for j in jobs], [j[2] for j in jobs], [j[4] for j in jobs],
+             [args.threads] * len(jobs), [args.max_windows] * len(jobs))
+    if args.jobs == 1:
+        set_threads(args.threads)
+        done = list(map(score, *calls[:3], [None] * len(jobs), calls[4]))
+    else:   # each scoring in a process of its own (its own torch thread pool)
+        with ProcessPoolExecutor(args.jobs) as pool:
+            done = list(pool.map(score, *calls))
+    lines = ["# A search's offsets averaged over its last steps vs its final offsets", "",
+             f"Command: `python benchmarks/bench_trajectory_mean.py {' '.join(argv or sys.argv[1:])}`"
+             f"  ", f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+             f"{(time.time() - t0) / 60:.1f} min. Evaluation: first {args.max_windows} windows x "
+             f"{SEQLEN} of each text; differences are trajectory mean - final, paired window "
+             f"by window (95 % interval).", ""]
+    for (bits, seed, f, out, _), rec in zip(jobs, done):
+        cells = []
+        for name, text in TEXTS.items():
+            own = _result(out, text, args.max_windows)
+            mine = rec["results"][name]
+            if own is None or own.get("window_nll") is None:
+                cells.append(f"{name} {mine['ppl']:.2f} (final not scored)")
+                continue
+            cells.append(f"{name} {mine['ppl']:.2f} vs {own['ppl']:.2f}: "
+                         f"{paired_line(paired(own['window_nll'], mine['window_nll']))}")
+        lines.append(f"- {bits} bits, seed {seed}, last {f:g} of {rec['steps']} steps: raw "
+                     f"{rec['bits_before']:.3f} -> {rec['bits_after']:.3f} bits "
+                     f"({rec['moves']} moves), {len(rec['differ_from_final'])} layers differ "
+                     f"from the final assignment; " + "; ".join(cells))
+    pooled = []
+    for bits in args.targets:
+        for f in args.fractions:
+            for name, text in TEXTS.items():
+                pairs = [(_result(o, text, args.max_windows), r["results"][name])
+                         for (b, _, ff, o, _), r in zip(jobs, done) if b == bits and ff == f]
+                if any(p is None or p.get("window_nll") is None for p, _ in pairs):
+                    continue
+                mean = lambda runs: list(np.mean(runs, axis=0))  # noqa: E731
+                line = paired_line(paired(mean([p["window_nll"] for p, _ in pairs]),
+                                          mean([q["window_nll"] for _, q in pairs])))
+                pooled.append(f"- {bits} bits, last {f:g}, {name}, {len(pairs)} seeds "
+                              f"pooled: {line}")
+    lines += ["", "Pooled over the seeds (each side's window losses averaged over its seeds):",
+              "", *pooled]
+    text = "\n".join(lines) + "\n"
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "trajectory_mean.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
