@@ -16,8 +16,9 @@ calibration windows). Each command's line and output are kept under ``--results`
 (``runs/<name>.log``), so a sweep can be spread over several sittings (``--reuse`` keeps
 finished OUTs); ``--stages`` picks search, baseline, eval, table. ``--jobs N`` runs N
 independent chains at a time (an anchor: the unquantized model, uniform MXFP4, uniform
-MXFP8; or a search with its evaluation and its KL pair), each command in its own process.
-The table (recipes.md) gives the mean and the spread (min..max) over seeds, the fraction of
+MXFP8; or a search with its evaluation and its KL pair), each command in its own process;
+a sweep stopped by SIGTERM or SIGINT ends the commands it started (a search saves its
+checkpoint), and ``--reuse`` continues. The table (recipes.md) gives the mean and the spread (min..max) over seeds, the fraction of
 KL's remaining distance to MXFP8 that each recipe closes, the raw bits each recipe landed
 on, the Pareto plot, and dynamics.png (the seed-0 runs) from `dmx report`.
 
