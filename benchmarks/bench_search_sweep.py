@@ -18,9 +18,10 @@ finished OUTs); ``--stages`` picks search, baseline, eval, table. ``--jobs N`` r
 independent chains at a time (an anchor: the unquantized model, uniform MXFP4, uniform
 MXFP8; or a search with its evaluation and its KL pair), each command in its own process;
 a sweep stopped by SIGTERM or SIGINT ends the commands it started (a search saves its
-checkpoint), and ``--reuse`` continues. The table (recipes.md) gives the mean and the spread (min..max) over seeds, the fraction of
-KL's remaining distance to MXFP8 that each recipe closes, the raw bits each recipe landed
-on, the Pareto plot, and dynamics.png (the seed-0 runs) from `dmx report`.
+checkpoint), and ``--reuse`` continues. The table (recipes.md) gives the mean and the
+spread (min..max) over seeds, the fraction of KL's remaining distance to MXFP8 that each
+recipe closes, the raw bits each recipe landed on, the Pareto plot, and dynamics.png (the
+seed-0 runs) from `dmx report`.
 
 The tiny-qwen3 sweep of issue 5 (benchmarks/results/search_sweep.md) ran an earlier version
 of this script as ``--targets 4.5 5 6 7 --steps 200 --batch-size 4 --init target --lam 0.1

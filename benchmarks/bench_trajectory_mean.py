@@ -128,8 +128,8 @@ def main(argv=None) -> int:
             if not (out / "dmx_manifest.json").is_file():
                 raise SystemExit(f"{out}: no search there; run bench_search_sweep.py first")
             for f in args.fractions:
-                jobs.append((bits, seed, f, out,
-                             args.results / "cache" / f"{out.name}-f{f:g}-w{args.max_windows}.json"))
+                name = f"{out.name}-f{f:g}-w{args.max_windows}.json"
+                jobs.append((bits, seed, f, out, args.results / "cache" / name))
     calls = ([j[3] for j in jobs], [j[2] for j in jobs], [j[4] for j in jobs],
              [args.threads] * len(jobs), [args.max_windows] * len(jobs))
     if args.jobs == 1:
@@ -138,9 +138,9 @@ def main(argv=None) -> int:
     else:   # each scoring in a process of its own (its own torch thread pool)
         with ProcessPoolExecutor(args.jobs) as pool:
             done = list(pool.map(score, *calls))
+    command = " ".join(argv or sys.argv[1:])
     lines = ["# A search's offsets averaged over its last steps vs its final offsets", "",
-             f"Command: `python benchmarks/bench_trajectory_mean.py {' '.join(argv or sys.argv[1:])}`"
-             f"  ", f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+             f"Command: `python benchmarks/bench_trajectory_mean.py {command}`  ", f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
              f"{(time.time() - t0) / 60:.1f} min. Evaluation: first {args.max_windows} windows x "
              f"{SEQLEN} of each text; differences are trajectory mean - final, paired window "
              f"by window (95 % interval).", ""]
