@@ -47,6 +47,9 @@ def _parse(argv=None):
     p.add_argument("--fractions", nargs="+", type=float, default=[0.25, 0.5])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--combine", action="store_true",
+                   help="also the seeds combined: the mean of their trajectory means, "
+                        "against the mean of their final offsets (`dmx combine`'s rule)")
     p.add_argument("--max-windows", type=int, default=40,
                    help="windows of 256 tokens scored per text (the sweep's --max-windows)")
     p.add_argument("--results", type=Path,
@@ -71,8 +74,10 @@ def _result(out: Path, text: Path, windows: int) -> dict | None:
     return find_result(load_eval(out), text, SEQLEN, windows)
 
 
-def score(out: Path, fraction: float, cache: Path, threads: int, windows: int) -> dict:
-    """Assignment of the trajectory mean and its scores (cached)."""
+def score(outs: list, fraction: float, cache: Path, threads: int | None,
+          windows: int) -> dict:
+    """The assignment of the trajectory mean of ``outs`` (one search, or the mean of
+    several searches' trajectory means: a combination) and its scores (cached)."""
     if cache.is_file():
         return json.loads(cache.read_text())
     from dmx import data
@@ -87,13 +92,14 @@ def score(out: Path, fraction: float, cache: Path, threads: int, windows: int) -
     if threads:   # a worker process of its own (inline, the caller's setting stands)
         set_threads(threads)
     t0 = time.time()
-    m, log = read_manifest(out), read_search_log(out)
+    m = read_manifest(outs[0])
     cfg = config_from_dict(m["search"]["config"])
     if cfg.tie_fused:
-        raise SystemExit(f"{out}: a tied search; this probe handles untied units only")
+        raise SystemExit(f"{outs[0]}: a tied search; this probe handles untied units only")
     lad = get_ladder(m["ladder"])
     names = list(m["layers"])
-    mean = trajectory_mean(log, fraction, lad)
+    means = [trajectory_mean(read_search_log(o), fraction, lad) for o in outs]
+    mean = {n: float(np.mean([one[n] for one in means])) for n in names}
     raw = {n: hard_rung(mean[n], lad).fmt for n in names}
     shapes = {n: tuple(m["layers"][n]["shape"]) for n in names}
     quant_in = {n: m["layers"][n].get("act_format") is not None for n in names}
@@ -105,14 +111,29 @@ def score(out: Path, fraction: float, cache: Path, threads: int, windows: int) -
     apply_formats(model, formats, acts)
     results = score_on_texts(model, tok, windows)
     final = {n: e["format"] for n, e in m["layers"].items()}
-    record = {"out": str(out), "fraction": fraction, "steps": len(log["steps"]),
+    record = {"outs": [str(o) for o in outs], "fraction": fraction,
+              "steps": len(read_search_log(outs[0])["steps"]),
               "bits_before": repair["bits_before"], "bits_after": repair["bits_after"],
-              "moves": len(repair["moves"]),
+              "moves": len(repair["moves"]), "formats": formats,
               "differ_from_final": sorted(n for n in names if formats[n] != final[n]),
               "results": results, "seconds": round(time.time() - t0, 1)}
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(record))
     return record
+
+
+def _cells(ours: dict, theirs: dict | None) -> str:
+    """'WikiText 93.1 vs 94.8: -1.7 ppl (...): lower; TinyStories ...' (ours - theirs)."""
+    from dmx.eval.paired import paired, paired_line
+    cells = []
+    for name in TEXTS:
+        mine, own = ours[name], (theirs or {}).get(name)
+        if own is None or own.get("window_nll") is None:
+            cells.append(f"{name} {mine['ppl']:.2f} (the other side not scored)")
+            continue
+        cells.append(f"{name} {mine['ppl']:.2f} vs {own['ppl']:.2f}: "
+                     f"{paired_line(paired(own['window_nll'], mine['window_nll']))}")
+    return "; ".join(cells)
 
 
 def main(argv=None) -> int:
@@ -121,58 +142,74 @@ def main(argv=None) -> int:
 
     args = _parse(argv)
     t0 = time.time()
-    jobs = []
+    cache = args.results / "cache"
+    jobs = []   # (kind, bits, seed or set, fraction, outs, cache file)
     for bits in args.targets:
-        for seed in args.seeds:
-            out = args.work / f"dmx-default-{bits}-s{seed}"
+        outs = [args.work / f"dmx-default-{bits}-s{seed}" for seed in args.seeds]
+        for out in outs:
             if not (out / "dmx_manifest.json").is_file():
                 raise SystemExit(f"{out}: no search there; run bench_search_sweep.py first")
+        w = f"w{args.max_windows}"
+        for seed, out in zip(args.seeds, outs):
             for f in args.fractions:
-                name = f"{out.name}-f{f:g}-w{args.max_windows}.json"
-                jobs.append((bits, seed, f, out, args.results / "cache" / name))
-    calls = ([j[3] for j in jobs], [j[2] for j in jobs], [j[4] for j in jobs],
-             [args.threads] * len(jobs), [args.max_windows] * len(jobs))
+                jobs.append(("one", bits, seed, f, [out], cache / f"{out.name}-f{f:g}-{w}.json"))
+        if args.combine and len(outs) > 1:
+            tag = ".".join(args.seeds)
+            # fraction 0: the last step alone, i.e. `dmx combine` of the final offsets
+            for f in (0.0, *args.fractions):
+                jobs.append(("comb", bits, tag, f, outs,
+                             cache / f"comb-{bits}-{tag}-f{f:g}-{w}.json"))
+    calls = ([j[4] for j in jobs], [j[3] for j in jobs], [j[5] for j in jobs])
     if args.jobs == 1:
         set_threads(args.threads)
-        done = list(map(score, *calls[:3], [None] * len(jobs), calls[4]))
+        done = list(map(score, *calls, [None] * len(jobs), [args.max_windows] * len(jobs)))
     else:   # each scoring in a process of its own (its own torch thread pool)
         with ProcessPoolExecutor(args.jobs) as pool:
-            done = list(pool.map(score, *calls))
+            done = list(pool.map(score, *calls, [args.threads] * len(jobs),
+                                 [args.max_windows] * len(jobs)))
     command = " ".join(argv or sys.argv[1:])
     lines = ["# A search's offsets averaged over its last steps vs its final offsets", "",
-             f"Command: `python benchmarks/bench_trajectory_mean.py {command}`  ", f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-             f"{(time.time() - t0) / 60:.1f} min. Evaluation: first {args.max_windows} windows x "
-             f"{SEQLEN} of each text; differences are trajectory mean - final, paired window "
-             f"by window (95 % interval).", ""]
-    for (bits, seed, f, out, _), rec in zip(jobs, done):
-        cells = []
-        for name, text in TEXTS.items():
-            own = _result(out, text, args.max_windows)
-            mine = rec["results"][name]
-            if own is None or own.get("window_nll") is None:
-                cells.append(f"{name} {mine['ppl']:.2f} (final not scored)")
-                continue
-            cells.append(f"{name} {mine['ppl']:.2f} vs {own['ppl']:.2f}: "
-                         f"{paired_line(paired(own['window_nll'], mine['window_nll']))}")
-        lines.append(f"- {bits} bits, seed {seed}, last {f:g} of {rec['steps']} steps: raw "
-                     f"{rec['bits_before']:.3f} -> {rec['bits_after']:.3f} bits "
-                     f"({rec['moves']} moves), {len(rec['differ_from_final'])} layers differ "
-                     f"from the final assignment; " + "; ".join(cells))
+             f"Command: `python benchmarks/bench_trajectory_mean.py {command}`  ",
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+             f"{(time.time() - t0) / 60:.1f} min. Evaluation: first {args.max_windows} "
+             f"windows x {SEQLEN} of each text; differences are trajectory mean - final, "
+             f"paired window by window (95 % interval).", "", "One search each:", ""]
+    finals = {}
+    for (kind, bits, who, f, outs, _), rec in zip(jobs, done):
+        head = (f"- {bits} bits, {'seed' if kind == 'one' else 'seeds'} {who}, last {f:g} "
+                f"of {rec['steps']} steps: raw {rec['bits_before']:.3f} -> "
+                f"{rec['bits_after']:.3f} bits ({rec['moves']} moves), "
+                f"{len(rec['differ_from_final'])} layers differ from the first search's "
+                f"final assignment; ")
+        if kind == "one":
+            own = {name: _result(outs[0], text, args.max_windows)
+                   for name, text in TEXTS.items()}
+            lines.append(head + _cells(rec["results"], own))
+        elif f == 0.0:
+            finals[bits] = rec["results"]
+            lines.append(head.replace("last 0 of", "the final offsets of") + "as `dmx "
+                         "combine`: " + "; ".join(f"{n} {r['ppl']:.2f}"
+                                                  for n, r in rec["results"].items()))
+        else:
+            lines.append(head + "against the combined final offsets: "
+                         + _cells(rec["results"], finals.get(bits)))
     pooled = []
     for bits in args.targets:
         for f in args.fractions:
             for name, text in TEXTS.items():
-                pairs = [(_result(o, text, args.max_windows), r["results"][name])
-                         for (b, _, ff, o, _), r in zip(jobs, done) if b == bits and ff == f]
-                if any(p is None or p.get("window_nll") is None for p, _ in pairs):
+                pairs = [(_result(o[0], text, args.max_windows), r["results"][name])
+                         for (kind, b, _, ff, o, _), r in zip(jobs, done)
+                         if kind == "one" and b == bits and ff == f]
+                if not pairs or any(p is None or p.get("window_nll") is None
+                                    for p, _ in pairs):
                     continue
                 mean = lambda runs: list(np.mean(runs, axis=0))  # noqa: E731
                 line = paired_line(paired(mean([p["window_nll"] for p, _ in pairs]),
                                           mean([q["window_nll"] for _, q in pairs])))
                 pooled.append(f"- {bits} bits, last {f:g}, {name}, {len(pairs)} seeds "
                               f"pooled: {line}")
-    lines += ["", "Pooled over the seeds (each side's window losses averaged over its seeds):",
-              "", *pooled]
+    lines += ["", "Single searches pooled over the seeds (each side's window losses averaged "
+              "over its seeds):", "", *pooled]
     text = "\n".join(lines) + "\n"
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "trajectory_mean.md").write_text(text)

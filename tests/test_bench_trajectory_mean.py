@@ -34,28 +34,36 @@ def test_trajectory_mean_averages_the_last_steps_clamped_to_the_ladder():
 
 
 @pytest.mark.usefixtures("single_threaded")   # main() sets this process's threads
-def test_the_final_steps_alone_reproduce_the_searchs_own_out(tmp_path, capsys):
-    """f so small that only the last step is averaged: the assignment is the search's own
-    (its final offsets, no repair needed), so the score equals `dmx eval` of its OUT
-    bit for bit: the probe measures what it claims and nothing else."""
+def test_the_final_steps_alone_reproduce_the_searchs_and_combines_own_outs(tmp_path):
+    """f so small that only the last step is averaged: one search's assignment is its own
+    (its final offsets, no repair needed) and the seeds' is `dmx combine`'s, so the scores
+    equal `dmx eval` of those OUTs window by window: the probe measures what it claims."""
     from dmx.cli import main
     from dmx.data import embedded_model_dir
 
-    out = tmp_path / "dmx-default-5-s0"
-    assert main(["search", "--model", str(embedded_model_dir()), "--target-bits", "5",
-                 "--steps", "3", "--batch-size", "2", "--seqlen", "64", "--no-fill-budget",
-                 "--no-progress", "-o", str(out)]) == 0
-    for text in traj.TEXTS.values():
-        assert main(["eval", str(out), "--data", str(text), "--seqlen", str(traj.SEQLEN),
-                     "--max-windows", "2", "--save", "--no-progress"]) == 0
+    outs = [tmp_path / f"dmx-default-5-s{seed}" for seed in (0, 1)]
+    for seed, out in enumerate(outs):
+        assert main(["search", "--model", str(embedded_model_dir()), "--target-bits", "5",
+                     "--steps", "3", "--batch-size", "2", "--seqlen", "64", "--seed",
+                     str(seed), "--no-fill-budget", "--no-progress", "-o", str(out)]) == 0
+    comb = tmp_path / "combined"
+    assert main(["combine", *map(str, outs), "--fill-budget", "-o", str(comb)]) == 0
+    for out in (*outs, comb):
+        for text in traj.TEXTS.values():
+            assert main(["eval", str(out), "--data", str(text), "--seqlen", str(traj.SEQLEN),
+                         "--max-windows", "2", "--save", "--no-progress"]) == 0
     res = tmp_path / "res"
-    assert traj.main(["--work", str(tmp_path), "--targets", "5", "--seeds", "0",
+    assert traj.main(["--work", str(tmp_path), "--targets", "5", "--seeds", "0", "1",
                       "--fractions", "0.01", "--max-windows", "2", "--jobs", "1",
-                      "--results", str(res)]) == 0
-    (cache,) = (res / "cache").iterdir()
-    rec = json.loads(cache.read_text())
-    assert rec["differ_from_final"] == [] and rec["moves"] == 0
+                      "--combine", "--results", str(res)]) == 0
+    for out in outs:
+        rec = json.loads((res / "cache" / f"{out.name}-f0.01-w2.json").read_text())
+        assert rec["differ_from_final"] == [] and rec["moves"] == 0
+        for name, text in traj.TEXTS.items():
+            assert rec["results"][name]["window_nll"] == traj._result(out, text, 2)["window_nll"]
+    rec = json.loads((res / "cache" / "comb-5-0.1-f0-w2.json").read_text())
+    assert rec["formats"] == {n: e["format"] for n, e in
+                              json.loads((comb / "dmx_manifest.json").read_text())["layers"].items()}
     for name, text in traj.TEXTS.items():
-        own = traj._result(out, text, 2)
-        assert rec["results"][name]["window_nll"] == own["window_nll"]
+        assert rec["results"][name]["window_nll"] == traj._result(comb, text, 2)["window_nll"]
     assert "+0.00 ppl" in (res / "trajectory_mean.md").read_text()
