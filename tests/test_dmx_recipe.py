@@ -144,6 +144,40 @@ def test_default_recipe_does_not_collapse(model_dir, target, calib, tmp_path):
     assert all(math.isfinite(end[k]) for k in ("soft", "hard_raw", "hard_repaired"))
 
 
+def test_average_last_assigns_from_the_mean_of_the_last_steps_offsets(calib, tmp_path):
+    """--average-last F: the same steps as without it (the log is identical), then every
+    unit goes to the rung nearest the mean of its clamped b_hat over the last ceil(F x
+    steps) steps, and the budget repair ranks by that mean. The search log keeps both the
+    offsets the assignment came from and the final ones."""
+    from dmx.quant.anneal import hard_rung
+    from dmx.quant.ladders import get_ladder
+
+    common = dict(target_bits=6.0, steps=8, batch_size=2, seqlen=32, samples=16,
+                  fill_budget=False, export_target="none", calib=[str(calib)])
+    plain = search(STORIES, SearchConfig.from_recipe("default", **common),
+                   out=tmp_path / "plain", progress=False, checkpoint_every=0)
+    avg = search(STORIES, SearchConfig.from_recipe("default", average_last=0.3, **common),
+                 out=tmp_path / "avg", progress=False, checkpoint_every=0)
+    a, b = read_search_log(tmp_path / "plain"), read_search_log(tmp_path / "avg")
+    assert [r["offsets"] for r in a["steps"]] == [r["offsets"] for r in b["steps"]]
+    assert b["final_offsets"] == a["offsets"] and "final_offsets" not in a
+    lad = get_ladder("fp8-fp4")
+    last = [r["offsets"] for r in b["steps"][-3:]]   # ceil(0.3 x 8) = 3
+    mean = {u: sum(min(2.0, max(0.0, o[i])) for o in last) / 3
+            for i, u in enumerate(b["units"])}
+    assert b["offsets"] == pytest.approx(mean, abs=1e-6)
+    assert b["offsets"] != pytest.approx(a["offsets"], abs=1e-3), "vacuous: nothing moved"
+    raw = {u: hard_rung(mean[u], lad).fmt for u in b["units"]}
+    assert avg["raw_formats"] == raw
+    moved = {m["unit"] for m in avg["budget_repair"]["moves"]}
+    assert {u: f for u, f in avg["formats"].items() if u not in moved} == \
+        {u: f for u, f in raw.items() if u not in moved}
+    assert avg["config"].average_last == 0.3 and plain["config"].average_last == 0.0
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(DMXError, match="--average-last"):
+            SearchConfig.from_recipe("default", average_last=bad, **common)
+
+
 def test_seqlen_is_capped_at_the_models_positions(calib, tmp_path, capsys):
     r = search(data.embedded_model_dir(), 5.0, calib=[calib], seqlen=4096, samples=1,
                steps=1, batch_size=1, out=tmp_path / "o", progress=False, checkpoint_every=0)

@@ -9,7 +9,8 @@ the seeds share stays.
 The rule, in the search's own terms:
 
 1. Every input's learned offsets b_hat (its ``search_log.jsonl`` final line, before the
-   budget repair), each clamped to the ladder's positions as the forward pass clamps it,
+   budget repair: what its own assignment came from, the mean of its last steps under
+   ``--average-last``), each clamped to the ladder's positions as the forward pass clamps it,
    are averaged per layer (tied layers share one offset, so their mean is shared too).
 2. Every unit goes to the rung nearest its mean: the hard anneal map
    (:func:`dmx.quant.anneal.hard_rung`), as a search's raw assignment.

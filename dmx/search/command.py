@@ -270,11 +270,15 @@ def search(model_dir, config, *, out=None, force: bool = False, resume: bool = F
         learned_matrices = learned.matrices()  # kept in OUT: dmx baseline --rotate-from
         from dmx.rotate.online import carry_online
         rotation = carry_online(learned.fold(), rotation)  # R4 (if any) stays recorded
-    # the learned offsets, before anything below moves a unit to a rung
-    trained = {n: float(layer.raw_offset().detach()) for n, layer in layers.items()}
     end_windows = windows[:END_EVAL_WINDOWS]
     end_ppl = {"windows": int(end_windows.shape[0]), "seqlen": cfg.seqlen,
                "soft": _calib_ppl(model, end_windows)}  # the soft model at the final T
+    final_offsets = None
+    if cfg.average_last > 0:  # the assignment from the mean of the last steps' offsets
+        final_offsets = {n: float(layer.raw_offset().detach()) for n, layer in layers.items()}
+        set_mean_offsets(model, log, cfg.average_last, lad)
+    # the offsets the assignment is made from, before anything below moves a unit to a rung
+    trained = {n: float(layer.raw_offset().detach()) for n, layer in layers.items()}
 
     for layer in layers.values():
         layer.hard = True  # deploy: every layer on its rung, bit-exact fake quantization
@@ -315,7 +319,8 @@ def search(model_dir, config, *, out=None, force: bool = False, resume: bool = F
             from dmx.rotate.saved import ROTATIONS_NAME, rotations_bytes
             extra_files[ROTATIONS_NAME] = rotations_bytes(learned_matrices)
     log_text = _search_log_lines(cfg, layers, log, trained, raw_formats, formats, raw_bits,
-                                 achieved, repair, end_ppl, meta.get("rotation"))
+                                 achieved, repair, end_ppl, meta.get("rotation"),
+                                 final_offsets)
     from dmx import outdir
     distributed.on_main(dctx, outdir.write_out, out, model, formats, act_formats, model_dir, meta,
                         force, extra_files={SEARCH_LOG_NAME: log_text, **extra_files})
@@ -542,14 +547,41 @@ def _unit_names(layers: dict) -> list[str]:
     return out
 
 
+def set_mean_offsets(model, log: list, fraction: float, ladder) -> None:
+    """--average-last: set every offset Parameter so that its b_hat is the mean of its b_hat
+    over the last ceil(fraction x steps) step records of ``log`` (each clamped to the
+    ladder's span, as the forward pass clamps it). The step records list the b_hat of each
+    Parameter in model order (dmx.search.train); the mean is >= 0, so the same value serves
+    both parameterizations (abs(m) = m, clamp(m) = m)."""
+    import torch
+
+    from dmx.nn.layers import dmx_parameters
+
+    params = dmx_parameters(model)   # the order of the step records (dmx.search.train)
+    steps = [rec["offsets"] for rec in log if "offsets" in rec]
+    if not steps or any(len(o) != len(params) for o in steps):
+        raise DMXError("--average-last: the search's step records do not hold every "
+                       "offset; rerun the search without --resume")
+    last = steps[-max(1, math.ceil(fraction * len(steps))):]
+    lo, hi = ladder.low.position, ladder.high.position
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.fill_(sum(min(hi, max(lo, o[i])) for o in last) / len(last))
+
+
 def _search_log_lines(cfg, layers, log, trained, raw_formats, formats, raw_bits, achieved,
-                      repair, end_ppl, rotation=None) -> str:
-    """search_log.jsonl: a header (config, unit names), one line per step, a final line."""
+                      repair, end_ppl, rotation=None, final_offsets=None) -> str:
+    """search_log.jsonl: a header (config, unit names), one line per step, a final line
+    (``offsets``: what the assignment was made from; with --average-last also
+    ``final_offsets``, the last step's)."""
     lines = [{"type": "header", "config": cfg.to_dict(), "units": _unit_names(layers)}]
     lines += [{"type": "step", **rec} for rec in log]
-    lines.append({"type": "final", "offsets": trained, "raw_formats": raw_formats,
-                  "formats": formats, "raw_bits": raw_bits, "achieved_bits": achieved,
-                  "budget_repair": repair, "end_ppl": end_ppl, "rotation": rotation})
+    final = {"type": "final", "offsets": trained, "raw_formats": raw_formats,
+             "formats": formats, "raw_bits": raw_bits, "achieved_bits": achieved,
+             "budget_repair": repair, "end_ppl": end_ppl, "rotation": rotation}
+    if final_offsets is not None:
+        final["final_offsets"] = final_offsets
+    lines.append(final)
     return "".join(json.dumps(line, allow_nan=False) + "\n" for line in lines)
 
 
@@ -620,6 +652,9 @@ _HELP = {
     "delay": "fraction of steps at the starting temperature (default 0.6)",
     "t_start": "starting anneal temperature, code units (default 0.4)",
     "t_end": "final anneal temperature, code units (default 20)",
+    "average_last": "take the assignment from each offset's mean over the last fraction "
+                    "of the steps instead of its final value (default 0: the final offsets, "
+                    "paper; an experiment, BENCHMARKS.md)",
     "fill_budget": "after the hard assignment, promote the layers nearest to the next rung "
                    "while the average stays <= target (default recipe on, paper off; the "
                    "budget is never exceeded either way)",

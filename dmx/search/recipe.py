@@ -155,7 +155,12 @@ class SearchConfig:
     delay: float = 0.6
     t_start: float = 0.4
     t_end: float = 20.0
-    # after the search
+    # after the search: the assignment comes from each offset's mean b_hat (clamped to the
+    # ladder, as the forward pass clamps it) over the last ceil(average_last x steps) steps
+    # instead of its final value (0: the final offsets, the paper's). Why: the end of a
+    # short anneal churns, and the mean of the last steps is a cheap average of that churn,
+    # as `dmx combine` averages seeds (benchmarks/bench_trajectory_mean.py, BENCHMARKS.md)
+    average_last: float = 0.0
     fill_budget: bool = True
     # rotations folded into the weights before the search (hadamard) or learned with the
     # offsets, then folded (learned); R1 seeded by ``seed``, R2 by ``seed + 1``
@@ -273,6 +278,10 @@ class SearchConfig:
             raise DMXError(f"--max-stretch must be >= 1 (1: never stretch), got {self.max_stretch!r}")
         if not 0.0 <= self.momentum < 1.0:
             raise DMXError(f"--momentum must be in [0, 1), got {self.momentum!r}")
+        if not (isinstance(self.average_last, (int, float))
+                and 0.0 <= self.average_last <= 1.0):
+            raise DMXError(f"--average-last must be a fraction in [0, 1] (0: the final "
+                           f"offsets), got {self.average_last!r}")
         if not 0.0 <= self.ramp <= 1.0:
             raise DMXError(f"--ramp must be a fraction in [0, 1], got {self.ramp!r}")
         if not (isinstance(self.attn_distill, (int, float)) and math.isfinite(self.attn_distill)
