@@ -17,13 +17,14 @@ the mean (fit, then fill: dmx.search.assign.repair_assignment, as `dmx combine` 
 fake-quantizes the model with that assignment (dmx.nn.layers.apply_formats; no command
 writes it) and scores it on both texts (40 x 256 windows). Each result is compared window
 by window with the search's own OUT (dmx.eval.paired). Cached in --results/cache/.
-Writes --results/trajectory_mean.md and prints it.
+Writes --results/trajectory_mean-s<seeds>.md and prints it. The rule is `dmx search
+--average-last F`'s (dmx.search.assign.mean_of_last_steps): this probe scores it on
+searches already made, without running them again.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -58,15 +59,15 @@ def _parse(argv=None):
 
 
 def trajectory_mean(log: dict, fraction: float, ladder) -> dict:
-    """{layer: mean of its clamped b_hat over the last ceil(fraction x steps) steps}."""
-    lo, hi = ladder.low.position, ladder.high.position
-    steps = log["steps"]
-    last = steps[-max(1, math.ceil(fraction * len(steps))):]
+    """{unit: its mean clamped b_hat over the last ceil(fraction x steps) steps}: the rule
+    of `dmx search --average-last` (dmx.search.assign.mean_of_last_steps)."""
+    from dmx.search.assign import mean_of_last_steps
+
     units = log["units"]
-    if any(len(s["offsets"]) != len(units) for s in last):
+    steps = [s["offsets"] for s in log["steps"]]
+    if any(len(o) != len(units) for o in steps):
         raise SystemExit("a step line's offsets do not match the units (tied search?)")
-    return {u: float(np.mean([min(hi, max(lo, s["offsets"][i])) for s in last]))
-            for i, u in enumerate(units)}
+    return dict(zip(units, mean_of_last_steps(steps, fraction, ladder)))
 
 
 def _result(out: Path, text: Path, windows: int) -> dict | None:
@@ -212,7 +213,7 @@ def main(argv=None) -> int:
               "over its seeds):", "", *pooled]
     text = "\n".join(lines) + "\n"
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "trajectory_mean.md").write_text(text)
+    (args.results / f"trajectory_mean-s{'.'.join(args.seeds)}.md").write_text(text)
     print(text)
     return 0
 

@@ -66,4 +66,4 @@ def test_the_final_steps_alone_reproduce_the_searchs_and_combines_own_outs(tmp_p
                               json.loads((comb / "dmx_manifest.json").read_text())["layers"].items()}
     for name, text in traj.TEXTS.items():
         assert rec["results"][name]["window_nll"] == traj._result(comb, text, 2)["window_nll"]
-    assert "+0.00 ppl" in (res / "trajectory_mean.md").read_text()
+    assert "+0.00 ppl" in (res / "trajectory_mean-s0.1.md").read_text()

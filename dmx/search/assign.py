@@ -25,12 +25,24 @@ import math
 
 from dmx.errors import DMXError
 
-__all__ = ["offset_for_bits", "project_to_budget", "bound_to_budget", "effective_offsets",
+__all__ = ["mean_of_last_steps", "offset_for_bits", "project_to_budget", "bound_to_budget", "effective_offsets",
            "average_coefficients", "repair_assignment", "repair_layers",
            "set_offsets"]
 
 _EPS = 1e-6  # "average <= target" up to float32 rounding (dmx.nn.bits averages in float32)
 _KEYS = {"simple": "simple", "size": "size_weighted"}
+
+
+def mean_of_last_steps(step_offsets: list, fraction: float, ladder) -> list[float]:
+    """--average-last: each offset's mean b_hat over the last ceil(fraction x steps) of
+    ``step_offsets`` (one list of b_hat per step, the search log's order), every value
+    clamped to the ladder's span first, as the forward pass clamps it."""
+    if not step_offsets:
+        raise DMXError("--average-last: the search logged no step")
+    last = step_offsets[-max(1, math.ceil(fraction * len(step_offsets))):]
+    lo, hi = ladder.low.position, ladder.high.position
+    return [sum(min(hi, max(lo, o[i])) for o in last) / len(last)
+            for i in range(len(last[0]))]
 
 
 def offset_for_bits(ladder, bits: float, temperature: float) -> float:

@@ -548,25 +548,23 @@ def _unit_names(layers: dict) -> list[str]:
 
 
 def set_mean_offsets(model, log: list, fraction: float, ladder) -> None:
-    """--average-last: set every offset Parameter so that its b_hat is the mean of its b_hat
-    over the last ceil(fraction x steps) step records of ``log`` (each clamped to the
-    ladder's span, as the forward pass clamps it). The step records list the b_hat of each
-    Parameter in model order (dmx.search.train); the mean is >= 0, so the same value serves
-    both parameterizations (abs(m) = m, clamp(m) = m)."""
+    """--average-last: set every offset Parameter so that its b_hat is its mean over the
+    last steps of ``log`` (dmx.search.assign.mean_of_last_steps). The step records list the
+    b_hat of each Parameter in model order (dmx.search.train); the mean is >= 0, so the
+    same value serves both parameterizations (abs(m) = m, clamp(m) = m)."""
     import torch
 
     from dmx.nn.layers import dmx_parameters
+    from dmx.search.assign import mean_of_last_steps
 
     params = dmx_parameters(model)   # the order of the step records (dmx.search.train)
     steps = [rec["offsets"] for rec in log if "offsets" in rec]
-    if not steps or any(len(o) != len(params) for o in steps):
+    if len(steps) != len(log) or any(len(o) != len(params) for o in steps):
         raise DMXError("--average-last: the search's step records do not hold every "
                        "offset; rerun the search without --resume")
-    last = steps[-max(1, math.ceil(fraction * len(steps))):]
-    lo, hi = ladder.low.position, ladder.high.position
     with torch.no_grad():
-        for i, p in enumerate(params):
-            p.fill_(sum(min(hi, max(lo, o[i])) for o in last) / len(last))
+        for p, mean in zip(params, mean_of_last_steps(steps, fraction, ladder)):
+            p.fill_(mean)
 
 
 def _search_log_lines(cfg, layers, log, trained, raw_formats, formats, raw_bits, achieved,
