@@ -39,6 +39,7 @@ def test_paper_recipe_is_the_reference_release():
     assert (cfg.lr, cfg.momentum, cfg.nesterov, cfg.grad_norm, cfg.max_grad_norm) == \
         (1.0, 0.99, True, "clip", 1.0)
     assert (cfg.t_start, cfg.t_end, cfg.delay, cfg.fill_budget) == (0.4, 20.0, 0.6, False)
+    assert cfg.average_last == 0.0   # the final offsets, as the reference deploys them
     assert set(RECIPES) == {"default", "paper", "project", "target-start"}
     # the default recipe: the paper's offsets, start, optimizer and anneal, the hinge
     # replaced by the bounded budget with a ramp, plus distillation and the fill
@@ -47,7 +48,11 @@ def test_paper_recipe_is_the_reference_release():
             "max_grad_norm", "delay", "t_start", "t_end")
     assert [getattr(default, k) for k in same] == [getattr(cfg, k) for k in same]
     assert (default.budget, default.ramp, default.offset_margin, default.distill,
-            default.fill_budget) == ("bound", 0.5, 0.5, True, True)
+            default.fill_budget, default.average_last) == ("bound", 0.5, 0.5, True, True, 0.5)
+    # a config written before --average-last existed deployed its final offsets
+    old = default.to_dict()
+    del old["average_last"]
+    assert config_from_dict(old).average_last == 0.0
     # the earlier defaults, kept for comparison
     project = SearchConfig.from_recipe("project", target_bits=6.0)
     assert (project.budget, project.parameterization, project.lr, project.grad_norm,
@@ -154,7 +159,7 @@ def test_average_last_assigns_from_the_mean_of_the_last_steps_offsets(calib, tmp
 
     common = dict(target_bits=6.0, steps=8, batch_size=2, seqlen=32, samples=16,
                   fill_budget=False, export_target="none", calib=[str(calib)])
-    plain = search(STORIES, SearchConfig.from_recipe("default", **common),
+    plain = search(STORIES, SearchConfig.from_recipe("default", average_last=0.0, **common),
                    out=tmp_path / "plain", progress=False, checkpoint_every=0)
     avg = search(STORIES, SearchConfig.from_recipe("default", average_last=0.3, **common),
                  out=tmp_path / "avg", progress=False, checkpoint_every=0)

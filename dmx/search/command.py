@@ -651,8 +651,8 @@ _HELP = {
     "t_start": "starting anneal temperature, code units (default 0.4)",
     "t_end": "final anneal temperature, code units (default 20)",
     "average_last": "take the assignment from each offset's mean over the last fraction "
-                    "of the steps instead of its final value (default 0: the final offsets, "
-                    "paper; an experiment, BENCHMARKS.md)",
+                    "of the steps instead of its final value (default recipe 0.5; 0: the "
+                    "final offsets, paper; BENCHMARKS.md)",
     "fill_budget": "after the hard assignment, promote the layers nearest to the next rung "
                    "while the average stays <= target (default recipe on, paper off; the "
                    "budget is never exceeded either way)",
