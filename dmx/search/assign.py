@@ -25,8 +25,8 @@ import math
 
 from dmx.errors import DMXError
 
-__all__ = ["mean_of_last_steps", "offset_for_bits", "project_to_budget", "bound_to_budget", "effective_offsets",
-           "average_coefficients", "repair_assignment", "repair_layers",
+__all__ = ["mean_of_last_steps", "offset_for_bits", "project_to_budget", "bound_to_budget",
+           "effective_offsets", "average_coefficients", "repair_assignment", "repair_layers",
            "set_offsets"]
 
 _EPS = 1e-6  # "average <= target" up to float32 rounding (dmx.nn.bits averages in float32)

@@ -159,9 +159,9 @@ class SearchConfig:
     # ladder, as the forward pass clamps it) over the last ceil(average_last x steps) steps
     # instead of its final value (0: the final offsets, the paper's). Why: the end of a
     # short anneal churns, and the mean of the last steps is a cheap average of that churn,
-    # as `dmx combine` averages seeds: on SmolLM2-135M, 24 steps, it scored lower than the
-    # final offsets on WikiText in 10 of 11 searches (benchmarks/bench_trajectory_mean.py,
-    # BENCHMARKS.md). Default recipe since 2026-12-07; a config written before has none
+    # as `dmx combine` averages seeds: on SmolLM2-135M, 24 steps, 0.5 scored lower than the
+    # final offsets on WikiText in 12 of 15 searches, pooled beyond the noise at 4.5 and 5
+    # bits, a tie at 6 (benchmarks/bench_trajectory_mean.py, BENCHMARKS.md). Default recipe since 2026-12-07; a config written before has none
     # and means 0 (config_from_dict)
     average_last: float = 0.5
     fill_budget: bool = True
