@@ -51,6 +51,9 @@ def _parse(argv=None):
     p.add_argument("--combine", action="store_true",
                    help="also the seeds combined: the mean of their trajectory means, "
                         "against the mean of their final offsets (`dmx combine`'s rule)")
+    p.add_argument("--kl", nargs="+", type=Path, default=None, metavar="KL_OUT",
+                   help="with --combine: also fuse the seeds' (trajectory-)mean offsets with "
+                        "these KL baselines, `dmx combine --kl`'s rule")
     p.add_argument("--max-windows", type=int, default=40,
                    help="windows of 256 tokens scored per text (the sweep's --max-windows)")
     p.add_argument("--results", type=Path,
@@ -76,9 +79,11 @@ def _result(out: Path, text: Path, windows: int) -> dict | None:
 
 
 def score(outs: list, fraction: float, cache: Path, threads: int | None,
-          windows: int) -> dict:
+          windows: int, kl: list | None = None) -> dict:
     """The assignment of the trajectory mean of ``outs`` (one search, or the mean of
-    several searches' trajectory means: a combination) and its scores (cached)."""
+    several searches' trajectory means: a combination) and its scores (cached). ``kl``:
+    KL OUTs to fuse the mean with, by `dmx combine --kl`'s rule (dmx.search.rank_fusion)
+    instead of the nearest rung and the repair."""
     if cache.is_file():
         return json.loads(cache.read_text())
     from dmx import data
@@ -104,9 +109,20 @@ def score(outs: list, fraction: float, cache: Path, threads: int | None,
     raw = {n: hard_rung(mean[n], lad).fmt for n in names}
     shapes = {n: tuple(m["layers"][n]["shape"]) for n in names}
     quant_in = {n: m["layers"][n].get("act_format") is not None for n in names}
-    repair = repair_assignment(raw, mean, shapes, lad, cfg.target_bits, cfg.weighting,
-                               quant_in, True, units=[(n,) for n in names])
-    formats = repair["formats"]
+    units = [(n,) for n in names]
+    if kl:
+        from dmx.search.baseline import greedy_promote
+        from dmx.search.rank_fusion import fused_order, kl_sensitivities_of
+        sens, _ = kl_sensitivities_of(kl, m, cfg, units)
+        order, _ = fused_order({u: mean[u[0]] for u in units}, sens)
+        rank = {u: float(len(order) - i) for i, u in enumerate(order)}
+        formats = greedy_promote(units, rank, shapes, lad, cfg.target_bits, cfg.weighting,
+                                 cfg.weights_only)
+        repair = {"bits_before": float("nan"), "bits_after": cfg.target_bits, "moves": []}
+    else:
+        repair = repair_assignment(raw, mean, shapes, lad, cfg.target_bits, cfg.weighting,
+                                   quant_in, True, units=units)
+        formats = repair["formats"]
     acts = {n: (formats[n] if quant_in[n] else None) for n in names}
     model, tok = data.load_model_and_tokenizer(m["source_model"])
     apply_formats(model, formats, acts)
@@ -160,14 +176,19 @@ def main(argv=None) -> int:
             for f in (0.0, *args.fractions):
                 jobs.append(("comb", bits, tag, f, outs,
                              cache / f"comb-{bits}-{tag}-f{f:g}-{w}.json"))
+            for f in (0.0, *args.fractions) if args.kl else ():
+                jobs.append(("fused", bits, tag, f, outs,
+                             cache / f"fused-{bits}-{tag}-kl{len(args.kl)}-f{f:g}-{w}.json"))
+    kls = [args.kl if j[0] == "fused" else None for j in jobs]
     calls = ([j[4] for j in jobs], [j[3] for j in jobs], [j[5] for j in jobs])
     if args.jobs == 1:
         set_threads(args.threads)
-        done = list(map(score, *calls, [None] * len(jobs), [args.max_windows] * len(jobs)))
+        done = list(map(score, *calls, [None] * len(jobs), [args.max_windows] * len(jobs),
+                        kls))
     else:   # each scoring in a process of its own (its own torch thread pool)
         with ProcessPoolExecutor(args.jobs) as pool:
             done = list(pool.map(score, *calls, [args.threads] * len(jobs),
-                                 [args.max_windows] * len(jobs)))
+                                 [args.max_windows] * len(jobs), kls))
     command = " ".join(argv or sys.argv[1:])
     lines = ["# A search's offsets averaged over its last steps vs its final offsets", "",
              f"Command: `python benchmarks/bench_trajectory_mean.py {command}`  ",
@@ -177,6 +198,17 @@ def main(argv=None) -> int:
              f"paired window by window (95 % interval).", "", "One search each:", ""]
     finals = {}
     for (kind, bits, who, f, outs, _), rec in zip(jobs, done):
+        if kind == "fused":
+            if f == 0.0:
+                finals["fused", bits] = rec["results"]
+                lines.append(f"- {bits} bits, seeds {who} fused with {len(args.kl)} KL, the "
+                             f"final offsets (as `dmx combine --kl`): " + "; ".join(
+                                 f"{n} {r['ppl']:.2f}" for n, r in rec["results"].items()))
+            else:
+                lines.append(f"- {bits} bits, seeds {who} fused with {len(args.kl)} KL, last "
+                             f"{f:g}, against the fused final offsets: "
+                             + _cells(rec["results"], finals.get(("fused", bits))))
+            continue
         head = (f"- {bits} bits, {'seed' if kind == 'one' else 'seeds'} {who}, last {f:g} "
                 f"of {rec['steps']} steps: raw {rec['bits_before']:.3f} -> "
                 f"{rec['bits_after']:.3f} bits ({rec['moves']} moves), "

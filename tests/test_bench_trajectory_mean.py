@@ -45,7 +45,8 @@ def test_the_final_steps_alone_reproduce_the_searchs_and_combines_own_outs(tmp_p
     for seed, out in enumerate(outs):
         assert main(["search", "--model", str(embedded_model_dir()), "--target-bits", "5",
                      "--steps", "3", "--batch-size", "2", "--seqlen", "64", "--seed",
-                     str(seed), "--no-fill-budget", "--no-progress", "-o", str(out)]) == 0
+                     str(seed), "--average-last", "0", "--no-fill-budget", "--no-progress",
+                     "-o", str(out)]) == 0
     comb = tmp_path / "combined"
     assert main(["combine", *map(str, outs), "--fill-budget", "-o", str(comb)]) == 0
     for out in (*outs, comb):
