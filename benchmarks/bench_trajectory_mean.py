@@ -104,7 +104,8 @@ def score(outs: list, fraction: float, cache: Path, threads: int | None,
         raise SystemExit(f"{outs[0]}: a tied search; this probe handles untied units only")
     lad = get_ladder(m["ladder"])
     names = list(m["layers"])
-    means = [trajectory_mean(read_search_log(o), fraction, lad) for o in outs]
+    logs = [read_search_log(o) for o in outs]
+    means = [trajectory_mean(log, fraction, lad) for log in logs]
     mean = {n: float(np.mean([one[n] for one in means])) for n in names}
     raw = {n: hard_rung(mean[n], lad).fmt for n in names}
     shapes = {n: tuple(m["layers"][n]["shape"]) for n in names}
@@ -129,7 +130,7 @@ def score(outs: list, fraction: float, cache: Path, threads: int | None,
     results = score_on_texts(model, tok, windows)
     final = {n: e["format"] for n, e in m["layers"].items()}
     record = {"outs": [str(o) for o in outs], "fraction": fraction,
-              "steps": len(read_search_log(outs[0])["steps"]),
+              "steps": len(logs[0]["steps"]),
               "bits_before": repair["bits_before"], "bits_after": repair["bits_after"],
               "moves": len(repair["moves"]), "formats": formats,
               "differ_from_final": sorted(n for n in names if formats[n] != final[n]),

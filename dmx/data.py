@@ -229,6 +229,11 @@ def check_text_files(flag: str, files) -> None:
 
 def read_text(files) -> str:
     """The files' text, concatenated with a newline between files (UTF-8)."""
+    return "\n".join(_read_texts(files))
+
+
+def _read_texts(files) -> list[str]:
+    """Each file's text (UTF-8), checked to be a readable text file."""
     if isinstance(files, (str, Path)):
         files = [files]
     parts = []
@@ -243,7 +248,7 @@ def read_text(files) -> str:
         if "\x00" in text:   # valid UTF-8, but a binary file (20,000 NULs were accepted)
             raise DMXError(f"{f}: holds NUL bytes, so it is not a text file; pass plain text")
         parts.append(text)
-    return "\n".join(parts)
+    return parts
 
 
 _TOKEN_CACHE: dict = {}  # (tokenizer identity, text digest) -> ids; a few entries only
@@ -287,13 +292,13 @@ def calibration_windows(tokenizer, files, seqlen: int, samples: int, seed: int =
     import torch
     seqlen = _check_positive("--seqlen", seqlen)
     samples = _check_positive("--samples", samples)
-    text = read_text(files)
-    names = ", ".join(str(f) for f in ([files] if isinstance(files, (str, Path)) else files))
+    files = [files] if isinstance(files, (str, Path)) else list(files)
+    parts = _read_texts(files)
+    text = "\n".join(parts)   # read_text's join
+    names = ", ".join(str(f) for f in files)
     if not text.strip():
         raise DMXError(f"calibration text {names} is empty; pass a text file with content")
-    many = [] if isinstance(files, (str, Path)) else list(files)
-    empty = [str(f) for f in many if len(many) > 1
-             and not Path(f).read_text(encoding="utf-8").strip()]
+    empty = [str(f) for f, part in zip(files, parts) if not part.strip()]
     if empty:  # likely a slip (a truncated or wrong file); the others still calibrate
         print(f"dmx: note: calibration text {', '.join(empty)} is empty; the windows come "
               f"from the other file(s)", file=sys.stderr)
