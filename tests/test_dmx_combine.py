@@ -38,9 +38,10 @@ def searches(tmp_path_factory, calib):
     return src, outs
 
 
-def _expected(outs, fill: bool) -> tuple[dict, list]:
-    """The documented rule, by hand: (formats, mean offsets in model order)."""
-    logs = [read_search_log(o)["offsets"] for o in outs]
+def _expected(outs, fill: bool, key: str = "offsets") -> tuple[dict, list]:
+    """The documented rule, by hand: (formats, mean offsets in model order). ``key``: the
+    search log's offsets averaged (``final_offsets``: the last step's, for --kl)."""
+    logs = [read_search_log(o)[key] for o in outs]
     names = list(logs[0])
     mean = [sum(min(2.0, max(0.0, float(log[n]))) for log in logs) / len(logs) for n in names]
     bits = {n: (8 if m > 1.0 else 4) for n, m in zip(names, mean)}
@@ -180,7 +181,27 @@ def test_kl_fusion_follows_the_documented_rule(searches, kl_outs, tmp_path, caps
     out = tmp_path / "fused"
     assert main(["combine", *map(str, inputs), "--kl", *map(str, kls), "-o", str(out)]) == 0
     assert "fused with 2 KL baseline(s)" in capsys.readouterr().out
-    _, mean = _expected(inputs, fill=True)
+    _check_fusion(inputs, kls, out)
+    from dmx.eval.report import collect
+    (row,) = collect([out])
+    assert row["recipe"] == "default, 3 seeds combined, fused with 2 KL"
+
+
+def test_one_search_fused_with_one_kl_baseline(searches, kl_outs, tmp_path, capsys):
+    """--kl needs one search only: the same rule with a mean over one."""
+    _, outs = searches
+    out = tmp_path / "fused1"
+    assert main(["combine", str(outs[1]), "--kl", str(kl_outs["s1"]), "-o", str(out)]) == 0
+    assert "fused with 1 KL baseline(s)" in capsys.readouterr().out
+    _check_fusion([outs[1]], [kl_outs["s1"]], out)
+
+
+def _check_fusion(inputs, kls, out):
+    """OUT is the documented fusion of the searches' *final* offsets (not the mean of the
+    last steps each assigned from under the default --average-last) with the KL OUTs."""
+    logs = [read_search_log(o) for o in inputs]
+    assert any(log["final_offsets"] != log["offsets"] for log in logs)  # the key matters
+    _, mean = _expected(inputs, fill=True, key="final_offsets")
     names = list(read_search_log(inputs[0])["offsets"])
     sens = [sum(read_manifest(k)["baseline"]["sensitivity"][n] for k in kls) for n in names]
     score = [(a + b) / 2 for a, b in zip(_rank(mean), _rank(sens))]
@@ -198,9 +219,8 @@ def test_kl_fusion_follows_the_documented_rule(searches, kl_outs, tmp_path, caps
         [read_manifest(k)["manifest_sha256"] for k in kls]
     assert [fused["scores"][n] for n in names] == pytest.approx(score, abs=1e-12)
     assert m["search"]["budget_repair"] is None
-    from dmx.eval.report import collect
-    (row,) = collect([out])
-    assert row["recipe"] == "default, 3 seeds combined, fused with 2 KL"
+    assert [m["search"]["combined"]["offsets"][n] for n in names] == \
+        pytest.approx(mean, abs=1e-12)
 
 
 def test_kl_fusion_refusals(searches, kl_outs, tmp_path, capsys):

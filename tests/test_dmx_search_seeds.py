@@ -293,8 +293,27 @@ def test_fuse_kl_writes_what_combine_kl_writes_and_keeps_it_on_a_rerun(src, cali
                            "3"), "holds another KL baseline", tmp_path)
 
 
+def test_fuse_kl_without_seeds_is_one_search_fused_with_its_kl_baseline(src, calib, tmp_path,
+                                                                        capsys):
+    """`--fuse-kl --seed 1` (no --seeds): the search in OUT.seeds/seed-1, its KL baseline
+    (calibration seed 1) in OUT.seeds/kl-1, and OUT = `dmx combine seed-1 --kl kl-1`."""
+    out = tmp_path / "fused"
+    assert main(_argv(src, calib, out, "--seed", "1", "--fuse-kl", "--kl-samples", "2")) == 0
+    err = capsys.readouterr().err
+    assert "--fuse-kl: the search of seed 1 goes to" in err
+    assert read_manifest(seed_out_dir(out, 1))["seed"] == 1
+    kl = tmp_path / "fused.seeds" / "kl-1"
+    assert read_manifest(kl)["method"] == "kl" and read_manifest(kl)["seed"] == 1
+    ref = tmp_path / "ref"
+    assert main(["combine", str(seed_out_dir(out, 1)), "--kl", str(kl), "-o", str(ref)]) == 0
+    m, r = read_manifest(out), read_manifest(ref)
+    assert {n: (e["format"], e["sha256"]) for n, e in m["layers"].items()} == \
+        {n: (e["format"], e["sha256"]) for n, e in r["layers"].items()}
+    assert m["search"]["combined"]["seeds"] == [1]
+
+
 @pytest.mark.parametrize("extra, match", [
-    (["--fuse-kl"], "--fuse-kl goes with --seeds"),
+    (["--fuse-kl", "--seed", "1", "--seeds", "0"], "give --seed (one search) or --seeds"),
     (["--seeds", "0", "1", "--kl-samples", "4"], "add --fuse-kl"),
     (["--seeds", "0", "1", "--fuse-kl", "--kl-samples", "0"], "--kl-samples must be a positive"),
 ])

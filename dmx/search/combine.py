@@ -27,7 +27,10 @@ offsets rank different weights.
 
 With ``--kl KL_OUT ...`` steps 2 and 3 are replaced: the units are ranked by the mean of
 two percentile ranks, the searches' mean offset and the KL OUTs' summed sensitivity, and
-promoted greedily in that order, KL's rule (dmx.search.rank_fusion).
+promoted greedily in that order, KL's rule (dmx.search.rank_fusion). The fusion averages
+each search's *final* offsets (``final_offsets`` under ``--average-last``): that is what it
+was measured on, and the averaged ones were not better there (BENCHMARKS.md, issue 11).
+One search is enough with ``--kl`` (one search fused with one KL baseline).
 
 Public API: ``combine_searches(outs, out, fill=None, force=False, device="cpu", kl=None)
 -> dict``,
@@ -43,6 +46,9 @@ from pathlib import Path
 from dmx.errors import DMXError
 from dmx.outdir.layout import writer_of
 from dmx.search.rank_fusion import layer_signature
+
+# what the manifest says the fusion averaged (the rank rule itself: rank_fusion.RULE)
+FUSED_OFFSETS_RULE = "mean of the clamped final offsets (the last step's); fused with KL"
 
 __all__ = ["combine_searches", "mean_offsets", "summary_line", "add_combine_parser",
            "run_combine"]
@@ -85,10 +91,12 @@ def _comparable(m: dict) -> dict:
             **{f"search setting '{k}'": v for k, v in cfg.items()}}
 
 
-def _check_inputs(outs: list, manifests: list) -> None:
-    if len(outs) < 2:
+def _check_inputs(outs: list, manifests: list, kl=None) -> None:
+    if not outs:
+        raise DMXError("combine needs the OUT directories of `dmx search` runs")
+    if len(outs) < 2 and not kl:
         raise DMXError("combine needs at least two OUT directories (searches of different "
-                       "--seed)")
+                       "--seed), or one with --kl KL_OUT (fused with KL baselines)")
     paths = [str(Path(o).resolve()) for o in outs]
     for i, p in enumerate(paths):
         if p in paths[:i]:
@@ -114,12 +122,16 @@ def _check_inputs(outs: list, manifests: list) -> None:
                        f"combine searches made with --rotate none")
 
 
-def mean_offsets(logs: list, ladder) -> dict:
-    """{layer: mean over the searches of its final b_hat, clamped to the ladder's span}."""
+def mean_offsets(logs: list, ladder, final: bool = False) -> dict:
+    """{layer: mean over the searches of its b_hat, clamped to the ladder's span}: the
+    offsets each search assigned from, or with ``final`` its last step's (the same unless
+    it ran with --average-last)."""
     lo, hi = ladder.low.position, ladder.high.position
-    names = list(logs[0]["offsets"])
-    return {n: sum(min(hi, max(lo, float(log["offsets"][n]))) for log in logs) / len(logs)
-            for n in names}
+    key = [("final_offsets" if final and "final_offsets" in log else "offsets")
+           for log in logs]
+    names = list(logs[0][key[0]])
+    return {n: sum(min(hi, max(lo, float(log[k][n]))) for log, k in zip(logs, key))
+            / len(logs) for n in names}
 
 
 def combine_searches(outs, out, fill: bool | None = None, force: bool = False,
@@ -139,7 +151,7 @@ def combine_searches(outs, out, fill: bool | None = None, force: bool = False,
     outs = [str(o) for o in outs]
     read = [_read_search(o) for o in outs]
     manifests, logs = [m for m, _ in read], [log for _, log in read]
-    _check_inputs(outs, manifests)
+    _check_inputs(outs, manifests, kl)
     first = manifests[0]
     cfg = _config(first)
     source = first["source_model"]
@@ -160,7 +172,7 @@ def combine_searches(outs, out, fill: bool | None = None, force: bool = False,
     # --kl: KL's greedy promotion fills the budget whatever the searches did
     fill = True if kl else (cfg.fill_budget if fill is None else bool(fill))
     names = list(first["layers"])
-    mean = mean_offsets(logs, lad)
+    mean = mean_offsets(logs, lad, final=bool(kl))  # the fusion: final offsets (docstring)
     if set(mean) != set(names):
         raise DMXError(f"{outs[0]}: its search log's offsets do not name its layers; rerun "
                        f"the search")
@@ -191,8 +203,10 @@ def combine_searches(outs, out, fill: bool | None = None, force: bool = False,
                                                 "manifest_sha256": m["manifest_sha256"]}
                                                for o, s, m in zip(outs, seeds, manifests)],
                                     "seeds": seeds, "fill": fill,
-                                    "rule": "mean of the clamped final offsets; nearest "
-                                            "rung; fit/fill ranked by the mean",
+                                    "rule": (FUSED_OFFSETS_RULE if kl else
+                                             "mean of the clamped offsets each search "
+                                             "assigned from; nearest rung; fit/fill ranked "
+                                             "by the mean"),
                                     "offsets": mean,
                                     **({} if fusion is None else {"kl": fusion})},
                        "train_seconds": sum(float(m["search"].get("train_seconds") or 0)
@@ -240,7 +254,7 @@ def add_combine_parser(subparsers):
     # "*", not "+": `--kl A B` before the searches takes them all, and run_combine says
     # so (argparse's own line would only say that OUT is missing)
     p.add_argument("outs", nargs="*", metavar="OUT",
-                   help="OUT directories written by `dmx search` (two or more)")
+                   help="OUT directories written by `dmx search` (two or more; one with --kl)")
     p.add_argument("-o", "--out", required=True, help="the OUT directory to write")
     p.add_argument("--fill-budget", action="store_true", default=None, dest="fill",
                    help="promote units by the mean while the budget allows (default: as the "

@@ -389,8 +389,8 @@ def search_seeds(model_dir, config, seeds, *, out=None, force: bool = False,
 
     say = say or (lambda msg: print(f"dmx search: {msg}", file=sys.stderr))
     seeds = [int(s) for s in seeds]
-    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
-        raise DMXError(f"--seeds needs two or more different seeds, got "
+    if len(set(seeds)) != len(seeds) or len(seeds) < (1 if fuse_kl else 2):
+        raise DMXError(f"--seeds needs two or more different seeds (one with --fuse-kl), got "
                        f"{' '.join(map(str, seeds)) or 'none'}")
     if settings.get("seed") is not None:
         raise DMXError("give --seed (one search) or --seeds (several, combined), not both")
@@ -724,9 +724,10 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
                         "own with --threads CPU threads (default: the cores shared out); "
                         "each holds its own copy of the model")
     p.add_argument("--fuse-kl", action="store_true",
-                   help="with --seeds: also one KL baseline per seed (OUT.seeds/kl-<s>) and "
-                        "fuse the combination with them, as `dmx combine --kl` (the best "
-                        "measured on SmolLM2-135M; docs/dmx_search.md)")
+                   help="also one KL baseline per seed (OUT.seeds/kl-<s>) and write to OUT "
+                        "the searches fused with them, as `dmx combine --kl` (the best "
+                        "measured on SmolLM2-135M; docs/dmx_search.md); without --seeds: "
+                        "one search (--seed) and its KL baseline")
     p.add_argument("--kl-samples", type=int, default=None, metavar="N",
                    help="with --fuse-kl: calibration windows per KL baseline (default 16)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
@@ -774,12 +775,16 @@ def run_search(args) -> int:
                            "search uses --threads")
         fuse_kl = getattr(args, "fuse_kl", False)
         kl_samples = getattr(args, "kl_samples", None)
-        if (fuse_kl or kl_samples is not None) and not getattr(args, "seeds", None):
-            raise DMXError("--fuse-kl goes with --seeds (it fuses several searches with "
-                           "their KL baselines); for one search run `dmx baseline --method "
-                           "kl` and `dmx combine --kl`")
         if kl_samples is not None and not fuse_kl:
             raise DMXError("--kl-samples sizes the KL baselines of --fuse-kl; add --fuse-kl")
+        if fuse_kl and not getattr(args, "seeds", None):
+            # one search fused with one KL baseline: the --seeds machinery with one seed
+            seed = 0 if settings["seed"] is None else settings["seed"]  # checked by cfg
+            args.seeds, settings["seed"] = [seed], None
+            if main:
+                print(f"dmx search: --fuse-kl: the search of seed {seed} goes to "
+                      f"{seed_out_dir(args.out, seed)}, its KL baseline beside it; OUT is "
+                      f"their fusion", file=sys.stderr)
         if getattr(args, "seeds", None):
             if args.device_map:
                 raise DMXError("--seeds runs on one device; drop --device-map, or run one "
