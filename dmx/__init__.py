@@ -7,7 +7,7 @@ share their module's name are not re-exported (``dmx.search`` names the module):
 """
 from __future__ import annotations
 
-import importlib
+from mxref.lazy import lazy_names
 
 __version__ = "0.1.0"
 
@@ -35,21 +35,9 @@ _LAZY = {
     "set_temperature": "dmx.nn.layers",
     "hard_assignment": "dmx.nn.layers",
     "dmx_parameters": "dmx.nn.layers",
-    "fused_key": "dmx.nn.layers",
+    "fused_key": "dmx.nn.names",
     "load": "dmx.outdir.read",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
-
-
-def __getattr__(name: str):
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'dmx' has no attribute {name!r}")
-    value = getattr(importlib.import_module(mod), name)
-    globals()[name] = value  # cache: later lookups skip __getattr__
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_names(globals(), _LAZY)

@@ -1,7 +1,9 @@
 """``mxref`` command line: formats table, quantize/dequantize .npy <-> .npz, decode, sweep.
 
 Every bad input is a one-line ``mxref: error: ...`` on stderr with exit code 2 and no
-traceback; a failed sweep exits 1 (the shared frame: :mod:`mxref.cliframe`).
+traceback; a failed sweep exits 1 (the shared frame: :mod:`mxref.cliframe`). numpy
+and the golden model load inside the commands, within that frame (Ctrl-C: one line,
+exit 130), and ``--help`` loads neither numba nor ml_dtypes.
 """
 from __future__ import annotations
 
@@ -9,8 +11,6 @@ import argparse
 import math
 import os
 import sys
-
-import numpy as np
 
 from mxref.cliframe import EXIT_FAILED, run_cli
 from mxref.errors import MXError
@@ -59,6 +59,7 @@ def cmd_formats(args) -> int:
 def _load_npy(path: str) -> np.ndarray:
     if not os.path.exists(path):
         raise MXError(f"{path} does not exist")
+    import numpy as np
     from mxref.npzfile import numpy_source
     try:
         x = np.load(numpy_source(path), allow_pickle=False)
@@ -110,6 +111,7 @@ def _write_out(args, suffix: str, write) -> None:
 
 
 def cmd_quantize(args) -> int:
+    import numpy as np
     import mxref
     from mxref.npzfile import npz_arrays
     _check_out(args, ".npz")
@@ -125,6 +127,7 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_dequantize(args) -> int:
+    import numpy as np
     import mxref
     from mxref.npzfile import load_npz
     _check_out(args, ".npy")
@@ -203,6 +206,7 @@ def cmd_sweep(args) -> int:
 
 # --------------------------------------------------------------------------- pack
 def cmd_pack(args) -> int:
+    import numpy as np
     from mxref.npzfile import load_npz
     from mxref.pack import LLAMACPP_BLOCK, pack_codes, pack_llamacpp_mxfp4, packing_name
     _check_out(args, ".npz")

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16" dtype name, as mxref always has)
 import numpy as np
 
 from mxref import kernels as K

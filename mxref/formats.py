@@ -14,7 +14,6 @@ from functools import cached_property
 from importlib import resources
 from pathlib import Path
 
-import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16" dtype name)
 import numpy as np
 
 from mxref.errors import MXError
@@ -42,7 +41,9 @@ class IEEELayout:
 
     @property
     def dtype(self) -> np.dtype:
-        # "bfloat16" is registered with numpy by ml_dtypes (imported at module load).
+        # "bfloat16" is registered with numpy by ml_dtypes, imported here rather than at
+        # module load: the command lines read this module to build their parsers
+        import ml_dtypes  # noqa: F401
         return np.dtype(self.name)
 
     @property

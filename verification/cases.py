@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import ml_dtypes
 import numpy as np
 
 import mxref
@@ -344,6 +343,7 @@ def quantize_cases(b: Builder) -> CaseSet:
 
 def quantize_exhaustive(b: Builder) -> CaseSet:
     """Every bfloat16 and float16 bit pattern, as blocks of consecutive patterns."""
+    import ml_dtypes   # here, not at module load: `mxverify --help` reads OPS and LEVELS
     cs = CaseSet("quantize")
     for cat, dt in (("exhaustive_bf16", ml_dtypes.bfloat16), ("exhaustive_fp16", np.float16)):
         v = np.arange(1 << 16, dtype=np.uint16).view(dt).astype(np.float32)
@@ -386,6 +386,7 @@ def convert_cases(b: Builder) -> CaseSet:
 
 
 def convert_exhaustive(b: Builder) -> CaseSet:
+    import ml_dtypes
     cs = CaseSet("convert")
     for cat, dt in (("exhaustive_bf16", ml_dtypes.bfloat16), ("exhaustive_fp16", np.float16)):
         v = np.arange(1 << 16, dtype=np.uint16).view(dt).astype(np.float32)

@@ -17,7 +17,6 @@ import os
 import sys
 
 from mxref.cliframe import run_cli
-from mxref.formats import DEFAULT_BLOCK_SIZE
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,6 +50,7 @@ _seed.__name__ = "seed"   # argparse: "invalid seed value: 'abc'"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mxref.formats import DEFAULT_BLOCK_SIZE
     from verification.cases import LEVELS, OPS
     p = _Parser(prog="mxverify", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -174,7 +174,12 @@ def _exhaustive(a) -> int:
 
 
 def main(argv=None) -> int:
-    a = build_parser().parse_args(argv)   # usage errors: argparse's own exit 2
+    parsed = []
+    # the parser's modules load inside the frame too: Ctrl-C there is one line, exit 130
+    rc = run_cli("mxverify", lambda: parsed.append(build_parser().parse_args(argv)))
+    if not parsed:
+        return rc
+    a = parsed[0]   # usage errors: argparse's own exit 2 (SystemExit passes the frame)
     cmd = {"gen": _gen, "check": _check, "conformance": _conformance,
            "exhaustive": _exhaustive}[a.cmd]
     # the inputs are files: an unreadable or malformed one is bad input (exit 2)

@@ -22,6 +22,8 @@ import mxref
 from mxref.formats import DEFAULT_BLOCK_SIZE
 
 from dmx.errors import DMXError
+# torch-free, so that building the command line's parsers does not load torch; re-exported
+from dmx.nn.names import FUSED_GROUPS, NEVER_QUANTIZED, fused_key, fused_units  # noqa: F401
 from dmx.quant.anneal import abs_ste, anneal_map, clamp_ste, hard_rung
 from dmx.quant.backends import Backend, as_backend, choose
 from dmx.quant.fakequant import fake_quantize
@@ -33,10 +35,6 @@ __all__ = ["MXLinear", "DMXLinear", "wrap_model", "apply_formats", "set_temperat
            "linear_of", "set_submodule"]
 
 DEFAULT_TEMPERATURE = 0.4  # code units (paper T_doc = 8), the schedule's start
-
-# Projections that serving engines fuse into one matmul (so they must share a format):
-# (regex on the last name component, group tag).
-FUSED_GROUPS = ((r"q_proj|k_proj|v_proj", "qkv"), (r"gate_proj|up_proj", "gate_up"))
 
 
 class _WeightCache:
@@ -245,30 +243,6 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
-
-
-def fused_key(name: str) -> str | None:
-    """The fused group a projection belongs to (``model.layers.0.self_attn.q_proj`` ->
-    ``model.layers.0.self_attn.qkv``), or None. The one definition of which projections
-    an engine fuses: search ties their offsets, baselines move them together, exports
-    refuse to split them."""
-    parent, _, last = name.rpartition(".")
-    for pattern, tag in FUSED_GROUPS:
-        if re.fullmatch(pattern, last):
-            return f"{parent}.{tag}" if parent else tag
-    return None
-
-
-def fused_units(names: list[str]) -> list[tuple[str, ...]]:
-    """Names grouped into units that share a format (fused q/k/v and gate/up), in order."""
-    units: dict[str, list[str]] = {}
-    for n in names:
-        units.setdefault(fused_key(n) or n, []).append(n)
-    return [tuple(v) for v in units.values()]
-
-
-# lm_head and the embeddings: never quantized by dMX (the selection's default exclusion)
-NEVER_QUANTIZED = ("lm_head", "embed")
 
 
 def wrap_model(model: nn.Module, ladder="fp8-fp4", include=None, exclude=NEVER_QUANTIZED,

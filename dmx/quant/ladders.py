@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 import mxref
 
 from dmx.errors import DMXError
+
+if TYPE_CHECKING:   # torch loads in _interp: the command line's parsers read LADDERS
+    import torch
 
 __all__ = ["Rung", "Ladder", "LADDERS", "get_ladder", "check_target_bits"]
 
@@ -83,6 +85,7 @@ class Ladder:
 
     def _interp(self, b, attr: str) -> torch.Tensor:
         # piecewise linear through the rungs; b outside the ladder is clamped
+        import torch
         b = torch.as_tensor(b, dtype=torch.float32) if not isinstance(b, torch.Tensor) else b
         out = torch.zeros_like(b) + getattr(self.low, attr)
         for lo, hi in zip(self.rungs, self.rungs[1:]):

@@ -46,8 +46,8 @@ from pathlib import Path
 import mxref
 from dmx.errors import DMXError
 from dmx.quant.ladders import check_target_bits  # noqa: F401 (API: one rule, in dmx.quant.ladders)
-from dmx.nn.layers import NEVER_QUANTIZED
-from dmx.nn.layers import fused_units  # noqa: F401 (API: one definition, in dmx.nn.layers)
+from dmx.nn.names import NEVER_QUANTIZED
+from dmx.nn.names import fused_units  # noqa: F401 (API: one definition, in dmx.nn.names)
 from dmx.search.recipe import EXPORT_TARGETS, WEIGHTINGS, check_choice, tie_fused_for
 
 __all__ = ["METHODS", "ROTATIONS", "quantizable_layers", "fused_units", "uniform_baseline",
