@@ -20,6 +20,8 @@ window (dmx.eval.paired): against KL, each side's window losses averaged over it
 (the sweep's rule), so "fused - KL" of one set is against its 3 KL seeds together. The
 pooled row averages the fused OUTs of every set against every KL seed.
 ``--kl-count N`` fuses with the first N KL seeds of each set only (the cheaper recipe).
+A set of one seed (``--sets 0 1 2``) is one search fused with one KL baseline; its "dMX
+comb" is then that search itself and its "KL summed" that KL baseline.
 Writes --results/rank_fusion.md (rank_fusion-klN.md) and prints it; the commands' logs go
 to --results/runs/.
 """
@@ -130,6 +132,10 @@ def kl_summed(args, bits: str, seeds: list) -> dict:
     from dmx.search.baseline import greedy_promote
     from dmx.threads import set_threads
 
+    if len(seeds) == 1:  # one seed's own combination is that KL OUT: already scored
+        out = args.work / f"kl-default-{bits}-s{seeds[0]}"
+        return {name: {k: _result(out, text)[k] for k in ("ppl", "window_nll")}
+                for name, text in TEXTS.items()}
     cache = args.results / "klsum" / f"{bits}-{'.'.join(seeds)}.json"
     if cache.is_file():
         return json.loads(cache.read_text())["results"]
@@ -149,6 +155,12 @@ def kl_summed(args, bits: str, seeds: list) -> dict:
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps({"picks": sorted(picks), "results": results}))
     return results
+
+
+def _comb(args, bits: str, tag: str) -> Path:
+    """The dMX combination of a seed set (of one seed: that search)."""
+    one = "." not in tag
+    return args.work / f"dmx-default-{bits}-{'s' if one else 'comb'}{tag}"
 
 
 def _nll(outs: list, text: Path) -> list:
@@ -174,7 +186,7 @@ def main(argv=None) -> int:
                 seeds = tag.split(".")
                 kls = [args.work / f"kl-default-{b}-s{s}" for s in seeds]
                 every_kl += kls
-                comb = args.work / f"dmx-default-{b}-comb{tag}"
+                comb = _comb(args, b, tag)
                 f = _nll([fused[b, tag]], text)
                 cells = [paired_line(paired(_nll(kls, text), f)),
                          paired_line(paired(summed[b, tag][name]["window_nll"], f)),
@@ -185,7 +197,7 @@ def main(argv=None) -> int:
                        f"{summed[b, tag][name]['ppl']:.2f} | {_result(comb, text)['ppl']:.2f}")
                 rows.append(f"| {b} | {name} | {tag} | {ppl} | " + " | ".join(cells) + " |")
             pooled_f = _nll([fused[b, t] for t in args.sets], text)
-            pooled_c = _nll([args.work / f"dmx-default-{b}-comb{t}" for t in args.sets], text)
+            pooled_c = _nll([_comb(args, b, t) for t in args.sets], text)
             pooled_s = list(np.mean([summed[b, t][name]["window_nll"] for t in args.sets],
                                     axis=0))
             rows.append(f"| {b} | {name} | pooled | - | - | - | - | "

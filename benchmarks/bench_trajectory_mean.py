@@ -54,6 +54,11 @@ def _parse(argv=None):
     p.add_argument("--kl", nargs="+", type=Path, default=None, metavar="KL_OUT",
                    help="with --combine: also fuse the seeds' (trajectory-)mean offsets with "
                         "these KL baselines, `dmx combine --kl`'s rule")
+    p.add_argument("--against-kl", default=None, metavar="PATTERN",
+                   help="also each single search (with its final offsets and with each "
+                        "fraction's mean) against the KL OUT PATTERN.format(bits=..., "
+                        "seed=...), e.g. '/work/kl/kl-{bits}-s{seed}', scored with `dmx eval "
+                        "--save` on both texts; paired per seed and pooled over the seeds")
     p.add_argument("--max-windows", type=int, default=40,
                    help="windows of 256 tokens scored per text (the sweep's --max-windows)")
     p.add_argument("--results", type=Path,
@@ -154,6 +159,38 @@ def _cells(ours: dict, theirs: dict | None) -> str:
     return "; ".join(cells)
 
 
+def _against_kl(args, jobs: list, done: list) -> list:
+    """Lines: each fraction's single searches (f = 0: the search's own OUT) minus the KL
+    OUT of the same budget and calibration seed, per seed and pooled, on both texts."""
+    from dmx.eval.paired import paired, paired_cell
+    lines = []
+    for bits in args.targets:
+        for f in (0.0, *args.fractions):
+            for name, text in TEXTS.items():
+                ours, theirs = [], []
+                for seed in args.seeds:
+                    kl = Path(args.against_kl.format(bits=bits, seed=seed))
+                    theirs.append(_result(kl, text, args.max_windows))
+                    if f == 0.0:
+                        ours.append(_result(args.work / f"dmx-default-{bits}-s{seed}", text,
+                                            args.max_windows))
+                    else:
+                        ours += [r["results"][name] for (kind, b, who, ff, _, _), r
+                                 in zip(jobs, done)
+                                 if kind == "one" and b == bits and who == seed and ff == f]
+                if any(r is None or r.get("window_nll") is None for r in ours + theirs):
+                    raise SystemExit(f"--against-kl: a {bits}-bit OUT is not scored on "
+                                     f"{name}; run `dmx eval --save` on it")
+                cells = [f"s{seed} {paired_cell(paired(k['window_nll'], o['window_nll']))}"
+                         for seed, o, k in zip(args.seeds, ours, theirs)]
+                mean = lambda runs: list(np.mean([r["window_nll"] for r in runs], axis=0))  # noqa: E731
+                which = "final offsets" if f == 0.0 else f"last {f:g}"
+                lines.append(f"- {bits} bits, {which}, {name}: pooled "
+                             f"{paired_cell(paired(mean(theirs), mean(ours)))}; "
+                             + "; ".join(cells))
+    return lines
+
+
 def main(argv=None) -> int:
     from dmx.eval.paired import paired, paired_line
     from dmx.threads import set_threads
@@ -244,6 +281,10 @@ def main(argv=None) -> int:
                               f"pooled: {line}")
     lines += ["", "Single searches pooled over the seeds (each side's window losses averaged "
               "over its seeds):", "", *pooled]
+    if args.against_kl:
+        lines += ["", f"Single searches against KL (`{args.against_kl}`), search - KL, per "
+                  "seed and pooled (each side's window losses averaged over the seeds):", "",
+                  *_against_kl(args, jobs, done)]
     text = "\n".join(lines) + "\n"
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / f"trajectory_mean-s{'.'.join(args.seeds)}.md").write_text(text)

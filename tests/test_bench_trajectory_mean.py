@@ -56,7 +56,9 @@ def test_the_final_steps_alone_reproduce_the_searchs_and_combines_own_outs(tmp_p
     res = tmp_path / "res"
     assert traj.main(["--work", str(tmp_path), "--targets", "5", "--seeds", "0", "1",
                       "--fractions", "0.01", "--max-windows", "2", "--jobs", "1",
-                      "--combine", "--results", str(res)]) == 0
+                      "--combine", "--results", str(res),
+                      # each search against itself: the pairing must give exactly 0
+                      "--against-kl", str(tmp_path / "dmx-default-{bits}-s{seed}")]) == 0
     for out in outs:
         rec = json.loads((res / "cache" / f"{out.name}-f0.01-w2.json").read_text())
         assert rec["differ_from_final"] == [] and rec["moves"] == 0
@@ -67,4 +69,9 @@ def test_the_final_steps_alone_reproduce_the_searchs_and_combines_own_outs(tmp_p
                               json.loads((comb / "dmx_manifest.json").read_text())["layers"].items()}
     for name, text in traj.TEXTS.items():
         assert rec["results"][name]["window_nll"] == traj._result(comb, text, 2)["window_nll"]
-    assert "+0.00 ppl" in (res / "trajectory_mean-s0.1.md").read_text()
+    report = (res / "trajectory_mean-s0.1.md").read_text()
+    assert "+0.00 ppl" in report
+    against = [line for line in report.splitlines() if line.startswith("- 5 bits, final")]
+    assert len(against) == 2 and all(
+        "pooled +0.00 (+0.00..+0.00) tie; s0 +0.00 (+0.00..+0.00) tie; "
+        "s1 +0.00 (+0.00..+0.00) tie" in line for line in against), against

@@ -289,10 +289,12 @@ def run_combine(args) -> int:
 def summary_line(res: dict) -> str:
     """What a combination did, in one line (dmx combine, dmx search --seeds)."""
     if res.get("kl"):
-        return (f"seeds {', '.join(map(str, res['seeds']))} fused with {len(res['kl']['inputs'])}"
-                f" KL baseline(s) -> {res['out']}: {res['achieved_bits']['simple']:.3f} bits "
-                f"(the mean's nearest rungs alone {res['raw_bits']['simple']:.3f}; promoted "
-                f"greedily by the fused rank)")
+        one = len(res["seeds"]) == 1
+        return (f"seed{'' if one else 's'} {', '.join(map(str, res['seeds']))} fused with "
+                f"{len(res['kl']['inputs'])} KL baseline(s) -> {res['out']}: "
+                f"{res['achieved_bits']['simple']:.3f} bits (the "
+                f"{'search' if one else 'mean'}'s nearest rungs alone "
+                f"{res['raw_bits']['simple']:.3f}; promoted greedily by the fused rank)")
     moves = res["budget_repair"]["moves"]
     return (f"seeds {', '.join(map(str, res['seeds']))} -> {res['out']}: "
             f"{res['achieved_bits']['simple']:.3f} bits (mean's nearest rungs "
