@@ -194,6 +194,9 @@ def test_one_search_fused_with_one_kl_baseline(searches, kl_outs, tmp_path, caps
     assert main(["combine", str(outs[1]), "--kl", str(kl_outs["s1"]), "-o", str(out)]) == 0
     assert "fused with 1 KL baseline(s)" in capsys.readouterr().out
     _check_fusion([outs[1]], [kl_outs["s1"]], out)
+    from dmx.eval.report import collect
+    (row,) = collect([out])
+    assert row["recipe"] == "default, one search, fused with 1 KL"
 
 
 def _check_fusion(inputs, kls, out):

@@ -125,7 +125,8 @@ def _recipe_label(search: dict) -> str | None:
     if recipe is not None and combined:
         fused = combined.get("kl")
         with_kl = f", fused with {len(fused['inputs'])} KL" if fused else ""
-        return f"{recipe}, {len(combined['seeds'])} seeds combined{with_kl}"
+        n = len(combined["seeds"])
+        return f"{recipe}, {'one search' if n == 1 else f'{n} seeds combined'}{with_kl}"
     return recipe
 
 
