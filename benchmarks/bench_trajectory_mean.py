@@ -55,10 +55,14 @@ def _parse(argv=None):
                    help="with --combine: also fuse the seeds' (trajectory-)mean offsets with "
                         "these KL baselines, `dmx combine --kl`'s rule")
     p.add_argument("--against-kl", default=None, metavar="PATTERN",
-                   help="also each single search (with its final offsets and with each "
-                        "fraction's mean) against the KL OUT PATTERN.format(bits=..., "
+                   help="also each single search (its own OUT, and each fraction's mean) "
+                        "against the KL OUT PATTERN.format(bits=..., "
                         "seed=...), e.g. '/work/kl/kl-{bits}-s{seed}', scored with `dmx eval "
                         "--save` on both texts; paired per seed and pooled over the seeds")
+    p.add_argument("--kl-each", default=None, metavar="PATTERN",
+                   help="also fuse each single search with its own seed's KL OUT "
+                        "PATTERN.format(seed=...) (`dmx combine SEARCH --kl KL`'s rule), from "
+                        "its final offsets and from each fraction's mean")
     p.add_argument("--max-windows", type=int, default=40,
                    help="windows of 256 tokens scored per text (the sweep's --max-windows)")
     p.add_argument("--results", type=Path,
@@ -159,6 +163,40 @@ def _cells(ours: dict, theirs: dict | None) -> str:
     return "; ".join(cells)
 
 
+def _fused_each(args, jobs: list, done: list) -> list:
+    """Lines: per fraction, each search fused with its own KL from its trajectory mean
+    minus fused from its final offsets (f = 0), per seed and pooled; with --against-kl
+    also each minus the KL OUT of its budget."""
+    from dmx.eval.paired import paired, paired_cell
+    got = {(b, who, f): r["results"] for (kind, b, who, f, _, _), r in zip(jobs, done)
+           if kind == "fused1"}
+    mean = lambda runs: list(np.mean([r["window_nll"] for r in runs], axis=0))  # noqa: E731
+    lines = []
+    for bits in args.targets:
+        for f in (0.0, *args.fractions):
+            for name, text in TEXTS.items():
+                ours = [got[bits, s, f][name] for s in args.seeds]
+                cells = []
+                if f > 0:
+                    base = [got[bits, s, 0.0][name] for s in args.seeds]
+                    cells.append("minus fused from the final offsets: pooled "
+                                 f"{paired_cell(paired(mean(base), mean(ours)))}; " + "; ".join(
+                                     f"s{s} {paired_cell(paired(b['window_nll'], o['window_nll']))}"
+                                     for s, b, o in zip(args.seeds, base, ours)))
+                if args.against_kl:
+                    kls = [_result(Path(args.against_kl.format(bits=bits, seed=s)), text,
+                                   args.max_windows) for s in args.seeds]
+                    cells.append("minus KL: pooled "
+                                 f"{paired_cell(paired(mean(kls), mean(ours)))}; " + "; ".join(
+                                     f"s{s} {paired_cell(paired(k['window_nll'], o['window_nll']))}"
+                                     for s, k, o in zip(args.seeds, kls, ours)))
+                which = "final offsets" if f == 0.0 else f"last {f:g}"
+                ppl = np.exp(np.mean(mean(ours)))
+                lines.append(f"- {bits} bits, fused from the {which}, {name} (pooled ppl "
+                             f"{ppl:.2f}): " + " | ".join(cells or ["-"]))
+    return lines
+
+
 def _against_kl(args, jobs: list, done: list) -> list:
     """Lines: each fraction's single searches (f = 0: the search's own OUT) minus the KL
     OUT of the same budget and calibration seed, per seed and pooled, on both texts."""
@@ -184,7 +222,7 @@ def _against_kl(args, jobs: list, done: list) -> list:
                 cells = [f"s{seed} {paired_cell(paired(k['window_nll'], o['window_nll']))}"
                          for seed, o, k in zip(args.seeds, ours, theirs)]
                 mean = lambda runs: list(np.mean([r["window_nll"] for r in runs], axis=0))  # noqa: E731
-                which = "final offsets" if f == 0.0 else f"last {f:g}"
+                which = "its own OUT" if f == 0.0 else f"last {f:g}"
                 lines.append(f"- {bits} bits, {which}, {name}: pooled "
                              f"{paired_cell(paired(mean(theirs), mean(ours)))}; "
                              + "; ".join(cells))
@@ -208,6 +246,9 @@ def main(argv=None) -> int:
         for seed, out in zip(args.seeds, outs):
             for f in args.fractions:
                 jobs.append(("one", bits, seed, f, [out], cache / f"{out.name}-f{f:g}-{w}.json"))
+            for f in (0.0, *args.fractions) if args.kl_each else ():
+                jobs.append(("fused1", bits, seed, f, [out],
+                             cache / f"{out.name}-kl1-f{f:g}-{w}.json"))
         if args.combine and len(outs) > 1:
             tag = ".".join(args.seeds)
             # fraction 0: the last step alone, i.e. `dmx combine` of the final offsets
@@ -217,7 +258,8 @@ def main(argv=None) -> int:
             for f in (0.0, *args.fractions) if args.kl else ():
                 jobs.append(("fused", bits, tag, f, outs,
                              cache / f"fused-{bits}-{tag}-kl{len(args.kl)}-f{f:g}-{w}.json"))
-    kls = [args.kl if j[0] == "fused" else None for j in jobs]
+    kls = [args.kl if j[0] == "fused" else
+           [Path(args.kl_each.format(seed=j[2]))] if j[0] == "fused1" else None for j in jobs]
     calls = ([j[4] for j in jobs], [j[3] for j in jobs], [j[5] for j in jobs])
     if args.jobs == 1:
         set_threads(args.threads)
@@ -236,6 +278,8 @@ def main(argv=None) -> int:
              f"paired window by window (95 % interval).", "", "One search each:", ""]
     finals = {}
     for (kind, bits, who, f, outs, _), rec in zip(jobs, done):
+        if kind == "fused1":   # reported below
+            continue
         if kind == "fused":
             if f == 0.0:
                 finals["fused", bits] = rec["results"]
@@ -281,6 +325,10 @@ def main(argv=None) -> int:
                               f"pooled: {line}")
     lines += ["", "Single searches pooled over the seeds (each side's window losses averaged "
               "over its seeds):", "", *pooled]
+    if args.kl_each:
+        lines += ["", f"One search fused with its seed's KL baseline (`{args.kl_each}`, `dmx "
+                  "combine SEARCH --kl KL`'s rule), from the mean of the last steps minus "
+                  "from the final offsets, per seed and pooled:", "", *_fused_each(args, jobs, done)]
     if args.against_kl:
         lines += ["", f"Single searches against KL (`{args.against_kl}`), search - KL, per "
                   "seed and pooled (each side's window losses averaged over the seeds):", "",

@@ -71,7 +71,7 @@ def test_the_final_steps_alone_reproduce_the_searchs_and_combines_own_outs(tmp_p
         assert rec["results"][name]["window_nll"] == traj._result(comb, text, 2)["window_nll"]
     report = (res / "trajectory_mean-s0.1.md").read_text()
     assert "+0.00 ppl" in report
-    against = [line for line in report.splitlines() if line.startswith("- 5 bits, final")]
+    against = [line for line in report.splitlines() if line.startswith("- 5 bits, its own")]
     assert len(against) == 2 and all(
         "pooled +0.00 (+0.00..+0.00) tie; s0 +0.00 (+0.00..+0.00) tie; "
         "s1 +0.00 (+0.00..+0.00) tie" in line for line in against), against

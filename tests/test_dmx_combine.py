@@ -200,11 +200,12 @@ def test_one_search_fused_with_one_kl_baseline(searches, kl_outs, tmp_path, caps
 
 
 def _check_fusion(inputs, kls, out):
-    """OUT is the documented fusion of the searches' *final* offsets (not the mean of the
-    last steps each assigned from under the default --average-last) with the KL OUTs."""
+    """OUT is the documented fusion with the KL OUTs of the offsets each search assigned
+    from (under the default --average-last, the mean of its last steps, not its final
+    offsets)."""
     logs = [read_search_log(o) for o in inputs]
     assert any(log["final_offsets"] != log["offsets"] for log in logs)  # the key matters
-    _, mean = _expected(inputs, fill=True, key="final_offsets")
+    _, mean = _expected(inputs, fill=True)
     names = list(read_search_log(inputs[0])["offsets"])
     sens = [sum(read_manifest(k)["baseline"]["sensitivity"][n] for k in kls) for n in names]
     score = [(a + b) / 2 for a, b in zip(_rank(mean), _rank(sens))]

@@ -27,10 +27,8 @@ offsets rank different weights.
 
 With ``--kl KL_OUT ...`` steps 2 and 3 are replaced: the units are ranked by the mean of
 two percentile ranks, the searches' mean offset and the KL OUTs' summed sensitivity, and
-promoted greedily in that order, KL's rule (dmx.search.rank_fusion). The fusion averages
-each search's *final* offsets (``final_offsets`` under ``--average-last``): that is what it
-was measured on, and the averaged ones were not better there (BENCHMARKS.md, issue 11).
-One search is enough with ``--kl`` (one search fused with one KL baseline).
+promoted greedily in that order, KL's rule (dmx.search.rank_fusion). One search is enough
+with ``--kl`` (one search fused with one KL baseline).
 
 Public API: ``combine_searches(outs, out, fill=None, force=False, device="cpu", kl=None)
 -> dict``,
@@ -46,9 +44,6 @@ from pathlib import Path
 from dmx.errors import DMXError
 from dmx.outdir.layout import writer_of
 from dmx.search.rank_fusion import layer_signature
-
-# what the manifest says the fusion averaged (the rank rule itself: rank_fusion.RULE)
-FUSED_OFFSETS_RULE = "mean of the clamped final offsets (the last step's); fused with KL"
 
 __all__ = ["combine_searches", "mean_offsets", "summary_line", "add_combine_parser",
            "run_combine"]
@@ -122,16 +117,13 @@ def _check_inputs(outs: list, manifests: list, kl=None) -> None:
                        f"combine searches made with --rotate none")
 
 
-def mean_offsets(logs: list, ladder, final: bool = False) -> dict:
-    """{layer: mean over the searches of its b_hat, clamped to the ladder's span}: the
-    offsets each search assigned from, or with ``final`` its last step's (the same unless
-    it ran with --average-last)."""
+def mean_offsets(logs: list, ladder) -> dict:
+    """{layer: mean over the searches of the b_hat it assigned from (its final offset, or
+    with --average-last the mean of its last steps), clamped to the ladder's span}."""
     lo, hi = ladder.low.position, ladder.high.position
-    key = [("final_offsets" if final and "final_offsets" in log else "offsets")
-           for log in logs]
-    names = list(logs[0][key[0]])
-    return {n: sum(min(hi, max(lo, float(log[k][n]))) for log, k in zip(logs, key))
-            / len(logs) for n in names}
+    names = list(logs[0]["offsets"])
+    return {n: sum(min(hi, max(lo, float(log["offsets"][n]))) for log in logs) / len(logs)
+            for n in names}
 
 
 def combine_searches(outs, out, fill: bool | None = None, force: bool = False,
@@ -172,7 +164,7 @@ def combine_searches(outs, out, fill: bool | None = None, force: bool = False,
     # --kl: KL's greedy promotion fills the budget whatever the searches did
     fill = True if kl else (cfg.fill_budget if fill is None else bool(fill))
     names = list(first["layers"])
-    mean = mean_offsets(logs, lad, final=bool(kl))  # the fusion: final offsets (docstring)
+    mean = mean_offsets(logs, lad)
     if set(mean) != set(names):
         raise DMXError(f"{outs[0]}: its search log's offsets do not name its layers; rerun "
                        f"the search")
@@ -203,10 +195,9 @@ def combine_searches(outs, out, fill: bool | None = None, force: bool = False,
                                                 "manifest_sha256": m["manifest_sha256"]}
                                                for o, s, m in zip(outs, seeds, manifests)],
                                     "seeds": seeds, "fill": fill,
-                                    "rule": (FUSED_OFFSETS_RULE if kl else
-                                             "mean of the clamped offsets each search "
-                                             "assigned from; nearest rung; fit/fill ranked "
-                                             "by the mean"),
+                                    "rule": "mean of the clamped offsets each search "
+                                            "assigned from; nearest rung; fit/fill ranked "
+                                            "by the mean",
                                     "offsets": mean,
                                     **({} if fusion is None else {"kl": fusion})},
                        "train_seconds": sum(float(m["search"].get("train_seconds") or 0)
