@@ -75,3 +75,36 @@ def test_the_final_steps_alone_reproduce_the_searchs_and_combines_own_outs(tmp_p
     assert len(against) == 2 and all(
         "pooled +0.00 (+0.00..+0.00) tie; s0 +0.00 (+0.00..+0.00) tie; "
         "s1 +0.00 (+0.00..+0.00) tie" in line for line in against), against
+
+
+@pytest.mark.usefixtures("single_threaded")
+def test_kl_each_fused_from_the_final_offsets_is_dmx_combine_kl(tmp_path):
+    """--kl-each at f = 0 (the final offsets) is `dmx combine SEARCH --kl KL` of one
+    search: the same formats and the same window losses."""
+    from dmx.cli import main
+    from dmx.data import embedded_model_dir
+
+    src = str(embedded_model_dir())
+    out = tmp_path / "dmx-default-5-s0"
+    assert main(["search", "--model", src, "--target-bits", "5", "--steps", "3",
+                 "--batch-size", "2", "--seqlen", "64", "--seed", "0", "--average-last", "0",
+                 "--no-fill-budget", "--no-progress", "-o", str(out)]) == 0
+    kl = tmp_path / "kl-s0"
+    assert main(["baseline", "--model", src, "--method", "kl", "--target-bits", "5",
+                 "--samples", "2", "--seqlen", "64", "--seed", "0", "-o", str(kl)]) == 0
+    fused = tmp_path / "fused"
+    assert main(["combine", str(out), "--kl", str(kl), "-o", str(fused)]) == 0
+    for o in (out, fused):
+        for text in traj.TEXTS.values():
+            assert main(["eval", str(o), "--data", str(text), "--seqlen", str(traj.SEQLEN),
+                         "--max-windows", "2", "--save", "--no-progress"]) == 0
+    res = tmp_path / "res"
+    assert traj.main(["--work", str(tmp_path), "--targets", "5", "--seeds", "0",
+                      "--fractions", "0.5", "--max-windows", "2", "--jobs", "1",
+                      "--kl-each", str(tmp_path / "kl-s{seed}"), "--results", str(res)]) == 0
+    rec = json.loads((res / "cache" / f"{out.name}-kl1-f0-w2.json").read_text())
+    assert rec["formats"] == {n: e["format"] for n, e in
+                              json.loads((fused / "dmx_manifest.json").read_text())["layers"].items()}
+    for name, text in traj.TEXTS.items():
+        assert rec["results"][name]["window_nll"] == traj._result(fused, text, 2)["window_nll"]
+    assert "fused from the last 0.5" in (res / "trajectory_mean-s0.md").read_text()
