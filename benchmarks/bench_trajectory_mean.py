@@ -163,14 +163,22 @@ def _cells(ours: dict, theirs: dict | None) -> str:
     return "; ".join(cells)
 
 
+def _minus(seeds: list, theirs: list, ours: list) -> str:
+    """"pooled <cell>; s0 <cell>; ...": ``ours`` minus ``theirs`` (per-seed results with
+    window losses), paired window by window, pooled by averaging each side over seeds."""
+    from dmx.eval.paired import paired, paired_cell
+    mean = lambda runs: list(np.mean([r["window_nll"] for r in runs], axis=0))  # noqa: E731
+    return (f"pooled {paired_cell(paired(mean(theirs), mean(ours)))}; " + "; ".join(
+        f"s{s} {paired_cell(paired(t['window_nll'], o['window_nll']))}"
+        for s, t, o in zip(seeds, theirs, ours)))
+
+
 def _fused_each(args, jobs: list, done: list) -> list:
     """Lines: per fraction, each search fused with its own KL from its trajectory mean
     minus fused from its final offsets (f = 0), per seed and pooled; with --against-kl
     also each minus the KL OUT of its budget."""
-    from dmx.eval.paired import paired, paired_cell
     got = {(b, who, f): r["results"] for (kind, b, who, f, _, _), r in zip(jobs, done)
            if kind == "fused1"}
-    mean = lambda runs: list(np.mean([r["window_nll"] for r in runs], axis=0))  # noqa: E731
     lines = []
     for bits in args.targets:
         for f in (0.0, *args.fractions):
@@ -179,19 +187,14 @@ def _fused_each(args, jobs: list, done: list) -> list:
                 cells = []
                 if f > 0:
                     base = [got[bits, s, 0.0][name] for s in args.seeds]
-                    cells.append("minus fused from the final offsets: pooled "
-                                 f"{paired_cell(paired(mean(base), mean(ours)))}; " + "; ".join(
-                                     f"s{s} {paired_cell(paired(b['window_nll'], o['window_nll']))}"
-                                     for s, b, o in zip(args.seeds, base, ours)))
+                    cells.append("minus fused from the final offsets: "
+                                 + _minus(args.seeds, base, ours))
                 if args.against_kl:
                     kls = [_result(Path(args.against_kl.format(bits=bits, seed=s)), text,
                                    args.max_windows) for s in args.seeds]
-                    cells.append("minus KL: pooled "
-                                 f"{paired_cell(paired(mean(kls), mean(ours)))}; " + "; ".join(
-                                     f"s{s} {paired_cell(paired(k['window_nll'], o['window_nll']))}"
-                                     for s, k, o in zip(args.seeds, kls, ours)))
+                    cells.append("minus KL: " + _minus(args.seeds, kls, ours))
                 which = "final offsets" if f == 0.0 else f"last {f:g}"
-                ppl = np.exp(np.mean(mean(ours)))
+                ppl = np.exp(np.mean([r["window_nll"] for r in ours]))
                 lines.append(f"- {bits} bits, fused from the {which}, {name} (pooled ppl "
                              f"{ppl:.2f}): " + " | ".join(cells or ["-"]))
     return lines
@@ -200,7 +203,6 @@ def _fused_each(args, jobs: list, done: list) -> list:
 def _against_kl(args, jobs: list, done: list) -> list:
     """Lines: each fraction's single searches (f = 0: the search's own OUT) minus the KL
     OUT of the same budget and calibration seed, per seed and pooled, on both texts."""
-    from dmx.eval.paired import paired, paired_cell
     lines = []
     for bits in args.targets:
         for f in (0.0, *args.fractions):
@@ -219,13 +221,9 @@ def _against_kl(args, jobs: list, done: list) -> list:
                 if any(r is None or r.get("window_nll") is None for r in ours + theirs):
                     raise SystemExit(f"--against-kl: a {bits}-bit OUT is not scored on "
                                      f"{name}; run `dmx eval --save` on it")
-                cells = [f"s{seed} {paired_cell(paired(k['window_nll'], o['window_nll']))}"
-                         for seed, o, k in zip(args.seeds, ours, theirs)]
-                mean = lambda runs: list(np.mean([r["window_nll"] for r in runs], axis=0))  # noqa: E731
                 which = "its own OUT" if f == 0.0 else f"last {f:g}"
-                lines.append(f"- {bits} bits, {which}, {name}: pooled "
-                             f"{paired_cell(paired(mean(theirs), mean(ours)))}; "
-                             + "; ".join(cells))
+                lines.append(f"- {bits} bits, {which}, {name}: "
+                             + _minus(args.seeds, theirs, ours))
     return lines
 
 
