@@ -11,9 +11,13 @@ import argparse
 import math
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from mxref.cliframe import EXIT_FAILED, run_cli
 from mxref.errors import MXError
+
+if TYPE_CHECKING:   # numpy loads inside the commands (the module docstring says why)
+    import numpy as np
 
 
 class _Parser(argparse.ArgumentParser):
