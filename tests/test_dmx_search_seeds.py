@@ -7,6 +7,7 @@ bad requests are refused in one line before the first search, with nothing writt
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import sys
 
@@ -161,7 +162,7 @@ def test_jobs_run_the_seeds_side_by_side_with_the_same_result(src, calib, tmp_pa
 
 
 def test_jobs_without_seeds_is_refused(src, calib, tmp_path, capsys):
-    _refused(capsys, _argv(src, calib, tmp_path / "o", "--jobs", "2"), "--jobs goes with --seeds",
+    _refused(capsys, _argv(src, calib, tmp_path / "o", "--jobs", "2"), "--jobs goes with --seeds or --fuse-kl",
              tmp_path)
     _refused(capsys, _argv(src, calib, tmp_path / "o", "--seeds", "0", "1", "--jobs", "0"),
              "--jobs must be a positive integer", tmp_path)
@@ -253,6 +254,78 @@ def test_seed_pool_starts_only_the_searches_the_memory_holds(tmp_path):
     assert jobs_that_fit(4, peak=10, available=5) == 1
     assert jobs_that_fit(4, peak=10, available=None) == 4  # the OS does not say: as asked
     assert jobs_that_fit(2, peak=1, available=100) == 2
+
+
+def _fake_side(*, outcome, where=None, other=None, limit=0):
+    """A stand-in for a side task (a KL baseline) in a seed_pool worker: touches
+    ``started-kl`` and, for "meet", waits up to ``limit`` s for ``started-<other>``."""
+    import time
+    from pathlib import Path
+
+    from dmx.errors import DMXError
+
+    if outcome == "bad":
+        raise DMXError("bad KL text")
+    if outcome == "stop":  # as Ctrl-C would reach it
+        raise KeyboardInterrupt
+    if outcome == "meet":
+        t0 = time.time()
+        (Path(where) / "started-kl").touch()
+        while time.time() < t0 + limit and not (Path(where) / f"started-{other}").exists():
+            time.sleep(0.05)
+        (Path(where) / "kl-saw-other").write_text(
+            str((Path(where) / f"started-{other}").exists()))
+    return {"ignored": True}
+
+
+def test_seed_pool_runs_side_tasks_beside_the_searches(tmp_path):
+    """side_tasks (the KL baselines of --fuse-kl) share the pool: with one search and
+    --jobs 2 the side task starts while the search runs; it is said done, not returned;
+    its error passes on; a Ctrl-C that stops it names it by its label."""
+    from dmx.errors import DMXError
+    from dmx.search.seed_pool import run_seed_searches
+    from dmx.search.train import SearchInterrupted
+
+    said = []
+    done = run_seed_searches(
+        _fake_search, [(0, {"outcome": ("meet", str(tmp_path), 0, "kl", 60)})], jobs=2,
+        threads=1, steps=1, progress=False, say=said.append, memory=lambda: 2 ** 40,
+        side_tasks=[("KL baseline of seed 0", _fake_side,
+                     {"outcome": "meet", "where": str(tmp_path), "other": 0, "limit": 60})])
+    (a0, a1) = done[0]["wall_seconds"]
+    assert list(done) == [0] and a1 - a0 < 50  # the search met the side task: side by side
+    assert (tmp_path / "kl-saw-other").read_text() == "True"
+    assert len(said) == 1 and said[0].startswith("KL baseline of seed 0: done (")
+
+    with pytest.raises(DMXError, match="bad KL text"):
+        run_seed_searches(_fake_search, [(0, {"outcome": "a"})], jobs=2, threads=1, steps=1,
+                          progress=False, side_tasks=[("KL", _fake_side, {"outcome": "bad"})])
+    with pytest.raises(SearchInterrupted, match=r"interrupted: KL baseline of seed 1 \(it "
+                                                r"starts over on a rerun\); seeds 0 finished"):
+        run_seed_searches(_fake_search, [(0, {"outcome": "a"})], jobs=1, threads=1, steps=1,
+                          progress=False, side_tasks=[("KL baseline of seed 1", _fake_side,
+                                                       {"outcome": "stop"})])
+
+
+def test_fuse_kl_with_jobs_runs_the_baseline_beside_the_search_same_result(src, calib,
+                                                                           tmp_path, capsys):
+    """`--fuse-kl --jobs 2` (one seed): the search and its KL baseline at once, in two
+    processes; the same OUTs, bit for bit, as one after the other (--threads 1 both)."""
+    outs = {}
+    for name, extra in (("serial", ()), ("pool", ("--jobs", "2"))):
+        out = tmp_path / name
+        assert main(_argv(src, calib, out, "--seed", "1", "--fuse-kl", "--kl-samples", "2",
+                          "--threads", "1", *extra)) == 0
+        outs[name] = (out, capsys.readouterr().err)
+    assert "1 search and 1 KL baseline, up to 2 at a time" in outs["pool"][1]
+    assert "KL baseline of seed 1: done (" in outs["pool"][1]
+    (a, _), (b, _) = outs["serial"], outs["pool"]
+    for sub in ("", ".seeds/seed-1", ".seeds/kl-1"):
+        ma, mb = read_manifest(Path(f"{a}{sub}")), read_manifest(Path(f"{b}{sub}"))
+        assert {n: (e["format"], e["sha256"]) for n, e in ma["layers"].items()} == \
+            {n: (e["format"], e["sha256"]) for n, e in mb["layers"].items()}, sub
+    ka, kb = (read_manifest(Path(f"{o}.seeds/kl-1"))["baseline"] for o in (a, b))
+    assert ka["sensitivity"] == kb["sensitivity"]
 
 
 def test_fuse_kl_writes_what_combine_kl_writes_and_keeps_it_on_a_rerun(src, calib, tmp_path,

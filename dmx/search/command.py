@@ -441,29 +441,45 @@ def search_seeds(model_dir, config, seeds, *, out=None, force: bool = False,
                                  force=force, resume=resume and has_ckpt, device=device,
                                  checkpoint_dir=ckpt, checkpoint_every=checkpoint_every,
                                  gradient_checkpointing=gradient_checkpointing)))
-    if jobs > 1 and len(tasks) > 1:
+    kl_tasks = []  # (seed, kl_baseline() keyword arguments) of the KL baselines not kept
+    for i, seed in enumerate(seeds if fuse_kl else []):
+        if kl_kept[i]:
+            say(f"KL baseline of seed {seed}: kept {kl_outs[i]} (the same baseline)")
+            continue
+        kl_tasks.append((seed, dict(model_dir=model_dir, target_bits=cfg.target_bits,
+                                    out=kl_outs[i], **_kl_settings(cfg, kl_samples),
+                                    seed=seed, device=device, force=True)))
+    if jobs > 1 and len(tasks) + len(kl_tasks) > 1:
+        # the KL baselines share the pool: queued after the searches, they start as soon
+        # as a process is free (with one seed, beside its search)
+        from dmx.search.baseline import kl_baseline
         from dmx.search.seed_pool import run_seed_searches
 
-        per_job = threads or max(1, (os.cpu_count() or 1) // min(jobs, len(tasks)))
-        say(f"{len(tasks)} searches, up to {min(jobs, len(tasks))} at a time (as memory "
-            f"allows), {per_job} CPU thread(s) each")
+        n = min(jobs, len(tasks) + len(kl_tasks))
+        per_job = threads or max(1, (os.cpu_count() or 1) // n)
+        for seed, kwargs in kl_tasks:
+            say(f"KL baseline of seed {seed} ({seeds.index(seed) + 1} of {len(seeds)}) -> "
+                f"{kwargs['out']}")
+        what = " and ".join(f"{k} {one if k == 1 else many}" for k, one, many in
+                            ((len(tasks), "search", "searches"),
+                             (len(kl_tasks), "KL baseline", "KL baselines")) if k)
+        say(f"{what}, up to {n} at a time (as memory allows), {per_job} CPU thread(s) each")
         run_seed_searches(search, [(s, {**kw, "progress": False}) for s, kw in tasks],
-                          jobs, per_job, cfg.steps, progress=progress, report=report, say=say)
+                          jobs, per_job, cfg.steps, progress=progress, report=report, say=say,
+                          side_tasks=[(f"KL baseline of seed {s}", kl_baseline,
+                                       {**kw, "progress": False}) for s, kw in kl_tasks])
     else:
         for seed, kwargs in tasks:
             result = search(progress=progress, say=say, **kwargs)
             if report:
                 report(seed, result)
-    if fuse_kl:
-        from dmx.search.baseline import kl_baseline
+        if kl_tasks:
+            from dmx.search.baseline import kl_baseline
 
-        for i, (seed, kl_out) in enumerate(zip(seeds, kl_outs)):
-            if kl_kept[i]:
-                say(f"KL baseline of seed {seed}: kept {kl_out} (the same baseline)")
-                continue
-            say(f"KL baseline of seed {seed} ({i + 1} of {len(seeds)}) -> {kl_out}")
-            kl_baseline(model_dir, cfg.target_bits, kl_out, **_kl_settings(cfg, kl_samples),
-                        seed=seed, device=device, force=True, progress=progress)
+            for seed, kwargs in kl_tasks:
+                say(f"KL baseline of seed {seed} ({seeds.index(seed) + 1} of {len(seeds)}) "
+                    f"-> {kwargs['out']}")
+                kl_baseline(progress=progress, **kwargs)
     combined = combine_searches(seed_outs, out, fill=None, force=force, device=device,
                                 kl=kl_outs if fuse_kl else None)
     return {**combined, "seed_outs": [str(p) for p in seed_outs], "config": cfg,
@@ -720,9 +736,10 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
                         "(docs/dmx_search.md, 'Combining seeds'); N times the time. A rerun "
                         "keeps the seeds already done")
     p.add_argument("--jobs", type=int, default=None, metavar="N",
-                   help="with --seeds: run N searches at a time, each in a process of its "
-                        "own with --threads CPU threads (default: the cores shared out); "
-                        "each holds its own copy of the model")
+                   help="with --seeds or --fuse-kl: run N searches (and KL baselines) at "
+                        "a time, each in a process of its own with --threads CPU threads "
+                        "(default: the cores shared out); each holds its own copy of the "
+                        "model")
     p.add_argument("--fuse-kl", action="store_true",
                    help="also one KL baseline per seed (OUT.seeds/kl-<s>) and write to OUT "
                         "the searches fused with them, as `dmx combine --kl` (the best "
@@ -770,10 +787,10 @@ def run_search(args) -> int:
         apply_threads(args)
         cfg = make_config(args.target_bits, args.recipe, **settings)
         jobs = getattr(args, "jobs", None)
-        if jobs is not None and not getattr(args, "seeds", None):
-            raise DMXError("--jobs goes with --seeds (several searches at a time); one "
-                           "search uses --threads")
         fuse_kl = getattr(args, "fuse_kl", False)
+        if jobs is not None and not (getattr(args, "seeds", None) or fuse_kl):
+            raise DMXError("--jobs goes with --seeds or --fuse-kl (several searches or "
+                           "baselines at a time); one search uses --threads")
         kl_samples = getattr(args, "kl_samples", None)
         if kl_samples is not None and not fuse_kl:
             raise DMXError("--kl-samples sizes the KL baselines of --fuse-kl; add --fuse-kl")

@@ -25,8 +25,13 @@ its result (``peak_rss_bytes``), printed with the seed's line; a worker the kern
 anyway (out of memory) ends the command with one line naming the peak and the memory
 available.
 
+Other work of the same command can share the pool (``side_tasks``: the KL baselines of
+``--fuse-kl``, each as long as a third of a search on SmolLM2-135M): it is queued after the
+searches, reports no steps, and a Ctrl-C stops it with nothing kept (it starts over on a
+rerun; a finished one is kept by its caller).
+
 Public API: ``run_seed_searches(fn, tasks, jobs, threads, steps, progress, report, say,
-memory)``, ``jobs_that_fit(jobs, peak, available)``, ``peak_rss_bytes()``,
+memory, side_tasks)``, ``jobs_that_fit(jobs, peak, available)``, ``peak_rss_bytes()``,
 ``available_memory_bytes()``, ``gib(n)``.
 """
 from __future__ import annotations
@@ -106,6 +111,31 @@ def _search_one(fn, seed: int, kwargs: dict) -> dict:
     return {**{k: result[k] for k in SUMMARY_KEYS}, "peak_rss_bytes": peak_rss_bytes()}
 
 
+def _side_one(fn, label: str, kwargs: dict) -> dict:
+    """One side task in a worker (``fn(**kwargs)``, its result left there): its wall time
+    and the worker's peak memory, or that Ctrl-C stopped it."""
+    import time
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    t0 = time.time()
+    try:
+        fn(**kwargs)
+    except KeyboardInterrupt:
+        return {"interrupted": True, "step": None, "checkpoint": None}
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return {"wall_seconds": time.time() - t0, "peak_rss_bytes": peak_rss_bytes()}
+
+
+def _where_stopped(key, result: dict) -> str:
+    """How the Ctrl-C message names one stopped task: a search by its seed and step, a
+    side task by its label."""
+    if isinstance(key, str):
+        return f"{key} (it starts over on a rerun)"
+    ckpt = f" (checkpoint {result['checkpoint']})" if result["checkpoint"] else ""
+    return f"seed {key} after step {result['step']}{ckpt}"
+
+
 class _StepCounter:
     """The parent's end of the workers' queue: ticks the progress bar and keeps the largest
     peak memory a worker has reported after a step (``first_peak`` is set once one has)."""
@@ -144,7 +174,7 @@ def jobs_that_fit(jobs: int, peak: int, available: int | None) -> int:
 
 def run_seed_searches(fn, tasks: list[tuple[int, dict]], jobs: int, threads: int,
                       steps: int, progress: bool = True, report=None, say=None,
-                      memory=available_memory_bytes) -> dict:
+                      memory=available_memory_bytes, side_tasks=()) -> dict:
     """Run ``fn(**kwargs)`` for every ``(seed, kwargs)`` of ``tasks``, at most ``jobs`` at a
     time in spawned processes of ``threads`` CPU threads each; ``report(seed, summary)`` as
     each finishes. Returns {seed: summary} (:data:`SUMMARY_KEYS`). Errors in a search
@@ -155,18 +185,26 @@ def run_seed_searches(fn, tasks: list[tuple[int, dict]], jobs: int, threads: int
     (``memory()``), one search starts alone; after its first step the pool starts only as
     many more as fit (:func:`jobs_that_fit`), and ``say``s so when that is fewer than
     ``jobs``. The others start one step later for it, instead of a worker dying of memory
-    mid-search."""
+    mid-search.
+
+    ``side_tasks``: ``(label, fn, kwargs)`` run in the same pool after the searches are
+    queued (``fn(**kwargs)``, result not returned; ``say``s "<label>: done" with its wall
+    time). Their errors pass on as a search's; Ctrl-C names each one stopped by its label."""
     from tqdm.auto import tqdm
 
-    staged = jobs > 1 and len(tasks) > 1 and memory() is not None  # one alone, then sized
+    side_tasks = list(side_tasks)
+    n_tasks = len(tasks) + len(side_tasks)
+    staged = jobs > 1 and n_tasks > 1 and memory() is not None  # one alone, then sized
     limit = 1 if staged else jobs
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     bar = tqdm(total=steps * len(tasks), desc=f"dmx search: {len(tasks)} seeds, up to {jobs} "
                f"at a time", unit="step", disable=not progress, dynamic_ncols=True)
     counter = _StepCounter(queue, bar)
-    done, stops, waiting, running = {}, {}, list(tasks), {}
-    pool = ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=ctx,
+    done, stops, running = {}, {}, {}
+    waiting = [(seed, _search_one, (fn, seed, kwargs)) for seed, kwargs in tasks] + \
+        [(label, _side_one, (side_fn, label, kwargs)) for label, side_fn, kwargs in side_tasks]
+    pool = ProcessPoolExecutor(max_workers=min(jobs, n_tasks), mp_context=ctx,
                                initializer=_start_worker, initargs=(threads, queue))
 
     def size_the_pool(peak: int) -> int:
@@ -182,35 +220,42 @@ def run_seed_searches(fn, tasks: list[tuple[int, dict]], jobs: int, threads: int
         try:
             while waiting or running:
                 while waiting and len(running) < limit:
-                    seed, kwargs = waiting.pop(0)
-                    running[pool.submit(_search_one, fn, seed, kwargs)] = seed
+                    key, worker, args = waiting.pop(0)
+                    running[pool.submit(worker, *args)] = key
                 finished, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
                 if staged and counter.first_peak.is_set():
                     limit = size_the_pool(counter.peak)
                 for fut in finished:
-                    seed, result = running.pop(fut), fut.result()
+                    key, result = running.pop(fut), fut.result()
                     if result.get("interrupted"):  # Ctrl-C reached the worker first
-                        stops[seed] = result
+                        stops[key] = result
                         raise KeyboardInterrupt
-                    done[seed] = result
                     if staged:  # it ended with no step reported (e.g. resumed at its end)
                         limit = size_the_pool(result.get("peak_rss_bytes") or 0)
+                    if isinstance(key, str):  # a side task
+                        if say:
+                            say(f"{key}: done ({result['wall_seconds'] / 60:.1f} min)")
+                        continue
+                    done[key] = result
                     if report:
-                        report(seed, result)
+                        report(key, result)
         except KeyboardInterrupt:
             # the running searches got the same SIGINT: they save a checkpoint and return
             wait(running)
-            for fut, seed in running.items():
+            for fut, key in running.items():
                 if fut.exception() is None:
                     result = fut.result()
-                    (stops if result.get("interrupted") else done)[seed] = result
-            where = "; ".join(
-                f"seed {s} after step {r['step']}" + (f" (checkpoint {r['checkpoint']})"
-                                                      if r["checkpoint"] else "")
-                for s, r in sorted(stops.items()))
+                    if result.get("interrupted"):
+                        stops[key] = result
+                    elif not isinstance(key, str):
+                        done[key] = result
+            searches_first = sorted(stops, key=lambda k: (isinstance(k, str), str(k))
+                                    if isinstance(k, str) else (False, k))
+            where = "; ".join(_where_stopped(k, stops[k]) for k in searches_first)
             finished = f"; seeds {', '.join(map(str, sorted(done)))} finished" if done else ""
             raise SearchInterrupted(
-                min((r["step"] for r in stops.values()), default=0), None,
+                min((r["step"] for r in stops.values() if r["step"] is not None),
+                    default=0), None,
                 f"interrupted: {where or 'before any search started'}{finished}") from None
         except BrokenProcessPool:
             peaks = [r["peak_rss_bytes"] for r in done.values() if r.get("peak_rss_bytes")]
