@@ -2,12 +2,15 @@
 
     python benchmarks/bench_seed_jobs.py                       # SmolLM2-135M if built, 2 seeds
     python benchmarks/bench_seed_jobs.py --model embedded --steps 40
+    python benchmarks/bench_seed_jobs.py --seeds 0 --fuse-kl   # one search + its KL baseline
 
 Both commands get the same cores: sequential with ``--threads C`` (C = the cores), parallel
 with ``--jobs N --threads C/N``. Each is a fresh `python -m dmx search` process (model load,
 the searches, the calibration perplexity at the end, the combination), timed wall to wall.
 The two combined OUTs are compared layer by layer (the searches are the same; only the thread
-count of their float sums differs). Output: benchmarks/results/seed_jobs.md.
+count of their float sums differs). ``--fuse-kl``: every seed also gets its KL baseline
+(`--kl-samples`), run in the same pool with ``--jobs`` (with one seed: beside the search).
+Output: benchmarks/results/seed_jobs.md (seed_jobs_fuse_kl.md with ``--fuse-kl``).
 """
 from __future__ import annotations
 
@@ -46,16 +49,22 @@ def main() -> int:
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--fuse-kl", action="store_true",
+                    help="a KL baseline per seed too, fused (dmx search --fuse-kl)")
+    ap.add_argument("--kl-samples", type=int, default=4)
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
     model = (EMBEDDED if args.model == "embedded" else Path(args.model) if args.model
              else SMOLLM2 if SMOLLM2.is_dir() else EMBEDDED)
-    jobs = min(len(args.seeds), args.cores)
+    tasks = len(args.seeds) * (2 if args.fuse_kl else 1)  # searches (and KL baselines)
+    jobs = min(tasks, args.cores)
     per_job = max(1, args.cores // jobs)  # the same cores for both commands
     common = ["--model", str(model), "--target-bits", "6", "--steps", str(args.steps),
               "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size),
               "--export-target", "none", "--checkpoint-every", "0", "--no-progress",
               "--seeds", *map(str, args.seeds)]
+    if args.fuse_kl:
+        common += ["--fuse-kl", "--kl-samples", str(args.kl_samples)]
     work = Path(tempfile.mkdtemp(prefix="dmx-seed-jobs-"))
     try:
         seq = _run([*common, "--threads", str(args.cores), "-o", str(work / "seq")])
@@ -67,15 +76,17 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     load = os.getloadavg()[0]
+    what = " --fuse-kl" if args.fuse_kl else ""
     lines = [
-        "# `dmx search --seeds`: one after another vs `--jobs`",
+        f"# `dmx search --seeds{what}`: one after another vs `--jobs`",
         "",
         f"`python benchmarks/bench_seed_jobs.py{''.join(' ' + arg for arg in sys.argv[1:])}`",
         f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {args.cores} cores; load "
         f"average {load:.2f} at the end). Model {model.name}, seeds "
         f"{' '.join(map(str, args.seeds))}, {args.steps} steps x {args.batch_size} x "
-        f"{args.seqlen} each; wall time of the whole command (model load per process, "
-        "searches, combination).",
+        f"{args.seqlen} each" + (f", each with its KL baseline ({args.kl_samples} windows)"
+                                 if args.fuse_kl else "") +
+        "; wall time of the whole command (model load per process, searches, combination).",
         "",
         "| command | wall s |",
         "|---|---|",
@@ -87,7 +98,7 @@ def main() -> int:
         "thread count of their float sums differs).",
         "",
     ]
-    out = Path(args.results) / "seed_jobs.md"
+    out = Path(args.results) / ("seed_jobs_fuse_kl.md" if args.fuse_kl else "seed_jobs.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, "\n".join(lines))
     print("\n".join(lines))
