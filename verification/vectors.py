@@ -70,8 +70,10 @@ def layout(op: str, block_size: int, dot_blocks: int = 2) -> list[Field]:
                 Field("y", bs, 32, "f32", "out")]
     if op == "dot":
         K = bs * dot_blocks
-        return [Field("scale_a", dot_blocks, 8, "scale", "in"), Field("codes_a", K, 8, "code", "in"),
-                Field("scale_b", dot_blocks, 8, "scale", "in"), Field("codes_b", K, 8, "code", "in"),
+        return [Field("scale_a", dot_blocks, 8, "scale", "in"),
+                Field("codes_a", K, 8, "code", "in"),
+                Field("scale_b", dot_blocks, 8, "scale", "in"),
+                Field("codes_b", K, 8, "code", "in"),
                 Field("y", 1, 32, "f32", "out")]
     if op == "convert":
         return [Field("x", 1, 32, "f32", "in"), Field("code", 1, 8, "code", "out")]
@@ -105,8 +107,8 @@ def expected(op: str, fmt, profile, block_size: int, inputs: dict) -> dict:
     if op == "dot":
         # mx_matmul entries are computed exactly as mx_dot (default accumulation:
         # float32, sequential); the diagonal of small chunks avoids one call per vector.
-        ca, cb = np.ascontiguousarray(inputs["codes_a"], np.uint8), np.ascontiguousarray(inputs["codes_b"], np.uint8)
-        sa, sb = np.ascontiguousarray(inputs["scale_a"], np.uint8), np.ascontiguousarray(inputs["scale_b"], np.uint8)
+        ca, cb = (np.ascontiguousarray(inputs[k], np.uint8) for k in ("codes_a", "codes_b"))
+        sa, sb = (np.ascontiguousarray(inputs[k], np.uint8) for k in ("scale_a", "scale_b"))
         n, K = ca.shape
         y = np.empty((n, 1), np.float32)
         step = 64

@@ -27,8 +27,8 @@ from dmx.errors import DMXError
 from dmx.outdir.integrity import check_shapes, tensor_shapes, validate_manifest
 from dmx.outdir.layout import MANIFEST_NAME, SEARCH_LOG_NAME, WEIGHTS_NAME, layer_sha256
 
-__all__ = ["read_rotations", "read_manifest", "QuantLayer", "OutModel", "read_out", "check_config_fits", "load",
-           "DecodedMXLinear", "read_search_log"]
+__all__ = ["read_rotations", "read_manifest", "QuantLayer", "OutModel", "read_out",
+           "check_config_fits", "load", "DecodedMXLinear", "read_search_log"]
 
 _REWRITE = "rewrite OUT with `dmx search`/`dmx baseline`"
 # what a sharded `dmx export` (compressed-tensors, Quark) writes; an OUT never has it
@@ -83,7 +83,8 @@ class QuantLayer:
     profile: mxref.Profile
 
     def values(self) -> np.ndarray:
-        """The weight as mxref decodes it (float32 [out, in]): the numbers every target must keep."""
+        """The weight as mxref decodes it (float32 [out, in]): the numbers every target
+        must keep."""
         arr = mxref.MXArray(self.codes, self.scales, mxref.get_format(self.fmt),
                             tuple(self.shape), 1, self.block_size, self.profile)
         return mxref.dequantize(arr, np.float32)

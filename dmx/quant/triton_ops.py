@@ -2,8 +2,8 @@
 :mod:`dmx.quant.realfmt` and of DMXLinear's soft mode), with the torch code as the fallback.
 
 * :func:`real_format_quantize` -- drop-in for :func:`dmx.quant.realfmt.real_format_quantize`
-  (same arguments, plus ``backend``): one forward kernel, one backward kernel (+ a one-program finalize)
-  on CUDA; the torch implementation elsewhere.
+  (same arguments, plus ``backend``): one forward kernel, one backward kernel (+ a
+  one-program finalize) on CUDA; the torch implementation elsewhere.
 * :func:`dmx_linear` -- quantize input and weight in the real format, then F.linear,
   saving only the *unquantized* input for backward (the quantized copies are recomputed),
   so a quantized layer keeps the activation memory of a plain nn.Linear.
@@ -75,8 +75,8 @@ class _RealFormat(torch.autograd.Function):
         return dx, de, dm, None, None, None
 
 
-def real_format_quantize(x, exp_bits, man_bits, axis: int = -1, block_size: int = DEFAULT_BLOCK_SIZE,
-                         max_cap: float | None = None, backend=Backend.AUTO) -> torch.Tensor:
+def real_format_quantize(x, exp_bits, man_bits, axis: int = -1,
+                         block_size: int = DEFAULT_BLOCK_SIZE, max_cap: float | None = None, backend=Backend.AUTO) -> torch.Tensor:
     """Same contract as :func:`dmx.quant.realfmt.real_format_quantize`; Triton on CUDA
     (``backend``: see :mod:`dmx.quant.backends`)."""
     if not (isinstance(x, torch.Tensor) and x.dim() and _triton(backend, x)):

@@ -518,8 +518,9 @@ def _kept_kl_out(kl_out: Path, model_dir, cfg: SearchConfig, samples: int) -> bo
             and m["ladder"] == cfg.ladder  # not the budget: the fusion uses the sensitivities
             and [str(Path(f).resolve()) for f in b.get("calib", [])]
             == [str(Path(f).resolve()) for f in cfg.calib]
-            and (b.get("samples_requested", b.get("samples")), b.get("seqlen"), b.get("weights_only"),
-                 b.get("export_target"), b.get("tie_fused"), b.get("weighting"))
+            and (b.get("samples_requested", b.get("samples")), b.get("seqlen"),
+                 b.get("weights_only"), b.get("export_target"), b.get("tie_fused"),
+                 b.get("weighting"))
             == (samples, cfg.seqlen, cfg.weights_only, cfg.export_target, cfg.tie_fused,
                 cfg.weighting)
             # the layers: recorded since 2026-12-07 (older baselines: checked by combine)
@@ -631,8 +632,8 @@ _HELP = {
     "weighting": "average the budget uses: simple (per layer, default) or size (per weight)",
     "budget": "how the budget is held: bound (after each step: over the target, shrink all "
               "offsets by one amount times their share; under the --ramp floor, stretch "
-              "the step; default recipe), project (shift all offsets by one amount into [floor, target]) or "
-              "hinge (the paper's lam*max(0, avg-target))",
+              "the step; default recipe), project (shift all offsets by one amount into "
+              "[floor, target]) or hinge (the paper's lam*max(0, avg-target))",
     "ramp": "--budget bound/project: the floor of the soft average rises from the low rung to the "
             "target over this fraction of the steps (default 0.5; 0 = at the target always)",
     "max_stretch": "--budget bound: under the ramp's floor, this step's move is stretched up "

@@ -161,8 +161,9 @@ class SearchConfig:
     # short anneal churns, and the mean of the last steps is a cheap average of that churn,
     # as `dmx combine` averages seeds: on SmolLM2-135M, 24 steps, 0.5 scored lower than the
     # final offsets on WikiText in 12 of 15 searches, pooled beyond the noise at 4.5 and 5
-    # bits, a tie at 6 (benchmarks/bench_trajectory_mean.py, BENCHMARKS.md). Default recipe since 2026-12-07; a config written before has none
-    # and means 0 (config_from_dict)
+    # bits, a tie at 6 (benchmarks/bench_trajectory_mean.py, BENCHMARKS.md). Default
+    # recipe since 2026-12-07; a config written before has none and means 0
+    # (config_from_dict)
     average_last: float = 0.5
     fill_budget: bool = True
     # rotations folded into the weights before the search (hadamard) or learned with the
@@ -278,7 +279,8 @@ class SearchConfig:
             raise DMXError("--no-ce leaves no loss: add --distill (the KL to the unquantized "
                            "model) or drop --no-ce")
         if self.max_stretch < 1.0:
-            raise DMXError(f"--max-stretch must be >= 1 (1: never stretch), got {self.max_stretch!r}")
+            raise DMXError(f"--max-stretch must be >= 1 (1: never stretch), got "
+                           f"{self.max_stretch!r}")
         if not 0.0 <= self.momentum < 1.0:
             raise DMXError(f"--momentum must be in [0, 1), got {self.momentum!r}")
         if not (isinstance(self.average_last, (int, float))
