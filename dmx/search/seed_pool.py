@@ -198,8 +198,10 @@ def run_seed_searches(fn, tasks: list[tuple[int, dict]], jobs: int, threads: int
     limit = 1 if staged else jobs
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    bar = tqdm(total=steps * len(tasks), desc=f"dmx search: {len(tasks)} seeds, up to {jobs} "
-               f"at a time", unit="step", disable=not progress, dynamic_ncols=True)
+    # the bar counts the searches' steps (the caller says what else runs beside them)
+    seeds = f"{len(tasks)} seed{'s' if len(tasks) != 1 else ''}"
+    bar = tqdm(total=steps * len(tasks), desc=f"dmx search: {seeds}, up to {jobs} at a time",
+               unit="step", disable=not progress, dynamic_ncols=True)
     counter = _StepCounter(queue, bar)
     done, stops, running = {}, {}, {}
     waiting = [(seed, _search_one, (fn, seed, kwargs)) for seed, kwargs in tasks] + \
