@@ -10,7 +10,8 @@
 #    runs/smollm2/dmx-T.partial/checkpoint.pt carried back) and it resumes.
 # 2. Once OUT is written: perplexity on the full wiki.test.raw at seqlen 2048 (GPTQ
 #    protocol) of the dMX model, the unquantized model and uniform MXFP4 / MXFP8, and the
-#    KL baseline at the same target (built, then evaluated).
+#    KL baseline at the same target (built, then evaluated), and the search fused with that
+#    baseline (`dmx combine DMX --kl KL`, what `dmx search --fuse-kl` writes).
 # Results: runs/smollm2/ and, for the device tool, copies of the small files in $OUT
 # (protocol.log, the manifest, eval.json, search_log.jsonl; the checkpoint if interrupted).
 # Exit 0 all done, 3 interrupted (resume by running it again), else the failing step's code.
@@ -69,4 +70,13 @@ if [ ! -f "$KL_OUT/dmx_manifest.json" ]; then
 fi
 run python3 -m dmx eval "$KL_OUT" "${EVAL[@]}" --save || exit $?
 cp "$KL_OUT/eval.json" "$BACK/kl_eval.json"
+# the search fused with its KL baseline (the same calibration seed, 0): `dmx search
+# --fuse-kl`'s last step, seconds here, so the protocol also scores what the README advises
+FUSED_OUT=$RUNS/fused-$TARGET
+if [ ! -f "$FUSED_OUT/dmx_manifest.json" ]; then
+    run python3 -m dmx combine "$DMX_OUT" --kl "$KL_OUT" --device "$DEVICE" -o "$FUSED_OUT" \
+        || exit $?
+fi
+run python3 -m dmx eval "$FUSED_OUT" "${EVAL[@]}" --save || exit $?
+cp "$FUSED_OUT/eval.json" "$BACK/fused_eval.json"
 say "done"
