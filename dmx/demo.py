@@ -2,7 +2,8 @@
 
 On tiny-qwen3 (shipped in dmx/data/) with WikiText-2 raw (valid split to calibrate, test
 split to evaluate): a dMX search at one budget, the uniform MXFP4 and MXFP8 baselines,
-the KL-selection baseline at the same budget, the perplexity of each (and of the
+the KL-selection baseline at the same budget, the search fused with KL's sensitivities
+(`dmx combine --kl`, as `dmx search --fuse-kl`), the perplexity of each (and of the
 unquantized model) with one protocol, and the report (report.md, pareto.png). Everything
 is built in a temp dir next to --out and renamed into place at the end.
 
@@ -114,6 +115,12 @@ def run_demo(out="runs/demo", quick: bool = False, force: bool = False,
                              seqlen=s["calib_seqlen"], progress=progress)
         runs.append(f"kl-{tag}")
         _say(f"KL baseline done in {time.time() - step_t:.0f} s")
+        if f"dmx-{tag}" in runs:
+            # the search fused with KL's sensitivities (same calibration text and seed):
+            # what the README advises after one search (`dmx search --fuse-kl`), seconds here
+            from dmx.search.combine import combine_searches
+            combine_searches([tmp / f"dmx-{tag}"], tmp / f"fused-{tag}", kl=[tmp / f"kl-{tag}"])
+            runs.append(f"fused-{tag}")
         for name in runs:
             _evaluate_out(tmp / name, windows, progress)
         rows = report.collect([tmp / name for name in runs])

@@ -174,7 +174,7 @@ def test_demo_end_to_end_tiny_settings(capsys, monkeypatch, tmp_path):
     out = capsys.readouterr().out
     assert "settings: search 2 steps" in out and "wrote" in out
     runs = sorted(p.name for p in (tmp_path / "demo").iterdir())
-    assert runs == ["dmx-6", "kl-6", "report", "uniform-mxfp4", "uniform-mxfp8"]
+    assert runs == ["dmx-6", "fused-6", "kl-6", "report", "uniform-mxfp4", "uniform-mxfp8"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # no temp dirs left
     rows = json.loads((tmp_path / "demo" / "report" / "report.json").read_text())["runs"]
     assert {r["method"] for r in rows} == {"dmx", "kl", "uniform"}
@@ -183,9 +183,14 @@ def test_demo_end_to_end_tiny_settings(capsys, monkeypatch, tmp_path):
     kl = next(r for r in rows if r["method"] == "kl")
     assert kl["avg_bits"] <= 6.0
     # the search against KL on the same windows, with its interval: said and reported
-    found = next(r for r in rows if r["method"] == "dmx")
+    found = next(r for r in rows if r["run"] == "dmx-6")
     assert found["paired"]["windows"] == 2 and kl["paired_missing"] == "the reference run"
     assert "dmx-6 vs kl-6: " in out and " over 2 windows): " in out
+    # the search fused with the KL baseline: `dmx combine dmx-6 --kl kl-6`'s rule
+    fused = outdir.read_manifest(tmp_path / "demo" / "fused-6")
+    assert fused["search"]["combined"]["seeds"] == [0] and \
+        len(fused["search"]["combined"]["kl"]["inputs"]) == 1
+    assert "fused-6 vs kl-6: " in out
     assert "| vs kl-6 |" in (tmp_path / "demo" / "report" / "report.md").read_text()
     from PIL import Image
     with Image.open(tmp_path / "demo" / "report" / "dynamics.png") as im:
