@@ -449,17 +449,21 @@ def search_seeds(model_dir, config, seeds, *, out=None, force: bool = False,
         kl_tasks.append((seed, dict(model_dir=model_dir, target_bits=cfg.target_bits,
                                     out=kl_outs[i], **_kl_settings(cfg, kl_samples),
                                     seed=seed, device=device, force=True)))
+    from dmx.search.baseline import kl_baseline
+
+    def announce_kl(seed: int, kwargs: dict) -> None:
+        say(f"KL baseline of seed {seed} ({seeds.index(seed) + 1} of {len(seeds)}) -> "
+            f"{kwargs['out']}")
+
     if jobs > 1 and len(tasks) + len(kl_tasks) > 1:
         # the KL baselines share the pool: queued after the searches, they start as soon
         # as a process is free (with one seed, beside its search)
-        from dmx.search.baseline import kl_baseline
         from dmx.search.seed_pool import run_seed_searches
 
         n = min(jobs, len(tasks) + len(kl_tasks))
         per_job = threads or max(1, (os.cpu_count() or 1) // n)
         for seed, kwargs in kl_tasks:
-            say(f"KL baseline of seed {seed} ({seeds.index(seed) + 1} of {len(seeds)}) -> "
-                f"{kwargs['out']}")
+            announce_kl(seed, kwargs)
         what = " and ".join(f"{k} {one if k == 1 else many}" for k, one, many in
                             ((len(tasks), "search", "searches"),
                              (len(kl_tasks), "KL baseline", "KL baselines")) if k)
@@ -473,13 +477,9 @@ def search_seeds(model_dir, config, seeds, *, out=None, force: bool = False,
             result = search(progress=progress, say=say, **kwargs)
             if report:
                 report(seed, result)
-        if kl_tasks:
-            from dmx.search.baseline import kl_baseline
-
-            for seed, kwargs in kl_tasks:
-                say(f"KL baseline of seed {seed} ({seeds.index(seed) + 1} of {len(seeds)}) "
-                    f"-> {kwargs['out']}")
-                kl_baseline(progress=progress, **kwargs)
+        for seed, kwargs in kl_tasks:
+            announce_kl(seed, kwargs)
+            kl_baseline(progress=progress, **kwargs)
     combined = combine_searches(seed_outs, out, fill=None, force=force, device=device,
                                 kl=kl_outs if fuse_kl else None)
     return {**combined, "seed_outs": [str(p) for p in seed_outs], "config": cfg,
