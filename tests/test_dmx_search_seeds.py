@@ -370,13 +370,17 @@ def test_fuse_kl_without_seeds_is_one_search_fused_with_its_kl_baseline(src, cal
                                                                         capsys):
     """`--fuse-kl --seed 1` (no --seeds): the search in OUT.seeds/seed-1, its KL baseline
     (calibration seed 1) in OUT.seeds/kl-1, and OUT = `dmx combine seed-1 --kl kl-1`."""
+    from dmx.search.command import FUSE_KL_SAMPLES
+
     out = tmp_path / "fused"
-    assert main(_argv(src, calib, out, "--seed", "1", "--fuse-kl", "--kl-samples", "2")) == 0
+    assert main(_argv(src, calib, out, "--seed", "1", "--fuse-kl")) == 0
     err = capsys.readouterr().err
     assert "--fuse-kl: the search of seed 1 goes to" in err
     assert read_manifest(seed_out_dir(out, 1))["seed"] == 1
     kl = tmp_path / "fused.seeds" / "kl-1"
     assert read_manifest(kl)["method"] == "kl" and read_manifest(kl)["seed"] == 1
+    # the default --kl-samples: the 4 windows every fusion was measured with
+    assert FUSE_KL_SAMPLES == 4 and read_manifest(kl)["baseline"]["samples"] == 4
     ref = tmp_path / "ref"
     assert main(["combine", str(seed_out_dir(out, 1)), "--kl", str(kl), "-o", str(ref)]) == 0
     m, r = read_manifest(out), read_manifest(ref)
