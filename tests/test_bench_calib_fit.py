@@ -3,16 +3,13 @@ from the settings the search was given (not from its manifest, which the benchma
 with the OUT loaded the way `dmx eval` loads it."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from script_helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("bench_calib_fit",
-                                               ROOT / "benchmarks" / "bench_calib_fit.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = load_script("benchmarks/bench_calib_fit.py")
 
 pytestmark = pytest.mark.usefixtures("single_threaded")  # tests/conftest.py
 

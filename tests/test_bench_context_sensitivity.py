@@ -4,17 +4,14 @@ model and offsets) must give the same KL for a layer alone in the low rung (isol
 for all layers low but one promoted (in context)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from script_helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location(
-    "bench_context_sensitivity", ROOT / "benchmarks" / "bench_context_sensitivity.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = load_script("benchmarks/bench_context_sensitivity.py")
 
 torch = pytest.importorskip("torch")
 

@@ -5,17 +5,15 @@ tiny-qwen3: ~25 s); where triton is installed its kernels run through the interp
 where it is not (CI) the Triton rows say "skipped". Nothing here is a timing: the dry run
 checks that every code path runs and the one table is filled.
 """
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from script_helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "benchmarks" / "bench_gpu.py")
-bench_gpu = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench_gpu)
+bench_gpu = load_script("benchmarks/bench_gpu.py")
 
 
 def test_dry_run_runs_every_section_and_fills_the_summary(tmp_path):

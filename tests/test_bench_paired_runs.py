@@ -2,20 +2,15 @@
 and scored OUTs, with the verdict of dmx.eval.paired."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from script_helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-_spec = importlib.util.spec_from_file_location("bench_paired_runs",
-                                               ROOT / "benchmarks" / "bench_paired_runs.py")
-pr = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(pr)
+pr = load_script("benchmarks/bench_paired_runs.py")
 
 
 def _cache(path: Path, nll: list) -> None:

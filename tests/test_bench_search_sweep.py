@@ -3,15 +3,12 @@ average (--weighting), same quantized inputs (--weights-only), same layers
 (--export-target) and units (--tie-fused)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
+from script_helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("bench_search_sweep",
-                                               ROOT / "benchmarks" / "bench_search_sweep.py")
-sweep = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sweep)
+sweep = load_script("benchmarks/bench_search_sweep.py")
 
 
 def _manifest(weighting=None, weights_only=None, **more):

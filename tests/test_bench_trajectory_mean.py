@@ -2,19 +2,14 @@
 assignment scored from it, on a real (short) search of the embedded model."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from script_helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-_spec = importlib.util.spec_from_file_location("bench_trajectory_mean",
-                                               ROOT / "benchmarks" / "bench_trajectory_mean.py")
-traj = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(traj)
+traj = load_script("benchmarks/bench_trajectory_mean.py")
 
 
 def test_trajectory_mean_averages_the_last_steps_clamped_to_the_ladder():

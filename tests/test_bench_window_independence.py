@@ -2,7 +2,6 @@
 a sweep's OUTs (the numbers it reports are in BENCHMARKS.md, not asserted here)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -10,12 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from dmx.eval.paired import newey_west_se
+from script_helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location(
-    "bench_window_independence", ROOT / "benchmarks" / "bench_window_independence.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = load_script("benchmarks/bench_window_independence.py")
 
 
 def test_newey_west_se_matches_the_plain_one_without_autocorrelation_and_grows_with_it():

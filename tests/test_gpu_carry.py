@@ -3,18 +3,16 @@
 The device side is simulated with two checkouts: "here" (where prepare writes .carry) and
 "there" (where each call's carried part arrives, one part per call).
 """
-import importlib.util
 import json
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from script_helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("gpu_carry", ROOT / "scripts" / "gpu_carry.py")
-gc = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(gc)
+gc = load_script("scripts/gpu_carry.py")
 
 MIB = gc.MIB
 
