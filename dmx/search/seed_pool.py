@@ -251,8 +251,8 @@ def run_seed_searches(fn, tasks: list[tuple[int, dict]], jobs: int, threads: int
                         stops[key] = result
                     elif not isinstance(key, str):
                         done[key] = result
-            searches_first = sorted(stops, key=lambda k: (isinstance(k, str), str(k))
-                                    if isinstance(k, str) else (False, k))
+            # seeds (ints) in order, then side tasks (labels): never an int against a str
+            searches_first = sorted(stops, key=lambda k: (isinstance(k, str), k))
             where = "; ".join(_where_stopped(k, stops[k]) for k in searches_first)
             finished = f"; seeds {', '.join(map(str, sorted(done)))} finished" if done else ""
             raise SearchInterrupted(
