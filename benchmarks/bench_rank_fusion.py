@@ -106,9 +106,10 @@ def fuse(args, bits: str, seeds: list) -> Path:
     return out
 
 
-def score_on_texts(model, tok, windows: int) -> dict:
-    """{text name: {"ppl", "window_nll"}} of a (fake-quantized) model on the first
-    ``windows`` windows of SEQLEN tokens of each of TEXTS, as `dmx eval` scores them."""
+def score_on_texts(model, tok, windows: int, first: int = 0) -> dict:
+    """{text name: {"ppl", "window_nll"}} of a (fake-quantized) model on ``windows``
+    windows of SEQLEN tokens of each of TEXTS, from window ``first`` on (0: the first
+    ones, as `dmx eval --max-windows` scores them)."""
     import torch
 
     from dmx import data
@@ -117,8 +118,11 @@ def score_on_texts(model, tok, windows: int) -> dict:
     results = {}
     with torch.no_grad():
         for name, text in TEXTS.items():
-            r = evaluate(model, tok, windows=data.eval_windows(tok, text, SEQLEN, windows,
-                                                               "file"), progress=False)
+            ids, info = data.eval_windows(tok, text, SEQLEN, first + windows, "file")
+            if len(ids) < first + windows:
+                raise SystemExit(f"{text}: {len(ids)} windows, fewer than {first + windows}")
+            r = evaluate(model, tok, windows=(ids[first:], {**info, "windows": windows}),
+                         progress=False)
             results[name] = {"ppl": r["ppl"], "window_nll": r["window_nll"]}
     return results
 

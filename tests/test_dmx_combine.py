@@ -286,3 +286,17 @@ def test_percentile_ranks_share_ties_and_span_zero_to_one():
     # scores go by the mean offset
     order, score = fused_order({"a": 2.0, "b": 0.0, "c": 1.0}, {"a": 0.1, "b": 0.9, "c": 0.5})
     assert score == {"a": 0.5, "b": 0.5, "c": 0.5} and order == ["a", "c", "b"]
+
+
+def test_fused_order_kl_weight_moves_the_rank_between_the_two_rankings():
+    from dmx.errors import DMXError
+    from dmx.search.rank_fusion import fused_order
+
+    mean, sens = {"a": 2.0, "b": 0.0, "c": 1.0}, {"a": 0.1, "b": 0.9, "c": 0.5}
+    # all of the weight on one side: that side's order alone
+    assert fused_order(mean, sens, kl_weight=0.0)[0] == ["a", "c", "b"]
+    assert fused_order(mean, sens, kl_weight=1.0)[0] == ["b", "c", "a"]
+    order, score = fused_order(mean, sens, kl_weight=0.25)
+    assert score == {"a": 0.75, "b": 0.25, "c": 0.5} and order == ["a", "c", "b"]
+    with pytest.raises(DMXError, match=r"KL weight must be in \[0, 1\]"):
+        fused_order(mean, sens, kl_weight=1.5)

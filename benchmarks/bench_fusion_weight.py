@@ -1,0 +1,207 @@
+"""How much of `dmx combine --kl`'s fused rank should be KL's? One search fused with its
+seed's KL baseline at several KL weights w, each against that KL baseline, on a window
+range of both evaluation texts.
+
+    python benchmarks/bench_fusion_weight.py --work /work/dmx_traj \\
+        --kl '/work/traj_kl/kl-s{seed}' --kl-out '/work/fuse1/kl-{bits}-s{seed}' \\
+        --targets 4.5 5 6 --seeds 0 1 2 3 4 --weights 0.25 0.5 0.75 \\
+        --windows 0:40 [--fraction 0.5] [--threads 1] [--jobs 2] [--results DIR]
+
+The fused score is (1 - w) x rank(the search's offset) + w x rank(KL's sensitivity)
+(dmx.search.rank_fusion.fused_order; w = 0.5 is `dmx combine --kl`'s rule). For each
+search ``dmx-default-<bits>-s<seed>`` of --work, the offsets are those `dmx search`
+assigns from (the mean of the last --fraction of its steps, `--average-last`; 0: the final
+offsets), ranked with the sensitivities of the KL OUT --kl, promoted greedily to the
+search's budget (KL's rule), fake-quantized (dmx.nn.layers.apply_formats) and scored on
+windows FIRST:END of 256 tokens of WikiText test and TinyStories. The KL side is the KL
+OUT --kl-out of the same budget and seed, fake-quantized with its manifest's formats
+(``--windows 0:40``: its `dmx eval --save` results, the numbers every earlier table used).
+Every comparison is paired window by window (dmx.eval.paired), pooled over the seeds by
+averaging each side's window losses. Scorings are cached in --results/cache/. Writes
+--results/fusion_weight-<FIRST>-<END>.md and prints it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_rank_fusion import SEQLEN, TEXTS, score_on_texts  # noqa: E402  (one protocol)
+from bench_trajectory_mean import trajectory_mean  # noqa: E402  (--average-last's rule)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", required=True, type=Path)
+    p.add_argument("--kl", required=True, metavar="PATTERN",
+                   help="the KL OUT whose sensitivities are fused, PATTERN.format(seed=...)")
+    p.add_argument("--kl-out", required=True, metavar="PATTERN",
+                   help="the KL baseline compared with, PATTERN.format(bits=..., seed=...)")
+    p.add_argument("--targets", nargs="+", default=["4.5", "5", "6"])
+    p.add_argument("--seeds", nargs="+", default=["0", "1", "2", "3", "4"])
+    p.add_argument("--weights", nargs="+", type=float, default=[0.25, 0.5, 0.75])
+    p.add_argument("--windows", default="0:40", metavar="FIRST:END")
+    p.add_argument("--fraction", type=float, default=0.5)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--results", type=Path,
+                   default=ROOT / "benchmarks" / "results" / "recipes-fusion-weight")
+    args = p.parse_args(argv)
+    first, _, end = args.windows.partition(":")
+    args.first, args.count = int(first), int(end) - int(first)
+    if args.first < 0 or args.count < 1:
+        p.error(f"--windows {args.windows}: give FIRST:END with 0 <= FIRST < END")
+    return args
+
+
+def fused_formats(search: Path, kl: Path, weight: float, fraction: float) -> tuple:
+    """(weight formats, input formats) of ``search`` fused with ``kl`` at KL weight w."""
+    from dmx.outdir import read_manifest, read_search_log
+    from dmx.quant.ladders import get_ladder
+    from dmx.search.baseline import greedy_promote
+    from dmx.search.rank_fusion import fused_order, kl_sensitivities_of
+    from dmx.search.recipe import config_from_dict
+
+    m = read_manifest(search)
+    cfg = config_from_dict(m["search"]["config"])
+    if cfg.tie_fused:
+        raise SystemExit(f"{search}: a tied search; this probe handles untied units only")
+    lad = get_ladder(m["ladder"])
+    names = list(m["layers"])
+    log = read_search_log(search)
+    mean = (trajectory_mean(log, fraction, lad) if fraction > 0
+            else {n: float(v) for n, v in log["offsets"].items()})
+    units = [(n,) for n in names]
+    sens, _ = kl_sensitivities_of([kl], m, cfg, units)
+    order, _ = fused_order({u: mean[u[0]] for u in units}, sens, kl_weight=weight)
+    rank = {u: float(len(order) - i) for i, u in enumerate(order)}
+    shapes = {n: tuple(m["layers"][n]["shape"]) for n in names}
+    formats = greedy_promote(units, rank, shapes, lad, cfg.target_bits, cfg.weighting,
+                             cfg.weights_only)
+    acts = {n: (formats[n] if m["layers"][n].get("act_format") is not None else None)
+            for n in names}
+    return m["source_model"], formats, acts
+
+
+def out_formats(out: Path) -> tuple:
+    """(source model, weight formats, input formats) an OUT's manifest records."""
+    from dmx.outdir import read_manifest
+    m = read_manifest(out)
+    return (m["source_model"], {n: e["format"] for n, e in m["layers"].items()},
+            {n: e.get("act_format") for n, e in m["layers"].items()})
+
+
+def score(job: tuple, cache: Path, threads: int | None, first: int, count: int) -> dict:
+    """Scores of one job ("fused", search, kl, w, fraction) or ("kl", out), cached."""
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    from dmx import data
+    from dmx.nn.layers import apply_formats
+    from dmx.threads import set_threads
+
+    if threads:
+        set_threads(threads)
+    t0 = time.time()
+    model_dir, formats, acts = (fused_formats(*job[1:]) if job[0] == "fused"
+                                else out_formats(job[1]))
+    model, tok = data.load_model_and_tokenizer(model_dir)
+    apply_formats(model, formats, acts)
+    record = {"job": [str(j) for j in job], "formats": formats,
+              "results": score_on_texts(model, tok, count, first),
+              "seconds": round(time.time() - t0, 1)}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    tmp.replace(cache)
+    return record
+
+
+def _saved(out: Path, text: Path, count: int) -> dict | None:
+    from dmx.outdir.evaljson import find_result, load_eval
+    return find_result(load_eval(out), text, SEQLEN, count)
+
+
+def main(argv=None) -> int:
+    from dmx.eval.paired import paired, paired_line
+
+    args = _parse(argv)
+    t0 = time.time()
+    rng = f"{args.first}-{args.first + args.count}"
+    cache = args.results / "cache"
+    jobs, files = [], []
+    for bits in args.targets:
+        for seed in args.seeds:
+            search = args.work / f"dmx-default-{bits}-s{seed}"
+            kl = Path(args.kl.format(seed=seed))
+            for w in args.weights:
+                jobs.append(("fused", search, kl, w, args.fraction))
+                files.append(cache / f"fused-{bits}-s{seed}-w{w:g}-f{args.fraction:g}-{rng}.json")
+            kl_out = Path(args.kl_out.format(bits=bits, seed=seed))
+            if args.first == 0 and all(_saved(kl_out, t, args.count) for t in TEXTS.values()):
+                continue   # its own `dmx eval --save` results
+            jobs.append(("kl", kl_out))
+            files.append(cache / f"kl-{bits}-s{seed}-{rng}.json")
+    n = len(jobs)
+    with ProcessPoolExecutor(max(1, args.jobs)) as pool:
+        done = dict(zip(files, pool.map(score, jobs, files, [args.threads] * n,
+                                        [args.first] * n, [args.count] * n)))
+
+    def side(bits, seed, name, w=None):
+        if w is not None:
+            return done[cache / f"fused-{bits}-s{seed}-w{w:g}-f{args.fraction:g}-{rng}.json"
+                        ]["results"][name]
+        f = cache / f"kl-{bits}-s{seed}-{rng}.json"
+        if f in done:
+            return done[f]["results"][name]
+        return _saved(Path(args.kl_out.format(bits=bits, seed=seed)), TEXTS[name], args.count)
+
+    def pooled(runs):
+        return list(np.mean([r["window_nll"] for r in runs], axis=0))
+
+    rows = []
+    for bits in args.targets:
+        for name in TEXTS:
+            kl = [side(bits, s, name) for s in args.seeds]
+            cells = [f"{np.exp(np.mean(pooled(kl))):.2f}"]
+            for w in args.weights:
+                ours = [side(bits, s, name, w) for s in args.seeds]
+                cells.append(f"{np.exp(np.mean(pooled(ours))):.2f}: "
+                             + paired_line(paired(pooled(kl), pooled(ours))))
+            if 0.5 in args.weights:
+                base = pooled([side(bits, s, name, 0.5) for s in args.seeds])
+                cells += [paired_line(paired(base, pooled([side(bits, s, name, w)
+                                                           for s in args.seeds])))
+                          for w in args.weights if w != 0.5]
+            rows.append(f"| {bits} | {name} | " + " | ".join(cells) + " |")
+    others = [w for w in args.weights if w != 0.5] if 0.5 in args.weights else []
+    head = (["bits", "text", "KL ppl"] + [f"w = {w:g}: ppl, minus KL" for w in args.weights]
+            + [f"w = {w:g} minus w = 0.5" for w in others])
+    text = "\n".join([
+        f"# Fusion weight: one search fused with its KL baseline, windows {args.first}-"
+        f"{args.first + args.count - 1}", "",
+        f"Command: `python benchmarks/bench_fusion_weight.py {' '.join(argv or sys.argv[1:])}`  ",
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {(time.time() - t0) / 60:.1f} "
+        f"min. Seeds {', '.join(args.seeds)} pooled (each side's window losses averaged over "
+        f"the seeds); windows {args.first}-{args.first + args.count - 1} x {SEQLEN} of each "
+        f"text, every token scored; w = KL's share of the fused rank; offsets: "
+        f"{'the mean of the last %g of the steps' % args.fraction if args.fraction else 'final'}. "
+        f"Paired differences, 95 % interval over the windows, tie when it includes 0.", "",
+        "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows, ""])
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / f"fusion_weight-{rng}.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
