@@ -140,7 +140,7 @@ def run_demo(out="runs/demo", quick: bool = False, force: bool = False,
         print(f"{r['run']:>16}  {r['method']:<8} {r['avg_bits']:8.3f}  {r['ppl']:8.2f}")
     from dmx.eval.paired import paired_line
     for r in rows:
-        if r["method"] == "dmx" and r.get("paired"):
+        if r["method"] in ("dmx", "dmx+kl") and r.get("paired"):
             _say(f"{r['run']} vs {kl_row['run']}: {paired_line(r['paired'])}")
     _say(f"wrote {dest}/ (OUT dirs + report/report.md, report/pareto.png, "
          f"report/dynamics.png) in {time.time() - t0:.0f} s")

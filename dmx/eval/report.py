@@ -3,8 +3,9 @@
 Public API:
 
 * ``collect(run_dirs, text=None) -> list[dict]``: one row per OUT from its manifest and eval.json
-  (run, method, target bits, achieved average bits simple / size-weighted / storage,
-  format mix, perplexity with its protocol, wall time).
+  (run, method -- "dmx+kl" for a search fused with KL --, target bits, achieved average
+  bits simple / size-weighted / storage, format mix, perplexity with its protocol, wall
+  time).
 * ``compare_against(rows, against) -> None``: adds to every row ``paired``, its
   perplexity difference from the run ``against`` window by window (dmx.eval.paired: a 95 %
   interval and "lower" / "higher" / "tie"), or ``paired_missing`` saying why not.
@@ -28,7 +29,15 @@ from dmx.errors import DMXError
 
 __all__ = ["collect", "compare_against", "write_report", "add_report_parser", "run_report"]
 
-MARKERS = {"dmx": "o", "kl": "s", "uniform": "^"}
+MARKERS = {"dmx": "o", "dmx+kl": "D", "kl": "s", "uniform": "^"}
+
+
+def _method(m: dict) -> str:
+    """The manifest's method; a search fused with KL baselines (`dmx combine --kl`,
+    `dmx search --fuse-kl`) is "dmx+kl": its ranking is half KL's, so it gets its own
+    series on the plots instead of being joined to the searches' line."""
+    combined = (m.get("search") or {}).get("combined") or {}
+    return "dmx+kl" if m["method"] == "dmx" and combined.get("kl") else m["method"]
 
 
 def collect(run_dirs, text: str | None = None) -> list[dict]:
@@ -49,7 +58,7 @@ def collect(run_dirs, text: str | None = None) -> list[dict]:
         every = m["avg_bits"].get("all_linears") or {}
         search = m.get("search") or {}
         rows.append({
-            "run": Path(d).name, "path": str(d), "method": m["method"],
+            "run": Path(d).name, "path": str(d), "method": _method(m),
             "ladder": m["ladder"], "target_bits": m["target_bits"],
             "avg_bits": m["avg_bits"]["simple"],
             "avg_bits_size_weighted": m["avg_bits"]["size_weighted"],
@@ -153,7 +162,7 @@ def _layer_set_warning(rows) -> list[str]:
 def _search_markdown(rows) -> list[str]:
     """What the search found vs what the budget repair made of it, and the soft model
     before discretization vs the hard model after it (calibration windows)."""
-    runs = [r for r in rows if r["method"] == "dmx" and r["repair"]]
+    runs = [r for r in rows if r["method"] in ("dmx", "dmx+kl") and r["repair"]]
     if not runs:
         return []
     lines = ["## dMX searches: found vs repaired", "",
