@@ -136,6 +136,19 @@ def _where_stopped(key, result: dict) -> str:
     return f"seed {key} after step {result['step']}{ckpt}"
 
 
+def _show_side_tasks(bar, running: dict, waiting: list) -> None:
+    """The side tasks running and queued, after the bar (which counts the searches' steps
+    only, so it would otherwise sit full while a KL baseline runs after the last search)."""
+    busy = [k for k in running.values() if isinstance(k, str)]
+    queued = [k for k, _, _ in waiting if isinstance(k, str)]
+    text = "; ".join(part for part in (f"running {', '.join(busy)}" if busy else "",
+                                       f"queued {', '.join(queued)}" if queued else "")
+                     if part)
+    if text != getattr(bar, "_dmx_side", ""):
+        bar._dmx_side = text
+        bar.set_postfix_str(text)
+
+
 class _StepCounter:
     """The parent's end of the workers' queue: ticks the progress bar and keeps the largest
     peak memory a worker has reported after a step (``first_peak`` is set once one has)."""
@@ -224,6 +237,7 @@ def run_seed_searches(fn, tasks: list[tuple[int, dict]], jobs: int, threads: int
                 while waiting and len(running) < limit:
                     key, worker, args = waiting.pop(0)
                     running[pool.submit(worker, *args)] = key
+                _show_side_tasks(bar, running, waiting)
                 finished, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
                 if staged and counter.first_peak.is_set():
                     limit = size_the_pool(counter.peak)
