@@ -152,9 +152,15 @@ def main(argv=None) -> int:
             jobs.append(("kl", kl_out))
             files.append(cache / f"kl-{bits}-s{seed}-{rng}.json")
     n = len(jobs)
-    with ProcessPoolExecutor(max(1, args.jobs)) as pool:
-        done = dict(zip(files, pool.map(score, jobs, files, [args.threads] * n,
-                                        [args.first] * n, [args.count] * n)))
+    if args.jobs == 1:
+        from dmx.threads import set_threads
+        set_threads(args.threads)
+        done = dict(zip(files, map(score, jobs, files, [None] * n, [args.first] * n,
+                                   [args.count] * n)))
+    else:   # each scoring in a process of its own (its own torch thread pool)
+        with ProcessPoolExecutor(args.jobs) as pool:
+            done = dict(zip(files, pool.map(score, jobs, files, [args.threads] * n,
+                                            [args.first] * n, [args.count] * n)))
 
     def side(bits, seed, name, w=None):
         if w is not None:

@@ -1,0 +1,63 @@
+"""benchmarks/bench_fusion_weight.py: one search fused with its KL baseline at several KL
+weights, on a real (short) search of the embedded model: the weights that mean something
+on their own reproduce the product's OUTs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from script_helpers import load_script
+
+fw = load_script("benchmarks/bench_fusion_weight.py")
+
+
+def _formats(out):
+    return {n: e["format"] for n, e in
+            json.loads((out / "dmx_manifest.json").read_text())["layers"].items()}
+
+
+@pytest.mark.usefixtures("single_threaded")   # main() sets this process's threads
+def test_weights_half_and_one_are_combine_kl_and_kl_itself_on_any_windows(tmp_path):
+    """w = 0.5 is `dmx combine SEARCH --kl KL` (formats and window losses); w = 1 ranks by
+    KL's sensitivities alone, so it is KL's own assignment. Scored from window 1 on, each
+    is the later windows of the OUT's own `dmx eval` (the confirmation windows are a
+    slice of the same tokenization)."""
+    from dmx.cli import main
+    from dmx.data import embedded_model_dir
+
+    src = str(embedded_model_dir())
+    out = tmp_path / "dmx-default-5-s0"
+    assert main(["search", "--model", src, "--target-bits", "5", "--steps", "3",
+                 "--batch-size", "2", "--seqlen", "64", "--seed", "0", "--average-last", "0",
+                 "--no-fill-budget", "--no-progress", "-o", str(out)]) == 0
+    kl = tmp_path / "kl-s0"
+    assert main(["baseline", "--model", src, "--method", "kl", "--target-bits", "5",
+                 "--samples", "2", "--seqlen", "64", "--seed", "0", "-o", str(kl)]) == 0
+    fused = tmp_path / "fused"
+    assert main(["combine", str(out), "--kl", str(kl), "-o", str(fused)]) == 0
+    for o in (kl, fused):
+        for text in fw.TEXTS.values():
+            assert main(["eval", str(o), "--data", str(text), "--seqlen", str(fw.SEQLEN),
+                         "--max-windows", "3", "--save", "--no-progress"]) == 0
+    res = tmp_path / "res"
+    common = ["--work", str(tmp_path), "--kl", str(tmp_path / "kl-s{seed}"), "--kl-out",
+              str(tmp_path / "kl-s{seed}"), "--targets", "5", "--seeds", "0", "--weights",
+              "0.5", "1", "--fraction", "0", "--jobs", "1", "--results", str(res)]
+    for first in (0, 1):
+        assert fw.main([*common, "--windows", f"{first}:3"]) == 0
+        for w, own in ((0.5, fused), (1, kl)):
+            rec = json.loads((res / "cache" / f"fused-5-s0-w{w:g}-f0-{first}-3.json").read_text())
+            assert rec["formats"] == _formats(own), w
+            if w == 0.5:
+                for name, text in fw.TEXTS.items():
+                    assert rec["results"][name]["window_nll"] == \
+                        fw._saved(own, text, 3)["window_nll"][first:]
+    # windows 0-2: KL's side is its own `dmx eval --save`; windows 1-2: scored here
+    assert not (res / "cache" / "kl-5-s0-0-3.json").exists()
+    rec = json.loads((res / "cache" / "kl-5-s0-1-3.json").read_text())
+    for name, text in fw.TEXTS.items():
+        assert rec["results"][name]["window_nll"] == fw._saved(kl, text, 3)["window_nll"][1:]
+    table = (res / "fusion_weight-1-3.md").read_text()
+    assert "| w = 1 minus w = 0.5 |" in table
+    with pytest.raises(SystemExit):
+        fw.main([*common, "--windows", "3:3"])
