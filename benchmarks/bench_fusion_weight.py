@@ -5,7 +5,8 @@ range of both evaluation texts.
     python benchmarks/bench_fusion_weight.py --work /work/dmx_traj \\
         --kl '/work/traj_kl/kl-s{seed}' --kl-out '/work/fuse1/kl-{bits}-s{seed}' \\
         --targets 4.5 5 6 --seeds 0 1 2 3 4 --weights 0.25 0.5 0.75 \\
-        --windows 0:40 [--fraction 0.5] [--threads 1] [--jobs 2] [--results DIR]
+        --windows 0:40 [--with-search] [--fraction 0.5] [--threads 1] [--jobs 2] \
+        [--results DIR]
 
 The fused score is (1 - w) x rank(the search's offset) + w x rank(KL's sensitivity)
 (dmx.search.rank_fusion.fused_order; w = 0.5 is `dmx combine --kl`'s rule). For each
@@ -16,6 +17,10 @@ search's budget (KL's rule), fake-quantized (dmx.nn.layers.apply_formats) and sc
 windows FIRST:END of 256 tokens of WikiText test and TinyStories. The KL side is the KL
 OUT --kl-out of the same budget and seed, fake-quantized with its manifest's formats
 (``--windows 0:40``: its `dmx eval --save` results, the numbers every earlier table used).
+``--with-search`` also scores each search alone: its trajectory mean put on the nearest
+rungs and repaired to the budget, as `dmx search --average-last` assigns
+(bench_trajectory_mean.assignment). Another window range than 0:40 replicates a table on
+windows no earlier choice was made on.
 Every comparison is paired window by window (dmx.eval.paired), pooled over the seeds by
 averaging each side's window losses. Scorings are cached in --results/cache/. Writes
 --results/fusion_weight-<FIRST>-<END>.md and prints it.
@@ -35,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_rank_fusion import SEQLEN, TEXTS, score_on_texts  # noqa: E402  (one protocol)
-from bench_trajectory_mean import trajectory_mean  # noqa: E402  (--average-last's rule)
+from bench_trajectory_mean import assignment  # noqa: E402  (--average-last's rule)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,6 +57,8 @@ def _parse(argv=None):
     p.add_argument("--weights", nargs="+", type=float, default=[0.25, 0.5, 0.75])
     p.add_argument("--windows", default="0:40", metavar="FIRST:END")
     p.add_argument("--fraction", type=float, default=0.5)
+    p.add_argument("--with-search", action="store_true",
+                   help="also each search alone (its trajectory mean, repaired) against KL")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--results", type=Path,
@@ -64,35 +71,6 @@ def _parse(argv=None):
     return args
 
 
-def fused_formats(search: Path, kl: Path, weight: float, fraction: float) -> tuple:
-    """(weight formats, input formats) of ``search`` fused with ``kl`` at KL weight w."""
-    from dmx.outdir import read_manifest, read_search_log
-    from dmx.quant.ladders import get_ladder
-    from dmx.search.baseline import greedy_promote
-    from dmx.search.rank_fusion import fused_order, kl_sensitivities_of
-    from dmx.search.recipe import config_from_dict
-
-    m = read_manifest(search)
-    cfg = config_from_dict(m["search"]["config"])
-    if cfg.tie_fused:
-        raise SystemExit(f"{search}: a tied search; this probe handles untied units only")
-    lad = get_ladder(m["ladder"])
-    names = list(m["layers"])
-    log = read_search_log(search)
-    mean = (trajectory_mean(log, fraction, lad) if fraction > 0
-            else {n: float(v) for n, v in log["offsets"].items()})
-    units = [(n,) for n in names]
-    sens, _ = kl_sensitivities_of([kl], m, cfg, units)
-    order, _ = fused_order({u: mean[u[0]] for u in units}, sens, kl_weight=weight)
-    rank = {u: float(len(order) - i) for i, u in enumerate(order)}
-    shapes = {n: tuple(m["layers"][n]["shape"]) for n in names}
-    formats = greedy_promote(units, rank, shapes, lad, cfg.target_bits, cfg.weighting,
-                             cfg.weights_only)
-    acts = {n: (formats[n] if m["layers"][n].get("act_format") is not None else None)
-            for n in names}
-    return m["source_model"], formats, acts
-
-
 def out_formats(out: Path) -> tuple:
     """(source model, weight formats, input formats) an OUT's manifest records."""
     from dmx.outdir import read_manifest
@@ -101,8 +79,21 @@ def out_formats(out: Path) -> tuple:
             {n: e.get("act_format") for n, e in m["layers"].items()})
 
 
+def formats_of(job: tuple) -> tuple:
+    """(source model, weight formats, input formats) of one job: ("fused", search, kl, w,
+    fraction), ("search", search, fraction) -- the search alone, its trajectory mean
+    repaired as `dmx search` does (bench_trajectory_mean.assignment) -- or ("kl", out)."""
+    if job[0] == "kl":
+        return out_formats(job[1])
+    if job[0] == "search":
+        a = assignment([job[1]], job[2])
+    else:
+        a = assignment([job[1]], job[4], kl=[job[2]], kl_weight=job[3])
+    return a["model"], a["formats"], a["acts"]
+
+
 def score(job: tuple, cache: Path, threads: int | None, first: int, count: int) -> dict:
-    """Scores of one job ("fused", search, kl, w, fraction) or ("kl", out), cached."""
+    """Scores of one job (:func:`formats_of`), cached."""
     if cache.is_file():
         return json.loads(cache.read_text())
     from dmx import data
@@ -112,8 +103,7 @@ def score(job: tuple, cache: Path, threads: int | None, first: int, count: int) 
     if threads:
         set_threads(threads)
     t0 = time.time()
-    model_dir, formats, acts = (fused_formats(*job[1:]) if job[0] == "fused"
-                                else out_formats(job[1]))
+    model_dir, formats, acts = formats_of(job)
     model, tok = data.load_model_and_tokenizer(model_dir)
     apply_formats(model, formats, acts)
     record = {"job": [str(j) for j in job], "formats": formats,
@@ -146,6 +136,9 @@ def main(argv=None) -> int:
             for w in args.weights:
                 jobs.append(("fused", search, kl, w, args.fraction))
                 files.append(cache / f"fused-{bits}-s{seed}-w{w:g}-f{args.fraction:g}-{rng}.json")
+            if args.with_search:
+                jobs.append(("search", search, args.fraction))
+                files.append(cache / f"search-{bits}-s{seed}-f{args.fraction:g}-{rng}.json")
             kl_out = Path(args.kl_out.format(bits=bits, seed=seed))
             if args.first == 0 and all(_saved(kl_out, t, args.count) for t in TEXTS.values()):
                 continue   # its own `dmx eval --save` results
@@ -163,6 +156,9 @@ def main(argv=None) -> int:
                                             [args.first] * n, [args.count] * n)))
 
     def side(bits, seed, name, w=None):
+        if w == "search":
+            return done[cache / f"search-{bits}-s{seed}-f{args.fraction:g}-{rng}.json"
+                        ]["results"][name]
         if w is not None:
             return done[cache / f"fused-{bits}-s{seed}-w{w:g}-f{args.fraction:g}-{rng}.json"
                         ]["results"][name]
@@ -179,7 +175,7 @@ def main(argv=None) -> int:
         for name in TEXTS:
             kl = [side(bits, s, name) for s in args.seeds]
             cells = [f"{np.exp(np.mean(pooled(kl))):.2f}"]
-            for w in args.weights:
+            for w in (["search"] if args.with_search else []) + args.weights:
                 ours = [side(bits, s, name, w) for s in args.seeds]
                 cells.append(f"{np.exp(np.mean(pooled(ours))):.2f}: "
                              + paired_line(paired(pooled(kl), pooled(ours))))
@@ -190,7 +186,9 @@ def main(argv=None) -> int:
                           for w in args.weights if w != 0.5]
             rows.append(f"| {bits} | {name} | " + " | ".join(cells) + " |")
     others = [w for w in args.weights if w != 0.5] if 0.5 in args.weights else []
-    head = (["bits", "text", "KL ppl"] + [f"w = {w:g}: ppl, minus KL" for w in args.weights]
+    head = (["bits", "text", "KL ppl"]
+            + (["search alone: ppl, minus KL"] if args.with_search else [])
+            + [f"w = {w:g}: ppl, minus KL" for w in args.weights]
             + [f"w = {w:g} minus w = 0.5" for w in others])
     text = "\n".join([
         f"# Fusion weight: one search fused with its KL baseline, windows {args.first}-"

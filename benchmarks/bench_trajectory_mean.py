@@ -87,26 +87,20 @@ def _result(out: Path, text: Path, windows: int) -> dict | None:
     return find_result(load_eval(out), text, SEQLEN, windows)
 
 
-def score(outs: list, fraction: float, cache: Path, threads: int | None,
-          windows: int, kl: list | None = None) -> dict:
+def assignment(outs: list, fraction: float, kl: list | None = None,
+               kl_weight: float = 0.5) -> dict:
     """The assignment of the trajectory mean of ``outs`` (one search, or the mean of
-    several searches' trajectory means: a combination) and its scores (cached). ``kl``:
-    KL OUTs to fuse the mean with, by `dmx combine --kl`'s rule (dmx.search.rank_fusion)
-    instead of the nearest rung and the repair."""
-    if cache.is_file():
-        return json.loads(cache.read_text())
-    from dmx import data
-    from dmx.nn.layers import apply_formats
+    several searches' trajectory means: a combination): {"model" (the source model dir),
+    "formats", "acts" (input formats), "repair", "steps", "final" (the first OUT's own
+    formats)}. ``kl``: KL OUTs to fuse the mean with, by `dmx combine --kl`'s rule
+    (dmx.search.rank_fusion, KL's share of the rank ``kl_weight``) instead of the nearest
+    rung and the repair."""
     from dmx.outdir import read_manifest, read_search_log
     from dmx.quant.anneal import hard_rung
     from dmx.quant.ladders import get_ladder
     from dmx.search.assign import repair_assignment
     from dmx.search.recipe import config_from_dict
-    from dmx.threads import set_threads
 
-    if threads:   # a worker process of its own (inline, the caller's setting stands)
-        set_threads(threads)
-    t0 = time.time()
     m = read_manifest(outs[0])
     cfg = config_from_dict(m["search"]["config"])
     if cfg.tie_fused:
@@ -124,7 +118,7 @@ def score(outs: list, fraction: float, cache: Path, threads: int | None,
         from dmx.search.baseline import greedy_promote
         from dmx.search.rank_fusion import fused_order, kl_sensitivities_of
         sens, _ = kl_sensitivities_of(kl, m, cfg, units)
-        order, _ = fused_order({u: mean[u[0]] for u in units}, sens)
+        order, _ = fused_order({u: mean[u[0]] for u in units}, sens, kl_weight=kl_weight)
         rank = {u: float(len(order) - i) for i, u in enumerate(order)}
         formats = greedy_promote(units, rank, shapes, lad, cfg.target_bits, cfg.weighting,
                                  cfg.weights_only)
@@ -133,16 +127,34 @@ def score(outs: list, fraction: float, cache: Path, threads: int | None,
         repair = repair_assignment(raw, mean, shapes, lad, cfg.target_bits, cfg.weighting,
                                    quant_in, True, units=units)
         formats = repair["formats"]
-    acts = {n: (formats[n] if quant_in[n] else None) for n in names}
-    model, tok = data.load_model_and_tokenizer(m["source_model"])
-    apply_formats(model, formats, acts)
+    return {"model": m["source_model"], "formats": formats,
+            "acts": {n: (formats[n] if quant_in[n] else None) for n in names},
+            "repair": repair, "steps": len(logs[0]["steps"]),
+            "final": {n: e["format"] for n, e in m["layers"].items()}}
+
+
+def score(outs: list, fraction: float, cache: Path, threads: int | None,
+          windows: int, kl: list | None = None) -> dict:
+    """:func:`assignment` of ``outs`` and its scores on the first ``windows`` windows of
+    each text (cached)."""
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    from dmx import data
+    from dmx.nn.layers import apply_formats
+    from dmx.threads import set_threads
+
+    if threads:   # a worker process of its own (inline, the caller's setting stands)
+        set_threads(threads)
+    t0 = time.time()
+    a = assignment(outs, fraction, kl)
+    model, tok = data.load_model_and_tokenizer(a["model"])
+    apply_formats(model, a["formats"], a["acts"])
     results = score_on_texts(model, tok, windows)
-    final = {n: e["format"] for n, e in m["layers"].items()}
-    record = {"outs": [str(o) for o in outs], "fraction": fraction,
-              "steps": len(logs[0]["steps"]),
+    repair, formats = a["repair"], a["formats"]
+    record = {"outs": [str(o) for o in outs], "fraction": fraction, "steps": a["steps"],
               "bits_before": repair["bits_before"], "bits_after": repair["bits_after"],
               "moves": len(repair["moves"]), "formats": formats,
-              "differ_from_final": sorted(n for n in names if formats[n] != final[n]),
+              "differ_from_final": sorted(n for n in formats if formats[n] != a["final"][n]),
               "results": results, "seconds": round(time.time() - t0, 1)}
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(record))
