@@ -23,7 +23,8 @@ rungs and repaired to the budget, as `dmx search --average-last` assigns
 windows no earlier choice was made on.
 Every comparison is paired window by window (dmx.eval.paired), pooled over the seeds by
 averaging each side's window losses. Scorings are cached in --results/cache/. Writes
---results/fusion_weight-<FIRST>-<END>.md and prints it.
+--results/fusion_weight-<FIRST>-<END>[+...].md (a table per range; with several ranges, one
+more of all of them pooled, each run's window losses concatenated) and prints it.
 """
 from __future__ import annotations
 
@@ -55,7 +56,9 @@ def _parse(argv=None):
     p.add_argument("--targets", nargs="+", default=["4.5", "5", "6"])
     p.add_argument("--seeds", nargs="+", default=["0", "1", "2", "3", "4"])
     p.add_argument("--weights", nargs="+", type=float, default=[0.25, 0.5, 0.75])
-    p.add_argument("--windows", default="0:40", metavar="FIRST:END")
+    p.add_argument("--windows", nargs="+", default=["0:40"], metavar="FIRST:END",
+                   help="window ranges scored; with several, a table per range and one of "
+                        "all of them pooled")
     p.add_argument("--fraction", type=float, default=0.5)
     p.add_argument("--with-search", action="store_true",
                    help="also each search alone (its trajectory mean, repaired) against KL")
@@ -64,10 +67,12 @@ def _parse(argv=None):
     p.add_argument("--results", type=Path,
                    default=ROOT / "benchmarks" / "results" / "recipes-fusion-weight")
     args = p.parse_args(argv)
-    first, _, end = args.windows.partition(":")
-    args.first, args.count = int(first), int(end) - int(first)
-    if args.first < 0 or args.count < 1:
-        p.error(f"--windows {args.windows}: give FIRST:END with 0 <= FIRST < END")
+    args.ranges = []
+    for r in args.windows:
+        first, _, end = r.partition(":")
+        if not (first.isdigit() and end.isdigit()) or int(end) <= int(first):
+            p.error(f"--windows {r}: give FIRST:END with 0 <= FIRST < END")
+        args.ranges.append((int(first), int(end) - int(first)))
     return args
 
 
@@ -121,88 +126,103 @@ def _saved(out: Path, text: Path, count: int) -> dict | None:
     return find_result(load_eval(out), text, SEQLEN, count)
 
 
+def _jobs(args, first: int, count: int) -> list:
+    """[(job, cache file)] of one window range."""
+    rng, cache, out = f"{first}-{first + count}", args.results / "cache", []
+    for bits in args.targets:
+        for seed in args.seeds:
+            search = args.work / f"dmx-default-{bits}-s{seed}"
+            for w in args.weights:
+                out.append((("fused", search, Path(args.kl.format(seed=seed)), w, args.fraction),
+                            cache / f"fused-{bits}-s{seed}-w{w:g}-f{args.fraction:g}-{rng}.json"))
+            if args.with_search:
+                out.append((("search", search, args.fraction),
+                            cache / f"search-{bits}-s{seed}-f{args.fraction:g}-{rng}.json"))
+            kl_out = Path(args.kl_out.format(bits=bits, seed=seed))
+            if first == 0 and all(_saved(kl_out, t, count) for t in TEXTS.values()):
+                continue   # its own `dmx eval --save` results
+            out.append((("kl", kl_out), cache / f"kl-{bits}-s{seed}-{rng}.json"))
+    return out
+
+
 def main(argv=None) -> int:
     from dmx.eval.paired import paired, paired_line
 
     args = _parse(argv)
     t0 = time.time()
-    rng = f"{args.first}-{args.first + args.count}"
     cache = args.results / "cache"
-    jobs, files = [], []
-    for bits in args.targets:
-        for seed in args.seeds:
-            search = args.work / f"dmx-default-{bits}-s{seed}"
-            kl = Path(args.kl.format(seed=seed))
-            for w in args.weights:
-                jobs.append(("fused", search, kl, w, args.fraction))
-                files.append(cache / f"fused-{bits}-s{seed}-w{w:g}-f{args.fraction:g}-{rng}.json")
-            if args.with_search:
-                jobs.append(("search", search, args.fraction))
-                files.append(cache / f"search-{bits}-s{seed}-f{args.fraction:g}-{rng}.json")
-            kl_out = Path(args.kl_out.format(bits=bits, seed=seed))
-            if args.first == 0 and all(_saved(kl_out, t, args.count) for t in TEXTS.values()):
-                continue   # its own `dmx eval --save` results
-            jobs.append(("kl", kl_out))
-            files.append(cache / f"kl-{bits}-s{seed}-{rng}.json")
-    n = len(jobs)
+    work = [(job, f, first, count) for first, count in args.ranges
+            for job, f in _jobs(args, first, count)]
+    calls = [list(c) for c in zip(*work)]
     if args.jobs == 1:
         from dmx.threads import set_threads
         set_threads(args.threads)
-        done = dict(zip(files, map(score, jobs, files, [None] * n, [args.first] * n,
-                                   [args.count] * n)))
+        done = dict(zip(calls[1], map(score, calls[0], calls[1], [None] * len(work),
+                                      calls[2], calls[3])))
     else:   # each scoring in a process of its own (its own torch thread pool)
         with ProcessPoolExecutor(args.jobs) as pool:
-            done = dict(zip(files, pool.map(score, jobs, files, [args.threads] * n,
-                                            [args.first] * n, [args.count] * n)))
+            done = dict(zip(calls[1], pool.map(score, calls[0], calls[1],
+                                               [args.threads] * len(work), *calls[2:])))
 
-    def side(bits, seed, name, w=None):
+    def side(bits, seed, name, w, first, count) -> list:
+        """One run's window losses on one range (w: a weight, "search" or None for KL)."""
+        rng = f"{first}-{first + count}"
         if w == "search":
-            return done[cache / f"search-{bits}-s{seed}-f{args.fraction:g}-{rng}.json"
-                        ]["results"][name]
-        if w is not None:
-            return done[cache / f"fused-{bits}-s{seed}-w{w:g}-f{args.fraction:g}-{rng}.json"
-                        ]["results"][name]
-        f = cache / f"kl-{bits}-s{seed}-{rng}.json"
+            f = cache / f"search-{bits}-s{seed}-f{args.fraction:g}-{rng}.json"
+        elif w is None:
+            f = cache / f"kl-{bits}-s{seed}-{rng}.json"
+        else:
+            f = cache / f"fused-{bits}-s{seed}-w{w:g}-f{args.fraction:g}-{rng}.json"
         if f in done:
-            return done[f]["results"][name]
-        return _saved(Path(args.kl_out.format(bits=bits, seed=seed)), TEXTS[name], args.count)
+            return done[f]["results"][name]["window_nll"]
+        return _saved(Path(args.kl_out.format(bits=bits, seed=seed)), TEXTS[name],
+                      count)["window_nll"]
 
-    def pooled(runs):
-        return list(np.mean([r["window_nll"] for r in runs], axis=0))
+    def losses(bits, name, w, ranges) -> list:
+        """The window losses over ``ranges`` (concatenated), averaged over the seeds."""
+        return list(np.mean([sum((side(bits, s, name, w, *r) for r in ranges), [])
+                             for s in args.seeds], axis=0))
 
-    rows = []
-    for bits in args.targets:
-        for name in TEXTS:
-            kl = [side(bits, s, name) for s in args.seeds]
-            cells = [f"{np.exp(np.mean(pooled(kl))):.2f}"]
-            for w in (["search"] if args.with_search else []) + args.weights:
-                ours = [side(bits, s, name, w) for s in args.seeds]
-                cells.append(f"{np.exp(np.mean(pooled(ours))):.2f}: "
-                             + paired_line(paired(pooled(kl), pooled(ours))))
-            if 0.5 in args.weights:
-                base = pooled([side(bits, s, name, 0.5) for s in args.seeds])
-                cells += [paired_line(paired(base, pooled([side(bits, s, name, w)
-                                                           for s in args.seeds])))
-                          for w in args.weights if w != 0.5]
-            rows.append(f"| {bits} | {name} | " + " | ".join(cells) + " |")
-    others = [w for w in args.weights if w != 0.5] if 0.5 in args.weights else []
-    head = (["bits", "text", "KL ppl"]
-            + (["search alone: ppl, minus KL"] if args.with_search else [])
-            + [f"w = {w:g}: ppl, minus KL" for w in args.weights]
-            + [f"w = {w:g} minus w = 0.5" for w in others])
+    def table(ranges) -> list:
+        rows = []
+        for bits in args.targets:
+            for name in TEXTS:
+                kl = losses(bits, name, None, ranges)
+                cells = [f"{np.exp(np.mean(kl)):.2f}"]
+                for w in (["search"] if args.with_search else []) + args.weights:
+                    ours = losses(bits, name, w, ranges)
+                    cells.append(f"{np.exp(np.mean(ours)):.2f}: "
+                                 + paired_line(paired(kl, ours)))
+                if 0.5 in args.weights:
+                    base = losses(bits, name, 0.5, ranges)
+                    cells += [paired_line(paired(base, losses(bits, name, w, ranges)))
+                              for w in args.weights if w != 0.5]
+                rows.append(f"| {bits} | {name} | " + " | ".join(cells) + " |")
+        others = [w for w in args.weights if w != 0.5] if 0.5 in args.weights else []
+        head = (["bits", "text", "KL ppl"]
+                + (["search alone: ppl, minus KL"] if args.with_search else [])
+                + [f"w = {w:g}: ppl, minus KL" for w in args.weights]
+                + [f"w = {w:g} minus w = 0.5" for w in others])
+        which = " + ".join(f"{a}-{a + n - 1}" for a, n in ranges)
+        return [f"## Windows {which}", "", "| " + " | ".join(head) + " |",
+                "|" + "---|" * len(head), *rows, ""]
+
+    tables = [line for r in args.ranges for line in table([r])]
+    if len(args.ranges) > 1:
+        tables += table(args.ranges)
+    names = "+".join(f"{a}-{a + n}" for a, n in args.ranges)
     text = "\n".join([
-        f"# Fusion weight: one search fused with its KL baseline, windows {args.first}-"
-        f"{args.first + args.count - 1}", "",
+        "# Fusion weight: one search fused with its KL baseline", "",
         f"Command: `python benchmarks/bench_fusion_weight.py {' '.join(argv or sys.argv[1:])}`  ",
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {(time.time() - t0) / 60:.1f} "
         f"min. Seeds {', '.join(args.seeds)} pooled (each side's window losses averaged over "
-        f"the seeds); windows {args.first}-{args.first + args.count - 1} x {SEQLEN} of each "
-        f"text, every token scored; w = KL's share of the fused rank; offsets: "
+        f"the seeds); windows of {SEQLEN} tokens of each text, every token scored; w = KL's "
+        f"share of the fused rank; offsets: "
         f"{'the mean of the last %g of the steps' % args.fraction if args.fraction else 'final'}. "
         f"Paired differences, 95 % interval over the windows, tie when it includes 0.", "",
-        "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows, ""])
+        *tables])
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / f"fusion_weight-{rng}.md").write_text(text)
+    (args.results / f"fusion_weight-{names}.md").write_text(text)
     print(text)
     return 0
 
