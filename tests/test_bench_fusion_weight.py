@@ -38,26 +38,34 @@ def test_weights_half_and_one_are_combine_kl_and_kl_itself_on_any_windows(tmp_pa
     for o in (kl, fused):
         for text in fw.TEXTS.values():
             assert main(["eval", str(o), "--data", str(text), "--seqlen", str(fw.SEQLEN),
-                         "--max-windows", "3", "--save", "--no-progress"]) == 0
+                         "--max-windows", "4", "--save", "--no-progress"]) == 0
     res = tmp_path / "res"
     common = ["--work", str(tmp_path), "--kl", str(tmp_path / "kl-s{seed}"), "--kl-out",
               str(tmp_path / "kl-s{seed}"), "--targets", "5", "--seeds", "0", "--weights",
               "0.5", "1", "--fraction", "0", "--jobs", "1", "--results", str(res)]
     for first in (0, 1):
-        assert fw.main([*common, "--windows", f"{first}:3"]) == 0
+        assert fw.main([*common, "--windows", f"{first}:4"]) == 0
         for w, own in ((0.5, fused), (1, kl)):
-            rec = json.loads((res / "cache" / f"fused-5-s0-w{w:g}-f0-{first}-3.json").read_text())
+            rec = json.loads((res / "cache" / f"fused-5-s0-w{w:g}-f0-{first}-4.json").read_text())
             assert rec["formats"] == _formats(own), w
             if w == 0.5:
                 for name, text in fw.TEXTS.items():
                     assert rec["results"][name]["window_nll"] == \
-                        fw._saved(own, text, 3)["window_nll"][first:]
-    # windows 0-2: KL's side is its own `dmx eval --save`; windows 1-2: scored here
-    assert not (res / "cache" / "kl-5-s0-0-3.json").exists()
-    rec = json.loads((res / "cache" / "kl-5-s0-1-3.json").read_text())
+                        fw._saved(own, text, 4)["window_nll"][first:]
+    # windows 0-3: KL's side is its own `dmx eval --save`; windows 1-3: scored here
+    assert not (res / "cache" / "kl-5-s0-0-4.json").exists()
+    rec = json.loads((res / "cache" / "kl-5-s0-1-4.json").read_text())
     for name, text in fw.TEXTS.items():
-        assert rec["results"][name]["window_nll"] == fw._saved(kl, text, 3)["window_nll"][1:]
-    table = (res / "fusion_weight-1-3.md").read_text()
+        assert rec["results"][name]["window_nll"] == fw._saved(kl, text, 4)["window_nll"][1:]
+    table = (res / "fusion_weight-1-4.md").read_text()
     assert "| w = 1 minus w = 0.5 |" in table
+    # two ranges: a table each, then both pooled -- the same rows as the whole range
+    assert fw.main([*common, "--with-search", "--windows", "0:2", "2:4"]) == 0
+    assert fw.main([*common, "--with-search", "--windows", "0:4"]) == 0
+    parts = (res / "fusion_weight-0-2+2-4.md").read_text().split("## Windows ")
+    assert [p.split("\n")[0] for p in parts[1:]] == ["0-1", "2-3", "0-1 + 2-3"]
+    whole = (res / "fusion_weight-0-4.md").read_text().split("## Windows ")[1]
+    rows = lambda part: [r for r in part.splitlines() if r.startswith("| 5 |")]  # noqa: E731
+    assert rows(parts[3]) == rows(whole) and len(rows(whole)) == 2
     with pytest.raises(SystemExit):
         fw.main([*common, "--windows", "3:3"])
