@@ -424,22 +424,13 @@ def test_fuse_kl_keeps_a_baseline_whose_text_held_fewer_windows(src, calib, tmp_
 
 def test_seed_pool_names_the_side_tasks_after_the_progress_bar():
     """The bar counts search steps only; a KL baseline running after the last search is
-    named after it (running, then queued), and the text is set only when it changes."""
-    from dmx.search.seed_pool import _show_side_tasks
+    named after it (running, then queued); searches (int keys) are not named."""
+    from dmx.search.seed_pool import _side_tasks_text
 
-    class Bar:
-        def __init__(self):
-            self.calls = []
-
-        def set_postfix_str(self, text):
-            self.calls.append(text)
-
-    bar = Bar()
     running = {"f0": 0, "f1": "KL baseline of seed 0"}
     waiting = [(1, None, ()), ("KL baseline of seed 1", None, ())]
-    _show_side_tasks(bar, running, waiting)
-    _show_side_tasks(bar, running, waiting)   # unchanged: not set again
-    _show_side_tasks(bar, {"f2": "KL baseline of seed 1"}, [])
-    _show_side_tasks(bar, {}, [])
-    assert bar.calls == ["running KL baseline of seed 0; queued KL baseline of seed 1",
-                         "running KL baseline of seed 1", ""]
+    assert _side_tasks_text(running, waiting) == \
+        "running KL baseline of seed 0; queued KL baseline of seed 1"
+    assert _side_tasks_text({"f2": "KL baseline of seed 1"}, []) == \
+        "running KL baseline of seed 1"
+    assert _side_tasks_text({"f0": 0}, [(1, None, ())]) == ""

@@ -136,17 +136,15 @@ def _where_stopped(key, result: dict) -> str:
     return f"seed {key} after step {result['step']}{ckpt}"
 
 
-def _show_side_tasks(bar, running: dict, waiting: list) -> None:
-    """The side tasks running and queued, after the bar (which counts the searches' steps
-    only, so it would otherwise sit full while a KL baseline runs after the last search)."""
+def _side_tasks_text(running: dict, waiting: list) -> str:
+    """The side tasks running and queued, shown after the progress bar: the bar counts the
+    searches' steps only, so it would otherwise sit full while a KL baseline runs after
+    the last search."""
     busy = [k for k in running.values() if isinstance(k, str)]
     queued = [k for k, _, _ in waiting if isinstance(k, str)]
-    text = "; ".join(part for part in (f"running {', '.join(busy)}" if busy else "",
+    return "; ".join(part for part in (f"running {', '.join(busy)}" if busy else "",
                                        f"queued {', '.join(queued)}" if queued else "")
                      if part)
-    if text != getattr(bar, "_dmx_side", ""):
-        bar._dmx_side = text
-        bar.set_postfix_str(text)
 
 
 class _StepCounter:
@@ -217,6 +215,7 @@ def run_seed_searches(fn, tasks: list[tuple[int, dict]], jobs: int, threads: int
                unit="step", disable=not progress, dynamic_ncols=True)
     counter = _StepCounter(queue, bar)
     done, stops, running = {}, {}, {}
+    shown = ""   # what the bar says of the side tasks
     waiting = [(seed, _search_one, (fn, seed, kwargs)) for seed, kwargs in tasks] + \
         [(label, _side_one, (side_fn, label, kwargs)) for label, side_fn, kwargs in side_tasks]
     pool = ProcessPoolExecutor(max_workers=min(jobs, n_tasks), mp_context=ctx,
@@ -237,7 +236,8 @@ def run_seed_searches(fn, tasks: list[tuple[int, dict]], jobs: int, threads: int
                 while waiting and len(running) < limit:
                     key, worker, args = waiting.pop(0)
                     running[pool.submit(worker, *args)] = key
-                _show_side_tasks(bar, running, waiting)
+                if (text := _side_tasks_text(running, waiting)) != shown:
+                    bar.set_postfix_str(shown := text)
                 finished, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
                 if staged and counter.first_peak.is_set():
                     limit = size_the_pool(counter.peak)
