@@ -214,3 +214,20 @@ def test_pareto_plot_names_points_only_while_they_fit(tmp_path, monkeypatch, n, 
     ax = figures[0].axes[0]
     assert len(ax.texts) == (n if labelled else 0)
     assert len(ax.lines) == (2 if labelled else 0)
+
+
+def test_pareto_plot_stacks_the_names_of_points_that_coincide(tmp_path, monkeypatch):
+    """A fused pick that equals KL's sits on KL's point: the second name goes one line
+    below the first instead of over it; a point elsewhere keeps the usual place."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    rows = [{"method": "kl", "avg_bits": 6.0, "ppl": 93.05, "run": "kl-6"},
+            {"method": "dmx+kl", "avg_bits": 6.0, "ppl": 93.05, "run": "fused-6"},
+            {"method": "uniform", "avg_bits": 4.0, "ppl": 95.22, "run": "mxfp4"},
+            {"method": "uniform", "avg_bits": 8.0, "ppl": 92.69, "run": "mxfp8"}]
+    report._plot(rows, None, tmp_path / "pareto.png", "t")
+    offsets = {t.get_text(): t.xyann for t in figures[0].axes[0].texts}
+    assert sorted([offsets["kl-6"][1], offsets["fused-6"][1]]) == [-5, 4]   # one below
+    assert offsets["mxfp4"] == offsets["mxfp8"] == (4, 4)

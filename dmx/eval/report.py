@@ -237,6 +237,23 @@ def _markdown(rows, reference, title, against=None) -> str:
 MAX_LABELLED_RUNS = 12
 
 
+def _label_points(ax, points) -> None:
+    """Name each (x, y, run) point next to it; the names of points that (nearly) coincide
+    -- a fused pick that equals KL's, two seeds at one budget -- are stacked downwards
+    instead of printed over each other."""
+    if not points:
+        return
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    near_x = 0.02 * ((max(xs) - min(xs)) or 1.0)
+    near_y = 0.03 * ((max(ys) - min(ys)) or 1.0)
+    placed = []
+    for x, y, run in points:
+        below = sum(abs(x - px) < near_x and abs(y - py) < near_y for px, py in placed)
+        ax.annotate(run, (x, y), textcoords="offset points", xytext=(4, 4 - 9 * below),
+                    fontsize=7)
+        placed.append((x, y))
+
+
 def _plot(rows, reference, path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
@@ -247,6 +264,7 @@ def _plot(rows, reference, path: Path, title: str) -> None:
     # every point zigzags between seeds and recipes, so draw the points only (the means are
     # the sweep's table)
     crowded = len(rows) > MAX_LABELLED_RUNS
+    labels = []   # (x, y, run) of the labelled points, every series
     for method in sorted({r["method"] for r in rows}):
         pts = sorted((r["avg_bits"], r["ppl"], r["run"]) for r in rows
                      if r["method"] == method and r["ppl"] is not None)
@@ -259,8 +277,8 @@ def _plot(rows, reference, path: Path, title: str) -> None:
             continue
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker,
                 linestyle="-" if len(pts) > 1 else "none", label=method)
-        for x, y, run in pts:
-            ax.annotate(run, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        labels += pts
+    _label_points(ax, labels)
     if reference:
         ax.axhline(reference["ppl"], color="gray", linestyle="--", linewidth=1,
                    label=f"unquantized ({reference['ppl']:.2f})")
@@ -515,14 +533,15 @@ def _plot_accuracy(rows, path: Path) -> None:
     tasks = _task_names(rows)
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), squeeze=False)
     for ax, t in zip(axes[0], tasks):
+        labels = []
         for method in sorted({r["method"] for r in rows}):
             pts = sorted((r["avg_bits"], r["tasks"][t]["value"], r["run"]) for r in rows
                          if r["method"] == method and t in r["tasks"])
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], label=method,
                         marker=MARKERS.get(method, "x"), linestyle="-" if len(pts) > 1 else "none")
-            for x, y, run in pts:
-                ax.annotate(run, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            labels += pts
+        _label_points(ax, labels)
         metric = next(r["tasks"][t]["metric"] for r in rows if t in r["tasks"])
         ax.set_title(t, fontsize=10)
         ax.set_xlabel("average element bits (simple)")
