@@ -19,3 +19,28 @@ def load_script(relpath: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def search_kl_and_fused(work: Path, texts, seqlen: int, windows: int):
+    """What the fusion probes read, made with the product commands on the embedded model:
+    a 3-step search ``dmx-default-5-s0`` (final offsets, no fill), its KL baseline
+    ``kl-s0`` and ``dmx combine`` of the two, ``fused``; each scored with `dmx eval --save`
+    on the first ``windows`` windows of ``seqlen`` tokens of every text. -> (search, kl,
+    fused) paths under ``work``."""
+    from dmx.cli import main
+    from dmx.data import embedded_model_dir
+
+    src = str(embedded_model_dir())
+    out, kl, fused = work / "dmx-default-5-s0", work / "kl-s0", work / "fused"
+    assert main(["search", "--model", src, "--target-bits", "5", "--steps", "3",
+                 "--batch-size", "2", "--seqlen", "64", "--seed", "0", "--average-last", "0",
+                 "--no-fill-budget", "--no-progress", "-o", str(out)]) == 0
+    assert main(["baseline", "--model", src, "--method", "kl", "--target-bits", "5",
+                 "--samples", "2", "--seqlen", "64", "--seed", "0", "--no-progress",
+                 "-o", str(kl)]) == 0
+    assert main(["combine", str(out), "--kl", str(kl), "-o", str(fused)]) == 0
+    for o in (out, kl, fused):
+        for text in texts:
+            assert main(["eval", str(o), "--data", str(text), "--seqlen", str(seqlen),
+                         "--max-windows", str(windows), "--save", "--no-progress"]) == 0
+    return out, kl, fused

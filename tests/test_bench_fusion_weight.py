@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from script_helpers import load_script
+from script_helpers import load_script, search_kl_and_fused
 
 fw = load_script("benchmarks/bench_fusion_weight.py")
 
@@ -22,23 +22,7 @@ def test_weights_half_and_one_are_combine_kl_and_kl_itself_on_any_windows(tmp_pa
     KL's sensitivities alone, so it is KL's own assignment. Scored from window 1 on, each
     is the later windows of the OUT's own `dmx eval` (the confirmation windows are a
     slice of the same tokenization)."""
-    from dmx.cli import main
-    from dmx.data import embedded_model_dir
-
-    src = str(embedded_model_dir())
-    out = tmp_path / "dmx-default-5-s0"
-    assert main(["search", "--model", src, "--target-bits", "5", "--steps", "3",
-                 "--batch-size", "2", "--seqlen", "64", "--seed", "0", "--average-last", "0",
-                 "--no-fill-budget", "--no-progress", "-o", str(out)]) == 0
-    kl = tmp_path / "kl-s0"
-    assert main(["baseline", "--model", src, "--method", "kl", "--target-bits", "5",
-                 "--samples", "2", "--seqlen", "64", "--seed", "0", "-o", str(kl)]) == 0
-    fused = tmp_path / "fused"
-    assert main(["combine", str(out), "--kl", str(kl), "-o", str(fused)]) == 0
-    for o in (kl, fused):
-        for text in fw.TEXTS.values():
-            assert main(["eval", str(o), "--data", str(text), "--seqlen", str(fw.SEQLEN),
-                         "--max-windows", "4", "--save", "--no-progress"]) == 0
+    _, kl, fused = search_kl_and_fused(tmp_path, fw.TEXTS.values(), fw.SEQLEN, 4)
     res = tmp_path / "res"
     common = ["--work", str(tmp_path), "--kl", str(tmp_path / "kl-s{seed}"), "--kl-out",
               str(tmp_path / "kl-s{seed}"), "--targets", "5", "--seeds", "0", "--weights",

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from script_helpers import load_script
+from script_helpers import load_script, search_kl_and_fused
 
 ROOT = Path(__file__).resolve().parents[1]
 traj = load_script("benchmarks/bench_trajectory_mean.py")
@@ -76,23 +76,7 @@ def test_the_final_steps_alone_reproduce_the_searchs_and_combines_own_outs(tmp_p
 def test_kl_each_fused_from_the_final_offsets_is_dmx_combine_kl(tmp_path):
     """--kl-each at f = 0 (the final offsets) is `dmx combine SEARCH --kl KL` of one
     search: the same formats and the same window losses."""
-    from dmx.cli import main
-    from dmx.data import embedded_model_dir
-
-    src = str(embedded_model_dir())
-    out = tmp_path / "dmx-default-5-s0"
-    assert main(["search", "--model", src, "--target-bits", "5", "--steps", "3",
-                 "--batch-size", "2", "--seqlen", "64", "--seed", "0", "--average-last", "0",
-                 "--no-fill-budget", "--no-progress", "-o", str(out)]) == 0
-    kl = tmp_path / "kl-s0"
-    assert main(["baseline", "--model", src, "--method", "kl", "--target-bits", "5",
-                 "--samples", "2", "--seqlen", "64", "--seed", "0", "-o", str(kl)]) == 0
-    fused = tmp_path / "fused"
-    assert main(["combine", str(out), "--kl", str(kl), "-o", str(fused)]) == 0
-    for o in (out, fused):
-        for text in traj.TEXTS.values():
-            assert main(["eval", str(o), "--data", str(text), "--seqlen", str(traj.SEQLEN),
-                         "--max-windows", "2", "--save", "--no-progress"]) == 0
+    out, _, fused = search_kl_and_fused(tmp_path, traj.TEXTS.values(), traj.SEQLEN, 2)
     res = tmp_path / "res"
     assert traj.main(["--work", str(tmp_path), "--targets", "5", "--seeds", "0",
                       "--fractions", "0.5", "--max-windows", "2", "--jobs", "1",
