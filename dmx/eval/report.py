@@ -162,7 +162,7 @@ def _layer_set_warning(rows) -> list[str]:
 def _search_markdown(rows) -> list[str]:
     """What the search found vs what the budget repair made of it, and the soft model
     before discretization vs the hard model after it (calibration windows)."""
-    runs = [r for r in rows if r["method"] in ("dmx", "dmx+kl") and r["repair"]]
+    runs = [r for r in rows if r["method"] == "dmx" and r["repair"]]
     if not runs:
         return []
     lines = ["## dMX searches: found vs repaired", "",
