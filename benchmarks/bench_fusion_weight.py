@@ -54,7 +54,10 @@ def _parse(argv=None):
     p.add_argument("--kl-out", required=True, metavar="PATTERN",
                    help="the KL baseline compared with, PATTERN.format(bits=..., seed=...)")
     p.add_argument("--targets", nargs="+", default=["4.5", "5", "6"])
-    p.add_argument("--seeds", nargs="+", default=["0", "1", "2", "3", "4"])
+    p.add_argument("--seeds", nargs="+", default=["0", "1", "2", "3", "4"],
+                   help="one search per entry; a dotted entry (0.1.2) is a set: its searches' "
+                        "offsets averaged (`dmx combine`) and fused with its seeds' KL "
+                        "baselines, against those KL baselines' window losses averaged")
     p.add_argument("--weights", nargs="+", type=float, default=[0.25, 0.5, 0.75])
     p.add_argument("--windows", nargs="+", default=["0:40"], metavar="FIRST:END",
                    help="window ranges scored; with several, a table per range and one of "
@@ -91,9 +94,9 @@ def formats_of(job: tuple) -> tuple:
     if job[0] == "kl":
         return out_formats(job[1])
     if job[0] == "search":
-        a = assignment([job[1]], job[2])
+        a = assignment(list(job[1]), job[2])
     else:
-        a = assignment([job[1]], job[4], kl=[job[2]], kl_weight=job[3])
+        a = assignment(list(job[1]), job[4], kl=list(job[2]), kl_weight=job[3])
     return a["model"], a["formats"], a["acts"]
 
 
@@ -126,22 +129,31 @@ def _saved(out: Path, text: Path, count: int) -> dict | None:
     return find_result(load_eval(out), text, SEQLEN, count)
 
 
+def _members(tag: str) -> list:
+    """The seeds of a --seeds entry: "0" is one search, "0.1.2" a set of three."""
+    return tag.split(".")
+
+
 def _jobs(args, first: int, count: int) -> list:
     """[(job, cache file)] of one window range."""
     rng, cache, out = f"{first}-{first + count}", args.results / "cache", []
     for bits in args.targets:
-        for seed in args.seeds:
-            search = args.work / f"dmx-default-{bits}-s{seed}"
+        for tag in args.seeds:
+            seeds = _members(tag)
+            searches = tuple(args.work / f"dmx-default-{bits}-s{s}" for s in seeds)
+            kls = tuple(Path(args.kl.format(seed=s)) for s in seeds)
             for w in args.weights:
-                out.append((("fused", search, Path(args.kl.format(seed=seed)), w, args.fraction),
-                            cache / f"fused-{bits}-s{seed}-w{w:g}-f{args.fraction:g}-{rng}.json"))
+                out.append((("fused", searches, kls, w, args.fraction),
+                            cache / f"fused-{bits}-s{tag}-w{w:g}-f{args.fraction:g}-{rng}.json"))
             if args.with_search:
-                out.append((("search", search, args.fraction),
-                            cache / f"search-{bits}-s{seed}-f{args.fraction:g}-{rng}.json"))
-            kl_out = Path(args.kl_out.format(bits=bits, seed=seed))
-            if first == 0 and all(_saved(kl_out, t, count) for t in TEXTS.values()):
-                continue   # its own `dmx eval --save` results
-            out.append((("kl", kl_out), cache / f"kl-{bits}-s{seed}-{rng}.json"))
+                out.append((("search", searches, args.fraction),
+                            cache / f"search-{bits}-s{tag}-f{args.fraction:g}-{rng}.json"))
+            for seed in seeds:
+                kl_out = Path(args.kl_out.format(bits=bits, seed=seed))
+                done = first == 0 and all(_saved(kl_out, t, count) for t in TEXTS.values())
+                job = (("kl", kl_out), cache / f"kl-{bits}-s{seed}-{rng}.json")
+                if not done and job not in out:   # its own `dmx eval --save` results
+                    out.append(job)
     return out
 
 
@@ -164,19 +176,23 @@ def main(argv=None) -> int:
             done = dict(zip(calls[1], pool.map(score, calls[0], calls[1],
                                                [args.threads] * len(work), *calls[2:])))
 
-    def side(bits, seed, name, w, first, count) -> list:
-        """One run's window losses on one range (w: a weight, "search" or None for KL)."""
-        rng = f"{first}-{first + count}"
-        if w == "search":
-            f = cache / f"search-{bits}-s{seed}-f{args.fraction:g}-{rng}.json"
-        elif w is None:
-            f = cache / f"kl-{bits}-s{seed}-{rng}.json"
-        else:
-            f = cache / f"fused-{bits}-s{seed}-w{w:g}-f{args.fraction:g}-{rng}.json"
+    def kl_side(bits, seed, name, first, count) -> list:
+        f = cache / f"kl-{bits}-s{seed}-{first}-{first + count}.json"
         if f in done:
             return done[f]["results"][name]["window_nll"]
         return _saved(Path(args.kl_out.format(bits=bits, seed=seed)), TEXTS[name],
                       count)["window_nll"]
+
+    def side(bits, tag, name, w, first, count) -> list:
+        """One entry's window losses on one range (w: a weight, "search", or None for KL:
+        the KL baselines of a set's seeds, their window losses averaged)."""
+        rng = f"{first}-{first + count}"
+        if w is None:
+            return list(np.mean([kl_side(bits, s, name, first, count)
+                                 for s in _members(tag)], axis=0))
+        f = (cache / f"search-{bits}-s{tag}-f{args.fraction:g}-{rng}.json" if w == "search"
+             else cache / f"fused-{bits}-s{tag}-w{w:g}-f{args.fraction:g}-{rng}.json")
+        return done[f]["results"][name]["window_nll"]
 
     def losses(bits, name, w, ranges) -> list:
         """The window losses over ``ranges`` (concatenated), averaged over the seeds."""

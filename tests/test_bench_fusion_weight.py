@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from script_helpers import load_script, search_kl_and_fused
 
@@ -53,3 +54,39 @@ def test_weights_half_and_one_are_combine_kl_and_kl_itself_on_any_windows(tmp_pa
     assert rows(parts[3]) == rows(whole) and len(rows(whole)) == 2
     with pytest.raises(SystemExit):
         fw.main([*common, "--windows", "3:3"])
+
+
+@pytest.mark.usefixtures("single_threaded")
+def test_a_seed_set_is_dmx_combine_with_and_without_kl(tmp_path):
+    """A dotted --seeds entry is a set: fused, `dmx combine S0 S1 --kl K0 K1`; alone, `dmx
+    combine S0 S1` (final offsets, the fill); KL is the two baselines' losses averaged."""
+    from dmx.cli import main
+    from dmx.data import embedded_model_dir
+
+    search_kl_and_fused(tmp_path, fw.TEXTS.values(), fw.SEQLEN, 2)
+    src, s1, k1 = str(embedded_model_dir()), tmp_path / "dmx-default-5-s1", tmp_path / "kl-s1"
+    assert main(["search", "--model", src, "--target-bits", "5", "--steps", "3",
+                 "--batch-size", "2", "--seqlen", "64", "--seed", "1", "--average-last", "0",
+                 "--no-fill-budget", "--no-progress", "-o", str(s1)]) == 0
+    assert main(["baseline", "--model", src, "--method", "kl", "--target-bits", "5",
+                 "--samples", "2", "--seqlen", "64", "--seed", "1", "--no-progress",
+                 "-o", str(k1)]) == 0
+    s0, k0 = tmp_path / "dmx-default-5-s0", tmp_path / "kl-s0"
+    both, fused = tmp_path / "comb", tmp_path / "fused01"
+    assert main(["combine", str(s0), str(s1), "--fill-budget", "-o", str(both)]) == 0
+    assert main(["combine", str(s0), str(s1), "--kl", str(k0), str(k1), "-o", str(fused)]) == 0
+    res = tmp_path / "res"
+    assert fw.main(["--work", str(tmp_path), "--kl", str(tmp_path / "kl-s{seed}"),
+                    "--kl-out", str(tmp_path / "kl-s{seed}"), "--targets", "5", "--seeds",
+                    "0.1", "--weights", "0.5", "--with-search", "--fraction", "0",
+                    "--windows", "2:4", "--jobs", "1", "--results", str(res)]) == 0
+    cache = res / "cache"
+    assert json.loads((cache / "fused-5-s0.1-w0.5-f0-2-4.json").read_text())["formats"] == \
+        _formats(fused)
+    assert json.loads((cache / "search-5-s0.1-f0-2-4.json").read_text())["formats"] == \
+        _formats(both)
+    kl = [json.loads((cache / f"kl-5-s{s}-2-4.json").read_text())["results"] for s in (0, 1)]
+    for name in fw.TEXTS:   # the KL side: the two baselines' window losses averaged
+        mean = [(a + b) / 2 for a, b in zip(kl[0][name]["window_nll"], kl[1][name]["window_nll"])]
+        want = f"| 5 | {name} | {np.exp(np.mean(mean)):.2f} |"
+        assert want in (res / "fusion_weight-2-4.md").read_text()
