@@ -148,11 +148,12 @@ def _jobs(args, first: int, count: int) -> list:
             if args.with_search:
                 out.append((("search", searches, args.fraction),
                             cache / f"search-{bits}-s{tag}-f{args.fraction:g}-{rng}.json"))
-            for seed in seeds:
+            for seed in seeds:   # each KL baseline once, even where two sets share it
                 kl_out = Path(args.kl_out.format(bits=bits, seed=seed))
-                done = first == 0 and all(_saved(kl_out, t, count) for t in TEXTS.values())
+                # windows 0-...: its own `dmx eval --save` results, when it has them
+                saved = first == 0 and all(_saved(kl_out, t, count) for t in TEXTS.values())
                 job = (("kl", kl_out), cache / f"kl-{bits}-s{seed}-{rng}.json")
-                if not done and job not in out:   # its own `dmx eval --save` results
+                if not saved and job not in out:
                     out.append(job)
     return out
 
