@@ -21,23 +21,33 @@ def load_script(relpath: str):
     return module
 
 
-def search_kl_and_fused(work: Path, texts, seqlen: int, windows: int):
-    """What the fusion probes read, made with the product commands on the embedded model:
-    a 3-step search ``dmx-default-5-s0`` (final offsets, no fill), its KL baseline
-    ``kl-s0`` and ``dmx combine`` of the two, ``fused``; each scored with `dmx eval --save`
-    on the first ``windows`` windows of ``seqlen`` tokens of every text. -> (search, kl,
-    fused) paths under ``work``."""
+def search_and_kl(work: Path, seed: int = 0):
+    """A 3-step search ``dmx-default-5-s<seed>`` of the embedded model (final offsets, no
+    fill) and its KL baseline ``kl-s<seed>``, made with the product commands. -> (search,
+    kl) paths under ``work``."""
     from dmx.cli import main
     from dmx.data import embedded_model_dir
 
     src = str(embedded_model_dir())
-    out, kl, fused = work / "dmx-default-5-s0", work / "kl-s0", work / "fused"
+    out, kl = work / f"dmx-default-5-s{seed}", work / f"kl-s{seed}"
     assert main(["search", "--model", src, "--target-bits", "5", "--steps", "3",
-                 "--batch-size", "2", "--seqlen", "64", "--seed", "0", "--average-last", "0",
-                 "--no-fill-budget", "--no-progress", "-o", str(out)]) == 0
+                 "--batch-size", "2", "--seqlen", "64", "--seed", str(seed),
+                 "--average-last", "0", "--no-fill-budget", "--no-progress",
+                 "-o", str(out)]) == 0
     assert main(["baseline", "--model", src, "--method", "kl", "--target-bits", "5",
-                 "--samples", "2", "--seqlen", "64", "--seed", "0", "--no-progress",
+                 "--samples", "2", "--seqlen", "64", "--seed", str(seed), "--no-progress",
                  "-o", str(kl)]) == 0
+    return out, kl
+
+
+def search_kl_and_fused(work: Path, texts, seqlen: int, windows: int):
+    """What the fusion probes read: :func:`search_and_kl` of seed 0 and ``dmx combine`` of
+    the two, ``fused``; each scored with `dmx eval --save` on the first ``windows`` windows
+    of ``seqlen`` tokens of every text. -> (search, kl, fused) paths under ``work``."""
+    from dmx.cli import main
+
+    out, kl = search_and_kl(work, 0)
+    fused = work / "fused"
     assert main(["combine", str(out), "--kl", str(kl), "-o", str(fused)]) == 0
     for o in (out, kl, fused):
         for text in texts:

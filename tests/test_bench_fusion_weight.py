@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from script_helpers import load_script, search_kl_and_fused
+from script_helpers import load_script, search_and_kl, search_kl_and_fused
 
 fw = load_script("benchmarks/bench_fusion_weight.py")
 
@@ -61,17 +61,9 @@ def test_a_seed_set_is_dmx_combine_with_and_without_kl(tmp_path):
     """A dotted --seeds entry is a set: fused, `dmx combine S0 S1 --kl K0 K1`; alone, `dmx
     combine S0 S1` (final offsets, the fill); KL is the two baselines' losses averaged."""
     from dmx.cli import main
-    from dmx.data import embedded_model_dir
 
-    search_kl_and_fused(tmp_path, fw.TEXTS.values(), fw.SEQLEN, 2)
-    src, s1, k1 = str(embedded_model_dir()), tmp_path / "dmx-default-5-s1", tmp_path / "kl-s1"
-    assert main(["search", "--model", src, "--target-bits", "5", "--steps", "3",
-                 "--batch-size", "2", "--seqlen", "64", "--seed", "1", "--average-last", "0",
-                 "--no-fill-budget", "--no-progress", "-o", str(s1)]) == 0
-    assert main(["baseline", "--model", src, "--method", "kl", "--target-bits", "5",
-                 "--samples", "2", "--seqlen", "64", "--seed", "1", "--no-progress",
-                 "-o", str(k1)]) == 0
-    s0, k0 = tmp_path / "dmx-default-5-s0", tmp_path / "kl-s0"
+    s0, k0, _ = search_kl_and_fused(tmp_path, fw.TEXTS.values(), fw.SEQLEN, 2)
+    s1, k1 = search_and_kl(tmp_path, 1)
     both, fused = tmp_path / "comb", tmp_path / "fused01"
     assert main(["combine", str(s0), str(s1), "--fill-budget", "-o", str(both)]) == 0
     assert main(["combine", str(s0), str(s1), "--kl", str(k0), str(k1), "-o", str(fused)]) == 0
