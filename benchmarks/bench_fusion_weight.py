@@ -58,7 +58,9 @@ def _parse(argv=None):
                    help="one search per entry; a dotted entry (0.1.2) is a set: its searches' "
                         "offsets averaged (`dmx combine`) and fused with its seeds' KL "
                         "baselines, against those KL baselines' window losses averaged")
-    p.add_argument("--weights", nargs="+", type=float, default=[0.25, 0.5, 0.75])
+    p.add_argument("--weights", nargs="*", type=float, default=[0.25, 0.5, 0.75],
+                   help="KL's shares of the fused rank (none: with --with-search, the "
+                        "searches alone)")
     p.add_argument("--windows", nargs="+", default=["0:40"], metavar="FIRST:END",
                    help="window ranges scored; with several, a table per range and one of "
                         "all of them pooled")
@@ -100,10 +102,31 @@ def formats_of(job: tuple) -> tuple:
     return a["model"], a["formats"], a["acts"]
 
 
+def _same_scoring(cache: Path, model_dir: str, formats: dict, acts: dict) -> dict | None:
+    """An earlier scoring in ``cache``'s folder, on the same windows, of the same formats
+    (another fraction or weight often assigns the same layers): reused, not rescored."""
+    first, end = cache.name.rsplit("-", 2)[-2:]   # "...-<first>-<end>.json"
+    for f in sorted(cache.parent.glob(f"*-{first}-{end}")):
+        if f == cache:
+            continue
+        record = json.loads(f.read_text())
+        # records written before 2026-12-07 name neither: they are all of one model
+        if (record["formats"] == formats and record.get("acts", acts) == acts
+                and Path(record.get("model", model_dir)) == Path(model_dir)):
+            return record
+    return None
+
+
 def score(job: tuple, cache: Path, threads: int | None, first: int, count: int) -> dict:
     """Scores of one job (:func:`formats_of`), cached."""
     if cache.is_file():
         return json.loads(cache.read_text())
+    model_dir, formats, acts = formats_of(job)
+    same = _same_scoring(cache, model_dir, formats, acts)
+    if same is not None:
+        record = {**same, "job": [str(j) for j in job], "from": same["job"]}
+        _write(cache, record)
+        return record
     from dmx import data
     from dmx.nn.layers import apply_formats
     from dmx.threads import set_threads
@@ -111,17 +134,20 @@ def score(job: tuple, cache: Path, threads: int | None, first: int, count: int) 
     if threads:
         set_threads(threads)
     t0 = time.time()
-    model_dir, formats, acts = formats_of(job)
     model, tok = data.load_model_and_tokenizer(model_dir)
     apply_formats(model, formats, acts)
-    record = {"job": [str(j) for j in job], "formats": formats,
-              "results": score_on_texts(model, tok, count, first),
+    record = {"job": [str(j) for j in job], "model": str(model_dir), "formats": formats,
+              "acts": acts, "results": score_on_texts(model, tok, count, first),
               "seconds": round(time.time() - t0, 1)}
+    _write(cache, record)
+    return record
+
+
+def _write(cache: Path, record: dict) -> None:
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")
     tmp.write_text(json.dumps(record))
     tmp.replace(cache)
-    return record
 
 
 def _saved(out: Path, text: Path, count: int) -> dict | None:
