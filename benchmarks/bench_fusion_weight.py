@@ -5,14 +5,14 @@ range of both evaluation texts.
     python benchmarks/bench_fusion_weight.py --work /work/dmx_traj \\
         --kl '/work/traj_kl/kl-s{seed}' --kl-out '/work/fuse1/kl-{bits}-s{seed}' \\
         --targets 4.5 5 6 --seeds 0 1 2 3 4 --weights 0.25 0.5 0.75 \\
-        --windows 0:40 [--with-search] [--fraction 0.5] [--threads 1] [--jobs 2] \
+        --windows 0:40 [--with-search] [--fraction 0.5 [F ...]] [--threads 1] [--jobs 2] \
         [--results DIR]
 
 The fused score is (1 - w) x rank(the search's offset) + w x rank(KL's sensitivity)
 (dmx.search.rank_fusion.fused_order; w = 0.5 is `dmx combine --kl`'s rule). For each
 search ``dmx-default-<bits>-s<seed>`` of --work, the offsets are those `dmx search`
 assigns from (the mean of the last --fraction of its steps, `--average-last`; 0: the final
-offsets), ranked with the sensitivities of the KL OUT --kl, promoted greedily to the
+offsets; with several fractions, each one's columns and its difference from the first's), ranked with the sensitivities of the KL OUT --kl, promoted greedily to the
 search's budget (KL's rule), fake-quantized (dmx.nn.layers.apply_formats) and scored on
 windows FIRST:END of 256 tokens of WikiText test and TinyStories. The KL side is the KL
 OUT --kl-out of the same budget and seed, fake-quantized with its manifest's formats
@@ -64,7 +64,9 @@ def _parse(argv=None):
     p.add_argument("--windows", nargs="+", default=["0:40"], metavar="FIRST:END",
                    help="window ranges scored; with several, a table per range and one of "
                         "all of them pooled")
-    p.add_argument("--fraction", type=float, default=0.5)
+    p.add_argument("--fraction", nargs="+", type=float, default=[0.5],
+                   help="`--average-last` fractions (0: the final offsets); with several, "
+                        "each is also compared with the first")
     p.add_argument("--with-search", action="store_true",
                    help="also each search alone (its trajectory mean, repaired) against KL")
     p.add_argument("--threads", type=int, default=1)
@@ -168,12 +170,13 @@ def _jobs(args, first: int, count: int) -> list:
             seeds = _members(tag)
             searches = tuple(args.work / f"dmx-default-{bits}-s{s}" for s in seeds)
             kls = tuple(Path(args.kl.format(seed=s)) for s in seeds)
-            for w in args.weights:
-                out.append((("fused", searches, kls, w, args.fraction),
-                            cache / f"fused-{bits}-s{tag}-w{w:g}-f{args.fraction:g}-{rng}.json"))
-            if args.with_search:
-                out.append((("search", searches, args.fraction),
-                            cache / f"search-{bits}-s{tag}-f{args.fraction:g}-{rng}.json"))
+            for f in args.fraction:
+                for w in args.weights:
+                    out.append((("fused", searches, kls, w, f),
+                                cache / f"fused-{bits}-s{tag}-w{w:g}-f{f:g}-{rng}.json"))
+                if args.with_search:
+                    out.append((("search", searches, f),
+                                cache / f"search-{bits}-s{tag}-f{f:g}-{rng}.json"))
             for seed in seeds:   # each KL baseline once, even where two sets share it
                 kl_out = Path(args.kl_out.format(bits=bits, seed=seed))
                 # windows 0-...: its own `dmx eval --save` results, when it has them
@@ -210,42 +213,53 @@ def main(argv=None) -> int:
         return _saved(Path(args.kl_out.format(bits=bits, seed=seed)), TEXTS[name],
                       count)["window_nll"]
 
-    def side(bits, tag, name, w, first, count) -> list:
+    def side(bits, tag, name, w, f, first, count) -> list:
         """One entry's window losses on one range (w: a weight, "search", or None for KL:
-        the KL baselines of a set's seeds, their window losses averaged)."""
+        the KL baselines of a set's seeds, their window losses averaged; f: the fraction)."""
         rng = f"{first}-{first + count}"
         if w is None:
             return list(np.mean([kl_side(bits, s, name, first, count)
                                  for s in _members(tag)], axis=0))
-        f = (cache / f"search-{bits}-s{tag}-f{args.fraction:g}-{rng}.json" if w == "search"
-             else cache / f"fused-{bits}-s{tag}-w{w:g}-f{args.fraction:g}-{rng}.json")
-        return done[f]["results"][name]["window_nll"]
+        file = (cache / f"search-{bits}-s{tag}-f{f:g}-{rng}.json" if w == "search"
+                else cache / f"fused-{bits}-s{tag}-w{w:g}-f{f:g}-{rng}.json")
+        return done[file]["results"][name]["window_nll"]
 
-    def losses(bits, name, w, ranges) -> list:
+    def losses(bits, name, w, f, ranges) -> list:
         """The window losses over ``ranges`` (concatenated), averaged over the seeds."""
-        return list(np.mean([sum((side(bits, s, name, w, *r) for r in ranges), [])
+        return list(np.mean([sum((side(bits, s, name, w, f, *r) for r in ranges), [])
                              for s in args.seeds], axis=0))
+
+    several = len(args.fraction) > 1
+    kinds = (["search"] if args.with_search else []) + args.weights
+    entries = [(f, w) for f in args.fraction for w in kinds]
+
+    def label(f, w) -> str:
+        what = "search alone" if w == "search" else f"w = {w:g}"
+        return f"f = {f:g}, {what}" if several else what
+
+    # the differences shown: each weight from w = 0.5 at the same fraction, and with
+    # several fractions each entry from the first fraction's
+    pairs = [((f, 0.5), (f, w)) for f, w in entries
+             if 0.5 in args.weights and w not in ("search", 0.5)]
+    pairs += [((args.fraction[0], w), (f, w)) for f, w in entries if f != args.fraction[0]]
 
     def table(ranges) -> list:
         rows = []
         for bits in args.targets:
             for name in TEXTS:
-                kl = losses(bits, name, None, ranges)
+                kl = losses(bits, name, None, None, ranges)
                 cells = [f"{np.exp(np.mean(kl)):.2f}"]
-                for w in (["search"] if args.with_search else []) + args.weights:
-                    ours = losses(bits, name, w, ranges)
+                for f, w in entries:
+                    ours = losses(bits, name, w, f, ranges)
                     cells.append(f"{np.exp(np.mean(ours)):.2f}: "
                                  + paired_line(paired(kl, ours)))
-                if 0.5 in args.weights:
-                    base = losses(bits, name, 0.5, ranges)
-                    cells += [paired_line(paired(base, losses(bits, name, w, ranges)))
-                              for w in args.weights if w != 0.5]
+                cells += [paired_line(paired(losses(bits, name, a[1], a[0], ranges),
+                                             losses(bits, name, b[1], b[0], ranges)))
+                          for a, b in pairs]
                 rows.append(f"| {bits} | {name} | " + " | ".join(cells) + " |")
-        others = [w for w in args.weights if w != 0.5] if 0.5 in args.weights else []
         head = (["bits", "text", "KL ppl"]
-                + (["search alone: ppl, minus KL"] if args.with_search else [])
-                + [f"w = {w:g}: ppl, minus KL" for w in args.weights]
-                + [f"w = {w:g} minus w = 0.5" for w in others])
+                + [f"{label(f, w)}: ppl, minus KL" for f, w in entries]
+                + [f"{label(*b)} minus {label(*a)}" for a, b in pairs])
         which = " + ".join(f"{a}-{a + n - 1}" for a, n in ranges)
         return [f"## Windows {which}", "", "| " + " | ".join(head) + " |",
                 "|" + "---|" * len(head), *rows, ""]
@@ -254,6 +268,8 @@ def main(argv=None) -> int:
     if len(args.ranges) > 1:
         tables += table(args.ranges)
     names = "+".join(f"{a}-{a + n}" for a, n in args.ranges)
+    if several:
+        names += "-f" + "+".join(f"{f:g}" for f in args.fraction)
     text = "\n".join([
         "# Fusion weight: one search fused with its KL baseline", "",
         f"Command: `python benchmarks/bench_fusion_weight.py {' '.join(argv or sys.argv[1:])}`  ",
@@ -261,7 +277,9 @@ def main(argv=None) -> int:
         f"min. Seeds {', '.join(args.seeds)} pooled (each side's window losses averaged over "
         f"the seeds); windows of {SEQLEN} tokens of each text, every token scored; w = KL's "
         f"share of the fused rank; offsets: "
-        f"{'the mean of the last %g of the steps' % args.fraction if args.fraction else 'final'}. "
+        + ", ".join(f"f = {f:g}: " + (f"the mean of the last {f:g} of the steps" if f
+                                      else "the final ones") for f in args.fraction)
+        + ". "
         f"Paired differences, 95 % interval over the windows, tie when it includes 0.", "",
         *tables])
     args.results.mkdir(parents=True, exist_ok=True)

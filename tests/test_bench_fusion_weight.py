@@ -54,6 +54,23 @@ def test_weights_half_and_one_are_combine_kl_and_kl_itself_on_any_windows(tmp_pa
     assert rows(parts[3]) == rows(whole) and len(rows(whole)) == 2
     with pytest.raises(SystemExit):
         fw.main([*common, "--windows", "3:3"])
+    # several fractions: each entry also minus the first fraction's; w = 1 is KL's own
+    # assignment at any fraction, so the second fraction's is reused, not rescored
+    at = common.index("--fraction") + 1
+    assert fw.main([*common[:at], "0", "0.5", *common[at + 1:], "--with-search",
+                    "--windows", "0:2"]) == 0
+    cache = res / "cache"
+    reused = json.loads((cache / "fused-5-s0-w1-f0.5-0-2.json").read_text())
+    assert "from" in reused and reused["formats"] == _formats(kl)
+    table = (res / "fusion_weight-0-2-f0+0.5.md").read_text()
+    head = next(r for r in table.splitlines() if r.startswith("| bits |")).split(" | ")
+    column = head.index("f = 0.5, search alone minus f = 0, search alone")
+    from dmx.eval.paired import paired, paired_line
+    for name in fw.TEXTS:
+        a, b = (json.loads((cache / f"search-5-s0-f{f}-0-2.json").read_text())
+                ["results"][name]["window_nll"] for f in ("0", "0.5"))
+        row = next(r for r in table.splitlines() if r.startswith(f"| 5 | {name} |"))
+        assert row.split(" | ")[column] == paired_line(paired(a, b))
 
 
 @pytest.mark.usefixtures("single_threaded")
