@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def sample_texts(model, tok, sequences: int, tokens: int, seed: int, batch: int = 32) -> list:
     """``sequences`` texts of exactly ``tokens`` sampled tokens each (temperature 1, the
-    whole distribution), from the BOS token (the EOS token where there is none)."""
+    whole distribution), from the BOS token (the EOS token where there is none), ``batch``
+    at a time. The sample depends on the seed and on the batching."""
     import torch
     from tqdm import tqdm
 
