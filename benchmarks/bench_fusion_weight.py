@@ -14,8 +14,9 @@ search ``dmx-default-<bits>-s<seed>`` of --work, the offsets are those `dmx sear
 assigns from (the mean of the last --fraction of its steps, `--average-last`; 0: the final
 offsets; with several fractions, each one's columns and its difference from the first's),
 ranked with the sensitivities of the KL OUT --kl, promoted greedily to the search's budget
-(KL's rule), fake-quantized (dmx.nn.layers.apply_formats) and scored on of 256 tokens of WikiText test and TinyStories. The KL side is the KL
-OUT --kl-out of the same budget and seed, fake-quantized with its manifest's formats
+(KL's rule), fake-quantized (dmx.nn.layers.apply_formats) and scored on windows FIRST:END
+of 256 tokens of WikiText test and TinyStories. The KL side is the KL OUT --kl-out of the
+same budget and seed, fake-quantized with its manifest's formats
 (``--windows 0:40``: its `dmx eval --save` results, the numbers every earlier table used).
 ``--with-search`` also scores each search alone: its trajectory mean put on the nearest
 rungs and repaired to the budget, as `dmx search --average-last` assigns
