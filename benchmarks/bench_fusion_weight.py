@@ -121,10 +121,13 @@ def _same_scoring(cache: Path, model_dir: str, formats: dict, acts: dict) -> dic
 
 
 def score(job: tuple, cache: Path, threads: int | None, first: int, count: int) -> dict:
-    """Scores of one job (:func:`formats_of`), cached."""
-    if cache.is_file():
-        return json.loads(cache.read_text())
+    """Scores of one job (:func:`formats_of`), cached; a cached record of other formats (made
+    by an older rule) is scored again."""
     model_dir, formats, acts = formats_of(job)
+    if cache.is_file():
+        record = json.loads(cache.read_text())
+        if record["formats"] == formats:
+            return record
     same = _same_scoring(cache, model_dir, formats, acts)
     if same is not None:
         record = {**same, "job": [str(j) for j in job], "from": same["job"]}

@@ -94,7 +94,9 @@ def assignment(outs: list, fraction: float, kl: list | None = None,
     "formats", "acts" (input formats), "repair", "steps", "final" (the first OUT's own
     formats)}. ``kl``: KL OUTs to fuse the mean with, by `dmx combine --kl`'s rule
     (dmx.search.rank_fusion, KL's share of the rank ``kl_weight``) instead of the nearest
-    rung and the repair."""
+    rung and the repair. The repair fills (promotes while a unit fits under the target), as
+    the default recipe of `dmx search` and `dmx combine --fill-budget` do, also where the
+    search itself ran with --no-fill-budget (the sweeps do, to show where it lands)."""
     from dmx.outdir import read_manifest, read_search_log
     from dmx.quant.anneal import hard_rung
     from dmx.quant.ladders import get_ladder
@@ -137,8 +139,11 @@ def score(outs: list, fraction: float, cache: Path, threads: int | None,
           windows: int, kl: list | None = None) -> dict:
     """:func:`assignment` of ``outs`` and its scores on the first ``windows`` windows of
     each text (cached)."""
-    if cache.is_file():
-        return json.loads(cache.read_text())
+    a = assignment(outs, fraction, kl)
+    if cache.is_file():   # a record of other formats (an older rule) is scored again
+        record = json.loads(cache.read_text())
+        if record["formats"] == a["formats"]:
+            return record
     from dmx import data
     from dmx.nn.layers import apply_formats
     from dmx.threads import set_threads
@@ -146,7 +151,6 @@ def score(outs: list, fraction: float, cache: Path, threads: int | None,
     if threads:   # a worker process of its own (inline, the caller's setting stands)
         set_threads(threads)
     t0 = time.time()
-    a = assignment(outs, fraction, kl)
     model, tok = data.load_model_and_tokenizer(a["model"])
     apply_formats(model, a["formats"], a["acts"])
     results = score_on_texts(model, tok, windows)

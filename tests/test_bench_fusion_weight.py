@@ -44,6 +44,15 @@ def test_weights_half_and_one_are_combine_kl_and_kl_itself_on_any_windows(tmp_pa
         assert rec["results"][name]["window_nll"] == fw._saved(kl, text, 4)["window_nll"][1:]
     table = (res / "fusion_weight-1-4.md").read_text()
     assert "| w = 1 minus w = 0.5 |" in table
+    # a cached record of other formats (an older rule's) is scored again, not trusted
+    stale = res / "cache" / "fused-5-s0-w0.5-f0-1-4.json"
+    good = json.loads(stale.read_text())
+    name = next(iter(good["formats"]))
+    wrong = {**good, "formats": {**good["formats"], name: "stale"}, "results": {}}
+    stale.write_text(json.dumps(wrong))
+    assert fw.main([*common, "--windows", "1:4"]) == 0
+    again = json.loads(stale.read_text())
+    assert again["formats"] == good["formats"] and again["results"] == good["results"]
     # two ranges: a table each, then both pooled -- the same rows as the whole range
     assert fw.main([*common, "--with-search", "--windows", "0:2", "2:4"]) == 0
     assert fw.main([*common, "--with-search", "--windows", "0:4"]) == 0
