@@ -12,6 +12,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from build_smollm2 import DEFAULT_OUT  # noqa: E402  (where the benchmarks' model is built)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,8 +44,8 @@ def sample_texts(model, tok, sequences: int, tokens: int, seed: int, batch: int 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=str(Path.home() / ".cache" / "dmx"
-                                          / "smollm2-135m-instruct-f32"))
+    p.add_argument("--model", default=str(DEFAULT_OUT.expanduser()),
+                   help="a Hugging Face causal LM dir (default: build_smollm2.py's output)")
     p.add_argument("--sequences", type=int, default=160)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
