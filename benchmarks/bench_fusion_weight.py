@@ -173,7 +173,9 @@ def _jobs(args, first: int, count: int) -> list:
         for tag in args.seeds:
             seeds = _members(tag)
             searches = tuple(args.work / f"dmx-default-{bits}-s{s}" for s in seeds)
-            kls = tuple(Path(args.kl.format(seed=s)) for s in seeds)
+            # a KL OUT shared by two members (a pair linked to one baseline) is fused once:
+            # `dmx combine` refuses it twice, and averaging it with itself changes nothing
+            kls = tuple(dict.fromkeys(Path(args.kl.format(seed=s)).resolve() for s in seeds))
             for f in args.fraction:
                 for w in args.weights:
                     out.append((("fused", searches, kls, w, f),

@@ -30,7 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-DEFAULT_MODEL = Path.home() / ".cache" / "dmx" / "smollm2-135m-instruct-f32"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling build_smollm2
+from build_smollm2 import DEFAULT_OUT  # noqa: E402  (where the benchmarks' model is built)
+
+DEFAULT_MODEL = DEFAULT_OUT.expanduser()
 
 
 def signal_parser(description: str, kl_help: str, results_name: str):

@@ -41,7 +41,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = Path.home() / ".cache" / "dmx" / "smollm2-135m-instruct-f32"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling build_smollm2
+from build_smollm2 import DEFAULT_OUT  # noqa: E402  (where the benchmarks' model is built)
+
+MODEL = DEFAULT_OUT.expanduser()
 TEXTS = {"WikiText": ROOT / "dmx" / "data" / "wikitext-2-raw" / "wiki.test.raw",
          "TinyStories": ROOT / "benchmarks" / "data" / "tinystories" / "eval.txt"}
 SEQLEN, WINDOWS = 256, 40

@@ -61,7 +61,10 @@ sys.path.insert(0, str(ROOT))
 
 from dmx import data  # noqa: E402  (light: no torch; the paths of the embedded assets)
 
-DEFAULT_MODEL = Path.home() / ".cache" / "dmx" / "smollm2-135m-instruct-f32"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling build_smollm2
+from build_smollm2 import DEFAULT_OUT  # noqa: E402  (where the benchmarks' model is built)
+
+DEFAULT_MODEL = DEFAULT_OUT.expanduser()
 STAGES = ("search", "baseline", "eval", "table")
 # set when a command fails under --jobs: the other chains start no new command
 _STOP = threading.Event()

@@ -26,7 +26,10 @@ from pathlib import Path
 from dmx.outdir import atomic_write_text, read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOLLM2 = Path.home() / ".cache" / "dmx" / "smollm2-135m-instruct-f32"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling build_smollm2
+from build_smollm2 import DEFAULT_OUT  # noqa: E402  (where the benchmarks' model is built)
+
+SMOLLM2 = DEFAULT_OUT.expanduser()
 EMBEDDED = ROOT / "dmx" / "data" / "tiny-qwen3"
 
 

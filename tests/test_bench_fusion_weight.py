@@ -108,3 +108,15 @@ def test_a_seed_set_is_dmx_combine_with_and_without_kl(tmp_path):
         mean = [(a + b) / 2 for a, b in zip(kl[0][name]["window_nll"], kl[1][name]["window_nll"])]
         want = f"| 5 | {name} | {np.exp(np.mean(mean)):.2f} |"
         assert want in (res / "fusion_weight-2-4.md").read_text()
+    # a pair whose members share one KL baseline (linked under two seeds) fuses it once,
+    # as `dmx combine S0 S1 --kl K0` (combine refuses the same baseline given twice)
+    (tmp_path / "dmx-default-5-s2").symlink_to(s1)
+    (tmp_path / "kl-s2").symlink_to(k0)
+    once = tmp_path / "fused01-k0"
+    assert main(["combine", str(s0), str(s1), "--kl", str(k0), "-o", str(once)]) == 0
+    assert fw.main(["--work", str(tmp_path), "--kl", str(tmp_path / "kl-s{seed}"),
+                    "--kl-out", str(tmp_path / "kl-s{seed}"), "--targets", "5", "--seeds",
+                    "0.2", "--weights", "0.5", "--fraction", "0", "--windows", "2:4",
+                    "--jobs", "1", "--results", str(res)]) == 0
+    assert json.loads((cache / "fused-5-s0.2-w0.5-f0-2-4.json").read_text())["formats"] == \
+        _formats(once)
