@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_rank_fusion import TEXTS, WINDOWS  # noqa: E402  (one protocol)
-from bench_trajectory_mean import _minus, _result  # noqa: E402
+from bench_trajectory_mean import pooled_minus, saved_result  # noqa: E402
 
 
 def scored(path: Path, name: str, text: Path, windows: int) -> dict:
@@ -39,7 +39,7 @@ def scored(path: Path, name: str, text: Path, windows: int) -> dict:
         raise SystemExit(f"bench_paired_runs: {path} has no eval.json; run `dmx eval --save` "
                          f"on it")
     else:
-        result = _result(path, text, windows)
+        result = saved_result(path, text, windows)
     if result is None or result.get("window_nll") is None:
         raise SystemExit(f"bench_paired_runs: {path} is not scored on {name} ({text}, "
                          f"{windows} windows)")
@@ -76,7 +76,7 @@ def compare(args) -> list[str]:
                 return [scored(Path(pattern.format(bits=bits, seed=s)), name, text,
                                args.max_windows) for s in args.seeds]
             ours = runs(args.ours)
-            cells = [f"minus {label}: " + _minus(args.seeds, runs(pattern), ours)
+            cells = [f"minus {label}: " + pooled_minus(args.seeds, runs(pattern), ours)
                      for label, pattern in args.theirs]
             lines.append(f"- {bits} bits, {name}: " + " | ".join(cells))
     return lines

@@ -82,7 +82,7 @@ def trajectory_mean(log: dict, fraction: float, ladder) -> dict:
     return dict(zip(units, mean_of_last_steps(steps, fraction, ladder)))
 
 
-def _result(out: Path, text: Path, windows: int) -> dict | None:
+def saved_result(out: Path, text: Path, windows: int) -> dict | None:
     from dmx.outdir.evaljson import find_result, load_eval
     return find_result(load_eval(out), text, SEQLEN, windows)
 
@@ -179,7 +179,7 @@ def _cells(ours: dict, theirs: dict | None) -> str:
     return "; ".join(cells)
 
 
-def _minus(seeds: list, theirs: list, ours: list) -> str:
+def pooled_minus(seeds: list, theirs: list, ours: list) -> str:
     """"pooled <cell>; s0 <cell>; ...": ``ours`` minus ``theirs`` (per-seed results with
     window losses), paired window by window, pooled by averaging each side over seeds."""
     from dmx.eval.paired import paired, paired_cell
@@ -204,11 +204,11 @@ def _fused_each(args, jobs: list, done: list) -> list:
                 if f > 0:
                     base = [got[bits, s, 0.0][name] for s in args.seeds]
                     cells.append("minus fused from the final offsets: "
-                                 + _minus(args.seeds, base, ours))
+                                 + pooled_minus(args.seeds, base, ours))
                 if args.against_kl:
-                    kls = [_result(Path(args.against_kl.format(bits=bits, seed=s)), text,
+                    kls = [saved_result(Path(args.against_kl.format(bits=bits, seed=s)), text,
                                    args.max_windows) for s in args.seeds]
-                    cells.append("minus KL: " + _minus(args.seeds, kls, ours))
+                    cells.append("minus KL: " + pooled_minus(args.seeds, kls, ours))
                 which = "final offsets" if f == 0.0 else f"last {f:g}"
                 ppl = np.exp(np.mean([r["window_nll"] for r in ours]))
                 lines.append(f"- {bits} bits, fused from the {which}, {name} (pooled ppl "
@@ -226,9 +226,9 @@ def _against_kl(args, jobs: list, done: list) -> list:
                 ours, theirs = [], []
                 for seed in args.seeds:
                     kl = Path(args.against_kl.format(bits=bits, seed=seed))
-                    theirs.append(_result(kl, text, args.max_windows))
+                    theirs.append(saved_result(kl, text, args.max_windows))
                     if f == 0.0:
-                        ours.append(_result(args.work / f"dmx-default-{bits}-s{seed}", text,
+                        ours.append(saved_result(args.work / f"dmx-default-{bits}-s{seed}", text,
                                             args.max_windows))
                     else:
                         ours += [r["results"][name] for (kind, b, who, ff, _, _), r
@@ -239,7 +239,7 @@ def _against_kl(args, jobs: list, done: list) -> list:
                                      f"{name}; run `dmx eval --save` on it")
                 which = "its own OUT" if f == 0.0 else f"last {f:g}"
                 lines.append(f"- {bits} bits, {which}, {name}: "
-                             + _minus(args.seeds, theirs, ours))
+                             + pooled_minus(args.seeds, theirs, ours))
     return lines
 
 
@@ -311,7 +311,7 @@ def main(argv=None) -> int:
                 f"{len(rec['differ_from_final'])} layers differ from the first search's "
                 f"final assignment; ")
         if kind == "one":
-            own = {name: _result(outs[0], text, args.max_windows)
+            own = {name: saved_result(outs[0], text, args.max_windows)
                    for name, text in TEXTS.items()}
             lines.append(head + _cells(rec["results"], own))
         elif f == 0.0:
@@ -326,7 +326,7 @@ def main(argv=None) -> int:
     for bits in args.targets:
         for f in args.fractions:
             for name, text in TEXTS.items():
-                pairs = [(_result(o[0], text, args.max_windows), r["results"][name])
+                pairs = [(saved_result(o[0], text, args.max_windows), r["results"][name])
                          for (kind, b, _, ff, o, _), r in zip(jobs, done)
                          if kind == "one" and b == bits and ff == f]
                 if not pairs or any(p is None or p.get("window_nll") is None

@@ -58,12 +58,12 @@ def test_the_final_steps_alone_reproduce_the_searchs_and_combines_own_outs(tmp_p
         rec = json.loads((res / "cache" / f"{out.name}-f0.01-w2.json").read_text())
         assert rec["differ_from_final"] == [] and rec["moves"] == 0
         for name, text in traj.TEXTS.items():
-            assert rec["results"][name]["window_nll"] == traj._result(out, text, 2)["window_nll"]
+            assert rec["results"][name]["window_nll"] == traj.saved_result(out, text, 2)["window_nll"]
     rec = json.loads((res / "cache" / "comb-5-0.1-f0-w2.json").read_text())
     assert rec["formats"] == {n: e["format"] for n, e in
                               json.loads((comb / "dmx_manifest.json").read_text())["layers"].items()}
     for name, text in traj.TEXTS.items():
-        assert rec["results"][name]["window_nll"] == traj._result(comb, text, 2)["window_nll"]
+        assert rec["results"][name]["window_nll"] == traj.saved_result(comb, text, 2)["window_nll"]
     report = (res / "trajectory_mean-s0.1.md").read_text()
     assert "+0.00 ppl" in report
     against = [line for line in report.splitlines() if line.startswith("- 5 bits, its own")]
@@ -85,5 +85,5 @@ def test_kl_each_fused_from_the_final_offsets_is_dmx_combine_kl(tmp_path):
     assert rec["formats"] == {n: e["format"] for n, e in
                               json.loads((fused / "dmx_manifest.json").read_text())["layers"].items()}
     for name, text in traj.TEXTS.items():
-        assert rec["results"][name]["window_nll"] == traj._result(fused, text, 2)["window_nll"]
+        assert rec["results"][name]["window_nll"] == traj.saved_result(fused, text, 2)["window_nll"]
     assert "fused from the last 0.5" in (res / "trajectory_mean-s0.md").read_text()
