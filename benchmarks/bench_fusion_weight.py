@@ -68,6 +68,10 @@ def _parse(argv=None):
     p.add_argument("--fraction", nargs="+", type=float, default=[0.5],
                    help="`--average-last` fractions (0: the final offsets); with several, "
                         "each is also compared with the first")
+    p.add_argument("--rule", choices=("mean", "max"), default="mean",
+                   help="how the two ranks fuse (dmx.search.rank_fusion.fused_order): mean "
+                        "(`dmx combine --kl`, at each --weights) or max, the better of the two "
+                        "(--weights unused)")
     p.add_argument("--with-search", action="store_true",
                    help="also each search alone (its trajectory mean, repaired) against KL")
     p.add_argument("--threads", type=int, default=1)
@@ -75,6 +79,8 @@ def _parse(argv=None):
     p.add_argument("--results", type=Path,
                    default=ROOT / "benchmarks" / "results" / "recipes-fusion-weight")
     args = p.parse_args(argv)
+    if args.rule == "max":
+        args.weights = ["max"] if args.weights else []
     args.ranges = []
     for r in args.windows:
         first, _, end = r.partition(":")
@@ -101,7 +107,9 @@ def formats_of(job: tuple) -> tuple:
     if job[0] == "search":
         a = assignment(list(job[1]), job[2])
     else:
-        a = assignment(list(job[1]), job[4], kl=list(job[2]), kl_weight=job[3])
+        w = job[3]
+        a = (assignment(list(job[1]), job[4], kl=list(job[2]), rule="max") if w == "max"
+             else assignment(list(job[1]), job[4], kl=list(job[2]), kl_weight=w))
     return a["model"], a["formats"], a["acts"]
 
 
@@ -161,6 +169,11 @@ def _saved(out: Path, text: Path, count: int) -> dict | None:
     return find_result(load_eval(out), text, SEQLEN, count)
 
 
+def _tag(w) -> str:
+    """A fused entry's name in the cache files: its KL weight, or "max" (the max rule)."""
+    return w if w == "max" else f"{w:g}"
+
+
 def _members(tag: str) -> list:
     """The seeds of a --seeds entry: "0" is one search, "0.1.2" a set of three."""
     return tag.split(".")
@@ -179,7 +192,7 @@ def _jobs(args, first: int, count: int) -> list:
             for f in args.fraction:
                 for w in args.weights:
                     out.append((("fused", searches, kls, w, f),
-                                cache / f"fused-{bits}-s{tag}-w{w:g}-f{f:g}-{rng}.json"))
+                                cache / f"fused-{bits}-s{tag}-w{_tag(w)}-f{f:g}-{rng}.json"))
                 if args.with_search:
                     out.append((("search", searches, f),
                                 cache / f"search-{bits}-s{tag}-f{f:g}-{rng}.json"))
@@ -227,7 +240,7 @@ def main(argv=None) -> int:
             return list(np.mean([kl_side(bits, s, name, first, count)
                                  for s in _members(tag)], axis=0))
         file = (cache / f"search-{bits}-s{tag}-f{f:g}-{rng}.json" if w == "search"
-                else cache / f"fused-{bits}-s{tag}-w{w:g}-f{f:g}-{rng}.json")
+                else cache / f"fused-{bits}-s{tag}-w{_tag(w)}-f{f:g}-{rng}.json")
         return done[file]["results"][name]["window_nll"]
 
     def losses(bits, name, w, f, ranges) -> list:
@@ -240,7 +253,8 @@ def main(argv=None) -> int:
     entries = [(f, w) for f in args.fraction for w in kinds]
 
     def label(f, w) -> str:
-        what = "search alone" if w == "search" else f"w = {w:g}"
+        what = ("search alone" if w == "search" else "the better rank" if w == "max"
+                else f"w = {w:g}")
         return f"f = {f:g}, {what}" if several else what
 
     # the differences shown: each weight from w = 0.5 at the same fraction, and with

@@ -120,3 +120,21 @@ def test_a_seed_set_is_dmx_combine_with_and_without_kl(tmp_path):
                     "--jobs", "1", "--results", str(res)]) == 0
     assert json.loads((cache / "fused-5-s0.2-w0.5-f0-2-4.json").read_text())["formats"] == \
         _formats(once)
+
+
+@pytest.mark.usefixtures("single_threaded")
+def test_the_max_rule_scores_the_better_rank_fusion(tmp_path):
+    """--rule max: one fused entry per search, the greedy promotion in fused_order's "max"
+    order (bench_trajectory_mean.assignment, rule="max"), cached apart from the mean's."""
+    traj = load_script("benchmarks/bench_trajectory_mean.py")
+    s0, k0 = search_and_kl(tmp_path, 0)
+    res = tmp_path / "res"
+    assert fw.main(["--work", str(tmp_path), "--kl", str(tmp_path / "kl-s{seed}"), "--kl-out",
+                    str(tmp_path / "kl-s{seed}"), "--targets", "5", "--seeds", "0",
+                    "--rule", "max", "--fraction", "0", "--windows", "0:2", "--jobs", "1",
+                    "--results", str(res)]) == 0
+    rec = json.loads((res / "cache" / "fused-5-s0-wmax-f0-0-2.json").read_text())
+    assert rec["formats"] == traj.assignment([s0], 0.0, kl=[k0], rule="max")["formats"]
+    # on this search the two rules part (2 of 42 layers): the rule reached the assignment
+    assert rec["formats"] != traj.assignment([s0], 0.0, kl=[k0])["formats"]
+    assert "the better rank: ppl, minus KL" in (res / "fusion_weight-0-2.md").read_text()

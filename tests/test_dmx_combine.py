@@ -300,3 +300,24 @@ def test_fused_order_kl_weight_moves_the_rank_between_the_two_rankings():
     assert score == {"a": 0.75, "b": 0.25, "c": 0.5} and order == ["a", "c", "b"]
     with pytest.raises(DMXError, match=r"KL weight must be in \[0, 1\]"):
         fused_order(mean, sens, kl_weight=1.5)
+
+
+def test_fused_order_max_rule_takes_each_sides_top_before_the_compromises():
+    """rule="max": a unit's score is the better of its two ranks, ties by the worse one.
+    Each side's first pick comes before a unit both rank second; "mean" ranks it first."""
+    from dmx.errors import DMXError
+    from dmx.search.rank_fusion import fused_order
+
+    # a: the search's top, KL's bottom; b: KL's top, the search's bottom; c: both second
+    mean = {"a": 3.0, "b": 0.0, "c": 2.0, "d": 1.0}
+    sens = {"a": 0.0, "b": 3.0, "c": 2.0, "d": 1.0}
+    order, score = fused_order(mean, sens, rule="max")
+    assert score == {"a": 1.0, "b": 1.0, "c": 2 / 3, "d": 1 / 3}
+    assert order == ["a", "b", "c", "d"]   # a before b: the search's mean offset breaks it
+    assert fused_order(mean, sens)[0][0] == "c"   # the mean rule: the compromise first
+    # equal better ranks: the worse rank decides
+    order, _ = fused_order({"a": 3.0, "b": 1.0, "c": 2.0}, {"a": 0.0, "b": 1.0, "c": 3.0},
+                           rule="max")
+    assert order == ["c", "a", "b"]   # a and c both top somewhere; c's worse rank is 0.5
+    with pytest.raises(DMXError, match="fusion rule 'median'"):
+        fused_order(mean, sens, rule="median")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from dmx.errors import DMXError
 
-__all__ = ["RULE", "percentile_ranks", "fused_order", "layer_signature",
+__all__ = ["RULE", "FUSION_RULES", "percentile_ranks", "fused_order", "layer_signature",
            "kl_sensitivities_of"]
 
 RULE = ("mean of the percentile ranks of the searches' mean offset and of the KL OUTs' "
@@ -56,19 +56,33 @@ def percentile_ranks(values: dict) -> dict:
     return rank
 
 
-def fused_order(mean: dict, sens: dict, kl_weight: float = 0.5) -> tuple[list, dict]:
+FUSION_RULES = ("mean", "max")
+
+
+def fused_order(mean: dict, sens: dict, kl_weight: float = 0.5,
+                rule: str = "mean") -> tuple[list, dict]:
     """(the units -- the keys of ``mean`` and ``sens``, in model order -- by decreasing
     fused score, ties by decreasing ``mean``, then model order; {unit: fused score}).
-    ``kl_weight``: KL's share of the fused score, (1 - w) x rank(mean) + w x rank(sens);
-    0.5 is the rule (benchmarks/results/recipes-fusion-weight/ tried 0.25 and 0.75)."""
+    ``rule`` "mean" (the rule): (1 - w) x rank(mean) + w x rank(sens), ``kl_weight`` = w
+    KL's share (benchmarks/results/recipes-fusion-weight/ tried 0.25 and 0.75). "max": the
+    better of the two ranks, ties by the worse one (``kl_weight`` unused), so a unit either
+    side ranks near the top comes first (benchmarks/results/recipes-fusion-max/)."""
     if set(mean) != set(sens):
         raise DMXError("fused_order: the two rankings name different units")
     if not 0.0 <= kl_weight <= 1.0:
         raise DMXError(f"the KL weight must be in [0, 1], got {kl_weight}")
+    if rule not in FUSION_RULES:
+        raise DMXError(f"fusion rule {rule!r}: use one of {', '.join(FUSION_RULES)}")
     rm, rs = percentile_ranks(mean), percentile_ranks(sens)
     units = list(mean)
-    score = {u: (1.0 - kl_weight) * rm[u] + kl_weight * rs[u] for u in units}
-    order = sorted(range(len(units)), key=lambda i: (-score[units[i]], -mean[units[i]], i))
+    if rule == "max":
+        score = {u: max(rm[u], rs[u]) for u in units}
+        second = {u: min(rm[u], rs[u]) for u in units}
+    else:
+        score = {u: (1.0 - kl_weight) * rm[u] + kl_weight * rs[u] for u in units}
+        second = {u: 0.0 for u in units}
+    order = sorted(range(len(units)),
+                   key=lambda i: (-score[units[i]], -second[units[i]], -mean[units[i]], i))
     return [units[i] for i in order], score
 
 
