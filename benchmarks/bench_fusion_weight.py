@@ -68,10 +68,10 @@ def _parse(argv=None):
     p.add_argument("--fraction", nargs="+", type=float, default=[0.5],
                    help="`--average-last` fractions (0: the final offsets); with several, "
                         "each is also compared with the first")
-    p.add_argument("--rule", choices=("mean", "max"), default="mean",
-                   help="how the two ranks fuse (dmx.search.rank_fusion.fused_order): mean "
-                        "(`dmx combine --kl`, at each --weights) or max, the better of the two "
-                        "(--weights unused)")
+    p.add_argument("--rule", nargs="+", choices=("mean", "max"), default=["mean"],
+                   help="how the two ranks fuse (dmx.search.rank_fusion.fused_order): mean, "
+                        "at each --weights, and/or max, the better of the two (no weight); "
+                        "with both, max is also compared with w = 0.5")
     p.add_argument("--with-search", action="store_true",
                    help="also each search alone (its trajectory mean, repaired) against KL")
     p.add_argument("--threads", type=int, default=1)
@@ -79,8 +79,8 @@ def _parse(argv=None):
     p.add_argument("--results", type=Path,
                    default=ROOT / "benchmarks" / "results" / "recipes-fusion-weight")
     args = p.parse_args(argv)
-    if args.rule == "max":
-        args.weights = ["max"] if args.weights else []
+    args.weights = (args.weights if "mean" in args.rule else []) + \
+        (["max"] if "max" in args.rule else [])
     args.ranges = []
     for r in args.windows:
         first, _, end = r.partition(":")
