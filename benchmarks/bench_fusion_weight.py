@@ -109,7 +109,7 @@ def formats_of(job: tuple) -> tuple:
     else:
         w = job[3]
         a = (assignment(list(job[1]), job[4], kl=list(job[2]), rule="max") if w == "max"
-             else assignment(list(job[1]), job[4], kl=list(job[2]), kl_weight=w))
+             else assignment(list(job[1]), job[4], kl=list(job[2]), kl_weight=w, rule="mean"))
     return a["model"], a["formats"], a["acts"]
 
 

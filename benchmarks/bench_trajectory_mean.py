@@ -88,12 +88,13 @@ def saved_result(out: Path, text: Path, windows: int) -> dict | None:
 
 
 def assignment(outs: list, fraction: float, kl: list | None = None,
-               kl_weight: float = 0.5, rule: str = "mean") -> dict:
+               kl_weight: float = 0.5, rule: str | None = None) -> dict:
     """The assignment of the trajectory mean of ``outs`` (one search, or the mean of
     several searches' trajectory means: a combination): {"model" (the source model dir),
     "formats", "acts" (input formats), "repair", "steps", "final" (the first OUT's own
     formats)}. ``kl``: KL OUTs to fuse the mean with, by `dmx combine --kl`'s rule
-    (dmx.search.rank_fusion, KL's share of the rank ``kl_weight``, its ``rule``) instead of the nearest
+    (dmx.search.rank_fusion: its ``rule``, None its DEFAULT_RULE; ``kl_weight`` KL's share
+    under "mean") instead of the nearest
     rung and the repair. The repair fills (promotes while a unit fits under the target), as
     the default recipe of `dmx search` and `dmx combine --fill-budget` do, also where the
     search itself ran with --no-fill-budget (the sweeps do, to show where it lands)."""
@@ -121,7 +122,7 @@ def assignment(outs: list, fraction: float, kl: list | None = None,
         from dmx.search.rank_fusion import fused_order, kl_sensitivities_of
         sens, _ = kl_sensitivities_of(kl, m, cfg, units)
         order, _ = fused_order({u: mean[u[0]] for u in units}, sens, kl_weight=kl_weight,
-                               rule=rule)
+                               **({"rule": rule} if rule else {}))
         rank = {u: float(len(order) - i) for i, u in enumerate(order)}
         formats = greedy_promote(units, rank, shapes, lad, cfg.target_bits, cfg.weighting,
                                  cfg.weights_only)

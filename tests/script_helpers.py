@@ -40,15 +40,17 @@ def search_and_kl(work: Path, seed: int = 0):
     return out, kl
 
 
-def search_kl_and_fused(work: Path, texts, seqlen: int, windows: int):
+def search_kl_and_fused(work: Path, texts, seqlen: int, windows: int, kl_rule: str = "max"):
     """What the fusion probes read: :func:`search_and_kl` of seed 0 and ``dmx combine`` of
-    the two, ``fused``; each scored with `dmx eval --save` on the first ``windows`` windows
-    of ``seqlen`` tokens of every text. -> (search, kl, fused) paths under ``work``."""
+    the two by ``kl_rule`` (--kl-rule), ``fused``; each scored with `dmx eval --save` on the
+    first ``windows`` windows of ``seqlen`` tokens of every text. -> (search, kl, fused)
+    paths under ``work``."""
     from dmx.cli import main
 
     out, kl = search_and_kl(work, 0)
     fused = work / "fused"
-    assert main(["combine", str(out), "--kl", str(kl), "-o", str(fused)]) == 0
+    assert main(["combine", str(out), "--kl", str(kl), "--kl-rule", kl_rule,
+                 "-o", str(fused)]) == 0
     for o in (out, kl, fused):
         for text in texts:
             assert main(["eval", str(o), "--data", str(text), "--seqlen", str(seqlen),

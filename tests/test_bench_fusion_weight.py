@@ -19,11 +19,12 @@ def _formats(out):
 
 @pytest.mark.usefixtures("single_threaded")   # main() sets this process's threads
 def test_weights_half_and_one_are_combine_kl_and_kl_itself_on_any_windows(tmp_path):
-    """w = 0.5 is `dmx combine SEARCH --kl KL` (formats and window losses); w = 1 ranks by
+    """w = 0.5 is `dmx combine SEARCH --kl KL --kl-rule mean` (formats and window losses);
+    w = 1 ranks by
     KL's sensitivities alone, so it is KL's own assignment. Scored from window 1 on, each
     is the later windows of the OUT's own `dmx eval` (the confirmation windows are a
     slice of the same tokenization)."""
-    _, kl, fused = search_kl_and_fused(tmp_path, fw.TEXTS.values(), fw.SEQLEN, 4)
+    _, kl, fused = search_kl_and_fused(tmp_path, fw.TEXTS.values(), fw.SEQLEN, 4, "mean")
     res = tmp_path / "res"
     common = ["--work", str(tmp_path), "--kl", str(tmp_path / "kl-s{seed}"), "--kl-out",
               str(tmp_path / "kl-s{seed}"), "--targets", "5", "--seeds", "0", "--weights",
@@ -84,15 +85,17 @@ def test_weights_half_and_one_are_combine_kl_and_kl_itself_on_any_windows(tmp_pa
 
 @pytest.mark.usefixtures("single_threaded")
 def test_a_seed_set_is_dmx_combine_with_and_without_kl(tmp_path):
-    """A dotted --seeds entry is a set: fused, `dmx combine S0 S1 --kl K0 K1`; alone, `dmx
+    """A dotted --seeds entry is a set: fused, `dmx combine S0 S1 --kl K0 K1 --kl-rule mean`
+    (--weights 0.5); alone, `dmx
     combine S0 S1` (final offsets, the fill); KL is the two baselines' losses averaged."""
     from dmx.cli import main
 
-    s0, k0, _ = search_kl_and_fused(tmp_path, fw.TEXTS.values(), fw.SEQLEN, 2)
+    s0, k0, _ = search_kl_and_fused(tmp_path, fw.TEXTS.values(), fw.SEQLEN, 2, "mean")
     s1, k1 = search_and_kl(tmp_path, 1)
     both, fused = tmp_path / "comb", tmp_path / "fused01"
     assert main(["combine", str(s0), str(s1), "--fill-budget", "-o", str(both)]) == 0
-    assert main(["combine", str(s0), str(s1), "--kl", str(k0), str(k1), "-o", str(fused)]) == 0
+    assert main(["combine", str(s0), str(s1), "--kl", str(k0), str(k1), "--kl-rule", "mean",
+                 "-o", str(fused)]) == 0
     res = tmp_path / "res"
     assert fw.main(["--work", str(tmp_path), "--kl", str(tmp_path / "kl-s{seed}"),
                     "--kl-out", str(tmp_path / "kl-s{seed}"), "--targets", "5", "--seeds",
@@ -113,7 +116,8 @@ def test_a_seed_set_is_dmx_combine_with_and_without_kl(tmp_path):
     (tmp_path / "dmx-default-5-s2").symlink_to(s1)
     (tmp_path / "kl-s2").symlink_to(k0)
     once = tmp_path / "fused01-k0"
-    assert main(["combine", str(s0), str(s1), "--kl", str(k0), "-o", str(once)]) == 0
+    assert main(["combine", str(s0), str(s1), "--kl", str(k0), "--kl-rule", "mean",
+                 "-o", str(once)]) == 0
     assert fw.main(["--work", str(tmp_path), "--kl", str(tmp_path / "kl-s{seed}"),
                     "--kl-out", str(tmp_path / "kl-s{seed}"), "--targets", "5", "--seeds",
                     "0.2", "--weights", "0.5", "--fraction", "0", "--windows", "2:4",
@@ -136,5 +140,5 @@ def test_the_max_rule_scores_the_better_rank_fusion(tmp_path):
     rec = json.loads((res / "cache" / "fused-5-s0-wmax-f0-0-2.json").read_text())
     assert rec["formats"] == traj.assignment([s0], 0.0, kl=[k0], rule="max")["formats"]
     # on this search the two rules part (2 of 42 layers): the rule reached the assignment
-    assert rec["formats"] != traj.assignment([s0], 0.0, kl=[k0])["formats"]
+    assert rec["formats"] != traj.assignment([s0], 0.0, kl=[k0], rule="mean")["formats"]
     assert "the better rank: ppl, minus KL" in (res / "fusion_weight-0-2.md").read_text()

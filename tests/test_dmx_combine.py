@@ -197,19 +197,29 @@ def test_one_search_fused_with_one_kl_baseline(searches, kl_outs, tmp_path, caps
     from dmx.eval.report import collect
     (row,) = collect([out])
     assert row["recipe"] == "default, one search, fused with 1 KL"
+    # --kl-rule mean: the mean of the two ranks, the rule before 2026-12-07
+    mean_out = tmp_path / "fused1-mean"
+    assert main(["combine", str(outs[1]), "--kl", str(kl_outs["s1"]), "--kl-rule", "mean",
+                 "-o", str(mean_out)]) == 0
+    _check_fusion([outs[1]], [kl_outs["s1"]], mean_out, rule="mean")
 
 
-def _check_fusion(inputs, kls, out):
+def _check_fusion(inputs, kls, out, rule: str = "max"):
     """OUT is the documented fusion with the KL OUTs of the offsets each search assigned
     from (under the default --average-last, the mean of its last steps, not its final
-    offsets)."""
+    offsets): ordered by the better of the two ranks, ties by the worse (``rule`` "mean":
+    by their mean)."""
     logs = [read_search_log(o) for o in inputs]
     assert any(log["final_offsets"] != log["offsets"] for log in logs)  # the key matters
     _, mean = _expected(inputs, fill=True)
     names = list(read_search_log(inputs[0])["offsets"])
     sens = [sum(read_manifest(k)["baseline"]["sensitivity"][n] for k in kls) for n in names]
-    score = [(a + b) / 2 for a, b in zip(_rank(mean), _rank(sens))]
-    order = sorted(range(len(names)), key=lambda i: (-score[i], -mean[i], i))
+    ranks = list(zip(_rank(mean), _rank(sens)))
+    if rule == "max":
+        score, second = [max(r) for r in ranks], [min(r) for r in ranks]
+    else:
+        score, second = [(a + b) / 2 for a, b in ranks], [0.0] * len(ranks)
+    order = sorted(range(len(names)), key=lambda i: (-score[i], -second[i], -mean[i], i))
     bits = {n: 4 for n in names}
     for i in order:
         trial = dict(bits, **{names[i]: 8})
@@ -219,6 +229,7 @@ def _check_fusion(inputs, kls, out):
     m = read_manifest(out)
     assert {n: e["format"] for n, e in m["layers"].items()} == expected
     fused = m["search"]["combined"]["kl"]
+    assert fused["rule_name"] == rule
     assert [i["manifest_sha256"] for i in fused["inputs"]] == \
         [read_manifest(k)["manifest_sha256"] for k in kls]
     assert [fused["scores"][n] for n in names] == pytest.approx(score, abs=1e-12)
@@ -247,6 +258,8 @@ def test_kl_fusion_refusals(searches, kl_outs, tmp_path, capsys):
     capsys.readouterr()
     fails(capsys, ["combine", a, b, "--kl", str(tmp_path / "kl-mlp"), *o],
           "quantizes other layers", tmp_path)
+    fails(capsys, ["combine", a, b, "--kl-rule", "mean", *o], "--kl-rule says how --kl fuses",
+          tmp_path)
 
 
 def test_inputs_are_never_replaced_or_written_into(searches, kl_outs, tmp_path, capsys):
@@ -282,9 +295,10 @@ def test_percentile_ranks_share_ties_and_span_zero_to_one():
     got = percentile_ranks({"a": 0.0, "b": 0.0, "c": 0.0, "d": 1.5, "e": 0.7})
     assert got == {"a": 0.25, "b": 0.25, "c": 0.25, "d": 1.0, "e": 0.75}
     assert percentile_ranks({"only": 5.0}) == {"only": 0.5}
-    # fused: c is second on both, a first on one and last on the other; equal fused
-    # scores go by the mean offset
-    order, score = fused_order({"a": 2.0, "b": 0.0, "c": 1.0}, {"a": 0.1, "b": 0.9, "c": 0.5})
+    # fused by the mean: c is second on both, a first on one and last on the other; equal
+    # fused scores go by the mean offset
+    order, score = fused_order({"a": 2.0, "b": 0.0, "c": 1.0}, {"a": 0.1, "b": 0.9, "c": 0.5},
+                               rule="mean")
     assert score == {"a": 0.5, "b": 0.5, "c": 0.5} and order == ["a", "c", "b"]
 
 
@@ -294,9 +308,9 @@ def test_fused_order_kl_weight_moves_the_rank_between_the_two_rankings():
 
     mean, sens = {"a": 2.0, "b": 0.0, "c": 1.0}, {"a": 0.1, "b": 0.9, "c": 0.5}
     # all of the weight on one side: that side's order alone
-    assert fused_order(mean, sens, kl_weight=0.0)[0] == ["a", "c", "b"]
-    assert fused_order(mean, sens, kl_weight=1.0)[0] == ["b", "c", "a"]
-    order, score = fused_order(mean, sens, kl_weight=0.25)
+    assert fused_order(mean, sens, kl_weight=0.0, rule="mean")[0] == ["a", "c", "b"]
+    assert fused_order(mean, sens, kl_weight=1.0, rule="mean")[0] == ["b", "c", "a"]
+    order, score = fused_order(mean, sens, kl_weight=0.25, rule="mean")
     assert score == {"a": 0.75, "b": 0.25, "c": 0.5} and order == ["a", "c", "b"]
     with pytest.raises(DMXError, match=r"KL weight must be in \[0, 1\]"):
         fused_order(mean, sens, kl_weight=1.5)
@@ -311,10 +325,10 @@ def test_fused_order_max_rule_takes_each_sides_top_before_the_compromises():
     # a: the search's top, KL's bottom; b: KL's top, the search's bottom; c: both second
     mean = {"a": 3.0, "b": 0.0, "c": 2.0, "d": 1.0}
     sens = {"a": 0.0, "b": 3.0, "c": 2.0, "d": 1.0}
-    order, score = fused_order(mean, sens, rule="max")
+    order, score = fused_order(mean, sens)   # the default rule
     assert score == {"a": 1.0, "b": 1.0, "c": 2 / 3, "d": 1 / 3}
     assert order == ["a", "b", "c", "d"]   # a before b: the search's mean offset breaks it
-    assert fused_order(mean, sens)[0][0] == "c"   # the mean rule: the compromise first
+    assert fused_order(mean, sens, rule="mean")[0][0] == "c"   # the compromise first
     # equal better ranks: the worse rank decides
     order, _ = fused_order({"a": 3.0, "b": 1.0, "c": 2.0}, {"a": 0.0, "b": 1.0, "c": 3.0},
                            rule="max")

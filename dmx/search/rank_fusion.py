@@ -3,9 +3,12 @@
 On SmolLM2-135M (BENCHMARKS.md, issue 11) the two rankings are good in different places:
 KL's finite differences (each unit alone in the low format, everything else exact) rank
 the early k_proj that a short search under-ranks at 4.5 bits, and the searches' mean
-offsets rank better where many layers move (5 and 6 bits). Each is a noisy estimate of
-one ordering; the mean of their percentile ranks keeps what both agree on and lets each
-break the other's near-ties.
+offsets rank better where many layers move (5 and 6 bits). Each has a blind spot the
+other covers, so a unit is ranked by the *better* of its two percentile ranks: what
+either side puts near the top is promoted. (The mean of the two ranks, the rule until
+2026-12-07 and still ``rule="mean"``, keeps only what both rank well: a layer the search
+puts at the bottom never made the cut at 4.5 bits, and one search fused that way was
+behind KL on held-out text there; benchmarks/results/recipes-fusion-max/.)
 
 The rule:
 
@@ -14,15 +17,17 @@ The rule:
    several calibration seeds);
 2. each score becomes a percentile rank in [0, 1] over the units (equal scores share
    their average rank: many units sit exactly at the ladder's bottom after a search);
-3. the fused score is the mean of the two ranks; the units are ordered by it, highest
-   first (equal fused scores by the dMX mean, then model order);
+3. the fused score is the better (larger) of the two ranks; the units are ordered by it,
+   highest first (equal fused scores by the worse of the two ranks, then the dMX mean,
+   then model order);
 4. the assignment is KL's greedy promotion in that order
    (:func:`dmx.search.baseline.greedy_promote`): all units low, each promoted while the
    average bits stay at or below the target, so the budget is met as closely as the units
    allow, never exceeded.
 
-Public API: ``percentile_ranks(values) -> {key: rank}``, ``fused_order(mean, sens) ->
-([unit], {unit: score})``, ``layer_signature(manifest)``,
+Public API: ``RULES`` ({name: the rule in words}, as manifests record it),
+``DEFAULT_RULE``, ``percentile_ranks(values) -> {key: rank}``, ``fused_order(mean, sens,
+rule=DEFAULT_RULE) -> ([unit], {unit: score})``, ``layer_signature(manifest)``,
 ``kl_sensitivities_of(kl_outs, search_manifest, cfg, units) -> (sums, inputs)``.
 """
 from __future__ import annotations
@@ -31,11 +36,16 @@ from pathlib import Path
 
 from dmx.errors import DMXError
 
-__all__ = ["RULE", "FUSION_RULES", "percentile_ranks", "fused_order", "layer_signature",
+__all__ = ["RULES", "DEFAULT_RULE", "percentile_ranks", "fused_order", "layer_signature",
            "kl_sensitivities_of"]
 
-RULE = ("mean of the percentile ranks of the searches' mean offset and of the KL OUTs' "
-        "summed sensitivity (ties: average rank); greedy promotion in that order")
+_RANKS = ("percentile ranks of the searches' mean offset and of the KL OUTs' summed "
+          "sensitivity (ties: average rank)")
+RULES = {
+    "max": f"the better of the {_RANKS}, ties by the worse; greedy promotion in that order",
+    "mean": f"mean of the {_RANKS}; greedy promotion in that order",
+}
+DEFAULT_RULE = "max"
 
 
 def percentile_ranks(values: dict) -> dict:
@@ -56,23 +66,21 @@ def percentile_ranks(values: dict) -> dict:
     return rank
 
 
-FUSION_RULES = ("mean", "max")
-
-
 def fused_order(mean: dict, sens: dict, kl_weight: float = 0.5,
-                rule: str = "mean") -> tuple[list, dict]:
+                rule: str = DEFAULT_RULE) -> tuple[list, dict]:
     """(the units -- the keys of ``mean`` and ``sens``, in model order -- by decreasing
     fused score, ties by decreasing ``mean``, then model order; {unit: fused score}).
-    ``rule`` "mean" (the rule): (1 - w) x rank(mean) + w x rank(sens), ``kl_weight`` = w
-    KL's share (benchmarks/results/recipes-fusion-weight/ tried 0.25 and 0.75). "max": the
-    better of the two ranks, ties by the worse one (``kl_weight`` unused), so a unit either
-    side ranks near the top comes first (benchmarks/results/recipes-fusion-max/)."""
+    ``rule`` "max" (the rule): the better of the two ranks, ties by the worse one
+    (``kl_weight`` unused), so a unit either side ranks near the top comes first
+    (benchmarks/results/recipes-fusion-max/). "mean": (1 - w) x rank(mean) + w x
+    rank(sens), ``kl_weight`` = w KL's share (benchmarks/results/recipes-fusion-weight/
+    tried 0.25, 0.5 and 0.75)."""
     if set(mean) != set(sens):
         raise DMXError("fused_order: the two rankings name different units")
     if not 0.0 <= kl_weight <= 1.0:
         raise DMXError(f"the KL weight must be in [0, 1], got {kl_weight}")
-    if rule not in FUSION_RULES:
-        raise DMXError(f"fusion rule {rule!r}: use one of {', '.join(FUSION_RULES)}")
+    if rule not in RULES:
+        raise DMXError(f"fusion rule {rule!r}: use one of {', '.join(RULES)}")
     rm, rs = percentile_ranks(mean), percentile_ranks(sens)
     units = list(mean)
     if rule == "max":
