@@ -93,8 +93,8 @@ def assignment(outs: list, fraction: float, kl: list | None = None,
     several searches' trajectory means: a combination): {"model" (the source model dir),
     "formats", "acts" (input formats), "repair", "steps", "final" (the first OUT's own
     formats)}. ``kl``: KL OUTs to fuse the mean with, by `dmx combine --kl`'s rule
-    (dmx.search.rank_fusion: its ``rule``, None its DEFAULT_RULE; ``kl_weight`` KL's share
-    under "mean") instead of the nearest
+    (dmx.search.rank_fusion: its ``rule``, None "auto" as `dmx combine` resolves it for
+    ``outs``; ``kl_weight`` KL's share under "mean") instead of the nearest
     rung and the repair. The repair fills (promotes while a unit fits under the target), as
     the default recipe of `dmx search` and `dmx combine --fill-budget` do, also where the
     search itself ran with --no-fill-budget (the sweeps do, to show where it lands)."""
@@ -119,10 +119,10 @@ def assignment(outs: list, fraction: float, kl: list | None = None,
     units = [(n,) for n in names]
     if kl:
         from dmx.search.baseline import greedy_promote
-        from dmx.search.rank_fusion import fused_order, kl_sensitivities_of
+        from dmx.search.rank_fusion import fused_order, kl_sensitivities_of, resolve_rule
         sens, _ = kl_sensitivities_of(kl, m, cfg, units)
         order, _ = fused_order({u: mean[u[0]] for u in units}, sens, kl_weight=kl_weight,
-                               **({"rule": rule} if rule else {}))
+                               rule=resolve_rule(rule, len(outs)))
         rank = {u: float(len(order) - i) for i, u in enumerate(order)}
         formats = greedy_promote(units, rank, shapes, lad, cfg.target_bits, cfg.weighting,
                                  cfg.weights_only)

@@ -173,38 +173,44 @@ def _rank(values: list) -> list:
 
 
 def test_kl_fusion_follows_the_documented_rule(searches, kl_outs, tmp_path, capsys):
-    """--kl: the mean of the two percentile ranks (the searches' mean offset, the KL OUTs'
-    summed sensitivity), ordered by it (ties: the mean offset, then model order), then
-    every unit promoted to MXFP8 in that order while the simple average fits."""
+    """--kl with several searches: by default ("auto") the mean of the two percentile ranks
+    (the searches' mean offset, the KL OUTs' summed sensitivity), ordered by it (ties: the
+    mean offset, then model order), then every unit promoted to MXFP8 in that order while
+    the simple average fits; --kl-rule max: the better of the two ranks."""
     _, outs = searches
     inputs, kls = [outs[s] for s in (0, 1, 2)], [kl_outs["s0"], kl_outs["s1"]]
     out = tmp_path / "fused"
     assert main(["combine", *map(str, inputs), "--kl", *map(str, kls), "-o", str(out)]) == 0
     assert "fused with 2 KL baseline(s)" in capsys.readouterr().out
-    _check_fusion(inputs, kls, out)
+    _check_fusion(inputs, kls, out, rule="mean")
+    by_max = tmp_path / "fused-max"
+    assert main(["combine", *map(str, inputs), "--kl", *map(str, kls), "--kl-rule", "max",
+                 "-o", str(by_max)]) == 0
+    _check_fusion(inputs, kls, by_max, rule="max")
     from dmx.eval.report import collect
     (row,) = collect([out])
     assert row["recipe"] == "default, 3 seeds combined, fused with 2 KL"
 
 
 def test_one_search_fused_with_one_kl_baseline(searches, kl_outs, tmp_path, capsys):
-    """--kl needs one search only: the same rule with a mean over one."""
+    """--kl needs one search only: a mean over one, fused by default ("auto") by the better
+    of the two ranks; --kl-rule mean by their mean."""
     _, outs = searches
     out = tmp_path / "fused1"
     assert main(["combine", str(outs[1]), "--kl", str(kl_outs["s1"]), "-o", str(out)]) == 0
     assert "fused with 1 KL baseline(s)" in capsys.readouterr().out
-    _check_fusion([outs[1]], [kl_outs["s1"]], out)
+    _check_fusion([outs[1]], [kl_outs["s1"]], out, rule="max")
     from dmx.eval.report import collect
     (row,) = collect([out])
     assert row["recipe"] == "default, one search, fused with 1 KL"
-    # --kl-rule mean: the mean of the two ranks, the rule before 2026-12-07
+    # --kl-rule mean: the mean of the two ranks (auto's rule for several searches)
     mean_out = tmp_path / "fused1-mean"
     assert main(["combine", str(outs[1]), "--kl", str(kl_outs["s1"]), "--kl-rule", "mean",
                  "-o", str(mean_out)]) == 0
     _check_fusion([outs[1]], [kl_outs["s1"]], mean_out, rule="mean")
 
 
-def _check_fusion(inputs, kls, out, rule: str = "max"):
+def _check_fusion(inputs, kls, out, rule: str):
     """OUT is the documented fusion with the KL OUTs of the offsets each search assigned
     from (under the default --average-last, the mean of its last steps, not its final
     offsets): ordered by the better of the two ranks, ties by the worse (``rule`` "mean":
@@ -335,3 +341,15 @@ def test_fused_order_max_rule_takes_each_sides_top_before_the_compromises():
     assert order == ["c", "a", "b"]   # a and c both top somewhere; c's worse rank is 0.5
     with pytest.raises(DMXError, match="fusion rule 'median'"):
         fused_order(mean, sens, rule="median")
+
+
+def test_auto_rule_is_max_for_one_search_and_mean_for_several():
+    from dmx.errors import DMXError
+    from dmx.search.rank_fusion import resolve_rule
+
+    assert [resolve_rule(None, n) for n in (1, 2, 3)] == ["max", "mean", "mean"]
+    assert [resolve_rule("auto", n) for n in (1, 9)] == ["max", "mean"]
+    assert [resolve_rule(r, n) for r in ("max", "mean") for n in (1, 3)] == \
+        ["max", "max", "mean", "mean"]
+    with pytest.raises(DMXError, match="--kl-rule median: use one of auto, max, mean"):
+        resolve_rule("median", 1)

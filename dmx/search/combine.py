@@ -26,13 +26,13 @@ are refused: each seed rotates its own weights (R1 is seeded by ``--seed``), so 
 offsets rank different weights.
 
 With ``--kl KL_OUT ...`` steps 2 and 3 are replaced: the units are ranked by the better of
-two percentile ranks, the searches' mean offset and the KL OUTs' summed sensitivity
-(``--kl-rule mean``: their mean, the rule before 2026-12-07), and promoted greedily in that
-order, KL's rule (dmx.search.rank_fusion). One search is enough with ``--kl`` (one search
-fused with one KL baseline).
+two percentile ranks, the searches' mean offset and the KL OUTs' summed sensitivity, for
+one search, and by their mean for several (``--kl-rule auto``; ``max`` or ``mean`` for
+either), and promoted greedily in that order, KL's rule (dmx.search.rank_fusion). One
+search is enough with ``--kl`` (one search fused with one KL baseline).
 
 Public API: ``combine_searches(outs, out, fill=None, force=False, device="cpu", kl=None,
-kl_rule="max") -> dict``,
+kl_rule=None) -> dict``,
 ``summary_line(result)``, ``add_combine_parser(subparsers)`` / ``run_combine(args)``.
 ``dmx search --seeds`` (dmx.search.command.search_seeds) runs the searches and calls
 ``combine_searches``.
@@ -132,7 +132,7 @@ def combine_searches(outs, out, fill: bool | None = None, force: bool = False,
     """Write OUT with the assignment of the mean offsets of the searches ``outs`` (see the
     module docstring); ``fill``: None takes the searches' own --fill-budget. ``kl``: KL
     baseline OUTs whose sensitivities are fused with the mean offsets by ``kl_rule``
-    (dmx.search.rank_fusion.RULES; None: its DEFAULT_RULE) instead. Returns a summary."""
+    (dmx.search.rank_fusion.KL_RULES; None: "auto") instead. Returns a summary."""
     from dmx import data, outdir
     from dmx.nn.bits import average_bits_of
     from dmx.nn.layers import fused_units
@@ -175,7 +175,10 @@ def combine_searches(outs, out, fill: bool | None = None, force: bool = False,
     units = fused_units(names) if cfg.tie_fused else [(n,) for n in names]
     fusion = None
     if kl:
-        formats, fusion = _fused_assignment(kl, first, cfg, units, mean, shapes, lad, kl_rule)
+        from dmx.search.rank_fusion import resolve_rule
+        rule = resolve_rule(kl_rule, len(outs))
+        formats, fusion = _fused_assignment(kl, first, cfg, units, mean, shapes, lad, rule,
+                                            kl_rule or "auto")
         repair = None
     else:
         repair = repair_assignment(raw, mean, shapes, lad, cfg.target_bits, cfg.weighting,
@@ -215,13 +218,13 @@ def combine_searches(outs, out, fill: bool | None = None, force: bool = False,
 
 
 def _fused_assignment(kl_outs, first: dict, cfg, units, mean: dict, shapes: dict, lad,
-                      rule: str | None = None):
+                      rule: str, asked: str):
     """({name: format}, what the manifest records) of the rank fusion of the searches'
-    mean offsets with the KL OUTs' sensitivities (dmx.search.rank_fusion) by ``rule``."""
+    mean offsets with the KL OUTs' sensitivities (dmx.search.rank_fusion) by ``rule``
+    ("max" or "mean"; ``asked``: the --kl-rule it came from)."""
     from dmx.search.baseline import greedy_promote
-    from dmx.search.rank_fusion import DEFAULT_RULE, RULES, fused_order, kl_sensitivities_of
+    from dmx.search.rank_fusion import RULES, fused_order, kl_sensitivities_of
 
-    rule = rule or DEFAULT_RULE
     sens, inputs = kl_sensitivities_of(kl_outs, first, cfg, units)
     order, score = fused_order({u: mean[u[0]] for u in units}, sens, rule=rule)
     # greedy_promote promotes by decreasing value: hand it the fused order as values
@@ -229,6 +232,7 @@ def _fused_assignment(kl_outs, first: dict, cfg, units, mean: dict, shapes: dict
     formats = greedy_promote(units, rank, shapes, lad, cfg.target_bits, cfg.weighting,
                              cfg.weights_only)
     return formats, {"inputs": inputs, "rule": RULES[rule], "rule_name": rule,
+                     "rule_asked": asked,
                      "scores": {"+".join(u): score[u] for u in order},
                      "sensitivity_sum": {"+".join(u): sens[u] for u in units}}
 
@@ -257,12 +261,13 @@ def add_combine_parser(subparsers):
                    help="leave the mean's assignment under the target if it lands there")
     p.add_argument("--kl", nargs="+", metavar="KL_OUT", default=None,
                    help="`dmx baseline --method kl` OUTs of the same model and layers (e.g. "
-                        "one per calibration seed): rank the units by the better of two "
-                        "percentile ranks, the searches' mean offset and the summed KL "
-                        "sensitivity, and promote greedily in that order (docs/dmx_search.md)")
-    p.add_argument("--kl-rule", choices=("max", "mean"), default=None,
-                   help="how --kl fuses the two ranks: max, the better one (the default), or "
-                        "mean, their mean (the rule before 2026-12-07)")
+                        "one per calibration seed): rank the units by two percentile ranks, the "
+                        "searches' mean offset and the summed KL sensitivity, and promote "
+                        "greedily in that order (docs/dmx_search.md)")
+    p.add_argument("--kl-rule", choices=("auto", "max", "mean"), default=None,
+                   help="how --kl fuses the two ranks: max, the better one; mean, their mean; "
+                        "auto (default): max for one search, mean for several (measured best "
+                        "each way on SmolLM2-135M)")
     p.add_argument("--device", default="cpu", help="where the weights are packed (cpu)")
     p.add_argument("--force", action="store_true", help="replace an existing OUT")
     add_threads_arg(p)

@@ -3,12 +3,18 @@
 On SmolLM2-135M (BENCHMARKS.md, issue 11) the two rankings are good in different places:
 KL's finite differences (each unit alone in the low format, everything else exact) rank
 the early k_proj that a short search under-ranks at 4.5 bits, and the searches' mean
-offsets rank better where many layers move (5 and 6 bits). Each has a blind spot the
-other covers, so a unit is ranked by the *better* of its two percentile ranks: what
-either side puts near the top is promoted. (The mean of the two ranks, the rule until
-2026-12-07 and still ``rule="mean"``, keeps only what both rank well: a layer the search
-puts at the bottom never made the cut at 4.5 bits, and one search fused that way was
-behind KL on held-out text there; benchmarks/results/recipes-fusion-max/.)
+offsets rank better where many layers move (5 and 6 bits). Two ways to fuse them:
+
+- "max": a unit's score is the *better* of its two percentile ranks, so what either side
+  puts near the top is promoted. One search's blind spot (a layer it puts at the bottom)
+  does not keep KL's pick out.
+- "mean": the mean of the two ranks keeps what both rank well.
+
+Measured (benchmarks/results/recipes-fusion-max/): one search fused by the mean was
+behind KL on held-out text at 4.5 bits, by the better rank it was not; three searches
+(whose mean offset is steadier) fused by the mean were at or below KL at every budget, by
+the better rank behind at 6 bits on one window set. So "auto", the default, is "max" for
+one search and "mean" for several.
 
 The rule:
 
@@ -17,17 +23,18 @@ The rule:
    several calibration seeds);
 2. each score becomes a percentile rank in [0, 1] over the units (equal scores share
    their average rank: many units sit exactly at the ladder's bottom after a search);
-3. the fused score is the better (larger) of the two ranks; the units are ordered by it,
-   highest first (equal fused scores by the worse of the two ranks, then the dMX mean,
-   then model order);
+3. the fused score is the better of the two ranks ("max"; equal scores by the worse one)
+   or their mean ("mean"); the units are ordered by it, highest first (then by the dMX
+   mean, then model order);
 4. the assignment is KL's greedy promotion in that order
    (:func:`dmx.search.baseline.greedy_promote`): all units low, each promoted while the
    average bits stay at or below the target, so the budget is met as closely as the units
    allow, never exceeded.
 
 Public API: ``RULES`` ({name: the rule in words}, as manifests record it),
-``DEFAULT_RULE``, ``percentile_ranks(values) -> {key: rank}``, ``fused_order(mean, sens,
-rule=DEFAULT_RULE) -> ([unit], {unit: score})``, ``layer_signature(manifest)``,
+``KL_RULES`` (what ``--kl-rule`` takes), ``resolve_rule(rule, n_searches) -> "max"|"mean"``,
+``percentile_ranks(values) -> {key: rank}``, ``fused_order(mean, sens, rule="max") ->
+([unit], {unit: score})``, ``layer_signature(manifest)``,
 ``kl_sensitivities_of(kl_outs, search_manifest, cfg, units) -> (sums, inputs)``.
 """
 from __future__ import annotations
@@ -36,8 +43,8 @@ from pathlib import Path
 
 from dmx.errors import DMXError
 
-__all__ = ["RULES", "DEFAULT_RULE", "percentile_ranks", "fused_order", "layer_signature",
-           "kl_sensitivities_of"]
+__all__ = ["RULES", "KL_RULES", "resolve_rule", "percentile_ranks", "fused_order",
+           "layer_signature", "kl_sensitivities_of"]
 
 _RANKS = ("percentile ranks of the searches' mean offset and of the KL OUTs' summed "
           "sensitivity (ties: average rank)")
@@ -45,7 +52,18 @@ RULES = {
     "max": f"the better of the {_RANKS}, ties by the worse; greedy promotion in that order",
     "mean": f"mean of the {_RANKS}; greedy promotion in that order",
 }
-DEFAULT_RULE = "max"
+KL_RULES = ("auto", *RULES)
+
+
+def resolve_rule(rule: str | None, n_searches: int) -> str:
+    """The rule ``--kl-rule`` ``rule`` (None: "auto") means for ``n_searches`` searches:
+    "auto" is "max" for one search and "mean" for several (the module docstring)."""
+    rule = rule or "auto"
+    if rule not in KL_RULES:
+        raise DMXError(f"--kl-rule {rule}: use one of {', '.join(KL_RULES)}")
+    if rule == "auto":
+        return "max" if n_searches == 1 else "mean"
+    return rule
 
 
 def percentile_ranks(values: dict) -> dict:
@@ -67,10 +85,10 @@ def percentile_ranks(values: dict) -> dict:
 
 
 def fused_order(mean: dict, sens: dict, kl_weight: float = 0.5,
-                rule: str = DEFAULT_RULE) -> tuple[list, dict]:
+                rule: str = "max") -> tuple[list, dict]:
     """(the units -- the keys of ``mean`` and ``sens``, in model order -- by decreasing
     fused score, ties by decreasing ``mean``, then model order; {unit: fused score}).
-    ``rule`` "max" (the rule): the better of the two ranks, ties by the worse one
+    ``rule`` "max": the better of the two ranks, ties by the worse one
     (``kl_weight`` unused), so a unit either side ranks near the top comes first
     (benchmarks/results/recipes-fusion-max/). "mean": (1 - w) x rank(mean) + w x
     rank(sens), ``kl_weight`` = w KL's share (benchmarks/results/recipes-fusion-weight/
