@@ -68,7 +68,8 @@ def _parse(argv=None):
     p.add_argument("--fraction", nargs="+", type=float, default=[0.5],
                    help="`--average-last` fractions (0: the final offsets); with several, "
                         "each is also compared with the first")
-    p.add_argument("--rule", nargs="+", choices=("mean", "max"), default=["mean"],
+    from dmx.search.rank_fusion import RULES
+    p.add_argument("--rule", nargs="+", choices=tuple(RULES), default=["mean"],
                    help="how the two ranks fuse (dmx.search.rank_fusion.fused_order): mean, "
                         "at each --weights, and/or max, the better of the two (no weight); "
                         "with both, max is also compared with w = 0.5")

@@ -238,6 +238,7 @@ def _fused_assignment(kl_outs, first: dict, cfg, units, mean: dict, shapes: dict
 
 
 def add_combine_parser(subparsers):
+    from dmx.search.rank_fusion import KL_RULES
     from dmx.threads import add_threads_arg
 
     p = subparsers.add_parser(
@@ -264,7 +265,7 @@ def add_combine_parser(subparsers):
                         "one per calibration seed): rank the units by two percentile ranks, the "
                         "searches' mean offset and the summed KL sensitivity, and promote "
                         "greedily in that order (docs/dmx_search.md)")
-    p.add_argument("--kl-rule", choices=("auto", "max", "mean"), default=None,
+    p.add_argument("--kl-rule", choices=KL_RULES, default=None,
                    help="how --kl fuses the two ranks: max, the better one; mean, their mean; "
                         "auto (default): max for one search, mean for several (measured best "
                         "each way on SmolLM2-135M)")
@@ -299,7 +300,8 @@ def summary_line(res: dict) -> str:
                 f"{len(res['kl']['inputs'])} KL baseline(s) -> {res['out']}: "
                 f"{res['achieved_bits']['simple']:.3f} bits (the "
                 f"{'search' if one else 'mean'}'s nearest rungs alone "
-                f"{res['raw_bits']['simple']:.3f}; promoted greedily by the fused rank)")
+                f"{res['raw_bits']['simple']:.3f}; promoted greedily by the fused rank, "
+                f"{res['kl']['rule_name']})")
     moves = res["budget_repair"]["moves"]
     return (f"seeds {', '.join(map(str, res['seeds']))} -> {res['out']}: "
             f"{res['achieved_bits']['simple']:.3f} bits (mean's nearest rungs "
