@@ -5,11 +5,13 @@ range of both evaluation texts.
     python benchmarks/bench_fusion_weight.py --work /work/dmx_traj \\
         --kl '/work/traj_kl/kl-s{seed}' --kl-out '/work/fuse1/kl-{bits}-s{seed}' \\
         --targets 4.5 5 6 --seeds 0 1 2 3 4 --weights 0.25 0.5 0.75 \\
-        --windows 0:40 [--with-search] [--fraction 0.5 [F ...]] [--threads 1] [--jobs 2] \
-        [--results DIR]
+        --windows 0:40 [--with-search] [--fraction 0.5 [F ...]] [--rule mean max] \
+        [--threads 1] [--jobs 2] [--results DIR]
 
 The fused score is (1 - w) x rank(the search's offset) + w x rank(KL's sensitivity)
-(dmx.search.rank_fusion.fused_order; w = 0.5 is `dmx combine --kl`'s rule). For each
+(dmx.search.rank_fusion.fused_order, rule "mean"; w = 0.5 is `dmx combine --kl --kl-rule
+mean`, the default for several searches), or with ``--rule max`` the better of the two
+ranks (`dmx combine --kl`'s default for one search). For each
 search ``dmx-default-<bits>-s<seed>`` of --work, the offsets are those `dmx search`
 assigns from (the mean of the last --fraction of its steps, `--average-last`; 0: the final
 offsets; with several fractions, each one's columns and its difference from the first's),
