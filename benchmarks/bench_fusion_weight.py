@@ -5,7 +5,7 @@ range of both evaluation texts.
     python benchmarks/bench_fusion_weight.py --work /work/dmx_traj \\
         --kl '/work/traj_kl/kl-s{seed}' --kl-out '/work/fuse1/kl-{bits}-s{seed}' \\
         --targets 4.5 5 6 --seeds 0 1 2 3 4 --weights 0.25 0.5 0.75 \\
-        --windows 0:40 [--with-search] [--fraction 0.5 [F ...]] [--rule mean max] \
+        --windows 0:40 [--with-search] [--fraction 0.5 [F ...]] [--rule mean max] \\
         [--threads 1] [--jobs 2] [--results DIR]
 
 The fused score is (1 - w) x rank(the search's offset) + w x rank(KL's sensitivity)
