@@ -53,12 +53,11 @@ def main(argv=None) -> int:
                    default=ROOT / "benchmarks" / "data" / "selfgen" / "smollm2-135m.txt")
     args = p.parse_args(argv)
     from dmx import data
+    from dmx.outdir import atomic_write_text
     model, tok = data.load_model_and_tokenizer(args.model)
     texts = sample_texts(model, tok, args.sequences, args.tokens, args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text("\n\n".join(texts) + "\n")
-    tmp.replace(args.out)
+    atomic_write_text(args.out, "\n\n".join(texts) + "\n")
     print(f"{args.out}: {len(texts)} sequences of {args.tokens} tokens, "
           f"{args.out.stat().st_size} bytes")
     return 0
