@@ -172,6 +172,27 @@ def _soft_average(layers: dict, params: list, weighting: str, temperature: float
     return soft
 
 
+def _hard_average(layers: dict, lo: float, hi: float, coef):
+    """As :func:`_soft_average`, for the hard map (the rung each offset deploys with)."""
+    from dmx.quant.anneal import anneal_map
+
+    lad = next(iter(layers.values())).ladder
+
+    def hard(e) -> float:
+        b = e.clamp(lo, hi).clamp(lad.low.position, lad.high.position)
+        return float((coef * lad.element_bits(anneal_map(b, 1.0, lad, hard=True))).sum())
+    return hard
+
+
+def _bisect_at_most(f, a: float, z: float, goal: float, iters: int) -> float:
+    """The largest x in [a, z] with f(x) <= goal (to ``iters`` halvings), for f increasing
+    and f(a) <= goal; unlike :func:`_bisect`, exact for a step function."""
+    for _ in range(iters):
+        mid = 0.5 * (a + z)
+        a, z = (mid, z) if f(mid) <= goal else (a, mid)
+    return a
+
+
 def _bisect(f, a: float, z: float, goal: float, iters: int) -> float:
     """x in [a, z] with f(x) = goal, for f increasing (to ``iters`` halvings)."""
     for _ in range(iters):
@@ -194,7 +215,7 @@ def effective_offsets(params: list, parameterization: str, lo: float, hi: float)
 def bound_to_budget(layers: dict, params: list, before: list, target: float, weighting: str,
                     temperature: float, margin: float, parameterization: str = "clamp",
                     floor: float | None = None, max_stretch: float = 8.0,
-                    iters: int = 40) -> dict:
+                    iters: int = 40, held_on: str = "soft") -> dict:
     """``--budget bound``: keep the soft average in ``[floor, target]`` after an SGD step
     without adding anything to the loss (nothing enters the momentum, so nothing can run
     away: the collapse of the hinge in issue 11), and without moving the layers the
@@ -216,6 +237,10 @@ def bound_to_budget(layers: dict, params: list, before: list, target: float, wei
       by a common factor in ``[1, max_stretch]``: the layers the gradient raises rise
       faster, the others do not move (a uniform shift, the projection's way, would lift
       them all). Only if the longest stretch is still short is the rest a uniform shift.
+
+    ``held_on="hard"`` (``--budget-average hard``): the target is a ceiling on the *hard*
+    average (the rungs the offsets deploy with), the shrink the largest (least negative)
+    one that brings it to <= target; the floor stays on the soft average.
     """
     import torch
 
@@ -225,15 +250,23 @@ def bound_to_budget(layers: dict, params: list, before: list, target: float, wei
     hi = lad.high.position + float(margin)
     coef = _offset_coefficients(layers, params, weighting)
     soft = _soft_average(layers, params, weighting, temperature, lo, hi, coef)
+    ceiling = soft if held_on == "soft" else _hard_average(layers, lo, hi, coef)
     weight = coef / coef.min()  # every layer counts in the average: all coefficients > 0
     with torch.no_grad():
         raw, eff = effective_offsets(params, parameterization, lo, hi)
         _, eff_old = effective_offsets(before, parameterization, lo, hi)
         sign = torch.where(raw < 0, -1.0, 1.0) if use_abs else torch.ones_like(raw)
         shift, stretch = 0.0, 1.0
+        def shrink(eff):  # weight >= 1: a = lo - hi puts every offset at the bottom
+            if ceiling is soft:
+                return _bisect(lambda a: soft(eff + a * weight), lo - hi, 0.0, target, iters)
+            # a step function: the largest shift whose average is <= target
+            return _bisect_at_most(lambda a: ceiling(eff + a * weight), lo - hi, 0.0,
+                                   target, iters)
+
         now = soft(eff)
-        if now > target:  # weight >= 1: a = lo - hi puts every offset at the bottom
-            shift = _bisect(lambda a: soft(eff + a * weight), lo - hi, 0.0, target, iters)
+        if ceiling(eff) > target:
+            shift = shrink(eff)
             eff = (eff + shift * weight).clamp(lo, hi)
         elif floor is not None and now < floor:
             move = eff - eff_old
@@ -246,6 +279,9 @@ def bound_to_budget(layers: dict, params: list, before: list, target: float, wei
                 stretch = _bisect(lambda a: soft(eff_old + a * move), 1.0, max_stretch,
                                   floor, iters)
                 eff = (eff_old + stretch * move).clamp(lo, hi)
+            if ceiling is not soft and ceiling(eff) > target:  # a soft floor, a hard ceiling
+                extra = shrink(eff)
+                shift, eff = shift + extra, (eff + extra * weight).clamp(lo, hi)
         for p, e, sg in zip(params, eff, sign):
             p.copy_((sg * e).to(p.dtype).reshape(p.shape))
     return {"shift": shift, "stretch": stretch}

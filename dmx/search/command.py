@@ -643,6 +643,9 @@ _HELP = {
               "[floor, target]) or hinge (the paper's lam*max(0, avg-target))",
     "ramp": "--budget bound/project: the floor of the soft average rises from the low rung to the "
             "target over this fraction of the steps (default 0.5; 0 = at the target always)",
+    "budget_average": "--budget bound: the average held at the target, soft (the anneal map's, "
+                      "default) or hard (the rungs the offsets deploy with; the ramp's floor "
+                      "stays soft; an experiment, BENCHMARKS.md)",
     "max_stretch": "--budget bound: under the ramp's floor, this step's move is stretched up "
                    "to this factor (default 8), then what is missing is a common shift",
     "lam": "slope of the hinge penalty (--budget hinge; paper 5)",

@@ -466,7 +466,7 @@ def _step(model, layers, windows, cfg: SearchConfig, optimizer, schedule, step, 
         held = bound_to_budget(layers, params, before, cfg.target_bits, cfg.weighting,
                                schedule.at(step + 1), cfg.offset_margin,
                                cfg.parameterization, floor=cfg.budget_floor(step + 1),
-                               max_stretch=cfg.max_stretch)
+                               max_stretch=cfg.max_stretch, held_on=cfg.budget_average)
         shift, stretch = held["shift"], held["stretch"]
     return {"step": step, "T": T, "loss": value, "ce": float(ce.detach()),
             "kl": None if kl is None else float(kl.detach()),
