@@ -404,6 +404,48 @@ def test_bound_under_the_floor_stretches_only_the_layers_that_moved():
     assert float(average_bits(layers, "simple").detach()) == pytest.approx(7.0, abs=1e-5)
 
 
+def test_bound_on_the_hard_average_holds_the_deployed_rungs_at_the_target():
+    """--budget-average hard: over the target, the shrink is the least that brings the
+    *hard* average (each layer's deploying rung, the search log's hard_bits) to <= the
+    target; the soft average may stay above it. Under the target nothing moves, even with
+    the soft average over it (the soft ceiling would shrink)."""
+    from dmx.search.assign import bound_to_budget
+    from dmx.search.train import hard_bits
+    from dmx.nn.bits import average_bits
+
+    def hard_avg():
+        return hard_bits(layers, "simple")
+
+    layers, params = _perturbed_offsets(0.0, lambda: torch.rand(()) * 1.9, seed=4,
+                                        parameterization="abs")
+    raw = [float(p.detach()) for p in params]
+    assert hard_avg() > 5.0
+    held = bound_to_budget(layers, params, [p.detach().clone() for p in params], 5.0,
+                           "simple", 0.4, margin=0.5, parameterization="abs", held_on="hard")
+    s = held["shift"]
+    assert s < 0 and hard_avg() <= 5.0 + 1e-9
+    sharing = {id(p): sum(layer.offset is p for layer in layers.values()) for p in params}
+    for p, r in zip(params, raw):  # the same soft threshold as the soft ceiling's
+        assert abs(float(p.detach())) == pytest.approx(max(0.0, r + s * sharing[id(p)]),
+                                                       abs=1e-6)
+    # the least shrink: 1e-3 less and a layer crosses back over its threshold
+    with torch.no_grad():
+        for p, r in zip(params, raw):
+            p.fill_(max(0.0, r + (s + 1e-3) * sharing[id(p)]))
+    assert hard_avg() > 5.0
+    # soft over the target, hard under it: the soft ceiling shrinks, the hard one does not
+    layers, params = _perturbed_offsets(0.0, lambda: torch.rand(()) * 0.2 + 0.75, seed=5,
+                                        parameterization="abs")
+    for layer in layers.values():
+        layer.temperature = 0.4  # the temperature the bound is told
+    assert float(average_bits(layers, "simple").detach()) > 5.0 and hard_avg() == 4.0
+    before = [p.detach().clone() for p in params]
+    assert bound_to_budget(layers, params, before, 5.0, "simple", 0.4, margin=0.5,
+                           parameterization="abs", held_on="hard")["shift"] == 0.0
+    assert bound_to_budget(layers, params, before, 5.0, "simple", 0.4, margin=0.5,
+                           parameterization="abs")["shift"] < 0
+
+
 def test_no_ce_steps_on_the_distillation_kl_alone(calib):
     """--no-ce --distill: the loss is KL(unquantized || quantized) alone. One plain SGD step
     (no momentum, no clip, no budget) equals -lr * d KL / d offsets computed by hand from a
