@@ -134,7 +134,9 @@ class SearchConfig:
     # taken where almost every other layer is MXFP4 (the cross terms behind the search
     # under-ranking q/k_proj, BENCHMARKS.md); held on the hard average, they may sit below
     # the threshold at fractional formats while the ranking forms, until the anneal
-    # sharpens them. An experiment (BENCHMARKS.md)
+    # sharpens them. Measured on SmolLM2-135M at 4.5 bits (five seeds): worse than the
+    # soft ceiling on both texts (the common shrink pulls the unchosen offsets back to
+    # the bottom anyway), so no recipe uses it (BENCHMARKS.md)
     budget_average: str = "soft"
     # offsets
     parameterization: str = "abs"
