@@ -159,6 +159,10 @@ class DMXLinear(_LinearView):
         # soft mode only: -1 applies this step's quantization errors mirrored (v - (Q(v) - v));
         # set per step by the search under --error-signs random (dmx.search.train)
         self.error_sign = 1.0
+        # soft mode only: a ladder position (float32 0-d tensor) used instead of the anneal
+        # map's, the offset's gradient passed straight through; set per step by the search
+        # under --explore (dmx.search.train)
+        self.explore_position: torch.Tensor | None = None
         self.fused_group: str | None = None
         self._cache = _WeightCache()
 
@@ -181,6 +185,8 @@ class DMXLinear(_LinearView):
         """Ladder position b (float32 0-d), differentiable w.r.t. the offset unless hard."""
         b_hat = clamp_ste(self.raw_offset(), self.ladder.low.position,
                           self.ladder.high.position)
+        if self.explore_position is not None and not self.hard_mode:
+            return self.explore_position + (b_hat - b_hat.detach())
         return anneal_map(b_hat, self.temperature, self.ladder, hard=self.hard_mode)
 
     def current_bits(self) -> torch.Tensor:
@@ -199,8 +205,10 @@ class DMXLinear(_LinearView):
             if self.quantize_input:
                 x = fake_quantize(x, fmt, -1, self.block_size, backend=self.backend)
         else:
-            # the Triton kernels apply no error sign: a signed step takes the torch path
-            if choose(x, self.backend) is Backend.TRITON and self.error_sign == 1.0:
+            # the Triton kernels apply no error sign and take the offset, not a position:
+            # a signed or exploring step takes the torch path
+            if (choose(x, self.backend) is Backend.TRITON and self.error_sign == 1.0
+                    and self.explore_position is None):
                 # one pass per tensor instead of ~70 small torch ops (the step is launch-bound)
                 from dmx.quant import triton_ops
                 return triton_ops.soft_forward(self, x)

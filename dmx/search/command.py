@@ -674,6 +674,10 @@ _HELP = {
                    "fixed: always Q(v) (default, paper)",
     "error_signs_until": "--error-signs random: the fraction of the steps that draw random "
                          "signs, the later ones use Q(v) (default 1.0: all)",
+    "explore": "the first F of the steps put each offset's layers at a ladder position "
+               "drawn at random every step, the gradient reaching the offset straight "
+               "through, so it sums each layer's loss change along the ladder instead of "
+               "its slope at the bottom (default 0: off, paper; an experiment, BENCHMARKS.md)",
     "delay": "fraction of steps at the starting temperature (default 0.6)",
     "t_start": "starting anneal temperature, code units (default 0.4)",
     "t_end": "final anneal temperature, code units (default 20)",

@@ -163,6 +163,16 @@ class SearchConfig:
     # Q(v)): random while the layers are chosen, the true errors for the last moves.
     # Measured at 0.5: as bad as 1.0 at 5 and 6 bits (BENCHMARKS.md)
     error_signs_until: float = 1.0
+    # the first ``explore`` of the steps put every offset's layers at a ladder position
+    # drawn uniformly at random each step (seeded by (seed, step)), the gradient reaching
+    # the offset straight through (d position / d offset = 1). Why: at its own position
+    # the gradient sees a layer's first-order effect only; a k_proj error acts through the
+    # softmax, mostly at second order, and the default search promotes half as many k_proj
+    # as KL at 4.5 bits on SmolLM2-135M (BENCHMARKS.md). Summed over random positions the
+    # gradient integrates each layer's loss change along the ladder, a finite difference
+    # as KL's, in a context of random formats (MXFP6 on average) rather than all-MXFP4.
+    # 0: off (the paper's). An experiment (BENCHMARKS.md)
+    explore: float = 0.0
     # anneal (code units, dmx.quant.anneal)
     delay: float = 0.6
     t_start: float = 0.4
@@ -312,6 +322,12 @@ class SearchConfig:
         if not 0.0 < self.error_signs_until <= 1.0:
             raise DMXError(f"--error-signs-until must be a fraction in (0, 1], got "
                            f"{self.error_signs_until!r}")
+        if not 0.0 <= self.explore <= 1.0:
+            raise DMXError(f"--explore must be a fraction of the steps in [0, 1], got "
+                           f"{self.explore!r}")
+        if self.explore and self.budget == "hinge":
+            raise DMXError("--explore needs a budget held on the offsets (--budget bound or "
+                           "project): the hinge's gradient would follow the random positions")
         if self.error_signs != "random" and self.error_signs_until != 1.0:
             raise DMXError("--error-signs-until is the share of steps with random signs; add "
                            "--error-signs random or drop it")

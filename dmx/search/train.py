@@ -39,7 +39,8 @@ from dmx.search.recipe import SearchConfig
 
 __all__ = ["SearchInterrupted", "batch_indices", "quantization_bypassed", "forward_logits",
            "forward_outputs", "eager_attention", "hard_bits", "train_offsets",
-           "checkpoint_blocks", "error_signs", "signed_step"]
+           "checkpoint_blocks", "error_signs", "signed_step", "explore_positions",
+           "exploring_step"]
 
 
 class SearchInterrupted(Exception):
@@ -377,6 +378,43 @@ def error_signs(layers: dict, seed: int, step: int) -> dict:
     return signs
 
 
+def _offsets_average(layers: dict, weighting: str) -> torch.Tensor:
+    """The soft average bits of the offsets (the anneal map's positions), also in an
+    exploring step, whose forward pass uses random positions (--explore)."""
+    drawn = {name: layer.explore_position for name, layer in layers.items()}
+    try:
+        for layer in layers.values():
+            layer.explore_position = None
+        return average_bits(layers, weighting)
+    finally:
+        for name, layer in layers.items():
+            layer.explore_position = drawn[name]
+
+
+def explore_positions(layers: dict, seed: int, step: int) -> dict:
+    """``--explore``: one ladder position per offset for this step, uniform between the low
+    and the high rung, a function of (seed, step) only (resumed runs and data-parallel
+    ranks draw the same), given to each layer as ``explore_position``; tied layers share
+    their offset's. Returns {name: position}."""
+    g = torch.Generator().manual_seed(int(seed) * 1_000_033 + 104_729 * int(step) + 3)
+    by_offset, positions = {}, {}
+    for name, layer in layers.items():
+        key = id(layer.offset)
+        if key not in by_offset:
+            lo, hi = layer.ladder.low.position, layer.ladder.high.position
+            by_offset[key] = lo + (hi - lo) * float(torch.rand((), generator=g))
+        positions[name] = by_offset[key]
+        layer.explore_position = torch.tensor(by_offset[key], dtype=torch.float32,
+                                              device=layer.offset.device)
+    return positions
+
+
+def exploring_step(cfg: SearchConfig, step: int) -> bool:
+    """Whether step ``step`` draws random ladder positions: the first ``explore`` of the
+    steps."""
+    return step < cfg.explore * cfg.steps
+
+
 def signed_step(cfg: SearchConfig, step: int) -> bool:
     """Whether step ``step`` draws random error signs: with ``--error-signs random``, the
     first ``error_signs_until`` of the steps."""
@@ -389,12 +427,15 @@ def _train_step(model, layers, windows, cfg: SearchConfig, optimizer, schedule, 
     set_temperature(model, T)
     if signed_step(cfg, step):
         error_signs(layers, cfg.seed, step)
+    if exploring_step(cfg, step):
+        explore_positions(layers, cfg.seed, step)
     try:
         return _step(model, layers, windows, cfg, optimizer, schedule, step, T, dist,
                      rotations)
-    finally:  # the soft model outside a step (its scoring, the checkpoints) is Q(v)
-        for layer in layers.values():
+    finally:  # the soft model outside a step (its scoring, the checkpoints) is Q(v) at the
+        for layer in layers.values():  # anneal map's positions
             layer.error_sign = 1.0
+            layer.explore_position = None
 
 
 def _step(model, layers, windows, cfg: SearchConfig, optimizer, schedule, step, T, dist,
@@ -418,7 +459,7 @@ def _step(model, layers, windows, cfg: SearchConfig, optimizer, schedule, step, 
         attn = attention_kl(att, ref_att)
         weighted = cfg.attn_distill * attn
         loss = weighted if loss is None else loss + weighted
-    avg = average_bits(layers, cfg.weighting)  # float32 whatever the model dtype
+    avg = _offsets_average(layers, cfg.weighting)  # float32 whatever the model dtype
     lam = cfg.lam if cfg.budget == "hinge" else 0.0  # bound/project: the budget is not a loss
     penalty = hinge_penalty(avg, cfg.target_bits, lam)
     if parallel:
