@@ -645,6 +645,80 @@ def test_error_signs_until_signs_the_first_share_of_the_steps_only(monkeypatch):
     assert not train.signed_step(cfg.replace(error_signs="fixed", error_signs_until=1.0), 0)
 
 
+def test_explore_step_equals_the_gradient_at_the_drawn_positions(calib):
+    """--explore: one SGD step equals -lr times the cross-entropy's gradient with respect to
+    each layer's ladder position, taken on a fresh copy whose layers sit at the positions
+    explore_positions() draws for (seed, step) (the anneal map bypassed), and afterwards
+    every layer is back on the anneal map."""
+    from dmx.search.losses import next_token_ce
+    from dmx.search.train import explore_positions
+
+    cfg = SearchConfig.from_recipe("default", target_bits=8.0, steps=1, batch_size=2,
+                                   seqlen=32, samples=2, delay=1.0, momentum=0.0, ce=True,
+                                   distill=False, grad_norm="none", lr=0.5, explore=1.0,
+                                   ramp=0.0, average_last=0.0)
+    model, tok, layers = _frozen_embedded_model(cfg.ladder, ["layers.0.", "layers.1."])
+    windows = data.calibration_windows(tok, [str(calib)], cfg.seqlen, cfg.samples, cfg.seed)
+    start = torch.linspace(0.3, 1.5, len(layers))
+    _, learned = _train_from(model, layers, windows, cfg, start)
+    assert all(layer.explore_position is None for layer in layers.values())
+
+    quant, _, qlayers = _frozen_embedded_model(cfg.ladder, ["layers.0.", "layers.1."])
+    _set_offsets(quant, start)
+    drawn = explore_positions(qlayers, cfg.seed, 0)
+    assert len(set(drawn.values())) == len(drawn) and all(0 <= p <= 2 for p in drawn.values())
+    positions = {}
+    for name, layer in qlayers.items():  # the drawn position as a leaf, the map bypassed
+        layer.train()
+        layer.temperature = cfg.t_start
+        positions[name] = torch.tensor(drawn[name], requires_grad=True)
+        layer.position = (lambda q: (lambda: q))(positions[name])
+    ids = windows[batch_indices(cfg.seed, 0, windows.shape[0], cfg.batch_size)]
+    next_token_ce(quant(input_ids=ids, use_cache=False).logits, ids).backward()
+    want = start - cfg.lr * torch.stack([positions[n].grad for n in qlayers])
+    assert float((want - start).abs().max()) > 1e-4
+    torch.testing.assert_close(learned, want, rtol=0, atol=1e-6)
+    # without --explore the step is another one: the positions are used
+    plain_model, _, players = _frozen_embedded_model(cfg.ladder, ["layers.0.", "layers.1."])
+    _, plain = _train_from(plain_model, players, windows, cfg.replace(explore=0.0), start)
+    assert float((plain - learned).abs().max()) > 1e-5
+
+
+def test_explore_positions_are_a_function_of_seed_and_step_shared_by_tied_layers(monkeypatch):
+    """explore_positions: the same for the same (seed, step), shared by a tied group,
+    uniform over the ladder; --explore 0.5 of 4 steps draws in steps 0 and 1 only."""
+    from dmx.search import train
+
+    model = data.load_model(data.embedded_model_dir())
+    layers = wrap_model(model, "fp8-fp4", tie_fused=True)
+    a = train.explore_positions(layers, 3, 5)
+    assert a == train.explore_positions(layers, 3, 5)
+    assert train.explore_positions(layers, 3, 6) != a != train.explore_positions(layers, 4, 5)
+    by_offset = {}
+    for name, layer in layers.items():
+        by_offset.setdefault(id(layer.offset), set()).add(a[name])
+    assert all(len(s) == 1 for s in by_offset.values())
+    many = [p for step in range(100) for p in train.explore_positions(layers, 0, step).values()]
+    assert min(many) >= 0.0 and max(many) <= 2.0 and 0.9 < sum(many) / len(many) < 1.1
+    cfg = SearchConfig.from_recipe("default", target_bits=6.0, steps=4, explore=0.5)
+    seen = {}
+    monkeypatch.setattr(train, "_step", lambda *a, **k: seen.setdefault(
+        a[6], {n: l.explore_position for n, l in layers.items()}))
+    for step in range(4):
+        train._train_step(model, layers, None, cfg, None, _Schedule(), step)
+        assert all(layer.explore_position is None for layer in layers.values())
+    for step in (0, 1):
+        want = train.explore_positions(layers, cfg.seed, step)
+        assert {n: float(p) for n, p in seen[step].items()} == pytest.approx(want)
+    assert all(p is None for step in (2, 3) for p in seen[step].values())
+    for layer in layers.values():
+        layer.explore_position = None
+    with pytest.raises(DMXError, match="--explore must be a fraction"):
+        SearchConfig.from_recipe("default", target_bits=6.0, explore=1.5)
+    with pytest.raises(DMXError, match="--explore needs a budget held on the offsets"):
+        SearchConfig.from_recipe("paper", target_bits=6.0, explore=0.5)
+
+
 class _Schedule:
     """The temperature at every step (what _train_step asks of a schedule)."""
 
