@@ -171,7 +171,9 @@ class SearchConfig:
     # as KL at 4.5 bits on SmolLM2-135M (BENCHMARKS.md). Summed over random positions the
     # gradient integrates each layer's loss change along the ladder, a finite difference
     # as KL's, in a context of random formats (MXFP6 on average) rather than all-MXFP4.
-    # 0: off (the paper's). An experiment (BENCHMARKS.md)
+    # 0: off (the paper's). Measured on SmolLM2-135M at 4.5 bits (F = 0.5, two seeds):
+    # 12-14 ppl worse than the default on WikiText, 2.4-3.0 on TinyStories, no more k_proj
+    # promoted, so no recipe uses it (BENCHMARKS.md)
     explore: float = 0.0
     # anneal (code units, dmx.quant.anneal)
     delay: float = 0.6
