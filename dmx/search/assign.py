@@ -155,11 +155,12 @@ def _offset_coefficients(layers: dict, params: list, weighting: str):
 
 
 def _soft_average(layers: dict, params: list, weighting: str, temperature: float,
-                  lo: float, hi: float, coef=None):
+                  lo: float, hi: float, coef=None, hard: bool = False):
     """A function of a vector of effective offsets (one per parameter in ``params``, boxed
     to [lo, hi]) giving the soft average bits at ``temperature``: dmx.nn.bits' definition
     (its coefficients, :func:`average_coefficients`) on the anneal map of the clamped
-    offsets, as DMXLinear.current_bits computes it, for all offsets at once."""
+    offsets, as DMXLinear.current_bits computes it, for all offsets at once. ``hard``:
+    the hard map's instead (the rungs the offsets deploy with)."""
     from dmx.quant.anneal import anneal_map
 
     lad = next(iter(layers.values())).ladder
@@ -168,20 +169,9 @@ def _soft_average(layers: dict, params: list, weighting: str, temperature: float
 
     def soft(e) -> float:
         b = e.clamp(lo, hi).clamp(lad.low.position, lad.high.position)
-        return float((coef * lad.element_bits(anneal_map(b, temperature, lad))).sum())
+        return float((coef * lad.element_bits(anneal_map(b, temperature, lad,
+                                                         hard=hard))).sum())
     return soft
-
-
-def _hard_average(layers: dict, lo: float, hi: float, coef):
-    """As :func:`_soft_average`, for the hard map (the rung each offset deploys with)."""
-    from dmx.quant.anneal import anneal_map
-
-    lad = next(iter(layers.values())).ladder
-
-    def hard(e) -> float:
-        b = e.clamp(lo, hi).clamp(lad.low.position, lad.high.position)
-        return float((coef * lad.element_bits(anneal_map(b, 1.0, lad, hard=True))).sum())
-    return hard
 
 
 def _bisect_at_most(f, a: float, z: float, goal: float, iters: int) -> float:
@@ -250,13 +240,15 @@ def bound_to_budget(layers: dict, params: list, before: list, target: float, wei
     hi = lad.high.position + float(margin)
     coef = _offset_coefficients(layers, params, weighting)
     soft = _soft_average(layers, params, weighting, temperature, lo, hi, coef)
-    ceiling = soft if held_on == "soft" else _hard_average(layers, lo, hi, coef)
+    ceiling = soft if held_on == "soft" else _soft_average(
+        layers, params, weighting, temperature, lo, hi, coef, hard=True)
     weight = coef / coef.min()  # every layer counts in the average: all coefficients > 0
     with torch.no_grad():
         raw, eff = effective_offsets(params, parameterization, lo, hi)
         _, eff_old = effective_offsets(before, parameterization, lo, hi)
         sign = torch.where(raw < 0, -1.0, 1.0) if use_abs else torch.ones_like(raw)
         shift, stretch = 0.0, 1.0
+
         def shrink(eff):  # weight >= 1: a = lo - hi puts every offset at the bottom
             if ceiling is soft:
                 return _bisect(lambda a: soft(eff + a * weight), lo - hi, 0.0, target, iters)

@@ -369,13 +369,22 @@ def error_signs(layers: dict, seed: int, step: int) -> dict:
     what remains of it in each step is noise, which combining seeds averages out (at 4.5
     bits on SmolLM2-135M; at 5 and 6 bits the noise cost more than it removed)."""
     g = torch.Generator().manual_seed(int(seed) * 1_000_003 + 7_919 * int(step) + 1)
-    by_offset, signs = {}, {}
+    signs = _per_offset(layers, lambda layer: 1.0 if torch.rand((), generator=g) < 0.5
+                        else -1.0)
+    for name, layer in layers.items():
+        layer.error_sign = signs[name]
+    return signs
+
+
+def _per_offset(layers: dict, draw) -> dict:
+    """{name: draw(layer)}, drawn once per offset in model order (tied layers share it)."""
+    by_offset, drawn = {}, {}
     for name, layer in layers.items():
         key = id(layer.offset)
         if key not in by_offset:
-            by_offset[key] = 1.0 if torch.rand((), generator=g) < 0.5 else -1.0
-        layer.error_sign = signs[name] = by_offset[key]
-    return signs
+            by_offset[key] = draw(layer)
+        drawn[name] = by_offset[key]
+    return drawn
 
 
 def _offsets_average(layers: dict, weighting: str) -> torch.Tensor:
@@ -397,14 +406,13 @@ def explore_positions(layers: dict, seed: int, step: int) -> dict:
     ranks draw the same), given to each layer as ``explore_position``; tied layers share
     their offset's. Returns {name: position}."""
     g = torch.Generator().manual_seed(int(seed) * 1_000_033 + 104_729 * int(step) + 3)
-    by_offset, positions = {}, {}
+
+    def draw(layer) -> float:
+        lo, hi = layer.ladder.low.position, layer.ladder.high.position
+        return lo + (hi - lo) * float(torch.rand((), generator=g))
+    positions = _per_offset(layers, draw)
     for name, layer in layers.items():
-        key = id(layer.offset)
-        if key not in by_offset:
-            lo, hi = layer.ladder.low.position, layer.ladder.high.position
-            by_offset[key] = lo + (hi - lo) * float(torch.rand((), generator=g))
-        positions[name] = by_offset[key]
-        layer.explore_position = torch.tensor(by_offset[key], dtype=torch.float32,
+        layer.explore_position = torch.tensor(positions[name], dtype=torch.float32,
                                               device=layer.offset.device)
     return positions
 
