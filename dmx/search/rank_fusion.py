@@ -14,7 +14,8 @@ Measured (benchmarks/results/recipes-fusion-max/): one search fused by the mean 
 behind KL on held-out text at 4.5 bits, by the better rank it was not; three searches
 (whose mean offset is steadier) fused by the mean were at or below KL at every budget, by
 the better rank behind at 6 bits on one window set. So "auto", the default, is "max" for
-one search and "mean" for several.
+one search and "mean" for several. On stories260K the pairing went the other way, by
+0.01-0.04 ppl (benchmarks/results/second-model-auto/): a choice made on one model.
 
 The rule:
 
