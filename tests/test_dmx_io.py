@@ -162,7 +162,8 @@ def test_manifest_schema_and_fields(src, tmp_path):
     assert m["format_version"] == 1 and m["seed"] == 3 and m["target_bits"] == 6.0
     assert m["profile"]["hash"] == mxref.get_profile("ocp").hash
     assert m["search"] == {"steps": 2} and m["wall_time_s"] >= 1.5  # + quantization time
-    assert set(m["software"]) == {"dmx", "torch", "transformers", "numpy"}
+    assert set(m["software"]) == {"dmx", "torch", "transformers", "numpy", "torch_threads"}
+    assert m["software"]["torch_threads"] == torch.get_num_threads()
     bad = json.loads(json.dumps(m))
     name = next(iter(bad["layers"]))
     bad["layers"][name]["bits"] = 5

@@ -185,8 +185,10 @@ def _software() -> dict:
     import transformers
 
     import dmx
+    # the thread count too: a search's and KL's float sums (so their picks) depend on it
     return {"dmx": dmx.__version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "numpy": np.__version__}
+            "transformers": transformers.__version__, "numpy": np.__version__,
+            "torch_threads": torch.get_num_threads()}
 
 
 def _copy_source_files(source: Path, dest: Path) -> None:
