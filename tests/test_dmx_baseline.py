@@ -217,3 +217,79 @@ def test_kl_sensitivities_reused_across_budgets(tmp_path, capsys):
                    "fp4_e2m1", "--sensitivities-from", str(tmp_path / "kl5"), "-o",
                    str(tmp_path / "bad")], "--sensitivities-from goes with --method kl",
           parent=tmp_path)
+
+
+def _full_passes(monkeypatch):
+    """From here on, kl_sensitivities runs every block in every pass (no replay)."""
+    from dmx.search import replay
+
+    real = replay.BlockReplay
+    monkeypatch.setattr(replay, "BlockReplay",
+                        lambda model, units: real(model, units, enabled=False))
+
+
+@pytest.mark.parametrize("which", ["embedded-qwen3", "stories260K-llama"])
+def test_kl_sensitivities_replayed_blocks_are_bit_exact(which, monkeypatch):
+    """A unit's pass starting at its own block (the blocks before it replaying the reference
+    pass) gives every sensitivity bit for bit as a full pass does, per layer and per
+    fused unit (q/k/v: the earliest block), and really skips blocks."""
+    import numpy as np
+
+    model_dir = data.embedded_model_dir() if which.startswith("embedded") else STORIES
+    model = baseline._load(model_dir, "cpu")[0]
+    windows = data.calibration_windows(data.load_tokenizer(model_dir),
+                                       [str(data.default_calibration_file())], 48, 3, 0)
+    names = baseline.quantizable_layers(model)
+    units = [(n,) for n in names] + baseline.fused_units(names)[:3]
+    calls = []
+    hook = model.get_submodule("model.layers.0").register_forward_hook(
+        lambda *a: calls.append(1))
+    got = baseline.kl_sensitivities(model, units, windows, "fp4_e2m1", batch_size=2,
+                                    progress=False)
+    replayed_calls = len(calls)
+    _full_passes(monkeypatch)
+    calls.clear()
+    want = baseline.kl_sensitivities(model, units, windows, "fp4_e2m1", batch_size=2,
+                                     progress=False)
+    hook.remove()
+    assert list(got) == list(want)
+    bits = lambda d: np.array(list(d.values()), dtype=np.float64).view(np.uint64)  # noqa: E731
+    assert np.array_equal(bits(got), bits(want))
+    assert len(set(got.values())) > len(units) // 2  # real, differing sensitivities
+    # block 0 runs in the reference pass and for block 0's units only, not for every unit
+    block0 = sum(1 for u in units if all(".layers.0." in n for n in u))
+    assert replayed_calls == 2 * (1 + block0) and len(calls) == 2 * (1 + len(units))
+    # and the model is left as it was: its own blocks, no hooks of ours
+    blocks = model.get_submodule("model.layers")
+    assert all(type(b).__name__ != "StandIn" and not b._forward_hooks for b in blocks)
+
+
+def test_kl_sensitivities_fall_back_to_full_passes_when_blocks_share_state(monkeypatch,
+                                                                            capsys):
+    """A model whose last block reads state the earlier blocks leave (here: how many of
+    them ran) cannot be replayed: the check says so, KL runs full passes, and the
+    sensitivities are the full passes' bit for bit."""
+    import numpy as np
+
+    model = baseline._load(data.embedded_model_dir(), "cpu")[0]
+    blocks = model.get_submodule("model.layers")
+    ran = []
+    pre = [b.register_forward_pre_hook(lambda *a: ran.append(1)) for b in blocks[:-1]]
+
+    def shared_state(module, args, output):
+        out = output[0] if isinstance(output, tuple) else output
+        out = out + 1e-3 * len(ran)
+        ran.clear()
+        return (out, *output[1:]) if isinstance(output, tuple) else out
+    post = blocks[-1].register_forward_hook(shared_state)
+    windows = data.calibration_windows(data.load_tokenizer(data.embedded_model_dir()),
+                                       [str(data.default_calibration_file())], 32, 2, 0)
+    units = [(n,) for n in baseline.quantizable_layers(model)][-8:]
+    got = baseline.kl_sensitivities(model, units, windows, "fp4_e2m1", progress=False)
+    assert "do not replay exactly; KL runs full passes" in capsys.readouterr().err
+    _full_passes(monkeypatch)
+    want = baseline.kl_sensitivities(model, units, windows, "fp4_e2m1", progress=False)
+    for h in (*pre, post):
+        h.remove()
+    bits = lambda d: np.array(list(d.values()), dtype=np.float64).view(np.uint64)  # noqa: E731
+    assert np.array_equal(bits(got), bits(want))
