@@ -293,3 +293,18 @@ def test_kl_sensitivities_fall_back_to_full_passes_when_blocks_share_state(monke
         h.remove()
     bits = lambda d: np.array(list(d.values()), dtype=np.float64).view(np.uint64)  # noqa: E731
     assert np.array_equal(bits(got), bits(want))
+
+
+def test_block_replay_finds_the_blocks_or_stays_off():
+    """Units in the decoder blocks get their first block (a fused unit: its earliest); a
+    unit outside them (lm_head) or a switched-off replay means full passes for all."""
+    from dmx.search.replay import BlockReplay
+
+    model = baseline._load(data.embedded_model_dir(), "cpu")[0]
+    q3 = ("model.layers.3.self_attn.q_proj",)
+    mixed = ("model.layers.2.mlp.down_proj", "model.layers.1.mlp.up_proj")
+    on = BlockReplay(model, [q3, mixed])
+    assert on.blocks is model.get_submodule("model.layers")
+    assert on.block_of == {q3: 3, mixed: 1}
+    for off in (BlockReplay(model, [q3, ("lm_head",)]), BlockReplay(model, [q3], enabled=False)):
+        assert off.blocks is None and set(off.block_of.values()) == {0}
