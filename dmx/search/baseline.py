@@ -198,8 +198,8 @@ def kl_sensitivities(model, units, windows, low_fmt: str, weights_only: bool = F
     The reference distribution of a batch is computed once and every unit is scored
     against it before the next batch, so only one batch of reference logits is held. A
     unit's pass starts at its own decoder block, the blocks before it replaying the
-    reference pass's outputs (dmx.search.replay): the same logits, bit for bit, for about
-    half the compute.
+    reference pass's outputs (dmx.search.replay): the same logits, bit for bit, 1.45x
+    faster on SmolLM2-135M (benchmarks/bench_kl_replay.py).
     """
     import torch
     from tqdm.auto import tqdm

@@ -27,6 +27,8 @@ from __future__ import annotations
 import contextlib
 import re
 
+import torch
+
 __all__ = ["BlockReplay"]
 
 _INDEX = re.compile(r"\.(\d+)\.")
@@ -35,8 +37,6 @@ _INDEX = re.compile(r"\.(\d+)\.")
 def _copy(output):
     """A copy of a block's output (a tensor, or a tuple of them): a later block may work in
     place on what it is given, and the record must stay the reference's."""
-    import torch
-
     if isinstance(output, torch.Tensor):
         return output.clone()
     if isinstance(output, (tuple, list)):
@@ -44,15 +44,16 @@ def _copy(output):
     return output
 
 
-def _stand_in(output, fresh: bool):
-    """A module that ignores its inputs and returns ``output`` (a copy of it if ``fresh``:
+class _StandIn(torch.nn.Module):
+    """A block that ignores its inputs and returns ``output`` (a copy of it if ``fresh``:
     the last stand-in, whose output the first live block receives)."""
-    import torch
 
-    class StandIn(torch.nn.Module):
-        def forward(self, *args, **kwargs):  # noqa: ARG002 (inputs ignored on purpose)
-            return _copy(output) if fresh else output
-    return StandIn()
+    def __init__(self, output, fresh: bool):
+        super().__init__()
+        self.output, self.fresh = output, fresh
+
+    def forward(self, *args, **kwargs):  # noqa: ARG002 (inputs ignored on purpose)
+        return _copy(self.output) if self.fresh else self.output
 
 
 class BlockReplay:
@@ -60,8 +61,6 @@ class BlockReplay:
     index of the first block it touches (0: a full pass)."""
 
     def __init__(self, model, units, enabled: bool = True):
-        import torch
-
         self.blocks = None
         self._outputs = None  # what each block returned in the last recorded pass
         self.block_of = {u: 0 for u in units}
@@ -110,8 +109,6 @@ class BlockReplay:
         ``run()`` is the same pass again, run from the middle and from the last block with
         nothing changed. A model whose blocks share state other than the hidden states
         (exotic architectures) fails it, and replay is then off (full passes)."""
-        import torch
-
         if self.blocks is None:
             return True
         for b in sorted({len(self.blocks) // 2, len(self.blocks) - 1}):
@@ -131,11 +128,11 @@ class BlockReplay:
             yield
             return
         saved = [self.blocks[k] for k in range(b)]
-        passing = _stand_in(self._outputs[b - 1], fresh=False)  # its output is ignored
+        passing = _StandIn(self._outputs[b - 1], fresh=False)  # its output is ignored
         try:
             for k in range(b - 1):
                 self.blocks[k] = passing
-            self.blocks[b - 1] = _stand_in(self._outputs[b - 1], fresh=True)
+            self.blocks[b - 1] = _StandIn(self._outputs[b - 1], fresh=True)
             yield
         finally:
             for k, module in enumerate(saved):
