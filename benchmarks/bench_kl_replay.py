@@ -31,17 +31,12 @@ SMOLLM2 = DEFAULT_OUT.expanduser()
 
 
 def _timed(replayed: bool, model, units, windows, batch_size):
-    from dmx.search import baseline, replay
+    from dmx.search import baseline
 
-    real = replay.BlockReplay
-    replay.BlockReplay = lambda m, u: real(m, u, enabled=replayed)
-    try:
-        t0 = time.perf_counter()
-        sens = baseline.kl_sensitivities(model, units, windows, "fp4_e2m1",
-                                         batch_size=batch_size, progress=False)
-        return time.perf_counter() - t0, sens
-    finally:
-        replay.BlockReplay = real
+    t0 = time.perf_counter()
+    sens = baseline.kl_sensitivities(model, units, windows, "fp4_e2m1", batch_size=batch_size,
+                                     progress=False, replay_blocks=replayed)
+    return time.perf_counter() - t0, sens
 
 
 def main() -> int:

@@ -219,17 +219,8 @@ def test_kl_sensitivities_reused_across_budgets(tmp_path, capsys):
           parent=tmp_path)
 
 
-def _full_passes(monkeypatch):
-    """From here on, kl_sensitivities runs every block in every pass (no replay)."""
-    from dmx.search import replay
-
-    real = replay.BlockReplay
-    monkeypatch.setattr(replay, "BlockReplay",
-                        lambda model, units: real(model, units, enabled=False))
-
-
 @pytest.mark.parametrize("which", ["embedded-qwen3", "stories260K-llama"])
-def test_kl_sensitivities_replayed_blocks_are_bit_exact(which, monkeypatch):
+def test_kl_sensitivities_replayed_blocks_are_bit_exact(which):
     """A unit's pass starting at its own block (the blocks before it replaying the reference
     pass) gives every sensitivity bit for bit as a full pass does, per layer and per
     fused unit (q/k/v: the earliest block), and really skips blocks."""
@@ -247,10 +238,9 @@ def test_kl_sensitivities_replayed_blocks_are_bit_exact(which, monkeypatch):
     got = baseline.kl_sensitivities(model, units, windows, "fp4_e2m1", batch_size=2,
                                     progress=False)
     replayed_calls = len(calls)
-    _full_passes(monkeypatch)
     calls.clear()
     want = baseline.kl_sensitivities(model, units, windows, "fp4_e2m1", batch_size=2,
-                                     progress=False)
+                                     progress=False, replay_blocks=False)
     hook.remove()
     assert list(got) == list(want)
     bits = lambda d: np.array(list(d.values()), dtype=np.float64).view(np.uint64)  # noqa: E731
@@ -264,8 +254,7 @@ def test_kl_sensitivities_replayed_blocks_are_bit_exact(which, monkeypatch):
     assert all(type(b).__name__ != "_StandIn" and not b._forward_hooks for b in blocks)
 
 
-def test_kl_sensitivities_fall_back_to_full_passes_when_blocks_share_state(monkeypatch,
-                                                                            capsys):
+def test_kl_sensitivities_fall_back_to_full_passes_when_blocks_share_state(capsys):
     """A model whose last block reads state the earlier blocks leave (here: how many of
     them ran) cannot be replayed: the check says so, KL runs full passes, and the
     sensitivities are the full passes' bit for bit."""
@@ -287,8 +276,8 @@ def test_kl_sensitivities_fall_back_to_full_passes_when_blocks_share_state(monke
     units = [(n,) for n in baseline.quantizable_layers(model)][-8:]
     got = baseline.kl_sensitivities(model, units, windows, "fp4_e2m1", progress=False)
     assert "do not replay exactly; KL runs full passes" in capsys.readouterr().err
-    _full_passes(monkeypatch)
-    want = baseline.kl_sensitivities(model, units, windows, "fp4_e2m1", progress=False)
+    want = baseline.kl_sensitivities(model, units, windows, "fp4_e2m1", progress=False,
+                                     replay_blocks=False)
     for h in (*pre, post):
         h.remove()
     bits = lambda d: np.array(list(d.values()), dtype=np.float64).view(np.uint64)  # noqa: E731

@@ -192,14 +192,16 @@ def uniform_baseline(model_dir, fmt: str, out, weights_only: bool = False, inclu
 
 # ----------------------------------------------------------------------------- kl
 def kl_sensitivities(model, units, windows, low_fmt: str, weights_only: bool = False,
-                     batch_size: int = 4, progress: bool = True) -> dict:
+                     batch_size: int = 4, progress: bool = True,
+                     replay_blocks: bool = True) -> dict:
     """{unit: mean per-token KL(unquantized || unit alone in low_fmt)} on ``windows``.
 
     The reference distribution of a batch is computed once and every unit is scored
     against it before the next batch, so only one batch of reference logits is held. A
     unit's pass starts at its own decoder block, the blocks before it replaying the
     reference pass's outputs (dmx.search.replay): the same logits, bit for bit, 1.45x
-    faster on SmolLM2-135M (benchmarks/bench_kl_replay.py).
+    faster on SmolLM2-135M (benchmarks/bench_kl_replay.py). ``replay_blocks=False``: full
+    passes (the benchmark's anchor, the tests' reference).
     """
     import torch
     from tqdm.auto import tqdm
@@ -209,7 +211,7 @@ def kl_sensitivities(model, units, windows, low_fmt: str, weights_only: bool = F
     from dmx.search.replay import BlockReplay
 
     originals = {n: model.get_submodule(n) for u in units for n in u}
-    replay = BlockReplay(model, units)
+    replay = BlockReplay(model, units, enabled=replay_blocks)
     totals = {u: 0.0 for u in units}
     batches = range(0, windows.shape[0], batch_size)
     bar = tqdm(total=len(batches) * len(units), desc="dmx baseline kl", unit="fwd",

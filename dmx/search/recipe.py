@@ -59,8 +59,8 @@ from dataclasses import dataclass
 from dmx.errors import DMXError
 
 __all__ = ["SearchConfig", "RECIPES", "BUDGETS", "BUDGET_AVERAGES", "PARAMETERIZATIONS",
-           "GRAD_NORMS", "INITS", "WEIGHTINGS", "PRECONDITIONS", "ERROR_SIGNS", "EXPORT_TARGETS", "ROTATIONS",
-           "config_from_dict", "tie_fused_for", "check_choice"]
+           "GRAD_NORMS", "INITS", "WEIGHTINGS", "PRECONDITIONS", "ERROR_SIGNS",
+           "EXPORT_TARGETS", "ROTATIONS", "config_from_dict", "tie_fused_for", "check_choice"]
 
 BUDGETS = ("project", "bound", "hinge")
 BUDGET_AVERAGES = ("soft", "hard")
